@@ -1,0 +1,139 @@
+"""Writing engine masks into segments, as one undoable step, and reading segments back.
+
+A result replaces the target segment only inside the ROI's box: the segment's content
+outside the box and every other segment survive. Before the write the segmentation's state
+is saved in a ``vtkSegmentationHistory`` (the class the Segment Editor uses for its
+undo/redo), so one undo returns the segment exactly as it was.
+"""
+
+import numpy as np
+import slicer
+import vtk
+from vtk.util import numpy_support
+
+from .geometry import linearTransformBetween, nodeName, volumeIJKToRAS
+
+
+def orientedImageFromMask(mask, volumeNode, segmentationNode):
+    """vtkOrientedImageData (uint8) holding ``mask`` (KJI, same shape as the volume) with the
+    volume's geometry, expressed in the segmentation node's coordinate frame."""
+    imageData = volumeNode.GetImageData()
+    dims = imageData.GetDimensions()
+    expected = (dims[2], dims[1], dims[0])
+    if tuple(mask.shape) != expected:
+        raise ValueError("Mask shape %s does not match volume '%s' (%s, KJI)."
+                         % (tuple(mask.shape), nodeName(volumeNode), expected))
+    image = slicer.vtkOrientedImageData()
+    image.SetExtent(0, dims[0] - 1, 0, dims[1] - 1, 0, dims[2] - 1)
+    flat = np.ascontiguousarray(mask, dtype=np.uint8).reshape(-1)
+    scalars = numpy_support.numpy_to_vtk(flat, deep=True, array_type=vtk.VTK_UNSIGNED_CHAR)
+    image.GetPointData().SetScalars(scalars)
+    # volume IJK -> volume local RAS -> segmentation local RAS
+    volumeToSegmentation = linearTransformBetween(volumeNode, segmentationNode, "Segmentation")
+    ijkToSegmentation = volumeToSegmentation @ volumeIJKToRAS(volumeNode, world=False)
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, float(ijkToSegmentation[r, c]))
+    image.SetImageToWorldMatrix(matrix)
+    return image
+
+
+def ensureSegment(segmentationNode, segmentId=None, segmentName=None, color=None):
+    """ID of the target segment: ``segmentId`` if it exists, else the segment named
+    ``segmentName`` if there is one, else a new empty segment (named ``segmentName``)."""
+    segmentation = segmentationNode.GetSegmentation()
+    if segmentId:
+        if segmentation.GetSegment(segmentId) is None:
+            raise ValueError("Segmentation '%s' has no segment with ID '%s'."
+                             % (nodeName(segmentationNode), segmentId))
+        return segmentId
+    if segmentName:
+        existing = segmentation.GetSegmentIdBySegmentName(segmentName)
+        if existing:
+            return existing
+    newId = segmentation.AddEmptySegment("", segmentName or "", color or [0.9, 0.6, 0.2])
+    return newId
+
+
+def prepareSegmentation(segmentationNode, volumeNode):
+    """Give a segmentation without a geometry the volume's one, and a display node."""
+    segmentation = segmentationNode.GetSegmentation()
+    if segmentationNode.GetNodeReference(slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()) is None \
+            and segmentation.GetNumberOfSegments() == 0:
+        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+    if segmentationNode.GetDisplayNode() is None:
+        segmentationNode.CreateDefaultDisplayNodes()
+
+
+def writeMaskToSegment(mask, volumeNode, segmentationNode, segmentId, box=None, history=None):
+    """Replace ``segmentId``'s content inside ``box`` (inclusive IJK ``(i0, j0, k0, i1, j1, k1)``
+    of ``volumeNode``; None = the whole volume) by ``mask`` (KJI array shaped like the volume).
+
+    ``history`` (a vtkSegmentationHistory or anything with ``SaveState()``) gets the state
+    before the write, which makes the write one undoable step.
+    """
+    prepareSegmentation(segmentationNode, volumeNode)
+    image = orientedImageFromMask(np.asarray(mask) > 0, volumeNode, segmentationNode)
+    if box is None:
+        extent = image.GetExtent()
+    else:
+        i0, j0, k0, i1, j1, k1 = (int(v) for v in box)
+        extent = (i0, i1, j0, j1, k0, k1)
+    # The segment is cleared inside the box (minimum with zeros) and the result added there
+    # (maximum): MODE_REPLACE would clear the whole segment when it shares a layer with others.
+    empty = slicer.vtkOrientedImageData()
+    empty.DeepCopy(image)
+    empty.GetPointData().GetScalars().Fill(0)
+    if history is not None:
+        history.SaveState()
+    Logic = slicer.vtkSlicerSegmentationsModuleLogic
+    ok = (Logic.SetBinaryLabelmapToSegment(empty, segmentationNode, segmentId, Logic.MODE_MERGE_MIN, extent)
+          and Logic.SetBinaryLabelmapToSegment(image, segmentationNode, segmentId, Logic.MODE_MERGE_MAX, extent))
+    if not ok:
+        raise RuntimeError("Could not write the result into segment '%s' of '%s'."
+                           % (segmentId, nodeName(segmentationNode)))
+    return segmentId
+
+
+def segmentToArray(segmentationNode, segmentId, volumeNode):
+    """Binary KJI uint8 array of a segment resampled to ``volumeNode``'s grid."""
+    return np.asarray(slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode)) > 0
+
+
+class UndoHistory:
+    """One vtkSegmentationHistory per segmentation node, for ``logic.undo(segmentationNode)``
+    from the console and the panel's Undo button. (The panel also saves the state in the
+    Segment Editor's own history, so Ctrl+Z there works too.)"""
+
+    def __init__(self, maximumStates=10):
+        self.maximumStates = maximumStates
+        self._histories = {}
+
+    def forNode(self, segmentationNode):
+        key = segmentationNode.GetID()
+        entry = self._histories.get(key)
+        if entry is None or entry[0] is not segmentationNode.GetSegmentation():
+            history = slicer.vtkSegmentationHistory()
+            history.SetMaximumNumberOfStates(self.maximumStates)
+            history.SetSegmentation(segmentationNode.GetSegmentation())
+            entry = (segmentationNode.GetSegmentation(), history)
+            self._histories[key] = entry
+        return entry[1]
+
+    def undo(self, segmentationNode):
+        """Restore the state before the last write; False when there is nothing to undo."""
+        history = self.forNode(segmentationNode)
+        if not history.IsRestorePreviousStateAvailable():
+            return False
+        wasModifying = segmentationNode.StartModify()
+        try:
+            return bool(history.RestorePreviousState())
+        finally:
+            segmentationNode.EndModify(wasModifying)
+
+    def redo(self, segmentationNode):
+        history = self.forNode(segmentationNode)
+        if not history.IsRestoreNextStateAvailable():
+            return False
+        return bool(history.RestoreNextState())

@@ -1,0 +1,119 @@
+"""Fine-tuning from the scene: cases from segmentations, the live loss/Dice table and plot.
+
+- ``findCases`` collects (volume, segmentation, segment) triples: every segmentation in the
+  scene that has a source volume and a non-empty segment with the structure's name;
+- ``caseFromNodes`` turns one into the engine's ``(case_id, Volume, label Volume)`` with the
+  volume's geometry (LPS, parent transforms included), for ``dataset.export_dataset``;
+- ``TrainingCurve`` keeps a table node (epoch, loss, validation Dice) and a plot chart of it,
+  filled from the trainer's messages while the worker trains.
+"""
+
+import re
+
+import numpy as np
+import slicer
+
+from .geometry import nodeName, volumeGeometryLPS, volumeToArray
+from .segments import segmentToArray
+
+SOURCE_VOLUME_ROLE = "SAMFineTuneSourceVolume"
+
+_EPOCH_RE = re.compile(r"epoch (\d+)(?:/\d+)?: loss ([-+0-9.eE]+|nan),? (?:val|validation) Dice ([-+0-9.eE]+|nan)")
+
+
+def parseEpochMetrics(text):
+    """(epoch, loss, validation Dice) from a trainer message such as
+    'epoch 3: loss 0.2134 val Dice 0.8123 ...' or 'epoch 3/20: loss 0.2134, validation Dice 0.81';
+    None for other messages."""
+    match = _EPOCH_RE.search(text or "")
+    if not match:
+        return None
+    return int(match.group(1)), float(match.group(2)), float(match.group(3))
+
+
+def sourceVolume(segmentationNode):
+    return (segmentationNode.GetNodeReference(SOURCE_VOLUME_ROLE)
+            or segmentationNode.GetNodeReference(slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()))
+
+
+def findCases(scene, structureName):
+    """[(volumeNode, segmentationNode, segmentId)] for every segmentation with a source volume
+    and a non-empty segment named ``structureName``."""
+    cases = []
+    nodes = scene.GetNodesByClass("vtkMRMLSegmentationNode")
+    for index in range(nodes.GetNumberOfItems()):
+        node = nodes.GetItemAsObject(index)
+        volume = sourceVolume(node)
+        segmentId = node.GetSegmentation().GetSegmentIdBySegmentName(structureName)
+        if volume is None or not volume.IsA("vtkMRMLScalarVolumeNode") or not segmentId:
+            continue
+        if segmentToArray(node, segmentId, volume).any():
+            cases.append((volume, node, segmentId))
+    return cases
+
+
+def caseId(volumeNode, used):
+    base = re.sub(r"[^A-Za-z0-9_-]+", "_", nodeName(volumeNode)).strip("_") or "case"
+    name, n = base, 2
+    while name in used:
+        name, n = "%s_%d" % (base, n), n + 1
+    used.add(name)
+    return name
+
+
+def caseFromNodes(volumeNode, segmentationNode, segmentId, identifier):
+    """(case_id, Volume, label Volume) for ``SAMFineTuneLib.dataset.export_dataset``."""
+    from SAMFineTuneLib.volume_io import Volume
+
+    array, _ = volumeToArray(volumeNode)
+    spacing, origin, direction = volumeGeometryLPS(volumeNode)
+    label = segmentToArray(segmentationNode, segmentId, volumeNode).astype(np.uint8)
+    return (identifier, Volume(array, spacing, origin, direction), Volume(label, spacing, origin, direction))
+
+
+class TrainingCurve:
+    """A table node (epoch, loss, val_dice) and a plot chart of both curves."""
+
+    COLUMNS = ("epoch", "loss", "val_dice")
+
+    def __init__(self, scene, name="SAMFineTune training"):
+        self.scene = scene
+        self.table = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+        for column in self.COLUMNS:
+            array = self.table.AddColumn()
+            array.SetName(column)
+        self.chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", name + " chart")
+        self.chart.SetTitle("Fine-tuning")
+        self.chart.SetXAxisTitle("epoch")
+        self.chart.SetYAxisTitle("loss / Dice")
+        for column, colour in (("loss", (0.85, 0.3, 0.1)), ("val_dice", (0.1, 0.45, 0.85))):
+            series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", column)
+            series.SetAndObserveTableNodeID(self.table.GetID())
+            series.SetXColumnName("epoch")
+            series.SetYColumnName(column)
+            series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
+            series.SetColor(*colour)
+            self.chart.AddAndObservePlotSeriesNodeID(series.GetID())
+        self.epochs = []
+
+    def add(self, epoch, loss, dice):
+        """One row per epoch (a repeated epoch, e.g. from a progress and a log message, is skipped)."""
+        if epoch in self.epochs:
+            return False
+        self.epochs.append(epoch)
+        table = self.table.GetTable()
+        row = table.InsertNextBlankRow()
+        for column, value in zip(self.COLUMNS, (epoch, loss, dice)):
+            table.SetValue(row, self.table.GetColumnIndex(column), value)
+        table.Modified()
+        self.table.Modified()
+        return True
+
+    def addFromMessage(self, text):
+        metrics = parseEpochMetrics(text)
+        return self.add(*metrics) if metrics else False
+
+    def rows(self):
+        table = self.table.GetTable()
+        return [tuple(float(table.GetValue(r, c).ToDouble()) for c in range(len(self.COLUMNS)))
+                for r in range(table.GetNumberOfRows())]

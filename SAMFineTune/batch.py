@@ -1,0 +1,155 @@
+"""Segment volumes inside ROI boxes without the GUI; writes one .seg.nrrd per volume.
+
+In Slicer (headless)::
+
+    Slicer --no-main-window --python-script SAMFineTune/batch.py -- \\
+        --volumes ct1.nrrd ct2.nii.gz --rois liver1.mrk.json liver2.mrk.json --output out/
+
+With plain Python and the PyPI wheel ``slicer-core`` (the same file)::
+
+    python SAMFineTune/batch.py --volumes ct.nrrd --rois liver.mrk.json,kidney.mrk.json --output out/
+
+``--rois``: one entry per volume (paired in order), or one entry for all volumes, or, with a
+single volume, any number of entries; an entry may list several ROI files separated by commas
+(several structures: one segment per ROI, named after it). Progress goes to stdout; the exit
+status is 0 when every volume was segmented and written, 1 otherwise, 2 for bad arguments.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+_HERE = os.path.dirname(os.path.abspath(globals().get("__file__") or sys.argv[0]))
+
+
+def _setupPath():
+    for path in (_HERE, os.path.dirname(_HERE)):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+
+
+def buildParser():
+    from SAMFineTuneMRML.logic import SEGMENT_DEFAULTS
+
+    parser = argparse.ArgumentParser(prog="batch.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--volumes", nargs="+", required=True, help="volume files (.nrrd, .nii.gz, .mha, ...)")
+    parser.add_argument("--rois", nargs="+", required=True, help="Markups ROI files (.mrk.json); see above")
+    parser.add_argument("--output", required=True, help="folder for the <volume>.seg.nrrd files (created)")
+    parser.add_argument("--model", default=SEGMENT_DEFAULTS["model"],
+                        help="litemedsam (default), sam_vit_b, sam_vit_l, sam_vit_h, medsam")
+    parser.add_argument("--checkpoint", help="checkpoint file (needed for every model but litemedsam)")
+    parser.add_argument("--adapter", help="fine-tuned adapter folder")
+    parser.add_argument("--device", default=SEGMENT_DEFAULTS["device"], choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--axis", default=SEGMENT_DEFAULTS["axis"], choices=("axial", "coronal", "sagittal"))
+    parser.add_argument("--window", default=SEGMENT_DEFAULTS["window"],
+                        help="auto, lung, mediastinum, abdomen, bone, brain, percentile or W/L such as 400/40")
+    parser.add_argument("--box-mode", default=SEGMENT_DEFAULTS["box_mode"], choices=("tracked", "fixed"))
+    parser.add_argument("--no-keep-largest", action="store_true", help="keep every connected component")
+    parser.add_argument("--no-fill-holes", action="store_true")
+    parser.add_argument("--worker", action="store_true", help="run the engine in the background worker process")
+    return parser
+
+
+def pairROIs(volumes, rois):
+    """[[roi files] per volume] following the --rois rules."""
+    groups = [[path for path in entry.split(",") if path] for entry in rois]
+    if len(groups) == len(volumes):
+        return groups
+    if len(groups) == 1:
+        return groups * len(volumes)
+    if len(volumes) == 1:
+        return [[path for group in groups for path in group]]
+    raise ValueError("%d volumes but %d --rois entries: give one entry per volume, one entry for all, "
+                     "or a single volume" % (len(volumes), len(rois)))
+
+
+def uniqueOutput(folder, stem, used):
+    name, n = stem, 2
+    while name in used:
+        name, n = "%s_%d" % (stem, n), n + 1
+    used.add(name)
+    return os.path.join(folder, name + ".seg.nrrd")
+
+
+def segmentOne(logic, volumePath, roiPaths, outputPath, options, backend, say):
+    from SAMFineTuneMRML import storage
+
+    volume = storage.loadVolume(volumePath)
+    scene = volume.GetScene()
+    rois = [storage.loadROI(path) for path in roiPaths]
+    segmentation = logic.createSegmentation(volume, volume.GetName() + " segmentation")
+    try:
+        for roi in rois:
+            def progress(done, total, message, roi=roi):
+                say("  %s: %d/%d %s" % (roi.GetName(), done, total, message))
+
+            task = logic.segment(volume, roi, segmentation, backend=backend, progress=progress, **options)
+            if task.warning:
+                say("  warning: " + task.warning)
+            say("  %s: %s (%.1f s)" % (roi.GetName(), task.message, float(task.stats.get("seconds", 0.0))))
+        storage.saveSegmentation(segmentation, outputPath)
+        say("  wrote " + outputPath)
+    finally:
+        for node in [segmentation, volume] + rois:
+            scene.RemoveNode(node)
+
+
+def main(argv=None):
+    _setupPath()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    parser = buildParser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+
+    def say(text):
+        print(text, flush=True)
+
+    try:
+        groups = pairROIs(args.volumes, args.rois)
+    except ValueError as exc:
+        say("error: %s" % exc)
+        return 2
+
+    from SAMFineTuneMRML.logic import SAMFineTuneCoreLogic
+    from SAMFineTuneMRML.scene import ensure_scene
+    from SAMFineTuneMRML.storage import fileStem
+
+    ensure_scene()
+    os.makedirs(args.output, exist_ok=True)
+    options = dict(model=args.model, checkpoint=args.checkpoint, adapter=args.adapter, device=args.device,
+                   axis=args.axis, window=args.window, box_mode=args.box_mode,
+                   keep_largest=not args.no_keep_largest, fill_holes=not args.no_fill_holes)
+    logic = SAMFineTuneCoreLogic()
+    failures, used = 0, set()
+    started = time.time()
+    try:
+        for index, (volumePath, roiPaths) in enumerate(zip(args.volumes, groups)):
+            say("[%d/%d] %s" % (index + 1, len(args.volumes), volumePath))
+            output = uniqueOutput(args.output, fileStem(volumePath), used)
+            try:
+                segmentOne(logic, volumePath, roiPaths, output, options, "worker" if args.worker else "inprocess", say)
+            except Exception as exc:
+                failures += 1
+                say("  error: %s" % exc)
+    finally:
+        logic.shutdown()
+    say("%d of %d volumes segmented in %.1f s" % (len(args.volumes) - failures, len(args.volumes), time.time() - started))
+    return 1 if failures else 0
+
+
+def _exit(status):
+    import slicer
+
+    if hasattr(slicer, "app"):
+        slicer.util.exit(status)
+    else:
+        sys.exit(status)
+
+
+if __name__ == "__main__":
+    _exit(main())

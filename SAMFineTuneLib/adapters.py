@@ -1,0 +1,168 @@
+"""LoRA adapters for SAM's mask decoder: wrap, save, load, merge.
+
+An adapter folder holds three files, written atomically with the model card last::
+
+    adapter_model.safetensors   the LoRA tensors (peft's names), plus prompt_encoder.* when
+                                the prompt encoder was trained too
+    adapter_config.json         peft's LoraConfig (rank, alpha, dropout, target modules)
+    model_card.json             base model + checkpoint fingerprint, data, hyper-parameters,
+                                per-epoch history, base-vs-adapted scores
+
+An adapter only fits the base model it was trained on: loading it onto another one (other
+architecture, other checkpoint file) is a ValueError, and so is any tensor name or shape that
+does not match (peft's ``set_peft_model_state_dict`` alone would skip those silently).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+ADAPTER_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+CARD_FILE = "model_card.json"
+CARD_FORMAT = "samfinetune-lora-decoder/1"
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "lin1", "lin2")
+_PROMPT_PREFIX = "prompt_encoder."
+
+
+def lora_config(rank: int = 8, alpha: float = 16.0, dropout: float = 0.0, targets: Sequence[str] = DEFAULT_TARGETS):
+    from peft import LoraConfig
+
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    return LoraConfig(r=int(rank), lora_alpha=alpha, lora_dropout=float(dropout), target_modules=list(targets),
+                      bias="none")
+
+
+def wrap_decoder(decoder: nn.Module, config) -> nn.Module:
+    """A LoRA-wrapped deep copy of ``decoder`` (a peft model); only the LoRA tensors train."""
+    from peft import get_peft_model
+
+    names = {n.rsplit(".", 1)[-1] for n, m in decoder.named_modules() if isinstance(m, nn.Linear)}
+    missing = sorted(set(config.target_modules) - names)
+    if missing:
+        raise ValueError(f"LoRA targets {missing} are not Linear layers of the mask decoder "
+                         f"(available: {', '.join(sorted(names))})")
+    return get_peft_model(copy.deepcopy(decoder), config)
+
+
+def inner_decoder(peft_decoder: nn.Module) -> nn.Module:
+    """The MaskDecoder inside a peft wrapper (its Linear layers carry the LoRA branches)."""
+    return peft_decoder.base_model.model
+
+
+def lora_state(peft_decoder: nn.Module) -> Dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().cpu().clone().contiguous() for k, v in get_peft_model_state_dict(peft_decoder).items()}
+
+
+def load_lora_state(peft_decoder: nn.Module, state: Dict[str, torch.Tensor], source: str = "adapter") -> None:
+    """Load LoRA tensors, refusing any name or shape that does not match (peft would skip them)."""
+    from peft import set_peft_model_state_dict
+
+    expected = set(lora_state(peft_decoder))
+    unexpected, missing = sorted(set(state) - expected), sorted(expected - set(state))
+    if unexpected or missing:
+        detail = []
+        if unexpected:
+            detail.append(f"{len(unexpected)} unknown tensors (e.g. {unexpected[0]})")
+        if missing:
+            detail.append(f"{len(missing)} missing tensors (e.g. {missing[0]})")
+        raise ValueError(f"{source} does not fit this LoRA configuration: " + "; ".join(detail))
+    try:
+        result = set_peft_model_state_dict(peft_decoder, state)
+    except RuntimeError as error:  # size mismatch
+        raise ValueError(f"{source} does not fit this LoRA configuration: {str(error).splitlines()[0]}") from None
+    leftover = [k for k in result.unexpected_keys] + [k for k in result.missing_keys if "lora_" in k]
+    if leftover:
+        raise ValueError(f"{source}: peft did not load {len(leftover)} tensors (e.g. {leftover[0]})")
+
+
+def save_adapter(output_dir: str, peft_decoder: nn.Module, card: Dict[str, Any],
+                 prompt_encoder: Optional[nn.Module] = None) -> str:
+    """Write the adapter tensors, peft config and model card (card last) into ``output_dir``."""
+    from safetensors.torch import save_file
+
+    from .dataset import atomic_write, write_json_atomic
+
+    os.makedirs(output_dir, exist_ok=True)
+    tensors = lora_state(peft_decoder)
+    if prompt_encoder is not None:
+        tensors.update({_PROMPT_PREFIX + k: v.detach().cpu().clone().contiguous()
+                        for k, v in prompt_encoder.state_dict().items()})
+    metadata = {"format": "pt", "card_format": CARD_FORMAT, "base_fingerprint": str(card["base_model"]["fingerprint"])}
+    atomic_write(os.path.join(output_dir, ADAPTER_FILE), lambda temp: save_file(tensors, temp, metadata=metadata))
+    config = peft_decoder.peft_config["default"].to_dict()
+    config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+    config["peft_type"] = str(getattr(config["peft_type"], "value", config["peft_type"]))
+    write_json_atomic(os.path.join(output_dir, CONFIG_FILE), config)
+    write_json_atomic(os.path.join(output_dir, CARD_FILE), card)
+    return output_dir
+
+
+def read_model_card(adapter_dir: str) -> Dict[str, Any]:
+    path = os.path.join(str(adapter_dir), CARD_FILE)
+    if not os.path.isfile(path):
+        raise ValueError(f"{adapter_dir} is not a SAMFineTune adapter: it has no {CARD_FILE}")
+    with open(path, encoding="utf-8") as handle:
+        card = json.load(handle)
+    if card.get("format") != CARD_FORMAT:
+        raise ValueError(f"{path}: unknown adapter format {card.get('format')!r} (expected {CARD_FORMAT})")
+    return card
+
+
+def check_base(model, card: Dict[str, Any], adapter_dir: str) -> None:
+    base = card.get("base_model", {})
+    if base.get("fingerprint") != model.fingerprint:
+        raise ValueError(f"adapter {adapter_dir} was trained on base model {base.get('name')!r} "
+                         f"(fingerprint {base.get('fingerprint')}), but the loaded model is {model.spec.name!r} "
+                         f"(fingerprint {model.fingerprint}); load the same model and checkpoint file")
+
+
+def load_adapter(model, adapter_dir: str) -> Tuple[nn.Module, Optional[nn.Module], Dict[str, Any]]:
+    """(peft-wrapped copy of the model's decoder with the adapter loaded, trained prompt encoder
+    or None, model card). The model itself is not modified."""
+    from safetensors.torch import load_file
+
+    card = read_model_card(adapter_dir)
+    check_base(model, card, adapter_dir)
+    lora = card["lora"]
+    peft_decoder = wrap_decoder(model.mask_decoder, lora_config(lora["rank"], lora["alpha"], 0.0, lora["targets"]))
+    path = os.path.join(str(adapter_dir), ADAPTER_FILE)
+    if not os.path.isfile(path):
+        raise ValueError(f"adapter {adapter_dir} has a model card but no {ADAPTER_FILE}")
+    tensors = load_file(path, device="cpu")
+    prompt_state = {k[len(_PROMPT_PREFIX):]: v for k, v in tensors.items() if k.startswith(_PROMPT_PREFIX)}
+    load_lora_state(peft_decoder, {k: v for k, v in tensors.items() if not k.startswith(_PROMPT_PREFIX)},
+                    f"adapter {adapter_dir}")
+    prompt_encoder = None
+    if prompt_state:
+        prompt_encoder = copy.deepcopy(model.prompt_encoder)
+        try:
+            prompt_encoder.load_state_dict(prompt_state, strict=True)
+        except RuntimeError as error:
+            raise ValueError(f"adapter {adapter_dir}: prompt encoder tensors do not fit: "
+                             f"{str(error).splitlines()[0]}") from None
+    device = model.device
+    peft_decoder.to(device).eval().requires_grad_(False)
+    if prompt_encoder is not None:
+        prompt_encoder.to(device).eval().requires_grad_(False)
+    return peft_decoder, prompt_encoder, card
+
+
+def merged_decoder(model, adapter_dir: str) -> nn.Module:
+    """A plain segment-anything MaskDecoder with the adapter's LoRA merged into its weights
+    (no peft needed to run it); ValueError when the adapter belongs to another base model."""
+    peft_decoder, _, _ = load_adapter(model, adapter_dir)
+    return peft_decoder.merge_and_unload().eval().requires_grad_(False)
+
+
+def adapted_prompt_encoder(model, adapter_dir: str) -> Optional[nn.Module]:
+    """The adapter's trained prompt encoder, or None when it was kept frozen (the default)."""
+    return load_adapter(model, adapter_dir)[1]

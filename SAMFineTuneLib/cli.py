@@ -1,0 +1,63 @@
+"""``python -m SAMFineTuneLib <command>``: one entry point, one module per command.
+
+Commands are looked up lazily so ``--help`` and light commands start without importing torch.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+# command -> (module, add-arguments function, main function, one-line help)
+COMMANDS = {
+    "segment": ("segment_cli", "add_segment_arguments", "segment_main",
+                "segment a structure inside a 3D box, slice by slice, and write the mask"),
+    "bench": ("segment_cli", "add_bench_arguments", "bench_main",
+              "time cold vs warm segmentation and compare box modes on labelled volumes"),
+    "export": ("dataset", "add_arguments", "main", "export volumes + labels as a training set"),
+    "train": ("finetune", "add_arguments", "main", "fine-tune a LoRA adapter on the mask decoder"),
+    "evaluate": ("evaluate", "add_arguments", "main", "score base and adapted models on a dataset"),
+    "worker": ("worker", "add_worker_arguments", "worker_main",
+               "run the background worker on stdin/stdout (started by the client)"),
+    "serve": ("worker", "add_serve_arguments", "serve_main",
+              "run the worker on a loopback TCP port (for a GPU box behind an SSH tunnel)"),
+}
+
+
+def _command_module(name: str):
+    module_name = COMMANDS[name][0]
+    return importlib.import_module(f"{__package__}.{module_name}")
+
+
+def build_parser(argv: List[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m SAMFineTuneLib",
+        description="SAMFineTune: Segment Anything for 3D medical volumes, slice by slice, that learns from you.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, (_, add_name, _, help_text) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text,
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        if name == chosen:  # only import the module of the command being run
+            getattr(_command_module(name), add_name)(command)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    run = getattr(_command_module(args.command), COMMANDS[args.command][2])
+    try:
+        return int(run(args) or 0)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

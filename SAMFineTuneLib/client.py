@@ -1,0 +1,590 @@
+"""Talk to the background worker: start it, send jobs, follow them, notice when it dies.
+
+Plain Python (no Qt, no torch), so Slicer's panel, the Python console, batch scripts and CI all
+use the same class::
+
+    client = WorkerClient()                     # the worker starts on the first job
+    job = client.submit("segment", {"box": [10, 12, 3, 40, 44, 9]}, {"volume": array_kji})
+    # from a qt.QTimer every ~100 ms:
+    client.poll()                               # never blocks; updates job.state / progress / message
+    if job.state == "done": mask = job.arrays["mask"]
+    client.cancel(job)                          # the worker stops it within a second or two
+
+    result, arrays = client.run("segment", params, {"volume": array_kji}, progress=print)  # blocking
+
+A worker that dies (killed, out of memory, segfault) turns its jobs into errors with a
+``WorkerCrashed`` message; the next ``submit`` starts a fresh one. ``WorkerClient(address=
+"127.0.0.1:8765", token=...)`` talks to ``python -m SAMFineTuneLib serve`` instead, e.g. a GPU
+box reached through an SSH tunnel.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import protocol
+from .progress import Cancelled
+from .protocol import PROTOCOL_VERSION, ProtocolError
+
+log = logging.getLogger("SAMFineTuneLib.client")
+
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BOOT = "import sys; from SAMFineTuneLib.worker import main_argv; sys.exit(main_argv())"
+LOG_ROTATE_BYTES = 10 << 20
+FINAL_STATES = ("done", "error", "cancelled")
+
+
+class JobError(RuntimeError):
+    """A job ended with an error; ``job`` is the Job (its ``error`` holds the worker's message)."""
+
+    def __init__(self, message: str, job: "Optional[Job]" = None):
+        super().__init__(message)
+        self.job = job
+
+
+class WorkerCrashed(JobError):
+    """The worker process died (or the connection dropped) before the job ended."""
+
+
+class JobCancelled(JobError, Cancelled):
+    """The job was cancelled (also a ``progress.Cancelled``, as in-process engine calls raise)."""
+
+
+class JobTimeout(JobError, TimeoutError):
+    """``run(..., timeout=)`` ran out; the job was cancelled."""
+
+
+class Job:
+    """A request sent to the worker and what is known of it so far (updated by ``poll``)."""
+
+    def __init__(self, job_id: str, command: str, params: Dict[str, Any]):
+        self.id = job_id
+        self.command = command
+        self.params = params
+        self.state = "queued"  # queued -> running -> done | error | cancelled
+        self.progress = 0.0  # fraction 0..1
+        self.step: Tuple[int, int] = (0, 0)  # (done, total) as the job reported it
+        self.message = ""
+        self.logs: List[str] = []
+        self.result: Optional[Dict[str, Any]] = None
+        self.arrays: Dict[str, np.ndarray] = {}
+        self.error: Optional[str] = None
+        self.traceback: Optional[str] = None
+        self.exception: Optional[JobError] = None
+        self.on_event: Optional[Callable[[Dict[str, Any]], None]] = None
+        self.cancel_requested = False
+        self.cancel_time: Optional[float] = None
+        self.folder: Optional[str] = None
+        self.submitted = time.monotonic()
+
+    @property
+    def done(self) -> bool:
+        return self.state in FINAL_STATES
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id} {self.command} {self.state} {self.progress:.0%} {self.message!r}>"
+
+
+class _Connection:
+    """Streams to one worker plus a reader thread that turns what it says into queue items."""
+
+    files = True  # arrays by file in a job folder (local) or attached to the stream (TCP)
+
+    def __init__(self, reader, writer, events: "queue.Queue"):
+        self.reader, self.writer = reader, writer
+        self.write_lock = threading.Lock()
+        self.events = events
+        self.hello: Optional[Dict[str, Any]] = None
+        self.thread = threading.Thread(target=self._read_loop, name="samft-client-reader", daemon=True)
+        self.thread.start()
+
+    def _read_loop(self) -> None:
+        while True:
+            try:
+                message = protocol.read_message(self.reader)
+            except ProtocolError as exc:
+                self.events.put((self, "bad", exc))
+                continue
+            except (OSError, ValueError):
+                message = None
+            if message is None:
+                self.events.put((self, "eof", None))
+                return
+            self.events.put((self, "msg", message))
+
+    def send(self, message: Dict[str, Any], arrays=None, folder: Optional[str] = None) -> None:
+        with self.write_lock:
+            protocol.write_message(self.writer, message, arrays, folder=folder if self.files else None)
+
+    def describe_end(self) -> str:
+        return "the connection to the worker was closed"
+
+    def close(self, timeout: float = 5.0) -> None:
+        for stream in (self.writer, self.reader):
+            try:
+                stream.close()
+            except (OSError, ValueError):
+                pass
+
+
+class _ProcessConnection(_Connection):
+    def __init__(self, command: Sequence[str], env: Dict[str, str], cwd: str, log_path: str, events: "queue.Queue"):
+        self.log_path = log_path
+        with open(log_path, "ab") as log_file:  # the child keeps its own handle on it
+            self.process = subprocess.Popen(
+                list(command), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file, env=env, cwd=cwd,
+                creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0),
+            )
+        super().__init__(self.process.stdout, self.process.stdin, events)
+
+    def describe_end(self) -> str:
+        try:
+            code = self.process.wait(timeout=2.0)
+        except subprocess.TimeoutExpired:
+            code = None
+            kill_process_tree(self.process.pid)
+        if code is None:
+            how = "stopped answering"
+        elif code < 0:
+            try:
+                how = f"was killed by {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"was killed by signal {-code}"
+        else:
+            how = f"exited with code {code}"
+        text = f"the worker process (pid {self.process.pid}) {how}"
+        if self.hello is None:  # it never got going: the log says why (missing package, bad python...)
+            text += f" before it was ready; last lines of its log {self.log_path}:\n{_tail(self.log_path)}"
+        else:
+            text += f"; its log is {self.log_path}"
+        return text
+
+    def close(self, timeout: float = 5.0) -> None:
+        try:
+            self.writer.close()  # stdin EOF: the worker cancels what it runs and exits
+        except (OSError, ValueError):
+            pass
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_process_tree(self.process.pid)
+        super().close()
+
+    def kill(self) -> None:
+        kill_process_tree(self.process.pid)
+        self.process.wait()
+        super().close()
+
+
+class _SocketConnection(_Connection):
+    files = False
+
+    def __init__(self, host: str, port: int, events: "queue.Queue", timeout: float):
+        self.address = f"{host}:{port}"
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock.settimeout(None)
+        super().__init__(self.sock.makefile("rb"), self.sock.makefile("wb"), events)
+
+    def describe_end(self) -> str:
+        return f"the connection to the worker at {self.address} was closed (server stopped or network lost)"
+
+    def close(self, timeout: float = 5.0) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        super().close()
+        self.sock.close()
+
+    def kill(self) -> None:
+        self.close()
+
+
+def _tail(path: str, nbytes: int = 3000) -> str:
+    try:
+        with open(path, "rb") as stream:
+            stream.seek(max(0, os.path.getsize(path) - nbytes))
+            return stream.read().decode("utf-8", "replace").strip()
+    except OSError:
+        return "(log unreadable)"
+
+
+def kill_process_tree(pid: int, timeout: float = 3.0) -> None:
+    """Kill a process and everything it started (torch data loaders, ...)."""
+    try:
+        import psutil
+    except ImportError:
+        try:
+            os.kill(pid, getattr(signal, "SIGKILL", signal.SIGTERM))
+        except OSError:
+            pass
+        return
+    try:
+        parent = psutil.Process(pid)
+        procs = parent.children(recursive=True) + [parent]
+    except psutil.NoSuchProcess:
+        return
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=timeout)
+
+
+def _parse_address(address: Union[str, Tuple[str, int]]) -> Tuple[str, int]:
+    if isinstance(address, str):
+        host, _, port = address.rpartition(":")
+        return (host.strip("[]") or "127.0.0.1"), int(port)
+    return address[0], int(address[1])
+
+
+class _Resources:
+    """What must be cleaned up even if the client is just dropped (weakref.finalize target)."""
+
+    def __init__(self):
+        self.conn: Optional[_Connection] = None
+        self.folder: Optional[str] = None
+
+    def close(self, timeout: float = 5.0) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.close(timeout)
+        if self.folder:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
+
+
+class WorkerClient:
+    """Client of one background worker (a child process, or a ``serve`` endpoint with ``address``).
+
+    Use from one thread (Slicer's main thread). ``poll`` never blocks; ``run`` blocks."""
+
+    def __init__(self, python: Optional[str] = None, log_path: Optional[str] = None,
+                 env: Optional[Dict[str, str]] = None, address: Union[str, Tuple[str, int], None] = None,
+                 token: Optional[str] = None, command: Optional[Sequence[str]] = None,
+                 cancel_grace: float = 10.0, connect_timeout: float = 10.0):
+        """python: interpreter for the worker (default: this one; in Slicer, PythonSlicer).
+        log_path: the worker's log (default: logs/worker.log in the user's cache folder).
+        env: extra environment variables for the worker (e.g. OMP_NUM_THREADS, CUDA_VISIBLE_DEVICES).
+        address/token: use a running ``serve`` endpoint instead of a child process.
+        command: the full command that starts a worker (overrides python; it must speak on stdin/stdout).
+        cancel_grace: a cancelled job still running after this many seconds gets its worker restarted."""
+        self.python = python or sys.executable
+        self.log_path = os.path.abspath(log_path or protocol.default_log_path())
+        self.env = dict(env or {})
+        self.address = _parse_address(address) if address is not None else None
+        self.token = token
+        self.command = list(command) if command else None
+        self.cancel_grace = cancel_grace
+        self.connect_timeout = connect_timeout
+        self._events: "queue.Queue" = queue.Queue()
+        self._jobs: Dict[str, Job] = {}
+        self._ids = itertools.count(1)
+        self._res = _Resources()
+        self._finalizer = weakref.finalize(self, _Resources.close, self._res)
+        self.starts = 0  # how many workers this client has started or connected to
+
+    # --- connection -------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._res.conn is not None
+
+    @property
+    def worker_pid(self) -> Optional[int]:
+        conn = self._res.conn
+        return conn.process.pid if isinstance(conn, _ProcessConnection) else None
+
+    def _folder(self) -> str:
+        if self._res.folder is None:
+            self._res.folder = tempfile.mkdtemp(prefix="samft-jobs-")
+        return self._res.folder
+
+    def _connect(self) -> _Connection:
+        if self._res.conn is not None:
+            return self._res.conn
+        if self.address is not None:
+            conn: _Connection = _SocketConnection(self.address[0], self.address[1], self._events, self.connect_timeout)
+            self._res.conn = conn
+            self._send_request(self._new_job("hello", {"token": self.token}))
+        else:
+            os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
+            if os.path.isfile(self.log_path) and os.path.getsize(self.log_path) > LOG_ROTATE_BYTES:
+                os.replace(self.log_path, self.log_path + ".1")
+            env = dict(os.environ)
+            env.update(self.env)
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
+            command = self.command or [self.python, "-c", BOOT, "worker", "--log", self.log_path]
+            conn = _ProcessConnection(command, env, self._folder(), self.log_path, self._events)
+            self._res.conn = conn
+        self.starts += 1
+        return conn
+
+    def start(self, timeout: float = 120.0) -> Dict[str, Any]:
+        """Start (or connect to) the worker now and wait until it has said hello; returns the hello."""
+        conn = self._connect()
+        deadline = time.monotonic() + timeout
+        while conn.hello is None:
+            if self._res.conn is not conn:
+                raise WorkerCrashed(self._last_crash or "the worker stopped while starting")
+            if time.monotonic() > deadline:
+                raise JobTimeout(f"the worker did not start within {timeout:.0f} s; see {self.log_path}")
+            self.poll(timeout=0.1)
+        return conn.hello
+
+    _last_crash: Optional[str] = None
+
+    def _lost(self, conn: _Connection, reason: Optional[str] = None, kind: type = WorkerCrashed) -> None:
+        """The worker is gone (or refused us): every open job ends, cancelled if the user asked for
+        that, else with ``kind`` (WorkerCrashed unless the worker said why)."""
+        if self._res.conn is conn:
+            self._res.conn = None
+        text = reason or conn.describe_end()
+        self._last_crash = text
+        log.warning("%s", text)
+        prefix = "WorkerCrashed: " if kind is WorkerCrashed else ""
+        for job in list(self._jobs.values()):
+            if job.command == "shutdown":
+                self._finish(job, "done", result={"stopping": True})
+            elif job.cancel_requested:
+                self._finish(job, "cancelled")
+            else:
+                what = f"job {job.id} ({job.command}) did not finish: " if job.command != "hello" else ""
+                self._finish(job, "error", error=f"{prefix}{what}{text}", kind=kind)
+        conn.kill()
+
+    # --- jobs -------------------------------------------------------------------------------
+
+    def _new_job(self, command: str, params: Optional[Dict[str, Any]]) -> Job:
+        job = Job(f"j{next(self._ids)}", command, dict(params or {}))
+        self._jobs[job.id] = job
+        return job
+
+    def _send_request(self, job: Job, arrays: Optional[Dict[str, np.ndarray]] = None) -> None:
+        conn = self._res.conn
+        extra = {}
+        if conn is not None and conn.files:
+            job.folder = extra["job_dir"] = os.path.join(self._folder(), job.id)
+            if arrays:
+                os.makedirs(job.folder, exist_ok=True)
+        try:
+            conn.send(protocol.request(job.id, job.command, job.params, **extra), arrays, folder=job.folder)
+        except (ConnectionError, ValueError) as exc:
+            if isinstance(exc, ProtocolError):  # a bad array name or dtype: the caller's mistake
+                self._forget(job)
+                raise
+            self._lost(conn)  # broken pipe / closed stream: the worker is already gone
+            if not job.done:
+                self._finish(job, "error", error=f"WorkerCrashed: {self._last_crash}", kind=WorkerCrashed)
+        except BaseException:  # unserialisable params, a full disk: nothing was sent
+            self._forget(job)
+            raise
+
+    def _forget(self, job: Job) -> None:
+        self._jobs.pop(job.id, None)
+        if job.folder:
+            shutil.rmtree(job.folder, ignore_errors=True)
+
+    def submit(self, command: str, params: Optional[Dict[str, Any]] = None,
+               arrays: Optional[Dict[str, np.ndarray]] = None) -> Job:
+        """Queue a job on the worker (starting one if needed) and return at once."""
+        if command not in protocol.COMMANDS or command in ("hello", "cancel"):
+            raise ValueError(f"unknown command {command!r}; use one of: "
+                             f"{', '.join(c for c in protocol.COMMANDS if c not in ('hello', 'cancel'))}")
+        for name, array in (arrays or {}).items():
+            if not isinstance(array, np.ndarray):
+                raise TypeError(f"array {name!r} must be a numpy array, got {type(array).__name__}")
+        self._connect()
+        job = self._new_job(command, params)
+        self._send_request(job, arrays)
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """Ask the worker to stop ``job``; its state becomes 'cancelled' when it has (see ``poll``).
+        Whatever result it still sends is dropped."""
+        if job.done or job.cancel_requested:
+            return
+        job.cancel_requested, job.cancel_time = True, time.monotonic()
+        job.message = "cancelling"
+        conn = self._res.conn
+        if conn is None:
+            self._finish(job, "cancelled")
+            return
+        try:
+            conn.send(protocol.request(f"c{next(self._ids)}", "cancel", {"job": job.id}))
+        except (OSError, ValueError):
+            self._lost(conn)
+
+    def poll(self, timeout: float = 0.0) -> int:
+        """Handle what the worker has said so far; wait up to ``timeout`` s for the first word.
+        Returns how many messages were handled. Call it from a qt.QTimer in Slicer."""
+        handled = 0
+        try:
+            item = self._events.get(timeout=timeout) if timeout > 0 else self._events.get_nowait()
+            while True:
+                handled += self._handle(*item)
+                item = self._events.get_nowait()
+        except queue.Empty:
+            pass
+        self._check_stuck_cancels()
+        return handled
+
+    def _handle(self, conn: _Connection, kind: str, payload: Any) -> int:
+        if conn is not self._res.conn:
+            return 0  # from a worker we already gave up on
+        if kind == "eof":
+            self._lost(conn)
+        elif kind == "bad":
+            log.warning("unreadable message from the worker: %s", payload)
+        else:
+            self._on_message(conn, payload)
+        return 1
+
+    def _on_message(self, conn: _Connection, message: Dict[str, Any]) -> None:
+        name, job = message.get("event"), self._jobs.get(message.get("id"))
+        if message.get("v") != PROTOCOL_VERSION or (name == "hello" and message.get("protocol") != PROTOCOL_VERSION):
+            worker_version = message.get("protocol", message.get("v"))
+            self._lost(conn, f"protocol version mismatch: the worker speaks v{worker_version}, this client "
+                             f"v{PROTOCOL_VERSION}; use the same SAMFineTune version in Slicer and in the worker",
+                       kind=JobError)
+            return
+        if name == "hello":
+            conn.hello = message
+            return
+        if job is None:
+            if name == "error" and message.get("id") is None:  # about the connection itself (e.g. busy)
+                self._lost(conn, f"the worker refused: {message.get('error')}", kind=JobError)
+            return
+        if name == "started":
+            job.state = "running"
+        elif name == "progress":
+            done, total = int(message.get("done", 0)), int(message.get("total", 0))
+            job.step, job.progress = (done, total), (done / total if total else 0.0)
+            job.message = str(message.get("message", ""))
+        elif name == "log":
+            job.logs.append(str(message.get("message", "")))
+        elif name == "result":
+            if job.cancel_requested:
+                self._finish(job, "cancelled")  # a late result of a cancelled job is dropped
+            else:
+                try:
+                    arrays = protocol.load_arrays(message.get("arrays"))
+                except ProtocolError as exc:
+                    self._finish(job, "error", error=f"ProtocolError: {exc}")
+                else:
+                    self._finish(job, "done", result=message.get("result") or {}, arrays=arrays)
+        elif name == "error":
+            job.traceback = message.get("traceback")
+            self._finish(job, "error", error=str(message.get("error")))
+            if job.command == "hello":  # authentication refused: nothing else will run
+                self._lost(conn, f"the worker refused the connection: {job.error}", kind=JobError)
+        elif name == "cancelled":
+            self._finish(job, "cancelled")
+        if job.on_event is not None and not job.done:
+            job.on_event(message)
+
+    def _finish(self, job: Job, state: str, result: Optional[Dict[str, Any]] = None,
+                arrays: Optional[Dict[str, np.ndarray]] = None, error: Optional[str] = None,
+                kind: type = JobError) -> None:
+        job.state = state
+        if state == "done":
+            job.result, job.arrays, job.progress = result, arrays or {}, 1.0
+            job.message = job.message or "done"
+        elif state == "cancelled":
+            job.message = "cancelled"
+            job.exception = JobCancelled(f"job {job.id} ({job.command}) was cancelled", job)
+        else:
+            job.error = error
+            job.message = error or "error"
+            job.exception = kind(error or "error", job)
+        self._forget(job)
+        if job.on_event is not None:
+            final = {"v": PROTOCOL_VERSION, "id": job.id, "event": {"done": "result"}.get(state, state)}
+            if error:
+                final.update(error=error, kind=kind.__name__)
+            job.on_event(final)
+
+    def _check_stuck_cancels(self) -> None:
+        conn = self._res.conn
+        if conn is None:
+            return
+        now = time.monotonic()
+        for job in list(self._jobs.values()):
+            if job.cancel_requested and now - (job.cancel_time or now) > self.cancel_grace:
+                self._lost(conn, f"job {job.id} ({job.command}) did not stop within {self.cancel_grace:.0f} s "
+                                 "of being cancelled, so its worker was stopped")
+                return
+
+    # --- blocking helpers -----------------------------------------------------------------
+
+    def wait(self, job: Job, progress: Optional[Callable[[int, int, str], None]] = None,
+             timeout: Optional[float] = None) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
+        """Block until ``job`` ends; return (result, arrays) or raise its JobError / JobCancelled /
+        WorkerCrashed. progress(done, total, message) is called as the job reports."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        seen = None
+        try:
+            while not job.done:
+                self.poll(timeout=0.1)
+                if progress is not None and (job.step, job.message) != seen and job.step[1]:
+                    seen = (job.step, job.message)
+                    progress(job.step[0], job.step[1], job.message)
+                if deadline is not None and time.monotonic() > deadline and not job.cancel_requested:
+                    self.cancel(job)
+        except KeyboardInterrupt:
+            self.cancel(job)
+            raise
+        if job.state == "done":
+            return job.result or {}, job.arrays
+        if job.state == "cancelled" and deadline is not None and time.monotonic() > deadline:
+            raise JobTimeout(f"job {job.id} ({job.command}) did not finish within {timeout} s and was cancelled", job)
+        raise job.exception or JobError(job.error or job.state, job)
+
+    def run(self, command: str, params: Optional[Dict[str, Any]] = None,
+            arrays: Optional[Dict[str, np.ndarray]] = None,
+            progress: Optional[Callable[[int, int, str], None]] = None,
+            timeout: Optional[float] = None) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
+        """Submit and wait (for scripts and the console)."""
+        return self.wait(self.submit(command, params, arrays), progress=progress, timeout=timeout)
+
+    def ping(self, timeout: float = 30.0) -> Dict[str, Any]:
+        return self.run("ping", timeout=timeout)[0]
+
+    def info(self, timeout: float = 120.0) -> Dict[str, Any]:
+        """Device, torch version, CUDA device name, memory, loaded model, log path."""
+        return self.run("info", timeout=timeout)[0]
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop the worker (or leave the server) and remove this client's job folders."""
+        conn = self._res.conn
+        if conn is not None:
+            try:
+                conn.send(protocol.request(f"s{next(self._ids)}", "shutdown", {}))
+            except (OSError, ValueError):
+                pass
+        for job in list(self._jobs.values()):
+            self._finish(job, "cancelled")
+        self._res.close(timeout)
+
+    close = shutdown
+
+    def __enter__(self) -> "WorkerClient":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.shutdown()

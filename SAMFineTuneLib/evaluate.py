@@ -1,0 +1,181 @@
+"""Base model vs adapted model on a dataset split: Dice, IoU, HD95 and surface Dice per case.
+
+Every slice of a case that holds the label is segmented with its tight reference box (the
+usual box-prompt protocol), the slices are stacked back into the case's volume, and monai's
+metrics compare it with the reference in millimetres. Embeddings come from the dataset's
+cache, so scoring after training costs decoder passes only.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .metrics import DEFAULT_TOLERANCE_MM, METRIC_NAMES, binary_metrics, summarise
+
+
+def _stack(samples: Sequence, masks: Sequence[np.ndarray]):
+    """Slices of one case -> a 3D block spanning its slice range (gaps empty) + spacing."""
+    first = min(s.index for s in samples)
+    depth = max(s.index for s in samples) - first + 1
+    block = np.zeros((depth,) + masks[0].shape, dtype=bool)
+    for sample, mask in zip(samples, masks):
+        block[sample.index - first] = mask
+    sample = samples[0]
+    return block, (sample.thickness,) + tuple(sample.pixel_spacing)
+
+
+def score_prepared(model, prepared, step=None, tolerance_mm: float = DEFAULT_TOLERANCE_MM) -> Dict[str, Any]:
+    """Per-case metrics (3D, per label) of the decoder in ``step`` (None = the base model)."""
+    from .finetune import predict_masks
+
+    predictions = predict_masks(model, prepared, step)
+    groups: Dict[tuple, List[int]] = {}
+    for n, sample in enumerate(prepared.samples):
+        groups.setdefault((sample.case, sample.label), []).append(n)
+    rows = []
+    for (case, label), members in groups.items():
+        chosen = [prepared.samples[n] for n in members]
+        pred, spacing = _stack(chosen, [predictions[n] for n in members])
+        ref, _ = _stack(chosen, [s.mask for s in chosen])
+        rows.append(dict(case=case, label=label, slices=len(members),
+                         **binary_metrics(pred, ref, spacing, tolerance_mm)))
+    return {"cases": rows, "mean": summarise(rows)}
+
+
+def evaluate(dataset, model="litemedsam", checkpoint: Optional[str] = None, adapter: Optional[str] = None,
+             split: str = "val", progress=None, cancel=None, device: str = "auto", axis: Optional[str] = None,
+             window: Optional[str] = None, labels: Optional[Sequence[int]] = None,
+             tolerance_mm: float = DEFAULT_TOLERANCE_MM, csv_path: Optional[str] = None,
+             plot_path: Optional[str] = None) -> Dict[str, Any]:
+    """Score the base model, and the adapter when given, on one split ('val', 'test', 'train', 'all').
+
+    ``model`` is a model name or an already loaded SamModel. Axis and window default to the
+    adapter's (from its model card), else axial / auto. Returns {"cases": [{case, label,
+    base: {...}, adapted: {...}}], "mean": {"base": {...}, "adapted": {...}}, ...}.
+    """
+    from . import adapters
+    from .dataset import load_samples, read_dataset
+    from .finetune import _decoder_step_module, cache_dir_for, prepare
+    from .models import load_model
+
+    card = adapters.read_model_card(adapter) if adapter else None
+    hints = card["inference"] if card else {}
+    axis = axis or hints.get("axis", "axial")
+    window = window or hints.get("window", "auto")
+    if isinstance(model, str):
+        model = load_model(model, checkpoint=checkpoint, device=device)
+    info = read_dataset(dataset)
+    entries = info.split(split)
+    if not entries:
+        raise ValueError(f"dataset {info.root} has no cases in split '{split}'")
+    samples = load_samples(info, axis=axis, window=window, labels=labels, cases=[e.case for e in entries])
+    if not samples:
+        raise ValueError(f"split '{split}' of {info.root} holds no labelled slice")
+    prepared = prepare(model, samples, cache_dir_for(info.root), progress=progress, cancel=cancel)
+    runs = {"base": score_prepared(model, prepared, None, tolerance_mm)}
+    if adapter:
+        peft_decoder, prompt_encoder, _ = adapters.load_adapter(model, adapter)
+        step = _decoder_step_module(model, adapters.inner_decoder(peft_decoder), prompt_encoder)
+        runs["adapted"] = score_prepared(model, prepared, step, tolerance_mm)
+    cases = []
+    for n, row in enumerate(runs["base"]["cases"]):
+        entry = {"case": row["case"], "label": row["label"], "slices": row["slices"]}
+        for name, run in runs.items():
+            entry[name] = {k: run["cases"][n][k] for k in METRIC_NAMES}
+        cases.append(entry)
+    report = {"dataset": info.root, "split": split, "model": model.spec.name, "adapter": adapter, "axis": axis,
+              "window": window, "tolerance_mm": tolerance_mm, "cases": cases,
+              "mean": {name: run["mean"] for name, run in runs.items()}}
+    if csv_path:
+        write_csv(report, csv_path)
+    if plot_path:
+        write_plot(report, plot_path)
+    return report
+
+
+def write_csv(report: Dict[str, Any], path: str) -> None:
+    from .dataset import write_text_atomic
+
+    runs = list(report["mean"])
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["case", "label", "slices"] + [f"{run}_{m}" for run in runs for m in METRIC_NAMES])
+    for row in report["cases"]:
+        writer.writerow([row["case"], row["label"], row["slices"]] +
+                        [f"{row[run][m]:.6g}" for run in runs for m in METRIC_NAMES])
+    writer.writerow(["mean", "", ""] + [f"{report['mean'][run][m]:.6g}" for run in runs for m in METRIC_NAMES])
+    write_text_atomic(path, buffer.getvalue())
+
+
+def write_plot(report: Dict[str, Any], path: str) -> None:
+    """Per-case Dice, base vs adapted, as a bar chart (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = list(report["mean"])
+    names = [_row_name(r, report) for r in report["cases"]]
+    x = np.arange(len(names))
+    width = 0.8 / len(runs)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.5 * len(names) + 2), 3.5))
+    for n, run in enumerate(runs):
+        ax.bar(x + n * width, [r[run]["dice"] for r in report["cases"]], width,
+               label=f"{run} (mean {report['mean'][run]['dice']:.3f})")
+    ax.set_xticks(x + width * (len(runs) - 1) / 2)
+    ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("Dice")
+    ax.set_title(f"{os.path.basename(report['dataset'])} ({report['split']})")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _row_name(row: Dict[str, Any], report: Dict[str, Any]) -> str:
+    single = len({r["label"] for r in report["cases"]}) == 1
+    return row["case"] if single else f"{row['case']}:{row['label']}"
+
+
+def format_table(report: Dict[str, Any]) -> str:
+    runs = list(report["mean"])
+    head = f"{'case':24s} " + " ".join(f"{run + ' ' + m:>14s}" for run in runs for m in METRIC_NAMES)
+    lines = [head, "-" * len(head)]
+
+    def cell(value: float) -> str:
+        return f"{'n/a' if math.isnan(value) else format(value, '.4f'):>14s}"
+
+    for row in report["cases"]:
+        lines.append(f"{_row_name(row, report)[:24]:24s} " + " ".join(cell(row[run][m]) for run in runs for m in METRIC_NAMES))
+    lines.append(f"{'mean':24s} " + " ".join(cell(report["mean"][run][m]) for run in runs for m in METRIC_NAMES))
+    return "\n".join(lines)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--model", default="litemedsam")
+    parser.add_argument("--checkpoint")
+    parser.add_argument("--adapter", help="adapter folder to compare with the base model")
+    parser.add_argument("--split", default="val", choices=("val", "test", "train", "all"))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--axis", choices=("axial", "coronal", "sagittal"))
+    parser.add_argument("--window")
+    parser.add_argument("--tolerance-mm", type=float, default=DEFAULT_TOLERANCE_MM, help="surface Dice tolerance")
+    parser.add_argument("--csv", help="write per-case metrics to this CSV file")
+    parser.add_argument("--plot", help="write a per-case Dice bar chart to this PNG file")
+
+
+def main(args) -> int:
+    from .progress import StderrBar
+
+    report = evaluate(args.dataset, model=args.model, checkpoint=args.checkpoint, adapter=args.adapter,
+                      split=args.split, progress=StderrBar(), device=args.device, axis=args.axis,
+                      window=args.window, tolerance_mm=args.tolerance_mm, csv_path=args.csv, plot_path=args.plot)
+    print(format_table(report))
+    return 0

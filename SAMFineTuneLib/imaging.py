@@ -1,0 +1,227 @@
+"""Intensities, slices and coordinates: everything between a volume and a model's input.
+
+Conventions: a volume array is indexed [k, j, i] (SimpleITK/Slicer KJI order); a 3D box is
+(i0, j0, k0, i1, j1, k1) in inclusive voxel indices; a 2D box is (x0, y0, x1, y1) in inclusive
+slice pixels, x along columns and y along rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from .models import ModelSpec, normalise_unit_images
+
+# Window presets as (width, level) in Hounsfield units.
+WINDOW_PRESETS: Dict[str, Tuple[float, float]] = {
+    "lung": (1500.0, -600.0),
+    "mediastinum": (350.0, 50.0),
+    "abdomen": (400.0, 40.0),
+    "bone": (1800.0, 400.0),
+    "brain": (80.0, 40.0),
+}
+WINDOW_CHOICES = tuple(WINDOW_PRESETS) + ("auto", "percentile")
+PERCENTILES = (0.5, 99.5)
+_PERCENTILE_SAMPLES = 1 << 20
+
+# Slicing axis -> numpy axis of a KJI array.
+AXES: Dict[str, int] = {"axial": 0, "coronal": 1, "sagittal": 2}
+
+
+def looks_like_ct(array: np.ndarray) -> bool:
+    """CT is stored in Hounsfield units: air near -1000 and nothing far below it."""
+    lo = float(np.min(array))
+    return -1100.0 <= lo <= -500.0
+
+
+def _sample(array: np.ndarray) -> np.ndarray:
+    flat = array.reshape(-1)
+    step = max(1, flat.size // _PERCENTILE_SAMPLES)
+    return flat[::step]
+
+
+def window_range(array: np.ndarray, window: str = "auto") -> Tuple[float, float]:
+    """The (low, high) intensities that map to 0 and 1.
+
+    "auto" picks the abdomen (soft tissue) window on CT and the 0.5-99.5 percentile range on
+    anything else (MRI, ultrasound), as MedSAM's training data was prepared. The range depends
+    on the whole volume, never on the box, so a second box on the same slices reuses the cache.
+    """
+    if not isinstance(window, str) or not window.strip():
+        raise ValueError(f"window must be a preset name or 'W/L', got {window!r}")
+    name = window.strip().lower()
+    if name == "auto":
+        name = "abdomen" if looks_like_ct(array) else "percentile"
+    if name in WINDOW_PRESETS:
+        width, level = WINDOW_PRESETS[name]
+    elif name == "percentile":
+        lo, hi = np.percentile(_sample(array).astype(np.float64), PERCENTILES)
+        return (float(lo), float(hi) if hi > lo else float(lo) + 1.0)
+    else:
+        width, level = parse_window(window)
+    return (level - width / 2.0, level + width / 2.0)
+
+
+def parse_window(text: str) -> Tuple[float, float]:
+    """'400/40' -> (width, level)."""
+    parts = str(text).split("/")
+    try:
+        width, level = (float(p) for p in parts)
+    except ValueError:
+        raise ValueError(
+            f"unknown window '{text}': use one of {', '.join(WINDOW_CHOICES)} or width/level numbers such as 400/40"
+        ) from None
+    if not width > 0:
+        raise ValueError(f"window width must be positive, got {width:g} in '{text}'")
+    return width, level
+
+
+def apply_window(array: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    out = (np.asarray(array, dtype=np.float32) - np.float32(lo)) / np.float32(hi - lo)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def window_volume(array: np.ndarray, window: str = "auto") -> np.ndarray:
+    """Whole volume scaled to [0,1] float32 with the chosen window."""
+    lo, hi = window_range(array, window)
+    return apply_window(array, lo, hi)
+
+
+# ---------------------------------------------------------------- slices and boxes
+
+
+def axis_index(axis: str) -> int:
+    if axis not in AXES:
+        raise ValueError(f"unknown axis '{axis}'; choose one of: {', '.join(AXES)}")
+    return AXES[axis]
+
+
+def extract_slice(array: np.ndarray, axis: str, index: int) -> np.ndarray:
+    return np.take(array, int(index), axis=axis_index(axis))
+
+
+def slice_pixel_spacing(spacing_xyz: Sequence[float], axis: str) -> Tuple[float, float]:
+    """(row, column) spacing in mm of a slice taken along ``axis``."""
+    sx, sy, sz = (float(s) for s in spacing_xyz)
+    return {"axial": (sy, sx), "coronal": (sz, sx), "sagittal": (sz, sy)}[axis]
+
+
+def box_to_slices(box: Sequence[int], axis: str) -> Tuple[range, Tuple[int, int, int, int]]:
+    """3D voxel box -> (slice indices, 2D box on each slice)."""
+    i0, j0, k0, i1, j1, k1 = (int(v) for v in box)
+    if axis == "axial":
+        return range(k0, k1 + 1), (i0, j0, i1, j1)
+    if axis == "coronal":
+        return range(j0, j1 + 1), (i0, k0, i1, k1)
+    if axis == "sagittal":
+        return range(i0, i1 + 1), (j0, k0, j1, k1)
+    raise ValueError(f"unknown axis '{axis}'; choose one of: {', '.join(AXES)}")
+
+
+def place_slice(volume: np.ndarray, axis: str, index: int, plane: np.ndarray) -> None:
+    """Write a 2D slice back into a KJI volume (inverse of extract_slice)."""
+    selector = [slice(None)] * 3
+    selector[axis_index(axis)] = int(index)
+    volume[tuple(selector)] = plane
+
+
+@dataclass(frozen=True)
+class SliceGeometry:
+    """How one slice maps onto a model's square input.
+
+    The slice is resized so that its *physical* aspect ratio is kept (a coronal slice of a 5 mm
+    CT is tall in mm, not square in pixels), its longest side filling the input, then padded at
+    the bottom and right as SAM expects.
+    """
+
+    shape: Tuple[int, int]
+    pixel_spacing: Tuple[float, float]
+    input_size: int
+
+    @property
+    def resized_shape(self) -> Tuple[int, int]:
+        rows, cols = self.shape
+        height, width = rows * self.pixel_spacing[0], cols * self.pixel_spacing[1]
+        scale = self.input_size / max(height, width)
+        return (max(1, min(self.input_size, int(round(height * scale)))),
+                max(1, min(self.input_size, int(round(width * scale)))))
+
+    @property
+    def scale(self) -> Tuple[float, float]:
+        """(row, column) model-input pixels per slice pixel."""
+        nh, nw = self.resized_shape
+        return nh / self.shape[0], nw / self.shape[1]
+
+    def box_to_model(self, box: Sequence[float]) -> Tuple[float, float, float, float]:
+        """Inclusive slice-pixel box -> box edges in model-input pixels."""
+        fr, fc = self.scale
+        x0, y0, x1, y1 = box
+        return (x0 * fc, y0 * fr, (x1 + 1) * fc, (y1 + 1) * fr)
+
+    def logits_to_slice(self, logits: torch.Tensor) -> np.ndarray:
+        """Logits at the model's padded input size [S,S] -> logits on the slice's pixels."""
+        nh, nw = self.resized_shape
+        crop = logits[..., :nh, :nw].float().reshape(1, 1, nh, nw)
+        out = F.interpolate(crop, size=self.shape, mode="bilinear", align_corners=False)
+        return out[0, 0].cpu().numpy()
+
+
+def to_model_input(plane: np.ndarray, geometry: SliceGeometry, spec: ModelSpec) -> torch.Tensor:
+    """A windowed [0,1] slice -> normalised 3-channel model input [3,S,S]."""
+    tensor = torch.from_numpy(np.ascontiguousarray(plane, dtype=np.float32))[None, None]
+    nh, nw = geometry.resized_shape
+    if (nh, nw) != tuple(plane.shape):
+        antialias = nh < plane.shape[0] or nw < plane.shape[1]
+        tensor = F.interpolate(tensor, size=(nh, nw), mode="bilinear", align_corners=False, antialias=antialias)
+    size = geometry.input_size
+    tensor = F.pad(tensor, (0, size - nw, 0, size - nh))
+    images = tensor[0].expand(3, -1, -1).clamp(0.0, 1.0)
+    return normalise_unit_images(images, spec).contiguous()
+
+
+def mask_box(mask: np.ndarray) -> Optional[Tuple[int, int, int, int]]:
+    """Tight inclusive (x0, y0, x1, y1) box of a 2D mask, None when empty."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    return (int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1]))
+
+
+# ---------------------------------------------------------------- physical <-> voxel
+
+
+def index_to_physical_matrix(spacing: Sequence[float], direction: Sequence[float],
+                             origin: Sequence[float]) -> np.ndarray:
+    """4x4 matrix mapping (i, j, k, 1) to physical (x, y, z, 1) in the volume's frame (LPS for ITK)."""
+    matrix = np.eye(4)
+    matrix[:3, :3] = np.asarray(direction, dtype=float).reshape(3, 3) @ np.diag(np.asarray(spacing, dtype=float))
+    matrix[:3, 3] = np.asarray(origin, dtype=float)
+    return matrix
+
+
+def physical_box_to_voxels(corners: np.ndarray, physical_to_index: np.ndarray,
+                           shape_kji: Sequence[int]) -> Tuple[Tuple[int, ...], bool]:
+    """Physical corner points -> inclusive voxel box of the voxels whose centres lie inside.
+
+    Returns (box, clipped). A box with no voxel centre inside the volume is a ValueError; one
+    partly outside is clipped to the volume and flagged so the caller can warn.
+    """
+    points = np.asarray(corners, dtype=float).reshape(-1, 3)
+    homogeneous = np.c_[points, np.ones(len(points))]
+    ijk = (np.asarray(physical_to_index, dtype=float) @ homogeneous.T).T[:, :3]
+    # Voxel n covers [n-0.5, n+0.5); a tiny tolerance keeps edges on voxel centres inside.
+    lo = np.ceil(ijk.min(axis=0) - 1e-6).astype(int)
+    hi = np.floor(ijk.max(axis=0) + 1e-6).astype(int)
+    limit = np.array([shape_kji[2], shape_kji[1], shape_kji[0]]) - 1
+    if np.any(hi < 0) or np.any(lo > limit) or np.any(hi < lo):
+        raise ValueError(
+            f"the box (voxels {lo.tolist()} to {hi.tolist()}) does not contain any voxel of the volume "
+            f"(valid indices 0..{limit.tolist()})"
+        )
+    clipped_lo, clipped_hi = np.maximum(lo, 0), np.minimum(hi, limit)
+    clipped = bool(np.any(clipped_lo != lo) or np.any(clipped_hi != hi))
+    return tuple(int(v) for v in (*clipped_lo, *clipped_hi)), clipped

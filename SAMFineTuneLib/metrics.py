@@ -1,0 +1,85 @@
+"""Segmentation quality of one binary mask against a reference (monai's metrics).
+
+Dice, IoU, the 95th-percentile Hausdorff distance (HD95, mm) and the normalised surface Dice
+(NSD: share of both boundaries within ``tolerance_mm`` of the other) on 2D or 3D masks, with
+the voxel spacing taken into account. Conventions for the empty cases, where monai returns
+NaN or infinity:
+
+- both masks empty: Dice = IoU = NSD = 1, HD95 = 0 (nothing to find and nothing found);
+- exactly one empty: Dice = IoU = NSD = 0, HD95 = NaN (undefined; ``summarise`` skips NaN
+  and reports how many cases had a value).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+
+METRIC_NAMES = ("dice", "iou", "hd95", "nsd")
+DEFAULT_TOLERANCE_MM = 2.0
+
+
+def _one_hot(mask: np.ndarray):
+    import torch
+
+    fg = torch.from_numpy(np.ascontiguousarray(mask, dtype=bool)).float()
+    return torch.stack([1.0 - fg, fg])[None]  # [1, 2, *spatial]
+
+
+def binary_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Optional[Sequence[float]] = None,
+                   tolerance_mm: float = DEFAULT_TOLERANCE_MM) -> Dict[str, float]:
+    """Dice, IoU, HD95 (mm) and NSD of ``pred`` against ``ref`` (same shape, nonzero = inside).
+
+    ``spacing`` is per array axis (for a KJI volume: (z, y, x) mm); None means 1 mm.
+    """
+    pred = np.asarray(pred) != 0
+    ref = np.asarray(ref) != 0
+    if pred.shape != ref.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from reference shape {ref.shape}")
+    if spacing is not None and len(spacing) != pred.ndim:
+        raise ValueError(f"spacing {tuple(spacing)} has {len(spacing)} values for a {pred.ndim}D mask")
+    has_pred, has_ref = bool(pred.any()), bool(ref.any())
+    if not has_pred and not has_ref:
+        return {"dice": 1.0, "iou": 1.0, "hd95": 0.0, "nsd": 1.0}
+    if not has_pred or not has_ref:
+        return {"dice": 0.0, "iou": 0.0, "hd95": float("nan"), "nsd": 0.0}
+    y_pred, y = _one_hot(pred), _one_hot(ref)
+    space = None if spacing is None else [float(s) for s in spacing]
+    with warnings.catch_warnings():  # monai 1.5+ warns about its own internal argument
+        warnings.simplefilter("ignore", FutureWarning)
+        return _monai_scores(y_pred, y, space, tolerance_mm)
+
+
+def _monai_scores(y_pred, y, space, tolerance_mm: float) -> Dict[str, float]:
+    from monai.metrics import compute_hausdorff_distance, compute_iou, compute_surface_dice
+    from monai.metrics.meandice import compute_dice
+
+    return {
+        "dice": float(compute_dice(y_pred, y, include_background=False)[0, 0]),
+        "iou": float(compute_iou(y_pred, y, include_background=False)[0, 0]),
+        "hd95": float(compute_hausdorff_distance(y_pred, y, include_background=False, percentile=95,
+                                                 spacing=space)[0, 0]),
+        "nsd": float(compute_surface_dice(y_pred, y, class_thresholds=[float(tolerance_mm)],
+                                          include_background=False, spacing=space)[0, 0]),
+    }
+
+
+def summarise(rows: Iterable[Dict[str, float]], names: Sequence[str] = METRIC_NAMES) -> Dict[str, float]:
+    """Mean of each metric over cases, skipping NaN; ``n_<metric>`` counts the cases used."""
+    rows = list(rows)
+    out: Dict[str, float] = {}
+    for name in names:
+        values: List[float] = [r[name] for r in rows if name in r and not math.isnan(r[name])]
+        out[name] = float(np.mean(values)) if values else float("nan")
+        out["n_" + name] = len(values)
+    return out
+
+
+def dice_score(pred: np.ndarray, ref: np.ndarray) -> float:
+    """Plain Dice of two binary masks (1.0 when both are empty); cheap, for per-epoch validation."""
+    pred = np.asarray(pred) != 0
+    ref = np.asarray(ref) != 0
+    total = int(pred.sum()) + int(ref.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(pred, ref).sum()) / total

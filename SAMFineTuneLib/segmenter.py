@@ -1,0 +1,349 @@
+"""Slice-wise SAM segmentation of a 3D box, with an embedding cache that outlives each job.
+
+A ``Segmenter`` is meant to be long-lived (the worker keeps one): the model is loaded once,
+and image embeddings are cached by slice content, axis, window and model, so a second box or
+a re-prompt on the same slices never runs the encoder again.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from . import imaging
+from .cache import EmbeddingCache
+from .imaging import SliceGeometry
+from .models import SamModel, load_model
+from . import postprocess
+from .progress import CancelFn, Cancelled, ProgressFn, check_cancel, report
+from .volume_io import Volume, as_volume
+
+__all__ = ["Segmenter", "SegmentationResult", "Cancelled", "BOX_MODES", "validate_volume", "validate_box"]
+
+BOX_MODES = ("tracked", "fixed")
+Box2D = Tuple[int, int, int, int]
+
+
+@dataclass
+class SegmentationResult:
+    mask: np.ndarray
+    slices: List[int]
+    stats: Dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class TrackingOptions:
+    """When tracking follows a structure from slice to slice, and when it gives up.
+
+    Each next slice is decoded with two boxes: the previous mask's box, and that box grown by
+    ``margin`` (a fraction of its size, at least ``min_margin_px``); SAM's predicted IoU picks
+    one, since a box much larger than the structure makes SAM fill the box. Tracking stops where
+    the structure has ended: the mask is empty or below ``min_area_fraction`` of the seed's area,
+    it is more than ``max_growth`` times the previous mask, less than ``min_overlap`` of it lies
+    on the previous mask, or its mean intensity moved by more than ``max_intensity_shift`` (in
+    window units) from the previous mask's (SAM has jumped to a neighbouring tissue).
+    """
+
+    margin: float = 0.15
+    min_margin_px: int = 3
+    min_area_fraction: float = 0.02
+    max_growth: float = 2.0
+    min_overlap: float = 0.3
+    max_intensity_shift: float = 0.15
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate_volume(volume: Volume) -> None:
+    array = volume.array
+    if not isinstance(array, np.ndarray):
+        raise ValueError(f"volume must be a numpy array, got {type(array).__name__}")
+    if array.ndim == 4 and array.shape[-1] in (3, 4):
+        raise ValueError(f"volume has shape {array.shape}: RGB/vector volumes are not supported, use a scalar volume")
+    if array.ndim != 3:
+        raise ValueError(f"volume must be 3D (k, j, i); got a {array.ndim}D array of shape {array.shape}")
+    if 0 in array.shape:
+        raise ValueError(f"volume has a zero-size axis: shape {array.shape}")
+    if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool) or np.iscomplexobj(array):
+        raise ValueError(f"volume must hold real numbers, got dtype {array.dtype}")
+    if np.issubdtype(array.dtype, np.floating):
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise ValueError(f"volume contains {bad} NaN or infinite voxels; fill or mask them before segmenting")
+    spacing = np.asarray(volume.spacing, dtype=float)
+    if spacing.shape != (3,) or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise ValueError(f"spacing must be three positive numbers (x, y, z) in mm, got {volume.spacing}")
+
+
+def validate_box(box: Sequence, shape_kji: Sequence[int]) -> Tuple[int, ...]:
+    values = np.asarray(box, dtype=float).reshape(-1) if box is not None else np.empty(0)
+    if values.size != 6:
+        raise ValueError(f"box must be six voxel indices (i0, j0, k0, i1, j1, k1), got {box!r}")
+    if not np.all(np.isfinite(values)) or np.any(values != np.round(values)):
+        raise ValueError(f"box indices must be whole numbers, got {list(box)}")
+    i0, j0, k0, i1, j1, k1 = (int(v) for v in values)
+    limits = {"i": shape_kji[2], "j": shape_kji[1], "k": shape_kji[0]}
+    for name, lo, hi in (("i", i0, i1), ("j", j0, j1), ("k", k0, k1)):
+        if hi < lo:
+            raise ValueError(f"empty box: {name}1={hi} is before {name}0={lo}")
+        if lo < 0 or hi >= limits[name]:
+            raise ValueError(f"box is outside the volume along {name}: {lo}..{hi}, valid 0..{limits[name] - 1}")
+    return (i0, j0, k0, i1, j1, k1)
+
+
+# ---------------------------------------------------------------- per-job preparation
+
+
+class _SliceSource:
+    """The windowed, resized model inputs of one volume along one axis, keyed for the cache."""
+
+    def __init__(self, volume: Volume, axis: str, window: str, model: SamModel):
+        self.volume = volume
+        self.axis = axis
+        self.model = model
+        self.low, self.high = imaging.window_range(volume.array, window)
+        rows_cols = [s for n, s in enumerate(volume.array.shape) if n != imaging.axis_index(axis)]
+        self.geometry = SliceGeometry(
+            tuple(rows_cols), imaging.slice_pixel_spacing(volume.spacing, axis), model.spec.input_size
+        )
+
+    def plane(self, index: int) -> np.ndarray:
+        return imaging.extract_slice(self.volume.array, self.axis, index)
+
+    def key(self, index: int) -> tuple:
+        plane = np.ascontiguousarray(self.plane(index))
+        digest = hashlib.blake2b(plane.tobytes(), digest_size=16).hexdigest()
+        return (self.model.fingerprint, self.axis, digest, plane.shape, str(plane.dtype),
+                self.geometry.resized_shape, round(self.low, 4), round(self.high, 4))
+
+    def windowed(self, index: int) -> np.ndarray:
+        return imaging.apply_window(self.plane(index), self.low, self.high)
+
+    def model_input(self, index: int) -> torch.Tensor:
+        return imaging.to_model_input(self.windowed(index), self.geometry, self.model.spec)
+
+
+class Segmenter:
+    """Long-lived slice-wise segmentation engine: one model, one embedding cache."""
+
+    def __init__(
+        self,
+        model: Union[str, SamModel] = "litemedsam",
+        checkpoint: Optional[str] = None,
+        device: Optional[str] = "auto",
+        cache_bytes: int = 2 << 30,
+        batch_size: Optional[int] = None,
+        tracking: Optional[TrackingOptions] = None,
+    ):
+        self.model = load_model(model, checkpoint, device) if isinstance(model, str) else model
+        self.cache = EmbeddingCache(cache_bytes)
+        self.batch_size = batch_size or (8 if self.model.device.type == "cuda" else 2)
+        self.tracking = tracking or TrackingOptions()
+        self.encoder_calls = 0
+        self.adapter: Optional[str] = None
+        self._base_decoder = self.model.mask_decoder
+        self._base_prompt_encoder = getattr(self.model, "prompt_encoder", None)
+
+    # ------------------------------------------------------------ adapters
+
+    def set_adapter(self, adapter_dir: Optional[str]) -> None:
+        """Swap in a fine-tuned decoder (LoRA merged) and, if it was trained, prompt encoder.
+
+        None restores the base model. The image encoder is never touched, so cached embeddings
+        stay valid across adapters. A failing adapter leaves the current model as it was.
+        """
+        if adapter_dir is None:
+            decoder, prompt_encoder = self._base_decoder, self._base_prompt_encoder
+        else:
+            from .adapters import load_adapter
+
+            self.model.mask_decoder = self._base_decoder  # merge onto the base, never onto another adapter
+            current = self.adapter
+            try:
+                peft_decoder, prompt_encoder, _ = load_adapter(self.model, adapter_dir)
+            except BaseException:
+                self.set_adapter(current)
+                raise
+            decoder = peft_decoder.merge_and_unload().to(self.model.device).eval().requires_grad_(False)
+            prompt_encoder = prompt_encoder or self._base_prompt_encoder
+        self.model.mask_decoder = decoder
+        self.model.prompt_encoder = prompt_encoder
+        self.adapter = adapter_dir
+
+    # ------------------------------------------------------------ embeddings
+
+    def _embed(self, source: _SliceSource, indices: Sequence[int], progress: Optional[ProgressFn],
+               cancel: Optional[CancelFn], counter: Dict[str, float]) -> Dict[int, torch.Tensor]:
+        keys = {index: source.key(index) for index in indices}
+        found: Dict[int, torch.Tensor] = {}
+        missing: List[int] = []
+        for index in indices:
+            cached = self.cache.get(keys[index])
+            if cached is None:
+                missing.append(index)
+            else:
+                found[index] = cached
+        counter["cache_hits"] += len(found)
+        for start in range(0, len(missing), self.batch_size):
+            check_cancel(cancel)
+            batch = missing[start:start + self.batch_size]
+            report(progress, int(counter["done"]), int(counter["total"]),
+                   f"encoding slice {batch[0]}" + (f"-{batch[-1]}" if len(batch) > 1 else ""))
+            images = torch.stack([source.model_input(index) for index in batch])
+            with torch.inference_mode():
+                embeddings = self.model.encode(images).to("cpu")
+            self.encoder_calls += len(batch)
+            counter["encoded"] += len(batch)
+            for index, embedding in zip(batch, embeddings):
+                self.cache.put(keys[index], embedding)
+                found[index] = embedding
+        return found
+
+    def embed_slices(self, volume, axis: str = "axial", indices: Sequence[int] = (), window: str = "auto",
+                     spacing: Optional[Sequence[float]] = None, progress: Optional[ProgressFn] = None,
+                     cancel: Optional[CancelFn] = None) -> List[torch.Tensor]:
+        """Embeddings of the given slices (cached), for training and evaluation."""
+        volume = as_volume(volume, spacing)
+        validate_volume(volume)
+        source = _SliceSource(volume, axis, window, self.model)
+        counter = {"done": 0, "total": len(indices), "cache_hits": 0, "encoded": 0}
+        found = self._embed(source, list(indices), progress, cancel, counter)
+        return [found[index] for index in indices]
+
+    # ------------------------------------------------------------ decoding
+
+    def _decode(self, source: _SliceSource, embeddings: List[torch.Tensor], boxes: List[Box2D],
+                clip: Box2D, multimask: bool) -> List[Tuple[np.ndarray, float]]:
+        """Decode several slices in one batch; masks are clipped to the user's box."""
+        geometry = source.geometry
+        model_boxes = torch.tensor([geometry.box_to_model(box) for box in boxes], dtype=torch.float32)
+        with torch.inference_mode():
+            low_res, iou = self.model.decode(torch.stack(embeddings), model_boxes, multimask=multimask)
+            logits = self.model.upscale_logits(low_res)
+        x0, y0, x1, y1 = clip
+        results = []
+        for n in range(len(boxes)):
+            plane_logits = geometry.logits_to_slice(logits[n, 0])
+            mask = np.zeros(geometry.shape, dtype=bool)
+            mask[y0:y1 + 1, x0:x1 + 1] = plane_logits[y0:y1 + 1, x0:x1 + 1] > 0
+            results.append((mask, float(iou[n])))
+        return results
+
+    def _segment_fixed(self, source, slices, box2d, multimask, progress, cancel, counter):
+        masks: Dict[int, np.ndarray] = {}
+        step = self.batch_size * 2
+        for start in range(0, len(slices), step):
+            chunk = list(slices[start:start + step])
+            embeddings = self._embed(source, chunk, progress, cancel, counter)
+            check_cancel(cancel)
+            decoded = self._decode(source, [embeddings[i] for i in chunk], [box2d] * len(chunk), box2d, multimask)
+            for index, (mask, _) in zip(chunk, decoded):
+                masks[index] = mask
+            counter["done"] += len(chunk)
+            report(progress, int(counter["done"]), int(counter["total"]), f"segmented slice {chunk[-1]}")
+        return masks
+
+    def _candidate_boxes(self, previous: np.ndarray, roi: Box2D) -> List[Box2D]:
+        x0, y0, x1, y1 = imaging.mask_box(previous)
+        grow_x = max(self.tracking.min_margin_px, int(round(self.tracking.margin * (x1 - x0 + 1))))
+        grow_y = max(self.tracking.min_margin_px, int(round(self.tracking.margin * (y1 - y0 + 1))))
+        grown = (max(roi[0], x0 - grow_x), max(roi[1], y0 - grow_y), min(roi[2], x1 + grow_x), min(roi[3], y1 + grow_y))
+        return [grown, (x0, y0, x1, y1)]
+
+    def _keeps_tracking(self, mask: np.ndarray, previous: np.ndarray, seed_area: int, plane: np.ndarray,
+                        previous_plane: np.ndarray) -> bool:
+        options = self.tracking
+        area, previous_area = int(mask.sum()), int(previous.sum())
+        if area == 0 or area < options.min_area_fraction * seed_area or area > options.max_growth * previous_area:
+            return False
+        if np.logical_and(mask, previous).sum() < options.min_overlap * area:
+            return False
+        shift = abs(float(plane[mask].mean()) - float(previous_plane[previous].mean()))
+        return shift <= options.max_intensity_shift
+
+    def _segment_tracked(self, source, slices, box2d, multimask, progress, cancel, counter):
+        """Start on the ROI's middle slice, where the structure is widest, and follow it outwards."""
+        centre = slices[len(slices) // 2]
+        seed_embedding = self._embed(source, [centre], progress, cancel, counter)[centre]
+        seed, _ = self._decode(source, [seed_embedding], [box2d], box2d, multimask)[0]
+        counter["done"] += 1
+        masks = {centre: seed}
+        if not seed.any():
+            return masks
+        seed_area = int(seed.sum())
+        for direction in (1, -1):
+            ahead = [i for i in slices if (i - centre) * direction > 0]
+            ahead.sort(key=lambda i: abs(i - centre))
+            previous, previous_plane = seed, source.windowed(centre)
+            for start in range(0, len(ahead), self.batch_size):
+                chunk = ahead[start:start + self.batch_size]
+                embeddings = self._embed(source, chunk, progress, cancel, counter)
+                stopped = False
+                for index in chunk:
+                    check_cancel(cancel)
+                    boxes = self._candidate_boxes(previous, box2d)
+                    decoded = self._decode(source, [embeddings[index]] * len(boxes), boxes, box2d, multimask)
+                    mask = max(decoded, key=lambda pair: pair[1])[0]
+                    plane = source.windowed(index)
+                    counter["done"] += 1
+                    report(progress, int(counter["done"]), int(counter["total"]), f"tracked slice {index}")
+                    if not self._keeps_tracking(mask, previous, seed_area, plane, previous_plane):
+                        stopped = True
+                        break
+                    masks[index] = mask
+                    previous, previous_plane = mask, plane
+                if stopped:
+                    break
+        return masks
+
+    # ------------------------------------------------------------ public entry
+
+    def segment(
+        self,
+        volume,
+        box: Sequence[int],
+        axis: str = "axial",
+        window: str = "auto",
+        box_mode: str = "tracked",
+        spacing: Optional[Sequence[float]] = None,
+        keep_largest: bool = True,
+        fill_holes: bool = True,
+        multimask: Optional[bool] = None,
+        progress: Optional[ProgressFn] = None,
+        cancel: Optional[CancelFn] = None,
+    ) -> SegmentationResult:
+        """Segment the structure inside a 3D voxel box, slice by slice along ``axis``."""
+        started = time.perf_counter()
+        volume = as_volume(volume, spacing)
+        validate_volume(volume)
+        box = validate_box(box, volume.array.shape)
+        imaging.axis_index(axis)
+        if box_mode not in BOX_MODES:
+            raise ValueError(f"unknown box mode '{box_mode}'; choose one of: {', '.join(BOX_MODES)}")
+        multimask = self.model.spec.multimask_default if multimask is None else bool(multimask)
+        source = _SliceSource(volume, axis, window, self.model)
+        slices, box2d = imaging.box_to_slices(box, axis)
+        counter = {"done": 0, "total": len(slices), "cache_hits": 0, "encoded": 0}
+        run = self._segment_tracked if box_mode == "tracked" else self._segment_fixed
+        masks = run(source, list(slices), box2d, multimask, progress, cancel, counter)
+
+        out = np.zeros(volume.array.shape, dtype=np.uint8)
+        for index, plane in masks.items():
+            imaging.place_slice(out, axis, index, plane)
+        region = (slice(box[2], box[5] + 1), slice(box[1], box[4] + 1), slice(box[0], box[3] + 1))
+        sub = out[region]
+        if keep_largest and sub.any():
+            sub = postprocess.keep_largest_component(sub)
+        if fill_holes and sub.any():
+            sub = postprocess.fill_holes(sub, imaging.axis_index(axis))
+        out[region] = sub
+        report(progress, len(slices), len(slices), "done")
+        stats = {"encoded": counter["encoded"], "cache_hits": counter["cache_hits"], "slices": len(slices),
+                 "segmented_slices": len(masks), "seconds": time.perf_counter() - started}
+        return SegmentationResult(out, sorted(masks), stats)
+

@@ -1,0 +1,47 @@
+"""A stand-in for a SAM model whose answer is known: it segments whatever is brighter than
+mid-grey inside the box. Fast, and exact enough to check every coordinate transform."""
+import uuid
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from SAMFineTuneLib.models import MODEL_SPECS
+
+
+class OracleModel(nn.Module):
+    def __init__(self, input_size=256):
+        super().__init__()
+        base = MODEL_SPECS["litemedsam"]
+        self.spec = type(base)(**{**base.__dict__, "input_size": input_size})
+        self.fingerprint = "oracle:" + uuid.uuid4().hex
+        self.anchor = nn.Parameter(torch.zeros(1))
+        self.mask_decoder = nn.Identity()
+        self.encode_calls = 0
+        self.last_boxes = None
+
+    @property
+    def device(self):
+        return self.anchor.device
+
+    def encode(self, images):
+        self.encode_calls += images.shape[0]
+        # Keep full resolution in the "embedding" so thresholding is pixel-exact.
+        return images[:, :1].clone()
+
+    def decode(self, embeddings, boxes, multimask=False, decoder=None):
+        self.last_boxes = boxes.clone()
+        logits = (embeddings - 0.5) * 20.0
+        size = self.spec.input_size
+        x = torch.arange(size, dtype=torch.float32) + 0.5
+        inside_x = (x[None, :] >= boxes[:, 0:1]) & (x[None, :] <= boxes[:, 2:3])
+        inside_y = (x[None, :] >= boxes[:, 1:2]) & (x[None, :] <= boxes[:, 3:4])
+        inside = inside_y[:, :, None] & inside_x[:, None, :]
+        logits = torch.where(inside[:, None], logits, torch.full_like(logits, -20.0))
+        return logits, torch.ones(logits.shape[0])
+
+    def upscale_logits(self, low_res):
+        size = self.spec.input_size
+        if low_res.shape[-1] == size:
+            return low_res
+        return F.interpolate(low_res, size=(size, size), mode="bilinear", align_corners=False)

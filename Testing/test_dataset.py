@@ -1,0 +1,272 @@
+"""Training-set export: layout, geometry, splits by case/patient, append, atomicity, bad input.
+
+Needs no model and no data outside the repository (volumes are made here)."""
+import argparse
+import csv
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from SAMFineTuneLib import dataset as ds
+from SAMFineTuneLib.volume_io import Volume, read_volume
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OBLIQUE = (0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0)  # 90 degrees about z
+
+
+def make_case(seed, shape=(4, 20, 24), spacing=(0.8, 0.9, 2.5), origin=(-10.0, 5.0, 30.0), direction=OBLIQUE,
+              values=(1, 2), empty=False):
+    rng = np.random.default_rng(seed)
+    image = rng.normal(40, 30, shape).astype(np.int16)
+    image[:, :2] = -1000  # air rows: CT-like, so "auto" picks a CT window
+    label = np.zeros(shape, np.uint8)
+    if not empty:
+        label[1:3, 5:12, 6:14] = values[0]
+        if len(values) > 1:
+            label[2:4, 14:18, 3:9] = values[1]
+    return (f"case{seed:02d}", Volume(image, spacing, origin, direction), Volume(label, spacing, origin, direction))
+
+
+def digest(path):
+    with open(path, "rb") as handle:
+        return hashlib.sha256(handle.read()).hexdigest()
+
+
+def tree_digest(root):
+    return {os.path.relpath(os.path.join(d, f), root): digest(os.path.join(d, f))
+            for d, _, files in os.walk(root) for f in files}
+
+
+def test_round_trip_keeps_geometry_labels_and_slices(tmp_path):
+    cases = [make_case(s) for s in range(3)]
+    summary = ds.export_dataset(cases, tmp_path / "d", label_names={1: "liver", 2: "spleen"}, modality="CT")
+    assert summary["added"] == ["case00", "case01", "case02"] and summary["cases"] == 3
+    meta = json.loads((tmp_path / "d" / "dataset.json").read_text())
+    assert meta["labels"] == {"background": 0, "liver": 1, "spleen": 2}
+    assert meta["channel_names"] == {"0": "CT"} and meta["numTraining"] == 3 and meta["file_ending"] == ".nii.gz"
+    assert len(meta["training"]) + len(meta["validation"]) == 3
+    info = ds.read_dataset(tmp_path / "d")
+    assert info.labels == {1: "liver", 2: "spleen"}
+    for case_id, image, label in cases:
+        entry = info.case(case_id)
+        assert entry.image.endswith(f"imagesTr/{case_id}_0000.nii.gz") and entry.label.endswith(f"labelsTr/{case_id}.nii.gz")
+        back_image, back_label = read_volume(entry.image), read_volume(entry.label)
+        np.testing.assert_array_equal(back_image.array, image.array)
+        np.testing.assert_array_equal(back_label.array, label.array)
+        for vol in (back_image, back_label):
+            np.testing.assert_allclose(vol.spacing, image.spacing, atol=1e-6)
+            np.testing.assert_allclose(vol.origin, image.origin, atol=1e-6)
+            np.testing.assert_allclose(vol.direction, image.direction, atol=1e-6)
+    # per-slice samples: one per (slice, label), mask == label slice, geometry carried along
+    from SAMFineTuneLib.imaging import window_volume
+
+    samples = ds.load_samples(info, cases=["case01"])
+    assert [(s.index, s.label) for s in samples] == [(1, 1), (2, 1), (2, 2), (3, 2)]
+    _, image, label = cases[1]
+    windowed = window_volume(image.array)
+    for s in samples:
+        np.testing.assert_array_equal(s.mask, label.array[s.index] == s.label)
+        np.testing.assert_allclose(s.image, windowed[s.index])
+        assert s.pixel_spacing == pytest.approx((0.9, 0.8)) and s.thickness == pytest.approx(2.5)
+    assert samples[0].box == (6, 5, 13, 11)
+    coronal = ds.load_samples(info, cases=["case01"], axis="coronal", labels=[1])
+    assert [s.index for s in coronal] == list(range(5, 12)) and coronal[0].pixel_spacing == pytest.approx((2.5, 0.8))
+    assert coronal[0].thickness == pytest.approx(0.9)
+
+
+def test_split_is_by_case_and_by_patient(tmp_path):
+    cases = [make_case(s) for s in range(10)]
+    groups = {c[0]: f"patient{i // 2}" for i, c in enumerate(cases)}  # two cases per patient
+    ds.export_dataset(cases, tmp_path / "a", val_fraction=0.4, seed=3, groups=groups)
+    info = ds.read_dataset(tmp_path / "a")
+    sides = {}
+    for entry in info.cases:
+        sides.setdefault(entry.group, set()).add(entry.split)
+    assert all(len(s) == 1 for s in sides.values()), sides
+    assert len(info.split("val")) == 4 and len(info.split("train")) == 6
+    train = {s.case for s in ds.load_samples(info, split="train")}
+    val = {s.case for s in ds.load_samples(info, split="val")}
+    assert train and val and not (train & val)
+    ds.export_dataset(cases, tmp_path / "b", val_fraction=0.4, seed=3, groups=groups)
+    assert [e.split for e in ds.read_dataset(tmp_path / "b").cases] == [e.split for e in info.cases]
+    # an explicit split wins; one that splits a patient is refused
+    forced = {c[0]: "val" for c in cases[:2]}
+    ds.export_dataset(cases[:4], tmp_path / "c", splits=forced, groups=groups)
+    assert [e.split for e in ds.read_dataset(tmp_path / "c").cases][:2] == ["val", "val"]
+    with pytest.raises(ValueError, match="both sides"):
+        ds.export_dataset(cases[:2], tmp_path / "e", splits={"case00": "val", "case01": "train"}, groups=groups)
+
+
+def test_append_keeps_old_cases_and_patients(tmp_path):
+    root = tmp_path / "d"
+    first = [make_case(s) for s in range(4)]
+    groups = {c[0]: f"p{i}" for i, c in enumerate(first)}
+    ds.export_dataset(first, root, val_fraction=0.25, groups=groups)
+    before = ds.read_dataset(root)
+    hashes = {p: h for p, h in tree_digest(root).items() if p != "dataset.json"}
+    # two more cases; case05 belongs to a patient already in the dataset and must join that side
+    more = [make_case(4), make_case(5)]
+    groups.update(case04="p_new", case05=before.cases[0].group)
+    summary = ds.export_dataset(more, root, val_fraction=0.25, groups=groups)
+    after = ds.read_dataset(root)
+    assert summary["added"] == ["case04", "case05"] and len(after.cases) == 6
+    for old in before.cases:
+        assert after.case(old.case).split == old.split
+    assert after.case("case05").split == before.cases[0].split
+    now = tree_digest(root)
+    assert all(now[p] == h for p, h in hashes.items())  # nothing rewritten
+    with pytest.raises(ValueError, match="already in the dataset"):
+        ds.export_dataset([make_case(1)], root)
+    with pytest.raises(ValueError, match="twice"):
+        ds.export_dataset([make_case(7), make_case(7)], root)
+    assert tree_digest(root) == now
+
+
+def test_interrupted_export_leaves_previous_dataset_valid(tmp_path):
+    root = tmp_path / "d"
+    ds.export_dataset([make_case(s) for s in range(3)], root)
+    before = tree_digest(root)
+    index_bytes = (root / "dataset.json").read_bytes()
+
+    def crash(done, total, message):
+        if done == 2:
+            raise RuntimeError("power cut")
+
+    with pytest.raises(RuntimeError):
+        ds.export_dataset([make_case(s) for s in range(10, 15)], root, progress=crash)
+    assert (root / "dataset.json").read_bytes() == index_bytes
+    info = ds.read_dataset(root)
+    assert [c.case for c in info.cases] == ["case00", "case01", "case02"]
+    assert all(before[p] == h for p, h in tree_digest(root).items() if p in before)
+    assert not [f for f in os.listdir(root / "imagesTr") if ".part" in f]
+    # the same cases export fine afterwards (left-over files are overwritten)
+    ds.export_dataset([make_case(s) for s in range(10, 15)], root)
+    assert len(ds.read_dataset(root).cases) == 8
+
+
+def test_killed_export_process_leaves_previous_dataset_valid(tmp_path):
+    """SIGKILL a real export process in the middle of its writes."""
+    root = str(tmp_path / "d")
+    ds.export_dataset([make_case(s) for s in range(2)], root)
+    before = tree_digest(root)
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+        from test_dataset import make_case
+        from SAMFineTuneLib.dataset import export_dataset
+        def slow(done, total, message):
+            print(done, flush=True)
+            time.sleep(0.3)
+        export_dataset([make_case(s, shape=(30, 60, 60)) for s in range(20, 40)], {root!r}, progress=slow)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if int(line) >= 3:  # three new cases fully written, the fourth under way
+                break
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert tree_digest(root)["dataset.json"] == before["dataset.json"]
+    info = ds.read_dataset(root)
+    assert [c.case for c in info.cases] == ["case00", "case01"]
+    for entry in info.cases:
+        read_volume(entry.image), read_volume(entry.label)
+
+
+def test_bad_inputs_are_clear_errors_or_visible_skips(tmp_path):
+    cid, image, label = make_case(0)
+    with pytest.raises(ValueError, match="label shape"):
+        ds.export_dataset([(cid, image, Volume(label.array[:2], label.spacing, label.origin, label.direction))],
+                          tmp_path / "a")
+    with pytest.raises(ValueError, match="spacing"):
+        ds.export_dataset([(cid, image, Volume(label.array, (1.0, 1.0, 1.0), label.origin, label.direction))],
+                          tmp_path / "a")
+    with pytest.raises(ValueError, match="direction"):
+        ds.export_dataset([(cid, image, Volume(label.array, label.spacing, label.origin))], tmp_path / "a")
+    with pytest.raises(ValueError, match=r"label values \[2\]"):
+        ds.export_dataset([make_case(0)], tmp_path / "a", label_names={1: "liver"})
+    with pytest.raises(ValueError, match="non-integer"):
+        ds.export_dataset([(cid, image, Volume(label.array * 0.5, label.spacing, label.origin, label.direction))],
+                          tmp_path / "a")
+    with pytest.raises(ValueError, match="file name"):
+        ds.export_dataset([("bad/id", image, label)], tmp_path / "a")
+    assert not os.path.exists(tmp_path / "a" / "dataset.json")
+    with pytest.warns(UserWarning, match="empty"):
+        summary = ds.export_dataset([make_case(0), make_case(1, empty=True)], tmp_path / "b")
+    assert summary["added"] == ["case00"] and summary["skipped"] == [{"case": "case01", "reason": "empty label"}]
+    with pytest.raises(ValueError, match="not a dataset"):
+        ds.read_dataset(tmp_path / "nothing")
+
+
+def test_finetune_sam_csv_and_coco_formats(tmp_path):
+    root = tmp_path / "d"
+    ds.export_dataset([make_case(s) for s in range(3)], root, fmt="finetune-sam", val_fraction=0.34,
+                      label_names={1: "liver", 2: "spleen"})
+    info = ds.read_dataset(root)
+    rows = {}
+    for split in ("train", "val"):
+        with open(root / f"{split}.csv") as handle:
+            rows[split] = list(csv.reader(handle))
+    assert len(rows["train"]) == 2 * 3 and len(rows["val"]) == 3  # slices 1..3 of each case
+    import SimpleITK as sitk
+
+    image_path, mask_path = rows["val"][1]
+    val_case = info.split("val")[0]
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(root / mask_path)))
+    np.testing.assert_array_equal(mask, read_volume(val_case.label).array[2])
+    assert sitk.ReadImage(str(root / image_path)).GetSize() == (24, 20)
+    # the same dataset, appended in COCO form: old cases get their slices too
+    ds.export_dataset([make_case(5)], root, fmt="coco")
+    coco = json.loads((root / "coco_train.json").read_text())
+    assert {c["name"] for c in coco["categories"]} == {"liver", "spleen"}
+    assert len(coco["images"]) == 3 * len(ds.read_dataset(root).split("train"))
+    for annotation in coco["annotations"]:
+        image = next(i for i in coco["images"] if i["id"] == annotation["image_id"])
+        slice_mask = sitk.GetArrayFromImage(sitk.ReadImage(str(root / image["file_name"].replace("images", "masks"))))
+        expected = slice_mask == annotation["category_id"]
+        np.testing.assert_array_equal(ds.rle_decode(annotation["segmentation"]), expected)
+        x, y, w, h = annotation["bbox"]
+        assert expected[y:y + h, x:x + w].sum() == expected.sum() == annotation["area"]
+    assert set(json.loads((root / "dataset.json").read_text())["samfinetune"]["formats"]) == {"coco", "finetune-sam", "msd"}
+
+
+def test_export_command_line_with_2d_pngs(tmp_path):
+    import SimpleITK as sitk
+
+    paths = []
+    for n in range(3):
+        image = np.full((30, 40), 80, np.uint8)
+        image[10:20, 10:25] = 160
+        label = (image > 100).astype(np.uint8)
+        for kind, array in (("img", image), ("seg", label)):
+            path = str(tmp_path / f"{kind}{n}.png")
+            sitk.WriteImage(sitk.GetImageFromArray(array), path)
+            paths.append(path)
+    parser = argparse.ArgumentParser()
+    ds.add_arguments(parser)
+    args = parser.parse_args(["--volumes"] + paths[0::2] + ["--labels"] + paths[1::2] +
+                             ["--output", str(tmp_path / "d"), "--case-ids", "a", "b", "c", "--label-names", "1=lesion",
+                              "--modality", "US"])
+    assert ds.main(args) == 0
+    info = ds.read_dataset(tmp_path / "d")
+    assert [c.case for c in info.cases] == ["a", "b", "c"] and info.labels == {1: "lesion"}
+    samples = ds.load_samples(info, split="all")
+    assert len(samples) == 3 and samples[0].mask.sum() == 150 and samples[0].box == (10, 10, 24, 19)
+
+
+def test_monai_reads_the_dataset(tmp_path):
+    from monai.data import load_decathlon_datalist
+
+    ds.export_dataset([make_case(s) for s in range(5)], tmp_path / "d")
+    train = load_decathlon_datalist(str(tmp_path / "d" / "dataset.json"), data_list_key="training")
+    val = load_decathlon_datalist(str(tmp_path / "d" / "dataset.json"), data_list_key="validation")
+    assert len(train) == 4 and len(val) == 1 and all(os.path.isfile(e["image"]) for e in train + val)

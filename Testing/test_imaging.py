@@ -1,0 +1,109 @@
+"""Windowing, normalisation, slicing and coordinate mapping."""
+import numpy as np
+import pytest
+import torch
+
+from SAMFineTuneLib import imaging
+from SAMFineTuneLib.imaging import SliceGeometry, WINDOW_PRESETS
+from SAMFineTuneLib.models import MODEL_SPECS
+
+
+@pytest.mark.parametrize("name", sorted(WINDOW_PRESETS))
+def test_each_preset_maps_its_width_and_level(name):
+    width, level = WINDOW_PRESETS[name]
+    ct = np.array([level - width, level - width / 2, level, level + width / 4, level + width], dtype=np.float32)
+    lo, hi = imaging.window_range(ct.reshape(1, 1, -1), name)
+    out = imaging.apply_window(ct, lo, hi)
+    np.testing.assert_allclose(out, [0.0, 0.0, 0.5, 0.75, 1.0], atol=1e-3)
+
+
+def test_width_level_numbers_and_bad_windows():
+    assert imaging.window_range(np.zeros((1, 1, 2)), "400/40") == (-160.0, 240.0)
+    with pytest.raises(ValueError, match="unknown window 'lungs'"):
+        imaging.window_range(np.zeros((1, 1, 2)), "lungs")
+    with pytest.raises(ValueError, match="width must be positive"):
+        imaging.window_range(np.zeros((1, 1, 2)), "0/40")
+
+
+def test_auto_window_is_soft_tissue_on_ct_and_percentiles_on_mri():
+    rng = np.random.default_rng(0)
+    ct = rng.integers(-1024, 1500, size=(4, 32, 32)).astype(np.int16)
+    assert imaging.window_range(ct, "auto") == imaging.window_range(ct, "abdomen")
+    mri = rng.gamma(2.0, 100.0, size=(4, 64, 64)).astype(np.float32)
+    mri[0, 0, 0] = 1e6  # one hot voxel must not squash the contrast
+    lo, hi = imaging.window_range(mri, "auto")
+    assert lo == pytest.approx(np.percentile(mri, 0.5), rel=0.05)
+    assert hi == pytest.approx(np.percentile(mri, 99.5), rel=0.05)
+    assert hi < 1e5
+
+
+def test_percentile_of_a_constant_volume_does_not_divide_by_zero():
+    lo, hi = imaging.window_range(np.full((2, 4, 4), 7.0), "percentile")
+    assert hi > lo
+    assert np.all(np.isfinite(imaging.apply_window(np.full((4, 4), 7.0), lo, hi)))
+
+
+@pytest.mark.parametrize("name", ["litemedsam", "sam_vit_b", "medsam"])
+def test_model_input_normalisation(name):
+    spec = MODEL_SPECS[name]
+    plane = np.linspace(0, 1, 20 * 30, dtype=np.float32).reshape(20, 30)
+    geometry = SliceGeometry((20, 30), (1.0, 1.0), spec.input_size)
+    x = imaging.to_model_input(plane, geometry, spec)
+    assert x.shape == (3, spec.input_size, spec.input_size)
+    if spec.normalisation == "unit":
+        assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    else:  # SAM: (255 * x - mean) / std; zero padding becomes -mean/std
+        assert float(x[0, -1, -1]) == pytest.approx(-123.675 / 58.395, rel=1e-4)
+        assert float(x.max()) > 2.0
+
+
+def test_anisotropic_slice_keeps_its_physical_aspect():
+    # A coronal slice of a 5 mm CT: 40 slices x 200 columns at 0.8 mm -> 200 mm tall, 160 mm wide.
+    geometry = SliceGeometry((40, 200), (5.0, 0.8), 256)
+    assert geometry.resized_shape == (256, 205)
+    box = geometry.box_to_model((0, 0, 199, 39))
+    assert box == pytest.approx((0.0, 0.0, 205.0, 256.0))
+
+
+def test_logits_come_back_on_the_slice_pixels():
+    geometry = SliceGeometry((40, 200), (5.0, 0.8), 256)
+    nh, nw = geometry.resized_shape
+    logits = torch.full((256, 256), -1.0)
+    logits[: nh // 2, : nw // 4] = 1.0  # top-left quarter-width, half-height of the real image area
+    mask = geometry.logits_to_slice(logits) > 0
+    assert mask.shape == (40, 200)
+    rows, cols = np.nonzero(mask)
+    assert rows.max() in (19, 20) and cols.max() in (49, 50)
+
+
+@pytest.mark.parametrize("axis", ["axial", "coronal", "sagittal"])
+def test_slices_and_boxes_per_axis(axis):
+    volume = np.arange(4 * 5 * 6).reshape(4, 5, 6)  # k, j, i
+    box = (1, 2, 0, 4, 3, 2)  # i0 j0 k0 i1 j1 k1
+    slices, (x0, y0, x1, y1) = imaging.box_to_slices(box, axis)
+    plane = imaging.extract_slice(volume, axis, slices[0])
+    expected = {"axial": (volume[0], range(0, 3), (1, 2, 4, 3)),
+                "coronal": (volume[:, 2, :], range(2, 4), (1, 0, 4, 2)),
+                "sagittal": (volume[:, :, 1], range(1, 5), (2, 0, 3, 2))}[axis]
+    np.testing.assert_array_equal(plane, expected[0])
+    assert slices == expected[1] and (x0, y0, x1, y1) == expected[2]
+    out = np.zeros_like(volume)
+    imaging.place_slice(out, axis, slices[0], plane)
+    np.testing.assert_array_equal(imaging.extract_slice(out, axis, slices[0]), plane)
+
+
+def test_physical_box_on_an_oblique_flipped_volume():
+    spacing, origin = (0.7, 0.9, 3.0), (10.0, -20.0, 5.0)
+    angle = np.deg2rad(25)
+    direction = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, -1.0]])
+    to_physical = imaging.index_to_physical_matrix(spacing, direction.ravel(), origin)
+    lo, hi = np.array([3, 4, 2]), np.array([9, 12, 6])
+    corners = np.array([[i, j, k] for i in (lo[0], hi[0]) for j in (lo[1], hi[1]) for k in (lo[2], hi[2])], float)
+    physical = (to_physical @ np.c_[corners, np.ones(8)].T).T[:, :3]
+    box, clipped = imaging.physical_box_to_voxels(physical, np.linalg.inv(to_physical), (20, 30, 40))
+    assert box == (3, 4, 2, 9, 12, 6) and not clipped
+    half_out = physical - (to_physical[:3, :3] @ np.array([6.0, 0, 0]))
+    box, clipped = imaging.physical_box_to_voxels(half_out, np.linalg.inv(to_physical), (20, 30, 40))
+    assert clipped and box[0] == 0 and box[3] == 3
+    with pytest.raises(ValueError, match="does not contain any voxel"):
+        imaging.physical_box_to_voxels(physical + 1e4, np.linalg.inv(to_physical), (20, 30, 40))

@@ -1,0 +1,162 @@
+"""The slice-wise engine: geometry on every axis, cache, box modes, bad input, real weights."""
+import numpy as np
+import pytest
+
+from SAMFineTuneLib.phantom import bounding_box, make_ct_phantom
+from SAMFineTuneLib.segmenter import Segmenter, validate_box
+from SAMFineTuneLib.volume_io import Volume
+
+from oracle_model import OracleModel
+
+
+def dice(a, b):
+    a, b = a > 0, b > 0
+    return 2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+
+def oblique_phantom():
+    """Anisotropic, oblique and flipped: geometry must not leak into voxel indices."""
+    angle = np.deg2rad(30)
+    direction = (np.cos(angle), 0.0, np.sin(angle), 0.0, -1.0, 0.0, -np.sin(angle), 0.0, np.cos(angle))
+    return make_ct_phantom(shape_kji=(14, 40, 52), spacing_xyz=(0.8, 1.1, 3.5), noise_hu=3.0,
+                           organ_hu=240.0, direction=direction)
+
+
+WINDOW = "200/140"  # soft tissue (40 HU) -> 0, organ (240 HU) -> 1: the oracle's threshold sits between
+
+
+@pytest.mark.parametrize("axis", ["axial", "coronal", "sagittal"])
+def test_mask_lands_on_the_right_voxels_along_every_axis(axis):
+    ct, label = oblique_phantom()
+    model = OracleModel()
+    segmenter = Segmenter(model)
+    # A box that cuts through the organ: the mask must be the organ inside the box, nothing outside.
+    i0, j0, k0, i1, j1, k1 = bounding_box(label.array)
+    box = (i0 + 3, j0, k0 + 1, i1, j1 - 2, k1)
+    result = segmenter.segment(ct, box, axis=axis, window=WINDOW, box_mode="fixed",
+                               keep_largest=False, fill_holes=False)
+    expected = np.zeros_like(label.array)
+    region = (slice(box[2], box[5] + 1), slice(box[1], box[4] + 1), slice(box[0], box[3] + 1))
+    expected[region] = label.array[region]
+    assert result.mask.shape == ct.array.shape
+    outside = result.mask.copy()
+    outside[region] = 0
+    assert outside.sum() == 0, "voxels segmented outside the box"
+    assert dice(result.mask, expected) > 0.97
+    assert model.encode_calls == len(result.slices)
+
+
+def test_second_box_on_the_same_slices_skips_the_encoder():
+    ct, label = oblique_phantom()
+    model = OracleModel()
+    segmenter = Segmenter(model)
+    box = bounding_box(label.array, (2, 2, 0))
+    first = segmenter.segment(ct, box, window=WINDOW, box_mode="fixed")
+    calls = model.encode_calls
+    assert calls == first.stats["encoded"] == box[5] - box[2] + 1
+    smaller = (box[0] + 2, box[1] + 2, box[2], box[3] - 2, box[4] - 2, box[5])
+    second = segmenter.segment(ct, smaller, window=WINDOW, box_mode="tracked")
+    assert model.encode_calls == calls and second.stats["cache_hits"] >= 1
+    # Another window is another preprocessing: a different key, the encoder runs again.
+    segmenter.segment(ct, box, window="bone", box_mode="fixed")
+    assert model.encode_calls == 2 * calls
+    # Changed voxels on one slice invalidate that slice only.
+    changed = Volume(ct.array.copy(), ct.spacing, ct.origin, ct.direction)
+    changed.array[box[2]] += 5
+    segmenter.segment(changed, box, window=WINDOW, box_mode="fixed")
+    assert model.encode_calls == 2 * calls + 1
+
+
+def test_cache_is_bounded():
+    ct, label = oblique_phantom()
+    model = OracleModel()
+    one_embedding = 256 * 256 * 4
+    segmenter = Segmenter(model, cache_bytes=3 * one_embedding)
+    box = bounding_box(label.array)
+    segmenter.segment(ct, box, window=WINDOW, box_mode="fixed")
+    assert len(segmenter.cache) == 3 and segmenter.cache.nbytes <= 3 * one_embedding
+
+
+def test_tracking_shrinks_the_box_towards_the_ends_and_stops():
+    ct, label = make_ct_phantom(shape_kji=(20, 48, 48), spacing_xyz=(2.0, 2.0, 2.0), noise_hu=3.0, organ_hu=240.0)
+    model = OracleModel()
+    segmenter = Segmenter(model, batch_size=1)
+    ref_box = bounding_box(label.array)
+    # ROI two slices longer than the organ on each side: tracking must stop where it ends.
+    roi = (ref_box[0] - 4, ref_box[1] - 4, max(0, ref_box[2] - 2), ref_box[3] + 4, ref_box[4] + 4,
+           min(19, ref_box[5] + 2))
+    result = segmenter.segment(ct, roi, window=WINDOW, box_mode="tracked")
+    organ_slices = set(np.flatnonzero(label.array.any(axis=(1, 2))))
+    assert set(result.slices) == organ_slices
+    assert dice(result.mask, label.array) > 0.97
+    # The last box decoded is around the organ's tip, not the whole ROI.
+    x0, y0, x1, y1 = model.last_boxes[0].tolist()
+    roi_width = (roi[3] - roi[0] + 1) * (256 / 48)
+    assert x1 - x0 < 0.8 * roi_width
+
+
+def test_cancel_stops_the_job():
+    from SAMFineTuneLib.progress import Cancelled
+
+    ct, label = oblique_phantom()
+    segmenter = Segmenter(OracleModel(), batch_size=1)
+    seen = []
+    with pytest.raises(Cancelled):
+        segmenter.segment(ct, bounding_box(label.array), window=WINDOW, box_mode="fixed",
+                          progress=lambda d, t, m: seen.append(m), cancel=lambda: len(seen) >= 2)
+    assert len(seen) == 2
+
+
+@pytest.mark.parametrize("array, message", [
+    (np.zeros((8, 8)), "must be 3D"),
+    (np.zeros((2, 8, 8, 8)), "must be 3D"),
+    (np.zeros((4, 8, 8, 3)), "RGB"),
+    (np.zeros((0, 8, 8)), "zero-size axis"),
+    (np.full((4, 8, 8), np.nan, dtype=np.float32), "NaN or infinite"),
+    (np.array([[["a"]]]), "real numbers"),
+])
+def test_bad_volumes_are_named(array, message):
+    segmenter = Segmenter(OracleModel())
+    with pytest.raises(ValueError, match=message):
+        segmenter.segment(array, (0, 0, 0, 1, 1, 0))
+
+
+@pytest.mark.parametrize("box, message", [
+    ((0, 0, 0, 5, 5, 50), "outside the volume along k"),
+    ((-1, 0, 0, 5, 5, 1), "outside the volume along i"),
+    ((4, 0, 0, 2, 5, 1), "empty box: i1=2 is before i0=4"),
+    ((0, 0, 0, 5, 5), "six voxel indices"),
+    ((0, 0, 0, 5.5, 5, 1), "whole numbers"),
+])
+def test_bad_boxes_are_named(box, message):
+    with pytest.raises(ValueError, match=message):
+        validate_box(box, (10, 8, 8))
+
+
+def test_bad_options_are_named():
+    ct, label = oblique_phantom()
+    segmenter = Segmenter(OracleModel())
+    box = bounding_box(label.array)
+    with pytest.raises(ValueError, match="unknown axis 'axil'"):
+        segmenter.segment(ct, box, axis="axil")
+    with pytest.raises(ValueError, match="unknown box mode"):
+        segmenter.segment(ct, box, box_mode="loose")
+    with pytest.raises(ValueError, match="spacing must be three positive"):
+        segmenter.segment(ct.array, box, spacing=(1, 0, 1))
+
+
+def test_litemedsam_segments_a_bright_organ_in_a_synthetic_ct(litemedsam):
+    """Real weights, real preprocessing: the organ comes out with Dice > 0.9 and warm re-runs skip the encoder."""
+    ct, label = make_ct_phantom(shape_kji=(12, 80, 80), spacing_xyz=(1.5, 1.5, 4.0), seed=3)
+    segmenter = Segmenter(litemedsam)
+    roi = bounding_box(label.array, (4, 4, 1))
+    tracked = segmenter.segment(ct, roi, box_mode="tracked")
+    assert dice(tracked.mask, label.array) > 0.9
+    calls = segmenter.encoder_calls
+    assert calls <= roi[5] - roi[2] + 1
+    fixed = segmenter.segment(ct, roi, box_mode="fixed")
+    assert fixed.stats["cache_hits"] >= len(tracked.slices)  # every slice tracking kept was encoded once
+    assert fixed.stats["cache_hits"] + fixed.stats["encoded"] == roi[5] - roi[2] + 1
+    assert segmenter.encoder_calls == calls + fixed.stats["encoded"]
+    # Measured 0.996 tracked vs 0.662 fixed: one ROI rectangle on the end slices makes SAM fill the box.
+    assert dice(fixed.mask, label.array) < dice(tracked.mask, label.array) - 0.1

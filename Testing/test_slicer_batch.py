@@ -1,0 +1,90 @@
+"""SAMFineTune/batch.py under plain Python with slicer-core: real files in, .seg.nrrd out, and the
+way Slicer's --python-script runs it (exec in __main__ with __file__ set)."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from slicer_scene import MODULE_DIR, addROI, addVolume, dice, ijkToRAS, scene  # noqa: F401
+from SAMFineTuneMRML import storage
+from SAMFineTuneMRML.segments import segmentToArray
+
+BATCH = os.path.join(MODULE_DIR, "batch.py")
+sys.path.insert(0, MODULE_DIR)
+import batch  # noqa: E402  (imported as Slicer's module scan would: nothing runs)
+
+
+def run_batch(args, tmp_path, slicer_style=False):
+    env = dict(os.environ, OMP_NUM_THREADS="1", SAMFINETUNE_CACHE=str(tmp_path / "cache"))
+    if slicer_style:  # what ctkAbstractPythonManager.executeFile does for --python-script
+        code = ("import sys; sys.argv = [%r] + %r; g = {'__name__': '__main__', '__file__': %r}; "
+                "exec(open(%r).read(), g)" % (BATCH, ["--"] + args, BATCH, BATCH))
+        command = [sys.executable, "-c", code]
+    else:
+        command = [sys.executable, BATCH] + args
+    return subprocess.run(command, capture_output=True, text=True, timeout=400, cwd=str(tmp_path), env=env)
+
+
+def test_roi_pairing_rules():
+    assert batch.pairROIs(["a", "b"], ["ra", "rb"]) == [["ra"], ["rb"]]
+    assert batch.pairROIs(["a", "b"], ["r1,r2"]) == [["r1", "r2"], ["r1", "r2"]]
+    assert batch.pairROIs(["a"], ["r1", "r2,r3"]) == [["r1", "r2", "r3"]]
+    with pytest.raises(ValueError, match="3 volumes but 2"):
+        batch.pairROIs(["a", "b", "c"], ["r1", "r2"])
+    used = set()
+    assert batch.uniqueOutput("/o", "ct", used) == "/o/ct.seg.nrrd"
+    assert batch.uniqueOutput("/o", "ct", used) == "/o/ct_2.seg.nrrd"
+
+
+@pytest.fixture
+def case(scene, tmp_path):
+    """A phantom CT (organ on 2 slices) as .nrrd, an ROI around the organ and one partly outside."""
+    from SAMFineTuneLib.phantom import bounding_box, make_ct_phantom
+
+    ct, label = make_ct_phantom(shape_kji=(3, 96, 96), spacing_xyz=(1.0, 1.0, 4.0))
+    matrix = ijkToRAS((1.0, 1.0, 4.0), np.diag([-1.0, -1.0, 1.0]), (50.0, 40.0, -10.0))
+    volume = addVolume(ct.array, matrix, "phantom")
+    organ = addROI(scene, volume, bounding_box(label.array, (2, 2, 0)), name="organ")
+    edge = addROI(scene, volume, (80, 40, 0, 110, 60, 2), name="edge")  # i beyond 95: clipped
+    paths = {"volume": str(tmp_path / "phantom.nrrd"), "organ": str(tmp_path / "organ.mrk.json"),
+             "edge": str(tmp_path / "edge.mrk.json")}
+    storage.saveVolume(volume, paths["volume"])
+    storage.saveROI(organ, paths["organ"])
+    storage.saveROI(edge, paths["edge"])
+    scene.Clear(0)
+    return paths, label.array
+
+
+@pytest.mark.parametrize("slicer_style", [False, True], ids=["python", "python-script"])
+def test_batch_segments_and_writes_seg_nrrd(case, tmp_path, scene, slicer_style):
+    paths, label = case
+    out = tmp_path / "out"
+    result = run_batch(["--volumes", paths["volume"], "--rois", paths["organ"] + "," + paths["edge"],
+                        "--output", str(out), "--device", "cpu"], tmp_path, slicer_style)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "[1/1]" in result.stdout and "organ: 2/2" in result.stdout  # progress on stdout
+    assert "warning: ROI 'edge' extends outside" in result.stdout
+    written = out / "phantom.seg.nrrd"
+    assert written.is_file() and "1 of 1 volumes segmented" in result.stdout
+    volume = storage.loadVolume(paths["volume"])
+    segmentation = storage.loadSegmentation(str(written))
+    ids = {segmentation.GetSegmentation().GetSegment(segmentation.GetSegmentation().GetNthSegmentID(n)).GetName():
+           segmentation.GetSegmentation().GetNthSegmentID(n) for n in range(2)}
+    assert set(ids) == {"organ", "edge"}
+    organ = segmentToArray(segmentation, ids["organ"], volume)
+    assert dice(organ, label) > 0.8
+
+
+def test_batch_failures_give_a_non_zero_exit_and_a_message(case, tmp_path):
+    paths, _ = case
+    missing = run_batch(["--volumes", paths["volume"], str(tmp_path / "nope.nrrd"), "--rois", paths["organ"],
+                         "--output", str(tmp_path / "out"), "--model", "sam_vit_b"], tmp_path)
+    assert missing.returncode == 1
+    assert "needs a checkpoint" in missing.stdout and "volume file not found" in missing.stdout
+    assert "0 of 2 volumes segmented" in missing.stdout
+    bad = run_batch(["--volumes", "a.nrrd", "b.nrrd", "c.nrrd", "--rois", "r1", "r2", "--output", "o"], tmp_path)
+    assert bad.returncode == 2 and "3 volumes but 2" in bad.stdout
+    usage = run_batch(["--rois", "r1"], tmp_path)
+    assert usage.returncode == 2 and "--volumes" in usage.stderr

@@ -1,0 +1,289 @@
+"""SAMFineTuneCoreLogic on real MRML nodes: the one-call API, blocking and non-blocking, with
+fake engines (fast, every branch) and with the real LiteMedSAM in-process and in the worker."""
+import numpy as np
+import pytest
+
+from slicer_scene import GEOMETRIES, addROI, addVolume, dice, ijkToRAS, scene, slicer  # noqa: F401
+from SAMFineTuneMRML import segments
+from SAMFineTuneMRML.logic import SAMFineTuneCoreLogic, WorkerBackend
+
+SHAPE = (6, 20, 24)
+
+
+def box_mask(shape, box, shrink=1):
+    """What the fake engines return: the box shrunk by ``shrink`` voxels in-plane."""
+    i0, j0, k0, i1, j1, k1 = box
+    out = np.zeros(shape, np.uint8)
+    out[k0:k1 + 1, j0 + shrink:j1 + 1 - shrink, i0 + shrink:i1 + 1 - shrink] = 1
+    return out
+
+
+class FakeEngine:
+    """In-process backend stand-in: records what it was asked."""
+
+    def __init__(self, fail=None):
+        self.calls = []
+        self.fail = fail
+
+    def run(self, array, spacing, box, options, progress=None, cancel=None):
+        self.calls.append(dict(shape=array.shape, spacing=spacing, box=box, options=options))
+        for done in range(3):
+            if progress:
+                progress(done, 3, "slice %d" % done)
+        if self.fail:
+            raise self.fail
+        return box_mask(array.shape, box), {"seconds": 0.1}
+
+
+class FakeJob:
+    def __init__(self, params, arrays):
+        self.params, self.sent = params, arrays
+        self.state, self.progress, self.step, self.message = "queued", 0.0, (0, 0), ""
+        self.result, self.arrays, self.error, self.cancel_requested = None, {}, None, False
+
+    @property
+    def done(self):
+        return self.state in ("done", "error", "cancelled")
+
+
+class FakeClient:
+    """WorkerClient stand-in: each poll moves every job one step through ``script``."""
+
+    def __init__(self, script=("running", "running", "done"), crash_on_poll=None):
+        self.script, self.crash_on_poll, self.jobs, self.polls = list(script), crash_on_poll, [], 0
+
+    def submit(self, command, params, arrays):
+        assert command == "segment"
+        job = FakeJob(params, arrays)
+        job.steps = list(self.script)
+        self.jobs.append(job)
+        return job
+
+    def poll(self, timeout=0.0):
+        self.polls += 1
+        if self.crash_on_poll and self.polls >= self.crash_on_poll:
+            raise RuntimeError("worker process exited with code -9")
+        for job in self.jobs:
+            if job.done:
+                continue
+            state = "cancelled" if job.cancel_requested else job.steps.pop(0)
+            job.state = state
+            job.step = (len(self.script) - len(job.steps), len(self.script))
+            job.progress = job.step[0] / job.step[1]
+            job.message = "slice %d" % job.step[0]
+            if state == "done":
+                job.result = {"stats": {"seconds": 0.2}}
+                job.arrays = {"mask": box_mask(job.sent["volume"].shape, job.params["box"])}
+            elif state == "error":
+                job.error = "ValueError: the model exploded"
+        return 1
+
+    def cancel(self, job):
+        job.cancel_requested = True
+
+    def wait(self, job):
+        if job.state != "done":
+            raise RuntimeError(job.error or job.state)
+        return job.result, job.arrays
+
+    def shutdown(self):
+        pass
+
+
+def make(scene, matrix=None, name="CT"):
+    volume = addVolume(np.zeros(SHAPE, np.int16), matrix if matrix is not None else ijkToRAS((1.0, 1.0, 3.0)), name)
+    return volume, addROI(scene, volume, (4, 5, 1, 15, 14, 4), name="liver")
+
+
+def roi_state(roi):
+    return (roi.GetID(), tuple(roi.GetCenter()), tuple(roi.GetSize()), roi.GetScene() is not None)
+
+
+def test_one_call_segment_creates_segmentation_and_segment_named_after_roi(scene):
+    volume, roi = make(scene)
+    engine = FakeEngine()
+    logic = SAMFineTuneCoreLogic(inProcess=engine)
+    before = roi_state(roi)
+    seen = []
+    task = logic.segment(volume, roi, window="400/40", progress=lambda d, t, m: seen.append((d, t)))
+    assert task.state == "done" and task.progress == 1.0 and seen == [(0, 3), (1, 3), (2, 3)]
+    node = task.segmentationNode
+    assert node.GetSegmentation().GetSegment(task.segmentId).GetName() == "liver"
+    assert np.array_equal(logic.segmentArray(node, task.segmentId, volume), box_mask(SHAPE, (4, 5, 1, 15, 14, 4)))
+    call = engine.calls[0]
+    assert call["box"] == (4, 5, 1, 15, 14, 4) and call["spacing"] == (1.0, 1.0, 3.0)
+    assert call["options"]["window"] == "400/40" and call["options"]["model"] == "litemedsam"
+    assert roi_state(roi) == before and scene.GetNodeByID(roi.GetID()) is roi  # the user's ROI is kept as is
+
+
+def test_options_are_checked_before_anything_runs(scene):
+    volume, roi = make(scene)
+    engine = FakeEngine()
+    logic = SAMFineTuneCoreLogic(inProcess=engine)
+    with pytest.raises(TypeError, match="unknown segmentation option.*colour"):
+        logic.segment(volume, roi, colour="red")
+    with pytest.raises(ValueError, match="needs a checkpoint"):
+        logic.segment(volume, roi, model="sam_vit_b")
+    assert engine.calls == [] and scene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems() == 0
+
+
+def test_anatomical_axis_is_sent_as_the_acquisitions_array_axis(scene):
+    volume, roi = make(scene, GEOMETRIES["sagittal"])
+    engine = FakeEngine()
+    SAMFineTuneCoreLogic(inProcess=engine).segment(volume, roi, axis="axial")
+    assert engine.calls[0]["options"]["axis"] == "coronal"  # S runs along j in this volume
+
+
+def test_existing_segment_other_segments_and_undo(scene):
+    volume, roi = make(scene)
+    logic = SAMFineTuneCoreLogic(inProcess=FakeEngine())
+    node = logic.createSegmentation(volume)
+    keep = segments.ensureSegment(node, segmentName="kidney")
+    kidney = np.zeros(SHAPE, np.uint8)
+    kidney[2:5, 10:18, 10:20] = 1
+    slicer.util.updateSegmentBinaryLabelmapFromArray(kidney, node, keep, volume)
+    target = segments.ensureSegment(node, segmentName="organ")
+    old = np.zeros(SHAPE, np.uint8)
+    old[0, 0:3, 0:3] = 1
+    slicer.util.updateSegmentBinaryLabelmapFromArray(old, node, target, volume)
+    task = logic.segment(volume, roi, node, segmentId=target)
+    assert task.segmentId == target and node.GetSegmentation().GetNumberOfSegments() == 2
+    expected = old | box_mask(SHAPE, (4, 5, 1, 15, 14, 4))
+    assert np.array_equal(logic.segmentArray(node, target, volume), expected)
+    assert np.array_equal(logic.segmentArray(node, keep, volume), kidney)
+    assert logic.undo(node)
+    assert np.array_equal(logic.segmentArray(node, target, volume), old)
+    assert np.array_equal(logic.segmentArray(node, keep, volume), kidney)
+
+
+def test_engine_error_leaves_the_scene_as_it_was(scene):
+    volume, roi = make(scene)
+    logic = SAMFineTuneCoreLogic(inProcess=FakeEngine(fail=RuntimeError("CUDA out of memory")))
+    node = logic.createSegmentation(volume)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        logic.segment(volume, roi, node)
+    segmentId = node.GetSegmentation().GetSegmentIdBySegmentName("liver")
+    assert not logic.segmentArray(node, segmentId, volume).any()
+    assert not logic.undo(node)  # nothing was written, nothing to undo
+
+
+def test_cancel_in_blocking_mode_returns_a_cancelled_task(scene):
+    from SAMFineTuneLib.progress import Cancelled
+
+    volume, roi = make(scene)
+    task = SAMFineTuneCoreLogic(inProcess=FakeEngine(fail=Cancelled("stop"))).segment(volume, roi)
+    assert task.state == "cancelled"
+    assert not segments.segmentToArray(task.segmentationNode, task.segmentId, volume).any()
+
+
+def test_clipped_roi_warning_reaches_the_task(scene):
+    volume, _ = make(scene)
+    roi = addROI(scene, center=(20.0, 10.0, 6.0), size=(12.0, 12.0, 6.0), name="edge")
+    engine = FakeEngine()
+    task = SAMFineTuneCoreLogic(inProcess=engine).segment(volume, roi)
+    assert task.roiBox.clipped and "edge" in task.warning
+    assert engine.calls[0]["box"][3] == SHAPE[2] - 1
+
+
+def test_several_rois_give_several_segments_in_one_segmentation(scene):
+    volume, roi = make(scene)
+    other = addROI(scene, volume, (1, 1, 0, 6, 6, 2), name="spleen")
+    tasks = SAMFineTuneCoreLogic(inProcess=FakeEngine()).segmentROIs(volume, [roi, other])
+    node = tasks[0].segmentationNode
+    assert tasks[1].segmentationNode is node
+    names = sorted(node.GetSegmentation().GetSegment(t.segmentId).GetName() for t in tasks)
+    assert names == ["liver", "spleen"]
+
+
+def test_non_blocking_task_polls_the_worker_and_writes_at_the_end(scene):
+    volume, roi = make(scene)
+    client = FakeClient()
+    logic = SAMFineTuneCoreLogic(inProcess=FakeEngine(), worker=WorkerBackend(client=client))
+    finished = []
+    task = logic.segment(volume, roi, waitForCompletion=False, onFinished=finished.append)
+    job = client.jobs[0]
+    assert job.params["box"] == [4, 5, 1, 15, 14, 4] and job.params["spacing"] == [1.0, 1.0, 3.0]
+    assert job.sent["volume"].shape == SHAPE
+    assert task.state == "queued"
+    assert task.poll() and task.state == "running" and 0 < task.progress < 1
+    assert not segments.segmentToArray(task.segmentationNode, task.segmentId, volume).any()  # not yet
+    assert task.poll()
+    assert not task.poll() and task.state == "done" and finished == [task]
+    assert np.array_equal(segments.segmentToArray(task.segmentationNode, task.segmentId, volume),
+                          box_mask(SHAPE, (4, 5, 1, 15, 14, 4)))
+    assert not task.poll()  # finished tasks stay finished
+
+
+@pytest.mark.parametrize("script,crash,state", [(("running", "error"), None, "error"),
+                                                (("running", "running", "done"), 2, "error")])
+def test_worker_error_or_crash_leaves_the_scene_as_it_was(scene, script, crash, state):
+    volume, roi = make(scene)
+    client = FakeClient(script, crash_on_poll=crash)
+    logic = SAMFineTuneCoreLogic(worker=WorkerBackend(client=client))
+    task = logic.segment(volume, roi, waitForCompletion=False)
+    while task.poll():
+        pass
+    assert task.state == state and task.error
+    assert not segments.segmentToArray(task.segmentationNode, task.segmentId, volume).any()
+
+
+def test_cancel_a_non_blocking_task(scene):
+    volume, roi = make(scene)
+    client = FakeClient(("running",) * 10 + ("done",))
+    logic = SAMFineTuneCoreLogic(worker=WorkerBackend(client=client))
+    task = logic.segment(volume, roi, waitForCompletion=False)
+    task.poll()
+    task.cancel()
+    assert not task.poll() and task.state == "cancelled"
+    assert not segments.segmentToArray(task.segmentationNode, task.segmentId, volume).any()
+
+
+def test_blocking_through_the_worker_backend(scene):
+    volume, roi = make(scene)
+    client = FakeClient()
+    logic = SAMFineTuneCoreLogic(worker=WorkerBackend(client=client))
+    seen = []
+    task = logic.segment(volume, roi, backend="worker", progress=lambda d, t, m: seen.append(d))
+    assert task.state == "done" and seen and client.polls >= 3
+    with pytest.raises(ValueError, match="background worker"):
+        logic.segment(volume, roi, waitForCompletion=False, backend="inprocess")
+
+
+# ----------------------------------------------------------------- the real engine
+
+def make_phantom(slices):
+    from SAMFineTuneLib.phantom import bounding_box, make_ct_phantom
+
+    ct, label = make_ct_phantom(shape_kji=(slices, 96, 96), spacing_xyz=(1.0, 1.0, 4.0))
+    return ct, label, bounding_box(label.array, (2, 2, 0))
+
+
+def test_litemedsam_in_process_matches_the_known_label(scene):
+    ct, label, box = make_phantom(5)  # the organ on 4 slices
+    volume = addVolume(ct.array, GEOMETRIES["flipped"] @ np.diag([1.0 / 0.8, 1.0 / 0.8, 4.0 / 2.5, 1.0]), "CT")
+    roi = addROI(scene, volume, box, name="organ")
+    task = SAMFineTuneCoreLogic().segment(volume, roi, device="cpu")
+    result = segments.segmentToArray(task.segmentationNode, task.segmentId, volume)
+    assert task.stats["encoded"] == 4
+    assert dice(result, label.array) > 0.85
+
+
+def test_litemedsam_in_the_worker_process_non_blocking(scene, tmp_path, monkeypatch):
+    import time
+
+    ct, label, box = make_phantom(3)  # the organ on 2 slices
+    monkeypatch.setenv("SAMFINETUNE_CACHE", str(tmp_path))
+    volume = addVolume(ct.array, ijkToRAS((1.0, 1.0, 4.0)), "CT")
+    roi = addROI(scene, volume, box, name="organ")
+    logic = SAMFineTuneCoreLogic()
+    logic.worker.client.env["OMP_NUM_THREADS"] = "1"
+    try:
+        task = logic.segment(volume, roi, device="cpu", waitForCompletion=False)
+        deadline = time.time() + 240
+        while task.poll() and time.time() < deadline:
+            time.sleep(0.1)
+        assert task.state == "done", task.error
+        result = segments.segmentToArray(task.segmentationNode, task.segmentId, volume)
+        assert dice(result, label.array) > 0.85
+    finally:
+        logic.shutdown()

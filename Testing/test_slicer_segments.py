@@ -1,0 +1,102 @@
+"""Mask -> segment on real MRML nodes (slicer-core): geometry, what survives, undo."""
+import numpy as np
+import vtk
+import pytest
+
+from slicer_scene import GEOMETRIES, addLinearTransform, addVolume, rotation, scene, slicer  # noqa: F401
+from SAMFineTuneMRML import geometry, segments
+
+SHAPE = (6, 20, 24)
+BOX = (3, 4, 1, 12, 13, 4)
+
+
+def block(shape=SHAPE, k=slice(None), j=slice(None), i=slice(None)):
+    out = np.zeros(shape, np.uint8)
+    out[k, j, i] = 1
+    return out
+
+
+def setup_scene(scene, matrix):
+    volume = addVolume(np.zeros(SHAPE, np.float32), matrix, name="CT")
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
+    segments.prepareSegmentation(node, volume)
+    target = segments.ensureSegment(node, segmentName="liver")
+    other = segments.ensureSegment(node, segmentName="spleen")
+    before = block(k=slice(0, 6), j=slice(0, 3), i=slice(0, 4))  # outside the box
+    before[2, 6, 5] = 1  # inside the box: replaced
+    slicer.util.updateSegmentBinaryLabelmapFromArray(before, node, target, volume)
+    spleen = block(k=slice(1, 4), j=slice(8, 15), i=slice(9, 16))  # overlaps the box
+    slicer.util.updateSegmentBinaryLabelmapFromArray(spleen, node, other, volume)
+    return volume, node, target, other, before, spleen
+
+
+def expected_after(before, mask, box=BOX):
+    out = before.copy()
+    region = geometry.RoiBox(box, box).slices()
+    out[region] = mask[region]
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(GEOMETRIES))
+def test_mask_lands_in_box_with_the_volume_geometry_and_the_rest_survives(scene, name):
+    volume, node, target, other, before, spleen = setup_scene(scene, GEOMETRIES[name])
+    mask = block(k=slice(1, 5), j=slice(5, 12), i=slice(4, 11))
+    mask[0, 0, 23] = 1  # outside the box: must not be written
+    segments.writeMaskToSegment(mask, volume, node, target, BOX)
+    assert np.array_equal(segments.segmentToArray(node, target, volume), expected_after(before, mask))
+    assert np.array_equal(segments.segmentToArray(node, other, volume), spleen)
+    # the segment's labelmap is on the volume's lattice (no resampling, no half-voxel shift)
+    labelmap = slicer.vtkOrientedImageData()
+    node.GetBinaryLabelmapRepresentation(target, labelmap)
+    matrix = vtk.vtkMatrix4x4()
+    labelmap.GetImageToWorldMatrix(matrix)
+    assert np.allclose(geometry.matrixToArray(matrix), GEOMETRIES[name])
+
+
+def test_whole_volume_write_and_a_new_segmentation_gets_the_volume_geometry(scene):
+    volume = addVolume(np.zeros(SHAPE, np.float32), GEOMETRIES["oblique"])
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    segments.prepareSegmentation(node, volume)
+    assert node.GetNodeReference(slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()) is volume
+    target = segments.ensureSegment(node, segmentName="new")
+    mask = block(k=slice(2, 4), j=slice(0, 20), i=slice(7, 9))
+    segments.writeMaskToSegment(mask, volume, node, target)
+    assert np.array_equal(segments.segmentToArray(node, target, volume), mask)
+    assert segments.ensureSegment(node, segmentName="new") == target  # found by name, not duplicated
+    with pytest.raises(ValueError, match="no segment with ID"):
+        segments.ensureSegment(node, segmentId="nope")
+    with pytest.raises(ValueError, match="does not match volume"):
+        segments.writeMaskToSegment(mask[:, :, :-1], volume, node, target)
+
+
+def test_segmentation_under_a_different_transform_than_the_volume(scene):
+    volume = addVolume(np.zeros(SHAPE, np.float32), GEOMETRIES["anisotropic"])
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    move = np.eye(4)
+    move[:3, :3] = rotation(2, 20.0)
+    move[:3, 3] = (4.0, 2.0, -3.0)
+    node.SetAndObserveTransformNodeID(addLinearTransform(scene, move).GetID())
+    segments.prepareSegmentation(node, volume)
+    target = segments.ensureSegment(node, segmentName="moved")
+    mask = block(k=slice(1, 5), j=slice(5, 12), i=slice(4, 11))
+    segments.writeMaskToSegment(mask, volume, node, target, BOX)
+    # read back on the volume's grid through both transforms: the same voxels
+    assert np.array_equal(segments.segmentToArray(node, target, volume), mask)
+
+
+def test_one_undo_restores_the_segment_and_leaves_the_others(scene):
+    volume, node, target, other, before, spleen = setup_scene(scene, GEOMETRIES["flipped"])
+    history = segments.UndoHistory()
+    undo = history.forNode(node)
+    assert not history.undo(node)  # nothing to undo yet
+    mask = block(k=slice(1, 5), j=slice(5, 12), i=slice(4, 11))
+    states = undo.GetNumberOfStates()
+    segments.writeMaskToSegment(mask, volume, node, target, BOX, history=undo)
+    assert undo.GetNumberOfStates() == states + 1  # one step
+    assert not np.array_equal(segments.segmentToArray(node, target, volume), before)
+    assert history.undo(node)
+    assert np.array_equal(segments.segmentToArray(node, target, volume), before)
+    assert np.array_equal(segments.segmentToArray(node, other, volume), spleen)
+    assert history.redo(node)
+    assert np.array_equal(segments.segmentToArray(node, target, volume), expected_after(before, mask))
+

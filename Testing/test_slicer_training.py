@@ -1,0 +1,115 @@
+"""Fine-tuning from the scene: cases found in segmentations, exported with their geometry,
+the live loss/Dice table, and the non-blocking train job."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from slicer_scene import GEOMETRIES, addVolume, scene, slicer  # noqa: F401
+from SAMFineTuneMRML import segments, training
+from SAMFineTuneMRML.logic import SAMFineTuneCoreLogic, WorkerBackend, describeDevice
+
+
+def add_case(logic, name, matrix, filled=True, structure="liver"):
+    volume = addVolume(np.random.default_rng(0).integers(-100, 200, (4, 16, 20)).astype(np.int16), matrix, name)
+    node = logic.createSegmentation(volume)
+    segmentId = segments.ensureSegment(node, segmentName=structure)
+    if filled:
+        mask = np.zeros((4, 16, 20), np.uint8)
+        mask[1:3, 4:10, 5:12] = 1
+        segments.writeMaskToSegment(mask, volume, node, segmentId)
+    return volume, node, segmentId
+
+
+def test_find_cases_and_export_keeps_voxels_and_geometry(scene, tmp_path):
+    from SAMFineTuneLib.volume_io import read_volume
+
+    logic = SAMFineTuneCoreLogic()
+    first = add_case(logic, "CT 1", GEOMETRIES["flipped"])
+    second = add_case(logic, "CT 2", GEOMETRIES["oblique"])
+    add_case(logic, "CT 3", GEOMETRIES["identity"], filled=False)  # empty segment: not a case
+    add_case(logic, "CT 4", GEOMETRIES["identity"], structure="spleen")  # another structure
+    cases = training.findCases(scene, "liver")
+    assert [c[0].GetName() for c in cases] == ["CT 1", "CT 2"]
+    summary = logic.exportTrainingSet(cases, str(tmp_path / "set"), "liver", valFraction=0.5)
+    assert sorted(summary["added"]) == ["CT_1", "CT_2"]
+    meta = json.load(open(tmp_path / "set" / "dataset.json"))
+    assert meta["labels"] == {"background": 0, "liver": 1}
+    image = read_volume(str(tmp_path / "set" / "imagesTr" / "CT_2_0000.nii.gz"))
+    label = read_volume(str(tmp_path / "set" / "labelsTr" / "CT_2.nii.gz"))
+    assert np.array_equal(image.array, slicer.util.arrayFromVolume(second[0]))
+    assert np.array_equal(label.array, segments.segmentToArray(second[1], second[2], second[0]))
+    # LPS geometry of the file = the volume's RAS geometry
+    m = GEOMETRIES["oblique"]
+    assert np.allclose(image.origin, m[:3, 3] * (-1, -1, 1), atol=1e-4)
+    assert np.allclose(np.reshape(image.direction, (3, 3)) * image.spacing,
+                       np.diag([-1, -1, 1]) @ m[:3, :3], atol=1e-4)
+    with pytest.raises(ValueError, match="No case to export"):
+        logic.exportTrainingSet([], str(tmp_path / "set"), "kidney")
+    assert first[0].GetScene() is scene
+
+
+def test_training_curve_table_and_plot_from_trainer_messages(scene):
+    curve = training.TrainingCurve(scene, "run")
+    assert curve.addFromMessage("epoch 1: loss 0.5000 val Dice 0.7000 lr 1.00e-03 (2.0s)")
+    assert not curve.addFromMessage("epoch 1/5: loss 0.5000, validation Dice 0.7000")  # same epoch twice
+    assert curve.addFromMessage("epoch 2/5: loss 0.4000, validation Dice 0.7500")
+    assert not curve.addFromMessage("preparing slice 3/10 (CT_1)")
+    assert curve.rows() == [(1.0, 0.5, 0.7), (2.0, 0.4, 0.75)]
+    assert curve.chart.GetNumberOfPlotSeriesNodes() == 2
+    assert curve.chart.GetNthPlotSeriesNode(1).GetTableNode() is curve.table
+
+
+class TrainClient:
+    def __init__(self):
+        self.submitted = []
+
+    def submit(self, command, params, arrays=None):
+        from types import SimpleNamespace
+
+        job = SimpleNamespace(state="queued", progress=0.0, message="", result=None, arrays={}, error=None,
+                              on_event=None, params=params, command=command)
+        self.submitted.append(job)
+        return job
+
+    def poll(self, timeout=0.0):
+        for job in self.submitted:
+            for epoch, state in ((1, "running"), (2, "done")):
+                if job.state in ("queued", "running") and job.progress < epoch / 2.0:
+                    job.on_event({"event": "log", "message": "epoch %d: loss 0.%d val Dice 0.8" % (epoch, 5 - epoch)})
+                    job.state, job.progress = state, epoch / 2.0
+                    if state == "done":
+                        job.result = {"card": {"best_epoch": 2}}
+                    break
+
+
+def test_non_blocking_training_feeds_the_curve_and_reports_the_adapter(scene, tmp_path, monkeypatch):
+    monkeypatch.setenv("SAMFINETUNE_ADAPTERS", str(tmp_path / "adapters"))
+    client = TrainClient()
+    logic = SAMFineTuneCoreLogic(worker=WorkerBackend(client=client))
+    curve = training.TrainingCurve(scene)
+    finished = []
+    task = logic.train(str(tmp_path / "set"), name="liver-v1", waitForCompletion=False, epochs=2, model="litemedsam",
+                       onEvent=lambda m: curve.addFromMessage(m["message"]), onFinished=finished.append)
+    job = client.submitted[0]
+    assert job.command == "train" and job.params["epochs"] == 2
+    assert job.params["output"] == str(tmp_path / "adapters" / "liver-v1") == task.output
+    while task.poll():
+        pass
+    assert task.state == "done" and finished == [task] and task.result["card"]["best_epoch"] == 2
+    assert [row[0] for row in curve.rows()] == [1.0, 2.0]
+    os.makedirs(task.output)
+    open(os.path.join(task.output, "model_card.json"), "w").write("{}")
+    assert logic.listAdapters() == [("liver-v1", task.output)]
+    with pytest.raises(ValueError, match="name"):
+        logic.train(str(tmp_path / "set"), waitForCompletion=False)
+
+
+def test_device_line_from_worker_info():
+    gib = 2.0 ** 30
+    line = describeDevice({"device": "cuda", "cuda_name": "NVIDIA H200", "torch": "2.14.1",
+                           "memory": {"gpu_total": 140 * gib, "gpu_free": 100 * gib}})
+    assert line == "GPU NVIDIA H200, 140.0 GiB (100.0 GiB free); torch 2.14.1"
+    assert describeDevice({"device": "cpu", "torch": "2.14.1", "memory": {"ram_total": 24 * gib}}).startswith("CPU, 24.0")
+    assert "cannot be imported" in describeDevice({"error": "torch cannot be imported here: x"})

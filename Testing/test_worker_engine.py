@@ -1,0 +1,144 @@
+"""The worker running the real engine (LiteMedSAM on the CPU, small phantom volumes).
+
+One worker serves the whole module (model and embedding cache stay warm, as in Slicer); the
+crash test runs last and leaves a fresh worker behind.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from SAMFineTuneLib.client import JobError, WorkerClient, WorkerCrashed  # noqa: E402
+from SAMFineTuneLib.phantom import bounding_box, make_ct_phantom  # noqa: E402
+from SAMFineTuneLib.segmenter import Segmenter  # noqa: E402
+
+torch.set_num_threads(1)
+ENV = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    ct, label = make_ct_phantom((6, 64, 64))
+    return ct, bounding_box(label.array, (2, 2, 0))
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    c = WorkerClient(log_path=str(tmp_path_factory.mktemp("worker") / "worker.log"), env=ENV)
+    yield c
+    c.shutdown()
+
+
+def segment_params(ct, box, **extra):
+    return dict({"box": list(box), "spacing": list(ct.spacing), "device": "cpu"}, **extra)
+
+
+def test_segment_and_reprompt_through_worker_equal_in_process(client, phantom):
+    ct, box = phantom
+    seg = Segmenter("litemedsam", device="cpu")
+    expected = seg.segment(ct.array, box=box, spacing=ct.spacing)
+    smaller = (box[0] + 3, box[1] + 3, box[2], box[3] - 3, box[4] - 3, box[5])
+    expected_again = seg.segment(ct.array, box=smaller, spacing=ct.spacing)
+
+    steps = []
+    result, arrays = client.run("segment", segment_params(ct, box), {"volume": ct.array},
+                                progress=lambda done, total, message: steps.append((done, total, message)),
+                                timeout=600)
+    assert arrays["mask"].dtype == np.uint8 and arrays["mask"].shape == ct.array.shape
+    assert arrays["mask"].any() and np.array_equal(arrays["mask"], expected.mask)
+    assert result["slices"] == expected.slices and result["voxels"] == int(expected.mask.sum())
+    assert steps and steps[-1][0] == steps[-1][1] and any("encoding" in m for _, _, m in steps)
+
+    # A re-prompt sends no volume; the worker's embedding cache is warm, so nothing is encoded.
+    result, arrays = client.run("reprompt", {"box": list(smaller)}, timeout=600)
+    assert np.array_equal(arrays["mask"], expected_again.mask)
+    assert result["stats"]["encoded"] == 0 and result["stats"]["cache_hits"] > 0
+    assert client.info()["model"] == "litemedsam"
+
+
+def test_bad_model_requests_are_clear_errors_and_worker_keeps_serving(client, phantom, tmp_path):
+    ct, box = phantom
+    pid = client.worker_pid
+    with pytest.raises(JobError, match="checkpoint file not found: .*sam_vit_b.pth"):
+        client.run("load_model", {"model": "sam_vit_b", "checkpoint": str(tmp_path / "sam_vit_b.pth")}, timeout=120)
+    with pytest.raises(JobError, match="unknown model 'sam_vit_x'"):
+        client.run("load_model", {"model": "sam_vit_x"}, timeout=120)
+    with pytest.raises(JobError, match="box"):
+        client.run("segment", segment_params(ct, (0, 0, 0, 500, 5, 5)), {"volume": ct.array}, timeout=120)
+    with pytest.raises(JobError, match="needs an array named 'volume'"):
+        client.run("segment", segment_params(ct, box), timeout=120)
+    result, _ = client.run("load_model", {"device": "cpu"}, timeout=120)
+    assert result["model"] == "litemedsam" and result["fingerprint"] and client.worker_pid == pid
+
+
+def test_cancel_long_segmentation_is_prompt_and_worker_stays_usable(client):
+    volume = np.random.default_rng(0).integers(-200, 300, size=(60, 64, 64)).astype(np.int16)
+    job = client.submit("segment", {"box": [10, 10, 0, 50, 50, 59], "box_mode": "fixed", "device": "cpu"},
+                        {"volume": volume})
+    deadline = time.monotonic() + 300
+    while not job.message.startswith("encoding"):  # the encoder is busy
+        assert time.monotonic() < deadline and not job.done, job
+        client.poll(timeout=0.05)
+    pid = client.worker_pid
+    started = time.monotonic()
+    client.cancel(job)
+    while not job.done:
+        client.poll(timeout=0.05)
+    stopped_in = time.monotonic() - started
+    assert job.state == "cancelled" and job.result is None
+    assert stopped_in < 3.0, f"cancel took {stopped_in:.2f} s"
+    assert client.ping()["busy"] is None and client.worker_pid == pid
+
+
+def test_kill_9_mid_segmentation_then_next_job_succeeds_on_a_new_worker(client, phantom):
+    ct, box = phantom
+    volume = np.random.default_rng(1).integers(-200, 300, size=(40, 64, 64)).astype(np.int16)
+    job = client.submit("segment", {"box": [10, 10, 0, 50, 50, 39], "box_mode": "fixed", "device": "cpu"},
+                        {"volume": volume})
+    while job.state != "running":
+        client.poll(timeout=0.05)
+    old_pid = client.worker_pid
+    os.kill(old_pid, signal.SIGKILL)
+    with pytest.raises(WorkerCrashed, match="killed by SIGKILL"):
+        client.wait(job, timeout=60)
+    with pytest.raises(JobError, match="holds no volume"):  # the new worker starts empty
+        client.run("reprompt", {"box": list(box)}, timeout=120)
+    small = ct.array[box[2]:box[5] + 1]  # only the box's slices: cheap
+    shifted = (box[0], box[1], 0, box[3], box[4], box[5] - box[2])
+    result, arrays = client.run("segment", segment_params(ct, shifted), {"volume": small}, timeout=600)
+    assert client.worker_pid != old_pid and arrays["mask"].any() and result["stats"]["encoded"] > 0
+
+
+def test_export_train_evaluate_jobs_map_to_the_library(client, tmp_path):
+    cases, arrays = [], {}
+    for n in range(3):
+        ct, label = make_ct_phantom((3, 48, 48), seed=n)
+        arrays[f"img{n}"], arrays[f"lab{n}"] = ct.array, label.array
+        cases.append({"id": f"case{n}", "image": f"img{n}", "label": f"lab{n}", "spacing": list(ct.spacing),
+                      "origin": list(ct.origin), "direction": list(ct.direction)})
+    dataset = tmp_path / "dataset"
+    result, _ = client.run("export", {"cases": cases, "output_dir": str(dataset), "val_fraction": 0.34,
+                                      "label_names": {"1": "organ"}}, arrays, timeout=300)
+    assert (dataset / "dataset.json").is_file() and result["summary"]
+    with pytest.raises(JobError, match="case 'x'.*no array 'nope'"):
+        client.run("export", {"cases": [{"id": "x", "image": "nope", "label": "nope"}], "output_dir": str(dataset)},
+                   timeout=120)
+
+    steps = []
+    job = client.submit("train", {"dataset": str(dataset), "output": str(tmp_path / "adapter"), "epochs": 1,
+                                  "batch_size": 2, "device": "cpu", "final_scores": False, "amp": False})
+    job.on_event = lambda event: steps.append(event)
+    with pytest.raises(JobError, match="bad train parameters.*epoks"):
+        client.run("train", {"dataset": str(dataset), "output": str(tmp_path / "a2"), "epoks": 1}, timeout=600)
+    card, _ = client.wait(job, timeout=600)
+    assert card["card"] and (tmp_path / "adapter").is_dir()
+    assert any(e["event"] == "progress" for e in steps)
+
+    with pytest.raises(JobError, match="evaluate needs 'dataset'"):
+        client.run("evaluate", {"split": "val"}, timeout=120)
