@@ -18,6 +18,8 @@ COMMANDS = {
     "export": ("dataset", "add_arguments", "main", "export volumes + labels as a training set"),
     "train": ("finetune", "add_arguments", "main", "fine-tune a LoRA adapter on the mask decoder"),
     "evaluate": ("evaluate", "add_arguments", "main", "score base and adapted models on a dataset"),
+    "demo": ("demo", "add_arguments", "main",
+             "segment a synthetic CT with LiteMedSAM, then fine-tune an adapter and compare (no data needed)"),
     "worker": ("worker", "add_worker_arguments", "worker_main",
                "run the background worker on stdin/stdout (started by the client)"),
     "serve": ("worker", "add_serve_arguments", "serve_main",

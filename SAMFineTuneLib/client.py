@@ -324,8 +324,11 @@ class WorkerClient:
             self._send_request(self._new_job("hello", {"token": self.token}))
         else:
             os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
-            if os.path.isfile(self.log_path) and os.path.getsize(self.log_path) > LOG_ROTATE_BYTES:
-                os.replace(self.log_path, self.log_path + ".1")
+            try:
+                if os.path.getsize(self.log_path) > LOG_ROTATE_BYTES:
+                    os.replace(self.log_path, self.log_path + ".1")
+            except OSError:  # no log yet, or another worker holds it open (Windows): keep appending
+                pass
             env = dict(os.environ)
             env.update(self.env)
             env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
@@ -475,7 +478,8 @@ class WorkerClient:
         elif name == "progress":
             done, total = int(message.get("done", 0)), int(message.get("total", 0))
             job.step, job.progress = (done, total), (done / total if total else 0.0)
-            job.message = str(message.get("message", ""))
+            if not job.cancel_requested:  # keep showing "cancelling"
+                job.message = str(message.get("message", ""))
         elif name == "log":
             job.logs.append(str(message.get("message", "")))
         elif name == "result":

@@ -29,11 +29,12 @@ def _stack(samples: Sequence, masks: Sequence[np.ndarray]):
     return block, (sample.thickness,) + tuple(sample.pixel_spacing)
 
 
-def score_prepared(model, prepared, step=None, tolerance_mm: float = DEFAULT_TOLERANCE_MM) -> Dict[str, Any]:
+def score_prepared(model, prepared, step=None, tolerance_mm: float = DEFAULT_TOLERANCE_MM,
+                   box_margin: float = 0.0) -> Dict[str, Any]:
     """Per-case metrics (3D, per label) of the decoder in ``step`` (None = the base model)."""
     from .finetune import predict_masks
 
-    predictions = predict_masks(model, prepared, step)
+    predictions = predict_masks(model, prepared, step, box_margin=box_margin)
     groups: Dict[tuple, List[int]] = {}
     for n, sample in enumerate(prepared.samples):
         groups.setdefault((sample.case, sample.label), []).append(n)
@@ -51,10 +52,14 @@ def evaluate(dataset, model="litemedsam", checkpoint: Optional[str] = None, adap
              split: str = "val", progress=None, cancel=None, device: str = "auto", axis: Optional[str] = None,
              window: Optional[str] = None, labels: Optional[Sequence[int]] = None,
              tolerance_mm: float = DEFAULT_TOLERANCE_MM, csv_path: Optional[str] = None,
-             plot_path: Optional[str] = None) -> Dict[str, Any]:
-    """Score the base model, and the adapter when given, on one split ('val', 'test', 'train', 'all').
+             plot_path: Optional[str] = None, box_margin: float = 0.0,
+             cases: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Score the base model, and the adapter when given, on one split ('val', 'test', 'train', 'all')
+    or on the named ``cases``.
 
-    ``model`` is a model name or an already loaded SamModel. Axis and window default to the
+    ``model`` is a model name or an already loaded SamModel. ``box_margin`` > 0 grows every
+    reference box by that fraction of its side on each edge, as a user's box is never tight.
+    Axis and window default to the
     adapter's (from its model card), else axial / auto. Returns {"cases": [{case, label,
     base: {...}, adapted: {...}}], "mean": {"base": {...}, "adapted": {...}}, ...}.
     """
@@ -70,18 +75,18 @@ def evaluate(dataset, model="litemedsam", checkpoint: Optional[str] = None, adap
     if isinstance(model, str):
         model = load_model(model, checkpoint=checkpoint, device=device)
     info = read_dataset(dataset)
-    entries = info.split(split)
+    entries = [info.case(c) for c in cases] if cases is not None else info.split(split)
     if not entries:
         raise ValueError(f"dataset {info.root} has no cases in split '{split}'")
     samples = load_samples(info, axis=axis, window=window, labels=labels, cases=[e.case for e in entries])
     if not samples:
         raise ValueError(f"split '{split}' of {info.root} holds no labelled slice")
     prepared = prepare(model, samples, cache_dir_for(info.root), progress=progress, cancel=cancel)
-    runs = {"base": score_prepared(model, prepared, None, tolerance_mm)}
+    runs = {"base": score_prepared(model, prepared, None, tolerance_mm, box_margin)}
     if adapter:
         peft_decoder, prompt_encoder, _ = adapters.load_adapter(model, adapter)
         step = _decoder_step_module(model, adapters.inner_decoder(peft_decoder), prompt_encoder)
-        runs["adapted"] = score_prepared(model, prepared, step, tolerance_mm)
+        runs["adapted"] = score_prepared(model, prepared, step, tolerance_mm, box_margin)
     cases = []
     for n, row in enumerate(runs["base"]["cases"]):
         entry = {"case": row["case"], "label": row["label"], "slices": row["slices"]}
@@ -89,7 +94,7 @@ def evaluate(dataset, model="litemedsam", checkpoint: Optional[str] = None, adap
             entry[name] = {k: run["cases"][n][k] for k in METRIC_NAMES}
         cases.append(entry)
     report = {"dataset": info.root, "split": split, "model": model.spec.name, "adapter": adapter, "axis": axis,
-              "window": window, "tolerance_mm": tolerance_mm, "cases": cases,
+              "window": window, "tolerance_mm": tolerance_mm, "box_margin": box_margin, "cases": cases,
               "mean": {name: run["mean"] for name, run in runs.items()}}
     if csv_path:
         write_csv(report, csv_path)
@@ -167,6 +172,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--axis", choices=("axial", "coronal", "sagittal"))
     parser.add_argument("--window")
     parser.add_argument("--tolerance-mm", type=float, default=DEFAULT_TOLERANCE_MM, help="surface Dice tolerance")
+    parser.add_argument("--box-margin", type=float, default=0.0,
+                        help="grow each reference box by this fraction of its side (0.1 = a loose user box)")
     parser.add_argument("--csv", help="write per-case metrics to this CSV file")
     parser.add_argument("--plot", help="write a per-case Dice bar chart to this PNG file")
 
@@ -176,6 +183,7 @@ def main(args) -> int:
 
     report = evaluate(args.dataset, model=args.model, checkpoint=args.checkpoint, adapter=args.adapter,
                       split=args.split, progress=StderrBar(), device=args.device, axis=args.axis,
-                      window=args.window, tolerance_mm=args.tolerance_mm, csv_path=args.csv, plot_path=args.plot)
+                      window=args.window, tolerance_mm=args.tolerance_mm, csv_path=args.csv, plot_path=args.plot,
+                      box_margin=args.box_margin)
     print(format_table(report))
     return 0

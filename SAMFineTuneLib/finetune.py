@@ -223,11 +223,16 @@ def _decoder_step_module(model, decoder, prompt_encoder):
     return DecoderStep()
 
 
-def predict_masks(model, prepared: Prepared, step=None, batch_size: int = 16) -> List[np.ndarray]:
-    """Binary masks in slice pixels for every prepared sample, with its tight box (no jitter)."""
+def predict_masks(model, prepared: Prepared, step=None, batch_size: int = 16,
+                  box_margin: float = 0.0) -> List[np.ndarray]:
+    """Binary masks in slice pixels for every prepared sample, prompted with its tight box, or
+    with the box grown by ``box_margin`` x its side on every edge (a user's loose box)."""
     import torch
 
     step = step or _decoder_step_module(model, model.mask_decoder, None)
+    boxes = prepared.boxes
+    if box_margin:
+        boxes = _clip_boxes(_grow_boxes(boxes, torch.full(boxes.shape, float(box_margin))), _limits(prepared), boxes)
     out: List[np.ndarray] = []
     was_training = step.training
     step.eval()
@@ -235,7 +240,7 @@ def predict_masks(model, prepared: Prepared, step=None, batch_size: int = 16) ->
         for start in range(0, len(prepared), batch_size):
             index = slice(start, start + batch_size)
             embeddings = _batch_embeddings(model, prepared, torch.arange(len(prepared))[index])
-            low, _ = step(embeddings, prepared.boxes[index].to(embeddings.device))
+            low, _ = step(embeddings, boxes[index].to(embeddings.device))
             logits = model.upscale_logits(low.float())
             for n, geometry in enumerate(prepared.geometries[index]):
                 out.append(geometry.logits_to_slice(logits[n, 0]) > 0)
@@ -273,19 +278,40 @@ def mean_dice(prepared: Prepared, predictions: Sequence[np.ndarray]) -> float:
 # ---------------------------------------------------------------- training pieces
 
 
+def _limits(prepared: Prepared):
+    """(rows, cols) of each sample's image inside the padded model input."""
+    import torch
+
+    return torch.tensor([g.resized_shape for g in prepared.geometries], dtype=torch.float32).reshape(-1, 2)
+
+
+def _grow_boxes(boxes, fractions):
+    """Move each edge outward by ``fractions`` x the box side (negative = inward)."""
+    import torch
+
+    size = torch.stack([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]], dim=1).repeat(1, 2)
+    return boxes + fractions * size * torch.tensor([-1.0, -1.0, 1.0, 1.0])
+
+
+def _clip_boxes(boxes, limits, fallback):
+    """Keep boxes inside the image; a box squeezed below one pixel falls back to ``fallback``."""
+    import torch
+
+    out = boxes.clone()
+    out[:, 0::2] = torch.minimum(out[:, 0::2].clamp(min=0.0), limits[:, 1:2])
+    out[:, 1::2] = torch.minimum(out[:, 1::2].clamp(min=0.0), limits[:, 0:1])
+    wide = (out[:, 2] - out[:, 0] >= 1.0) & (out[:, 3] - out[:, 1] >= 1.0)
+    return torch.where(wide[:, None], out, fallback)
+
+
 def _jitter_boxes(boxes, limits, amount: float, generator):
     """Move each edge by U(-amount/4, amount) x the box side, outward positive, inside the image."""
     import torch
 
     if amount <= 0:
         return boxes
-    size = torch.stack([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]], dim=1).repeat(1, 2)
-    shift = (torch.rand(boxes.shape, generator=generator) * 1.25 - 0.25) * amount * size
-    out = boxes + shift * torch.tensor([-1.0, -1.0, 1.0, 1.0])
-    out[:, 0::2] = torch.minimum(out[:, 0::2].clamp(min=0.0), limits[:, 1:2])
-    out[:, 1::2] = torch.minimum(out[:, 1::2].clamp(min=0.0), limits[:, 0:1])
-    wide = (out[:, 2] - out[:, 0] >= 1.0) & (out[:, 3] - out[:, 1] >= 1.0)
-    return torch.where(wide[:, None], out, boxes)
+    fractions = (torch.rand(boxes.shape, generator=generator) * 1.25 - 0.25) * amount
+    return _clip_boxes(_grow_boxes(boxes, fractions), limits, boxes)
 
 
 def _random_points(targets, generator, input_size: int):
@@ -435,7 +461,7 @@ def train(config: TrainConfig, progress=None, cancel=None, log=None, model=None)
     use_amp = bool(config.amp and device.type == "cuda")
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    limits = torch.tensor([g.resized_shape for g in prep_train.geometries], dtype=torch.float32)
+    limits = _limits(prep_train)
 
     state_path = os.path.join(config.output, RESUME_FILE)
     history: List[Dict[str, Any]] = []

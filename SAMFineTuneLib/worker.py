@@ -78,10 +78,14 @@ def _lazy(module: str, name: str, command: str) -> Any:
 
 def _call_with_hooks(fn: Callable, job: "Job", *args: Any, **kwargs: Any) -> Any:
     """Call fn, handing it the job's progress/cancel/log hooks where its signature takes them."""
-    accepted = inspect.signature(fn).parameters
+    signature = inspect.signature(fn)
     for hook in ("progress", "cancel", "log"):
-        if hook in accepted:
+        if hook in signature.parameters:
             kwargs[hook] = getattr(job, "cancelled" if hook == "cancel" else hook)
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise ValueError(f"bad {job.command} parameters: {exc}") from None
     return fn(*args, **kwargs)
 
 
@@ -244,13 +248,18 @@ class Session:
 
     def send(self, message: Dict[str, Any], arrays: Optional[Dict[str, np.ndarray]] = None,
              folder: Optional[str] = None) -> None:
-        try:
-            with self.write_lock:
+        """Write one event. A client that went away is logged (the read loop sees it end); any other
+        failure (a bad array, a full disk while writing one) is raised to the caller."""
+        with self.write_lock:
+            try:
                 protocol.write_message(self.writer, message, arrays, folder=folder, crop_masks=True)
-        except (OSError, ValueError) as exc:  # the other side went away; the read loop will see it
-            log.warning("cannot send %s for %s: %s", message.get("event"), message.get("id"), exc)
+            except (ConnectionError, ValueError) as exc:  # ValueError: write to a closed stream
+                if isinstance(exc, ProtocolError):
+                    raise
+                log.warning("cannot send %s for %s: %s", message.get("event"), message.get("id"), exc)
 
-    def send_error(self, job_id: Optional[str], exc: BaseException, with_traceback: bool = False) -> None:
+    @staticmethod
+    def error_event(job_id: Optional[str], exc: BaseException, with_traceback: bool = False) -> Dict[str, Any]:
         text = str(exc) if isinstance(exc, ProtocolError) else f"{type(exc).__name__}: {exc}"
         fields = {"error": text, "kind": type(exc).__name__}
         if with_traceback:
@@ -258,7 +267,10 @@ class Session:
             log.error("job %s failed:\n%s", job_id, fields["traceback"])
         else:
             log.warning("request %s refused: %s", job_id, text)
-        self.send(protocol.event(job_id, "error", **fields))
+        return protocol.event(job_id, "error", **fields)
+
+    def send_error(self, job_id: Optional[str], exc: BaseException) -> None:
+        self.send(self.error_event(job_id, exc))
 
     def _result_folder(self, job: Job) -> Optional[str]:
         if not self.files:
@@ -374,12 +386,17 @@ class Session:
                     return
                 job = self.current = self.queue.popleft()
             try:
-                self._run(job)
+                final, arrays = self._run(job)
             finally:
-                with self.cond:
+                with self.cond:  # no longer busy: a ping after the final event must not name this job
                     self.current = None
+            try:
+                self.send(final, arrays, folder=self._result_folder(job) if arrays else None)
+            except Exception as exc:  # noqa: BLE001 - e.g. a full disk while writing the mask
+                self.send_error(job.id, exc)
 
-    def _run(self, job: Job) -> None:
+    def _run(self, job: Job) -> Tuple[Dict[str, Any], Optional[Dict[str, np.ndarray]]]:
+        """Run one job; returns its final event (result, error or cancelled) and result arrays."""
         self.send(protocol.event(job.id, "started", command=job.command))
         started = time.perf_counter()
         self.core.job_cancelled = job.cancelled
@@ -387,23 +404,17 @@ class Session:
             result, arrays = getattr(self, "job_" + job.command)(job)
         except BaseException as exc:  # noqa: BLE001 - report everything, keep serving
             if job.cancelled() or isinstance(exc, Cancelled):
-                self.send(protocol.event(job.id, "cancelled"))
-            elif isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                return protocol.event(job.id, "cancelled"), None
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
-            else:
-                self.send_error(job.id, exc, with_traceback=not isinstance(exc, (ValueError, ProtocolError)))
-            return
+            return self.error_event(job.id, exc, with_traceback=not isinstance(exc, (ValueError, ProtocolError))), None
         finally:
             self.core.job_cancelled = None
         if job.cancelled():  # finished anyway, but the client gave up on it: drop the late result
-            self.send(protocol.event(job.id, "cancelled"))
-            return
+            return protocol.event(job.id, "cancelled"), None
         result = dict(result or {})
         result.setdefault("seconds", round(time.perf_counter() - started, 4))
-        try:
-            self.send(protocol.event(job.id, "result", result=result), arrays or None, folder=self._result_folder(job))
-        except Exception as exc:  # noqa: BLE001 - e.g. a full disk while writing the mask
-            self.send_error(job.id, exc)
+        return protocol.event(job.id, "result", result=result), arrays or None
 
     # --- jobs (run on the job thread; return (result dict, arrays)) -----------------------------
 
@@ -495,10 +506,7 @@ class Session:
         params = dict(job.params)
         if "dataset" not in params:
             raise ValueError("evaluate needs 'dataset' (a folder written by export)")
-        try:
-            return {"report": _call_with_hooks(evaluate, job, params.pop("dataset"), **params)}, {}
-        except TypeError as exc:
-            raise ValueError(f"bad evaluate parameters: {exc}") from None
+        return {"report": _call_with_hooks(evaluate, job, params.pop("dataset"), **params)}, {}
 
 
 def _case_volume(case: Dict[str, Any], kind: str, arrays: Dict[str, np.ndarray]):

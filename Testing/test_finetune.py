@@ -124,6 +124,11 @@ def test_saved_adapter_reloads_with_identical_outputs(trained, tmp_path):
     assert report["mean"]["base"]["dice"] == pytest.approx(card["scores"]["base"]["dice"], abs=1e-9)
     assert report["mean"]["adapted"]["dice"] == pytest.approx(card["best_val_dice"], abs=1e-6)
     assert (tmp_path / "m.png").stat().st_size > 1000
+    loose = evaluate(trained["dataset"], model=model, adapter=output, cases=["phantom100", "phantom101"],
+                     box_margin=0.1)
+    assert [r["case"] for r in loose["cases"]] == ["phantom100", "phantom101"] and loose["box_margin"] == 0.1
+    tight = {r["case"]: r for r in report["cases"]}
+    assert any(r["base"]["dice"] != tight[r["case"]]["base"]["dice"] for r in loose["cases"])
     assert len((tmp_path / "m.csv").read_text().splitlines()) == N_VAL + 2
     # two loads give bit-identical decoders; the merged plain MaskDecoder gives the same masks
     from segment_anything.modeling import MaskDecoder
@@ -226,7 +231,8 @@ def test_command_lines(trained, capsys):
         (3, 0.01, 4, ("q_proj", "lin1"), 2, True)
     parser = argparse.ArgumentParser()
     evaluate_module.add_arguments(parser)
-    args = parser.parse_args(["--dataset", trained["dataset"], "--adapter", trained["output"], "--device", "cpu"])
+    args = parser.parse_args(["--dataset", trained["dataset"], "--adapter", trained["output"], "--device", "cpu",
+                              "--box-margin", "0.05"])
     assert evaluate_module.main(args) == 0
     out = capsys.readouterr().out
     assert "base dice" in out and "adapted dice" in out and "phantom105" in out

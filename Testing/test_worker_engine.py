@@ -85,6 +85,8 @@ def test_cancel_long_segmentation_is_prompt_and_worker_stays_usable(client):
     while not job.message.startswith("encoding"):  # the encoder is busy
         assert time.monotonic() < deadline and not job.done, job
         client.poll(timeout=0.05)
+    time.sleep(1.0)  # let the encoder get into a slice (one slice is ~1 s or more here)
+    client.poll()
     pid = client.worker_pid
     started = time.monotonic()
     client.cancel(job)
@@ -140,5 +142,10 @@ def test_export_train_evaluate_jobs_map_to_the_library(client, tmp_path):
     assert card["card"] and (tmp_path / "adapter").is_dir()
     assert any(e["event"] == "progress" for e in steps)
 
+    report, _ = client.run("evaluate", {"dataset": str(dataset), "adapter": str(tmp_path / "adapter"),
+                                        "device": "cpu"}, timeout=600)
+    assert "base" in report["report"]["mean"] and "adapted" in report["report"]["mean"]
     with pytest.raises(JobError, match="evaluate needs 'dataset'"):
         client.run("evaluate", {"split": "val"}, timeout=120)
+    with pytest.raises(JobError, match="bad evaluate parameters.*splitt"):
+        client.run("evaluate", {"dataset": str(dataset), "splitt": "val"}, timeout=120)

@@ -142,6 +142,10 @@ def test_worker_answers_bad_requests_with_clear_errors_and_keeps_serving(tmp_pat
                     return message
 
         missing = {"a": {"dtype": "<f4", "shape": [3], "path": str(tmp_path / "nowhere.npy")}}
+        np.save(tmp_path / "a.npy", np.zeros(3, np.float32))
+        present = {"a": {"dtype": "<f4", "shape": [3], "path": str(tmp_path / "a.npy")}}
+        (tmp_path / "a_file").write_text("not a folder")
+        unwritable = str(tmp_path / "a_file" / "job")  # the result's arrays cannot be written there
         cases = [
             (b"this is not json", None, "malformed"),
             (b'["a list"]', None, "JSON object"),
@@ -152,6 +156,8 @@ def test_worker_answers_bad_requests_with_clear_errors_and_keeps_serving(tmp_pat
              "r4", "checkpoint file not found"),
             (protocol.encode(protocol.request("r5", "echo", {"secnds": 1})), "r5", "unknown parameter.*secnds"),
             (protocol.encode(protocol.request("r6", "reprompt", {"box": [0] * 6})), "r6", "holds no volume"),
+            (protocol.encode(dict(protocol.request("r7", "echo"), arrays=present, job_dir=unwritable)), "r7",
+             "NotADirectoryError|FileExistsError"),
         ]
         for line, job_id, pattern in cases:
             answer = ask(line)

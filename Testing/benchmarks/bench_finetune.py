@@ -17,7 +17,6 @@ scratch folder (``--work``, default under the temp dir), never into the reposito
 """
 import argparse
 import csv
-import json
 import os
 import random
 import re
@@ -29,6 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 
 from SAMFineTuneLib.dataset import DATASET_JSON, export_dataset, read_dataset, read_image_any  # noqa: E402
+from SAMFineTuneLib.evaluate import evaluate  # noqa: E402
 from SAMFineTuneLib.finetune import TrainConfig, train  # noqa: E402
 
 
@@ -118,44 +118,50 @@ def curve(args, model):
                              select_best=False, seed=args.seed, batch_size=args.batch_size, device=args.device,
                              lr=args.lr)
         card = run(config, f"N={n}", model)
+        loose = evaluate(root, model=model, adapter=config.output, cases=test_ids, box_margin=args.box_margin)["mean"]
         results.append({"n": n, "train_cases": len(train_ids), "test_cases": len(test_ids),
                         "base": card["scores"]["base"], "adapted": card["scores"]["adapted"],
+                        "base_loose": loose["base"], "adapted_loose": loose["adapted"],
                         "minutes": card["wall_seconds"] / 60})
     print(f"\nlearning curve: {name}, model {model.spec.name}, {len(test_ids)} test cases "
           f"(patients never seen in training), {args.epochs} epochs, last epoch kept (no selection on test)")
-    lines = ["| N training patients (cases) | base Dice | adapted Dice | gain | base NSD | adapted NSD | minutes |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    loose = f"+{args.box_margin:.0%} box"
+    lines = [f"| N training patients (cases) | base Dice | adapted Dice | gain | base Dice, {loose} | "
+             f"adapted Dice, {loose} | gain, {loose} | base NSD | adapted NSD | minutes |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         lines.append(f"| {r['n']} ({r['train_cases']}) | {r['base']['dice']:.4f} | {r['adapted']['dice']:.4f} | "
-                     f"{r['adapted']['dice'] - r['base']['dice']:+.4f} | {r['base']['nsd']:.4f} | "
-                     f"{r['adapted']['nsd']:.4f} | {r['minutes']:.1f} |")
+                     f"{r['adapted']['dice'] - r['base']['dice']:+.4f} | {r['base_loose']['dice']:.4f} | "
+                     f"{r['adapted_loose']['dice']:.4f} | {r['adapted_loose']['dice'] - r['base_loose']['dice']:+.4f} | "
+                     f"{r['base']['nsd']:.4f} | {r['adapted']['nsd']:.4f} | {r['minutes']:.1f} |")
     print("\n".join(lines))
     if args.png:
-        plot(results, name, args.png)
+        plot(results, name, args.png, loose)
         with open(os.path.splitext(args.png)[0] + ".md", "w") as handle:
             handle.write(f"Learning curve on {name}: {len(test_ids)} test cases, model {model.spec.name}, "
                          f"{args.epochs} epochs, seed {args.seed}.\n\n" + "\n".join(lines) + "\n")
-        with open(os.path.splitext(args.png)[0] + ".json", "w") as handle:
-            json.dump({"dataset": name, "epochs": args.epochs, "results": results}, handle, indent=1)
         print(f"wrote {args.png}")
 
 
-def plot(results, name, path):
+def plot(results, name, path, loose):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
     ns = [r["n"] for r in results]
-    ax.plot(ns, [r["base"]["dice"] for r in results], "o--", color="grey", label="LiteMedSAM (base)")
-    ax.plot(ns, [r["adapted"]["dice"] for r in results], "o-", color="tab:blue", label="+ LoRA adapter")
+    for key, style, color, text in (("base", "o--", "grey", "LiteMedSAM, tight box"),
+                                    ("adapted", "o-", "tab:blue", "+ LoRA, tight box"),
+                                    ("base_loose", "s--", "tab:orange", f"LiteMedSAM, {loose}"),
+                                    ("adapted_loose", "s-", "tab:green", f"+ LoRA, {loose}")):
+        ax.plot(ns, [r[key]["dice"] for r in results], style, color=color, label=text)
     ax.set_xticks(ns)
     ax.set_xlabel("training patients")
-    ax.set_ylabel(f"mean Dice on {results[0]['test_cases']} test cases")
+    ax.set_ylabel(f"mean Dice, {results[0]['test_cases']} test cases")
     ax.set_title(name)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -181,7 +187,9 @@ def main(argv=None):
     parser.add_argument("--n", type=int, nargs="+", default=[1, 3, 5, 10], help="curve: training set sizes")
     parser.add_argument("--min-test", type=int, default=4, help="curve: patients always kept for testing")
     parser.add_argument("--max-test", type=int, default=40, help="curve: at most this many test cases")
-    parser.add_argument("--png", help="curve: write the plot here (and a .md table and .json beside it)")
+    parser.add_argument("--box-margin", type=float, default=0.1,
+                        help="curve: also score with boxes grown by this fraction of their side (a user's box)")
+    parser.add_argument("--png", help="curve: write the plot here (and a .md table beside it)")
     args = parser.parse_args(argv)
     args.epochs = args.epochs or (2 if args.what == "speed" else 12)
     import torch

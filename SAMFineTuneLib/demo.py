@@ -1,0 +1,104 @@
+"""The ``demo`` command: the whole loop on volumes made by code, with the default model.
+
+1. Segment the organ in a synthetic abdominal CT with LiteMedSAM from one 3D box (tracked
+   boxes), print Dice against the phantom's reference label, write the mask and a picture.
+2. Export low-contrast phantom cases (a structure SAM gets wrong zero-shot) as a training set,
+   fine-tune a LoRA adapter on the mask decoder, and print base vs adapted Dice on held-out cases.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", default="demo_output", help="folder for the volume, mask, dataset, adapter, PNGs")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--train-cases", type=int, default=8, help="phantom cases for fine-tuning (2 held out)")
+    parser.add_argument("--epochs", type=int, default=12)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a > 0, b > 0
+    return float(2.0 * np.logical_and(a, b).sum() / max(1, a.sum() + b.sum()))
+
+
+def save_overlay(image: np.ndarray, mask: np.ndarray, reference: np.ndarray, path: str, title: str) -> None:
+    """Three slices side by side: image, reference contour (green) and SAM's mask (red)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    present = np.flatnonzero(reference.any(axis=(1, 2)))
+    picks = [present[len(present) // 6], present[len(present) // 2], present[(5 * len(present)) // 6]]
+    figure, axes = plt.subplots(1, 3, figsize=(10, 3.8))
+    for ax, k in zip(axes, picks):
+        ax.imshow(np.clip((image[k] + 160.0) / 400.0, 0, 1), cmap="gray")
+        ax.contour(reference[k], levels=[0.5], colors="lime", linewidths=1.2)
+        ax.contour(mask[k], levels=[0.5], colors="red", linewidths=1.0, linestyles="--")
+        ax.set_title(f"slice {k}: Dice {dice(mask[k], reference[k]):.3f}", fontsize=9)
+        ax.axis("off")
+    figure.suptitle(title + "  (green: reference, red dashed: SAMFineTune)", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def segment_part(args, output: str) -> None:
+    from .phantom import bounding_box, make_ct_phantom
+    from .progress import StderrBar
+    from .segmenter import Segmenter
+    from .volume_io import write_volume
+
+    ct, label = make_ct_phantom(shape_kji=(32, 128, 128), spacing_xyz=(1.2, 1.2, 3.0), seed=7)
+    write_volume(ct, os.path.join(output, "phantom_ct.nii.gz"))
+    write_volume(label, os.path.join(output, "phantom_reference.nii.gz"))
+    roi = bounding_box(label.array, (6, 6, 2))
+    print(f"[1/2] segmenting the organ of a synthetic CT {ct.array.shape[::-1]} voxels, spacing "
+          f"{ct.spacing} mm, with LiteMedSAM inside the box {roi} (i0 j0 k0 i1 j1 k1)", flush=True)
+    segmenter = Segmenter("litemedsam", device=args.device)
+    started = time.perf_counter()
+    result = segmenter.segment(ct, roi, box_mode="tracked", progress=StderrBar())
+    cold = time.perf_counter() - started
+    write_volume(ct.with_array(result.mask), os.path.join(output, "phantom_mask.nii.gz"))
+    fixed = segmenter.segment(ct, roi, box_mode="fixed")
+    save_overlay(ct.array, result.mask, label.array, os.path.join(output, "segmentation.png"),
+                 "LiteMedSAM, one 3D box, tracked")
+    print(f"      Dice vs reference: tracked boxes {dice(result.mask, label.array):.3f}, "
+          f"fixed ROI rectangle {dice(fixed.mask, label.array):.3f}")
+    print(f"      {len(result.slices)} slices in {cold:.1f} s cold; re-prompt on cached slices "
+          f"{fixed.stats['seconds']:.2f} s ({fixed.stats['encoded']} slices encoded)")
+
+
+def finetune_part(args, output: str) -> None:
+    from .dataset import export_dataset
+    from .evaluate import evaluate, format_table
+    from .finetune import TrainConfig, train
+    from .phantom_lowcontrast import make_cases
+    from .progress import StderrBar
+
+    dataset = os.path.join(output, "dataset")
+    adapter = os.path.join(output, "adapter")
+    cases = make_cases(args.train_cases + 2, first_seed=100)
+    print(f"\n[2/2] fine-tuning: {len(cases)} low-contrast phantom cases (a faint organ beside a bright bone: "
+          "zero-shot SAM takes the bone's edge)", flush=True)
+    export_dataset(cases, dataset, val_fraction=2.0 / len(cases), seed=0, label_names={1: "organ"})
+    card = train(TrainConfig(dataset=dataset, output=adapter, model="litemedsam", device=args.device,
+                             epochs=args.epochs, patience=0), progress=StderrBar())
+    report = evaluate(dataset, model="litemedsam", adapter=adapter, split="val", device=args.device,
+                      plot_path=os.path.join(output, "finetune_scores.png"))
+    print(format_table(report))
+    print(f"      adapter: {adapter} (best epoch {card.get('best_epoch')}; model card beside it)")
+
+
+def main(args: argparse.Namespace) -> int:
+    output = os.path.abspath(args.output)
+    os.makedirs(output, exist_ok=True)
+    segment_part(args, output)
+    finetune_part(args, output)
+    print(f"\nwrote everything under {output}")
+    return 0
