@@ -13,17 +13,14 @@ import time
 
 import numpy as np
 
+from .metrics import dice_score as dice
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="demo_output", help="folder for the volume, mask, dataset, adapter, PNGs")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--train-cases", type=int, default=8, help="phantom cases for fine-tuning (2 held out)")
     parser.add_argument("--epochs", type=int, default=12)
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a > 0, b > 0
-    return float(2.0 * np.logical_and(a, b).sum() / max(1, a.sum() + b.sum()))
 
 
 def save_overlay(image: np.ndarray, mask: np.ndarray, reference: np.ndarray, path: str, title: str) -> None:

@@ -11,6 +11,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .imaging import WINDOW_CHOICES, AXES
+from .metrics import dice_score as dice
 from .models import DEFAULT_MODEL, MODEL_SPECS
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -89,12 +90,6 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window", default="auto")
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a > 0, b > 0
-    total = a.sum() + b.sum()
-    return 1.0 if total == 0 else float(2.0 * np.logical_and(a, b).sum() / total)
 
 
 def _cases(dataset: Optional[str]):

@@ -289,16 +289,16 @@ class Segmenter:
 
     def _segment_tracked(self, source, slices, box2d, multimask, progress, cancel, counter):
         """Start where the ROI box fits best and follow the structure outwards, slice by slice."""
-        centre, seed = self._seed(source, slices, box2d, multimask, progress, cancel, counter)
+        seed_index, seed = self._seed(source, slices, box2d, multimask, progress, cancel, counter)
         counter["done"] += 1
-        masks = {centre: seed}
+        masks = {seed_index: seed}
         if not seed.any():
             return masks
         seed_area = int(seed.sum())
         for direction in (1, -1):
-            ahead = [i for i in slices if (i - centre) * direction > 0]
-            ahead.sort(key=lambda i: abs(i - centre))
-            previous, previous_plane = seed, source.windowed(centre)
+            ahead = [i for i in slices if (i - seed_index) * direction > 0]
+            ahead.sort(key=lambda i: abs(i - seed_index))
+            previous, previous_plane = seed, source.windowed(seed_index)
             for start in range(0, len(ahead), self.batch_size):
                 chunk = ahead[start:start + self.batch_size]
                 embeddings = self._embed(source, chunk, progress, cancel, counter)
