@@ -161,17 +161,23 @@ class SliceGeometry:
         x0, y0, x1, y1 = box
         return (x0 * fc, y0 * fr, (x1 + 1) * fc, (y1 + 1) * fr)
 
+    def logits_to_slices(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits at the model's padded input size [B,S,S] -> logits on the slice's pixels [B,H,W],
+        on the logits' device (a GPU thresholds them there and sends back booleans)."""
+        nh, nw = self.resized_shape
+        crop = logits[:, :nh, :nw].float().unsqueeze(1)
+        return F.interpolate(crop, size=self.shape, mode="bilinear", align_corners=False)[:, 0]
+
     def logits_to_slice(self, logits: torch.Tensor) -> np.ndarray:
         """Logits at the model's padded input size [S,S] -> logits on the slice's pixels."""
-        nh, nw = self.resized_shape
-        crop = logits[..., :nh, :nw].float().reshape(1, 1, nh, nw)
-        out = F.interpolate(crop, size=self.shape, mode="bilinear", align_corners=False)
-        return out[0, 0].cpu().numpy()
+        return self.logits_to_slices(logits.reshape(1, *logits.shape[-2:]))[0].cpu().numpy()
 
 
-def to_model_input(plane: np.ndarray, geometry: SliceGeometry, spec: ModelSpec) -> torch.Tensor:
-    """A windowed [0,1] slice -> normalised 3-channel model input [3,S,S]."""
-    tensor = torch.from_numpy(np.ascontiguousarray(plane, dtype=np.float32))[None, None]
+def to_model_input(plane: np.ndarray, geometry: SliceGeometry, spec: ModelSpec,
+                   device: Optional[torch.device] = None) -> torch.Tensor:
+    """A windowed [0,1] slice -> normalised 3-channel model input [3,S,S], made on ``device``
+    (a GPU resizes faster than it receives a 1024x1024x3 float image)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(plane, dtype=np.float32))[None, None].to(device)
     nh, nw = geometry.resized_shape
     if (nh, nw) != tuple(plane.shape):
         antialias = nh < plane.shape[0] or nw < plane.shape[1]

@@ -63,5 +63,15 @@ def test_help_explains_every_option():
     done = run_cli("segment", "--help")
     assert done.returncode == 0
     for option in ("--volume", "--box", "--output", "--model", "--checkpoint", "--axis", "--window", "--device",
-                   "--box-mode", "lung", "tracked"):
+                   "--box-mode", "lung", "tracked", "--decode-window", "--compile"):
         assert option in done.stdout
+
+
+def test_decode_window_takes_auto_full_or_a_token_count(small_ct, tmp_path):
+    from SAMFineTuneLib.segment_cli import window_margin_arg
+
+    assert window_margin_arg("auto") == "auto" and window_margin_arg("full") is None and window_margin_arg("3") == 3
+    path, _ = small_ct
+    done = run_cli("segment", "--volume", path, "--box", *["0"] * 6, "--output", str(tmp_path / "m.nii.gz"),
+                   "--decode-window", "wide")
+    assert done.returncode == 2 and "expected auto, full or a whole number of tokens, got 'wide'" in done.stderr

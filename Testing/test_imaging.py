@@ -107,3 +107,12 @@ def test_physical_box_on_an_oblique_flipped_volume():
     assert clipped and box[0] == 0 and box[3] == 3
     with pytest.raises(ValueError, match="does not contain any voxel"):
         imaging.physical_box_to_voxels(physical + 1e4, np.linalg.inv(to_physical), (20, 30, 40))
+
+
+def test_a_batch_of_logits_maps_like_one_at_a_time():
+    geometry = imaging.SliceGeometry((40, 70), (1.0, 0.6), 256)
+    logits = torch.randn(3, 256, 256)
+    batch = geometry.logits_to_slices(logits)
+    assert batch.shape == (3, 40, 70)
+    for n in range(3):
+        np.testing.assert_allclose(batch[n].numpy(), geometry.logits_to_slice(logits[n]), atol=1e-6)

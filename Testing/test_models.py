@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from SAMFineTuneLib.models import MODEL_SPECS, load_model, read_state_dict
+from SAMFineTuneLib.models import MODEL_SPECS, OUTSIDE_WINDOW_LOGIT, load_model, read_state_dict, token_windows
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +91,44 @@ def test_decoder_batches_images_and_matches_segment_anything(litemedsam):
             assert float(iou[n]) == pytest.approx(float(ref_iou), abs=1e-4)
         best, best_iou = litemedsam.decode(embeddings, boxes, multimask=True)
     assert best.shape == (3, 1, 256, 256) and best_iou.shape == (3,)
+
+
+def test_windows_are_equal_sized_hold_their_box_and_stay_on_the_grid():
+    boxes = torch.tensor([[10, 20, 60, 50], [200, 230, 255, 255], [0, 0, 8, 8]], dtype=torch.float32)
+    windows = token_windows(boxes, 256, margin=4)
+    sizes = {(r1 - r0, c1 - c0) for r0, r1, c0, c1 in windows}
+    assert len(sizes) == 1
+    for (x0, y0, x1, y1), (r0, r1, c0, c1) in zip(boxes.tolist(), windows):
+        assert 0 <= r0 and r1 <= 64 and 0 <= c0 and c1 <= 64
+        assert r0 * 4 <= y0 and y1 <= r1 * 4 and c0 * 4 <= x0 and x1 <= c1 * 4  # 4 input pixels per token
+    assert windows[1][1] == 64 and windows[1][3] == 64  # the corner box's window was shifted inwards
+
+
+def test_a_window_over_the_whole_grid_decodes_exactly_like_the_whole_slice(litemedsam):
+    torch.manual_seed(1)
+    embeddings = torch.randn(2, 256, 64, 64)
+    boxes = torch.tensor([[10, 20, 120, 140], [50, 50, 200, 230]], dtype=torch.float32)
+    with torch.inference_mode():
+        full, full_iou = litemedsam.decode(embeddings, boxes)
+        whole, whole_iou = litemedsam.decode(embeddings, boxes, window_margin=64)
+    torch.testing.assert_close(whole, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(whole_iou, full_iou, atol=1e-5, rtol=1e-5)
+
+
+def test_windowed_decoding_is_background_outside_its_window_and_close_inside(litemedsam):
+    """A real embedding of a bright disc: the windowed mask matches the whole-slice mask inside the box."""
+    yy, xx = torch.meshgrid(torch.arange(256.0), torch.arange(256.0), indexing="ij")
+    image = ((yy - 100) ** 2 + (xx - 90) ** 2 < 35 ** 2).float() * 0.6 + 0.2
+    box = torch.tensor([[50.0, 60.0, 135.0, 145.0]])
+    with torch.inference_mode():
+        embedding = litemedsam.encode(image.expand(1, 3, -1, -1))
+        full, _ = litemedsam.decode(embedding, box)
+        windowed, _ = litemedsam.decode(embedding, box, window_margin=2)
+    (r0, r1, c0, c1), = token_windows(box, 256, 2)
+    outside = torch.ones(256, 256, dtype=torch.bool)
+    outside[r0 * 4:r1 * 4, c0 * 4:c1 * 4] = False
+    assert bool((windowed[0, 0][outside] == OUTSIDE_WINDOW_LOGIT).all())
+    a, b = full[0, 0, 60:146, 50:136] > 0, windowed[0, 0, 60:146, 50:136] > 0
+    assert a.sum() > 2000  # the disc was found
+    assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.95
+
