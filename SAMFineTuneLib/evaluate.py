@@ -3,7 +3,8 @@
 Every slice of a case that holds the label is segmented with its tight reference box (the
 usual box-prompt protocol), the slices are stacked back into the case's volume, and monai's
 metrics compare it with the reference in millimetres. Embeddings come from the dataset's
-cache, so scoring after training costs decoder passes only.
+cache, so scoring after training costs decoder passes only. Base and adapted models decode
+with the same window (``window_margin``), by default the one the Segmenter uses on that device.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import csv
 import io
 import math
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -30,11 +31,12 @@ def _stack(samples: Sequence, masks: Sequence[np.ndarray]):
 
 
 def score_prepared(model, prepared, step=None, tolerance_mm: float = DEFAULT_TOLERANCE_MM,
-                   box_margin: float = 0.0) -> Dict[str, Any]:
-    """Per-case metrics (3D, per label) of the decoder in ``step`` (None = the base model)."""
+                   box_margin: float = 0.0, window_margin: Optional[int] = None) -> Dict[str, Any]:
+    """Per-case metrics (3D, per label) of the decoder in ``step`` (None = the base model),
+    decoding the tokens within ``window_margin`` of each box (None = the whole slice)."""
     from .finetune import predict_masks
 
-    predictions = predict_masks(model, prepared, step, box_margin=box_margin)
+    predictions = predict_masks(model, prepared, step, box_margin=box_margin, window_margin=window_margin)
     groups: Dict[tuple, List[int]] = {}
     for n, sample in enumerate(prepared.samples):
         groups.setdefault((sample.case, sample.label), []).append(n)
@@ -53,27 +55,31 @@ def evaluate(dataset, model="litemedsam", checkpoint: Optional[str] = None, adap
              window: Optional[str] = None, labels: Optional[Sequence[int]] = None,
              tolerance_mm: float = DEFAULT_TOLERANCE_MM, csv_path: Optional[str] = None,
              plot_path: Optional[str] = None, box_margin: float = 0.0,
-             cases: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+             cases: Optional[Sequence[str]] = None, window_margin: Union[int, None, str] = "auto") -> Dict[str, Any]:
     """Score the base model, and the adapter when given, on one split ('val', 'test', 'train', 'all')
     or on the named ``cases``.
 
     ``model`` is a model name or an already loaded SamModel. ``box_margin`` > 0 grows every
     reference box by that fraction of its side on each edge, as a user's box is never tight.
-    Axis and window default to the
+    ``window_margin`` is the decode window of both models, as for the Segmenter: "auto" (4
+    tokens on a CPU, the whole slice on CUDA), None (the whole slice) or a number of tokens;
+    the report holds the margin used. Axis and window default to the
     adapter's (from its model card), else axial / auto. Returns {"cases": [{case, label,
     base: {...}, adapted: {...}}], "mean": {"base": {...}, "adapted": {...}}, ...}.
     """
     from . import adapters
     from .dataset import load_samples, read_dataset
-    from .finetune import _decoder_step_module, cache_dir_for, prepare
+    from .finetune import _decoder_step_module, cache_dir_for, check_window_margin, prepare, resolve_window_margin
     from .models import load_model
 
+    check_window_margin(window_margin)  # before loading anything
     card = adapters.read_model_card(adapter) if adapter else None
     hints = card["inference"] if card else {}
     axis = axis or hints.get("axis", "axial")
     window = window or hints.get("window", "auto")
     if isinstance(model, str):
         model = load_model(model, checkpoint=checkpoint, device=device)
+    window_margin = resolve_window_margin(window_margin, model.device)
     info = read_dataset(dataset)
     entries = [info.case(c) for c in cases] if cases is not None else info.split(split)
     if not entries:
@@ -82,11 +88,11 @@ def evaluate(dataset, model="litemedsam", checkpoint: Optional[str] = None, adap
     if not samples:
         raise ValueError(f"split '{split}' of {info.root} holds no labelled slice")
     prepared = prepare(model, samples, cache_dir_for(info.root), progress=progress, cancel=cancel)
-    runs = {"base": score_prepared(model, prepared, None, tolerance_mm, box_margin)}
+    runs = {"base": score_prepared(model, prepared, None, tolerance_mm, box_margin, window_margin)}
     if adapter:
         peft_decoder, prompt_encoder, _ = adapters.load_adapter(model, adapter)
         step = _decoder_step_module(model, adapters.inner_decoder(peft_decoder), prompt_encoder)
-        runs["adapted"] = score_prepared(model, prepared, step, tolerance_mm, box_margin)
+        runs["adapted"] = score_prepared(model, prepared, step, tolerance_mm, box_margin, window_margin)
     cases = []
     for n, row in enumerate(runs["base"]["cases"]):
         entry = {"case": row["case"], "label": row["label"], "slices": row["slices"]}
@@ -94,7 +100,8 @@ def evaluate(dataset, model="litemedsam", checkpoint: Optional[str] = None, adap
             entry[name] = {k: run["cases"][n][k] for k in METRIC_NAMES}
         cases.append(entry)
     report = {"dataset": info.root, "split": split, "model": model.spec.name, "adapter": adapter, "axis": axis,
-              "window": window, "tolerance_mm": tolerance_mm, "box_margin": box_margin, "cases": cases,
+              "window": window, "window_margin": window_margin, "tolerance_mm": tolerance_mm,
+              "box_margin": box_margin, "cases": cases,
               "mean": {name: run["mean"] for name, run in runs.items()}}
     if csv_path:
         write_csv(report, csv_path)
@@ -174,6 +181,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tolerance-mm", type=float, default=DEFAULT_TOLERANCE_MM, help="surface Dice tolerance")
     parser.add_argument("--box-margin", type=float, default=0.0,
                         help="grow each reference box by this fraction of its side (0.1 = a loose user box)")
+    from .segment_cli import window_margin_arg
+
+    parser.add_argument("--decode-window", type=window_margin_arg, default="auto", metavar="auto|full|N",
+                        help="decode only the image tokens within N tokens of each box, base and adapted alike; "
+                             "full = the whole slice; auto = as the segmenter (4 on CPU, full on CUDA)")
     parser.add_argument("--csv", help="write per-case metrics to this CSV file")
     parser.add_argument("--plot", help="write a per-case Dice bar chart to this PNG file")
 
@@ -184,6 +196,6 @@ def main(args) -> int:
     report = evaluate(args.dataset, model=args.model, checkpoint=args.checkpoint, adapter=args.adapter,
                       split=args.split, progress=StderrBar(), device=args.device, axis=args.axis,
                       window=args.window, tolerance_mm=args.tolerance_mm, csv_path=args.csv, plot_path=args.plot,
-                      box_margin=args.box_margin)
+                      box_margin=args.box_margin, window_margin=args.decode_window)
     print(format_table(report))
     return 0

@@ -6,9 +6,11 @@ its embedding cached on disk in the dataset (``DATASET/.embeddings/<key>.npy``, 
 every epoch after that only runs the prompt encoder and the mask decoder. LoRA (peft) wraps
 the decoder's attention projections and MLPs; the loss is monai's DiceCE (or DiceFocal) with
 an optional IoU-head term; boxes are jittered as a user's boxes are never tight; a positive
-point can be added to the box. Each epoch ends with the validation Dice on the held-out
-cases: the best adapter is kept, training stops when it has not improved for ``patience``
-epochs. Linear warmup then cosine decay; bf16 autocast on CUDA only; seeded runs reproduce.
+point can be added to the box. Training and validation decode as the Segmenter does at
+inference (``window_margin``: on a CPU only the image tokens near each box, which makes an
+epoch several times faster; on CUDA the whole slice). Each epoch ends with the validation
+Dice on the held-out cases: the best adapter is kept, training stops when it has not
+improved for ``patience`` epochs. Linear warmup then cosine decay; bf16 autocast on CUDA only; seeded runs reproduce.
 
 After every epoch ``OUTPUT/resume_state.pt`` holds everything needed to continue (LoRA and
 optimiser state, scheduler, random generators, history); ``resume=True`` picks it up after a
@@ -35,7 +37,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -49,7 +51,7 @@ LOSSES = ("dicece", "dicefocal")
 _RESUME_KEYS = ("dataset", "model", "checkpoint", "lr", "weight_decay", "batch_size", "lora_rank", "lora_alpha",
                 "lora_dropout", "targets", "train_prompt_encoder", "loss", "iou_loss_weight", "box_jitter",
                 "point_prompts", "seed", "axis", "window", "labels", "train_cases", "val_cases", "epochs",
-                "select_best", "cache_embeddings")
+                "select_best", "cache_embeddings", "window_margin")
 
 
 @dataclass
@@ -87,6 +89,10 @@ class TrainConfig:
     log_every: int = 10  # progress event every N steps
     cache_embeddings: bool = True  # False: re-encode every step (the seeds' loop; benchmarks only)
     final_scores: bool = True  # score base vs adapted (Dice, IoU, HD95, NSD) on the val cases at the end
+    # Decode only the image tokens within this many tokens of each (jittered) box, as the Segmenter
+    # does at inference: "auto" = its default on the model's device (4 on a CPU, the whole slice on
+    # CUDA), None = the whole slice, or a whole number >= 0 (see resolve_window_margin).
+    window_margin: Union[int, None, str] = "auto"
 
     def to_dict(self) -> Dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -197,12 +203,53 @@ def cache_dir_for(dataset_root: str) -> str:
 # ---------------------------------------------------------------- decoding and prediction
 
 
+def check_window_margin(margin) -> None:
+    """A ValueError unless ``margin`` is "auto", None or a whole number of tokens >= 0."""
+    if margin is None or (isinstance(margin, str) and margin == "auto"):
+        return
+    if isinstance(margin, bool) or not isinstance(margin, int) or margin < 0:
+        raise ValueError(f"window_margin must be 'auto', None (decode the whole slice) or a whole number of "
+                         f"tokens >= 0, got {margin!r}")
+
+
+def resolve_window_margin(margin, device) -> Optional[int]:
+    """The decode window the Segmenter uses on ``device``: "auto" -> its DEFAULT_WINDOW_MARGIN on a
+    CPU, None (the whole slice) on CUDA; None and whole numbers pass through."""
+    check_window_margin(margin)
+    if margin != "auto":
+        return margin
+    import torch
+
+    from .segmenter import DEFAULT_WINDOW_MARGIN
+
+    return None if torch.device(device).type == "cuda" else DEFAULT_WINDOW_MARGIN
+
+
 def _decoder_step_module(model, decoder, prompt_encoder):
-    """An nn.Module holding only what trains (for DDP), decoding through the model's path."""
+    """An nn.Module holding only what trains (for DDP), decoding through the model's path.
+
+    ``forward(embeddings, boxes, points=None, window_margin=None)`` returns low-res logits
+    [B,1,256,256] and the predicted IoU [B]. With ``window_margin`` each sample decodes only the
+    image tokens within that many tokens of its own box (``models.token_windows`` of that box
+    alone, as the Segmenter decodes a lone slice; samples whose windows have the same size share
+    one decoder batch), also when points are given: the window follows the box, and a training
+    point lies inside the target, hence inside the window. Sizing every window of a batch to its
+    largest box, as one ``SamModel.decode`` call does, would decode about twice the tokens on
+    mixed training batches (BUSI, batches of 4: 44% of the grid vs 22%).
+
+    Outside its window a mask holds the constant ``models.OUTSIDE_WINDOW_LOGIT``, which carries
+    no gradient: the loss still sees the whole 256x256 frame, which is right as long as the
+    window holds the whole target (the outside is then background in both). It does unless an
+    edge of the prompt box cuts into the target by more than ``window_margin`` tokens: box
+    jitter moves an edge inwards by at most ``box_jitter``/4 x the box side (default 0.1: 2.5%,
+    at most 6.4 px of the 256 px low-res frame), well inside the default 4-token margin (16 px
+    at 256; test_finetune checks it on the phantom). A much larger jitter, or margin 0, can
+    leave target pixels outside the window: they count as misses that no gradient can fix.
+    """
     import torch
     from torch import nn
 
-    from .models import predict_masks_batched
+    from .models import paste_windows, predict_masks_batched, token_windows
 
     class DecoderStep(nn.Module):
         def __init__(self):
@@ -211,22 +258,47 @@ def _decoder_step_module(model, decoder, prompt_encoder):
             self.prompt_encoder = prompt_encoder
             self._model = [model]  # a list: not registered, so the frozen encoder is not a DDP parameter
 
-        def forward(self, embeddings: torch.Tensor, boxes: torch.Tensor, points=None):
+        def forward(self, embeddings: torch.Tensor, boxes: torch.Tensor, points=None,
+                    window_margin: Optional[int] = None):
             base = self._model[0]
-            if points is None and self.prompt_encoder is None:
+            if points is None and self.prompt_encoder is None and window_margin is None:
                 return base.decode(embeddings, boxes, decoder=self.decoder)
             encoder = self.prompt_encoder if self.prompt_encoder is not None else base.prompt_encoder
-            sparse, dense = encoder(points=points, boxes=boxes.reshape(-1, 1, 4), masks=None)
-            masks, iou = predict_masks_batched(self.decoder, embeddings, encoder.get_dense_pe(), sparse, dense)
-            return masks[:, :1], iou[:, 0]
+            boxes = boxes.reshape(-1, 1, 4)
+            sparse, dense = encoder(points=points, boxes=boxes, masks=None)
+            pe = encoder.get_dense_pe()
+            if window_margin is None:
+                masks, iou = predict_masks_batched(self.decoder, embeddings, pe, sparse, dense)
+                return masks[:, :1], iou[:, 0]
+            windows = [token_windows(box, base.spec.input_size, window_margin)[0] for box in boxes]
+            groups: Dict[Tuple[int, int], List[int]] = {}
+            for n, (r0, r1, c0, c1) in enumerate(windows):
+                groups.setdefault((r1 - r0, c1 - c0), []).append(n)
+            order, masks, iou = [], [], []
+            for members in groups.values():
+                if len(members) == 1:  # a view: indexing would copy the 64x64 grids (dense is an expanded view)
+                    pick = slice(members[0], members[0] + 1)
+                else:
+                    pick = torch.tensor(members, device=embeddings.device)
+                group = [windows[n] for n in members]
+                low, score = predict_masks_batched(self.decoder, embeddings[pick], pe, sparse[pick], dense[pick],
+                                                   group)
+                order += members
+                masks.append(paste_windows(low[:, :1], group))
+                iou.append(score[:, 0])
+            back = torch.argsort(torch.tensor(order, device=embeddings.device))
+            return torch.cat(masks)[back], torch.cat(iou)[back]
 
     return DecoderStep()
 
 
-def predict_masks(model, prepared: Prepared, step=None, batch_size: int = 16,
-                  box_margin: float = 0.0) -> List[np.ndarray]:
+def predict_masks(model, prepared: Prepared, step=None, batch_size: int = 16, box_margin: float = 0.0,
+                  window_margin: Optional[int] = None) -> List[np.ndarray]:
     """Binary masks in slice pixels for every prepared sample, prompted with its tight box, or
-    with the box grown by ``box_margin`` x its side on every edge (a user's loose box)."""
+    with the box grown by ``box_margin`` x its side on every edge (a user's loose box).
+
+    ``window_margin``: decode only the tokens this close to each box (None: the whole slice);
+    give base and adapted decoders the same margin to compare them."""
     import torch
 
     step = step or _decoder_step_module(model, model.mask_decoder, None)
@@ -240,7 +312,7 @@ def predict_masks(model, prepared: Prepared, step=None, batch_size: int = 16,
         for start in range(0, len(prepared), batch_size):
             index = slice(start, start + batch_size)
             embeddings = _batch_embeddings(model, prepared, torch.arange(len(prepared))[index])
-            low, _ = step(embeddings, boxes[index].to(embeddings.device))
+            low, _ = step(embeddings, boxes[index].to(embeddings.device), window_margin=window_margin)
             logits = model.upscale_logits(low.float())
             for n, geometry in enumerate(prepared.geometries[index]):
                 out.append(geometry.logits_to_slice(logits[n, 0]) > 0)
@@ -366,6 +438,7 @@ def _check_config(config: TrainConfig) -> None:
         raise ValueError(f"learning rate must be > 0, got {config.lr}")
     if not 0.0 <= config.point_prompts <= 1.0:
         raise ValueError(f"point_prompts is a probability in [0, 1], got {config.point_prompts}")
+    check_window_margin(config.window_margin)
 
 
 def checkpoint_digest(path: Optional[str]) -> Optional[str]:
@@ -419,6 +492,9 @@ def train(config: TrainConfig, progress=None, cancel=None, log=None, model=None)
     if model is None:
         model = load_model(config.model, checkpoint=config.checkpoint, device=config.device)
     device = model.device
+    # From here on the config holds the margin really used (card, resume state, resume check).
+    config = dataclasses.replace(config, window_margin=resolve_window_margin(config.window_margin, device))
+    margin = config.window_margin
     torch.manual_seed(config.seed)
 
     t0 = time.monotonic()
@@ -467,7 +543,7 @@ def train(config: TrainConfig, progress=None, cancel=None, log=None, model=None)
     history: List[Dict[str, Any]] = []
     best = {"epoch": 0, "dice": -1.0, "lora": adapters.lora_state(peft_decoder), "prompt": None}
     start_epoch = 1
-    base_dice = mean_dice(prep_val, predict_masks(model, prep_val))
+    base_dice = mean_dice(prep_val, predict_masks(model, prep_val, window_margin=margin))
     if config.resume and os.path.isfile(state_path):
         saved = torch.load(state_path, map_location="cpu", weights_only=True)
         _check_resume(json.loads(saved["config"]), config, state_path)
@@ -513,7 +589,7 @@ def train(config: TrainConfig, progress=None, cancel=None, log=None, model=None)
                 coords, labels = _random_points(prep_train.targets[index], generator, model.spec.input_size)
                 points = (coords.to(device), labels.to(device))
             with torch.autocast("cuda", dtype=amp_dtype, enabled=use_amp):
-                logits, iou = runner(embeddings, boxes.to(device), points)
+                logits, iou = runner(embeddings, boxes.to(device), points, window_margin=margin)
             logits, iou = logits.float(), iou.float()
             loss = loss_fn(logits, target)
             if config.iou_loss_weight > 0:
@@ -534,7 +610,7 @@ def train(config: TrainConfig, progress=None, cancel=None, log=None, model=None)
                 report(progress, done, total_steps, f"epoch {epoch}/{config.epochs} step {step + 1}/"
                                                     f"{steps_per_epoch} loss {losses[-1]:.4f}")
         train_seconds = time.monotonic() - steps_start
-        val = mean_dice(prep_val, predict_masks(model, prep_val, step_module))
+        val = mean_dice(prep_val, predict_masks(model, prep_val, step_module, window_margin=margin))
         entry = {"epoch": epoch, "loss": float(np.mean(losses)), "val_dice": val,
                  "lr": float(scheduler.get_last_lr()[0]), "seconds": round(time.monotonic() - epoch_start, 3),
                  "train_seconds": round(train_seconds, 3)}
@@ -570,8 +646,9 @@ def train(config: TrainConfig, progress=None, cancel=None, log=None, model=None)
 
         step_module.eval()
         card["scores"] = {"split": "val", "cases": val_ids,
-                          "base": score_prepared(model, prep_val)["mean"],
-                          "adapted": score_prepared(model, prep_val, step_module)["mean"]}
+                          "window_margin": margin,
+                          "base": score_prepared(model, prep_val, window_margin=margin)["mean"],
+                          "adapted": score_prepared(model, prep_val, step_module, window_margin=margin)["mean"]}
     if main_rank:
         _save_best(config.output, peft_decoder, prompt_encoder, best, card)
     if world > 1:
@@ -646,7 +723,8 @@ def _card(config: TrainConfig, model, info, train_ids, val_ids, history, best, b
         "lora": {"rank": config.lora_rank, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
                  "targets": list(config.targets), "trainable_parameters": n_params,
                  "prompt_encoder_trained": config.train_prompt_encoder},
-        "inference": {"axis": config.axis, "window": config.window, "multimask": False},
+        "inference": {"axis": config.axis, "window": config.window, "multimask": False,
+                      "window_margin": config.window_margin},
         "history": history,
         "base_val_dice": base_dice,
         "best_epoch": best["epoch"],
@@ -696,6 +774,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--axis", default=defaults.axis, choices=("axial", "coronal", "sagittal"))
     parser.add_argument("--window", default=defaults.window)
     parser.add_argument("--labels", nargs="+", type=int, help="label values to train on (default all)")
+    from .segment_cli import window_margin_arg
+
+    parser.add_argument("--decode-window", type=window_margin_arg, default=defaults.window_margin,
+                        metavar="auto|full|N",
+                        help="train and validate decoding only the image tokens within N tokens (1/64 of the slice) "
+                             "of each box, as the segmenter does at inference; full decodes the whole slice; "
+                             "auto = 4 on CPU (several times faster), full on CUDA")
 
 
 def config_from_args(args) -> TrainConfig:
@@ -707,7 +792,7 @@ def config_from_args(args) -> TrainConfig:
                        iou_loss_weight=args.iou_loss_weight, box_jitter=args.box_jitter,
                        point_prompts=args.point_prompts, warmup=args.warmup, patience=args.patience, seed=args.seed,
                        amp=not args.no_amp, resume=args.resume, axis=args.axis, window=args.window,
-                       labels=args.labels)
+                       labels=args.labels, window_margin=args.decode_window)
 
 
 def main(args) -> int:

@@ -136,7 +136,9 @@ class Segmenter:
 
     ``window_margin``: decode only the image tokens this close to each box ("auto": 4 on a CPU,
     the whole slice on CUDA; None: always the whole slice). ``compile``: torch.compile the
-    encoder (CUDA only; 20-30 s once, then about 2x faster encoding), for long-lived use.
+    encoder, for long-lived use: 20-30 s once on CUDA, then about 2x faster encoding; about a
+    minute once on a CPU (a C++ compiler is needed). ``precision`` (for a model given by name):
+    see ``models.load_model``.
     """
 
     def __init__(
@@ -149,8 +151,11 @@ class Segmenter:
         tracking: Optional[TrackingOptions] = None,
         window_margin: Union[int, None, str] = "auto",
         compile: bool = False,
+        precision: str = "auto",
     ):
-        self.model = load_model(model, checkpoint, device) if isinstance(model, str) else model
+        if isinstance(model, str):
+            model = load_model(model, checkpoint, device, precision=precision)
+        self.model = model
         on_gpu = self.model.device.type == "cuda"
         self.cache = EmbeddingCache(cache_bytes)
         # On a GPU the cache lives on the GPU: moving 4 MB per slice out and back cost more than encoding.

@@ -19,6 +19,7 @@ class OracleModel(nn.Module):
         self.mask_decoder = nn.Identity()
         self.encode_calls = 0
         self.last_boxes = None
+        self.decode_log = []  # (boxes, window_margin) of every decode call
         self.compiled_batch = None
 
     @property
@@ -33,6 +34,7 @@ class OracleModel(nn.Module):
     def decode(self, embeddings, boxes, multimask=False, decoder=None, window_margin=None):
         # Its answer never leaves the box, so a window around the box changes nothing.
         self.last_boxes = boxes.clone()
+        self.decode_log.append((boxes.shape[0], window_margin))
         logits = (embeddings - 0.5) * 20.0
         size = self.spec.input_size
         x = torch.arange(size, dtype=torch.float32) + 0.5

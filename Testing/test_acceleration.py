@@ -1,9 +1,11 @@
-"""GPU speed-ups that must not change results: checked on the CPU against segment-anything."""
+"""Encoder speed-ups that must not change results, checked on the CPU (against segment-anything's
+attention, eager execution and float32)."""
 import pytest
 import torch
+from torch.nn import functional as F
 from segment_anything.modeling.image_encoder import Attention, ImageEncoderViT
 
-from SAMFineTuneLib.acceleration import FusedAttention, fuse_attention, pad_batch
+from SAMFineTuneLib.acceleration import FusedAttention, cpp_compiler, fuse_attention, pad_batch
 
 
 def small_vit():
@@ -46,8 +48,56 @@ def test_batches_are_padded_with_blank_images_up_to_the_compiled_size():
     assert pad_batch(images, 2) is images
 
 
-def test_compiling_on_a_cpu_is_a_clear_error(litemedsam):
+def test_compiling_without_a_cpp_compiler_on_a_cpu_is_a_clear_error(monkeypatch):
+    from SAMFineTuneLib import acceleration
+    from SAMFineTuneLib.models import load_model
     from SAMFineTuneLib.segmenter import Segmenter
 
-    with pytest.raises(ValueError, match="compiling the encoder is for CUDA models"):
-        Segmenter(litemedsam, compile=True)
+    model = load_model("litemedsam", device="cpu", pretrained=False, accelerate=False)
+    monkeypatch.setattr(acceleration, "cpp_compiler", lambda: "")
+    with pytest.raises(ValueError, match="needs a C.. compiler"):
+        Segmenter(model, compile=True)
+    assert model.compiled_batch is None
+
+
+@pytest.mark.skipif(not cpp_compiler(), reason="torch.compile on a CPU needs a C++ compiler")
+def test_a_compiled_cpu_encoder_gives_the_eager_output():
+    """Inductor's weight freezing (folded norms, pre-packed weights) must not change the result."""
+    from SAMFineTuneLib.models import load_model
+
+    model = load_model("litemedsam", device="cpu", pretrained=False, accelerate=False)
+    model.image_encoder = small_vit()
+    images = torch.randn(3, 3, 64, 64)
+    with torch.inference_mode():
+        expected = model.encode(images)
+        model.compile_encoder(2)
+        got = model.encode(images)  # a batch of 2 and a padded one of 1
+    assert model.compiled_batch == 2 and got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-3)
+
+
+def test_bf16_cpu_encoder_keeps_litemedsams_embeddings():
+    """Asked for, on any CPU: where bf16 is not native it is only slower (and says so)."""
+    from SAMFineTuneLib.models import load_model
+
+    reference = load_model("litemedsam", device="cpu")
+    model = load_model("litemedsam", device="cpu", precision="bf16")
+    torch.manual_seed(0)
+    images = torch.rand(1, 3, 256, 256) * 4 - 2  # the normalised range of a windowed slice
+    with torch.inference_mode():
+        expected, got = reference.encode(images), model.encode(images)
+    assert model.precision == "bf16" and model.image_encoder.patch_embed.seq[0].c.weight.dtype == torch.bfloat16
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    cosine = F.cosine_similarity(got.flatten(1), expected.flatten(1)).item()
+    assert cosine > 0.999, cosine
+    assert model.mask_decoder.iou_token.weight.dtype == torch.float32  # the decoder stays float32
+
+
+def test_a_cpu_model_is_float32_unless_asked_and_a_bad_precision_is_named():
+    from SAMFineTuneLib.models import load_model
+
+    model = load_model("litemedsam", device="cpu", pretrained=False)
+    assert model.precision == "float32" and not model.channels_last
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    with pytest.raises(ValueError, match="unknown precision 'fp8'; choose one of: auto, float32, bf16"):
+        load_model("litemedsam", device="cpu", pretrained=False, precision="fp8")

@@ -63,7 +63,7 @@ def test_help_explains_every_option():
     done = run_cli("segment", "--help")
     assert done.returncode == 0
     for option in ("--volume", "--box", "--output", "--model", "--checkpoint", "--axis", "--window", "--device",
-                   "--box-mode", "lung", "tracked", "--decode-window", "--compile"):
+                   "--box-mode", "lung", "tracked", "--decode-window", "--compile", "--precision", "bf16"):
         assert option in done.stdout
 
 
@@ -75,3 +75,10 @@ def test_decode_window_takes_auto_full_or_a_token_count(small_ct, tmp_path):
     done = run_cli("segment", "--volume", path, "--box", *["0"] * 6, "--output", str(tmp_path / "m.nii.gz"),
                    "--decode-window", "wide")
     assert done.returncode == 2 and "expected auto, full or a whole number of tokens, got 'wide'" in done.stderr
+
+
+def test_precision_choices_are_checked(small_ct, tmp_path):
+    path, _ = small_ct
+    done = run_cli("segment", "--volume", path, "--box", *["0"] * 6, "--output", str(tmp_path / "m.nii.gz"),
+                   "--precision", "half")
+    assert done.returncode == 2 and "invalid choice: 'half'" in done.stderr
