@@ -69,7 +69,8 @@ def evaluate(dataset, model="litemedsam", checkpoint: Optional[str] = None, adap
     """
     from . import adapters
     from .dataset import load_samples, read_dataset
-    from .finetune import _decoder_step_module, cache_dir_for, check_window_margin, prepare, resolve_window_margin
+    from .finetune import _decoder_step_module, cache_dir_for, prepare
+    from .segmenter import check_window_margin, resolve_window_margin
     from .models import load_model
 
     check_window_margin(window_margin)  # before loading anything

@@ -91,7 +91,7 @@ class TrainConfig:
     final_scores: bool = True  # score base vs adapted (Dice, IoU, HD95, NSD) on the val cases at the end
     # Decode only the image tokens within this many tokens of each (jittered) box, as the Segmenter
     # does at inference: "auto" = its default on the model's device (4 on a CPU, the whole slice on
-    # CUDA), None = the whole slice, or a whole number >= 0 (see resolve_window_margin).
+    # CUDA), None = the whole slice, or a whole number >= 0 (see segmenter.resolve_window_margin).
     window_margin: Union[int, None, str] = "auto"
 
     def to_dict(self) -> Dict[str, Any]:
@@ -201,28 +201,6 @@ def cache_dir_for(dataset_root: str) -> str:
 
 
 # ---------------------------------------------------------------- decoding and prediction
-
-
-def check_window_margin(margin) -> None:
-    """A ValueError unless ``margin`` is "auto", None or a whole number of tokens >= 0."""
-    if margin is None or (isinstance(margin, str) and margin == "auto"):
-        return
-    if isinstance(margin, bool) or not isinstance(margin, int) or margin < 0:
-        raise ValueError(f"window_margin must be 'auto', None (decode the whole slice) or a whole number of "
-                         f"tokens >= 0, got {margin!r}")
-
-
-def resolve_window_margin(margin, device) -> Optional[int]:
-    """The decode window the Segmenter uses on ``device``: "auto" -> its DEFAULT_WINDOW_MARGIN on a
-    CPU, None (the whole slice) on CUDA; None and whole numbers pass through."""
-    check_window_margin(margin)
-    if margin != "auto":
-        return margin
-    import torch
-
-    from .segmenter import DEFAULT_WINDOW_MARGIN
-
-    return None if torch.device(device).type == "cuda" else DEFAULT_WINDOW_MARGIN
 
 
 def _decoder_step_module(model, decoder, prompt_encoder):
@@ -438,6 +416,8 @@ def _check_config(config: TrainConfig) -> None:
         raise ValueError(f"learning rate must be > 0, got {config.lr}")
     if not 0.0 <= config.point_prompts <= 1.0:
         raise ValueError(f"point_prompts is a probability in [0, 1], got {config.point_prompts}")
+    from .segmenter import check_window_margin
+
     check_window_margin(config.window_margin)
 
 
@@ -493,6 +473,8 @@ def train(config: TrainConfig, progress=None, cancel=None, log=None, model=None)
         model = load_model(config.model, checkpoint=config.checkpoint, device=config.device)
     device = model.device
     # From here on the config holds the margin really used (card, resume state, resume check).
+    from .segmenter import resolve_window_margin
+
     config = dataclasses.replace(config, window_margin=resolve_window_margin(config.window_margin, device))
     margin = config.window_margin
     torch.manual_seed(config.seed)

@@ -62,6 +62,25 @@ class TrackingOptions:
 # ---------------------------------------------------------------- validation
 
 
+def check_window_margin(margin) -> None:
+    """A ValueError unless ``margin`` is "auto", None or a whole number of tokens >= 0."""
+    if margin is None or (isinstance(margin, str) and margin == "auto"):
+        return
+    if isinstance(margin, bool) or not isinstance(margin, int) or margin < 0:
+        raise ValueError(f"window_margin must be 'auto', None (decode the whole slice) or a whole number of "
+                         f"tokens >= 0, got {margin!r}")
+
+
+def resolve_window_margin(margin, device) -> Optional[int]:
+    """The decode window on ``device``: "auto" -> DEFAULT_WINDOW_MARGIN on a CPU, None (the whole
+    slice) on CUDA, where the whole slice decodes in under 1 ms; None and whole numbers pass through.
+    Training and evaluation resolve it here too, so they decode as inference does."""
+    check_window_margin(margin)
+    if margin != "auto":
+        return margin
+    return None if torch.device(device).type == "cuda" else DEFAULT_WINDOW_MARGIN
+
+
 def validate_volume(volume: Volume) -> None:
     array = volume.array
     if not isinstance(array, np.ndarray):
@@ -167,12 +186,7 @@ class Segmenter:
         self.tracking = tracking or TrackingOptions()
         # Windowed decoding (SamModel.decode) brings a fixed-box CPU re-prompt from 54 to 15 ms per
         # slice; a GPU decodes the whole slice in under 1 ms, so there it decodes everything.
-        if window_margin == "auto":
-            window_margin = None if on_gpu else DEFAULT_WINDOW_MARGIN
-        if window_margin is not None and (not isinstance(window_margin, int) or window_margin < 0):
-            raise ValueError(f"window_margin must be 'auto', None or a whole number of tokens >= 0, "
-                             f"got {window_margin!r}")
-        self.window_margin = window_margin
+        self.window_margin = resolve_window_margin(window_margin, self.model.device)
         self.encoder_calls = 0
         self.adapter: Optional[str] = None
         self._base_decoder = self.model.mask_decoder

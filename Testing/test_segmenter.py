@@ -157,7 +157,8 @@ def test_bad_options_are_named():
     with pytest.raises(ValueError, match="unknown box mode"):
         segmenter.segment(ct, box, box_mode="loose")
     for margin in (-1, 2.5, "wide"):
-        with pytest.raises(ValueError, match="window_margin must be 'auto', None or a whole number"):
+        with pytest.raises(ValueError,
+                           match=r"window_margin must be 'auto', None \(decode the whole slice\) or a whole number"):
             Segmenter(OracleModel(), window_margin=margin)
     with pytest.raises(ValueError, match="spacing must be three positive"):
         segmenter.segment(ct.array, box, spacing=(1, 0, 1))
