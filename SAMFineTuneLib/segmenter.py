@@ -174,6 +174,11 @@ class Segmenter:
     ):
         if isinstance(model, str):
             model = load_model(model, checkpoint, device, precision=precision)
+        elif precision != "auto":
+            raise ValueError(f"precision '{precision}' applies to a model given by name; a loaded model keeps its "
+                             f"own ({model.precision}): load it with load_model(..., precision=...)")
+        # Checked before compiling, which changes the model: a bad value leaves the caller's model as it was.
+        window_margin = resolve_window_margin(window_margin, model.device)
         self.model = model
         on_gpu = self.model.device.type == "cuda"
         self.cache = EmbeddingCache(cache_bytes)
@@ -186,7 +191,7 @@ class Segmenter:
         self.tracking = tracking or TrackingOptions()
         # Windowed decoding (SamModel.decode) brings a fixed-box CPU re-prompt from 54 to 15 ms per
         # slice; a GPU decodes the whole slice in under 1 ms, so there it decodes everything.
-        self.window_margin = resolve_window_margin(window_margin, self.model.device)
+        self.window_margin = window_margin
         self.encoder_calls = 0
         self.adapter: Optional[str] = None
         self._base_decoder = self.model.mask_decoder

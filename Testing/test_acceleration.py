@@ -101,3 +101,15 @@ def test_a_cpu_model_is_float32_unless_asked_and_a_bad_precision_is_named():
     assert all(p.dtype == torch.float32 for p in model.parameters())
     with pytest.raises(ValueError, match="unknown precision 'fp8'; choose one of: auto, float32, bf16"):
         load_model("litemedsam", device="cpu", pretrained=False, precision="fp8")
+
+
+def test_precision_for_an_already_loaded_model_is_refused_and_the_model_left_as_it_was():
+    from SAMFineTuneLib.models import load_model
+    from SAMFineTuneLib.segmenter import Segmenter
+
+    model = load_model("litemedsam", device="cpu", pretrained=False)
+    with pytest.raises(ValueError, match="precision 'bf16' applies to a model given by name"):
+        Segmenter(model, precision="bf16")
+    with pytest.raises(ValueError, match="window_margin must be"):
+        Segmenter(model, compile=True, window_margin=-1)
+    assert model.compiled_batch is None and model.precision == "float32"
