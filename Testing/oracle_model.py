@@ -46,6 +46,12 @@ class OracleModel(nn.Module):
         filled = (logits > 0).flatten(1).sum(1).float() / inside.flatten(1).sum(1).clamp(min=1).float()
         return logits, filled
 
+    def decode_best(self, embeddings, boxes, group, multimask=False, window_margin=None):
+        logits, score = self.decode(embeddings, boxes, multimask, window_margin=window_margin)
+        place = score.reshape(-1, group).argmax(dim=1)
+        rows = torch.arange(place.shape[0]) * group + place
+        return logits[rows], score[rows], place
+
     def upscale_logits(self, low_res):
         size = self.spec.input_size
         if low_res.shape[-1] == size:

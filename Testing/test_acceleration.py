@@ -1,11 +1,15 @@
-"""Encoder speed-ups that must not change results, checked on the CPU (against segment-anything's
-attention, eager execution and float32)."""
+"""Encoder and decoder speed-ups that must not change results, checked on the CPU (against
+segment-anything's attention, eager execution and float32)."""
+import copy
+
 import pytest
 import torch
 from torch.nn import functional as F
 from segment_anything.modeling.image_encoder import Attention, ImageEncoderViT
+from segment_anything.modeling.transformer import Attention as DecoderAttention
 
-from SAMFineTuneLib.acceleration import FusedAttention, cpp_compiler, fuse_attention, pad_batch
+from SAMFineTuneLib.acceleration import (FusedAttention, FusedDecoderAttention, cpp_compiler, fuse_attention,
+                                         pad_batch)
 
 
 def small_vit():
@@ -38,6 +42,34 @@ def test_fusing_keeps_the_parameters_and_their_names():
     after = encoder.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[name], after[name]) for name in before)
+
+
+def test_fused_decoder_attention_gives_segment_anythings_masks_and_trains(litemedsam):
+    """Every model's decoder is built fused; switched back to segment-anything's attention, the
+    same weights give the same masks and IoU, and gradients (LoRA trains through it) agree."""
+    fused = litemedsam.mask_decoder
+    assert sum(type(m) is FusedDecoderAttention for m in fused.modules()) == 7  # 2 blocks x 3, and the final
+    plain = copy.deepcopy(fused)
+    for module in plain.modules():
+        if type(module) is FusedDecoderAttention:
+            module.__class__ = DecoderAttention
+    torch.manual_seed(0)
+    embeddings = torch.randn(2, 256, 64, 64)
+    boxes = torch.tensor([[[10.0, 20.0, 120.0, 140.0]], [[50.0, 50.0, 200.0, 230.0]]])
+    sparse, dense = litemedsam.prompt_encoder(points=None, boxes=boxes, masks=None)
+    pe = litemedsam.prompt_encoder.get_dense_pe()
+    outputs = []
+    for decoder in (plain, fused):
+        decoder = copy.deepcopy(decoder).requires_grad_(True)
+        masks, iou = decoder(embeddings[:1], pe, sparse[:1], dense[:1], multimask_output=True)
+        (masks.mean() + iou.sum()).backward()
+        grad = decoder.transformer.layers[0].cross_attn_token_to_image.k_proj.weight.grad
+        outputs.append((masks.detach(), iou.detach(), grad))
+    (m0, i0, g0), (m1, i1, g1) = outputs
+    torch.testing.assert_close(m1, m0, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(i1, i0, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(g1, g0, atol=1e-6, rtol=1e-3)
+    assert g0.abs().sum() > 0
 
 
 def test_batches_are_padded_with_blank_images_up_to_the_compiled_size():

@@ -1,4 +1,5 @@
 """Model registry and checkpoint loading: the right weights or a clear error."""
+import copy
 import os
 import shutil
 
@@ -91,6 +92,46 @@ def test_decoder_batches_images_and_matches_segment_anything(litemedsam):
             assert float(iou[n]) == pytest.approx(float(ref_iou), abs=1e-4)
         best, best_iou = litemedsam.decode(embeddings, boxes, multimask=True)
     assert best.shape == (3, 1, 256, 256) and best_iou.shape == (3,)
+
+
+@pytest.mark.parametrize("multimask", [False, True])
+@pytest.mark.parametrize("window_margin", [None, 3])
+def test_decode_best_keeps_the_most_confident_box_of_each_group(litemedsam, multimask, window_margin):
+    """Equal to decoding every box and picking the highest IoU per group, though only the kept
+    masks are upscaled."""
+    torch.manual_seed(2)
+    embeddings = torch.randn(6, 256, 64, 64)
+    boxes = torch.tensor([[10, 20, 120, 140], [30, 40, 100, 110], [0, 0, 255, 255],
+                          [50, 50, 200, 230], [60, 70, 180, 200], [90, 90, 140, 150]], dtype=torch.float32)
+    with torch.inference_mode():
+        every, every_iou = litemedsam.decode(embeddings, boxes, multimask=multimask, window_margin=window_margin)
+        best, best_iou, place = litemedsam.decode_best(embeddings, boxes, 3, multimask=multimask,
+                                                       window_margin=window_margin)
+    assert best.shape == (2, 1, 256, 256) and best_iou.shape == (2,) and place.shape == (2,)
+    expected = every_iou.reshape(2, 3).argmax(dim=1)
+    assert place.tolist() == expected.tolist()
+    rows = torch.arange(2) * 3 + expected
+    torch.testing.assert_close(best_iou, every_iou[rows])
+    torch.testing.assert_close(best, every[rows], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="5 boxes do not split into groups of 2"):
+        litemedsam.decode_best(embeddings[:5], boxes[:5], 2)
+
+
+def test_the_dense_positional_encoding_is_made_once_and_can_be_trained_through(litemedsam):
+    """Cached per prompt encoder; made outside inference mode, so a training step may use it."""
+    with torch.inference_mode():
+        first = litemedsam.dense_pe()
+    assert litemedsam.dense_pe() is first
+    torch.testing.assert_close(first, litemedsam.prompt_encoder.get_dense_pe())
+    assert not first.is_inference()
+    weight = torch.ones(1, requires_grad=True)
+    (first * weight).sum().backward()  # an inference tensor would refuse to be saved for backward
+    own = litemedsam.prompt_encoder
+    try:
+        litemedsam.prompt_encoder = copy.deepcopy(own)  # an adapter's trained prompt encoder
+        assert litemedsam.dense_pe() is not first
+    finally:
+        litemedsam.prompt_encoder = own
 
 
 def test_windows_are_equal_sized_hold_their_box_and_stay_on_the_grid():
