@@ -194,7 +194,7 @@ def run_transformer(
     tokens = torch.cat([tokens, sparse], dim=1)
     if windows is None:
         src = image_embeddings + dense
-        pos = image_pe.expand(src.shape[0], -1, -1, -1)
+        pos = image_pe
     else:
         src = _crop(image_embeddings, windows) + _crop(dense, windows)
         pos = _crop(image_pe, windows)
@@ -300,7 +300,7 @@ class SamModel(nn.Module):
         cached = self._dense_pe
         if cached is None or cached[0] is not encoder or cached[1].device != device:
             with torch.inference_mode(False), torch.no_grad():
-                cached = (encoder, encoder.get_dense_pe())
+                cached = (encoder, encoder.get_dense_pe().contiguous(memory_format=torch.channels_last))
             self._dense_pe = cached
         return cached[1]
 
