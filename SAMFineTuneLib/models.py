@@ -125,11 +125,11 @@ def _build_image_encoder(spec: ModelSpec) -> nn.Module:
 
 Window = Tuple[int, int, int, int]  # rows r0:r1, columns c0:c1 of the 64x64 token grid
 LOW_RES_PER_TOKEN = 4  # the decoder upscales its token grid 4x into low-res logits
-OUTSIDE_WINDOW_LOGIT = -32.0
+OUTSIDE_WINDOW_LOGIT = -32.0  # "surely background" for pixels a windowed decode did not compute
 # On a CPU the decoder runs at most one whole slice of image tokens per call: five whole slices
 # one at a time took 192 ms against 241 ms in one batch (its activations stay in the caches),
 # while small windows still gain from batching (two 25x25-token windows: 9.8 vs 11.8 ms).
-CPU_DECODE_TOKENS = EMBED_SIZE * EMBED_SIZE  # "surely background" for pixels a windowed decode did not compute
+CPU_DECODE_TOKENS = EMBED_SIZE * EMBED_SIZE
 
 
 def token_windows(boxes: torch.Tensor, input_size: int, margin: int) -> List[Window]:
