@@ -22,6 +22,7 @@ import warnings
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from segment_anything.modeling.image_encoder import Attention
 from segment_anything.modeling.transformer import Attention as DecoderAttention
@@ -96,6 +97,27 @@ def fuse_decoder_attention(decoder: nn.Module) -> int:
     """Switch every attention of a segment-anything mask decoder to FusedDecoderAttention;
     returns how many were switched."""
     return _switch_class(decoder, DecoderAttention, FusedDecoderAttention)
+
+
+def fold_batch_norms(root: nn.Module) -> int:
+    """Fold each eval-mode (Conv2d, BatchNorm2d) pair held by a two-layer Sequential into one
+    convolution; returns how many were folded.
+
+    LiteMedSAM's TinyViT normalises after each of its 27 convolutions, the first ones over
+    256-channel maps of 256 x 256 pixels. Inductor's freezing left them unfolded, so folding here
+    is what saves their pass over memory, eager or compiled (README, "Speed (CPU)"). The
+    result changes only by float rounding; the encoder is never trained, so no batch
+    statistics are lost.
+    """
+    count = 0
+    for parent in list(root.modules()):
+        for name, child in list(parent.named_children()):
+            layers = list(child.children()) if isinstance(child, nn.Sequential) else []
+            if (len(layers) == 2 and isinstance(layers[0], nn.Conv2d) and isinstance(layers[1], nn.BatchNorm2d)
+                    and not child.training):
+                setattr(parent, name, fuse_conv_bn_eval(*layers))
+                count += 1
+    return count
 
 
 def prepare_for_cuda(model, channels_last: bool = True) -> None:

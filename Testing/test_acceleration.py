@@ -8,8 +8,8 @@ from torch.nn import functional as F
 from segment_anything.modeling.image_encoder import Attention, ImageEncoderViT
 from segment_anything.modeling.transformer import Attention as DecoderAttention
 
-from SAMFineTuneLib.acceleration import (FusedAttention, FusedDecoderAttention, cpp_compiler, fuse_attention,
-                                         pad_batch)
+from SAMFineTuneLib.acceleration import (FusedAttention, FusedDecoderAttention, cpp_compiler, fold_batch_norms,
+                                         fuse_attention, pad_batch)
 
 
 def small_vit():
@@ -33,6 +33,51 @@ def test_fused_attention_gives_segment_anythings_output():
         got = encoder(images)
     assert all(type(m) is FusedAttention for m in encoder.modules() if isinstance(m, Attention))
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def conv_bn(a, b, **conv):
+    """A convolution and its batch norm with running statistics far from the identity."""
+    layers = torch.nn.Sequential(torch.nn.Conv2d(a, b, bias=False, **conv), torch.nn.BatchNorm2d(b))
+    for stat in (layers[1].running_mean, layers[1].weight, layers[1].bias):
+        stat.data.normal_()
+    layers[1].running_var.data.uniform_(0.1, 3.0)
+    return layers
+
+
+def test_folded_batch_norms_give_the_same_output_and_leave_no_batch_norm():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(conv_bn(3, 8, kernel_size=3, padding=1), torch.nn.GELU(),
+                              conv_bn(8, 8, kernel_size=3, padding=1, groups=8), torch.nn.GELU(),
+                              torch.nn.Sequential(torch.nn.Conv2d(8, 4, 1), torch.nn.ReLU()))  # not a pair
+    net.eval()
+    images = torch.randn(2, 3, 16, 16)
+    with torch.inference_mode():
+        expected = net(images)
+        assert fold_batch_norms(net) == 2
+        got = net(images)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    assert isinstance(net[4][1], torch.nn.ReLU)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_a_training_batch_norm_is_not_folded():
+    """Its output depends on the batch, which no folded convolution can reproduce."""
+    net = torch.nn.Sequential(conv_bn(3, 4, kernel_size=1)).train()
+    assert fold_batch_norms(net) == 0 and isinstance(net[0][1], torch.nn.BatchNorm2d)
+
+
+def test_litemedsam_loads_with_its_batch_norms_folded_and_the_same_embeddings():
+    """The speed-up is on by default; the per-slice baseline (accelerate=False) keeps TinyViT as built."""
+    from SAMFineTuneLib.models import load_model
+
+    baseline = load_model("litemedsam", device="cpu", accelerate=False)
+    model = load_model("litemedsam", device="cpu")
+    norms = [m for m in model.image_encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert not norms and any(isinstance(m, torch.nn.BatchNorm2d) for m in baseline.image_encoder.modules())
+    torch.manual_seed(0)
+    images = torch.rand(1, 3, 256, 256) * 4 - 2
+    with torch.inference_mode():
+        torch.testing.assert_close(model.encode(images), baseline.encode(images), atol=1e-4, rtol=1e-4)
 
 
 def test_fusing_keeps_the_parameters_and_their_names():
@@ -118,7 +163,7 @@ def test_bf16_cpu_encoder_keeps_litemedsams_embeddings():
     images = torch.rand(1, 3, 256, 256) * 4 - 2  # the normalised range of a windowed slice
     with torch.inference_mode():
         expected, got = reference.encode(images), model.encode(images)
-    assert model.precision == "bf16" and model.image_encoder.patch_embed.seq[0].c.weight.dtype == torch.bfloat16
+    assert model.precision == "bf16" and model.image_encoder.patch_embed.seq[0].weight.dtype == torch.bfloat16
     assert got.dtype == torch.float32 and got.shape == expected.shape
     cosine = F.cosine_similarity(got.flatten(1), expected.flatten(1)).item()
     assert cosine > 0.999, cosine
