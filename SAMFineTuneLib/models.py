@@ -288,7 +288,8 @@ class SamModel(nn.Module):
                     chunk = pad_batch(chunk, step)  # before the layout change, so every batch has one layout
                 if self.channels_last:
                     chunk = chunk.contiguous(memory_format=torch.channels_last)
-                out.append(self.image_encoder(chunk)[:min(step, count - start)].float())
+                embeddings = self.image_encoder(chunk)[:min(step, count - start)]
+                out.append(embeddings.to(torch.float32, memory_format=torch.contiguous_format))
         return torch.cat(out) if len(out) > 1 else out[0]
 
     def dense_pe(self) -> torch.Tensor:
