@@ -105,8 +105,8 @@ def fold_batch_norms(root: nn.Module) -> int:
     """Fold each eval-mode (Conv2d, BatchNorm2d) pair held by a two-layer Sequential into one
     convolution; returns how many were folded.
 
-    LiteMedSAM's TinyViT normalises after each of its 27 convolutions, the first ones over
-    256-channel maps of 256 x 256 pixels. Inductor's freezing left them unfolded, so folding here
+    LiteMedSAM's TinyViT has 27 such pairs, the first ones over 256-channel maps of 256 x 256
+    pixels. Inductor's freezing left them unfolded, so folding here
     is what saves their pass over memory, eager or compiled (README, "Speed (CPU)"). The
     result changes only by float rounding; the encoder is never trained, so no batch
     statistics are lost.
@@ -116,7 +116,7 @@ def fold_batch_norms(root: nn.Module) -> int:
         for name, child in list(parent.named_children()):
             layers = list(child.children()) if isinstance(child, nn.Sequential) else []
             if (len(layers) == 2 and isinstance(layers[0], nn.Conv2d) and isinstance(layers[1], nn.BatchNorm2d)
-                    and not child.training):
+                    and not any(layer.training for layer in layers)):
                 setattr(parent, name, fuse_conv_bn_eval(*layers))
                 count += 1
     return count

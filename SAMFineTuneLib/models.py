@@ -496,13 +496,11 @@ def load_model(
     model = model.to(target).eval().requires_grad_(False)
     model.precision = "bf16" if precision == "bf16" or (precision == "auto" and target.type == "cuda") else "float32"
     if accelerate:
-        from .acceleration import fold_batch_norms
+        from .acceleration import fold_batch_norms, prepare_for_cuda
 
         fold_batch_norms(model.image_encoder)
-    if target.type == "cuda" and accelerate:
-        from .acceleration import prepare_for_cuda
-
-        prepare_for_cuda(model)
+        if target.type == "cuda":
+            prepare_for_cuda(model)
     if target.type == "cpu" and model.precision == "bf16":
         from .acceleration import prepare_for_cpu
 

@@ -64,6 +64,9 @@ def test_a_training_batch_norm_is_not_folded():
     """Its output depends on the batch, which no folded convolution can reproduce."""
     net = torch.nn.Sequential(conv_bn(3, 4, kernel_size=1)).train()
     assert fold_batch_norms(net) == 0 and isinstance(net[0][1], torch.nn.BatchNorm2d)
+    net.eval()
+    net[0][1].train()  # only the norm is training: still not folded
+    assert fold_batch_norms(net) == 0 and isinstance(net[0][1], torch.nn.BatchNorm2d)
 
 
 def test_litemedsam_loads_with_its_batch_norms_folded_and_the_same_embeddings():
