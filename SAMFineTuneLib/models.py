@@ -49,6 +49,7 @@ MODEL_SPECS: Dict[str, ModelSpec] = {
 }
 DEFAULT_MODEL = "litemedsam"
 PRECISIONS = ("auto", "float32", "bf16")  # auto: bf16 autocast on CUDA, float32 on a CPU
+BACKENDS = ("torch", "openvino")  # who runs the image encoder; openvino: CPU only (openvino_encoder)
 
 # Width of the first patch embedding tells which encoder a checkpoint was made for.
 _VIT_WIDTH = {768: "vit_b (sam_vit_b or medsam)", 1024: "vit_l (sam_vit_l)", 1280: "vit_h (sam_vit_h)"}
@@ -246,6 +247,8 @@ class SamModel(nn.Module):
         self.compiled_batch: Optional[int] = None
         self.channels_last = False  # set by acceleration.prepare_for_cuda / prepare_for_cpu
         self.encoder_dtype = torch.float32  # bf16 after acceleration.prepare_for_cpu
+        self.backend = "torch"
+        self.openvino_encoder = None  # an openvino_encoder.OpenVinoEncoder when backend is "openvino"
         self.precision = "float32"  # the encoder's: "bf16" is autocast on CUDA, bf16 weights on a CPU
         self._dense_pe: Optional[Tuple[nn.Module, torch.Tensor]] = None
 
@@ -261,6 +264,9 @@ class SamModel(nn.Module):
         from; it needs a C++ compiler, so a missing one is named here rather than failing inside
         the first slice.
         """
+        if self.backend != "torch":
+            raise ValueError(f"compiling applies to the torch backend; this model's encoder runs on {self.backend}, "
+                             "which compiles it already")
         if self.compiled_batch is None:
             options = None
             if self.device.type == "cpu":
@@ -277,6 +283,8 @@ class SamModel(nn.Module):
         """Images [B,3,S,S], already normalised for this model -> embeddings [B,256,64,64] (float32)."""
         from .acceleration import pad_batch
 
+        if self.openvino_encoder is not None:
+            return self.openvino_encoder(images)
         count = images.shape[0]
         images = images.to(self.device, self.encoder_dtype)
         step = self.compiled_batch or count
@@ -465,6 +473,7 @@ def load_model(
     pretrained: bool = True,
     accelerate: bool = True,
     precision: str = "auto",
+    backend: str = "torch",
 ) -> SamModel:
     """Build a model by name and load its weights from local disk only.
 
@@ -473,12 +482,18 @@ def load_model(
     folds the encoder's batch norms into its convolutions and, on CUDA, applies the speed-ups of
     ``acceleration`` (benchmarks turn it off for the baseline).
     ``precision`` is the encoder's (PRECISIONS); bf16 on a CPU is about 2x faster where the CPU
-    has native bf16, and moves some results (acceleration).
+    has native bf16, and moves some results (acceleration). ``backend="openvino"`` runs the encoder
+    through OpenVINO (CPU only, the ``openvino`` package; ``openvino_encoder``).
     """
     spec = get_spec(name)
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision '{precision}'; choose one of: {', '.join(PRECISIONS)}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend '{backend}'; choose one of: {', '.join(BACKENDS)}")
     target = resolve_device(device)
+    if backend == "openvino" and target.type != "cpu":
+        raise ValueError(f"the openvino backend runs on the CPU only, not on {target.type}; use --device cpu or "
+                         "--backend torch")
     if checkpoint is not None:
         checkpoint = os.path.abspath(os.path.expanduser(str(checkpoint)))
         state = read_state_dict(checkpoint)
@@ -501,7 +516,12 @@ def load_model(
         fold_batch_norms(model.image_encoder)
         if target.type == "cuda":
             prepare_for_cuda(model)
-    if target.type == "cpu" and model.precision == "bf16":
+    if backend == "openvino":
+        from .openvino_encoder import OpenVinoEncoder
+
+        model.openvino_encoder = OpenVinoEncoder(model.image_encoder, spec.input_size, precision)
+        model.backend = "openvino"
+    elif target.type == "cpu" and model.precision == "bf16":
         from .acceleration import prepare_for_cpu
 
         prepare_for_cpu(model)

@@ -160,8 +160,8 @@ class Segmenter:
     ``window_margin``: decode only the image tokens this close to each box ("auto": 4 on a CPU,
     the whole slice on CUDA; None: always the whole slice). ``compile``: torch.compile the
     encoder, for long-lived use: 20-30 s once on CUDA, then about 2x faster encoding; about a
-    minute once on a CPU (a C++ compiler is needed). ``precision`` (for a model given by name):
-    see ``models.load_model``.
+    minute once on a CPU (a C++ compiler is needed). ``precision`` and ``backend`` (for a model
+    given by name): see ``models.load_model``.
     """
 
     def __init__(
@@ -175,12 +175,17 @@ class Segmenter:
         window_margin: Union[int, None, str] = "auto",
         compile: bool = False,
         precision: str = "auto",
+        backend: str = "torch",
     ):
         if isinstance(model, str):
-            model = load_model(model, checkpoint, device, precision=precision)
-        elif precision != "auto":
-            raise ValueError(f"precision '{precision}' applies to a model given by name; a loaded model keeps its "
-                             f"own ({model.precision}): load it with load_model(..., precision=...)")
+            model = load_model(model, checkpoint, device, precision=precision, backend=backend)
+        else:
+            asked = [f"{name} '{value}'" for name, value, default in
+                     (("precision", precision, "auto"), ("backend", backend, "torch")) if value != default]
+            if asked:
+                raise ValueError(f"{' and '.join(asked)} {'applies' if len(asked) == 1 else 'apply'} to a model given "
+                                 f"by name; a loaded model keeps its own ({model.precision}, {model.backend}): load "
+                                 "it with load_model(..., precision=..., backend=...)")
         # Checked before compiling, which changes the model: a bad value leaves the caller's model as it was.
         window_margin = resolve_window_margin(window_margin, model.device)
         self.model = model
