@@ -247,10 +247,14 @@ class SamModel(nn.Module):
         self.compiled_batch: Optional[int] = None
         self.channels_last = False  # set by acceleration.prepare_for_cuda / prepare_for_cpu
         self.encoder_dtype = torch.float32  # bf16 after acceleration.prepare_for_cpu
-        self.backend = "torch"
-        self.openvino_encoder = None  # an openvino_encoder.OpenVinoEncoder when backend is "openvino"
+        self.openvino_encoder = None  # an openvino_encoder.OpenVinoEncoder: backend "openvino"
         self.precision = "float32"  # the encoder's: "bf16" is autocast on CUDA, bf16 weights on a CPU
         self._dense_pe: Optional[Tuple[nn.Module, torch.Tensor]] = None
+
+    @property
+    def backend(self) -> str:
+        """Who runs the image encoder (BACKENDS)."""
+        return "torch" if self.openvino_encoder is None else "openvino"
 
     @property
     def device(self) -> torch.device:
@@ -520,7 +524,6 @@ def load_model(
         from .openvino_encoder import OpenVinoEncoder
 
         model.openvino_encoder = OpenVinoEncoder(model.image_encoder, spec.input_size, precision)
-        model.backend = "openvino"
     elif target.type == "cpu" and model.precision == "bf16":
         from .acceleration import prepare_for_cpu
 

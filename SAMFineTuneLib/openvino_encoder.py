@@ -67,7 +67,6 @@ class OpenVinoEncoder:
                   "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads())}
         self.compiled = openvino.Core().compile_model(graph, "CPU", config)
         self.request = self.compiled.create_infer_request()
-        self.precision = "bf16" if precision == "bf16" else "float32"
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         outputs = []

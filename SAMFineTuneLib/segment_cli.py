@@ -44,8 +44,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                              "boundaries (README, Speed (CPU))")
     parser.add_argument("--backend", default="torch", choices=list(BACKENDS),
                         help="who runs the image encoder: torch, or openvino (CPU only; needs 'pip install "
-                             "openvino'; about 8 s once to convert, then 2-2.5x faster than torch in float32 with "
-                             "the same embeddings to 1e-5)")
+                             "openvino'; 6-9 s once to convert, then about 2.5x faster than torch in float32 with "
+                             "the same embeddings to 2e-6)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the image encoder: 20-30 s once on CUDA, then 2-3x faster encoding; "
                              "about a minute once on a CPU (needs a C++ compiler), then about 2.5x faster; pays "
@@ -200,7 +200,7 @@ def _decoding(margin) -> str:
     return "whole slice" if margin is None else f"window of {margin} tokens around the box"
 
 
-def _speed_table(args, segmenter, baseline, volume, label) -> List[str]:
+def _speed_table(args, segmenter, baseline, volume, label, load_seconds: float) -> List[str]:
     from .phantom import bounding_box
 
     box = list(bounding_box(label.array, (args.margin, args.margin, 0)))
@@ -243,7 +243,7 @@ def _speed_table(args, segmenter, baseline, volume, label) -> List[str]:
         "| measure | value |",
         "|---|---|",
         f"| model load{' (converting to openvino)' if segmenter.model.backend == 'openvino' else ''} | "
-        f"{getattr(args, 'load_seconds', float('nan')):.1f} s |",
+        f"{load_seconds:.1f} s |",
         f"| one-off warm-up (first batch{', compiling' if segmenter.model.compiled_batch else ''}) | "
         f"{warm_up_seconds:.1f} s |",
         f"| cold segmentation (fixed box) | {1 / cold_s:.2f} slices/s ({cold_s * 1000:.0f} ms/slice) |",
@@ -300,7 +300,7 @@ def bench_main(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     model = load_model(args.model, args.checkpoint, args.device, pretrained=args.pretrained == "yes",
                        precision=args.precision, backend=args.backend)
-    args.load_seconds = time.perf_counter() - started
+    load_seconds = time.perf_counter() - started
     segmenter = Segmenter(model, window_margin=args.decode_window, compile=args.compile)
     # The seeds' loop runs on the model as segment-anything builds it: float32, no fused
     # attention, no channels-last, not compiled.
@@ -312,7 +312,7 @@ def bench_main(args: argparse.Namespace) -> int:
         _, volume, label, _ = cases[0]
         biggest = _structures(label.array, args.labels, 1, 1, 0)
         target = label.with_array((label.array == biggest[0]).astype(np.uint8))
-        print("\n".join(_speed_table(args, segmenter, baseline, volume, target)), flush=True)
+        print("\n".join(_speed_table(args, segmenter, baseline, volume, target, load_seconds)), flush=True)
     if args.skip_accuracy:
         return 0
     _accuracy_table(args, segmenter, cases)
