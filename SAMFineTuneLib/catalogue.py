@@ -1,0 +1,90 @@
+"""Every option SAMFineTune offers, defined once: models, windows, axes, box modes, devices,
+encoder backends and precisions, and the defaults of a segmentation.
+
+The panel, the Slicer-side logic, ``batch.py``, the worker and the command line all read their
+choices and defaults from here. It imports only the standard library, so Slicer can import it
+before torch is installed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Tuple
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What differs between SAM variants: encoder, input size and intensity normalisation."""
+
+    name: str
+    title: str  # as the panel lists it
+    input_size: int
+    normalisation: str  # "unit": [0,1] per channel (MedSAM family); "imagenet": SAM's pixel mean/std on 0..255
+    encoder: str  # "tiny_vit" or a segment-anything registry key (vit_b, vit_l, vit_h)
+    needs_checkpoint: bool
+    multimask_default: bool  # MedSAM-family decoders were trained single-mask; SAM picks among three
+
+
+MODEL_SPECS: Dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec("litemedsam", "LiteMedSAM (built in, CPU friendly)", 256, "unit", "tiny_vit", False, False),
+        ModelSpec("medsam", "MedSAM (checkpoint)", 1024, "unit", "vit_b", True, False),
+        ModelSpec("sam_vit_b", "SAM ViT-B (checkpoint)", 1024, "imagenet", "vit_b", True, True),
+        ModelSpec("sam_vit_l", "SAM ViT-L (checkpoint)", 1024, "imagenet", "vit_l", True, True),
+        ModelSpec("sam_vit_h", "SAM ViT-H (checkpoint)", 1024, "imagenet", "vit_h", True, True),
+    )
+}
+DEFAULT_MODEL = "litemedsam"
+
+
+def get_spec(name: str) -> ModelSpec:
+    if name not in MODEL_SPECS:
+        raise ValueError(f"unknown model '{name}'; choose one of: {', '.join(MODEL_SPECS)}")
+    return MODEL_SPECS[name]
+
+
+#: Intensity windows as (width, level) in Hounsfield units.
+WINDOW_PRESETS: Dict[str, Tuple[float, float]] = {
+    "lung": (1500.0, -600.0),
+    "mediastinum": (350.0, 50.0),
+    "abdomen": (400.0, 40.0),
+    "bone": (1800.0, 400.0),
+    "brain": (80.0, 40.0),
+}
+#: Every window name the engine takes (besides "W/L" numbers such as "400/40"), with its label.
+WINDOWS: Dict[str, str] = {
+    "auto": "auto (abdomen on CT, percentiles otherwise)",
+    **{name: name for name in WINDOW_PRESETS},
+    "percentile": "percentile (0.5-99.5%, MRI)",
+}
+
+#: Slicing axis -> the array axis of a KJI volume it steps along.
+AXES: Dict[str, int] = {"axial": 0, "coronal": 1, "sagittal": 2}
+
+BOX_MODES: Dict[str, str] = {
+    "tracked": "tracked (box follows the structure)",
+    "fixed": "fixed (ROI box on every slice)",
+}
+
+DEVICES: Dict[str, str] = {"auto": "auto (GPU when there is one)", "cpu": "CPU", "cuda": "GPU (CUDA)"}
+
+#: The image encoder's number format: auto = bf16 on CUDA, float32 on a CPU.
+PRECISIONS: Tuple[str, ...] = ("auto", "float32", "bf16")
+#: Who runs the image encoder; openvino runs on a CPU only.
+BACKENDS: Tuple[str, ...] = ("torch", "openvino")
+
+#: What a segmentation takes besides the volume and its box, and the defaults (names as in
+#: ``Segmenter.segment``, the worker protocol and the Slicer-side logic).
+SEGMENT_DEFAULTS: Dict[str, Any] = {
+    "model": DEFAULT_MODEL,
+    "checkpoint": None,
+    "adapter": None,
+    "device": "auto",
+    "axis": "axial",
+    "window": "auto",
+    "box_mode": "tracked",
+    "keep_largest": True,
+    "fill_holes": True,
+}
+#: The options that identify a loaded model: a change among them means loading another one.
+MODEL_KEYS: Tuple[str, ...] = ("model", "checkpoint", "device")
