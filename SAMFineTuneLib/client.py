@@ -537,9 +537,11 @@ class WorkerClient:
     # --- blocking helpers -----------------------------------------------------------------
 
     def wait(self, job: Job, progress: Optional[Callable[[int, int, str], None]] = None,
-             timeout: Optional[float] = None) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
+             timeout: Optional[float] = None,
+             cancel: Optional[Callable[[], bool]] = None) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
         """Block until ``job`` ends; return (result, arrays) or raise its JobError / JobCancelled /
-        WorkerCrashed. progress(done, total, message) is called as the job reports."""
+        WorkerCrashed. progress(done, total, message) is called as the job reports; the job is
+        cancelled once ``cancel()`` returns True."""
         deadline = None if timeout is None else time.monotonic() + timeout
         seen = None
         try:
@@ -549,6 +551,8 @@ class WorkerClient:
                     seen = (job.step, job.message)
                     progress(job.step[0], job.step[1], job.message)
                 if deadline is not None and time.monotonic() > deadline and not job.cancel_requested:
+                    self.cancel(job)
+                if cancel is not None and not job.cancel_requested and cancel():
                     self.cancel(job)
         except KeyboardInterrupt:
             self.cancel(job)
