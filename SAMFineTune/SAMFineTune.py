@@ -7,7 +7,6 @@ and without a GUI (``--no-main-window``). This file stays valid Python 3.9, so t
 Slicer (5.8 ships Python 3.9) shows why the module cannot run instead of failing to load.
 """
 
-import logging
 import os
 import pathlib
 import sys
@@ -31,7 +30,7 @@ UNSUPPORTED = "" if sys.version_info >= (3, 10) else (
     "Install a current Slicer from download.slicer.org." % sys.version_info[:2])
 
 if not UNSUPPORTED:
-    from SAMFineTuneMRML import deps, geometry, options, training  # noqa: E402
+    from SAMFineTuneMRML import deps, options  # noqa: E402
     from SAMFineTuneMRML.logic import SAMFineTuneCoreLogic, describeDevice  # noqa: E402
     from SAMFineTuneMRML.paths import cacheDirectory  # noqa: E402
 else:
@@ -67,6 +66,21 @@ class SAMFineTune(ScriptedLoadableModule):
         iconPath = resourcePath("Icons/SAMFineTune.png")
         if os.path.exists(iconPath):
             self.parent.icon = qt.QIcon(iconPath)
+        if not UNSUPPORTED and hasattr(slicer, "app"):
+            slicer.app.connect("startupCompleted()", registerEditorEffect)
+
+
+#: The Segment Editor effect this module registers ("SAM": clicks, boxes, propagation).
+EFFECT_SOURCE = os.path.join(_MODULE_DIR, "SAMFineTuneEffect", "SegmentEditorEffect.py")
+
+
+def registerEditorEffect():
+    """Register the SAM effect with the Segment Editor (as Slicer's ScriptedSegmentEditorEffect template does)."""
+    import qSlicerSegmentationsEditorEffectsPythonQt as effects
+
+    instance = effects.qSlicerSegmentEditorScriptedEffect(None)
+    instance.setPythonSource(EFFECT_SOURCE.replace("\\", "/"))
+    instance.self().register()
 
 
 @parameterNodeWrapper
@@ -114,18 +128,26 @@ COMBO_BINDINGS = {"model": "modelComboBox", "adapter": "adapterComboBox", "devic
                   "targetSegment": "targetSegmentComboBox"}
 
 
+def segmentOptions(p):
+    """The engine's options from the panel's parameter node (the panel and the SAM effect use them)."""
+    return dict(model=p.model, checkpoint=options.optionalPath(p.checkpoint), adapter=p.adapter or None,
+                device=p.device, axis=p.axis, box_mode=p.boxMode, keep_largest=p.keepLargest, fill_holes=p.fillHoles,
+                window=p.customWindow if p.window == options.CUSTOM_WINDOW else p.window)
+
+
 class SAMFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The panel: keeps the parameter node and the widgets in step, and polls the sections' jobs
+    (segmentation, fine-tuning, device check) from one timer."""
+
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
-        self._parameterNode = None
+        self.parameters = None
         self._parameterNodeGuiTag = None
         self._updatingGUI = False
-        self.tasks = []
-        self.trainingTask = None
+        self.sections = []
         self.infoTask = None
-        self.curve = None
         self.timer = None
 
     def resourcePath(self, relativePath):
@@ -140,45 +162,36 @@ class SAMFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             label.wordWrap = True
             self.layout.addWidget(label)
             return
+        from SAMFineTuneGUI import dependencies
+        from SAMFineTuneGUI.combos import fillCombo
+        from SAMFineTuneGUI.finetuning import FineTuningSection
+        from SAMFineTuneGUI.segmentation import SegmentationSection
+
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/SAMFineTune.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-
         self.logic = SAMFineTuneLogic()
-        self.logic.saveStateForUndoHook = self.saveSegmentEditorUndoState
-
-        self._fillCombo(self.ui.modelComboBox, options.MODEL_CHOICES)
-        self._fillCombo(self.ui.windowComboBox, options.WINDOW_CHOICES)
-        self._fillCombo(self.ui.deviceComboBox, options.DEVICE_CHOICES)
-        self._fillCombo(self.ui.axisComboBox, options.AXIS_CHOICES)
-        self._fillCombo(self.ui.boxModeComboBox, options.BOX_MODE_CHOICES)
+        for combo, choices in (("modelComboBox", options.MODEL_CHOICES), ("windowComboBox", options.WINDOW_CHOICES),
+                               ("deviceComboBox", options.DEVICE_CHOICES), ("axisComboBox", options.AXIS_CHOICES),
+                               ("boxModeComboBox", options.BOX_MODE_CHOICES)):
+            fillCombo(getattr(self.ui, combo), choices)
         self.refreshAdapters()
+        self.sections = [SegmentationSection(self), FineTuningSection(self)]
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-
         for name, comboName in COMBO_BINDINGS.items():
-            getattr(self.ui, comboName).currentIndexChanged.connect(lambda index, name=name: self._onComboChanged(name))
-        self.ui.roiSelector.checkedNodesChanged.connect(self._onRoisChanged)
-        self.ui.segmentationSelector.currentNodeChanged.connect(lambda node: self.refreshTargetSegments())
-        self.ui.placeRoiAroundViewButton.clicked.connect(self.onPlaceRoiAroundView)
-        self.ui.drawRoiButton.clicked.connect(self.onDrawRoi)
+            getattr(self.ui, comboName).currentIndexChanged.connect(lambda index, name=name: self.onComboChanged(name))
+        self.ui.roiSelector.checkedNodesChanged.connect(self.onRoisChanged)
         self.ui.refreshAdaptersButton.clicked.connect(self.refreshAdapters)
         self.ui.checkDeviceButton.clicked.connect(self.onCheckDevice)
-        self.ui.segmentButton.clicked.connect(self.onSegment)
-        self.ui.cancelButton.clicked.connect(self.onCancel)
-        self.ui.undoButton.clicked.connect(self.onUndo)
-        self.ui.installDependenciesButton.clicked.connect(self.ensureDependencies)
-        self.ui.exportButton.clicked.connect(self.onExport)
-        self.ui.trainButton.clicked.connect(self.onTrain)
-        self.ui.cancelTrainingButton.clicked.connect(self.onCancelTraining)
+        self.ui.installDependenciesButton.clicked.connect(lambda: dependencies.ensure(self.ui))
 
         self.timer = qt.QTimer()
         self.timer.setInterval(100)
         self.timer.timeout.connect(self.onPoll)
-
-        self.updateDependenciesStatus()
+        dependencies.showStatus(self.ui)
         self.initializeParameterNode()
 
     def cleanup(self):
@@ -204,68 +217,57 @@ class SAMFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def initializeParameterNode(self):
         self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.inputVolume:
+        if not self.parameters.inputVolume:
             volume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if volume:
-                self._parameterNode.inputVolume = volume
-        if not options.optionalPath(self._parameterNode.datasetDir):
-            self._parameterNode.datasetDir = pathlib.Path(cacheDirectory(), "datasets")
+                self.parameters.inputVolume = volume
+        if not options.optionalPath(self.parameters.datasetDir):
+            self.parameters.datasetDir = pathlib.Path(cacheDirectory(), "datasets")
 
     def setParameterNode(self, inputParameterNode):
-        if self._parameterNode:
+        if self.parameters:
             if self._parameterNodeGuiTag:
-                self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+                self.parameters.disconnectGui(self._parameterNodeGuiTag)
                 self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
-        self._parameterNode = inputParameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectParametersToGui(
+            self.removeObserver(self.parameters, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+        self.parameters = inputParameterNode
+        if self.parameters:
+            self._parameterNodeGuiTag = self.parameters.connectParametersToGui(
                 {name: getattr(self.ui, widget) for name, widget in GUI_BINDINGS.items()})
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+            self.addObserver(self.parameters, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
             self.updateGUIFromParameterNode()
 
     # ------------------------------------------------------------ GUI <-> parameter node
 
-    @staticmethod
-    def _fillCombo(combo, choices):
-        combo.clear()
-        for value, text in choices:
-            combo.addItem(text, value)
-
-    @staticmethod
-    def _selectData(combo, value):
-        index = combo.findData(value)
-        if index >= 0 and index != combo.currentIndex:
-            combo.setCurrentIndex(index)
-
-    def _onComboChanged(self, name):
-        if self._updatingGUI or not self._parameterNode:
+    def onComboChanged(self, name):
+        if self._updatingGUI or not self.parameters:
             return
         value = getattr(self.ui, COMBO_BINDINGS[name]).currentData
-        setattr(self._parameterNode, name, value if value is not None else "")
+        setattr(self.parameters, name, value if value is not None else "")
 
-    def _onRoisChanged(self):
-        if self._updatingGUI or not self._parameterNode:
-            return
-        self._parameterNode.rois = list(self.ui.roiSelector.checkedNodes())
+    def onRoisChanged(self):
+        if not self._updatingGUI and self.parameters:
+            self.parameters.rois = list(self.ui.roiSelector.checkedNodes())
 
     def updateGUIFromParameterNode(self, caller=None, event=None):
-        if not self._parameterNode or self._updatingGUI:
+        from SAMFineTuneGUI.combos import selectData
+
+        if not self.parameters or self._updatingGUI:
             return
         self._updatingGUI = True
         try:
-            p = self._parameterNode
-            self.refreshTargetSegments()
+            p = self.parameters
+            for section in self.sections:
+                section.updateGUI(p)
             for name, comboName in COMBO_BINDINGS.items():
-                self._selectData(getattr(self.ui, comboName), getattr(p, name))
-            self._showCheckedRois(p.rois)
+                selectData(getattr(self.ui, comboName), getattr(p, name))
+            self.showCheckedRois(p.rois)
             self.ui.checkpointPathLineEdit.enabled = options.MODEL_SPECS[p.model].needs_checkpoint
             self.ui.customWindowLineEdit.enabled = p.window == options.CUSTOM_WINDOW
-            self._updateButtons(p)
         finally:
             self._updatingGUI = False
 
-    def _showCheckedRois(self, rois):
+    def showCheckedRois(self, rois):
         checked = set(node.GetID() for node in rois if node is not None)
         for index in range(self.ui.roiSelector.nodeCount()):
             node = self.ui.roiSelector.nodeFromIndex(index)
@@ -273,256 +275,40 @@ class SAMFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if self.ui.roiSelector.checkState(node) != state:
                 self.ui.roiSelector.setCheckState(node, state)
 
-    def _updateButtons(self, p):
-        busy = any(not task.finished for task in self.tasks)
-        ready = bool(p.inputVolume) and bool(p.rois) and not busy
-        self.ui.segmentButton.enabled = ready
-        self.ui.segmentButton.toolTip = "Segment the checked ROIs" if ready else "Select a volume and check at least one ROI"
-        self.ui.cancelButton.enabled = busy
-        trainingBusy = self.trainingTask is not None and not self.trainingTask.finished
-        datasetChosen = bool(options.optionalPath(p.datasetDir))
-        self.ui.trainButton.enabled = datasetChosen and bool(p.adapterName) and not trainingBusy
-        self.ui.cancelTrainingButton.enabled = trainingBusy
-        self.ui.exportButton.enabled = datasetChosen
-
-    def refreshTargetSegments(self):
-        combo = self.ui.targetSegmentComboBox
-        wasBlocked = combo.blockSignals(True)
-        current = self._parameterNode.targetSegment if self._parameterNode else ""
-        choices = [("", "(new segment, named after the ROI)")]
-        node = self.ui.segmentationSelector.currentNode()
-        if node is not None:
-            segmentation = node.GetSegmentation()
-            for index in range(segmentation.GetNumberOfSegments()):
-                segmentId = segmentation.GetNthSegmentID(index)
-                choices.append((segmentId, segmentation.GetSegment(segmentId).GetName()))
-        self._fillCombo(combo, choices)
-        self._selectData(combo, current)
-        combo.blockSignals(wasBlocked)
-
     def refreshAdapters(self):
-        current = self._parameterNode.adapter if self._parameterNode else ""
-        wasBlocked = self.ui.adapterComboBox.blockSignals(True)
-        self._fillCombo(self.ui.adapterComboBox, [("", "none (base model)")] + [
-            (path, name) for name, path in self.logic.listAdapters()])
-        self._selectData(self.ui.adapterComboBox, current)
-        self.ui.adapterComboBox.blockSignals(wasBlocked)
+        from SAMFineTuneGUI.combos import refillCombo
+
+        refillCombo(self.ui.adapterComboBox, [("", "none (base model)")] + [
+            (path, name) for name, path in self.logic.listAdapters()], self.parameters.adapter if self.parameters else "")
 
     def segmentOptions(self):
-        p = self._parameterNode
-        return dict(model=p.model, checkpoint=options.optionalPath(p.checkpoint), adapter=p.adapter or None,
-                    device=p.device, axis=p.axis, box_mode=p.boxMode, keep_largest=p.keepLargest,
-                    fill_holes=p.fillHoles,
-                    window=p.customWindow if p.window == options.CUSTOM_WINDOW else p.window)
+        return segmentOptions(self.parameters)
 
-    # ------------------------------------------------------------ dependencies
+    # ------------------------------------------------------------ jobs
 
-    def updateDependenciesStatus(self):
-        missing = deps.describeMissing()
-        self.ui.dependenciesLabel.text = ("Not installed yet: %s." % missing) if missing else ""
-        self.ui.dependenciesLabel.visible = bool(missing)
-        self.ui.installDependenciesButton.visible = bool(missing)
-        return not missing
-
-    def ensureDependencies(self):
-        """Install what is missing, after the user agrees. True when everything is there."""
-        needed = deps.missing()
-        if not needed:
-            return True
-        if not slicer.util.confirmOkCancelDisplay(
-                "SAM Fine-Tune needs Python packages that are not installed yet:\n\n%s\n\nInstall them now? "
-                "This downloads about 1-3 GB and can take several minutes." % "\n".join(map(deps.describe, needed)),
-                windowTitle="Install dependencies"):
-            return False
-        try:
-            with slicer.util.WaitCursor():
-                deps.install()
-        except Exception as exc:
-            slicer.util.errorDisplay("Installing the dependencies failed: %s" % exc, detailedText=str(exc))
-            return False
-        finally:
-            self.updateDependenciesStatus()
-        stale = deps.importedAlready(needed)
-        if stale and slicer.util.confirmYesNoDisplay(
-                "Installed. Slicer has loaded older versions of %s: restart Slicer now to use the new ones?"
-                % ", ".join(stale), windowTitle="Restart Slicer"):
-            slicer.util.restart()
-        return not deps.missing()
-
-    # ------------------------------------------------------------ ROIs
-
-    def _newRoi(self, baseName="SAM ROI"):
-        roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", slicer.mrmlScene.GenerateUniqueName(baseName))
-        roi.CreateDefaultDisplayNodes()
-        return roi
-
-    def onPlaceRoiAroundView(self):
-        volume = self._parameterNode.inputVolume
-        if volume is None:
-            slicer.util.errorDisplay("Select the volume first.")
-            return
-        sliceNode = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
-        xyToRAS = sliceNode.GetXYToRAS()
-        dims = sliceNode.GetDimensions()
-        corners = [xyToRAS.MultiplyPoint((x, y, 0, 1))[:3] for x in (0, dims[0] - 1) for y in (0, dims[1] - 1)]
-        try:
-            box = geometry.viewRegionBox(volume, corners)
-        except ValueError as exc:
-            slicer.util.errorDisplay(str(exc))
-            return
-        roi = self._newRoi()
-        geometry.placeRoiAroundBox(roi, volume, box)
-        self.ui.roiSelector.setCheckState(roi, qt.Qt.Checked)
-
-    def onDrawRoi(self):
-        roi = self._newRoi()
-        self.ui.roiSelector.setCheckState(roi, qt.Qt.Checked)
-        selectionNode = slicer.app.applicationLogic().GetSelectionNode()
-        selectionNode.SetReferenceActivePlaceNodeClassName("vtkMRMLMarkupsROINode")
-        selectionNode.SetActivePlaceNodeID(roi.GetID())
-        interaction = slicer.app.applicationLogic().GetInteractionNode()
-        interaction.SetPlaceModePersistence(0)
-        interaction.SetCurrentInteractionMode(interaction.Place)
-
-    # ------------------------------------------------------------ segmentation
-
-    def saveSegmentEditorUndoState(self, segmentationNode, volumeNode):
-        """Save the state in the Segment Editor's own history too, so that Ctrl+Z there undoes
-        the result. The editor is switched to this segmentation (where the user corrects it next)."""
-        try:
-            editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
-            if editor.mrmlSegmentEditorNode() is None:
-                return
-            if editor.segmentationNode() is not segmentationNode:
-                editor.setSegmentationNode(segmentationNode)
-                editor.setSourceVolumeNode(volumeNode)
-            editor.saveStateForUndo()
-        except Exception as exc:  # the Segment Editor is optional here; our own Undo still works
-            logging.debug("Segment Editor undo state not saved: %s", exc)
-
-    def onSegment(self):
-        if not self.ensureDependencies():
-            return
-        p = self._parameterNode
-        rois = [roi for roi in p.rois if roi is not None]
-        if p.segmentation is None:
-            p.segmentation = self.logic.createSegmentation(p.inputVolume)
-        targetSegment = p.targetSegment if len(rois) == 1 and p.targetSegment else None
-        try:
-            self.tasks = self.logic.segmentROIs(p.inputVolume, rois, p.segmentation, segmentIds=[targetSegment] * len(rois),
-                                                waitForCompletion=False, **self.segmentOptions())
-        except Exception as exc:
-            self.tasks = []
-            slicer.util.errorDisplay("Cannot segment: %s" % exc)
-            return
-        warnings = [task.warning for task in self.tasks if task.warning]
-        self.ui.statusLabel.text = "\n".join(["Starting..."] + warnings)
-        self.ui.progressBar.value = 0
+    def startPolling(self):
         self.timer.start()
         self.updateGUIFromParameterNode()
 
-    def onCancel(self):
-        for task in self.tasks:
-            task.cancel()
-        self.ui.statusLabel.text = "Cancelling..."
-
-    def onUndo(self):
-        node = self._parameterNode.segmentation
-        if node is not None and self.logic.undo(node):
-            self.ui.statusLabel.text = "Last result undone."
-        self.refreshTargetSegments()
-
     def onPoll(self):
-        if self.tasks:
-            self._pollSegmentation()
+        busy = [section.poll() for section in self.sections]
         if self.infoTask is not None and not self.infoTask.poll():
             info = self.infoTask
             self.ui.deviceInfoLabel.text = "Device: " + (describeDevice(info.result) if info.state == "done"
                                                          else (info.error or info.state))
             self.infoTask = None
-        if self.trainingTask is not None:
-            self.trainingTask.poll()
-            self.ui.trainingProgressBar.value = int(100 * self.trainingTask.progress)
-            self.ui.trainingStatusLabel.text = self.trainingTask.error or self.trainingTask.message
-        busy = (any(not task.finished for task in self.tasks) or self.infoTask is not None
-                or (self.trainingTask is not None and not self.trainingTask.finished))
-        if not busy:
+        if not any(busy) and self.infoTask is None:
             self.timer.stop()
         self.updateGUIFromParameterNode()
 
-    def _pollSegmentation(self):
-        for task in self.tasks:
-            task.poll()
-        self.ui.progressBar.value = int(100 * sum(task.progress for task in self.tasks) / len(self.tasks))
-        lines = ["%s: %s" % (task.roiNode.GetName(), task.error or task.message) for task in self.tasks]
-        lines += [task.warning for task in self.tasks if task.warning]
-        self.ui.statusLabel.text = "\n".join(lines)
-        if all(task.finished for task in self.tasks):
-            self.ui.undoButton.enabled = any(task.state == "done" for task in self.tasks)
-            self.refreshTargetSegments()
-
     def onCheckDevice(self):
-        if not self.ensureDependencies():
+        from SAMFineTuneGUI import dependencies
+
+        if not dependencies.ensure(self.ui):
             return
         self.ui.deviceInfoLabel.text = "Device: starting the worker..."
         self.infoTask = self.logic.deviceInfo()
-        self.timer.start()
-
-    # ------------------------------------------------------------ fine-tuning
-
-    def structureName(self):
-        p = self._parameterNode
-        if p.structureName:
-            return p.structureName
-        node = p.segmentation
-        segment = node.GetSegmentation().GetSegment(p.targetSegment) if node is not None and p.targetSegment else None
-        return segment.GetName() if segment is not None else ""
-
-    def onExport(self):
-        name = self.structureName()
-        if not name:
-            slicer.util.errorDisplay("Type the structure (segment name) to export.")
-            return
-        try:
-            with slicer.util.WaitCursor():
-                cases = training.findCases(slicer.mrmlScene, name)
-                summary = self.logic.exportTrainingSet(cases, options.optionalPath(self._parameterNode.datasetDir), name)
-        except Exception as exc:
-            slicer.util.errorDisplay("Export failed: %s" % exc)
-            return
-        self.ui.trainingStatusLabel.text = ("Added %d case(s) to %s (%s train, %s val)%s" % (
-            len(summary.get("added", [])), summary.get("dataset"), summary.get("train"), summary.get("val"),
-            "".join("\n" + w for w in summary.get("warnings", []))))
-
-    def onTrain(self):
-        if not self.ensureDependencies():
-            return
-        p = self._parameterNode
-        self.curve = training.TrainingCurve(slicer.mrmlScene, "SAMFineTune " + p.adapterName)
-        self.ui.trainingTableView.setMRMLTableNode(self.curve.table)
-        slicer.modules.plots.logic().ShowChartInLayout(self.curve.chart)
-        curve = self.curve
-        try:
-            self.trainingTask = self.logic.train(
-                options.optionalPath(p.datasetDir), name=p.adapterName, waitForCompletion=False,
-                onEvent=lambda message: curve.addFromMessage(str(message.get("message", ""))),
-                onFinished=self.onTrainingFinished, model=p.model, checkpoint=options.optionalPath(p.checkpoint),
-                device=p.device, epochs=p.epochs)
-        except Exception as exc:
-            slicer.util.errorDisplay("Cannot start training: %s" % exc)
-            return
-        self.timer.start()
-        self.updateGUIFromParameterNode()
-
-    def onCancelTraining(self):
-        if self.trainingTask is not None:
-            self.trainingTask.cancel()
-
-    def onTrainingFinished(self, task):
-        if task.state == "done":
-            self.refreshAdapters()
-            self._parameterNode.adapter = task.output
-            self.ui.trainingStatusLabel.text = "Adapter '%s' ready and selected." % self._parameterNode.adapterName
+        self.startPolling()
 
 
 class SAMFineTuneLogic(ScriptedLoadableModuleLogic, SAMFineTuneCoreLogic):

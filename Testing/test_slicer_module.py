@@ -18,9 +18,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULE_DIR = os.path.join(REPO, "SAMFineTune")
 MODULE_FILE = os.path.join(MODULE_DIR, "SAMFineTune.py")
 UI_FILE = os.path.join(REPO, "Resources", "UI", "SAMFineTune.ui")
-HELPERS = sorted(f for f in os.listdir(os.path.join(MODULE_DIR, "SAMFineTuneMRML")) if f.endswith(".py"))
+PACKAGES = ("SAMFineTuneMRML", "SAMFineTuneGUI", "SAMFineTuneEffect")
 SLICER_FILES = [os.path.join(MODULE_DIR, "SAMFineTuneScripts", "batch.py")] + [
-    os.path.join(MODULE_DIR, "SAMFineTuneMRML", f) for f in HELPERS]
+    os.path.join(MODULE_DIR, package, f) for package in PACKAGES
+    for f in sorted(os.listdir(os.path.join(MODULE_DIR, package))) if f.endswith(".py")]
+PANEL_FILES = [MODULE_FILE] + [f for f in SLICER_FILES if os.sep + "SAMFineTuneGUI" + os.sep in f]
 
 QT_CLASSES = {"QWidget", "QLabel", "QComboBox", "QPushButton", "QToolButton", "QCheckBox", "QLineEdit", "QSpinBox",
               "QProgressBar"}
@@ -71,13 +73,17 @@ def module_tables():
 
 
 def ui_names_in_code():
-    """Every ``self.ui.<name>`` the module code uses, and the widgets of its binding tables."""
-    tree = ast.parse(open(MODULE_FILE).read())
+    """Every ``<something>.ui.<name>`` or ``ui.<name>`` the panel's code uses, and the widgets of its
+    binding tables and its combo-filling table."""
     names = set()
-    for node in ast.walk(tree):
-        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
-                and node.value.attr == "ui" and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"):
-            names.add(node.attr)
+    for path in PANEL_FILES:
+        source = open(path).read()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Attribute) and (
+                    (isinstance(node.value, ast.Attribute) and node.value.attr == "ui")
+                    or (isinstance(node.value, ast.Name) and node.value.id == "ui")):
+                names.add(node.attr)
+        names |= set(re.findall(r'\("(\w+ComboBox)", options\.', source))
     for table in module_tables().values():
         names |= set(table.values())
     return names
@@ -282,7 +288,9 @@ def test_every_parameter_binds_to_a_widget_class_slicers_connectors_accept(ui):
 
 def test_cmake_installs_every_module_file_and_follows_extension_conventions():
     module_cmake = open(os.path.join(MODULE_DIR, "CMakeLists.txt")).read()
-    assert "${CMAKE_CURRENT_SOURCE_DIR}/SAMFineTuneMRML/*.py" in module_cmake  # every helper, listed by CMake
+    for package in PACKAGES:  # every file of the module's packages, listed by CMake
+        assert "${CMAKE_CURRENT_SOURCE_DIR}/%s/*.py" % package in module_cmake, package
+    assert "SAMFineTuneEffect/SegmentEditorEffect.png" in module_cmake
     assert "slicerMacroBuildScriptedModule" in module_cmake and "WITH_GENERIC_TESTS" in module_cmake
     assert re.search(r"slicer_add_python_unittest\(SCRIPT \$\{MODULE_NAME\}\.py\)", module_cmake)
     # The batch script installs into a sub-folder, as in the source tree, so the module scan skips it.

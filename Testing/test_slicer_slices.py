@@ -46,7 +46,7 @@ def test_a_click_lands_on_the_slice_pixel_of_the_voxel_under_it(scene, name):
     for axis, (index, point) in expected.items():
         got_index, got_point = slices.rasToSlicePoint(ras, volume, axis)
         assert got_index == index and np.allclose(np.round(got_point), point), axis
-        assert slices.sliceShape(volume, axis) == np.take(np.zeros(SHAPE), 0, axis=slices._ARRAY_AXIS[axis]).shape
+        assert slices.sliceShape(volume, axis) == np.take(np.zeros(SHAPE), 0, axis=slices.arrayAxis(axis)).shape
 
 
 def setup(scene, name="oblique"):
@@ -66,7 +66,7 @@ def setup(scene, name="oblique"):
 
 def result_on(axis, index, mask2d):
     out = np.zeros(SHAPE, np.uint8)
-    np.moveaxis(out, slices._ARRAY_AXIS[axis], 0)[index] = mask2d
+    np.moveaxis(out, slices.arrayAxis(axis), 0)[index] = mask2d
     return out
 
 
@@ -115,3 +115,21 @@ def test_a_result_of_the_wrong_size_is_refused_before_anything_is_written(scene)
     with pytest.raises(ValueError, match="axial slice of 'CT' is \\(20, 24\\) pixels"):
         slices.writeSlice(modify, np.ones((5, 5)), volume, node, "axial", 2)
     assert np.array_equal(segments.segmentToArray(node, target, volume), before > 0)
+
+
+def test_several_slices_written_at_once_leave_the_others_and_undo_together(scene):
+    volume, node, target, neighbour, before, kidney = setup(scene)
+    modify = slices.EditorModifier(scene, node, volume, target)
+    modify.saveStateForUndo()
+    planes = {index: np.zeros(slices.sliceShape(volume, "axial"), np.uint8) for index in (1, 3, 4)}  # 2 is locked
+    for index, plane in planes.items():
+        plane[index:index + 5, 2:12] = 1
+    slices.writeSlices(modify, planes, volume, node, "axial")
+    after = segments.segmentToArray(node, target, volume)
+    for index in range(SHAPE[0]):
+        expected = planes[index] > 0 if index in planes else before[index] > 0
+        assert np.array_equal(after[index], expected), index
+    modify.undo()
+    assert np.array_equal(segments.segmentToArray(node, target, volume), before > 0)
+    with pytest.raises(ValueError, match="Slice 9 is outside"):
+        slices.writeSlices(modify, {9: planes[1]}, volume, node, "axial")

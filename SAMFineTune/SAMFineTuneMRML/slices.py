@@ -17,12 +17,12 @@ import numpy as np
 import slicer
 
 from .geometry import ENGINE_AXIS_OF_ARRAY_AXIS, matrixToArray, nodeName, volumeIJKToRAS
-from .segments import orientedImageFromMask
+from .options import AXES
+from .segments import orientedImageFromMask, segmentToArray
 
 #: A view counts as showing a volume's slices when its normal is this close to an IJK axis.
 ALIGNMENT_DEGREES = 1.0
-#: Engine axis -> the KJI array axis it steps along, and the (row, column) axes of its slices.
-_ARRAY_AXIS = {"axial": 0, "coronal": 1, "sagittal": 2}
+#: Engine axis -> the (row, column) axes of its slices in the KJI array.
 _ROWS_COLUMNS = {"axial": (1, 2), "coronal": (0, 2), "sagittal": (0, 1)}
 
 # Slicer's own modification modes (vtkSlicerSegmentEditorLogic::ModificationMode).
@@ -55,7 +55,17 @@ def rasToSlicePoint(ras, volumeNode, axis):
     ijk = np.linalg.inv(volumeIJKToRAS(volumeNode, world=True)) @ np.r_[np.asarray(ras, dtype=float)[:3], 1.0]
     kji = ijk[2::-1]
     rows, columns = _ROWS_COLUMNS[axis]
-    return int(np.floor(kji[_ARRAY_AXIS[axis]] + 0.5)), (float(kji[columns]), float(kji[rows]))
+    return int(np.floor(kji[AXES[axis]] + 0.5)), (float(kji[columns]), float(kji[rows]))
+
+
+def arrayAxis(axis):
+    """The KJI array axis the engine axis steps along."""
+    return AXES[axis]
+
+
+def segmentSlice(segmentationNode, segmentId, volumeNode, axis, index):
+    """One slice of a segment on the volume's grid (2D bool)."""
+    return segmentToArray(segmentationNode, segmentId, volumeNode).take(int(index), axis=arrayAxis(axis))
 
 
 def sliceShape(volumeNode, axis):
@@ -69,23 +79,15 @@ def sliceExtent(volumeNode, axis, index):
     """VTK extent (i0, i1, j0, j1, k0, k1) of one slice of the volume."""
     dims = volumeNode.GetImageData().GetDimensions()
     extent = [0, dims[0] - 1, 0, dims[1] - 1, 0, dims[2] - 1]
-    ijkAxis = 2 - _ARRAY_AXIS[axis]
+    ijkAxis = 2 - AXES[axis]
     extent[2 * ijkAxis] = extent[2 * ijkAxis + 1] = int(index)
     return extent
 
 
-def sliceModifier(mask2d, volumeNode, segmentationNode, axis, index, reference=None):
-    """A labelmap holding ``mask2d`` on one slice (and nothing elsewhere), in the volume's geometry
-    or, with ``reference``, resampled onto that labelmap's geometry (the editor's modifier)."""
-    shape = sliceShape(volumeNode, axis)
-    mask2d = np.asarray(mask2d)
-    if mask2d.shape != shape:
-        raise ValueError("A %s slice of '%s' is %s pixels, the result is %s." % (axis, nodeName(volumeNode), shape,
-                                                                                mask2d.shape))
-    dims = volumeNode.GetImageData().GetDimensions()
-    volume = np.zeros((dims[2], dims[1], dims[0]), np.uint8)
-    np.moveaxis(volume, _ARRAY_AXIS[axis], 0)[int(index)] = mask2d > 0
-    image = orientedImageFromMask(volume, volumeNode, segmentationNode)
+def sliceModifier(masks, volumeNode, segmentationNode, reference=None):
+    """A labelmap of ``masks`` (KJI, the volume's shape) in the volume's geometry or, with
+    ``reference``, resampled onto that labelmap's geometry (the editor's modifier)."""
+    image = orientedImageFromMask(masks, volumeNode, segmentationNode)
     if reference is None:
         return image
     resampled = slicer.vtkOrientedImageData()
@@ -93,15 +95,44 @@ def sliceModifier(mask2d, volumeNode, segmentationNode, axis, index, reference=N
     return resampled
 
 
+def volumeOfSlices(volumeNode, axis, planes):
+    """A KJI uint8 volume holding ``planes`` ({slice index: 2D mask}) and nothing elsewhere; a
+    ValueError names a plane of the wrong size before anything is written."""
+    shape = sliceShape(volumeNode, axis)
+    dims = volumeNode.GetImageData().GetDimensions()
+    volume = np.zeros((dims[2], dims[1], dims[0]), np.uint8)
+    along = np.moveaxis(volume, AXES[axis], 0)
+    for index, plane in planes.items():
+        plane = np.asarray(plane)
+        if plane.shape != shape:
+            raise ValueError("A %s slice of '%s' is %s pixels, the result is %s." % (axis, nodeName(volumeNode), shape,
+                                                                                    plane.shape))
+        if not 0 <= int(index) < along.shape[0]:
+            raise ValueError("Slice %d is outside '%s' (0..%d along %s)." % (index, nodeName(volumeNode),
+                                                                            along.shape[0] - 1, axis))
+        along[int(index)] = plane > 0
+    return volume
+
+
+def writeSlices(modify, planes, volumeNode, segmentationNode, axis, reference=None):
+    """Make the given slices of the selected segment ``planes`` ({slice index: 2D mask}): those
+    slices are cleared, then the masks added, each through ``modify`` (which applies the editor's
+    masking); other slices are not touched."""
+    if not planes:
+        return
+    result = volumeOfSlices(volumeNode, axis, planes)  # checked before any change
+    whole = volumeOfSlices(volumeNode, axis, {index: np.ones(sliceShape(volumeNode, axis)) for index in planes})
+    extent = None
+    if reference is None:
+        first, last = sliceExtent(volumeNode, axis, min(planes)), sliceExtent(volumeNode, axis, max(planes))
+        extent = [min(a, b) if n % 2 == 0 else max(a, b) for n, (a, b) in enumerate(zip(first, last))]
+    modify(sliceModifier(whole, volumeNode, segmentationNode, reference), REMOVE, extent)
+    modify(sliceModifier(result, volumeNode, segmentationNode, reference), ADD, extent)
+
+
 def writeSlice(modify, mask2d, volumeNode, segmentationNode, axis, index, reference=None):
-    """Make one slice of the selected segment ``mask2d``: the slice is cleared, then the mask added,
-    each through ``modify`` (which applies the editor's masking); other slices are not touched."""
-    result = sliceModifier(mask2d, volumeNode, segmentationNode, axis, index, reference)  # checked before any change
-    whole = sliceModifier(np.ones(sliceShape(volumeNode, axis), np.uint8), volumeNode, segmentationNode, axis, index,
-                          reference)
-    extent = sliceExtent(volumeNode, axis, index) if reference is None else None
-    modify(whole, REMOVE, extent)
-    modify(result, ADD, extent)
+    """One slice: ``writeSlices`` with a single plane."""
+    writeSlices(modify, {int(index): mask2d}, volumeNode, segmentationNode, axis, reference)
 
 
 class EditorModifier:

@@ -74,7 +74,7 @@ class Task:
         if not self.job.done:
             return True
         self.conclude()
-        return False
+        return not self._concluded  # a task may go on with another job (a retry)
 
     def conclude(self):
         """The job has ended: run the Slicer-side completion of a success, then ``onFinished``."""
