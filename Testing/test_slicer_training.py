@@ -119,3 +119,38 @@ def test_device_line_from_worker_info():
     assert line == "GPU NVIDIA H200, 140.0 GiB (100.0 GiB free); torch 2.14.1"
     assert describeDevice({"device": "cpu", "torch": "2.14.1", "memory": {"ram_total": 24 * gib}}).startswith("CPU, 24.0")
     assert "cannot be imported" in describeDevice({"error": "torch cannot be imported here: x"})
+
+
+def test_adapter_scores_become_a_table_and_a_case_is_compared_with_and_without_it(scene, tmp_path):
+    from SAMFineTuneMRML import comparison
+
+    logic = SAMFineTuneCoreLogic()
+    cases = []
+    for n in range(2):
+        volume, node, segmentId = add_case(logic, "CT %d" % n, GEOMETRIES["flipped"])
+        cases.append((volume, node, segmentId))
+    logic.exportTrainingSet(cases, str(tmp_path / "set"), "liver", valFraction=0.5)
+    card = {"scores": {"per_case": [{"case": "CT_1", "base": {"dice": 0.5}, "adapted": {"dice": 0.75}}]}}
+    table = comparison.scoresTable(scene, card)
+    assert table.GetNumberOfRows() == 1 and table.GetCellText(0, 0) == "CT_1"
+    assert table.GetTable().GetValue(0, 2).ToDouble() == 0.75
+
+    client = TrainClient()
+    logic = SAMFineTuneCoreLogic(worker=WorkerBackend(client=client))
+    with pytest.raises(ValueError, match="holds no model_card.json"):
+        comparison.compareOnCase(logic, str(tmp_path / "set"), "CT_1", str(tmp_path / "adapter"))
+    assert client.submitted == [] and scene.GetNodesByClass("vtkMRMLScalarVolumeNode").GetNumberOfItems() == 2
+    os.makedirs(tmp_path / "adapter")
+    (tmp_path / "adapter" / "model_card.json").write_text("{}")
+    node, tasks = comparison.compareOnCase(logic, str(tmp_path / "set"), "CT_1", str(tmp_path / "adapter"),
+                                           model="litemedsam")
+    assert [job.params["adapter"] for job in client.submitted] == [None, str(tmp_path / "adapter")]
+    box = tasks[0].roiBox.box
+    assert box == (2, 1, 0, 14, 12, 3)  # the label (i 5-11, j 4-9, k 1-2) grown by 3 in-plane, 1 slice
+    names = [node.GetSegmentation().GetNthSegment(n).GetName() for n in range(3)]
+    assert names == ["reference", "base", "adapted"]
+    reference = segments.segmentToArray(node, node.GetSegmentation().GetSegmentIdBySegmentName("reference"),
+                                        tasks[0].volumeNode)
+    assert reference.sum() == 2 * 6 * 7
+    with pytest.raises(KeyError, match="CT_9"):
+        comparison.compareOnCase(logic, str(tmp_path / "set"), "CT_9", None)

@@ -15,6 +15,7 @@ from . import geometry, segments, training
 from .library import ensureLibraryImportable
 
 ensureLibraryImportable()
+from SAMFineTuneLib.metrics import dice_score  # noqa: E402
 
 #: Dice the built-in model reaches on the synthetic CT's organ (about 0.95 measured).
 MIN_DICE = 0.85
@@ -27,12 +28,6 @@ class SmokeFailure(AssertionError):
 def check(condition, message):
     if not condition:
         raise SmokeFailure(message)
-
-
-def dice(a, b):
-    a, b = np.asarray(a) > 0, np.asarray(b) > 0
-    total = int(a.sum() + b.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
 
 
 def addPhantom(scene, name, seed=0):
@@ -79,7 +74,7 @@ class SmokeRun:
         self.task = self.logic.segment(self.volume, self.roi, backend="worker")
         check(self.task.state == "done", "segmentation ended '%s': %s" % (self.task.state, self.task.error))
         result = self.logic.segmentArray(self.task.segmentationNode, self.task.segmentId, self.volume)
-        score = dice(result, self.label)
+        score = dice_score(result, self.label)
         check(score > MIN_DICE, "Dice %.3f against the known organ is below %.2f" % (score, MIN_DICE))
         check(self.scene.GetNodeByID(self.roi.GetID()) is self.roi, "the ROI node was removed")
         self.say("3. segmented in the background worker: Dice %.3f against the known organ" % score)
