@@ -89,7 +89,7 @@ def save_adapter(output_dir: str, peft_decoder: nn.Module, card: Dict[str, Any],
     """Write the adapter tensors, peft config and model card (card last) into ``output_dir``."""
     from safetensors.torch import save_file
 
-    from .dataset import atomic_write, write_json_atomic
+    from .files import atomic_write, write_json_atomic
 
     os.makedirs(output_dir, exist_ok=True)
     tensors = lora_state(peft_decoder)

@@ -16,38 +16,9 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from .metrics import DEFAULT_TOLERANCE_MM, METRIC_NAMES, binary_metrics, summarise
-
-
-def _stack(samples: Sequence, masks: Sequence[np.ndarray]):
-    """Slices of one case -> a 3D block spanning its slice range (gaps empty) + spacing."""
-    first = min(s.index for s in samples)
-    depth = max(s.index for s in samples) - first + 1
-    block = np.zeros((depth,) + masks[0].shape, dtype=bool)
-    for sample, mask in zip(samples, masks):
-        block[sample.index - first] = mask
-    sample = samples[0]
-    return block, (sample.thickness,) + tuple(sample.pixel_spacing)
-
-
-def score_prepared(model, prepared, step=None, tolerance_mm: float = DEFAULT_TOLERANCE_MM,
-                   box_margin: float = 0.0, window_margin: Optional[int] = None) -> Dict[str, Any]:
-    """Per-case metrics (3D, per label) of the decoder in ``step`` (None = the base model),
-    decoding the tokens within ``window_margin`` of each box (None = the whole slice)."""
-    from .finetune import predict_masks
-
-    predictions = predict_masks(model, prepared, step, box_margin=box_margin, window_margin=window_margin)
-    groups: Dict[tuple, List[int]] = {}
-    for n, sample in enumerate(prepared.samples):
-        groups.setdefault((sample.case, sample.label), []).append(n)
-    rows = []
-    for (case, label), members in groups.items():
-        chosen = [prepared.samples[n] for n in members]
-        pred, spacing = _stack(chosen, [predictions[n] for n in members])
-        ref, _ = _stack(chosen, [s.mask for s in chosen])
-        rows.append(dict(case=case, label=label, slices=len(members),
-                         **binary_metrics(pred, ref, spacing, tolerance_mm)))
-    return {"cases": rows, "mean": summarise(rows)}
+from .catalogue import SPLITS
+from .cli_args import add_axis_argument, add_decode_window_argument, add_model_arguments, add_window_argument
+from .metrics import DEFAULT_TOLERANCE_MM, METRIC_NAMES
 
 
 def evaluate(dataset, model="litemedsam", checkpoint: Optional[str] = None, adapter: Optional[str] = None,
@@ -69,9 +40,9 @@ def evaluate(dataset, model="litemedsam", checkpoint: Optional[str] = None, adap
     """
     from . import adapters
     from .dataset import load_samples, read_dataset
-    from .finetune import _decoder_step_module, cache_dir_for, prepare
-    from .segmenter import check_window_margin, resolve_window_margin
     from .models import load_model
+    from .segmenter import check_window_margin, resolve_window_margin
+    from .training import DecoderStep, cache_dir_for, prepare, score_prepared
 
     check_window_margin(window_margin)  # before loading anything
     card = adapters.read_model_card(adapter) if adapter else None
@@ -92,7 +63,7 @@ def evaluate(dataset, model="litemedsam", checkpoint: Optional[str] = None, adap
     runs = {"base": score_prepared(model, prepared, None, tolerance_mm, box_margin, window_margin)}
     if adapter:
         peft_decoder, prompt_encoder, _ = adapters.load_adapter(model, adapter)
-        step = _decoder_step_module(model, adapters.inner_decoder(peft_decoder), prompt_encoder)
+        step = DecoderStep(model, adapters.inner_decoder(peft_decoder), prompt_encoder)
         runs["adapted"] = score_prepared(model, prepared, step, tolerance_mm, box_margin, window_margin)
     cases = []
     for n, row in enumerate(runs["base"]["cases"]):
@@ -112,7 +83,7 @@ def evaluate(dataset, model="litemedsam", checkpoint: Optional[str] = None, adap
 
 
 def write_csv(report: Dict[str, Any], path: str) -> None:
-    from .dataset import write_text_atomic
+    from .files import write_text_atomic
 
     runs = list(report["mean"])
     buffer = io.StringIO()
@@ -172,21 +143,16 @@ def format_table(report: Dict[str, Any]) -> str:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--dataset", required=True)
-    parser.add_argument("--model", default="litemedsam")
-    parser.add_argument("--checkpoint")
+    add_model_arguments(parser)
     parser.add_argument("--adapter", help="adapter folder to compare with the base model")
-    parser.add_argument("--split", default="val", choices=("val", "test", "train", "all"))
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--axis", choices=("axial", "coronal", "sagittal"))
-    parser.add_argument("--window")
+    parser.add_argument("--split", default="val", choices=SPLITS + ("all",))
+    add_axis_argument(parser, None, "slice direction; None: the adapter's, else axial")
+    add_window_argument(parser, None, "intensity window; None: the adapter's, else auto")
     parser.add_argument("--tolerance-mm", type=float, default=DEFAULT_TOLERANCE_MM, help="surface Dice tolerance")
     parser.add_argument("--box-margin", type=float, default=0.0,
                         help="grow each reference box by this fraction of its side (0.1 = a loose user box)")
-    from .segment_cli import window_margin_arg
-
-    parser.add_argument("--decode-window", type=window_margin_arg, default="auto", metavar="auto|full|N",
-                        help="decode only the image tokens within N tokens of each box, base and adapted alike; "
-                             "full = the whole slice; auto = as the segmenter (4 on CPU, full on CUDA)")
+    add_decode_window_argument(parser, "decode only the image tokens within N tokens of each box, base and adapted "
+                                       "alike; full = the whole slice; auto = as the segmenter (4 on CPU, full on CUDA)")
     parser.add_argument("--csv", help="write per-case metrics to this CSV file")
     parser.add_argument("--plot", help="write a per-case Dice bar chart to this PNG file")
 

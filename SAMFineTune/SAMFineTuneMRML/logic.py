@@ -392,7 +392,7 @@ class SAMFineTuneCoreLogic:
     def train(self, dataset, output=None, name=None, waitForCompletion=True, progress=None, cancel=None, log=None,
               onFinished=None, onEvent=None, **config):
         """Fine-tune a LoRA adapter on ``dataset``; it is written to ``output`` (default: the
-        adapters library, folder ``name``). ``config``: other ``finetune.TrainConfig`` fields
+        adapters library, folder ``name``). ``config``: other ``training.TrainConfig`` fields
         (model, checkpoint, device, epochs, ...).
 
         Blocking (console, scripts): runs here and returns the model card. Non-blocking (the
@@ -405,7 +405,7 @@ class SAMFineTuneCoreLogic:
         params = dict(config, dataset=os.path.abspath(dataset), output=os.path.abspath(output))
         if waitForCompletion:
             ensureLibraryImportable()
-            from SAMFineTuneLib.finetune import TrainConfig, train
+            from SAMFineTuneLib.training import TrainConfig, train
 
             return train(TrainConfig(**params), progress=progress, cancel=cancel, log=log)
         task = WorkerTask(self.worker, onFinished, onEvent)

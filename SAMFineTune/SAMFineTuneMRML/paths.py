@@ -2,7 +2,7 @@
 
 - cache (worker log, exported training sets by default): ``$SAMFINETUNE_CACHE``, else inside
   Slicer the application's user cache folder + ``/SAMFineTune``, else the engine's
-  ``protocol.user_cache_dir()`` (the platform cache folder + ``/SAMFineTune``). The worker is
+  ``paths.user_cache_dir()`` (the platform cache folder + ``/SAMFineTune``). The worker is
   started with ``SAMFINETUNE_CACHE`` set to the same folder, so both sides agree.
 - adapters library (fine-tuned adapters the user keeps): ``$SAMFINETUNE_ADAPTERS``, else
   ``<cache>/adapters``.
@@ -21,7 +21,7 @@ def cacheDirectory(create=True):
         if root:
             path = os.path.join(root, "SAMFineTune")
         else:
-            from SAMFineTuneLib.protocol import user_cache_dir
+            from SAMFineTuneLib.paths import user_cache_dir
 
             path = user_cache_dir()
     if create:
