@@ -140,6 +140,7 @@ def test_compiling_without_a_cpp_compiler_on_a_cpu_is_a_clear_error(monkeypatch)
     assert model.compiled_batch is None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not cpp_compiler(), reason="torch.compile on a CPU needs a C++ compiler")
 def test_a_compiled_cpu_encoder_gives_the_eager_output():
     """Inductor's weight freezing (pre-packed weights, fused element-wise work) must not change the result."""
@@ -156,6 +157,7 @@ def test_a_compiled_cpu_encoder_gives_the_eager_output():
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_bf16_cpu_encoder_keeps_litemedsams_embeddings():
     """Asked for, on any CPU: where bf16 is not native it is only slower (and says so)."""
     from SAMFineTuneLib.models import load_model

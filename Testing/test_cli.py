@@ -30,6 +30,7 @@ def small_ct(tmp_path_factory):
     return path, label
 
 
+@pytest.mark.slow
 def test_segment_writes_a_mask_with_the_volume_geometry(small_ct, tmp_path):
     path, label = small_ct
     box = bounding_box(label.array, (3, 3, 0))

@@ -68,6 +68,7 @@ def trained(litemedsam, phantom_dataset, tmp_path_factory):
             "model": model, "dataset": phantom_dataset}
 
 
+@pytest.mark.slow
 def test_short_finetune_raises_validation_dice_on_low_contrast_phantom(trained):
     scores = trained["card"]["scores"]
     base, adapted = scores["base"]["dice"], scores["adapted"]["dice"]
@@ -78,6 +79,7 @@ def test_short_finetune_raises_validation_dice_on_low_contrast_phantom(trained):
     assert scores["cases"] == [f"phantom{100 + n:03d}" for n in range(N_VAL)]
 
 
+@pytest.mark.slow
 def test_loss_falls_and_history_is_recorded(trained):
     card = trained["card"]
     # trained and validated windowed: "auto" resolved to the Segmenter's CPU default, in the card
@@ -93,6 +95,7 @@ def test_loss_falls_and_history_is_recorded(trained):
     assert all(0 <= done <= total for done, total, _ in trained["events"])
 
 
+@pytest.mark.slow
 def test_each_slice_is_encoded_once_and_cached_on_disk(trained, litemedsam, tmp_path):
     # 8 epochs, yet one encoder call per slice: epochs 2..8 use the cached embeddings
     assert trained["calls"] == N_TRAIN + N_VAL
@@ -104,6 +107,7 @@ def test_each_slice_is_encoded_once_and_cached_on_disk(trained, litemedsam, tmp_
     assert card["stats"]["encoder_calls"] == 0 and card["stats"]["cache_hits"] == N_TRAIN + N_VAL
 
 
+@pytest.mark.slow
 def test_only_lora_tensors_change(trained):
     model, before = trained["model"], trained["before"]
     after = model.state_dict()
@@ -121,6 +125,7 @@ def test_only_lora_tensors_change(trained):
     assert sum(t.numel() for t in tensors.values()) == card["lora"]["trainable_parameters"] == 167936
 
 
+@pytest.mark.slow
 def test_saved_adapter_reloads_with_identical_outputs(trained, tmp_path):
     model, output, card = trained["model"], trained["output"], trained["card"]
     assert card == json.load(open(os.path.join(output, adapters.CARD_FILE)))
@@ -160,6 +165,7 @@ def test_saved_adapter_reloads_with_identical_outputs(trained, tmp_path):
     assert not torch.allclose(a, base, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_adapter_refuses_another_base_model_or_foreign_tensors(trained, tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -181,6 +187,7 @@ def test_adapter_refuses_another_base_model_or_foreign_tensors(trained, tmp_path
         adapters.merged_decoder(trained["model"], str(tmp_path))
 
 
+@pytest.mark.slow
 def test_resume_after_cancel_matches_an_uninterrupted_run(litemedsam, phantom_dataset, tmp_path):
     subset = dict(train_cases=[f"phantom{n:03d}" for n in range(4)], val_cases=["phantom100", "phantom101"],
                   epochs=3, final_scores=False, **dict(FAST, batch_size=2, lora_dropout=0.1))
@@ -282,6 +289,7 @@ def test_jittered_training_windows_hold_every_target_pixel(litemedsam, phantom_d
                 assert prepared.targets[n].any() and not (prepared.targets[n] & ~inside).any()
 
 
+@pytest.mark.slow
 def test_command_lines(trained, capsys):
     from SAMFineTuneLib import evaluate as evaluate_module
     from SAMFineTuneLib import training

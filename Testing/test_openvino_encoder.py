@@ -24,6 +24,7 @@ def openvino_model():
     return load_model("litemedsam", device="cpu", backend="openvino")
 
 
+@pytest.mark.slow
 def test_openvino_gives_pytorchs_litemedsam_embeddings(openvino_model):
     reference = load_model("litemedsam", device="cpu")
     torch.manual_seed(0)
@@ -35,6 +36,7 @@ def test_openvino_gives_pytorchs_litemedsam_embeddings(openvino_model):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_an_openvino_model_refuses_to_be_compiled_and_to_be_rewrapped(openvino_model):
     with pytest.raises(ValueError, match="torch backend"):
         openvino_model.compile_encoder(1)

@@ -258,6 +258,7 @@ def make_phantom(slices):
     return ct, label, bounding_box(label.array, (2, 2, 0))
 
 
+@pytest.mark.slow
 def test_litemedsam_in_process_matches_the_known_label(scene):
     ct, label, box = make_phantom(5)  # the organ on 4 slices
     volume = addVolume(ct.array, GEOMETRIES["flipped"] @ np.diag([1.0 / 0.8, 1.0 / 0.8, 4.0 / 2.5, 1.0]), "CT")
@@ -268,6 +269,7 @@ def test_litemedsam_in_process_matches_the_known_label(scene):
     assert dice(result, label.array) > 0.85
 
 
+@pytest.mark.slow
 def test_litemedsam_in_the_worker_process_non_blocking(scene, tmp_path, monkeypatch):
     import time
 

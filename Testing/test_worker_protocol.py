@@ -234,6 +234,23 @@ def test_cancel_running_job_is_prompt_and_worker_stays_usable(client):
     assert client.ping()["pong"] and client.worker_pid == pid and client.starts == 1
 
 
+def test_wait_cancels_the_job_once_the_callers_cancel_says_so(client):
+    """A blocking caller (Slicer's in-process-style backend) passes its cancel check to wait."""
+    job = client.submit("echo", {"seconds": 120})
+    asked = []
+
+    def cancel():
+        asked.append(job.state)
+        return job.state == "running"
+
+    started = time.monotonic()
+    with pytest.raises(JobCancelled):
+        client.wait(job, timeout=60, cancel=cancel)
+    assert job.state == "cancelled" and time.monotonic() - started < 10.0 and "running" in asked
+    result, _ = client.run("echo", {"data": 1}, timeout=60, cancel=lambda: False)
+    assert result["params"]["data"] == 1 and client.starts == 1
+
+
 def test_late_result_of_cancelled_job_is_dropped(client):
     job = client.submit("echo", {"seconds": 0.2})
     job.cancel_requested = True  # as if the cancel crossed the result on the wire

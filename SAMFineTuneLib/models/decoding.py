@@ -109,14 +109,9 @@ def upscale_masks(decoder: MaskDecoder, hs: torch.Tensor, image_tokens: torch.Te
     return (hyper @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)
 
 
-def predict_masks_batched(
-    decoder: MaskDecoder,
-    image_embeddings: torch.Tensor,
-    image_pe: torch.Tensor,
-    sparse: torch.Tensor,
-    dense: torch.Tensor,
-    windows: Optional[List[Window]] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+def predict_masks_batched(decoder: MaskDecoder, image_embeddings: torch.Tensor, image_pe: torch.Tensor,
+                          sparse: torch.Tensor, dense: torch.Tensor,
+                          windows: Optional[List[Window]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Every mask [B,4,4h,4w] and its predicted IoU [B,4] for N images with one prompt each
     (``run_transformer``); with ``windows`` the masks cover the windows alone."""
     hs, image_tokens, iou = run_transformer(decoder, image_embeddings, image_pe, sparse, dense, windows)

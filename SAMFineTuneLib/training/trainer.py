@@ -72,6 +72,7 @@ class Trainer:
         self.model = model if model is not None else load_model(config.model, checkpoint=config.checkpoint,
                                                                 device=config.device)
         self.device = self.model.device
+        adapters.check_targets(self.model.mask_decoder, config.targets)  # before the slow part
         # From here on the config holds the margin really used (card, resume state, resume check).
         self.config = dataclasses.replace(config, window_margin=resolve_window_margin(config.window_margin,
                                                                                       self.device))
