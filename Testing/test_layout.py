@@ -55,3 +55,12 @@ def test_no_module_over_400_lines_and_no_function_over_60():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
                 too_long.append(f"{rel}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines")
     assert not too_long, too_long
+
+
+def test_the_extension_build_ships_the_engines_sub_packages():
+    """The engine has sub-packages; a non-recursive glob in CMakeLists.txt would leave them out of
+    the Slicer extension silently."""
+    cmake = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert re.search(r"file\(GLOB_RECURSE SAMFineTuneLib_SCRIPTS .*\n\s*\$\{CMAKE_CURRENT_SOURCE_DIR\}/SAMFineTuneLib/\*\.py\)",
+                     cmake), "CMakeLists.txt must glob SAMFineTuneLib/*.py recursively"
+    assert any(p.parent != LIB for p in LIB.rglob("*.py"))
