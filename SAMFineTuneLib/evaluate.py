@@ -16,17 +16,19 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from .catalogue import SPLITS
+from .catalogue import DEFAULT_MODEL, ENGINE_DEFAULTS, SEGMENT_DEFAULTS, SPLITS
 from .cli_args import add_axis_argument, add_decode_window_argument, add_model_arguments, add_window_argument
 from .metrics import DEFAULT_TOLERANCE_MM, METRIC_NAMES
 
 
-def evaluate(dataset, model="litemedsam", checkpoint: Optional[str] = None, adapter: Optional[str] = None,
-             split: str = "val", progress=None, cancel=None, device: str = "auto", axis: Optional[str] = None,
+def evaluate(dataset, model=DEFAULT_MODEL, checkpoint: Optional[str] = None, adapter: Optional[str] = None,
+             split: str = "val", progress=None, cancel=None, device: str = SEGMENT_DEFAULTS["device"],
+             axis: Optional[str] = None,
              window: Optional[str] = None, labels: Optional[Sequence[int]] = None,
              tolerance_mm: float = DEFAULT_TOLERANCE_MM, csv_path: Optional[str] = None,
              plot_path: Optional[str] = None, box_margin: float = 0.0,
-             cases: Optional[Sequence[str]] = None, window_margin: Union[int, None, str] = "auto") -> Dict[str, Any]:
+             cases: Optional[Sequence[str]] = None,
+             window_margin: Union[int, None, str] = ENGINE_DEFAULTS["window_margin"]) -> Dict[str, Any]:
     """Score the base model, and the adapter when given, on one split ('val', 'test', 'train', 'all')
     or on the named ``cases``.
 
@@ -47,8 +49,8 @@ def evaluate(dataset, model="litemedsam", checkpoint: Optional[str] = None, adap
     check_window_margin(window_margin)  # before loading anything
     card = adapters.read_model_card(adapter) if adapter else None
     hints = card["inference"] if card else {}
-    axis = axis or hints.get("axis", "axial")
-    window = window or hints.get("window", "auto")
+    axis = axis or hints.get("axis", SEGMENT_DEFAULTS["axis"])
+    window = window or hints.get("window", SEGMENT_DEFAULTS["window"])
     if isinstance(model, str):
         model = load_model(model, checkpoint=checkpoint, device=device)
     window_margin = resolve_window_margin(window_margin, model.device)
@@ -65,21 +67,26 @@ def evaluate(dataset, model="litemedsam", checkpoint: Optional[str] = None, adap
         peft_decoder, prompt_encoder, _ = adapters.load_adapter(model, adapter)
         step = DecoderStep(model, adapters.inner_decoder(peft_decoder), prompt_encoder)
         runs["adapted"] = score_prepared(model, prepared, step, tolerance_mm, box_margin, window_margin)
-    cases = []
-    for n, row in enumerate(runs["base"]["cases"]):
-        entry = {"case": row["case"], "label": row["label"], "slices": row["slices"]}
-        for name, run in runs.items():
-            entry[name] = {k: run["cases"][n][k] for k in METRIC_NAMES}
-        cases.append(entry)
     report = {"dataset": info.root, "split": split, "model": model.spec.name, "adapter": adapter, "axis": axis,
               "window": window, "window_margin": window_margin, "tolerance_mm": tolerance_mm,
-              "box_margin": box_margin, "cases": cases,
+              "box_margin": box_margin, "cases": _per_case(runs),
               "mean": {name: run["mean"] for name, run in runs.items()}}
     if csv_path:
         write_csv(report, csv_path)
     if plot_path:
         write_plot(report, plot_path)
     return report
+
+
+def _per_case(runs: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One row per (case, label) holding every run's metrics: {case, label, slices, base: {...}, ...}."""
+    cases = []
+    for n, row in enumerate(runs["base"]["cases"]):
+        entry = {"case": row["case"], "label": row["label"], "slices": row["slices"]}
+        for name, run in runs.items():
+            entry[name] = {k: run["cases"][n][k] for k in METRIC_NAMES}
+        cases.append(entry)
+    return cases
 
 
 def write_csv(report: Dict[str, Any], path: str) -> None:

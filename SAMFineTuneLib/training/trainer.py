@@ -53,7 +53,7 @@ class Trainer:
     LoRA, optimiser), ``resume``, then per epoch ``run_epoch`` and ``checkpoint``, and ``finish``.
 
     ``train_set`` and ``val_set`` are the prepared slices (``samples.Prepared``); a caller may
-    give ``train_set`` other embeddings before ``fit`` (the benchmarks re-encode every step)."""
+    give ``train_set`` other embeddings before ``fit`` (say, the encoder run at every step)."""
 
     def __init__(self, config: TrainConfig, model=None, progress=None, cancel=None, log=None):
         from ..dataset import read_dataset

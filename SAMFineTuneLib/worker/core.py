@@ -36,9 +36,9 @@ class WorkerCore:
     def adapter(self) -> Optional[str]:
         return self.segmenters.adapter
 
-    def get_segmenter(self, model: str = "litemedsam", checkpoint: Optional[str] = None,
-                      device: Optional[str] = "auto", adapter: Optional[str] = None):
-        return self.segmenters.get(model, checkpoint, device, adapter)
+    def get_segmenter(self, **options: Any):
+        """The warm segmenter for these options (``SegmenterCache.get``: model, checkpoint, device, adapter)."""
+        return self.segmenters.get(**options)
 
     def loaded_model(self, model: str, checkpoint: Optional[str], device: Optional[str]):
         """The warm model, if it is exactly this one and has no adapter merged in (training reuses it)."""
