@@ -86,5 +86,18 @@ SEGMENT_DEFAULTS: Dict[str, Any] = {
     "keep_largest": True,
     "fill_holes": True,
 }
+#: How the engine runs a model, besides which one: the decode window ("auto": 4 tokens around
+#: each box on a CPU, the whole slice on CUDA; None: the whole slice; or a whole number of
+#: tokens), the image encoder's precision and backend, and whether it is compiled.
+ENGINE_DEFAULTS: Dict[str, Any] = {"window_margin": "auto", "precision": "auto", "backend": "torch",
+                                   "compile": False}
+
+#: Dataset splits, by case (and patient): training, validation (early stopping, scores) and test.
+SPLITS: Tuple[str, ...] = ("train", "val", "test")
+#: Slice formats an export writes beside the MSD/nnU-Net layout (which it always writes).
+EXPORT_FORMATS: Tuple[str, ...] = ("msd", "finetune-sam", "coco")
+#: Fine-tuning losses (monai's DiceCE or DiceFocal on the mask logits).
+LOSSES: Tuple[str, ...] = ("dicece", "dicefocal")
+
 #: The options that identify a loaded model: a change among them means loading another one.
 MODEL_KEYS: Tuple[str, ...] = ("model", "checkpoint", "device")

@@ -1,7 +1,7 @@
 """The worker's message protocol: JSON lines for messages, arrays beside them.
 
 Written down for people in ``PROTOCOL.md`` (same folder); this module is the one place that
-knows the wire format, shared by the worker (``worker.py``) and the client (``client.py``).
+knows the wire format, shared by the worker (``worker/``) and the client (``client/``).
 It imports only the standard library and numpy, so Slicer can import it without torch.
 
 A message is one UTF-8 JSON object on one line. Arrays never travel inside the JSON: a
@@ -20,7 +20,6 @@ import json
 import math
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Any, BinaryIO, Dict, Optional, Tuple
 
@@ -301,24 +300,3 @@ def _load_file(name: str, ref: Dict[str, Any]) -> np.ndarray:
     if array.dtype != dtype or array.shape != shape:
         raise ProtocolError(f"array {name!r}: file holds {array.dtype}{array.shape}, message says {dtype}{shape}")
     return array
-
-
-# --- where things go -----------------------------------------------------------------------
-
-
-def user_cache_dir() -> str:
-    """SAMFineTune's folder in the user's cache (never the install folder)."""
-    if os.environ.get("SAMFINETUNE_CACHE"):
-        return os.environ["SAMFINETUNE_CACHE"]
-    if sys.platform.startswith("win"):
-        base = os.environ.get("LOCALAPPDATA") or os.path.expanduser("~\\AppData\\Local")
-    elif sys.platform == "darwin":
-        base = os.path.expanduser("~/Library/Caches")
-    else:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return os.path.join(base, "SAMFineTune")
-
-
-def default_log_path() -> str:
-    """Where the worker writes its log (library output, warnings, tracebacks) unless told otherwise."""
-    return os.path.join(user_cache_dir(), "logs", "worker.log")

@@ -6,11 +6,12 @@ from it overlays the source volume in Slicer voxel for voxel.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
+
+from .files import atomic_write
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
@@ -52,6 +53,27 @@ def read_volume(path: str) -> Volume:
     return Volume(sitk.GetArrayFromImage(image), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
 
 
+def read_image_any(path: str):
+    """A 3D volume, or a 2D image (PNG, 2D NIfTI) as a one-slice volume, as a ``volume_io.Volume``."""
+    import SimpleITK as sitk
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image file not found: {path}")
+    image = sitk.ReadImage(str(path))
+    if image.GetDimension() == 3:
+        return read_volume(path)
+    if image.GetDimension() != 2:
+        raise ValueError(f"{path} is a {image.GetDimension()}D image; 2D or 3D expected")
+    if image.GetNumberOfComponentsPerPixel() != 1:  # RGB(A) picture of a greyscale scan: take luminance
+        channels = sitk.GetArrayFromImage(image).astype(np.float32)[..., :3]
+        array = (channels @ np.array([0.299, 0.587, 0.114], dtype=np.float32))[None]
+    else:
+        array = sitk.GetArrayFromImage(image)[None]
+    (sx, sy), (ox, oy) = image.GetSpacing(), image.GetOrigin()
+    d = image.GetDirection()
+    return Volume(array, (sx, sy, 1.0), (ox, oy, 0.0), (d[0], d[1], 0.0, d[2], d[3], 0.0, 0.0, 0.0, 1.0))
+
+
 def to_sitk(volume: Volume):
     import SimpleITK as sitk
 
@@ -62,16 +84,6 @@ def to_sitk(volume: Volume):
     return image
 
 
-def atomic_target(path: str):
-    """A temp file beside ``path`` that keeps the final extension (writers pick format by suffix)."""
-    folder = os.path.dirname(os.path.abspath(path)) or "."
-    name = os.path.basename(path)
-    suffix = ".nii.gz" if name.endswith(".nii.gz") else os.path.splitext(name)[1]
-    handle, temp = tempfile.mkstemp(prefix="." + name + ".", suffix=".part" + suffix, dir=folder)
-    os.close(handle)
-    return temp
-
-
 def write_volume(volume: Volume, path: str) -> str:
     """Write atomically: readers see the old file or the new one, never half of one."""
     import SimpleITK as sitk
@@ -79,12 +91,5 @@ def write_volume(volume: Volume, path: str) -> str:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"output folder does not exist: {folder}")
-    temp = atomic_target(path)
-    try:
-        sitk.WriteImage(to_sitk(volume), temp, True)
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.unlink(temp)
-        raise
+    atomic_write(path, lambda temp: sitk.WriteImage(to_sitk(volume), temp, True))
     return path

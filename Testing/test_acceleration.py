@@ -70,10 +70,10 @@ def test_a_training_batch_norm_is_not_folded():
 
 
 def test_litemedsam_loads_with_its_batch_norms_folded_and_the_same_embeddings():
-    """The speed-up is on by default; the per-slice baseline (accelerate=False) keeps TinyViT as built."""
-    from SAMFineTuneLib.models import load_model
+    """The speed-up is on by default; the per-slice baseline (build_model) keeps TinyViT as built."""
+    from SAMFineTuneLib.models import build_model, load_model
 
-    baseline = load_model("litemedsam", device="cpu", accelerate=False)
+    baseline = build_model("litemedsam", device="cpu")
     model = load_model("litemedsam", device="cpu")
     norms = [m for m in model.image_encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert not norms and any(isinstance(m, torch.nn.BatchNorm2d) for m in baseline.image_encoder.modules())
@@ -130,22 +130,23 @@ def test_batches_are_padded_with_blank_images_up_to_the_compiled_size():
 
 def test_compiling_without_a_cpp_compiler_on_a_cpu_is_a_clear_error(monkeypatch):
     from SAMFineTuneLib import acceleration
-    from SAMFineTuneLib.models import load_model
+    from SAMFineTuneLib.models import build_model
     from SAMFineTuneLib.segmenter import Segmenter
 
-    model = load_model("litemedsam", device="cpu", pretrained=False, accelerate=False)
+    model = build_model("litemedsam", device="cpu", pretrained=False)
     monkeypatch.setattr(acceleration, "cpp_compiler", lambda: "")
     with pytest.raises(ValueError, match="needs a C.. compiler"):
         Segmenter(model, compile=True)
     assert model.compiled_batch is None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not cpp_compiler(), reason="torch.compile on a CPU needs a C++ compiler")
 def test_a_compiled_cpu_encoder_gives_the_eager_output():
     """Inductor's weight freezing (pre-packed weights, fused element-wise work) must not change the result."""
-    from SAMFineTuneLib.models import load_model
+    from SAMFineTuneLib.models import build_model
 
-    model = load_model("litemedsam", device="cpu", pretrained=False, accelerate=False)
+    model = build_model("litemedsam", device="cpu", pretrained=False)
     model.image_encoder = small_vit()
     images = torch.randn(3, 3, 64, 64)
     with torch.inference_mode():
@@ -156,6 +157,7 @@ def test_a_compiled_cpu_encoder_gives_the_eager_output():
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_bf16_cpu_encoder_keeps_litemedsams_embeddings():
     """Asked for, on any CPU: where bf16 is not native it is only slower (and says so)."""
     from SAMFineTuneLib.models import load_model

@@ -7,7 +7,7 @@ import textwrap
 import pytest
 import torch
 
-from SAMFineTuneLib import models
+from SAMFineTuneLib.models import loader
 from SAMFineTuneLib.models import load_model
 from SAMFineTuneLib.openvino_encoder import available
 from SAMFineTuneLib.segmenter import Segmenter
@@ -24,6 +24,7 @@ def openvino_model():
     return load_model("litemedsam", device="cpu", backend="openvino")
 
 
+@pytest.mark.slow
 def test_openvino_gives_pytorchs_litemedsam_embeddings(openvino_model):
     reference = load_model("litemedsam", device="cpu")
     torch.manual_seed(0)
@@ -35,6 +36,7 @@ def test_openvino_gives_pytorchs_litemedsam_embeddings(openvino_model):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_an_openvino_model_refuses_to_be_compiled_and_to_be_rewrapped(openvino_model):
     with pytest.raises(ValueError, match="torch backend"):
         openvino_model.compile_encoder(1)
@@ -73,6 +75,6 @@ def test_a_missing_openvino_is_named_with_how_to_install_it(monkeypatch):
 def test_an_unknown_backend_or_openvino_off_the_cpu_is_refused_before_loading(monkeypatch):
     with pytest.raises(ValueError, match="unknown backend 'onnx'.*torch, openvino"):
         load_model("litemedsam", device="cpu", backend="onnx")
-    monkeypatch.setattr(models, "resolve_device", lambda device: torch.device("cuda"))
+    monkeypatch.setattr(loader, "resolve_device", lambda device: torch.device("cuda"))
     with pytest.raises(ValueError, match="CPU only, not on cuda"):
         load_model("litemedsam", device="cuda", backend="openvino")

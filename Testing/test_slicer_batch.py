@@ -72,6 +72,7 @@ def case(scene, tmp_path):
     return paths, label.array
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("slicer_style", [False, True], ids=["python", "python-script-worker"])
 def test_batch_segments_and_writes_seg_nrrd(case, tmp_path, scene, slicer_style):
     paths, label = case

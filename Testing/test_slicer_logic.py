@@ -259,6 +259,7 @@ def make_phantom(slices):
     return ct, label, bounding_box(label.array, (2, 2, 0))
 
 
+@pytest.mark.slow
 def test_litemedsam_in_process_matches_the_known_label(scene):
     pytest.importorskip("torch", reason="in-process runs need torch in this Python; the worker tests cover the rest")
     ct, label, box = make_phantom(5)  # the organ on 4 slices
@@ -270,6 +271,7 @@ def test_litemedsam_in_process_matches_the_known_label(scene):
     assert dice(result, label.array) > 0.85
 
 
+@pytest.mark.slow
 def test_litemedsam_in_the_worker_process_non_blocking(scene, tmp_path, monkeypatch):
     import time
 

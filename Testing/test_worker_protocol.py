@@ -115,9 +115,9 @@ def test_truncated_attachment_is_a_protocol_error():
         protocol.read_message(stream)
 
 
-def test_lib_files_parse_as_python_39_and_client_needs_no_torch():
-    for name in ("protocol.py", "worker.py", "client.py"):
-        ast.parse((LIB / name).read_text(), filename=name, feature_version=(3, 9))
+def test_lib_files_parse_as_python_310_and_client_needs_no_torch():
+    for path in LIB.rglob("*.py"):
+        ast.parse(path.read_text(), filename=str(path), feature_version=(3, 10))
     code = "import sys, SAMFineTuneLib.client; bad = {'torch', 'qt', 'slicer', 'vtk'} & set(sys.modules); print(bad)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "set()"
@@ -173,12 +173,12 @@ def test_worker_answers_bad_requests_with_clear_errors_and_keeps_serving(tmp_pat
 
 def test_library_chatter_goes_to_the_log_not_the_protocol(tmp_path):
     log_path = tmp_path / "w.log"
-    noisy = ("orig = w.Session.job_echo\n"
-             "def noisy(self, job):\n"
+    noisy = ("orig = w.jobs.HANDLERS['echo']\n"
+             "def noisy(core, job):\n"
              "    import os, warnings\n"
              "    print('PY-CHATTER'); os.write(1, b'C-LEVEL-CHATTER\\n'); warnings.warn('WARN-CHATTER')\n"
-             "    return orig(self, job)\n"
-             "w.Session.job_echo = noisy")
+             "    return orig(core, job)\n"
+             "w.jobs.HANDLERS['echo'] = noisy")
     with WorkerClient(log_path=str(log_path), command=patched_worker(log_path, noisy), env=ENV) as client:
         result, arrays = client.run("echo", {"data": [1, 2]}, {"x": np.arange(5)}, timeout=60)
         assert result["params"]["data"] == [1, 2] and np.array_equal(arrays["x"], np.arange(5))
@@ -234,6 +234,23 @@ def test_cancel_running_job_is_prompt_and_worker_stays_usable(client):
     assert client.ping()["pong"] and client.worker_pid == pid and client.starts == 1
 
 
+def test_wait_cancels_the_job_once_the_callers_cancel_says_so(client):
+    """A blocking caller (Slicer's in-process-style backend) passes its cancel check to wait."""
+    job = client.submit("echo", {"seconds": 120})
+    asked = []
+
+    def cancel():
+        asked.append(job.state)
+        return job.state == "running"
+
+    started = time.monotonic()
+    with pytest.raises(JobCancelled):
+        client.wait(job, timeout=60, cancel=cancel)
+    assert job.state == "cancelled" and time.monotonic() - started < 10.0 and "running" in asked
+    result, _ = client.run("echo", {"data": 1}, timeout=60, cancel=lambda: False)
+    assert result["params"]["data"] == 1 and client.starts == 1
+
+
 def test_late_result_of_cancelled_job_is_dropped(client):
     job = client.submit("echo", {"seconds": 0.2})
     job.cancel_requested = True  # as if the cancel crossed the result on the wire
@@ -270,7 +287,7 @@ def test_protocol_version_mismatch_is_a_clear_error(tmp_path):
 
 def test_job_that_ignores_cancel_gets_its_worker_restarted(tmp_path):
     log_path = tmp_path / "w.log"
-    stubborn = "import time\nw.Session.job_echo = lambda self, job: (job.progress(0, 1, 'stuck'), time.sleep(600))"
+    stubborn = "import time\nw.jobs.HANDLERS['echo'] = lambda core, job: (job.progress(0, 1, 'stuck'), time.sleep(600))"
     with WorkerClient(log_path=str(log_path), command=patched_worker(log_path, stubborn), cancel_grace=1.0) as client:
         job = client.submit("echo")
         wait_for(lambda: job.state == "running" and job.message == "stuck", client)

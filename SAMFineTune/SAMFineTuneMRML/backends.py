@@ -25,25 +25,17 @@ def segmentParams(spacing, box, options, volumeKey=None):
 
 
 class InProcessBackend:
-    """The engine in this process: one Segmenter kept between calls, rebuilt when the model or
-    the device changes, its adapter swapped in place."""
+    """The engine in this process: the model is kept between calls (the engine's SegmenterCache,
+    as in the worker), replaced when the model or device changes, its adapter swapped in place."""
 
     def __init__(self):
-        self._segmenter = None
-        self._key = None
+        self._segmenters = None
 
     def segmenter(self, options):
-        from SAMFineTuneLib.segmenter import Segmenter
+        from SAMFineTuneLib.segmenter_cache import SegmenterCache
 
-        key = tuple(options[k] for k in MODEL_KEYS)
-        if self._segmenter is None or self._key != key:
-            self._segmenter = None  # free the old model before loading another
-            self._segmenter = Segmenter(model=options["model"], checkpoint=options["checkpoint"],
-                                        device=options["device"])
-            self._key = key
-        if self._segmenter.adapter != options["adapter"]:
-            self._segmenter.set_adapter(options["adapter"])
-        return self._segmenter
+        self._segmenters = self._segmenters or SegmenterCache()
+        return self._segmenters.get(**{k: options[k] for k in MODEL_KEYS + ("adapter",)})
 
     def segment(self, array, volumeKey, spacing, box, options, progress=None, cancel=None):
         """Blocking: (mask, stats). ``volumeKey`` is not needed here: the array is always given."""
@@ -53,12 +45,13 @@ class InProcessBackend:
         return result.mask, dict(result.stats or {})
 
     def train(self, params, progress=None, cancel=None, log=None):
-        from SAMFineTuneLib.finetune import TrainConfig, train
+        from SAMFineTuneLib.training import TrainConfig, train
 
         return train(TrainConfig(**params), progress=progress, cancel=cancel, log=log)
 
     def shutdown(self):
-        self._segmenter = None
+        if self._segmenters is not None:
+            self._segmenters.clear()
 
 
 class WorkerBackend:

@@ -26,7 +26,7 @@ def cacheDirectory(create=True):
             path = os.path.join(root, "SAMFineTune")
         else:
             ensureLibraryImportable()
-            from SAMFineTuneLib.protocol import user_cache_dir
+            from SAMFineTuneLib.paths import user_cache_dir
 
             path = user_cache_dir()
     if create:

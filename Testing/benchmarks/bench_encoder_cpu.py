@@ -25,7 +25,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from SAMFineTuneLib.models import load_model  # noqa: E402
+from SAMFineTuneLib.models import build_model, load_model  # noqa: E402
 
 
 def cpu_name() -> str:
@@ -127,11 +127,13 @@ def main(argv=None) -> int:
     for dtype in (torch.float32, torch.bfloat16):
         print(f"| {str(dtype).replace('torch.', '')} | {matmul_rate(dtype, args.repeats):.0f} |")
 
-    variants = [("float32, as built", dict(accelerate=False)),
-                ("float32, batch norms folded (default)", {}),
-                ("bf16, as built", dict(precision="bf16", accelerate=False)),
-                ("bf16, batch norms folded", dict(precision="bf16"))]
-    models = [(label, load_model("litemedsam", device="cpu", **kwargs)) for label, kwargs in variants]
+    as_built = build_model("litemedsam", device="cpu")
+    bf16_as_built = build_model("litemedsam", device="cpu")
+    bf16_as_built.configure_encoder(precision="bf16")
+    models = [("float32, as built", as_built),
+              ("float32, batch norms folded (default)", load_model("litemedsam", device="cpu")),
+              ("bf16, as built", bf16_as_built),
+              ("bf16, batch norms folded", load_model("litemedsam", device="cpu", precision="bf16"))]
     flops = stage_flops(models[0][1], images)
     results = [(label, *stage_times(model, images, args.repeats)) for label, model in models]
     names = list(flops)
