@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
+import re
 from typing import Dict, Tuple
 
 import torch
@@ -29,9 +31,16 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # torch's own text suggests weights_only=False, which would run whatever code the file holds.
+        found = re.search(r"GLOBAL (\S+)", str(error))
+        raise ValueError(f"checkpoint {path} holds Python objects besides tensors"
+                         f"{f' ({found.group(1)})' if found else ''}, which SAMFineTune never loads (loading them "
+                         "could run code from the file); save the model's weights alone, e.g. "
+                         "torch.save(model.state_dict(), path), and use that file") from None
     except Exception as error:  # torch raises many types for truncated or foreign files
-        raise ValueError(f"checkpoint {path} could not be read as a PyTorch state dict ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0] if str(error) else 'no detail'}); is the file complete?") from error
+        raise ValueError(f"checkpoint {path} could not be read as a PyTorch state dict ({type(error).__name__}); "
+                         "the file may be incomplete (copy it again) or not a PyTorch checkpoint") from None
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
