@@ -85,7 +85,9 @@ def _write_error(path: str, exc: BaseException) -> WriteError:
     if isinstance(exc, OSError):
         reason, code = exc.strerror or str(exc), exc.errno or errno.EIO
     else:
-        reason, code = f"the file came out incomplete ({exc})", _likely_cause(os.path.dirname(os.path.abspath(path)))
+        reason, code = f"the file came out incomplete ({exc})", errno.EIO
+    if code == errno.EIO:
+        code = _likely_cause(os.path.dirname(os.path.abspath(path)))
     hint = {errno.ENOSPC: "the disk is full: free some space", errno.EFBIG: "the file is over this process's "
             "file-size limit (ulimit -f)", errno.EACCES: "choose a folder you can write to", errno.EROFS: "choose a "
             "folder you can write to", errno.EPERM: "choose a folder you can write to"}.get(code, "check the disk")

@@ -7,6 +7,7 @@ the target (``files.atomic_write``).
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -60,7 +61,7 @@ def _itk_reason(error: RuntimeError) -> str:
     object address (and without a stale 'No such file' reason for a file that exists)."""
     lines = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
     lines = [line for line in lines if not line.startswith("Reason: No such file")] or ["unknown reason"]
-    return re.sub(r"^ITK ERROR: \w+\(0x[0-9a-f]+\): ", "", lines[-1])
+    return re.sub(r"^(ITK ERROR: \w+\(0x[0-9a-f]+\): |Reason: )", "", lines[-1])
 
 
 def read_volume(path: str) -> Volume:
@@ -111,14 +112,27 @@ def to_sitk(volume: Volume):
 
 
 def write_volume(volume: Volume, path: str) -> str:
-    """Write atomically and checked: the file is read back (size and voxel count) before it
-    replaces ``path``, so a full disk is a ``files.WriteError``, never a short file."""
-    import SimpleITK as sitk
-
+    """Write atomically and checked (``write_image``)."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"output folder does not exist: {folder}")
-    shape = np.shape(volume.array)
-    atomic_write(path, lambda temp: sitk.WriteImage(to_sitk(volume), temp, True),
-                 verify=lambda temp: verify_image_file(temp, shape))
+    write_image(to_sitk(volume), path, compress=True)
     return path
+
+
+def write_image(image, path: str, compress: bool = True) -> None:
+    """Write a SimpleITK image atomically and checked: the file is read back (voxel count, and
+    for NIfTI the payload length) before it replaces ``path``, so a full disk or a file-size
+    limit is a ``files.WriteError``, never a short file. Every image the engine writes (masks,
+    dataset images and labels, slice PNGs) goes through here."""
+    import SimpleITK as sitk
+
+    shape = tuple(reversed(image.GetSize()))
+
+    def write(temp: str) -> None:
+        try:
+            sitk.WriteImage(image, temp, compress)
+        except RuntimeError as error:  # ITK's own report of a failed write
+            raise OSError(errno.EIO, _itk_reason(error)) from None
+
+    atomic_write(path, write, verify=lambda temp: verify_image_file(temp, shape))

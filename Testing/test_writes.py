@@ -66,21 +66,30 @@ def noise_volume(seed: int, shape=(48, 64, 64)) -> Volume:
 
 
 def test_a_cut_write_is_an_error_and_keeps_the_previous_file(tmp_path):
-    target = tmp_path / "mask.nii.gz"
+    target, png = tmp_path / "mask.nii.gz", tmp_path / "slice.png"
     write_volume(noise_volume(0, (4, 16, 16)), str(target))
+    png.write_bytes(b"an earlier slice")
     before = digest(target)
     code = f"""
         import numpy as np
+        from SAMFineTuneLib.dataset import slice_formats
         from SAMFineTuneLib.volume_io import Volume, write_volume
-        try:
-            write_volume(Volume(np.random.default_rng(1).normal(size=(48, 64, 64)).astype(np.float32)), {str(target)!r})
-        except Exception as error:
-            print(type(error).__name__ + ":", error)
+        noise = np.random.default_rng(1).normal(size=(48, 64, 64)).astype(np.float32)
+        for write in (lambda: write_volume(Volume(noise), {str(target)!r}),
+                      lambda: slice_formats._write_png_atomic((noise[0] * 80).astype(np.uint8), {str(png)!r})):
+            try:
+                write()
+            except Exception as error:
+                print(type(error).__name__ + ":", error)
     """
-    done = limited([sys.executable, "-c", textwrap.dedent(code)], 100_000)
-    assert f"WriteError: could not write {target}: the file came out incomplete" in done.stdout, done
-    assert "file-size limit" in done.stdout
-    assert digest(target) == before and os.listdir(tmp_path) == ["mask.nii.gz"]  # no temp file left either
+    done = limited([sys.executable, "-c", textwrap.dedent(code)], 3_000)
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"WriteError: could not write {target}: the file came out "
+                                                   "incomplete"), done
+    assert lines[1].startswith(f"WriteError: could not write {png}: File too large"), done
+    assert all("file-size limit" in line for line in lines)
+    assert digest(target) == before and png.read_bytes() == b"an earlier slice"
+    assert sorted(os.listdir(tmp_path)) == ["mask.nii.gz", "slice.png"]  # no temp file left either
 
 
 def test_export_under_a_file_size_limit_fails_and_keeps_the_dataset(tmp_path):
