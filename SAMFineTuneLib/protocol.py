@@ -1,8 +1,9 @@
 """The worker's message protocol: JSON lines for messages, arrays beside them.
 
 Written down for people in ``PROTOCOL.md`` (same folder); this module is the one place that
-knows the wire format, shared by the worker (``worker/``) and the client (``client/``).
-It imports only the standard library and numpy, so Slicer can import it without torch.
+knows the wire format, shared by the worker (``worker/``) and the client (``client/``);
+``message_decoder`` reads it incrementally (``read_message`` is its blocking form). It imports
+only the standard library and numpy, so Slicer can import it without torch.
 
 A message is one UTF-8 JSON object on one line. Arrays never travel inside the JSON: a
 message names them in ``"arrays"`` with a reference that is either

@@ -117,14 +117,14 @@ def _scenario(tmp_path, reader):
         seen["echo"] = (_collapse(events), result["params"], np.array_equal(arrays["volume"], volume),
                         np.array_equal(arrays["mask"], mask))
         job, events = _follow(client, "echo", {"seconds": 60})
-        while job.state != "running":
+        while not job.message.startswith("waiting"):  # running, and said so
             client.poll(timeout=0.05)
         client.cancel(job)
         with pytest.raises(JobCancelled):
             client.wait(job, timeout=20)
         seen["cancel"] = (_collapse(events), job.state)
         job, events = _follow(client, "echo", {"seconds": 60})
-        while job.state != "running":
+        while not job.message.startswith("waiting"):
             client.poll(timeout=0.05)
         os.kill(client.worker_pid, signal.SIGKILL)
         with pytest.raises(WorkerCrashed, match="SIGKILL"):

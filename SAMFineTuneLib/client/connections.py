@@ -128,13 +128,21 @@ class ProcessConnection(Connection):
                 list(command), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file, env=env, cwd=cwd,
                 creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0),
             )
-        super().__init__(self.process.stdout, self.process.stdin, events, mode)
+        try:
+            super().__init__(self.process.stdout, self.process.stdin, events, mode)
+        except BaseException:
+            kill_process_tree(self.process.pid)
+            raise
 
     def _start_polling(self) -> None:
         # The pipe's raw file descriptor, read directly: the buffered reader on it stays unused.
         # Windows pipes take set_blocking from Python 3.12 on (Slicer ships 3.12).
         self.fd = self.process.stdout.fileno()
-        os.set_blocking(self.fd, False)
+        try:
+            os.set_blocking(self.fd, False)
+        except (AttributeError, OSError) as exc:
+            raise RuntimeError(f"reader='poll' cannot read the worker's pipe without blocking here ({exc}); use "
+                               "Python 3.12 or later, or reader='thread'") from None
 
     def _read_available(self) -> Optional[bytes]:
         try:
