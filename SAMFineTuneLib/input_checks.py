@@ -129,12 +129,14 @@ def _scan_voxels(chunks: Iterator[bytes], layout: NiftiLayout) -> Tuple[int, int
         part = chunk[start:start + layout.nbytes - got]
         got += len(part)
         if layout.dtype is not None:
-            data = carry + part
-            usable = len(data) - len(data) % layout.dtype.itemsize
-            values = np.frombuffer(data[:usable], dtype=layout.dtype)
-            nan += int(np.count_nonzero(np.isnan(values)))
-            inf += int(np.count_nonzero(np.isinf(values)))
-            carry = data[usable:]
+            data = carry + part if carry else part
+            count = len(data) // layout.dtype.itemsize
+            values = np.frombuffer(data, dtype=layout.dtype, count=count)
+            finite = int(np.count_nonzero(np.isfinite(values)))
+            if finite < count:  # rare: only then tell NaN from infinite
+                bad_nan = int(np.count_nonzero(np.isnan(values)))
+                nan, inf = nan + bad_nan, inf + count - finite - bad_nan
+            carry = data[count * layout.dtype.itemsize:]
         if got >= layout.nbytes:
             break
     return got, nan, inf

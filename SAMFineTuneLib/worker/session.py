@@ -70,7 +70,7 @@ class RunningJob:
             self.session.send(protocol.event(self.id, "progress", done=int(done), total=int(total), message=str(message)))
 
     def log(self, message: str, level: str = "info") -> None:
-        log.info("[%s] %s", self.id, message)
+        log.info("[%s] %s", _loggable_id(self.id), message)
         self.session.send(protocol.event(self.id, "log", level=level, message=str(message)))
 
     def arrays(self) -> Dict[str, np.ndarray]:
