@@ -134,7 +134,8 @@ class MessageDecoder:
                                 fatal=True)
         if total > self.max_attachment_bytes:
             raise ProtocolError(f"the message announces {total} bytes of arrays, over this connection's limit of "
-                                f"{self.max_attachment_bytes}", fatal=True)
+                                f"{self.max_attachment_bytes}; send smaller arrays (a cropped volume), or ask the "
+                                "server's operator for a larger --max-upload-mb", fatal=True)
         self._error = None
         pending = []
         for name, ref in announced:

@@ -222,7 +222,8 @@ class Session:
             given = params.get("token")
             if not isinstance(given, str) or not hmac.compare_digest(given.encode(), self.token.encode()):
                 self.stopping = True
-                raise PermissionError("authentication failed: wrong or missing token")
+                raise PermissionError("authentication failed: wrong or missing token; pass the token the server "
+                                      f"printed at start (WorkerClient(token=...) or ${protocol.TOKEN_ENV})")
         if self.admit is not None:
             try:
                 self.admit()
