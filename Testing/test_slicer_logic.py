@@ -357,4 +357,5 @@ def test_inside_slicer_blocking_work_runs_in_the_worker(scene, monkeypatch, tmp_
     assert paths.workerPython() == "/envs/gpu/bin/python"
     client = WorkerBackend().client
     assert client.python == "/envs/gpu/bin/python" and client.log_path == paths.workerLogPath()
+    assert client.reader == "poll"  # no reader thread: it would only run while Slicer runs Python
     assert client.env["SAMFINETUNE_CACHE"] == str(tmp_path / "slicer-cache" / "SAMFineTune")
