@@ -113,8 +113,8 @@ def entry_path(key: dict) -> str:
     return os.path.join(cache_folder(), digest[:32])
 
 
-def _convert(encoder: nn.Module, input_size: int):
-    """Trace the encoder and convert it to an OpenVINO model (the slow step)."""
+def _convert(encoder: nn.Module, input_size: int, config: dict):
+    """Trace the encoder, convert it to OpenVINO and compile it for this CPU (the slow step)."""
     _import_openvino()
     from openvino.frontend import FrontEndManager
     from openvino.frontend.pytorch.ts_decoder import TorchScriptPythonDecoder
@@ -126,7 +126,8 @@ def _convert(encoder: nn.Module, input_size: int):
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace's deprecation
         traced = TorchScriptPythonDecoder(encoder.eval(), example_input=(example,))
         front_end = FrontEndManager().load_by_framework("pytorch")
-        return front_end.convert(front_end.load(traced))  # ``traced`` must outlive this call
+        graph = front_end.convert(front_end.load(traced))
+    return _core().compile_model(graph, "CPU", config)  # the graph may share memory with ``traced``: kept until here
 
 
 def _read_entry(folder: str, key: dict, config: dict):
@@ -196,7 +197,7 @@ class OpenVinoEncoder:
             log.info("read the image encoder's OpenVINO conversion back from %s", folder)
         else:
             started = time.perf_counter()
-            self.compiled = _core().compile_model(_convert(encoder, input_size), "CPU", config)
+            self.compiled = _convert(encoder, input_size, config)
             log.info("converted the image encoder to OpenVINO in %.1f s", time.perf_counter() - started)
             if folder:
                 _write_entry(folder, key, self.compiled)
