@@ -17,7 +17,8 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 
 from .catalogue import DEFAULT_MODEL, ENGINE_DEFAULTS, SEGMENT_DEFAULTS, SPLITS
-from .cli_args import add_axis_argument, add_decode_window_argument, add_model_arguments, add_window_argument
+from .cli_args import (add_axis_argument, add_decode_window_argument, add_encoder_arguments, add_model_arguments,
+                       add_window_argument)
 from .metrics import DEFAULT_TOLERANCE_MM, METRIC_NAMES
 
 
@@ -28,7 +29,9 @@ def evaluate(dataset, model=DEFAULT_MODEL, checkpoint: Optional[str] = None, ada
              tolerance_mm: float = DEFAULT_TOLERANCE_MM, csv_path: Optional[str] = None,
              plot_path: Optional[str] = None, box_margin: float = 0.0,
              cases: Optional[Sequence[str]] = None,
-             window_margin: Union[int, None, str] = ENGINE_DEFAULTS["window_margin"]) -> Dict[str, Any]:
+             window_margin: Union[int, None, str] = ENGINE_DEFAULTS["window_margin"],
+             precision: str = ENGINE_DEFAULTS["precision"],
+             backend: str = ENGINE_DEFAULTS["backend"]) -> Dict[str, Any]:
     """Score the base model, and the adapter when given, on one split ('val', 'test', 'train', 'all')
     or on the named ``cases``.
 
@@ -36,7 +39,8 @@ def evaluate(dataset, model=DEFAULT_MODEL, checkpoint: Optional[str] = None, ada
     reference box by that fraction of its side on each edge, as a user's box is never tight.
     ``window_margin`` is the decode window of both models, as for the Segmenter: "auto" (4
     tokens on a CPU, the whole slice on CUDA), None (the whole slice) or a number of tokens;
-    the report holds the margin used. Axis and window default to the
+    the report holds the margin used. ``precision`` and ``backend``: the image encoder's, for a
+    model given by name (``models.load_model``). Axis and window default to the
     adapter's (from its model card), else axial / auto. Returns {"cases": [{case, label,
     base: {...}, adapted: {...}}], "mean": {"base": {...}, "adapted": {...}}, ...}.
     """
@@ -52,7 +56,7 @@ def evaluate(dataset, model=DEFAULT_MODEL, checkpoint: Optional[str] = None, ada
     axis = axis or hints.get("axis", SEGMENT_DEFAULTS["axis"])
     window = window or hints.get("window", SEGMENT_DEFAULTS["window"])
     if isinstance(model, str):
-        model = load_model(model, checkpoint=checkpoint, device=device)
+        model = load_model(model, checkpoint=checkpoint, device=device, precision=precision, backend=backend)
     window_margin = resolve_window_margin(window_margin, model.device)
     info = read_dataset(dataset)
     entries = [info.case(c) for c in cases] if cases is not None else info.split(split)
@@ -151,6 +155,7 @@ def format_table(report: Dict[str, Any]) -> str:
 def add_arguments(parser) -> None:
     parser.add_argument("--dataset", required=True)
     add_model_arguments(parser)
+    add_encoder_arguments(parser)
     parser.add_argument("--adapter", help="adapter folder to compare with the base model")
     parser.add_argument("--split", default="val", choices=SPLITS + ("all",))
     add_axis_argument(parser, None, "slice direction; None: the adapter's, else axial")
@@ -170,6 +175,7 @@ def main(args) -> int:
     report = evaluate(args.dataset, model=args.model, checkpoint=args.checkpoint, adapter=args.adapter,
                       split=args.split, progress=StderrBar(), device=args.device, axis=args.axis,
                       window=args.window, tolerance_mm=args.tolerance_mm, csv_path=args.csv, plot_path=args.plot,
-                      box_margin=args.box_margin, window_margin=args.decode_window)
+                      box_margin=args.box_margin, window_margin=args.decode_window, precision=args.precision,
+                      backend=args.backend)
     print(format_table(report))
     return 0

@@ -16,6 +16,7 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -137,6 +138,24 @@ def _sync_folder(folder: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def atomic_folder(path: str, write: Callable[[str], Any]) -> None:
+    """``write(temp_folder)`` then rename the folder onto ``path``: readers see no folder or a
+    complete one (files that belong together, such as a model and its description). A folder
+    already at ``path`` is kept: another process wrote it first (remove it to replace it)."""
+    parent = os.path.dirname(os.path.abspath(path)) or "."
+    os.makedirs(parent, exist_ok=True)
+    temp = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", suffix=".part", dir=parent)
+    try:
+        write(temp)
+        try:
+            os.rename(temp, path)
+        except OSError:
+            if not os.path.isdir(path):
+                raise
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def write_text_atomic(path: str, text: str) -> None:

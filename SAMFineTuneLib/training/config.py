@@ -24,6 +24,8 @@ class TrainConfig:
     model: str = DEFAULT_MODEL
     checkpoint: Optional[str] = None
     device: str = SEGMENT_DEFAULTS["device"]
+    precision: str = ENGINE_DEFAULTS["precision"]  # the image encoder's, for the embedding step
+    backend: str = ENGINE_DEFAULTS["backend"]  # who runs the image encoder (auto: OpenVINO on a CPU)
     epochs: int = 20
     lr: float = 1e-3
     weight_decay: float = 0.01

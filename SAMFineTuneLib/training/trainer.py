@@ -70,7 +70,8 @@ class Trainer:
         self.info = read_dataset(config.dataset)
         self.train_ids, self.val_ids = _split(config, self.info)
         self.model = model if model is not None else load_model(config.model, checkpoint=config.checkpoint,
-                                                                device=config.device)
+                                                                device=config.device, precision=config.precision,
+                                                                backend=config.backend)
         self.device = self.model.device
         adapters.check_targets(self.model.mask_decoder, config.targets)  # before the slow part
         # From here on the config holds the margin really used (card, resume state, resume check).
