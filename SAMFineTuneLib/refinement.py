@@ -164,6 +164,16 @@ def _box_around_click(segmenter, embedding, geometry, click: Point) -> Tuple[int
     return boxes[int(place[0])]
 
 
+def _away_from(base: np.ndarray, points: List[Point], segmenter, geometry) -> bool:
+    """Whether the first click is positive and lies outside the box tracking would give the mask."""
+    if not points or not points[0][2]:
+        return False
+    rows, cols = geometry.shape
+    x0, y0, x1, y1 = segmenter._next_box(base, (0, 0, cols - 1, rows - 1))
+    x, y, _ = points[0]
+    return not (x0 <= x <= x1 and y0 <= y <= y1)
+
+
 def _prompts(segmenter, embedding, points, box, previous, start_mask, geometry):
     """What the decoder is given: (points or None, box or None, mask prompt or None, multimask).
 
@@ -179,6 +189,8 @@ def _prompts(segmenter, embedding, points, box, previous, start_mask, geometry):
     if segmenter.model.spec.point_prompts:
         multimask = mask_input is None and box is None and len(points) == 1
         return points or None, box, mask_input, multimask
+    if box is None and base is not None and base.any() and _away_from(base, points, segmenter, geometry):
+        base, mask_input = None, None  # the mask is on the wrong tissue: start over around the click
     if box is None and (base is None or not base.any()):
         first = next((point for point in points if point[2]), None)
         if first is None:

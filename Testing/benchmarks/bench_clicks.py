@@ -9,7 +9,7 @@ segmented in the default tracked mode. Then, on up to --slices slices where the 
 present, a simulated user clicks (``refinement.simulated_click``: the centre of the largest error
 region, positive where missed, negative where leaked) and Dice is read after 0 (the tracked
 result), 1, 3 and 5 clicks, beside SAM's Dice with the reference's own box on that slice (the
-"oracle" box no user draws). Propagation: the slice where tracking did worst is replaced by the
+"oracle" box no user draws). Propagation: the slice where tracking got most pixels wrong is replaced by the
 reference (the user corrected it) and carried on through the ROI; its 3D Dice is compared with
 the tracked result's. Latency: one click through the background worker on a cached slice.
 """
@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_segment import _cases, _roi_box, _structures  # noqa: E402
 from SAMFineTuneLib import imaging  # noqa: E402
-from SAMFineTuneLib.cli_args import add_device_argument, add_engine_arguments, add_model_arguments  # noqa: E402
+from SAMFineTuneLib.cli_args import add_engine_arguments, add_model_arguments  # noqa: E402
 from SAMFineTuneLib.metrics import dice_score  # noqa: E402
 from SAMFineTuneLib.refinement import refine_slice, simulated_click  # noqa: E402
 from SAMFineTuneLib.segmenter import Segmenter  # noqa: E402
@@ -70,7 +70,8 @@ def structure_rows(args, segmenter, volume, label) -> Dict[str, object]:
     picks = [present[int(i)] for i in np.linspace(0, len(present) - 1, min(args.slices, len(present)))]
     curves = [click_curve(segmenter, volume, k, tracked[k], label[k]) for k in picks]
     oracle = [dice(oracle_box_mask(segmenter, volume, k, label[k]), label[k]) for k in picks]
-    worst = min(present, key=lambda k: dice(tracked[k], label[k]))
+    # The user corrects the slice where tracking got the most pixels wrong.
+    worst = max(present, key=lambda k: int((tracked[k] != label[k]).sum()))
     carried = segmenter.propagate(volume, "axial", worst, label[worst], first=roi[2], last=roi[5]).mask > 0
     carried[worst] = label[worst]
     return {"slices": len(picks), "curve": np.mean(curves, axis=0), "oracle": float(np.mean(oracle)),
@@ -125,7 +126,6 @@ def main(argv=None) -> int:
     parser.add_argument("--slices", type=int, default=6, help="slices clicked on per structure")
     parser.add_argument("--latency-clicks", type=int, default=20)
     add_model_arguments(parser)
-    add_device_argument(parser)
     add_engine_arguments(parser)
     args = parser.parse_args(argv)
     segmenter = Segmenter(args.model, checkpoint=args.checkpoint, device=args.device, precision=args.precision,
