@@ -3,7 +3,7 @@ rounding), on GPU and CPU.
 
 On an H200, segment-anything's ViT-B encoder ran 17.6 ms per image at bf16 batch 8; fused
 attention and channels-last memory brought it to 9.2 ms, and torch.compile on top to 3.8 ms
-(embedding cosine similarity to float32 0.99997 in each case). README, "On a GPU", has the table.
+(embedding cosine similarity to float32 0.99997 in each case). docs/performance.md, "Segmentation on a GPU", has the table.
 Fused attention and channels-last cost nothing and are used on every CUDA model; compiling takes
 20-30 s once per process, so it is asked for (``Segmenter(compile=True)``, ``--compile``) by
 long-lived users such as the worker.
@@ -11,8 +11,8 @@ long-lived users such as the worker.
 On a CPU, ``precision="bf16"`` runs the encoder with bf16 weights in channels-last memory: on
 two cores with native bf16 (AVX512-BF16), a cold LiteMedSAM slice (its encoder costs 75 GFLOP)
 went from 1.72 s to 0.61 s, and compiled (inductor fuses the element-wise work and pre-packs the
-weights) to 0.48 s. It is not the CPU default, because it moved some results on real MR (README,
-"Speed (CPU)"). On every device ``load_model`` folds the encoder's batch norms into its
+weights) to 0.48 s. It is not the CPU default, because it moved some results on real MR
+(docs/performance.md, "Segmentation on a CPU"). On every device ``load_model`` folds the encoder's batch norms into its
 convolutions (``fold_batch_norms``), which neither eager mode nor inductor did.
 """
 from __future__ import annotations
@@ -107,7 +107,7 @@ def fold_batch_norms(root: nn.Module) -> int:
 
     LiteMedSAM's TinyViT has 27 such pairs, the first ones over 256-channel maps of 256 x 256
     pixels. Inductor's freezing left them unfolded, so folding here
-    is what saves their pass over memory, eager or compiled (README, "Speed (CPU)"). The
+    is what saves their pass over memory, eager or compiled (docs/performance.md, "Segmentation on a CPU"). The
     result changes only by float rounding; the encoder is never trained, so no batch
     statistics are lost.
     """

@@ -4,7 +4,7 @@ Why: on a CPU a cold slice is nearly all encoder, and LiteMedSAM's encoder spend
 in element-wise passes over 256 x 256 x 256 activations that PyTorch runs one operator at a time.
 OpenVINO fuses them into its convolutions: on two Xeon cores (AMX) a cold slice took 405 ms
 against PyTorch's 1034 ms in float32, with embeddings within 2e-6 of PyTorch's, and 184 ms in
-bf16 (README, "Speed (CPU)"). So on a CPU it is the default backend ("auto", ``models.loader``)
+bf16 (docs/performance.md, "Segmentation on a CPU"). So on a CPU it is the default backend ("auto", ``models.loader``)
 wherever the ``openvino`` package is installed.
 
 Converting traces the encoder (6-9 s for LiteMedSAM on two idle cores), so the compiled model is

@@ -51,7 +51,7 @@ class TrackingOptions:
 
     One box per slice, grown by 5%, replaced two candidates (the box, and the box grown by 15%,
     SAM's predicted IoU picking one), which cost twice the decoding; on real CT and MR it scored
-    higher on aggregate (README, "Fixed ROI vs tracked boxes").
+    higher on aggregate (docs/accuracy.md).
     """
 
     margin: float = 0.05

@@ -97,7 +97,7 @@ def test_tracking_shrinks_the_box_towards_the_ends_and_stops():
 
 def test_tracking_decodes_the_seed_candidates_whole_and_the_track_in_windows():
     """The seed decides the whole track: ranking the candidate slices by windowed decodes lost the
-    MR stomach (Dice 0.484 -> 0.008, README), so only the slices after it are windowed."""
+    MR stomach (Dice 0.484 -> 0.008, docs/accuracy.md), so only the slices after it are windowed."""
     ct, label = make_ct_phantom(shape_kji=(20, 48, 48), spacing_xyz=(2.0, 2.0, 2.0), noise_hu=3.0, organ_hu=240.0)
     model = OracleModel()
     roi = bounding_box(label.array, (4, 4, 1))

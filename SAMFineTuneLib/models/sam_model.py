@@ -200,8 +200,8 @@ class SamModel(nn.Module):
         ``window_margin`` decodes only the image tokens within that many tokens of each box
         (a token is 1/64 of the input's side). The decoder's cost grows with the tokens it
         sees, so a box on a fifth of the slice decodes 3-4x faster on a CPU; the prompt tokens
-        then attend to the box's surroundings only, which moves some boundary pixels (README,
-        "Windowed decoding", has the measured agreement). Pixels outside the window come back as
+        then attend to the box's surroundings only, which moves some boundary pixels (docs/performance.md
+        has the measured agreement). Pixels outside the window come back as
         background.
         """
         decoder, hs, image_tokens, iou, windows = self._decode_tokens(embeddings, boxes, decoder, window_margin)
