@@ -26,10 +26,8 @@ from .models import EMBED_SIZE, LOW_RES_PER_TOKEN
 Point = Tuple[float, float, bool]
 #: How sure a user's own mask is, as a mask-prompt logit (SAM's own logits mostly lie within +-20).
 USER_MASK_LOGIT = 8.0
-#: For a box-trained model: whether the previous result also goes in as the mask prompt, and
-#: whether a negative click removes the connected piece it lies on (measured: docs/accuracy.md, clicks).
+#: For a box-trained model: whether the previous result also goes in as the mask prompt.
 BOX_MODEL_MASK_PROMPT = True
-BOX_MODEL_DROP_NEGATIVE = True
 #: The side of SAM's low-res logits, which its prompt encoder also takes as a mask prompt.
 LOW_RES_SIZE = EMBED_SIZE * LOW_RES_PER_TOKEN
 
@@ -164,18 +162,9 @@ def _box_around_click(segmenter, embedding, geometry, click: Point) -> Tuple[int
     return boxes[int(place[0])]
 
 
-def _away_from(base: np.ndarray, points: List[Point], segmenter, geometry) -> bool:
-    """Whether the first click is positive and lies outside the box tracking would give the mask."""
-    if not points or not points[0][2]:
-        return False
-    rows, cols = geometry.shape
-    x0, y0, x1, y1 = segmenter._next_box(base, (0, 0, cols - 1, rows - 1))
-    x, y, _ = points[0]
-    return not (x0 <= x <= x1 and y0 <= y <= y1)
-
-
 def _prompts(segmenter, embedding, points, box, previous, start_mask, geometry):
-    """What the decoder is given: (points or None, box or None, mask prompt or None, multimask).
+    """What the decoder is given: (points or None, box or None, mask prompt or None, multimask),
+    and the mask being corrected (None when starting over).
 
     SAM (``spec.point_prompts``) takes the clicks themselves with the previous logits; a model
     trained on boxes alone gets a box edited by the clicks (``edited_box``) instead."""
@@ -188,9 +177,7 @@ def _prompts(segmenter, embedding, points, box, previous, start_mask, geometry):
         mask_input = None
     if segmenter.model.spec.point_prompts:
         multimask = mask_input is None and box is None and len(points) == 1
-        return points or None, box, mask_input, multimask
-    if box is None and base is not None and base.any() and _away_from(base, points, segmenter, geometry):
-        base, mask_input = None, None  # the mask is on the wrong tissue: start over around the click
+        return points or None, box, mask_input, multimask, base
     if box is None and (base is None or not base.any()):
         first = next((point for point in points if point[2]), None)
         if first is None:
@@ -199,7 +186,7 @@ def _prompts(segmenter, embedding, points, box, previous, start_mask, geometry):
     if box is None:
         rows, cols = geometry.shape
         box = edited_box(base, points, geometry.shape, lambda mask: segmenter._next_box(mask, (0, 0, cols - 1, rows - 1)))
-    return None, box, (mask_input if BOX_MODEL_MASK_PROMPT else None), False
+    return None, box, (mask_input if BOX_MODEL_MASK_PROMPT else None), False, base
 
 
 def refine_slice(segmenter, volume, axis: str, index: int, points: Sequence, box: Optional[Sequence] = None,
@@ -214,7 +201,8 @@ def refine_slice(segmenter, volume, axis: str, index: int, points: Sequence, box
     if not points and box is None:
         raise ValueError("give at least one point or a box")
     model = segmenter.model
-    clicks, prompt_box, mask_input, multimask = _prompts(segmenter, embedding, points, box, previous, start_mask, geometry)
+    clicks, prompt_box, mask_input, multimask, base = _prompts(segmenter, embedding, points, box, previous, start_mask,
+                                                               geometry)
     known = [previous.mask if previous is not None else None, start_mask]
     window_box = (None if segmenter.window_margin is None
                   else _prompt_window(points, prompt_box, [None if m is None else np.asarray(m) > 0 for m in known],
@@ -226,22 +214,51 @@ def refine_slice(segmenter, volume, axis: str, index: int, points: Sequence, box
             mask_input=mask_input, multimask=multimask, window=window_box)
         logits = geometry.logits_to_slices(model.upscale_logits(low_res)[:, 0])
     mask = (logits[0] > 0).cpu().numpy()
-    if not model.spec.point_prompts and BOX_MODEL_DROP_NEGATIVE:
-        mask = _without_negative_components(mask, points)
+    if not model.spec.point_prompts and box is None and points:
+        mask = _local_change(segmenter, embedding, geometry, base, mask, points[-1])
     return Refined(mask, float(iou[0]), low_res.cpu())
 
 
-def _without_negative_components(mask: np.ndarray, points: List[Point]) -> np.ndarray:
-    """The mask less each connected piece a negative click lies on (a box cannot cut a piece
-    inside it away)."""
+def _piece_at(mask: np.ndarray, x: float, y: float) -> np.ndarray:
+    """The connected piece of ``mask`` at pixel (x, y); empty when the pixel is not in it."""
     from scipy import ndimage
 
     pieces, _ = ndimage.label(mask)
-    for x, y, positive in points:
-        piece = pieces[int(y), int(x)]
-        if not positive and piece:
-            mask = mask & (pieces != piece)
-    return mask
+    piece = pieces[int(y), int(x)]
+    return pieces == piece if piece else np.zeros_like(mask)
+
+
+def _local_change(segmenter, embedding, geometry, base: Optional[np.ndarray], decoded: np.ndarray,
+                  click: Point) -> np.ndarray:
+    """A box-trained model's click changes the mask where it was made, nowhere else.
+
+    A box edited by a click also moves the mask far from the click (a box is a coarse prompt), so
+    only the piece of the change under the click is taken: what the decode added there for a
+    positive click, what it took away there for a negative one. When the decode changed nothing
+    under the click, a positive click takes SAM's answer to a box around it (``_box_around_click``)
+    and a negative one cuts the round piece around it that reaches the mask's edge."""
+    x, y, positive = click
+    if base is None or not base.any():
+        piece = _piece_at(decoded, x, y)
+        return piece if piece.any() else decoded
+    if positive:
+        added = _piece_at(decoded & ~base, x, y)
+        if not added.any() and not base[int(y), int(x)]:
+            box = _box_around_click(segmenter, embedding, geometry, click)
+            prompt = torch.tensor([geometry.box_to_model(box)], dtype=torch.float32)
+            with torch.inference_mode():
+                low_res, _ = segmenter.model.decode_prompts(embedding[None], box=prompt)
+                around = (geometry.logits_to_slices(segmenter.model.upscale_logits(low_res)[:, 0])[0] > 0).cpu().numpy()
+            added = _piece_at(around & ~base, x, y)
+        return base | added
+    removed = _piece_at(base & ~decoded, x, y)
+    if not removed.any() and base[int(y), int(x)]:
+        from scipy import ndimage
+
+        depth = ndimage.distance_transform_edt(np.pad(base, 1))[1:-1, 1:-1][int(y), int(x)]
+        rows, cols = np.ogrid[:base.shape[0], :base.shape[1]]
+        removed = (rows - int(y)) ** 2 + (cols - int(x)) ** 2 <= depth ** 2
+    return base & ~removed
 
 
 def simulated_click(predicted: np.ndarray, reference: np.ndarray) -> Optional[Point]:
