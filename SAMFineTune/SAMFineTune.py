@@ -107,6 +107,8 @@ class SAMFineTuneParameterNode:
     datasetDir: pathlib.Path
     epochs: Annotated[int, WithinRange(1, 1000)] = 20
     adapterName: str = ""
+    keepLearning: bool = False  # opt-in: retrain after every keepLearningEvery exported cases
+    keepLearningEvery: Annotated[int, WithinRange(1, 100)] = 3
 
 
 #: Parameters bound to widgets by the parameter-node wrapper (``connectParametersToGui``).
@@ -121,6 +123,8 @@ GUI_BINDINGS = {
     "datasetDir": "datasetPathLineEdit",
     "epochs": "epochsSpinBox",
     "adapterName": "adapterNameLineEdit",
+    "keepLearning": "keepLearningCheckBox",
+    "keepLearningEvery": "keepLearningSpinBox",
 }
 #: Combo boxes whose items carry the parameter's value as item data, kept in step by the panel.
 COMBO_BINDINGS = {"model": "modelComboBox", "adapter": "adapterComboBox", "device": "deviceComboBox",

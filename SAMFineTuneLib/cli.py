@@ -55,9 +55,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     run = getattr(_command_module(args.command), COMMANDS[args.command][2])
     try:
         return int(run(args) or 0)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError) as error:  # bad input: the message says what to change
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a write that did not land, a folder another process holds, no permission
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -50,23 +50,35 @@ def add_decode_window_argument(parser: argparse.ArgumentParser, help: str) -> No
                         metavar="auto|full|N", help=help)
 
 
+#: What --backend and --precision choose, with the measured trade-off (also the panel's tooltips).
+BACKEND_HELP = ("who runs the image encoder: auto = OpenVINO on a CPU where it is installed, PyTorch on a GPU; "
+                "openvino (CPU only) gives PyTorch's embeddings to 2e-6 and encodes 2.5-3.5x faster (a cold "
+                "LiteMedSAM slice: 0.4 s against 1.0 s on two Xeon cores); its first use on a machine converts the "
+                "model (6-9 s for LiteMedSAM), later ones read the conversion from the cache folder; torch is the "
+                "reference")
+PRECISION_HELP = ("the image encoder's number format: auto = bf16 on CUDA, float32 on a CPU; bf16 on a CPU with "
+                  "native bf16 (AVX512-BF16, AMX) encodes about 2x faster (OpenVINO bf16: 6x the per-slice loop) "
+                  "but moved boundaries on MR (in the accuracy benchmark the MR stomach, tracked, fell from Dice "
+                  "0.375 to 0.035), so a CPU stays on float32 unless bf16 is asked for")
+
+
+def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
+    """--precision and --backend: how the image encoder runs (they pick the loaded model)."""
+    parser.add_argument("--precision", default=ENGINE_DEFAULTS["precision"], choices=list(PRECISIONS),
+                        help=PRECISION_HELP)
+    parser.add_argument("--backend", default=ENGINE_DEFAULTS["backend"], choices=list(BACKENDS), help=BACKEND_HELP)
+
+
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """--decode-window, --precision, --backend and --compile: how the model runs."""
     add_decode_window_argument(
         parser, "decode only the image tokens within N tokens (1/64 of the slice) of each box: 3-4x faster on a "
                 "CPU, a few boundary pixels differ; full decodes the whole slice; auto = 4 on CPU, full on CUDA")
-    parser.add_argument("--precision", default=ENGINE_DEFAULTS["precision"], choices=list(PRECISIONS),
-                        help="the image encoder's number format: auto = bf16 on CUDA, float32 on a CPU; bf16 on a "
-                             "CPU with native bf16 (AVX512-BF16, AMX) encodes about 2x faster and moves some "
-                             "boundaries (README, Speed (CPU))")
-    parser.add_argument("--backend", default=ENGINE_DEFAULTS["backend"], choices=list(BACKENDS),
-                        help="who runs the image encoder: torch, or openvino (CPU only; needs 'pip install "
-                             "openvino'; 6-9 s once to convert, then about 2.5x faster than torch in float32 with "
-                             "the same embeddings to 2e-6)")
+    add_encoder_arguments(parser)
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the image encoder: 20-30 s once on CUDA, then 2-3x faster encoding; "
-                             "about a minute once on a CPU (needs a C++ compiler), then about 2.5x faster; pays "
-                             "off over many slices or in a long-lived worker")
+                        help="torch.compile the image encoder (--backend torch): 20-30 s once on CUDA, then 2-3x "
+                             "faster encoding; about a minute once on a CPU (needs a C++ compiler), then about "
+                             "2.5x faster; pays off over many slices or in a long-lived worker")
 
 
 def add_axis_argument(parser: argparse.ArgumentParser, default=SEGMENT_DEFAULTS["axis"],

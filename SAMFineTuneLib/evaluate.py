@@ -17,7 +17,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .catalogue import DEFAULT_MODEL, ENGINE_DEFAULTS, SEGMENT_DEFAULTS, SPLITS
-from .cli_args import add_axis_argument, add_decode_window_argument, add_model_arguments, add_window_argument
+from .cli_args import (add_axis_argument, add_decode_window_argument, add_encoder_arguments, add_model_arguments,
+                       add_window_argument)
 from .metrics import DEFAULT_TOLERANCE_MM, METRIC_NAMES, paired_cases
 
 
@@ -29,7 +30,9 @@ def evaluate(dataset, model=DEFAULT_MODEL, checkpoint: Optional[str] = None, ada
              plot_path: Optional[str] = None, box_margin: float = 0.0,
              cases: Optional[Sequence[str]] = None,
              window_margin: Union[int, None, str] = ENGINE_DEFAULTS["window_margin"],
-             roi_margin: Optional[int] = None) -> Dict[str, Any]:
+             roi_margin: Optional[int] = None,
+             precision: str = ENGINE_DEFAULTS["precision"],
+             backend: str = ENGINE_DEFAULTS["backend"]) -> Dict[str, Any]:
     """Score the base model, and the adapter when given, on one split ('val', 'test', 'train', 'all')
     or on the named ``cases``.
 
@@ -40,9 +43,10 @@ def evaluate(dataset, model=DEFAULT_MODEL, checkpoint: Optional[str] = None, ada
     (``score_from_roi``). ``model`` is a model name or an already loaded SamModel.
     ``window_margin`` is the decode window of both models, as for the Segmenter: "auto" (4
     tokens on a CPU, the whole slice on CUDA), None (the whole slice) or a number of tokens;
-    the report holds the margin used. Axis and window default to the adapter's (from its model
-    card), else axial / auto. Returns {"cases": [{case, label, base: {...}, adapted: {...}}],
-    "mean": {"base": {...}, "adapted": {...}}, ...}.
+    the report holds the margin used. ``precision`` and ``backend``: the image encoder's, for a
+    model given by name (``models.load_model``). Axis and window default to the adapter's (from
+    its model card), else axial / auto. Returns {"cases": [{case, label, base: {...}, adapted:
+    {...}}], "mean": {"base": {...}, "adapted": {...}}, ...}.
     """
     from . import adapters
     from .dataset import read_dataset
@@ -50,14 +54,13 @@ def evaluate(dataset, model=DEFAULT_MODEL, checkpoint: Optional[str] = None, ada
     from .segmenter import check_window_margin, resolve_window_margin
 
     check_window_margin(window_margin)  # before loading anything
-    if roi_margin is not None and (isinstance(roi_margin, bool) or not isinstance(roi_margin, int) or roi_margin < 0):
-        raise ValueError(f"roi_margin is a whole number of voxels >= 0, got {roi_margin!r}")
+    _check_roi_margin(roi_margin)
     card = adapters.read_model_card(adapter) if adapter else None
     hints = card["inference"] if card else {}
     axis = axis or hints.get("axis", SEGMENT_DEFAULTS["axis"])
     window = window or hints.get("window", SEGMENT_DEFAULTS["window"])
     if isinstance(model, str):
-        model = load_model(model, checkpoint=checkpoint, device=device)
+        model = load_model(model, checkpoint=checkpoint, device=device, precision=precision, backend=backend)
     window_margin = resolve_window_margin(window_margin, model.device)
     info = read_dataset(dataset)
     entries = [info.case(c) for c in cases] if cases is not None else info.split(split)
@@ -79,6 +82,11 @@ def evaluate(dataset, model=DEFAULT_MODEL, checkpoint: Optional[str] = None, ada
     if plot_path:
         write_plot(report, plot_path)
     return report
+
+
+def _check_roi_margin(roi_margin) -> None:
+    if roi_margin is not None and (isinstance(roi_margin, bool) or not isinstance(roi_margin, int) or roi_margin < 0):
+        raise ValueError(f"roi_margin is a whole number of voxels >= 0, got {roi_margin!r}")
 
 
 def score_from_boxes(model, info, cases, adapters, axis, window, labels, tolerance_mm, window_margin,
@@ -251,6 +259,7 @@ def format_table(report: Dict[str, Any]) -> str:
 def add_arguments(parser) -> None:
     parser.add_argument("--dataset", required=True)
     add_model_arguments(parser)
+    add_encoder_arguments(parser)
     parser.add_argument("--adapter", help="adapter folder to compare with the base model")
     parser.add_argument("--split", default="val", choices=SPLITS + ("all",))
     add_axis_argument(parser, None, "slice direction; None: the adapter's, else axial")
@@ -273,6 +282,7 @@ def main(args) -> int:
     report = evaluate(args.dataset, model=args.model, checkpoint=args.checkpoint, adapter=args.adapter,
                       split=args.split, progress=StderrBar(), device=args.device, axis=args.axis,
                       window=args.window, tolerance_mm=args.tolerance_mm, csv_path=args.csv, plot_path=args.plot,
-                      box_margin=args.box_margin, window_margin=args.decode_window, roi_margin=args.roi_margin)
+                      box_margin=args.box_margin, window_margin=args.decode_window, precision=args.precision,
+                      backend=args.backend, roi_margin=args.roi_margin)
     print(format_table(report))
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 from .cli_args import add_engine_arguments, add_model_arguments, add_slicing_arguments
 
@@ -24,21 +25,27 @@ def add_segment_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def segment_main(args: argparse.Namespace) -> int:
-    from .progress import StderrBar
-    from .segmenter import Segmenter
+    """Every input is checked (the output's folder, the volume file, its voxels inside the box)
+    before the model loads; the mask is read back before it replaces an earlier one."""
+    from .files import check_output_file
+    from .input_checks import check_segment_input
     from .volume_io import read_volume, write_volume
 
-    output_dir = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(output_dir):
-        raise FileNotFoundError(f"output folder does not exist: {output_dir}")
+    check_output_file(args.output, "the output mask")
     volume = read_volume(args.volume)
+    box, warnings = check_segment_input(volume, args.box, args.volume)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    from .progress import StderrBar
+    from .segmenter import Segmenter
+
     segmenter = Segmenter(args.model, checkpoint=args.checkpoint, device=args.device,
                           window_margin=args.decode_window, compile=args.compile, precision=args.precision,
                           backend=args.backend)
     if args.adapter:
         segmenter.set_adapter(args.adapter)
     result = segmenter.segment(
-        volume, args.box, axis=args.axis, window=args.window, box_mode=args.box_mode,
+        volume, box, axis=args.axis, window=args.window, box_mode=args.box_mode,
         keep_largest=not args.no_largest_component, fill_holes=not args.no_fill_holes,
         progress=None if args.quiet else StderrBar(),
     )

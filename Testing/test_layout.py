@@ -1,4 +1,4 @@
-"""docs/architecture.md stays true to SAMFineTuneLib, and the engine keeps its size limits."""
+"""docs/architecture.md stays true to SAMFineTuneLib, and the engine and the Slicer side keep their size limits."""
 import ast
 import re
 from pathlib import Path
@@ -44,11 +44,11 @@ def test_every_module_and_package_is_named_in_the_architecture_page():
 
 def test_no_module_over_400_lines_and_no_function_over_60():
     too_long = []
-    for path in LIB.rglob("*.py"):
+    for path in list(LIB.rglob("*.py")) + list((ROOT / "SAMFineTune").rglob("*.py")):
         if path.name in SIZE_EXEMPT and path.parent == LIB:
             continue
         source = path.read_text(encoding="utf-8")
-        rel = path.relative_to(LIB).as_posix()
+        rel = path.relative_to(ROOT).as_posix()
         if source.count("\n") > 400:
             too_long.append(f"{rel}: {source.count(chr(10))} lines")
         for node in ast.walk(ast.parse(source)):

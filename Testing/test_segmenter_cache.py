@@ -1,5 +1,6 @@
-"""SegmenterCache: one segmenter per (model, checkpoint, device), the adapter swapped in place,
-the old model let go before a new one loads (a stand-in Segmenter records what happens)."""
+"""SegmenterCache: one segmenter per model (model, checkpoint, device, encoder precision and
+backend), the adapter swapped in place, the old model let go before a new one loads (a stand-in
+Segmenter records what happens)."""
 import pytest
 
 from SAMFineTuneLib import segmenter as segmenter_module
@@ -9,8 +10,9 @@ from SAMFineTuneLib.segmenter_cache import SegmenterCache
 class FakeSegmenter:
     created = []
 
-    def __init__(self, model, checkpoint, device, cache=None):
+    def __init__(self, model, checkpoint, device, precision, backend, cache=None):
         self.key = (model, checkpoint, device)
+        self.encoder = (precision, backend)
         self.model = object()
         self.adapters = []
         # what the cache still held while this one was being built: nothing, or the old one leaks
@@ -26,8 +28,7 @@ def cache(monkeypatch):
     FakeSegmenter.created = []
     loaded = []
     holder = SegmenterCache(on_load=loaded.append)
-    monkeypatch.setattr(segmenter_module, "Segmenter",
-                        lambda model, checkpoint, device: FakeSegmenter(model, checkpoint, device, holder))
+    monkeypatch.setattr(segmenter_module, "Segmenter", lambda **options: FakeSegmenter(**options, cache=holder))
     holder.loaded = loaded
     return holder
 
@@ -42,6 +43,18 @@ def test_one_segmenter_per_model_checkpoint_and_device(cache, tmp_path):
     assert second.held_while_loading is None  # the old model was let go before the new one loaded
     assert cache.loaded == [first, second]
     assert cache.get("sam_vit_b", checkpoint=str(checkpoint), device="cpu") is second
+
+
+def test_the_encoders_precision_and_backend_pick_the_model_too(cache):
+    default = cache.get("litemedsam", device="cpu")
+    assert default.encoder == ("auto", "auto")  # the catalogue's defaults: OpenVINO on a CPU where installed
+    torch_one = cache.get("litemedsam", device="cpu", backend="torch")
+    assert torch_one is not default and torch_one.encoder == ("auto", "torch")
+    assert cache.loaded_model("litemedsam", None, "cpu") is None
+    assert cache.loaded_model("litemedsam", None, "cpu", backend="torch") is torch_one.model
+    bf16 = cache.get("litemedsam", device="cpu", precision="bf16", backend="torch")
+    assert bf16 is not torch_one and bf16.encoder == ("bf16", "torch")
+    assert cache.get("litemedsam", device="cpu", precision=None, backend=None).encoder == ("auto", "auto")
 
 
 def test_the_adapter_is_swapped_in_place_and_training_reuses_only_a_bare_model(cache, tmp_path):

@@ -33,6 +33,8 @@ def engine_args(worker=False):
 
 def run_batch(args, tmp_path, slicer_style=False):
     env = dict(os.environ, OMP_NUM_THREADS="1", SAMFINETUNE_CACHE=str(tmp_path / "cache"))
+    # the engine of this checkout, as the extension ships it beside the module (not another install's)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.dirname(MODULE_DIR), env.get("PYTHONPATH")) if p)
     if slicer_style:  # what ctkAbstractPythonManager.executeFile does for --python-script
         code = ("import sys; sys.argv = [%r] + %r; g = {'__name__': '__main__', '__file__': %r}; "
                 "exec(open(%r).read(), g)" % (BATCH, ["--"] + args, BATCH, BATCH))

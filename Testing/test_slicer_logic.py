@@ -244,10 +244,10 @@ def test_blocking_through_the_worker_backend(scene):
     client = FakeClient()
     logic = SAMFineTuneCoreLogic(worker=WorkerBackend(client=client))
     seen = []
-    task = logic.segment(volume, roi, backend="worker", progress=lambda d, t, m: seen.append(d))
+    task = logic.segment(volume, roi, runIn="worker", progress=lambda d, t, m: seen.append(d))
     assert task.state == "done" and seen and client.polls >= 3
     with pytest.raises(ValueError, match="background worker"):
-        logic.segment(volume, roi, waitForCompletion=False, backend="inprocess")
+        logic.segment(volume, roi, waitForCompletion=False, runIn="inprocess")
 
 
 # ----------------------------------------------------------------- the real engine
@@ -357,4 +357,5 @@ def test_inside_slicer_blocking_work_runs_in_the_worker(scene, monkeypatch, tmp_
     assert paths.workerPython() == "/envs/gpu/bin/python"
     client = WorkerBackend().client
     assert client.python == "/envs/gpu/bin/python" and client.log_path == paths.workerLogPath()
+    assert client.reader == "poll"  # no reader thread: it would only run while Slicer runs Python
     assert client.env["SAMFINETUNE_CACHE"] == str(tmp_path / "slicer-cache" / "SAMFineTune")

@@ -79,6 +79,24 @@ def test_bad_model_requests_are_clear_errors_and_worker_keeps_serving(client, ph
     assert result["model"] == "litemedsam" and result["fingerprint"] and client.worker_pid == pid
 
 
+def test_segment_input_is_checked_before_the_model_loads(client):
+    params = {"box": [2, 2, 0, 20, 20, 3], "model": "no-such-model", "device": "cpu"}
+    volume = np.random.default_rng(3).normal(size=(4, 32, 32)).astype(np.float32)
+    volume[0, 0, :2] = np.nan
+    job = client.submit("segment", params, {"volume": volume})
+    with pytest.raises(JobError, match=r"the volume has 2 NaN voxels \(of 4096\)"):
+        client.wait(job, timeout=120)
+    assert job.traceback is None
+    with pytest.raises(JobError, match=r"every voxel inside the box \[2, 2, 0, 20, 20, 3\].* is 0: there is nothing"):
+        client.run("segment", params, {"volume": np.zeros((4, 32, 32), np.int16)}, timeout=120)
+    almost = np.zeros((4, 32, 32), np.int16)
+    almost[1, 5, 5] = 50
+    job = client.submit("segment", params, {"volume": almost})
+    with pytest.raises(JobError, match="unknown model"):  # checked and warned about first, then the model
+        client.wait(job, timeout=120)
+    assert any("of the voxels inside the box" in line for line in job.logs)
+
+
 def test_cancel_long_segmentation_is_prompt_and_worker_stays_usable(client):
     volume = np.random.default_rng(0).integers(-200, 300, size=(60, 64, 64)).astype(np.int16)
     job = client.submit("segment", {"box": [10, 10, 0, 50, 50, 59], "box_mode": "fixed", "device": "cpu"},

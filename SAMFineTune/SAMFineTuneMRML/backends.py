@@ -65,7 +65,8 @@ class WorkerBackend:
         if self._client is None:
             from SAMFineTuneLib.client import WorkerClient
 
-            self._client = WorkerClient(python=workerPython(), env=workerEnvironment(), log_path=workerLogPath())
+            self._client = WorkerClient(python=workerPython(), env=workerEnvironment(), log_path=workerLogPath(),
+                                        reader="poll")  # Qt's idle loop holds the GIL: a reader thread would lag
         return self._client
 
     def submit(self, command, params, arrays=None):

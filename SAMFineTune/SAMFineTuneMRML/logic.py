@@ -27,7 +27,8 @@ from .paths import adaptersDirectory
 from .scene import haveApplication
 from .tasks import SegmentTask, Task
 
-BACKENDS = ("worker", "inprocess")
+#: Where blocking work runs: the background worker, or this process.
+RUN_IN = ("worker", "inprocess")
 
 
 class SAMFineTuneCoreLogic:
@@ -39,15 +40,15 @@ class SAMFineTuneCoreLogic:
         self.history = segments.UndoHistory()
         self.saveStateForUndoHook = None  # set by the panel: also saves the Segment Editor's undo state
 
-    def defaultBackend(self):
+    def defaultRunIn(self):
         """The worker inside the Slicer application, this process elsewhere."""
         return "worker" if haveApplication() else "inprocess"
 
-    def runner(self, backend):
-        backend = backend or self.defaultBackend()
-        if backend not in BACKENDS:
-            raise ValueError("Unknown backend '%s'; choose one of: %s." % (backend, ", ".join(BACKENDS)))
-        return self.worker if backend == "worker" else self.inProcess
+    def runner(self, runIn):
+        runIn = runIn or self.defaultRunIn()
+        if runIn not in RUN_IN:
+            raise ValueError("Unknown runIn '%s'; choose one of: %s." % (runIn, ", ".join(RUN_IN)))
+        return self.worker if runIn == "worker" else self.inProcess
 
     # ------------------------------------------------------------ segments
 
@@ -101,12 +102,12 @@ class SAMFineTuneCoreLogic:
                                 segmentNames=[segmentName], **kwargs)[0]
 
     def segmentROIs(self, volumeNode, roiNodes, segmentationNode=None, segmentIds=None, segmentNames=None,
-                    waitForCompletion=True, backend=None, progress=None, cancel=None, onFinished=None, **options):
+                    waitForCompletion=True, runIn=None, progress=None, cancel=None, onFinished=None, **options):
         """Several ROIs = several structures: one segment per ROI (named after it unless
         ``segmentIds``/``segmentNames`` say otherwise), in one segmentation (new if None).
 
         Every ROI and option is checked before any work starts. Blocking (default): returns the
-        finished tasks; an error raises and leaves later ROIs undone. ``backend``: "worker" or
+        finished tasks; an error raises and leaves later ROIs undone. ``runIn``: "worker" or
         "inprocess" (default: the worker inside Slicer, this process elsewhere);
         ``progress(done, total, message)`` and ``cancel() -> bool`` follow the engine's
         convention. Non-blocking: the jobs go to the worker; call ``task.poll()`` until it
@@ -115,9 +116,9 @@ class SAMFineTuneCoreLogic:
         if not roiNodes:
             raise ValueError("No ROI given: place at least one Markups ROI around the structure.")
         geometry.checkVolumeNode(volumeNode)
-        if not waitForCompletion and backend not in (None, "worker"):
-            raise ValueError("Non-blocking segmentation runs in the background worker; use backend='worker'.")
-        runner = self.runner(backend if waitForCompletion else "worker")
+        if not waitForCompletion and runIn not in (None, "worker"):
+            raise ValueError("Non-blocking segmentation runs in the background worker; use runIn='worker'.")
+        runner = self.runner(runIn if waitForCompletion else "worker")
         created = segmentationNode is None
         segmentationNode = segmentationNode or self.createSegmentation(volumeNode)
         segmentIds = segmentIds or [None] * len(roiNodes)
@@ -188,14 +189,14 @@ class SAMFineTuneCoreLogic:
         return export_dataset(prepared, outputDir, val_fraction=valFraction, seed=seed,
                               label_names={1: structureName}, progress=progress)
 
-    def train(self, dataset, output=None, name=None, waitForCompletion=True, backend=None, progress=None, cancel=None,
+    def train(self, dataset, output=None, name=None, waitForCompletion=True, runIn=None, progress=None, cancel=None,
               log=None, onFinished=None, onEvent=None, **config):
         """Fine-tune a LoRA adapter on ``dataset``; it is written to ``output`` (default: the
         adapters library, folder ``name``). ``config``: other ``TrainConfig`` fields (model,
         checkpoint, device, epochs, ...).
 
         Blocking: returns the model card (in the worker inside Slicer, see ``segmentROIs`` for
-        ``backend``). Non-blocking (the panel): runs in the worker and returns a Task whose
+        ``runIn``). Non-blocking (the panel): runs in the worker and returns a Task whose
         ``output`` is the adapter folder; ``onEvent`` sees each worker event, such as each
         epoch's loss/Dice message (``training.TrainingCurve.addFromMessage``)."""
         if output is None:
@@ -204,7 +205,7 @@ class SAMFineTuneCoreLogic:
             output = os.path.join(adaptersDirectory(), name)
         params = dict(config, dataset=os.path.abspath(str(dataset)), output=os.path.abspath(str(output)))
         if waitForCompletion:
-            return self.runner(backend).train(params, progress=progress, cancel=cancel, log=log)
+            return self.runner(runIn).train(params, progress=progress, cancel=cancel, log=log)
         task = Task(self.worker.submit("train", params), self.worker.client, onFinished, onEvent)
         task.output = params["output"]
         return task

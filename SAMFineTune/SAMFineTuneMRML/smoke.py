@@ -71,7 +71,7 @@ class SmokeRun:
         self.say("2. module panel opened and its parameters filled")
 
     def stepSegment(self):
-        self.task = self.logic.segment(self.volume, self.roi, backend="worker")
+        self.task = self.logic.segment(self.volume, self.roi, runIn="worker")
         check(self.task.state == "done", "segmentation ended '%s': %s" % (self.task.state, self.task.error))
         result = self.logic.segmentArray(self.task.segmentationNode, self.task.segmentId, self.volume)
         score = dice_score(result, self.label)
@@ -101,7 +101,7 @@ class SmokeRun:
     def stepTrain(self):
         curve = training.TrainingCurve(self.scene, "SAMFineTuneSmoke training")
         output = os.path.join(self.workFolder, "adapter")
-        card = self.logic.train(self.dataset, output=output, backend="worker", epochs=1, batch_size=4,
+        card = self.logic.train(self.dataset, output=output, runIn="worker", epochs=1, batch_size=4,
                                 log=curve.addFromMessage, final_scores=False)
         check(card and card.get("best_epoch") == 1, "training returned %r" % (card,))
         check(os.path.isfile(os.path.join(output, "model_card.json")), "no model card in %s" % output)

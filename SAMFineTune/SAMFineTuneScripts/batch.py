@@ -33,27 +33,24 @@ def _setupPath():
 
 
 def buildParser():
-    from SAMFineTuneMRML.options import AXES, BOX_MODES, DEVICES, MODEL_SPECS, SEGMENT_DEFAULTS, WINDOWS
+    from SAMFineTuneMRML.library import ensureLibraryImportable
+
+    ensureLibraryImportable()
+    from SAMFineTuneLib import cli_args
 
     parser = argparse.ArgumentParser(prog="batch.py", description=__doc__.split("\n")[0])
     parser.add_argument("--volumes", nargs="+", required=True, help="volume files (.nrrd, .nii.gz, .mha, ...)")
     parser.add_argument("--rois", nargs="+", required=True, help="Markups ROI files (.mrk.json); see above")
     parser.add_argument("--output", required=True, help="folder for the <volume>.seg.nrrd files (created)")
-    parser.add_argument("--model", default=SEGMENT_DEFAULTS["model"], choices=list(MODEL_SPECS),
-                        help="every model but litemedsam needs --checkpoint")
-    parser.add_argument("--checkpoint", help="checkpoint file (needed for every model but litemedsam)")
+    cli_args.add_model_arguments(parser)
     parser.add_argument("--adapter", help="fine-tuned adapter folder")
-    parser.add_argument("--device", default=SEGMENT_DEFAULTS["device"], choices=list(DEVICES))
-    parser.add_argument("--axis", default=SEGMENT_DEFAULTS["axis"], choices=list(AXES))
-    parser.add_argument("--window", default=SEGMENT_DEFAULTS["window"],
-                        help="%s, or W/L such as 400/40" % ", ".join(WINDOWS))
-    parser.add_argument("--box-mode", default=SEGMENT_DEFAULTS["box_mode"], choices=list(BOX_MODES))
+    cli_args.add_slicing_arguments(parser)
     parser.add_argument("--no-keep-largest", action="store_true", help="keep every connected component")
     parser.add_argument("--no-fill-holes", action="store_true")
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--worker", dest="backend", action="store_const", const="worker",
+    where.add_argument("--worker", dest="runIn", action="store_const", const="worker",
                        help="run the engine in the background worker process (the default inside Slicer)")
-    where.add_argument("--in-process", dest="backend", action="store_const", const="inprocess",
+    where.add_argument("--in-process", dest="runIn", action="store_const", const="inprocess",
                        help="run the engine in this process (the default with plain Python)")
     return parser
 
@@ -79,7 +76,7 @@ def uniqueOutput(folder, stem, used):
     return os.path.join(folder, name + ".seg.nrrd")
 
 
-def segmentOne(logic, volumePath, roiPaths, outputPath, options, backend, say):
+def segmentOne(logic, volumePath, roiPaths, outputPath, options, runIn, say):
     from SAMFineTuneMRML import storage
 
     volume = storage.loadVolume(volumePath)
@@ -92,7 +89,7 @@ def segmentOne(logic, volumePath, roiPaths, outputPath, options, backend, say):
         def progress(done, total, message):
             say("  %d/%d %s" % (done, total, message))
 
-        tasks = logic.segmentROIs(volume, rois, segmentation, backend=backend, progress=progress, **options)
+        tasks = logic.segmentROIs(volume, rois, segmentation, runIn=runIn, progress=progress, **options)
         for task in tasks:
             if task.warning:
                 say("  warning: " + task.warning)
@@ -145,7 +142,7 @@ def main(argv=None):
             say("[%d/%d] %s" % (index + 1, len(args.volumes), volumePath))
             output = uniqueOutput(args.output, fileStem(volumePath), used)
             try:
-                segmentOne(logic, volumePath, roiPaths, output, options, args.backend, say)
+                segmentOne(logic, volumePath, roiPaths, output, options, args.runIn, say)
             except Exception as exc:
                 failures += 1
                 say("  error: %s" % exc)

@@ -3,7 +3,7 @@
 Plain Python (no Qt, no torch), so Slicer's panel, the Python console, batch scripts and CI all
 use the same class::
 
-    client = WorkerClient()                     # the worker starts on the first job
+    client = WorkerClient(reader="poll")        # the worker starts on the first job; no reader thread
     job = client.submit("segment", {"box": [10, 12, 3, 40, 44, 9]}, {"volume": array_kji})
     # from a qt.QTimer every ~100 ms:
     client.poll()                               # never blocks; updates job.state / progress / message
@@ -12,7 +12,9 @@ use the same class::
 
     result, arrays = client.run("segment", params, {"volume": array_kji}, progress=print)  # blocking
 
-A worker that dies (killed, out of memory, segfault) turns its jobs into errors with a
+``reader="poll"`` (what Slicer uses) reads what the worker sent inside ``poll``; the default
+``"thread"`` has a reader thread, which suits plain Python but lags in Slicer, whose idle Qt loop
+does not release the GIL. A worker that dies (killed, out of memory, segfault) turns its jobs into errors with a
 ``WorkerCrashed`` message; the next ``submit`` starts a fresh one. ``WorkerClient(address=
 "127.0.0.1:8765", token=...)`` talks to ``python -m SAMFineTuneLib serve`` instead, e.g. a GPU
 box reached through an SSH tunnel.

@@ -7,7 +7,6 @@ import os
 import queue
 import shutil
 import sys
-import tempfile
 import time
 import weakref
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
@@ -15,9 +14,9 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .. import protocol
-from ..paths import default_log_path
-from ..protocol import PROTOCOL_VERSION, ProtocolError
-from .connections import Connection, ProcessConnection, SocketConnection, parse_address
+from ..paths import default_log_path, make_private_dir, new_job_folder
+from ..protocol import PROTOCOL_VERSION, TOKEN_ENV, ProtocolError
+from .connections import READERS, Connection, ProcessConnection, SocketConnection, parse_address
 from .jobs import Job, JobCancelled, JobError, JobTimeout, WorkerCrashed
 
 log = logging.getLogger("SAMFineTuneLib.client")
@@ -52,18 +51,24 @@ class WorkerClient:
     def __init__(self, python: Optional[str] = None, log_path: Optional[str] = None,
                  env: Optional[Dict[str, str]] = None, address: Union[str, Tuple[str, int], None] = None,
                  token: Optional[str] = None, command: Optional[Sequence[str]] = None,
-                 cancel_grace: float = 10.0, connect_timeout: float = 10.0):
+                 cancel_grace: float = 10.0, connect_timeout: float = 10.0, reader: str = "thread"):
         """python: interpreter for the worker (default: this one; in Slicer, PythonSlicer).
         log_path: the worker's log (default: logs/worker.log in the user's cache folder).
         env: extra environment variables for the worker (e.g. OMP_NUM_THREADS, CUDA_VISIBLE_DEVICES).
-        address/token: use a running ``serve`` endpoint instead of a child process.
+        address/token: use a running ``serve`` endpoint instead of a child process (token default:
+        ``$SAMFINETUNE_TOKEN``).
         command: the full command that starts a worker (overrides python; it must speak on stdin/stdout).
-        cancel_grace: a cancelled job still running after this many seconds gets its worker restarted."""
+        cancel_grace: a cancelled job still running after this many seconds gets its worker restarted.
+        reader: "thread" (a reader thread follows the worker) or "poll" (no thread: ``poll`` reads
+        what has arrived; for Slicer, where a thread only runs while Python does)."""
+        if reader not in READERS:
+            raise ValueError(f"reader must be one of {', '.join(READERS)}, got {reader!r}")
         self.python = python or sys.executable
         self.log_path = os.path.abspath(log_path or default_log_path())
         self.env = dict(env or {})
         self.address = parse_address(address) if address is not None else None
-        self.token = token
+        self.token = token if token is not None else os.environ.get(TOKEN_ENV)
+        self.reader = reader
         self.command = list(command) if command else None
         self.cancel_grace = cancel_grace
         self.connect_timeout = connect_timeout
@@ -87,18 +92,19 @@ class WorkerClient:
 
     def _folder(self) -> str:
         if self._res.folder is None:
-            self._res.folder = tempfile.mkdtemp(prefix="samft-jobs-")
+            self._res.folder = new_job_folder("jobs")
         return self._res.folder
 
     def _connect(self) -> Connection:
         if self._res.conn is not None:
             return self._res.conn
         if self.address is not None:
-            conn: Connection = SocketConnection(self.address[0], self.address[1], self._events, self.connect_timeout)
+            conn: Connection = SocketConnection(self.address[0], self.address[1], self._events, self.connect_timeout,
+                                                self.reader)
             self._res.conn = conn
             self._send_request(self._new_job("hello", {"token": self.token}))
         else:
-            os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
+            make_private_dir(os.path.dirname(self.log_path))
             try:
                 if os.path.getsize(self.log_path) > LOG_ROTATE_BYTES:
                     os.replace(self.log_path, self.log_path + ".1")
@@ -108,7 +114,7 @@ class WorkerClient:
             env.update(self.env)
             env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
             command = self.command or [self.python, "-c", BOOT, "worker", "--log", self.log_path]
-            conn = ProcessConnection(command, env, self._folder(), self.log_path, self._events)
+            conn = ProcessConnection(command, env, self._folder(), self.log_path, self._events, self.reader)
             self._res.conn = conn
         self.starts += 1
         return conn
@@ -212,6 +218,10 @@ class WorkerClient:
         """Handle what the worker has said so far; wait up to ``timeout`` s for the first word.
         Returns how many messages were handled. Call it from a qt.QTimer in Slicer."""
         handled = 0
+        conn = self._res.conn
+        if conn is not None and conn.mode == "poll":
+            conn.pump(timeout if self._events.empty() else 0.0)
+            timeout = 0.0
         try:
             item = self._events.get(timeout=timeout) if timeout > 0 else self._events.get_nowait()
             while True:

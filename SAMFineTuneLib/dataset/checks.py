@@ -7,6 +7,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..input_checks import check_finite
+
 _CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -14,15 +16,20 @@ def _close(a: Sequence[float], b: Sequence[float], tol: float) -> bool:
     return bool(np.allclose(np.asarray(a, float), np.asarray(b, float), rtol=0.0, atol=tol))
 
 
+def _rounded(values: Sequence[float]) -> Tuple[float, ...]:
+    return tuple(round(float(v), 6) for v in values)
+
+
 def check_case(case_id: str, image, label, label_names: Optional[Dict[int, str]]) -> Tuple[np.ndarray, List[int]]:
     """Validate one case; return the label map as an unsigned integer array and its nonzero values.
 
-    Raises ValueError (naming the case and the problem) for a bad id, a geometry mismatch, a
-    non-integer or negative label, or label values missing from ``label_names``.
+    Raises ValueError (naming the case and the problem) for a bad id, NaN or infinite voxels, a
+    geometry mismatch, a non-integer or negative label, or label values missing from ``label_names``.
     """
     if not isinstance(case_id, str) or not _CASE_ID.match(case_id):
         raise ValueError(f"case id {case_id!r} is not usable as a file name: use letters, digits, '_', '-', '.'")
     img, lab = np.asarray(image.array), np.asarray(label.array)
+    check_finite(img, f"case '{case_id}': the volume")
     if img.ndim != 3:
         raise ValueError(f"case '{case_id}': the volume is {img.ndim}D (shape {img.shape}); a 3D KJI array is needed")
     if lab.shape != img.shape:
@@ -32,9 +39,8 @@ def check_case(case_id: str, image, label, label_names: Optional[Dict[int, str]]
                             ("origin", image.origin, label.origin, 1e-3 * spacing.min()),
                             ("direction", image.direction, label.direction, 1e-4)):
         if not _close(a, b, tol):
-            raise ValueError(f"case '{case_id}': label {what} {tuple(np.round(np.asarray(b, float), 6))} does not "
-                             f"match the volume's {tuple(np.round(np.asarray(a, float), 6))}; resample the label "
-                             "onto the volume first")
+            raise ValueError(f"case '{case_id}': label {what} {_rounded(b)} does not match the volume's "
+                             f"{_rounded(a)}; resample the label onto the volume first")
     if not np.issubdtype(lab.dtype, np.integer) and not np.issubdtype(lab.dtype, np.bool_):
         if not np.all(np.isfinite(lab)) or np.any(lab != np.round(lab)):
             raise ValueError(f"case '{case_id}': label map has non-integer values; a label map holds integers")

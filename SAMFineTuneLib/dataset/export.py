@@ -1,6 +1,10 @@
-"""Writing (or appending) cases to a dataset, ``dataset.json`` last."""
+"""Writing (or appending) cases to a dataset, ``dataset.json`` last, under the folder's lock
+(``files.folder_lock``): two exports into one folder would each read the old ``dataset.json``
+and the second would drop the first one's cases."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import warnings
 from typing import Any, Dict, Iterable, List, Optional, Tuple
@@ -8,7 +12,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import numpy as np
 
 from ..catalogue import EXPORT_FORMATS
-from ..files import write_json_atomic
+from ..files import WriteError, check_writable_folder, folder_lock, write_json_atomic
 from ..progress import check_cancel, report
 from .checks import check_case, merge_label_names
 from .index import DATASET_JSON, FILE_ENDING, LAYOUT_VERSION, read_dataset
@@ -32,6 +36,41 @@ def export_dataset(cases: Iterable[Tuple[str, Any, Any]], output_dir: str, fmt: 
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown format '{fmt}'; choose one of: {', '.join(EXPORT_FORMATS)}")
     root = os.path.abspath(str(output_dir))
+    created = _make_root(root)
+    try:
+        with folder_lock(root, "export"):
+            return _export(list(cases), root, fmt, val_fraction, seed, label_names, progress, cancel, groups, splits,
+                           modality, name, axis, window)
+    finally:
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(root)  # only if nothing was written: a refused export leaves no trace
+
+
+def _make_root(root: str) -> bool:
+    """Create the dataset folder if needed (True if it was created); clear errors for a path that
+    is a file or a folder that takes no files, before any case is read or checked."""
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise ValueError(f"the dataset folder {root} is a file; choose a folder (new or an earlier export)")
+    if os.path.isdir(root):
+        check_writable_folder(root, "the dataset")
+        return False
+    parent = os.path.dirname(root)
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise ValueError(f"cannot create the dataset folder {root}: {parent} is a file")
+    try:
+        os.makedirs(root)
+    except OSError as exc:
+        raise WriteError(f"cannot create the dataset folder {root}: {exc.strerror or exc}; choose a folder you can "
+                         "write to", exc.errno or errno.EACCES) from None
+    return True
+
+
+def _export(cases: List[Tuple[str, Any, Any]], root: str, fmt: str, val_fraction: float, seed: int,
+            label_names: Optional[Dict[int, str]], progress, cancel, groups: Optional[Dict[str, str]],
+            splits: Optional[Dict[str, str]], modality: Optional[str], name: Optional[str], axis: str,
+            window: str) -> Dict[str, Any]:
+    """``export_dataset`` with the folder created and locked."""
     old = read_dataset(root) if os.path.isfile(os.path.join(root, DATASET_JSON)) else None
     existing = old.cases if old else []
     if old is not None and "samfinetune" not in old.meta:
@@ -39,7 +78,7 @@ def export_dataset(cases: Iterable[Tuple[str, Any, Any]], output_dir: str, fmt: 
     label_names = merge_label_names(old.labels if old else {}, label_names)
     groups = dict(groups or {})
     summary: Dict[str, Any] = {"dataset": root, "format": fmt, "added": [], "skipped": [], "warnings": []}
-    checked = _checked_cases(list(cases), {e.case for e in existing}, label_names, summary)
+    checked = _checked_cases(cases, {e.case for e in existing}, label_names, summary)
     if label_names is None:
         label_names = {v: f"label_{v}" for _, _, _, _, present in checked for v in present}
     split_of = assign_splits([(c[0], str(groups.get(c[0], c[0]))) for c in checked], existing,
@@ -61,7 +100,16 @@ def export_dataset(cases: Iterable[Tuple[str, Any, Any]], output_dir: str, fmt: 
     report(progress, len(checked), len(checked), "done")
     summary.update(cases=len(records), train=sum(r["split"] == "train" for r in records),
                    val=sum(r["split"] == "val" for r in records), labels={str(k): v for k, v in label_names.items()})
+    if summary["val"] == 0 and val_fraction > 0:
+        _warn(summary, f"the dataset has {summary['cases']} case(s) and none held out for validation: training "
+                       "needs at least one validation case to choose its best epoch; export at least one more case "
+                       "(of another patient)")
     return summary
+
+
+def _warn(summary: Dict[str, Any], message: str) -> None:
+    warnings.warn(message, stacklevel=4)
+    summary["warnings"].append(message)
 
 
 def _checked_cases(cases: List[Tuple[str, Any, Any]], seen: set, label_names: Optional[Dict[int, str]],
@@ -76,10 +124,8 @@ def _checked_cases(cases: List[Tuple[str, Any, Any]], seen: set, label_names: Op
         seen.add(case_id)
         array, present = check_case(case_id, image, label, label_names)
         if not present:
-            message = f"case '{case_id}' skipped: its label map is empty (nothing segmented)"
-            warnings.warn(message, stacklevel=3)
             summary["skipped"].append({"case": case_id, "reason": "empty label"})
-            summary["warnings"].append(message)
+            _warn(summary, f"case '{case_id}' skipped: its label map is empty (nothing segmented)")
             continue
         checked.append((case_id, image, label, array, present))
     return checked

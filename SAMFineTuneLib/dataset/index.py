@@ -54,15 +54,26 @@ def read_dataset(path: str) -> DatasetInfo:
     if not os.path.isfile(index):
         raise ValueError(f"{root} is not a dataset: it has no {DATASET_JSON} (export one with "
                          "'python -m SAMFineTuneLib export')")
-    with open(index, encoding="utf-8") as handle:
-        meta = json.load(handle)
-    labels = _labels_from_json(meta.get("labels", {}))
-    ours = meta.get("samfinetune", {}).get("cases")
-    if ours is not None:
-        cases = [CaseEntry(r["case"], os.path.join(root, r["image"]), os.path.join(root, r["label"]),
-                           r["split"], r.get("group", r["case"]), r) for r in ours]
-    else:
-        cases = _foreign_cases(root, meta)
+    try:
+        with open(index, encoding="utf-8") as handle:
+            meta = json.load(handle)
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{index} is not valid JSON ({exc}); restore it from a backup or export the dataset "
+                         "again") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{index} holds a {type(meta).__name__}, not a dataset description; restore it from a "
+                         "backup or export the dataset again")
+    try:
+        labels = _labels_from_json(meta.get("labels", {}))
+        ours = meta.get("samfinetune", {}).get("cases")
+        if ours is not None:
+            cases = [CaseEntry(r["case"], os.path.join(root, r["image"]), os.path.join(root, r["label"]),
+                               r["split"], r.get("group", r["case"]), r) for r in ours]
+        else:
+            cases = _foreign_cases(root, meta)
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise ValueError(f"{index} does not describe a dataset as expected ({type(exc).__name__}: {exc}); restore "
+                         "it from a backup or export the dataset again") from None
     for entry in cases:
         for file in (entry.image, entry.label):
             if not os.path.isfile(file):

@@ -11,14 +11,15 @@ from typing import Any, Dict, List
 import numpy as np
 
 from ..catalogue import SPLITS
-from ..files import atomic_write, write_json_atomic, write_text_atomic
+from ..files import write_json_atomic, write_text_atomic
 
 
 def _write_png_atomic(array: np.ndarray, path: str) -> None:
     import SimpleITK as sitk
 
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
-    atomic_write(path, lambda temp: sitk.WriteImage(image, temp))
+    from ..volume_io import write_image
+
+    write_image(sitk.GetImageFromArray(np.ascontiguousarray(array)), path, compress=False)
 
 
 def rle_encode(mask: np.ndarray) -> Dict[str, Any]:

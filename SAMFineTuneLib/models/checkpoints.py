@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
+import re
 from typing import Dict, Tuple
 
 import torch
@@ -29,15 +31,28 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if not re.search(r"Weights only load failed|Unsupported global", str(error)):
+            raise _unreadable(path, error) from None
+        # torch's own text suggests weights_only=False, which would run whatever code the file holds.
+        found = re.search(r"GLOBAL (\S+)", str(error))
+        raise ValueError(f"checkpoint {path} could not be read: it holds Python objects besides tensors"
+                         f"{f' ({found.group(1)})' if found else ''}, which SAMFineTune never loads (loading them "
+                         "could run code from the file); save the model's weights alone, e.g. "
+                         "torch.save(model.state_dict(), path), and use that file") from None
     except Exception as error:  # torch raises many types for truncated or foreign files
-        raise ValueError(f"checkpoint {path} could not be read as a PyTorch state dict ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0] if str(error) else 'no detail'}); is the file complete?") from error
+        raise _unreadable(path, error) from None
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"checkpoint {path} does not hold a state dict of tensors")
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+
+
+def _unreadable(path: str, error: BaseException) -> ValueError:
+    return ValueError(f"checkpoint {path} could not be read as a PyTorch state dict ({type(error).__name__}); the "
+                      "file may be incomplete (copy it again) or not a PyTorch checkpoint")
 
 
 def guess_architecture(state: Dict[str, torch.Tensor]) -> str:

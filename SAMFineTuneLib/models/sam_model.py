@@ -13,6 +13,10 @@ from .decoding import CPU_DECODE_TOKENS, paste_windows, run_transformer, token_w
 from .registry import EMBED_SIZE, build_image_encoder, build_mask_decoder, build_prompt_encoder
 
 
+# How a fingerprint of random weights (``build_model(pretrained=False)``) starts after the model's name.
+RANDOM_WEIGHTS = "random-"
+
+
 def check_encoder_options(precision: str, backend: str, device: torch.device) -> None:
     """A ValueError naming the problem unless the encoder can run in ``precision`` on ``backend``
     on ``device`` (checked before any weights load)."""
@@ -22,7 +26,7 @@ def check_encoder_options(precision: str, backend: str, device: torch.device) ->
         raise ValueError(f"unknown backend '{backend}'; choose one of: {', '.join(BACKENDS)}")
     if backend == "openvino" and device.type != "cpu":
         raise ValueError(f"the openvino backend runs on the CPU only, not on {device.type}; use --device cpu or "
-                         "--backend torch")
+                         "--backend torch (or auto)")
 
 
 class SamModel(nn.Module):
@@ -72,16 +76,21 @@ class SamModel(nn.Module):
 
     def configure_encoder(self, precision: str = "auto", backend: str = "torch") -> None:
         """The encoder's number format (PRECISIONS: auto = bf16 on CUDA, float32 on a CPU) and who
-        runs it (BACKENDS). bf16 is autocast on CUDA, bf16 weights in channels-last memory on a CPU;
-        ``openvino`` converts the encoder once for this CPU (``openvino_encoder``)."""
+        runs it ("torch" or "openvino"; ``loader.resolve_backend`` picks for "auto"). bf16 is autocast
+        on CUDA, bf16 weights in channels-last memory on a CPU; ``openvino`` converts the encoder for
+        this CPU, or reads the conversion back from the user's cache folder (``openvino_encoder``)."""
         check_encoder_options(precision, backend, self.device)
+        if backend == "auto":
+            raise ValueError("configure_encoder takes the backend to use; loader.resolve_backend picks one for 'auto'")
         on_cpu = self.device.type == "cpu"
         on_cuda = self.device.type == "cuda"
         self.precision = "bf16" if precision == "bf16" or (precision == "auto" and on_cuda) else "float32"
         if backend == "openvino":
             from ..openvino_encoder import OpenVinoEncoder
 
-            self.openvino_encoder = OpenVinoEncoder(self.image_encoder, self.spec.input_size, self.precision)
+            weights = None if self.fingerprint.split(":", 1)[-1].startswith(RANDOM_WEIGHTS) else self.fingerprint
+            self.openvino_encoder = OpenVinoEncoder(self.image_encoder, self.spec.input_size, self.precision,
+                                                    fingerprint=weights)
         elif on_cpu and self.precision == "bf16":
             from ..acceleration import prepare_for_cpu
 

@@ -5,7 +5,8 @@ import os
 import sys
 
 from ..catalogue import LOSSES
-from ..cli_args import add_axis_argument, add_decode_window_argument, add_model_arguments, add_window_argument
+from ..cli_args import (add_axis_argument, add_decode_window_argument, add_encoder_arguments, add_model_arguments,
+                        add_window_argument)
 from .config import TrainConfig
 
 
@@ -14,6 +15,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dataset", required=True, help="dataset folder written by 'export'")
     parser.add_argument("--output", required=True, help="adapter folder (safetensors + model_card.json)")
     add_model_arguments(parser)
+    add_encoder_arguments(parser)
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
@@ -52,13 +54,15 @@ def add_arguments(parser) -> None:
 
 def config_from_args(args) -> TrainConfig:
     return TrainConfig(dataset=args.dataset, output=args.output, model=args.model, checkpoint=args.checkpoint,
-                       device=args.device, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+                       device=args.device, precision=args.precision, backend=args.backend, epochs=args.epochs,
+                       lr=args.lr, weight_decay=args.weight_decay,
                        batch_size=args.batch_size, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                        lora_dropout=args.lora_dropout, targets=tuple(args.targets),
                        train_prompt_encoder=args.train_prompt_encoder, loss=args.loss,
                        iou_loss_weight=args.iou_loss_weight, box_jitter=args.box_jitter,
                        point_prompts=args.point_prompts, tracked_prompts=args.tracked_prompts,
-                       roi_prompts=args.roi_prompts, roi_margin=args.roi_margin, end_slices=args.end_slices, warmup=args.warmup, patience=args.patience, seed=args.seed,
+                       roi_prompts=args.roi_prompts, roi_margin=args.roi_margin, end_slices=args.end_slices,
+                       warmup=args.warmup, patience=args.patience, seed=args.seed,
                        amp=not args.no_amp, resume=args.resume, axis=args.axis, window=args.window,
                        labels=args.labels, window_margin=args.decode_window)
 

@@ -13,7 +13,8 @@ RESUME_FILE = "resume_state.pt"
 # Settings that must not change between a run and its resumption.
 RESUME_KEYS = ("dataset", "model", "checkpoint", "lr", "weight_decay", "batch_size", "lora_rank", "lora_alpha",
                "lora_dropout", "targets", "train_prompt_encoder", "loss", "iou_loss_weight", "box_jitter",
-               "point_prompts", "tracked_prompts", "roi_prompts", "roi_margin", "end_slices", "seed", "axis", "window", "labels", "train_cases", "val_cases", "epochs",
+               "point_prompts", "tracked_prompts", "roi_prompts", "roi_margin", "end_slices", "seed", "axis", "window",
+               "labels", "train_cases", "val_cases", "epochs",
                "select_best", "window_margin")
 
 
@@ -24,6 +25,8 @@ class TrainConfig:
     model: str = DEFAULT_MODEL
     checkpoint: Optional[str] = None
     device: str = SEGMENT_DEFAULTS["device"]
+    precision: str = ENGINE_DEFAULTS["precision"]  # the image encoder's, for the embedding step
+    backend: str = ENGINE_DEFAULTS["backend"]  # who runs the image encoder (auto: OpenVINO on a CPU)
     epochs: int = 20
     lr: float = 1e-3
     weight_decay: float = 0.01

@@ -89,7 +89,8 @@ class Trainer:
         self.info = read_dataset(config.dataset)
         self.train_ids, self.val_ids = split_cases(config, self.info)
         self.model = model if model is not None else load_model(config.model, checkpoint=config.checkpoint,
-                                                                device=config.device)
+                                                                device=config.device, precision=config.precision,
+                                                                backend=config.backend)
         self.device = self.model.device
         adapters.check_targets(self.model.mask_decoder, config.targets)  # before the slow part
         # From here on the config holds the margin really used (card, resume state, resume check).
@@ -130,7 +131,8 @@ class Trainer:
                        cancel=self.cancel, write_cache=self.main_rank)
         if self.main_rank:
             distributed.barrier(self.world)
-        self.train_set, self.val_set = both.part(slice(0, len(train_samples))), both.part(slice(len(train_samples), None))
+        split = len(train_samples)
+        self.train_set, self.val_set = both.part(slice(0, split)), both.part(slice(split, None))
         self.slice_stats = both.stats
         self.sampler = PromptSampler(self.train_set, config.tracked_prompts, config.roi_prompts, config.box_jitter,
                                      config.roi_margin)
@@ -304,14 +306,16 @@ class Trainer:
     def _card(self) -> Dict[str, Any]:
         info = self.info
         dataset = {"path": info.root, "train_cases": self.train_ids, "val_cases": self.val_ids,
-                   "train_slices": self.sampler.counts()["slices"], "train_end_slices": self.sampler.counts()["end_slices"],
+                   "train_slices": self.sampler.counts()["slices"],
+                   "train_end_slices": self.sampler.counts()["end_slices"],
                    "val_slices": len(self.val_set.samples),
                    "labels": {str(k): v for k, v in info.labels.items()}}
         return model_card(self.config, self.model, dataset, self.history, self.best, self.base_dice,
                           sum(p.numel() for p in self.trainable))
 
     def _stats(self) -> Dict[str, Any]:
-        stats, swapped = self.slice_stats, self.train_set.stats  # a caller may give the training slices other embeddings
+        # a caller may give the training slices other embeddings (their encoder calls count too)
+        stats, swapped = self.slice_stats, self.train_set.stats
         return {"encoder_calls": stats["encoder_calls"] + swapped.get("encoder_calls", 0),
                 "cache_hits": stats["cache_hits"], "seconds_prepare": round(self.seconds_prepare, 2),
                 "seconds_train": round(time.monotonic() - self.train_started, 2),

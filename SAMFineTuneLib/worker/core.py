@@ -1,5 +1,7 @@
-"""What outlives the worker's jobs and connections: the loaded segmenter (model + embedding
-cache) and the most recent volumes, which a re-prompt reuses without sending them again."""
+"""What outlives the worker's jobs: the loaded segmenter (``WorkerCore``, shared by the TCP
+server's connections), and each conversation's recent volumes (``VolumeStore``, one per
+connection), which a re-prompt reuses without sending them again. A later connection never
+sees an earlier one's volumes, and the server clears the embeddings when a connection ends."""
 from __future__ import annotations
 
 import collections
@@ -21,15 +23,34 @@ class StoredVolume:
         self.params = params
 
 
-class WorkerCore:
-    """The segmenter (``SegmenterCache``), recent volumes, and the running job's cancel check."""
+class VolumeStore:
+    """One conversation's most recent volumes, with the parameters of their last segmentation."""
 
-    def __init__(self, log_path: Optional[str] = None, max_volumes: int = 2):
+    def __init__(self, max_volumes: int = 2):
+        self.max_volumes = max_volumes
+        self.items: "collections.OrderedDict[str, StoredVolume]" = collections.OrderedDict()
+        self.last_key: Optional[str] = None
+
+    def remember(self, key: str, array: np.ndarray, params: Dict[str, Any]) -> None:
+        self.items.pop(key, None)
+        self.items[key] = StoredVolume(array, params)
+        while len(self.items) > self.max_volumes:
+            self.items.popitem(last=False)
+        self.last_key = key
+
+    def get(self, key: Optional[str]) -> Optional[StoredVolume]:
+        return self.items.get(key) if key else None
+
+    def keys(self):
+        return list(self.items)
+
+
+class WorkerCore:
+    """The segmenter (``SegmenterCache``) and the running job's cancel check."""
+
+    def __init__(self, log_path: Optional[str] = None):
         self.log_path = log_path
         self.segmenters = SegmenterCache(on_load=self._stop_encoder_on_cancel)
-        self.volumes: "collections.OrderedDict[str, StoredVolume]" = collections.OrderedDict()
-        self.max_volumes = max_volumes
-        self.last_volume_key: Optional[str] = None
         self.job_cancelled: Optional[Callable[[], bool]] = None  # the running job's cancel(), for encoder hooks
 
     @property
@@ -57,19 +78,19 @@ class WorkerCore:
             if next(module.children(), None) is not None:
                 module.register_forward_pre_hook(check)
 
-    def remember_volume(self, key: str, array: np.ndarray, params: Dict[str, Any]) -> None:
-        self.volumes.pop(key, None)
-        self.volumes[key] = StoredVolume(array, params)
-        while len(self.volumes) > self.max_volumes:
-            self.volumes.popitem(last=False)
-        self.last_volume_key = key
+    def forget_embeddings(self) -> None:
+        """Drop the embedding cache (the model stays warm): what one client's volumes left in it
+        must not answer the next client's questions, not even by speed."""
+        segmenter = self.segmenters.segmenter
+        if segmenter is not None:
+            segmenter.cache.clear()
 
     def info(self) -> Dict[str, Any]:
         key = self.segmenters.key
         info: Dict[str, Any] = {
             "protocol": protocol.PROTOCOL_VERSION, "pid": os.getpid(), "python": platform.python_version(),
             "executable": sys.executable, "platform": platform.platform(), "log": self.log_path,
-            "model": key[0] if key else None, "adapter": self.adapter, "volumes": list(self.volumes), "memory": {},
+            "model": key[0] if key else None, "adapter": self.adapter, "memory": {},
         }
         try:
             import psutil

@@ -2,7 +2,11 @@
 (result dict, result arrays); ``HANDLERS`` maps a protocol command to its handler.
 
 Handlers run on the job thread, one at a time. Engine functions get the job's progress,
-cancel and log hooks where their signature takes them.
+cancel and log hooks where their signature takes them. A parameter that names a file on the
+worker's machine is listed in ``PATH_PARAMS``: the session resolves it through the
+conversation's ``access.PathAccess`` before the handler runs (a TCP client may name none, or
+only paths inside the server's data root), so a new command with a path lists it there.
+Input is checked before a model loads.
 """
 from __future__ import annotations
 
@@ -14,7 +18,6 @@ from typing import Any, Callable, Dict, Tuple
 import numpy as np
 
 from .. import catalogue
-from ..files import existing_path
 from ..progress import Cancelled
 
 Result = Tuple[Dict[str, Any], Dict[str, np.ndarray]]
@@ -25,6 +28,12 @@ SEGMENT_PARAMS: Dict[str, Any] = dict(catalogue.SEGMENT_DEFAULTS, box=None, spac
                                       volume_key=None)
 # What picks the segmenter: the model, and the adapter merged into it.
 SEGMENTER_KEYS = catalogue.MODEL_KEYS + ("adapter",)
+# The parameters of each command that name files or folders on the worker's machine.
+PATH_PARAMS: Dict[str, Tuple[str, ...]] = {
+    "load_model": ("checkpoint", "adapter"), "segment": ("checkpoint", "adapter"),
+    "reprompt": ("checkpoint", "adapter"), "export": ("output_dir",), "train": ("dataset", "output", "checkpoint"),
+    "evaluate": ("dataset", "checkpoint", "adapter", "csv_path", "plot_path"),
+}
 
 
 def _lazy(module: str, name: str, command: str) -> Any:
@@ -84,33 +93,46 @@ def segment(core, job) -> Result:
     if "volume" not in arrays:
         raise ValueError("segment needs an array named 'volume' (the image, KJI order)")
     key = params.pop("volume_key") or job.id
-    core.remember_volume(key, arrays["volume"], dict(params))
-    return _segment(core, job, arrays["volume"], params, key)
+    remembered = dict(params)
+    checked = _checked_input(job, arrays["volume"], params)
+    job.volumes.remember(key, arrays["volume"], remembered)
+    return _segment(core, job, checked, params, key)
 
 
 def reprompt(core, job) -> Result:
-    key = job.params.get("volume_key") or core.last_volume_key
-    stored = core.volumes.get(key) if key else None
+    key = job.params.get("volume_key") or job.volumes.last_key
+    stored = job.volumes.get(key)
     if stored is None:
-        raise ValueError(f"the worker holds no volume {key!r} (restarted or evicted since); "
-                         "send it again with 'segment'")
+        raise ValueError(f"this connection's worker holds no volume {key!r} (restarted, evicted, or sent on "
+                         "another connection); send it again with 'segment'")
     params = job.take_params(SEGMENT_PARAMS, **stored.params)
     params.pop("volume_key")
-    return _segment(core, job, stored.array, params, key)
+    return _segment(core, job, _checked_input(job, stored.array, params), params, key)
 
 
-def _segment(core, job, volume: np.ndarray, params: Dict[str, Any], key: str) -> Result:
-    segmenter = core.get_segmenter(**{name: params.pop(name) for name in SEGMENTER_KEYS})
-    box = params.pop("box")
+def _checked_input(job, array: np.ndarray, params: Dict[str, Any]):
+    """The volume with its spacing, its box as six ints, and its warnings (sent as log events),
+    all checked before any model loads; takes 'box' and 'spacing' out of ``params``."""
+    from ..input_checks import check_segment_input
+    from ..volume_io import as_volume
+
+    box, spacing = params.pop("box"), params.pop("spacing")
     if not isinstance(box, (list, tuple)) or len(box) != 6:
         raise ValueError(f"'box' must be [i0, j0, k0, i1, j1, k1] (inclusive voxel indices), got {box!r}")
-    spacing = params.pop("spacing")
-    res = segmenter.segment(volume, box=tuple(int(v) for v in box),
-                            spacing=tuple(float(s) for s in spacing) if spacing else None,
-                            progress=job.progress, cancel=job.cancelled, **params)
+    volume = as_volume(array, tuple(float(s) for s in spacing) if spacing else None)
+    box, warnings = check_segment_input(volume, box, "the volume")
+    for warning in warnings:
+        job.log(warning, level="warning")
+    return volume, box, warnings
+
+
+def _segment(core, job, checked, params: Dict[str, Any], key: str) -> Result:
+    volume, box, warnings = checked
+    segmenter = core.get_segmenter(**{name: params.pop(name) for name in SEGMENTER_KEYS})
+    res = segmenter.segment(volume, box=box, progress=job.progress, cancel=job.cancelled, **params)
     mask = np.asarray(res.mask, dtype=np.uint8)
     return {"volume_key": key, "slices": [int(s) for s in res.slices], "stats": dict(res.stats or {}),
-            "voxels": int(np.count_nonzero(mask))}, {"mask": mask}
+            "voxels": int(np.count_nonzero(mask)), "warnings": warnings}, {"mask": mask}
 
 
 def export(core, job) -> Result:
@@ -119,23 +141,27 @@ def export(core, job) -> Result:
     cases_spec = params.pop("cases", None)
     if not isinstance(cases_spec, list) or not cases_spec:
         raise ValueError("export needs 'cases': a list of {id, image, label} (array names or *_path files)")
-    arrays = job.arrays()
-    cases = [(str(case["id"]), _case_volume(case, "image", arrays), _case_volume(case, "label", arrays))
-             for case in cases_spec]
-    if "output_dir" not in params:
+    if not all(isinstance(case, dict) and case.get("id") is not None for case in cases_spec):
+        raise ValueError("export 'cases' must be a list of objects {id, image, label} (or image_path, label_path)")
+    if not params.get("output_dir"):
         raise ValueError("export needs 'output_dir'")
+    arrays = job.arrays()
+    cases = [(str(case["id"]), _case_volume(job, case, "image", arrays), _case_volume(job, case, "label", arrays))
+             for case in cases_spec]
     if isinstance(params.get("label_names"), dict):
         params["label_names"] = {int(k): v for k, v in params["label_names"].items()}
     summary = _call_with_hooks(export_dataset, job, cases, params.pop("output_dir"), **params)
     return {"summary": summary}, {}
 
 
-def _case_volume(case: Dict[str, Any], kind: str, arrays: Dict[str, np.ndarray]):
+def _case_volume(job, case: Dict[str, Any], kind: str, arrays: Dict[str, np.ndarray]):
     """An export case's image or label: an array sent with the request, or a file on the worker's disk."""
+    from ..files import existing_path
     from ..volume_io import Volume, read_volume
 
     if case.get(kind + "_path"):
-        return read_volume(existing_path(case[kind + "_path"], f"{kind} file of case {case.get('id')}"))
+        what = f"{kind} file of case {case.get('id')!r}"
+        return read_volume(existing_path(job.access.resolve(case[kind + "_path"], what), what))
     name = case.get(kind)
     if name not in arrays:
         raise ValueError(f"case {case.get('id')!r}: no array {name!r} for its {kind} (give '{kind}' or '{kind}_path')")

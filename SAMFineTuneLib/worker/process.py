@@ -2,7 +2,8 @@
 
 ``python -m SAMFineTuneLib worker`` speaks the protocol (``PROTOCOL.md``) on its stdin/stdout.
 fd 1, ``sys.stdout``, warnings and logging all go to the log file (``--log``, default in the
-user's cache folder); only ``protocol.write_message`` writes to the real stdout.
+user's cache folder; readable by the user only); only ``protocol.write_message`` writes to the
+real stdout. A starting worker deletes the job folders of clients and workers that died.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import sys
 import threading
 
 from .. import protocol
-from ..paths import default_log_path
+from ..paths import default_log_path, open_private_log, sweep_orphan_job_folders
 from .core import WorkerCore
 from .session import Session
 
@@ -24,9 +25,18 @@ log = logging.getLogger("SAMFineTuneLib.worker")
 
 def open_log(log_path):
     log_path = os.path.abspath(log_path or default_log_path())
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    stream = open(log_path, "a", buffering=1, encoding="utf-8", errors="replace")
+    stream = open_private_log(log_path, "a", buffering=1, encoding="utf-8", errors="replace")
     return log_path, stream
+
+
+def sweep_in_background() -> None:
+    """Delete orphaned job folders (patient arrays a killed client left in the temp folder)."""
+
+    def run() -> None:
+        for folder in sweep_orphan_job_folders():
+            log.info("removed the job folder %s of a process that is gone", folder)
+
+    threading.Thread(target=run, name="samft-sweep", daemon=True).start()
 
 
 def route_chatter(log_stream, also_stderr: bool) -> None:
@@ -81,6 +91,7 @@ def worker_main(args: argparse.Namespace) -> int:
     session.send(protocol.event(None, "hello", protocol=version, pid=os.getpid(), log=log_path,
                                 python=platform.python_version(), mode="stdio"))
     preload_engine()
+    sweep_in_background()
     session.serve()
     log.info("worker stopping")
     # Leave without interpreter teardown: a daemon thread still importing (preload) or stuck in a

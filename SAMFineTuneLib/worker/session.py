@@ -2,7 +2,12 @@
 
 The main thread reads requests and answers the immediate ones (hello, ping, info, cancel,
 shutdown) at once, also while a job runs; jobs queue for the job thread, which runs them one
-at a time (``jobs.HANDLERS``) and sends their events.
+at a time (``jobs.HANDLERS``) and sends their events. Each conversation has its own volumes
+(``core.VolumeStore``) and its own access to the worker's files (``access.PathAccess``).
+
+A conversation that must authenticate (TCP) reads nothing but a short ``hello`` line until the
+token checks out: no attachments, no second try. Request text is never logged (a malformed
+``hello`` holds the token); only the request id, when it is a plain name, and the error kind.
 """
 from __future__ import annotations
 
@@ -10,24 +15,34 @@ import collections
 import hmac
 import logging
 import os
+import re
 import shutil
-import tempfile
 import threading
 import time
 import traceback
-from typing import Any, BinaryIO, Dict, Optional, Tuple
+from typing import Any, BinaryIO, Callable, Dict, Optional, Tuple
 
 import numpy as np
 
 from .. import protocol
+from ..paths import new_job_folder
 from ..protocol import ProtocolError
 from ..progress import Cancelled
 from . import jobs
-from .core import WorkerCore
+from .access import PathAccess
+from .core import VolumeStore, WorkerCore
 
 log = logging.getLogger("SAMFineTuneLib.worker")
 
 PROGRESS_INTERVAL_S = 0.05  # at most ~20 progress events a second (first and last always sent)
+# Failures that are the request's fault (bad input, a missing or refused file, a full disk): their
+# message says what to do; a traceback would only hide it. Anything else is a bug: traceback.
+EXPECTED_ERRORS = (ValueError, OSError)
+_PLAIN_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,40}$")
+
+
+def _loggable_id(job_id: Any) -> str:
+    return job_id if isinstance(job_id, str) and _PLAIN_ID.match(job_id) else "(unnamed)"
 
 
 class RunningJob:
@@ -40,6 +55,8 @@ class RunningJob:
         self.params: Dict[str, Any] = message.get("params") or {}
         self.refs: Dict[str, Any] = message.get("arrays") or {}
         self.job_dir: Optional[str] = message.get("job_dir")
+        self.volumes: VolumeStore = session.volumes
+        self.access: PathAccess = session.access
         self.cancel_event = threading.Event()
         self._last_progress = 0.0
 
@@ -53,11 +70,18 @@ class RunningJob:
             self.session.send(protocol.event(self.id, "progress", done=int(done), total=int(total), message=str(message)))
 
     def log(self, message: str, level: str = "info") -> None:
-        log.info("[%s] %s", self.id, message)
+        log.info("[%s] %s", _loggable_id(self.id), message)
         self.session.send(protocol.event(self.id, "log", level=level, message=str(message)))
 
     def arrays(self) -> Dict[str, np.ndarray]:
         return protocol.load_arrays(self.refs, allow_files=self.session.files)
+
+    def resolve_paths(self, names) -> None:
+        """The parameters that name files on the worker's machine, as this conversation may use them
+        (``access.PathAccess``); a refused one is a PermissionError before the job does anything."""
+        for name in names:
+            if name in self.params:
+                self.params[name] = self.access.resolve(self.params[name], f"'{name}'")
 
     def take_params(self, defaults: Dict[str, Any], **given: Any) -> Dict[str, Any]:
         """defaults updated with given then the request's params; unknown names are an error."""
@@ -75,12 +99,23 @@ class Session:
     """One conversation: stdin/stdout of a local worker, or one TCP connection to a server."""
 
     def __init__(self, core: WorkerCore, reader: BinaryIO, writer: BinaryIO, files: bool = True,
-                 token: Optional[str] = None, need_hello: bool = False):
+                 token: Optional[str] = None, need_hello: bool = False, access: Optional[PathAccess] = None,
+                 admit: Optional[Callable[[], None]] = None,
+                 max_attachment_bytes: int = protocol.MAX_ATTACHMENT_BYTES):
+        """files: arrays by file (local, trusted parent) or attached to the stream (TCP).
+        token / need_hello: the first request must be 'hello' with this token.
+        access: which of the worker's files requests may name (default: any, as for a local worker).
+        admit(): called once the token checks out (the server takes its one-client lock there);
+        raises ProtocolError to turn the client away."""
         self.core = core
         self.reader, self.writer = reader, writer
-        self.files = files  # arrays by file (local, trusted parent) or attached to the stream (TCP)
+        self.files = files
         self.token = token
         self.authenticated = not need_hello
+        self.access = access or PathAccess(any_path=True)
+        self.admit = admit
+        self.max_attachment_bytes = max_attachment_bytes
+        self.volumes = VolumeStore()
         self.write_lock = threading.Lock()
         self.cond = threading.Condition()
         self.queue: "collections.deque[RunningJob]" = collections.deque()
@@ -103,15 +138,16 @@ class Session:
                     raise
                 log.warning("cannot send %s for %s: %s", message.get("event"), message.get("id"), exc)
 
-    @staticmethod
-    def error_event(job_id: Optional[str], exc: BaseException, with_traceback: bool = False) -> Dict[str, Any]:
+    def error_event(self, job_id: Optional[str], exc: BaseException, with_traceback: bool = False) -> Dict[str, Any]:
         text = str(exc) if isinstance(exc, ProtocolError) else f"{type(exc).__name__}: {exc}"
         fields = {"error": text, "kind": type(exc).__name__}
         if with_traceback:
             fields["traceback"] = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-            log.error("job %s failed:\n%s", job_id, fields["traceback"])
-        else:
-            log.warning("request %s refused: %s", job_id, text)
+            log.error("job %s failed:\n%s", _loggable_id(job_id), fields["traceback"])
+        elif self.authenticated:
+            log.warning("request %s refused: %s", _loggable_id(job_id), text)
+        else:  # before authentication the text may echo what an unknown client sent
+            log.warning("request %s refused before authentication (%s)", _loggable_id(job_id), type(exc).__name__)
         return protocol.event(job_id, "error", **fields)
 
     def send_error(self, job_id: Optional[str], exc: BaseException) -> None:
@@ -123,7 +159,7 @@ class Session:
         folder = job.job_dir
         if not folder:
             if self.scratch is None:
-                self.scratch = tempfile.mkdtemp(prefix="samft-worker-")
+                self.scratch = new_job_folder("worker")
             folder = os.path.join(self.scratch, job.id)
         os.makedirs(folder, exist_ok=True)
         return folder
@@ -136,9 +172,11 @@ class Session:
         try:
             while not self.stopping:
                 try:
-                    message = protocol.read_message(self.reader)
+                    message = protocol.read_message(self.reader, **self._read_limits())
                 except ProtocolError as exc:
                     self.send_error(None, exc)
+                    if exc.fatal or not self.authenticated:
+                        break
                     continue
                 except (OSError, ValueError):
                     break
@@ -147,6 +185,11 @@ class Session:
                 self._handle(message)
         finally:
             self._stop(thread)
+
+    def _read_limits(self) -> Dict[str, Any]:
+        if self.authenticated:
+            return {"max_attachment_bytes": self.max_attachment_bytes}
+        return {"max_line": protocol.HELLO_MAX_BYTES, "attachments": False, "skip_long_lines": False}
 
     def _handle(self, message: Dict[str, Any]) -> None:
         job_id = message.get("id") if isinstance(message.get("id"), str) else None
@@ -173,13 +216,22 @@ class Session:
             self.cond.notify()
 
     def _now_hello(self, params: Dict[str, Any]) -> Dict[str, Any]:
+        if self.authenticated:
+            return {"protocol": protocol.PROTOCOL_VERSION, "pid": os.getpid()}
         if self.token is not None:
             given = params.get("token")
             if not isinstance(given, str) or not hmac.compare_digest(given.encode(), self.token.encode()):
                 self.stopping = True
-                raise PermissionError("authentication failed: wrong or missing token")
+                raise PermissionError("authentication failed: wrong or missing token; pass the token the server "
+                                      f"printed at start (WorkerClient(token=...) or ${protocol.TOKEN_ENV})")
+        if self.admit is not None:
+            try:
+                self.admit()
+            except BaseException:
+                self.stopping = True
+                raise
         self.authenticated = True
-        return {"protocol": protocol.PROTOCOL_VERSION, "pid": os.getpid()}
+        return {"protocol": protocol.PROTOCOL_VERSION, "pid": os.getpid(), "paths": self.access.describe()}
 
     def _now_ping(self, params: Dict[str, Any]) -> Dict[str, Any]:
         with self.cond:
@@ -187,7 +239,7 @@ class Session:
                     "queued": [job.id for job in self.queue]}
 
     def _now_info(self, params: Dict[str, Any]) -> Dict[str, Any]:
-        return self.core.info()
+        return dict(self.core.info(), volumes=self.volumes.keys(), paths=self.access.describe())
 
     def _now_cancel(self, params: Dict[str, Any]) -> Dict[str, Any]:
         target = params.get("job")
@@ -246,13 +298,14 @@ class Session:
         started = time.perf_counter()
         self.core.job_cancelled = job.cancelled
         try:
+            job.resolve_paths(jobs.PATH_PARAMS.get(job.command, ()))
             result, arrays = jobs.HANDLERS[job.command](self.core, job)
         except BaseException as exc:  # noqa: BLE001 - report everything, keep serving
             if job.cancelled() or isinstance(exc, Cancelled):
                 return protocol.event(job.id, "cancelled"), None
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
-            return self.error_event(job.id, exc, with_traceback=not isinstance(exc, (ValueError, ProtocolError))), None
+            return self.error_event(job.id, exc, with_traceback=not isinstance(exc, EXPECTED_ERRORS)), None
         finally:
             self.core.job_cancelled = None
         if job.cancelled():  # finished anyway, but the client gave up on it: drop the late result
