@@ -39,8 +39,10 @@ class StderrBar:
         fraction = done / total if total else 1.0
         filled = int(round(self.width * fraction))
         elapsed = time.monotonic() - self.start
-        self.stream.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} {message[:50]:<50} "
-                          f"{elapsed:6.1f}s")
+        text, eta = message.partition(", ETA ")[::2]  # the time left stays in sight however long the text
+        eta = f" ETA {eta}" if eta else ""
+        self.stream.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} {text[:50]:<50} "
+                          f"{elapsed:6.1f}s{eta:<14}")
         if total and done >= total:
             self.stream.write("\n")
         self.stream.flush()

@@ -9,6 +9,7 @@ about a minute on 2 CPU cores.
 import argparse
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -56,15 +57,15 @@ def trained(litemedsam, phantom_dataset, tmp_path_factory):
         return encode(images)
 
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    events = []
+    events, logs = [], []
     output = str(tmp_path_factory.mktemp("adapter"))
     model.encode = counting_encode
     try:
         card = train(TrainConfig(dataset=phantom_dataset, output=output, epochs=8, **FAST), model=model,
-                     progress=lambda done, total, message: events.append((done, total, message)))
+                     progress=lambda done, total, message: events.append((done, total, message)), log=logs.append)
     finally:
         del model.encode
-    return {"card": card, "calls": sum(calls), "before": before, "events": events, "output": output,
+    return {"card": card, "calls": sum(calls), "before": before, "events": events, "logs": logs, "output": output,
             "model": model, "dataset": phantom_dataset}
 
 
@@ -102,6 +103,8 @@ def test_loss_falls_and_history_is_recorded(trained):
     # the panel and the command line show the time left, while preparing and while training
     assert any(m.startswith("preparing slice") and ", ETA " in m for m in messages)
     assert any(m.startswith("epoch 4/8: loss") and ", ETA " in m for m in messages)
+    assert re.search(r"^epoch 7: loss .*, ETA \d+:\d\d$", "\n".join(trained["logs"]), re.M)  # the log lines too
+    assert not any("ETA" in line for line in trained["logs"] if line.startswith("epoch 8:"))  # nothing left
     assert all(0 <= done <= total for done, total, _ in trained["events"])
 
 
@@ -300,7 +303,7 @@ def test_jittered_training_windows_hold_every_target_pixel(litemedsam, phantom_d
 
 
 @pytest.mark.slow
-def test_command_lines(trained, capsys):
+def test_command_lines(trained, capsys, tmp_path):
     from SAMFineTuneLib import evaluate as evaluate_module
     from SAMFineTuneLib import training
 
@@ -317,6 +320,15 @@ def test_command_lines(trained, capsys):
             .window_margin == margin
     with pytest.raises(SystemExit):
         parser.parse_args(["--dataset", "d", "--output", "o", "--decode-window", "wide"])
+    # `train` on the command line: progress and one line per epoch, each with the time left
+    output = str(tmp_path / "cli_adapter")
+    args = parser.parse_args(["--dataset", trained["dataset"], "--output", output, "--epochs", "2", "--batch-size", "4",
+                              "--device", "cpu", "--patience", "0", "--backend", "torch"])
+    assert training.main(args) == 0
+    captured = capsys.readouterr()
+    assert re.search(r"^epoch 1: loss .*, ETA \d+:\d\d$", captured.err, re.M)
+    assert re.search(r"\] \d+/\d+ epoch 1/2: loss .* ETA \d+:\d\d", captured.err)  # the bar keeps the ETA
+    assert f"adapter written to {output}" in captured.out and "adapted  Dice" in captured.out
     parser = argparse.ArgumentParser()
     evaluate_module.add_arguments(parser)
     args = parser.parse_args(["--dataset", trained["dataset"], "--adapter", trained["output"], "--device", "cpu",

@@ -58,6 +58,8 @@ def test_candidate_boxes_of_a_3d_case():
     boxes = prompt_boxes(prepared)
     indices = [s.index for s in prepared.samples]
     assert indices == [1, 2, 3, 4, 0, 5] and boxes.empty.tolist() == [False] * 4 + [True] * 2
+    # past the ends the target is empty (the adapter learns to return nothing there); inside, it is not
+    assert not prepared.targets[4:].any() and all(bool(t.any()) for t in prepared.targets[:4])
     geometry = prepared.geometries[0]
     rows, cols = np.nonzero(label.any(axis=0))
     union = geometry.box_to_model((cols.min(), rows.min(), cols.max(), rows.max()))
@@ -104,6 +106,11 @@ def test_roi_prompts_are_the_structures_rectangle_grown_outwards_only():
     side = torch.stack([roi[2] - roi[0], roi[3] - roi[1]]).repeat(2)
     outward = (boxes - roi) * torch.tensor([-1.0, -1.0, 1.0, 1.0])
     assert (outward >= -1e-4).all() and (outward <= 0.2 * side + 1e-4).all() and outward.max() > 0.1 * side.min()
+    # so every ROI prompt holds the whole structure on its slice (the tight box of each labelled slice)
+    index = torch.arange(6).repeat(100)
+    tight, filled = sampler.boxes.tight[index], ~sampler.boxes.empty[index]
+    holds = (boxes[:, :2] <= tight[:, :2] + 1e-4).all(dim=1) & (boxes[:, 2:] >= tight[:, 2:] - 1e-4).all(dim=1)
+    assert holds[filled].all() and filled.sum() == 400
 
 
 def test_loss_is_monais_without_empty_targets_and_skips_their_dice_term():

@@ -277,7 +277,7 @@ class Trainer:
         report(self.progress, done, self.total_steps, f"epoch {epoch}/{config.epochs}: loss {entry['loss']:.4f}, "
                f"validation Dice {entry['val_dice']:.4f}{self._eta(done)}")
         self.say(f"epoch {epoch}: loss {entry['loss']:.4f} val Dice {entry['val_dice']:.4f} lr {entry['lr']:.2e} "
-                 f"({entry['seconds']:.1f}s)")
+                 f"({entry['seconds']:.1f}s){self._eta(done)}")
         return improved
 
     def finish(self) -> Dict[str, Any]:
