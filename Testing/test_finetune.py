@@ -415,3 +415,26 @@ def test_a_one_case_dataset_says_validation_needs_a_second_case(litemedsam, tmp_
     with pytest.raises(ValueError, match="holds one case, and validation needs a second one"):
         train(TrainConfig(dataset=root, output=str(tmp_path / "a")), model=litemedsam)
     assert not (tmp_path / "a").exists()
+
+
+def test_command_line_progress_keeps_the_eta_in_sight_and_log_lines_on_their_own():
+    import io
+
+    from SAMFineTuneLib.progress import StderrBar
+    from SAMFineTuneLib.training.eta import Eta, clock
+
+    stream = io.StringIO()
+    bar = StderrBar(stream)
+    bar(5, 40, "epoch 1/8 step 5/5 loss 0.4321 and a long tail of words past the bar's width, ETA 12:34")
+    bar.line("epoch 1: loss 0.4321 val Dice 0.7000 lr 1.00e-03 (3.1s), ETA 12:34")
+    bar(40, 40, "epoch 8/8: loss 0.1000, validation Dice 0.8000")
+    lines = stream.getvalue().split("\n")
+    assert lines[0].startswith("\r[") and lines[0].rstrip().endswith("ETA 12:34")
+    assert lines[1] == "epoch 1: loss 0.4321 val Dice 0.7000 lr 1.00e-03 (3.1s), ETA 12:34"
+    assert lines[2].startswith("\r[") and "ETA" not in lines[2] and lines[3] == ""
+    assert (clock(0), clock(75.4), clock(3725)) == ("0:00", "1:15", "1:02:05")
+    import time
+
+    eta = Eta(10, start=time.monotonic() - 20.0)  # half done in 20 s: 20 s to go
+    assert eta.text(0) == "" and eta.text(10) == ""  # nothing to go on yet / nothing left
+    assert eta.seconds_left(5) == pytest.approx(20.0, abs=1.0) and eta.text(5) in (", ETA 0:20", ", ETA 0:21")

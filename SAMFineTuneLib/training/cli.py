@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import sys
 
 from ..catalogue import LOSSES
 from ..cli_args import (add_axis_argument, add_decode_window_argument, add_encoder_arguments, add_model_arguments,
@@ -71,7 +70,8 @@ def main(args) -> int:
     from ..progress import StderrBar
     from .trainer import train
 
-    card = train(config_from_args(args), progress=StderrBar(), log=lambda text: print(text, file=sys.stderr))
+    bar = StderrBar()
+    card = train(config_from_args(args), progress=bar, log=bar.line)
     if int(os.environ.get("RANK", "0")) == 0:
         scores = card.get("scores", {})
         print(f"adapter written to {os.path.abspath(args.output)} (best epoch {card['best_epoch']})")
