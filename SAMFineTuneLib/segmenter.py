@@ -275,6 +275,19 @@ class Segmenter:
         found = self._embed(source, list(indices), progress, cancel, counter)
         return [found[index].cpu() for index in indices]
 
+    def slice_embedding(self, volume, axis: str, index: int, window: str = "auto",
+                        spacing: Optional[Sequence[float]] = None) -> Tuple[torch.Tensor, SliceGeometry]:
+        """One slice's embedding (cached, on the cache's device) and how the slice maps onto the
+        model's input, for decoding prompts of one's own (``refinement``)."""
+        volume = as_volume(volume, spacing)
+        validate_volume(volume)
+        count = volume.array.shape[imaging.axis_index(axis)]
+        if not 0 <= int(index) < count:
+            raise ValueError(f"slice {index} is outside the volume's {count} {axis} slices")
+        source = _SliceSource(volume, axis, window, self.model)
+        counter = {"done": 0, "total": 1, "cache_hits": 0, "encoded": 0}
+        return self._embed(source, [int(index)], None, None, counter)[int(index)], source.geometry
+
     # ------------------------------------------------------------ decoding
 
     def _decode(self, source: _SliceSource, embeddings: List[torch.Tensor], boxes: List[Box2D],
@@ -361,30 +374,30 @@ class Segmenter:
         masks = {seed_index: seed}
         if not seed.any():
             return masks
-        seed_area = int(seed.sum())
         for direction in (1, -1):
-            ahead = [i for i in slices if (i - seed_index) * direction > 0]
-            ahead.sort(key=lambda i: abs(i - seed_index))
-            previous, previous_plane = seed, source.windowed(seed_index)
-            for start in range(0, len(ahead), self.batch_size):
-                chunk = ahead[start:start + self.batch_size]
-                embeddings = self._embed(source, chunk, progress, cancel, counter)
-                stopped = False
-                for index in chunk:
-                    check_cancel(cancel)
-                    box = self._next_box(previous, box2d)
-                    (mask, _, _), = self._decode(source, [embeddings[index]], [box], box2d, multimask)
-                    plane = source.windowed(index)
-                    counter["done"] += 1
-                    report(progress, int(counter["done"]), int(counter["total"]), f"tracked slice {index}")
-                    if not self._keeps_tracking(mask, previous, seed_area, plane, previous_plane):
-                        stopped = True
-                        break
-                    masks[index] = mask
-                    previous, previous_plane = mask, plane
-                if stopped:
-                    break
+            ahead = sorted((i for i in slices if (i - seed_index) * direction > 0), key=lambda i: abs(i - seed_index))
+            self._follow(source, ahead, seed_index, seed, box2d, multimask, progress, cancel, counter, masks)
         return masks
+
+    def _follow(self, source, ahead, start_index, start, roi, multimask, progress, cancel, counter, masks):
+        """Track from ``start`` (the mask on slice ``start_index``) over the slices ``ahead``, in
+        order, into ``masks``, until the structure ends (``_keeps_tracking``)."""
+        seed_area = int(start.sum())
+        previous, previous_plane = start, source.windowed(start_index)
+        for first in range(0, len(ahead), self.batch_size):
+            chunk = ahead[first:first + self.batch_size]
+            embeddings = self._embed(source, chunk, progress, cancel, counter)
+            for index in chunk:
+                check_cancel(cancel)
+                box = self._next_box(previous, roi)
+                (mask, _, _), = self._decode(source, [embeddings[index]], [box], roi, multimask)
+                plane = source.windowed(index)
+                counter["done"] += 1
+                report(progress, int(counter["done"]), int(counter["total"]), f"tracked slice {index}")
+                if not self._keeps_tracking(mask, previous, seed_area, plane, previous_plane):
+                    return
+                masks[index] = mask
+                previous, previous_plane = mask, plane
 
     # ------------------------------------------------------------ public entry
 
@@ -434,3 +447,61 @@ class Segmenter:
                  "segmented_slices": len(masks), "seconds": time.perf_counter() - started}
         return SegmentationResult(out, sorted(masks), stats)
 
+    def propagate(
+        self,
+        volume,
+        axis: str,
+        index: int,
+        mask: np.ndarray,
+        locked: Sequence[int] = (),
+        first: Optional[int] = None,
+        last: Optional[int] = None,
+        window: str = "auto",
+        spacing: Optional[Sequence[float]] = None,
+        multimask: Optional[bool] = None,
+        progress: Optional[ProgressFn] = None,
+        cancel: Optional[CancelFn] = None,
+    ) -> SegmentationResult:
+        """Carry a corrected 2D ``mask`` on slice ``index`` outwards in both directions, with
+        tracking's rules, between slices ``first`` and ``last`` (default: the whole volume).
+
+        A ``locked`` slice (one the user corrected) is never changed and ends propagation in its
+        direction: past it, that slice's own correction is the better start. The result holds the
+        slices written (``slices``), the corrected slice not among them.
+        """
+        started = time.perf_counter()
+        volume = as_volume(volume, spacing)
+        validate_volume(volume)
+        count = volume.array.shape[imaging.axis_index(axis)]
+        first, last = (0 if first is None else int(first)), (count - 1 if last is None else int(last))
+        if not 0 <= first <= int(index) <= last < count:
+            raise ValueError(f"propagation from slice {index} between slices {first} and {last} does not fit the "
+                             f"volume's {count} {axis} slices")
+        source = _SliceSource(volume, axis, window, self.model)
+        mask = np.asarray(mask) > 0
+        if mask.shape != source.geometry.shape:
+            raise ValueError(f"the corrected slice is {mask.shape}, the volume's {axis} slices "
+                             f"{source.geometry.shape}: send the segment's mask on that slice")
+        if not mask.any():
+            raise ValueError("the corrected slice is empty: correct it first, then propagate from it")
+        if multimask is None:
+            multimask = self.model.spec.multimask_default if self._adapter_multimask is None else self._adapter_multimask
+        rows, cols = mask.shape
+        roi = (0, 0, cols - 1, rows - 1)
+        stops = set(int(i) for i in locked)
+        counter = {"done": 0, "total": last - first, "cache_hits": 0, "encoded": 0}
+        masks: Dict[int, np.ndarray] = {}
+        for direction, end in ((1, last), (-1, first)):
+            ahead = []
+            for i in range(int(index) + direction, end + direction, direction):
+                if i in stops:
+                    break
+                ahead.append(i)
+            self._follow(source, ahead, int(index), mask, roi, bool(multimask), progress, cancel, counter, masks)
+        out = np.zeros(volume.array.shape, dtype=np.uint8)
+        for i, plane in masks.items():
+            imaging.place_slice(out, axis, i, plane)
+        report(progress, counter["total"], counter["total"], "done")
+        stats = {"encoded": counter["encoded"], "cache_hits": counter["cache_hits"], "slices": len(masks),
+                 "seconds": time.perf_counter() - started}
+        return SegmentationResult(out, sorted(masks), stats)
