@@ -1,6 +1,8 @@
 """LoRA adapters for SAM's mask decoder: wrap, save, load, merge.
 
-An adapter folder holds three files, written atomically with the model card last::
+An adapter folder holds three files (plus a training run's ``resume_state.pt``), written
+atomically with the model card last into a sibling folder that then replaces the adapter folder
+as a whole (``training.folders``), so a reader sees one run's state, never a mix::
 
     adapter_model.safetensors   the LoRA tensors (peft's names), plus prompt_encoder.* when
                                 the prompt encoder was trained too
@@ -25,6 +27,7 @@ from torch import nn
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 CARD_FILE = "model_card.json"
+ADAPTER_FILES = (ADAPTER_FILE, CONFIG_FILE, CARD_FILE)
 CARD_FORMAT = "samfinetune-lora-decoder/1"
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "lin1", "lin2")
 _PROMPT_PREFIX = "prompt_encoder."
@@ -94,32 +97,76 @@ def save_adapter(output_dir: str, peft_decoder: nn.Module, card: Dict[str, Any],
     """Write the adapter tensors, peft config and model card (card last) into ``output_dir``."""
     from safetensors.torch import save_file
 
-    from .files import atomic_write, write_json_atomic
+    from .files import atomic_write, write_json_atomic, write_text_atomic
 
     os.makedirs(output_dir, exist_ok=True)
     tensors = lora_state(peft_decoder)
     if prompt_encoder is not None:
         tensors.update({_PROMPT_PREFIX + k: v.detach().cpu().clone().contiguous()
                         for k, v in prompt_encoder.state_dict().items()})
-    metadata = {"format": "pt", "card_format": CARD_FORMAT, "base_fingerprint": str(card["base_model"]["fingerprint"])}
+    card_text = json.dumps(card, indent=1) + "\n"
+    # The card's digest travels with the tensors: a reader checks it holds the card of these tensors.
+    metadata = {"format": "pt", "card_format": CARD_FORMAT, "base_fingerprint": str(card["base_model"]["fingerprint"]),
+                "card_sha256": _digest(card_text.encode("utf-8"))}
     atomic_write(os.path.join(output_dir, ADAPTER_FILE), lambda temp: save_file(tensors, temp, metadata=metadata))
     config = peft_decoder.peft_config["default"].to_dict()
     config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
     config["peft_type"] = str(getattr(config["peft_type"], "value", config["peft_type"]))
     write_json_atomic(os.path.join(output_dir, CONFIG_FILE), config)
-    write_json_atomic(os.path.join(output_dir, CARD_FILE), card)
+    write_text_atomic(os.path.join(output_dir, CARD_FILE), card_text)
     return output_dir
 
 
-def read_model_card(adapter_dir: str) -> Dict[str, Any]:
+def _digest(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def _card_bytes(adapter_dir: str) -> bytes:
+    from .training.folders import settle
+
+    settle(str(adapter_dir))  # a training killed mid-swap left the folder beside its name
     path = os.path.join(str(adapter_dir), CARD_FILE)
     if not os.path.isfile(path):
         raise ValueError(f"{adapter_dir} is not a SAMFineTune adapter: it has no {CARD_FILE}")
-    with open(path, encoding="utf-8") as handle:
-        card = json.load(handle)
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def _parse_card(data: bytes, adapter_dir: str) -> Dict[str, Any]:
+    card = json.loads(data.decode("utf-8"))
     if card.get("format") != CARD_FORMAT:
-        raise ValueError(f"{path}: unknown adapter format {card.get('format')!r} (expected {CARD_FORMAT})")
+        raise ValueError(f"{os.path.join(str(adapter_dir), CARD_FILE)}: unknown adapter format "
+                         f"{card.get('format')!r} (expected {CARD_FORMAT})")
     return card
+
+
+def read_model_card(adapter_dir: str) -> Dict[str, Any]:
+    return _parse_card(_card_bytes(adapter_dir), adapter_dir)
+
+
+def read_adapter(adapter_dir: str, attempts: int = 5) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
+    """(model card, tensors) of one and the same write: a training may replace the folder between
+    reading the card and reading the tensors, so the pair is read again until the tensors'
+    record of their card's digest matches."""
+    import time
+
+    from safetensors import safe_open
+
+    path = os.path.join(str(adapter_dir), ADAPTER_FILE)
+    for attempt in range(attempts):
+        data = _card_bytes(adapter_dir)
+        if not os.path.isfile(path):
+            raise ValueError(f"adapter {adapter_dir} has a model card but no {ADAPTER_FILE}")
+        with safe_open(path, framework="pt", device="cpu") as handle:
+            expected = (handle.metadata() or {}).get("card_sha256")
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        if expected in (None, _digest(data)):  # None: written before cards were recorded with the tensors
+            return _parse_card(data, adapter_dir), tensors
+        time.sleep(0.05 * (attempt + 1))
+    raise ValueError(f"adapter {adapter_dir}: its tensors and model card come from different writes and kept "
+                     "changing while read; is a training still writing it?")
 
 
 def check_base(model, card: Dict[str, Any], adapter_dir: str) -> None:
@@ -133,16 +180,10 @@ def check_base(model, card: Dict[str, Any], adapter_dir: str) -> None:
 def load_adapter(model, adapter_dir: str) -> Tuple[nn.Module, Optional[nn.Module], Dict[str, Any]]:
     """(peft-wrapped copy of the model's decoder with the adapter loaded, trained prompt encoder
     or None, model card). The model itself is not modified."""
-    from safetensors.torch import load_file
-
-    card = read_model_card(adapter_dir)
+    card, tensors = read_adapter(adapter_dir)
     check_base(model, card, adapter_dir)
     lora = card["lora"]
     peft_decoder = wrap_decoder(model.mask_decoder, lora_config(lora["rank"], lora["alpha"], 0.0, lora["targets"]))
-    path = os.path.join(str(adapter_dir), ADAPTER_FILE)
-    if not os.path.isfile(path):
-        raise ValueError(f"adapter {adapter_dir} has a model card but no {ADAPTER_FILE}")
-    tensors = load_file(path, device="cpu")
     prompt_state = {k[len(_PROMPT_PREFIX):]: v for k, v in tensors.items() if k.startswith(_PROMPT_PREFIX)}
     load_lora_state(peft_decoder, {k: v for k, v in tensors.items() if not k.startswith(_PROMPT_PREFIX)},
                     f"adapter {adapter_dir}")

@@ -12,14 +12,14 @@ import csv
 import io
 import math
 import os
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from .catalogue import DEFAULT_MODEL, ENGINE_DEFAULTS, SEGMENT_DEFAULTS, SPLITS
 from .cli_args import (add_axis_argument, add_decode_window_argument, add_encoder_arguments, add_model_arguments,
                        add_window_argument)
-from .metrics import DEFAULT_TOLERANCE_MM, METRIC_NAMES
+from .metrics import DEFAULT_TOLERANCE_MM, METRIC_NAMES, paired_cases
 
 
 def evaluate(dataset, model=DEFAULT_MODEL, checkpoint: Optional[str] = None, adapter: Optional[str] = None,
@@ -30,27 +30,31 @@ def evaluate(dataset, model=DEFAULT_MODEL, checkpoint: Optional[str] = None, ada
              plot_path: Optional[str] = None, box_margin: float = 0.0,
              cases: Optional[Sequence[str]] = None,
              window_margin: Union[int, None, str] = ENGINE_DEFAULTS["window_margin"],
+             roi_margin: Optional[int] = None,
              precision: str = ENGINE_DEFAULTS["precision"],
              backend: str = ENGINE_DEFAULTS["backend"]) -> Dict[str, Any]:
     """Score the base model, and the adapter when given, on one split ('val', 'test', 'train', 'all')
     or on the named ``cases``.
 
-    ``model`` is a model name or an already loaded SamModel. ``box_margin`` > 0 grows every
-    reference box by that fraction of its side on each edge, as a user's box is never tight.
+    By default every slice holding the structure is prompted with its reference box, grown by
+    ``box_margin`` x its side on each edge when > 0 (a user's box is never tight). With
+    ``roi_margin`` (voxels) each structure is segmented as a user starts: from one 3D ROI, its
+    reference box grown by that many voxels on every side, through the Segmenter's tracked mode
+    (``score_from_roi``). ``model`` is a model name or an already loaded SamModel.
     ``window_margin`` is the decode window of both models, as for the Segmenter: "auto" (4
     tokens on a CPU, the whole slice on CUDA), None (the whole slice) or a number of tokens;
     the report holds the margin used. ``precision`` and ``backend``: the image encoder's, for a
-    model given by name (``models.load_model``). Axis and window default to the
-    adapter's (from its model card), else axial / auto. Returns {"cases": [{case, label,
-    base: {...}, adapted: {...}}], "mean": {"base": {...}, "adapted": {...}}, ...}.
+    model given by name (``models.load_model``). Axis and window default to the adapter's (from
+    its model card), else axial / auto. Returns {"cases": [{case, label, base: {...}, adapted:
+    {...}}], "mean": {"base": {...}, "adapted": {...}}, ...}.
     """
     from . import adapters
-    from .dataset import load_samples, read_dataset
+    from .dataset import read_dataset
     from .models import load_model
     from .segmenter import check_window_margin, resolve_window_margin
-    from .training import DecoderStep, cache_dir_for, prepare, score_prepared
 
     check_window_margin(window_margin)  # before loading anything
+    _check_roi_margin(roi_margin)
     card = adapters.read_model_card(adapter) if adapter else None
     hints = card["inference"] if card else {}
     axis = axis or hints.get("axis", SEGMENT_DEFAULTS["axis"])
@@ -62,19 +66,17 @@ def evaluate(dataset, model=DEFAULT_MODEL, checkpoint: Optional[str] = None, ada
     entries = [info.case(c) for c in cases] if cases is not None else info.split(split)
     if not entries:
         raise ValueError(f"dataset {info.root} has no cases in split '{split}'")
-    samples = load_samples(info, axis=axis, window=window, labels=labels, cases=[e.case for e in entries])
-    if not samples:
-        raise ValueError(f"split '{split}' of {info.root} holds no labelled slice")
-    prepared = prepare(model, samples, cache_dir_for(info.root), progress=progress, cancel=cancel)
-    runs = {"base": score_prepared(model, prepared, None, tolerance_mm, box_margin, window_margin)}
-    if adapter:
-        peft_decoder, prompt_encoder, _ = adapters.load_adapter(model, adapter)
-        step = DecoderStep(model, adapters.inner_decoder(peft_decoder), prompt_encoder)
-        runs["adapted"] = score_prepared(model, prepared, step, tolerance_mm, box_margin, window_margin)
+    chosen = dict(cases=[e.case for e in entries], adapters={"base": None, **({"adapted": adapter} if adapter else {})},
+                  axis=axis, window=window, labels=labels, tolerance_mm=tolerance_mm, window_margin=window_margin,
+                  progress=progress, cancel=cancel)
+    if roi_margin is None:
+        runs = score_from_boxes(model, info, box_margin=box_margin, **chosen)
+    else:
+        runs = score_from_roi(model, info, roi_margin=roi_margin, **chosen)
     report = {"dataset": info.root, "split": split, "model": model.spec.name, "adapter": adapter, "axis": axis,
               "window": window, "window_margin": window_margin, "tolerance_mm": tolerance_mm,
-              "box_margin": box_margin, "cases": _per_case(runs),
-              "mean": {name: run["mean"] for name, run in runs.items()}}
+              "prompt": "box" if roi_margin is None else "roi", "box_margin": box_margin, "roi_margin": roi_margin,
+              "cases": paired_cases(runs), "mean": {name: run["mean"] for name, run in runs.items()}}
     if csv_path:
         write_csv(report, csv_path)
     if plot_path:
@@ -82,15 +84,117 @@ def evaluate(dataset, model=DEFAULT_MODEL, checkpoint: Optional[str] = None, ada
     return report
 
 
-def _per_case(runs: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """One row per (case, label) holding every run's metrics: {case, label, slices, base: {...}, ...}."""
-    cases = []
-    for n, row in enumerate(runs["base"]["cases"]):
-        entry = {"case": row["case"], "label": row["label"], "slices": row["slices"]}
-        for name, run in runs.items():
-            entry[name] = {k: run["cases"][n][k] for k in METRIC_NAMES}
-        cases.append(entry)
-    return cases
+def _check_roi_margin(roi_margin) -> None:
+    if roi_margin is not None and (isinstance(roi_margin, bool) or not isinstance(roi_margin, int) or roi_margin < 0):
+        raise ValueError(f"roi_margin is a whole number of voxels >= 0, got {roi_margin!r}")
+
+
+def score_from_boxes(model, info, cases, adapters, axis, window, labels, tolerance_mm, window_margin,
+                     box_margin=0.0, progress=None, cancel=None) -> Dict[str, Dict[str, Any]]:
+    """``metrics.score_cases`` of each run in ``adapters`` ({name: adapter folder, or None for
+    the base model}) with every slice prompted with its reference box (grown by ``box_margin``),
+    decoded from the dataset's embedding cache."""
+    from . import adapters as adapter_files
+    from .dataset import load_samples
+    from .training import DecoderStep, cache_dir_for, prepare, score_prepared
+
+    samples = load_samples(info, axis=axis, window=window, labels=labels, cases=cases)
+    if not samples:
+        raise ValueError(f"the cases {', '.join(cases[:3])}{', ...' if len(cases) > 3 else ''} of {info.root} "
+                         "hold no labelled slice")
+    prepared = prepare(model, samples, cache_dir_for(info.root), progress=progress, cancel=cancel)
+    runs = {}
+    for name, adapter in adapters.items():
+        step = None
+        if adapter:
+            peft_decoder, prompt_encoder, _ = adapter_files.load_adapter(model, adapter)
+            step = DecoderStep(model, adapter_files.inner_decoder(peft_decoder), prompt_encoder)
+        runs[name] = score_prepared(model, prepared, step, tolerance_mm, box_margin, window_margin)
+    return runs
+
+
+def compare_adapters(dataset, candidate: str, current: Optional[str] = None, model=None,
+                     cases: Optional[Sequence[str]] = None, roi_margin: Optional[int] = None, min_gain: float = 0.0,
+                     progress=None, cancel=None) -> Dict[str, Any]:
+    """Whether a newly trained adapter (``candidate``) beats the one in use (``current``; None: the
+    base model) on the same cases: by default the candidate's validation cases (its model card).
+    For "keep learning": retrain in the background, keep the current adapter unless this says so.
+
+    Both decode as at inference: one reference box per slice, or with ``roi_margin`` each
+    structure from one ROI through the tracked Segmenter. ``model``: a loaded model (default:
+    the candidate's base model on the CPU). Returns {"cases", "current": means, "candidate":
+    means, "per_case": rows, "gain": candidate - current mean Dice, "candidate_better": gain >
+    ``min_gain``}."""
+    from . import adapters
+    from .dataset import read_dataset
+    from .models import load_model
+
+    card = adapters.read_model_card(candidate)
+    if current is not None:
+        adapters.read_model_card(current)  # a bad folder is named before any work
+    info = read_dataset(dataset)
+    cases = list(cases) if cases is not None else list(card["dataset"]["val_cases"])
+    missing = sorted(set(cases) - {c.case for c in info.cases})
+    if missing:
+        raise ValueError(f"cases {', '.join(missing[:3])} are not in dataset {info.root}")
+    if model is None:
+        base = card["base_model"]
+        model = load_model(base["name"], checkpoint=base.get("checkpoint"), device="cpu")
+    chosen = dict(cases=cases, adapters={"current": current, "candidate": candidate},
+                  axis=card["inference"]["axis"], window=card["inference"]["window"], labels=None,
+                  tolerance_mm=DEFAULT_TOLERANCE_MM, window_margin=card["inference"]["window_margin"],
+                  progress=progress, cancel=cancel)
+    runs = (score_from_boxes(model, info, **chosen) if roi_margin is None
+            else score_from_roi(model, info, roi_margin=roi_margin, **chosen))
+    gain = runs["candidate"]["mean"]["dice"] - runs["current"]["mean"]["dice"]
+    return {"cases": cases, "prompt": "box" if roi_margin is None else "roi", "current": runs["current"]["mean"],
+            "candidate": runs["candidate"]["mean"], "per_case": paired_cases(runs), "gain": gain,
+            "candidate_better": bool(gain > min_gain)}
+
+
+def roi_box(mask: np.ndarray, margin: int) -> Tuple[int, int, int, int, int, int]:
+    """The (i0, j0, k0, i1, j1, k1) voxel box of a KJI mask grown by ``margin`` voxels on every
+    side, inside the volume: the ROI a user draws a little looser than the structure."""
+    k, j, i = np.nonzero(mask)
+    low = np.maximum(np.array([i.min(), j.min(), k.min()]) - margin, 0)
+    high = np.minimum(np.array([i.max(), j.max(), k.max()]) + margin, np.array(mask.shape[::-1]) - 1)
+    return tuple(int(v) for v in np.r_[low, high])
+
+
+def score_from_roi(model, info, cases, adapters, axis, window, labels, tolerance_mm, window_margin, roi_margin=3,
+                   progress=None, cancel=None, segmenter=None) -> Dict[str, Dict[str, Any]]:
+    """Each run's scores (as ``metrics.score_cases``; ``adapters`` as in ``score_from_boxes``):
+    each case's structure (per label) segmented from one ROI (``roi_box`` with ``roi_margin``)
+    by the Segmenter's tracked mode, scored in 3D against the reference. A case's slices are
+    encoded once for all runs. ``segmenter``: a Segmenter on ``model`` to use (its adapter is
+    restored afterwards)."""
+    from .dataset import load_case
+    from .metrics import binary_metrics, summarise
+    from .progress import check_cancel, report
+    from .segmenter import Segmenter
+
+    segmenter = segmenter or Segmenter(model, window_margin=window_margin)
+    runs: Dict[str, List[Dict[str, Any]]] = {name: [] for name in adapters}
+    previous = segmenter.adapter
+    try:
+        for n, case in enumerate(cases):
+            image, label = load_case(info.case(case))
+            array = np.asarray(label.array)
+            for value in labels or [int(v) for v in np.unique(array) if v != 0]:
+                mask = array == value
+                if not mask.any():
+                    continue
+                box = roi_box(mask, roi_margin)
+                for name in runs:
+                    check_cancel(cancel)
+                    segmenter.set_adapter(adapters[name])
+                    result = segmenter.segment(image, box, axis=axis, window=window, box_mode="tracked")
+                    runs[name].append(dict(case=case, label=int(value), slices=int(mask.any(axis=(1, 2)).sum()),
+                                           **binary_metrics(result.mask > 0, mask, image.spacing[::-1], tolerance_mm)))
+            report(progress, n + 1, len(cases), f"segmented {case} from one ROI")
+    finally:
+        segmenter.set_adapter(previous)
+    return {name: {"cases": rows, "mean": summarise(rows)} for name, rows in runs.items()}
 
 
 def write_csv(report: Dict[str, Any], path: str) -> None:
@@ -163,6 +267,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tolerance-mm", type=float, default=DEFAULT_TOLERANCE_MM, help="surface Dice tolerance")
     parser.add_argument("--box-margin", type=float, default=0.0,
                         help="grow each reference box by this fraction of its side (0.1 = a loose user box)")
+    parser.add_argument("--roi-margin", type=int, default=None,
+                        help="segment each structure from one 3D ROI, its reference box grown by N voxels, in tracked "
+                             "mode (as a user starts), instead of one reference box per slice")
     add_decode_window_argument(parser, "decode only the image tokens within N tokens of each box, base and adapted "
                                        "alike; full = the whole slice; auto = as the segmenter (4 on CPU, full on CUDA)")
     parser.add_argument("--csv", help="write per-case metrics to this CSV file")
@@ -176,6 +283,6 @@ def main(args) -> int:
                       split=args.split, progress=StderrBar(), device=args.device, axis=args.axis,
                       window=args.window, tolerance_mm=args.tolerance_mm, csv_path=args.csv, plot_path=args.plot,
                       box_margin=args.box_margin, window_margin=args.decode_window, precision=args.precision,
-                      backend=args.backend)
+                      backend=args.backend, roi_margin=args.roi_margin)
     print(format_table(report))
     return 0

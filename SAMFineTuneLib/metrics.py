@@ -119,6 +119,19 @@ def score_cases(samples: Sequence, predictions: Sequence[np.ndarray],
     return {"cases": rows, "mean": summarise(rows)}
 
 
+def paired_cases(runs: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """``score_cases`` results of several runs on the same slices (e.g. "base", "adapted") side by
+    side: one row per (case, label), {case, label, slices, <run>: {dice, iou, hd95, nsd}, ...}."""
+    first = next(iter(runs.values()))["cases"]
+    rows = []
+    for n, row in enumerate(first):
+        entry = {"case": row["case"], "label": row["label"], "slices": row["slices"]}
+        for name, run in runs.items():
+            entry[name] = {k: run["cases"][n][k] for k in METRIC_NAMES}
+        rows.append(entry)
+    return rows
+
+
 def case_dice(samples: Sequence, predictions: Sequence[np.ndarray]) -> Dict[str, float]:
     """Plain Dice per (case, label) over all its slices (a 3D Dice), keyed 'case' or 'case:label';
     cheap, for per-epoch validation."""

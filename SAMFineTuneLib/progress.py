@@ -34,13 +34,23 @@ class StderrBar:
         self.stream = stream or sys.stderr
         self.width = width
         self.start = time.monotonic()
+        self.mid_line = False
+
+    def line(self, text: str) -> None:
+        """``text`` on a line of its own (a log line), below the bar's current line."""
+        self.stream.write(("\n" if self.mid_line else "") + text + "\n")
+        self.mid_line = False
+        self.stream.flush()
 
     def __call__(self, done: int, total: int, message: str) -> None:
         fraction = done / total if total else 1.0
         filled = int(round(self.width * fraction))
         elapsed = time.monotonic() - self.start
-        self.stream.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} {message[:50]:<50} "
-                          f"{elapsed:6.1f}s")
-        if total and done >= total:
+        text, eta = message.partition(", ETA ")[::2]  # the time left stays in sight however long the text
+        eta = f" ETA {eta}" if eta else ""
+        self.stream.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} {text[:50]:<50} "
+                          f"{elapsed:6.1f}s{eta:<14}")
+        self.mid_line = not (total and done >= total)
+        if not self.mid_line:
             self.stream.write("\n")
         self.stream.flush()

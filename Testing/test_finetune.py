@@ -9,6 +9,7 @@ about a minute on 2 CPU cores.
 import argparse
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -56,15 +57,15 @@ def trained(litemedsam, phantom_dataset, tmp_path_factory):
         return encode(images)
 
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    events = []
+    events, logs = [], []
     output = str(tmp_path_factory.mktemp("adapter"))
     model.encode = counting_encode
     try:
         card = train(TrainConfig(dataset=phantom_dataset, output=output, epochs=8, **FAST), model=model,
-                     progress=lambda done, total, message: events.append((done, total, message)))
+                     progress=lambda done, total, message: events.append((done, total, message)), log=logs.append)
     finally:
         del model.encode
-    return {"card": card, "calls": sum(calls), "before": before, "events": events, "output": output,
+    return {"card": card, "calls": sum(calls), "before": before, "events": events, "logs": logs, "output": output,
             "model": model, "dataset": phantom_dataset}
 
 
@@ -77,6 +78,13 @@ def test_short_finetune_raises_validation_dice_on_low_contrast_phantom(trained):
     assert adapted >= base + MIN_GAIN and adapted >= MIN_ADAPTED_DICE
     assert scores["adapted"]["hd95"] < scores["base"]["hd95"]
     assert scores["cases"] == [f"phantom{100 + n:03d}" for n in range(N_VAL)]
+    # per validation case, base and adapted, in the shape the panel's table reads
+    rows = scores["per_case"]
+    assert [r["case"] for r in rows] == scores["cases"]
+    for run in ("base", "adapted"):
+        assert set(rows[0][run]) == {"dice", "iou", "hd95", "nsd"}
+        assert np.mean([r[run]["dice"] for r in rows]) == pytest.approx(scores[run]["dice"], abs=1e-9)
+    assert sum(r["adapted"]["dice"] > r["base"]["dice"] for r in rows) >= N_VAL - 1
 
 
 @pytest.mark.slow
@@ -92,6 +100,11 @@ def test_loss_falls_and_history_is_recorded(trained):
     messages = [m for _, _, m in trained["events"]]
     assert any(m.startswith("epoch 8/8: loss") for m in messages)
     assert any(m.startswith("preparing slice") for m in messages)
+    # the panel and the command line show the time left, while preparing and while training
+    assert any(m.startswith("preparing slice") and ", ETA " in m for m in messages)
+    assert any(m.startswith("epoch 4/8: loss") and ", ETA " in m for m in messages)
+    assert re.search(r"^epoch 7: loss .*, ETA \d+:\d\d$", "\n".join(trained["logs"]), re.M)  # the log lines too
+    assert not any("ETA" in line for line in trained["logs"] if line.startswith("epoch 8:"))  # nothing left
     assert all(0 <= done <= total for done, total, _ in trained["events"])
 
 
@@ -290,7 +303,7 @@ def test_jittered_training_windows_hold_every_target_pixel(litemedsam, phantom_d
 
 
 @pytest.mark.slow
-def test_command_lines(trained, capsys):
+def test_command_lines(trained, capsys, tmp_path):
     from SAMFineTuneLib import evaluate as evaluate_module
     from SAMFineTuneLib import training
 
@@ -307,6 +320,15 @@ def test_command_lines(trained, capsys):
             .window_margin == margin
     with pytest.raises(SystemExit):
         parser.parse_args(["--dataset", "d", "--output", "o", "--decode-window", "wide"])
+    # `train` on the command line: progress and one line per epoch, each with the time left
+    output = str(tmp_path / "cli_adapter")
+    args = parser.parse_args(["--dataset", trained["dataset"], "--output", output, "--epochs", "2", "--batch-size", "4",
+                              "--device", "cpu", "--patience", "0", "--backend", "torch"])
+    assert training.main(args) == 0
+    captured = capsys.readouterr()
+    assert re.search(r"^epoch 1: loss .*, ETA \d+:\d\d$", captured.err, re.M)
+    assert re.search(r"\] \d+/\d+ epoch 1/2: loss .* ETA \d+:\d\d", captured.err)  # the bar keeps the ETA
+    assert f"adapter written to {output}" in captured.out and "adapted  Dice" in captured.out
     parser = argparse.ArgumentParser()
     evaluate_module.add_arguments(parser)
     args = parser.parse_args(["--dataset", trained["dataset"], "--adapter", trained["output"], "--device", "cpu",
@@ -316,3 +338,103 @@ def test_command_lines(trained, capsys):
     assert "base dice" in out and "adapted dice" in out and "phantom105" in out
     assert read_dataset(trained["dataset"]).split("val")[0].case in out
     assert np.isfinite(trained["card"]["scores"]["adapted"]["nsd"])
+
+
+@pytest.mark.slow
+def test_compare_adapters_decides_on_the_same_validation_cases(trained):
+    from SAMFineTuneLib.evaluate import compare_adapters
+
+    model, output, card = trained["model"], trained["output"], trained["card"]
+    against_base = compare_adapters(trained["dataset"], candidate=output, model=model)
+    assert against_base["cases"] == card["dataset"]["val_cases"] and against_base["candidate_better"]
+    assert against_base["gain"] == pytest.approx(card["scores"]["adapted"]["dice"] - card["scores"]["base"]["dice"],
+                                                 abs=1e-9)
+    itself = compare_adapters(trained["dataset"], candidate=output, current=output, model=model,
+                              cases=["phantom100", "phantom101"])
+    assert itself["gain"] == 0.0 and not itself["candidate_better"] and len(itself["per_case"]) == 2
+    with pytest.raises(ValueError, match="not in dataset"):
+        compare_adapters(trained["dataset"], candidate=output, model=model, cases=["nobody"])
+
+
+@pytest.mark.slow
+def test_evaluate_from_one_roi_through_the_tracked_segmenter(trained):
+    report = evaluate(trained["dataset"], model=trained["model"], adapter=trained["output"], roi_margin=3)
+    assert report["prompt"] == "roi" and report["roi_margin"] == 3
+    assert [r["case"] for r in report["cases"]] == [f"phantom{100 + n:03d}" for n in range(N_VAL)]
+    print(f"phantom, one ROI +3 px: base {report['mean']['base']['dice']:.4f} -> adapted "
+          f"{report['mean']['adapted']['dice']:.4f}")
+    assert report["mean"]["adapted"]["dice"] > report["mean"]["base"]["dice"] + MIN_GAIN
+    assert trained["model"].mask_decoder is not None
+    with pytest.raises(ValueError, match="roi_margin is a whole number"):
+        evaluate(trained["dataset"], model=trained["model"], roi_margin=-1)
+
+
+def test_two_trainings_into_one_folder_and_foreign_folders(litemedsam, phantom_dataset, tmp_path):
+    """The second run fails at once, naming the first; a folder holding a user's files is never taken."""
+    import threading
+
+    output = str(tmp_path / "adapter")
+    started, release, results = threading.Event(), threading.Event(), {}
+    subset = dict(train_cases=["phantom000"], val_cases=["phantom100"], epochs=1, final_scores=False, **FAST)
+
+    def hold(done, total, message):
+        started.set()
+        release.wait(60)
+
+    def first():
+        try:
+            results["card"] = train(TrainConfig(dataset=phantom_dataset, output=output, **subset), model=litemedsam,
+                                    progress=hold)
+        except BaseException as error:  # reported below
+            results["error"] = error
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    try:
+        assert started.wait(60)
+        with pytest.raises(ValueError, match=f"adapter folder .*adapter is being written by another run "
+                                             f"\\(training by process {os.getpid()} on "):
+            train(TrainConfig(dataset=phantom_dataset, output=output, **subset), model=litemedsam)
+    finally:
+        release.set()
+        thread.join()
+    assert "error" not in results and results["card"]["best_epoch"] == 1
+    card = train(TrainConfig(dataset=phantom_dataset, output=output, **subset), model=litemedsam)  # free again
+    assert card["history"][0]["epoch"] == 1
+    mine = tmp_path / "documents"
+    mine.mkdir()
+    (mine / "thesis.docx").write_text("precious")
+    with pytest.raises(ValueError, match="holds files that are not an adapter's"):
+        train(TrainConfig(dataset=phantom_dataset, output=str(mine), **subset), model=litemedsam)
+    assert sorted(os.listdir(mine)) == ["thesis.docx"]
+
+
+def test_a_one_case_dataset_says_validation_needs_a_second_case(litemedsam, tmp_path):
+    root = str(tmp_path / "one")
+    export_dataset(make_cases(1, first_seed=0, slices=1), root, label_names={1: "organ"})
+    with pytest.raises(ValueError, match="holds one case, and validation needs a second one"):
+        train(TrainConfig(dataset=root, output=str(tmp_path / "a")), model=litemedsam)
+    assert not (tmp_path / "a").exists()
+
+
+def test_command_line_progress_keeps_the_eta_in_sight_and_log_lines_on_their_own():
+    import io
+
+    from SAMFineTuneLib.progress import StderrBar
+    from SAMFineTuneLib.training.eta import Eta, clock
+
+    stream = io.StringIO()
+    bar = StderrBar(stream)
+    bar(5, 40, "epoch 1/8 step 5/5 loss 0.4321 and a long tail of words past the bar's width, ETA 12:34")
+    bar.line("epoch 1: loss 0.4321 val Dice 0.7000 lr 1.00e-03 (3.1s), ETA 12:34")
+    bar(40, 40, "epoch 8/8: loss 0.1000, validation Dice 0.8000")
+    lines = stream.getvalue().split("\n")
+    assert lines[0].startswith("\r[") and lines[0].rstrip().endswith("ETA 12:34")
+    assert lines[1] == "epoch 1: loss 0.4321 val Dice 0.7000 lr 1.00e-03 (3.1s), ETA 12:34"
+    assert lines[2].startswith("\r[") and "ETA" not in lines[2] and lines[3] == ""
+    assert (clock(0), clock(75.4), clock(3725)) == ("0:00", "1:15", "1:02:05")
+    import time
+
+    eta = Eta(10, start=time.monotonic() - 20.0)  # half done in 20 s: 20 s to go
+    assert eta.text(0) == "" and eta.text(10) == ""  # nothing to go on yet / nothing left
+    assert eta.seconds_left(5) == pytest.approx(20.0, abs=1.0) and eta.text(5) in (", ETA 0:20", ", ETA 0:21")

@@ -42,12 +42,16 @@ def jitter_boxes(boxes: torch.Tensor, limits: torch.Tensor, amount: float, gener
 
 
 def random_points(targets: torch.Tensor, generator: torch.Generator, input_size: int):
-    """One positive point per sample, drawn inside its target mask, in model-input pixels."""
+    """One positive point per sample, drawn inside its target mask, in model-input pixels; a
+    sample with an empty target (past the structure's end) gets SAM's "no point" label -1."""
     coords = torch.zeros(targets.shape[0], 1, 2)
+    labels = torch.ones(targets.shape[0], 1, dtype=torch.int64)
     scale = input_size / LOW_RES
     for n in range(targets.shape[0]):
         inside = torch.nonzero(targets[n])
         if len(inside):
             y, x = inside[int(torch.randint(len(inside), (1,), generator=generator))].tolist()
             coords[n, 0] = torch.tensor([(x + 0.5) * scale, (y + 0.5) * scale])
-    return coords, torch.ones(targets.shape[0], 1, dtype=torch.int64)
+        else:
+            labels[n, 0] = -1
+    return coords, labels

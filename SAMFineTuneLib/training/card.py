@@ -1,4 +1,5 @@
-"""The model card written beside every adapter: base model, data, settings, history, scores."""
+"""The model card written beside every adapter: base model, data, settings, history, and the
+base and adapted scores on every validation case."""
 from __future__ import annotations
 
 import time
@@ -7,7 +8,9 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from ..adapters import CARD_FORMAT
+from ..metrics import paired_cases
 from .config import TrainConfig
+from .prediction import score_prepared
 
 
 def model_card(config: TrainConfig, model, dataset: Dict[str, Any], history: List[Dict[str, Any]],
@@ -41,3 +44,12 @@ def _version(name: str) -> Optional[str]:
         return version(name)
     except Exception:
         return None
+
+
+def per_case_scores(model, prepared, step, window_margin) -> Dict[str, Any]:
+    """Base and adapted (``step``) scores of the validation slices, each prompted with its
+    reference box: {"base": means, "adapted": means, "per_case": [{"case", "label", "slices",
+    "base": {dice, iou, hd95, nsd}, "adapted": {...}}]}, the rows the panel's table shows."""
+    runs = {"base": score_prepared(model, prepared, window_margin=window_margin),
+            "adapted": score_prepared(model, prepared, step, window_margin=window_margin)}
+    return {"base": runs["base"]["mean"], "adapted": runs["adapted"]["mean"], "per_case": paired_cases(runs)}

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import sys
 
 from ..catalogue import LOSSES
 from ..cli_args import (add_axis_argument, add_decode_window_argument, add_encoder_arguments, add_model_arguments,
@@ -30,6 +29,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--box-jitter", type=float, default=defaults.box_jitter)
     parser.add_argument("--point-prompts", type=float, default=defaults.point_prompts,
                         help="probability of adding a positive point to a training box")
+    parser.add_argument("--tracked-prompts", type=float, default=defaults.tracked_prompts,
+                        help="share of training slices prompted with tracking's box (a neighbour's mask box + margin)")
+    parser.add_argument("--roi-prompts", type=float, default=defaults.roi_prompts,
+                        help="share of training slices prompted with the structure's loose ROI rectangle")
+    parser.add_argument("--roi-margin", type=float, default=defaults.roi_margin,
+                        help="ROI prompts: each edge moves out by up to this fraction of the ROI's side")
+    parser.add_argument("--end-slices", type=int, default=defaults.end_slices,
+                        help="slices past each end of the structure trained to come back empty (tracking stops)")
     parser.add_argument("--warmup", type=float, default=defaults.warmup, help="share of steps with linear warmup")
     parser.add_argument("--patience", type=int, default=defaults.patience, help="early stopping (0 = off)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -52,7 +59,9 @@ def config_from_args(args) -> TrainConfig:
                        lora_dropout=args.lora_dropout, targets=tuple(args.targets),
                        train_prompt_encoder=args.train_prompt_encoder, loss=args.loss,
                        iou_loss_weight=args.iou_loss_weight, box_jitter=args.box_jitter,
-                       point_prompts=args.point_prompts, warmup=args.warmup, patience=args.patience, seed=args.seed,
+                       point_prompts=args.point_prompts, tracked_prompts=args.tracked_prompts,
+                       roi_prompts=args.roi_prompts, roi_margin=args.roi_margin, end_slices=args.end_slices,
+                       warmup=args.warmup, patience=args.patience, seed=args.seed,
                        amp=not args.no_amp, resume=args.resume, axis=args.axis, window=args.window,
                        labels=args.labels, window_margin=args.decode_window)
 
@@ -61,7 +70,8 @@ def main(args) -> int:
     from ..progress import StderrBar
     from .trainer import train
 
-    card = train(config_from_args(args), progress=StderrBar(), log=lambda text: print(text, file=sys.stderr))
+    bar = StderrBar()
+    card = train(config_from_args(args), progress=bar, log=bar.line)
     if int(os.environ.get("RANK", "0")) == 0:
         scores = card.get("scores", {})
         print(f"adapter written to {os.path.abspath(args.output)} (best epoch {card['best_epoch']})")

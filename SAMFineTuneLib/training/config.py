@@ -13,7 +13,8 @@ RESUME_FILE = "resume_state.pt"
 # Settings that must not change between a run and its resumption.
 RESUME_KEYS = ("dataset", "model", "checkpoint", "lr", "weight_decay", "batch_size", "lora_rank", "lora_alpha",
                "lora_dropout", "targets", "train_prompt_encoder", "loss", "iou_loss_weight", "box_jitter",
-               "point_prompts", "seed", "axis", "window", "labels", "train_cases", "val_cases", "epochs",
+               "point_prompts", "tracked_prompts", "roi_prompts", "roi_margin", "end_slices", "seed", "axis", "window",
+               "labels", "train_cases", "val_cases", "epochs",
                "select_best", "window_margin")
 
 
@@ -39,6 +40,14 @@ class TrainConfig:
     iou_loss_weight: float = 0.0  # > 0 also trains the IoU head (MSE to the real IoU)
     box_jitter: float = 0.1  # each box edge moves by U(-j/4, j) x the box side (outward positive)
     point_prompts: float = 0.0  # probability of adding one positive point inside the mask
+    # The prompts inference asks with (training/prompts.py): shares of the slices holding the
+    # structure prompted with tracking's box (a neighbour's mask box + the tracking margin) and
+    # with the structure's ROI rectangle grown by U(0, roi_margin) x its side per edge; the rest
+    # get jittered reference boxes. end_slices: slices past each end trained to come back empty.
+    tracked_prompts: float = 0.3
+    roi_prompts: float = 0.3
+    roi_margin: float = 0.2
+    end_slices: int = 2
     warmup: float = 0.1  # share of all steps with linear warmup
     patience: int = 5  # epochs without a better validation Dice before stopping (0 = never stop early)
     select_best: bool = True  # keep the epoch with the best validation Dice; False keeps the last epoch
@@ -73,8 +82,14 @@ def check_config(config: TrainConfig) -> None:
             raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
     if not config.lr > 0:
         raise ValueError(f"learning rate must be > 0, got {config.lr}")
-    if not 0.0 <= config.point_prompts <= 1.0:
-        raise ValueError(f"point_prompts is a probability in [0, 1], got {config.point_prompts}")
+    for name in ("point_prompts", "tracked_prompts", "roi_prompts"):
+        if not 0.0 <= getattr(config, name) <= 1.0:
+            raise ValueError(f"{name} is a share in [0, 1], got {getattr(config, name)}")
+    if config.tracked_prompts + config.roi_prompts > 1.0:
+        raise ValueError(f"tracked_prompts + roi_prompts must be <= 1 (the rest are reference boxes), got "
+                         f"{config.tracked_prompts} + {config.roi_prompts}")
+    if config.roi_margin < 0 or config.end_slices < 0:
+        raise ValueError(f"roi_margin and end_slices must be >= 0, got {config.roi_margin} and {config.end_slices}")
     from ..segmenter import check_window_margin
 
     check_window_margin(config.window_margin)

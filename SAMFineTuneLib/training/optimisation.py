@@ -9,13 +9,26 @@ import torch
 from .config import TrainConfig
 
 
-def loss_function(config: TrainConfig):
-    """monai's DiceCE or DiceFocal on the mask logits."""
-    from monai.losses import DiceCELoss, DiceFocalLoss
+def loss_function(config: TrainConfig) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """monai's DiceCE or DiceFocal on the mask logits [B,1,H,W], with the Dice term averaged over
+    the samples whose target holds the structure.
 
-    if config.loss == "dicece":
-        return DiceCELoss(sigmoid=True, squared_pred=True, reduction="mean")
-    return DiceFocalLoss(sigmoid=True, squared_pred=True, reduction="mean")
+    A slice past the structure's end has an empty target, whose Dice is 0/0: monai smooths it
+    into a loss near 1 whatever the prediction, with no gradient to speak of, so it would only
+    scale the batch's Dice down. Those samples learn from the per-pixel term (BCE or focal) alone;
+    a batch without them gets exactly monai's DiceCELoss / DiceFocalLoss (reduction "mean")."""
+    from monai.losses import DiceLoss, FocalLoss
+
+    dice = DiceLoss(sigmoid=True, squared_pred=True, reduction="none")
+    pixel = torch.nn.BCEWithLogitsLoss() if config.loss == "dicece" else FocalLoss(use_softmax=False)
+
+    def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        filled = target.flatten(1).any(dim=1)
+        per_sample = dice(logits, target).flatten()
+        dice_term = per_sample[filled].mean() if bool(filled.any()) else per_sample.sum() * 0.0
+        return dice_term + pixel(logits, target)
+
+    return loss
 
 
 def iou_head_loss(logits: torch.Tensor, iou: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from torch.nn import functional as F
 
 from ..files import atomic_write
 from ..progress import check_cancel, report
+from .eta import Eta
 
 LOW_RES = 256  # the decoder's low-res mask frame
 
@@ -28,7 +29,7 @@ class Prepared:
 
     samples: list
     geometries: list
-    boxes: Any  # Tensor[N,4] tight boxes, model-input pixels
+    boxes: Any  # Tensor[N,4] tight boxes, model-input pixels (zeros for an empty mask: a slice past the structure)
     targets: Any  # Tensor[N,256,256] bool, the mask in the decoder's low-res frame
     embeddings: Any = None  # Tensor[N,256,64,64] float16, indexed by batch (None: not encoded)
     inputs: Any = None  # Tensor[N,3,S,S], the encoder's inputs (prepared with encode=False)
@@ -36,6 +37,12 @@ class Prepared:
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def part(self, index: slice) -> "Prepared":
+        """The slices at ``index`` (a slice: tensors are views); the stats stay with the whole."""
+        pick = (lambda tensor: None if tensor is None else tensor[index])
+        return Prepared(self.samples[index], self.geometries[index], self.boxes[index], self.targets[index],
+                        pick(self.embeddings), pick(self.inputs), {})
 
 
 def embedding_key(fingerprint: str, model_input) -> str:
@@ -74,12 +81,14 @@ def prepare(model, samples: Sequence, cache_dir: Optional[str], encode: bool = T
     memo: Dict[str, Any] = {}
     if cache_dir and write_cache:
         os.makedirs(cache_dir, exist_ok=True)
+    eta = Eta(len(samples))
     for n, sample in enumerate(samples):
         check_cancel(cancel)
-        report(progress, n, len(samples), f"preparing slice {n + 1}/{len(samples)} ({sample.case})")
+        report(progress, n, len(samples), f"preparing slice {n + 1}/{len(samples)} ({sample.case}){eta.text(n)}")
         geometry = SliceGeometry(tuple(sample.image.shape), tuple(sample.pixel_spacing), size)
         geometries.append(geometry)
-        boxes.append(geometry.box_to_model(sample.box))
+        box = sample.box
+        boxes.append(geometry.box_to_model(box) if box is not None else (0.0, 0.0, 0.0, 0.0))
         targets.append(lowres_target(sample.mask, geometry, size))
         x = to_model_input(sample.image, geometry, model.spec)
         if not encode:

@@ -1,37 +1,51 @@
-"""What a run leaves on disk while it trains: the best epoch's adapter, and after every epoch
+"""What a run leaves on disk while it trains: after every epoch one folder (replaced as a whole,
+``folders.replace_folder``) with the best epoch's adapter, its model card, and
 ``OUTPUT/resume_state.pt``, everything needed to continue (LoRA and optimiser state, scheduler,
 random generators, history), which ``resume=True`` picks up after a crash or a cancel."""
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Dict, Optional
 
 import torch
 
 from .. import adapters
 from ..files import atomic_write
-from .config import TrainConfig, check_resume
+from .config import RESUME_FILE, TrainConfig, check_resume
+from .folders import replace_folder
 
 
 def state_copy(module) -> Optional[Dict[str, Any]]:
     return None if module is None else {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
-def save_best(output: str, peft_decoder, prompt_encoder, best: Dict[str, Any], card: Dict[str, Any]) -> None:
-    """Write the best epoch's adapter (not the current weights) with the card."""
+def write_output(output: str, lock, peft_decoder, prompt_encoder, best: Dict[str, Any], card: Dict[str, Any],
+                 resume: Optional[Dict[str, Any]]) -> None:
+    """Replace the output folder with the best epoch's adapter (not the current weights), the card
+    and the resume state: a reader sees the previous epoch's folder or this one, whole."""
     current = adapters.lora_state(peft_decoder)
-    adapters.load_lora_state(peft_decoder, best["lora"], "best epoch")
     current_prompt = state_copy(prompt_encoder)
+
+    def fill(folder: str) -> None:
+        if resume is not None:
+            atomic_write(os.path.join(folder, RESUME_FILE), lambda temp: torch.save(resume, temp))
+        adapters.save_adapter(folder, peft_decoder, card, prompt_encoder)  # the card last: the folder is complete
+
+    adapters.load_lora_state(peft_decoder, best["lora"], "best epoch")
     if prompt_encoder is not None and best["prompt"] is not None:
         prompt_encoder.load_state_dict(best["prompt"])
-    adapters.save_adapter(output, peft_decoder, card, prompt_encoder)
-    adapters.load_lora_state(peft_decoder, current, "current epoch")
-    if prompt_encoder is not None:
-        prompt_encoder.load_state_dict(current_prompt)
+    try:
+        replace_folder(output, fill, lock)
+    finally:
+        adapters.load_lora_state(peft_decoder, current, "current epoch")
+        if prompt_encoder is not None:
+            prompt_encoder.load_state_dict(current_prompt)
 
 
-def save_resume(path: str, config: TrainConfig, epoch: int, peft_decoder, prompt_encoder, optimizer, scheduler,
-                generator, history, best) -> None:
+def resume_state(config: TrainConfig, epoch: int, peft_decoder, prompt_encoder, optimizer, scheduler, generator,
+                 history, best) -> Dict[str, Any]:
+    """Everything a resumed run needs after ``epoch`` (tensors and strings only: weights_only loads)."""
     state = {"config": json.dumps(config.to_dict()), "epoch": epoch, "lora": adapters.lora_state(peft_decoder),
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": json.dumps(history),
@@ -40,7 +54,7 @@ def save_resume(path: str, config: TrainConfig, epoch: int, peft_decoder, prompt
         state["prompt"] = state_copy(prompt_encoder)
         if best["prompt"] is not None:
             state["best_prompt"] = best["prompt"]
-    atomic_write(path, lambda temp: torch.save(state, temp))
+    return state
 
 
 def read_resume(path: str, config: TrainConfig) -> Dict[str, Any]:

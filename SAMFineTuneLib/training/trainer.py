@@ -1,12 +1,15 @@
 """LoRA fine-tuning of SAM's mask decoder on an exported dataset.
 
 LoRA (peft) wraps the decoder's attention projections and MLPs; the loss is monai's DiceCE
-(or DiceFocal) with an optional IoU-head term; boxes are jittered as a user's boxes are never
-tight; a positive point can be added to the box. Training and validation decode as the
+(or DiceFocal) with an optional IoU-head term; every slice is prompted as inference will prompt
+it (``prompts``: jittered reference boxes, tracking's boxes, loose ROI rectangles, and empty
+targets just past the structure's ends, where tracking must stop); a positive point can be
+added to the box. Training and validation decode as the
 Segmenter does at inference (``window_margin``: on a CPU only the image tokens near each box,
 which makes an epoch several times faster; on CUDA the whole slice) from embeddings cached on
 disk (``samples``). Each epoch ends with the validation Dice on the held-out cases: the best
-adapter is kept, training stops when it has not improved for ``patience`` epochs. Linear warmup
+adapter is kept, training stops when it has not improved for ``patience`` epochs; the output
+folder is replaced as a whole after every epoch, under a lock (``folders``). Linear warmup
 then cosine decay; bf16 autocast on CUDA only; seeded runs reproduce. A run resumes after a
 crash or a cancel (``state``) and spreads over GPUs under torchrun (``distributed``).
 """
@@ -18,7 +21,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -27,14 +30,18 @@ from .. import adapters
 from ..metrics import mean_dice
 from ..progress import check_cancel, report
 from . import distributed
-from .boxes import box_limits, jitter_boxes, random_points
-from .card import model_card
+from .boxes import random_points
+from .card import model_card, per_case_scores
 from .config import RESUME_FILE, TrainConfig, check_config
 from .decoder_step import DecoderStep
+from .eta import Eta
+from .folders import FolderLock, check_output_folder, settle
 from .optimisation import iou_head_loss, loss_function, lr_schedule
-from .prediction import predict_masks, score_prepared
+from .prediction import predict_masks
+from .prompts import PromptSampler
 from .samples import batch_embeddings, cache_dir_for, prepare
-from .state import best_from, read_resume, save_best, save_resume, state_copy
+from .slices import load_slices, split_cases
+from .state import best_from, read_resume, resume_state, state_copy, write_output
 
 
 def train(config: TrainConfig, progress=None, cancel=None, log=None, model=None) -> Dict[str, Any]:
@@ -56,10 +63,6 @@ class Trainer:
     give ``train_set`` other embeddings before ``fit`` (say, the encoder run at every step)."""
 
     def __init__(self, config: TrainConfig, model=None, progress=None, cancel=None, log=None):
-        from ..dataset import read_dataset
-        from ..models import load_model
-        from ..segmenter import resolve_window_margin
-
         check_config(config)
         self.rank, self.world, local_rank = distributed.ranks()
         config, self._started_group = distributed.start(config, self.world, local_rank)
@@ -67,8 +70,24 @@ class Trainer:
         self.progress = progress if self.main_rank else None
         self.cancel = cancel
         self.say = (log if self.main_rank else None) or (lambda text: None)
+        self.lock: Optional[FolderLock] = None
+        if self.main_rank:  # before any slow work: one run per output folder, and never a user's other files
+            settle(config.output)
+            check_output_folder(config.output, adapters.ADAPTER_FILES + (RESUME_FILE,))
+            self.lock = FolderLock(config.output).acquire()
+        try:
+            self._set_up(config, model)
+        except BaseException:
+            self.close()
+            raise
+
+    def _set_up(self, config: TrainConfig, model) -> None:
+        from ..dataset import read_dataset
+        from ..models import load_model
+        from ..segmenter import resolve_window_margin
+
         self.info = read_dataset(config.dataset)
-        self.train_ids, self.val_ids = _split(config, self.info)
+        self.train_ids, self.val_ids = split_cases(config, self.info)
         self.model = model if model is not None else load_model(config.model, checkpoint=config.checkpoint,
                                                                 device=config.device, precision=config.precision,
                                                                 backend=config.backend)
@@ -86,30 +105,37 @@ class Trainer:
         self.history: List[Dict[str, Any]] = []
         self.best = {"epoch": 0, "dice": -1.0, "lora": adapters.lora_state(self.peft_decoder), "prompt": None}
         self.start_epoch = 1
+        self.resume_saved: Optional[Dict[str, Any]] = None
         self.base_dice = mean_dice(self.val_set.samples,
                                    predict_masks(self.model, self.val_set, window_margin=self.margin))
+
+    def close(self) -> None:
+        """Release the output folder (``fit`` does when it ends, however it ends)."""
+        if self.lock is not None:
+            self.lock.release()
 
     # ------------------------------------------------------------ set-up
 
     def _prepare_slices(self) -> None:
-        """Per-slice samples of both splits, embedded (rank 0 fills the disk cache first)."""
-        from ..dataset import load_samples
-
+        """Per-slice samples of both splits, embedded in one pass (rank 0 fills the disk cache
+        first), and the prompts each training slice can be given."""
         config, started = self.config, time.monotonic()
-        cache = cache_dir_for(self.info.root)
-        chosen = dict(axis=config.axis, window=config.window, labels=config.labels)
-        train_samples = load_samples(self.info, cases=self.train_ids, **chosen)
-        val_samples = load_samples(self.info, cases=self.val_ids, **chosen)
-        if not train_samples:
+        train_samples = load_slices(self.info, self.train_ids, config, ends=True)
+        val_samples = load_slices(self.info, self.val_ids, config, ends=False)
+        if not any(s.mask.any() for s in train_samples):
             raise ValueError("the training cases hold no labelled slice")
         if not self.main_rank:
             distributed.barrier(self.world)
         self.say(f"preparing {len(train_samples)} training and {len(val_samples)} validation slices")
-        hooks = dict(progress=self.progress, cancel=self.cancel, write_cache=self.main_rank)
-        self.train_set = prepare(self.model, train_samples, cache, **hooks)
-        self.val_set = prepare(self.model, val_samples, cache, **hooks)
+        both = prepare(self.model, train_samples + val_samples, cache_dir_for(self.info.root), progress=self.progress,
+                       cancel=self.cancel, write_cache=self.main_rank)
         if self.main_rank:
             distributed.barrier(self.world)
+        split = len(train_samples)
+        self.train_set, self.val_set = both.part(slice(0, split)), both.part(slice(split, None))
+        self.slice_stats = both.stats
+        self.sampler = PromptSampler(self.train_set, config.tracked_prompts, config.roi_prompts, config.box_jitter,
+                                     config.roi_margin)
         self.seconds_prepare = time.monotonic() - started
 
     def _build_lora(self) -> None:
@@ -137,24 +163,30 @@ class Trainer:
         self.use_amp = bool(config.amp and device.type == "cuda")
         self.amp_dtype = torch.bfloat16 if self.use_amp and torch.cuda.is_bf16_supported() else torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
-        self.limits = box_limits(self.train_set)
 
     # ------------------------------------------------------------ the run
 
     def fit(self) -> Dict[str, Any]:
-        """Resume if asked, train until the last epoch or early stopping, finish; the model card."""
-        config = self.config
-        self.resume()
-        self.say(f"base model validation Dice {self.base_dice:.4f}; {len(self.trainable)} trainable tensors, "
-                 f"{sum(p.numel() for p in self.trainable)} parameters; {self.steps_per_epoch} steps per epoch")
-        self.card = self._card()
-        self.train_started = time.monotonic()
-        self.stale = sum(1 for h in self.history if h["epoch"] > self.best["epoch"])
-        for epoch in range(self.start_epoch, config.epochs + 1):
-            if config.patience and self.stale >= config.patience:
-                break
-            self.checkpoint(self.run_epoch(epoch))
-        return self.finish()
+        """Resume if asked, train until the last epoch or early stopping, finish; the model card.
+        The output folder is released however this ends."""
+        try:
+            config = self.config
+            self.resume()
+            self.say(f"base model validation Dice {self.base_dice:.4f}; {len(self.trainable)} trainable tensors, "
+                     f"{sum(p.numel() for p in self.trainable)} parameters; {self.steps_per_epoch} steps per epoch "
+                     f"on {self.sampler.counts()['slices']} slices and {self.sampler.counts()['end_slices']} "
+                     "slices past the structure's ends")
+            self.card = self._card()
+            self.train_started = time.monotonic()
+            self.eta = Eta(self.total_steps - (self.start_epoch - 1) * self.steps_per_epoch)
+            self.stale = sum(1 for h in self.history if h["epoch"] > self.best["epoch"])
+            for epoch in range(self.start_epoch, config.epochs + 1):
+                if config.patience and self.stale >= config.patience:
+                    break
+                self.checkpoint(self.run_epoch(epoch))
+            return self.finish()
+        finally:
+            self.close()
 
     def resume(self) -> None:
         """With ``resume``, continue from the state the last finished epoch saved, if any."""
@@ -191,8 +223,9 @@ class Trainer:
             check_cancel(self.cancel)
             losses.append(self._train_step(order[step * config.batch_size:(step + 1) * config.batch_size]))
             if config.log_every and (step + 1) % config.log_every == 0:
-                report(self.progress, (epoch - 1) * self.steps_per_epoch + step + 1, self.total_steps,
-                       f"epoch {epoch}/{config.epochs} step {step + 1}/{self.steps_per_epoch} loss {losses[-1]:.4f}")
+                done = (epoch - 1) * self.steps_per_epoch + step + 1
+                report(self.progress, done, self.total_steps, f"epoch {epoch}/{config.epochs} step {step + 1}/"
+                       f"{self.steps_per_epoch} loss {losses[-1]:.4f}{self._eta(done)}")
         train_seconds = time.monotonic() - steps_start
         val = mean_dice(self.val_set.samples,
                         predict_masks(self.model, self.val_set, self.step_module, window_margin=self.margin))
@@ -204,7 +237,7 @@ class Trainer:
         """One optimiser step on the training slices at ``index``; returns the loss."""
         config, device, data = self.config, self.device, self.train_set
         embeddings = batch_embeddings(self.model, data, index)
-        boxes = jitter_boxes(data.boxes[index], self.limits[index], config.box_jitter, self.generator)
+        boxes = self.sampler.draw(index, self.generator)
         target = data.targets[index].to(device, torch.float32)[:, None]
         points = None
         if config.point_prompts > 0 and float(torch.rand(1, generator=self.generator)) < config.point_prompts:
@@ -224,8 +257,9 @@ class Trainer:
         return float(loss.detach())
 
     def checkpoint(self, entry: Dict[str, Any]) -> bool:
-        """Record an epoch: keep its adapter when it is the best so far, write the best adapter
-        with the card and the resume state (rank 0), report it. Returns whether it improved."""
+        """Record an epoch: keep its adapter when it is the best so far, replace the output folder
+        (rank 0) with the best adapter, the card and the resume state, report it. Returns whether
+        it improved."""
         config, epoch = self.config, entry["epoch"]
         self.history.append(entry)
         improved = entry["val_dice"] > self.best["dice"] + config.min_delta or not config.select_best
@@ -235,35 +269,35 @@ class Trainer:
                          "prompt": state_copy(self.prompt_encoder)}
         self.card = self._card()
         if self.main_rank:
-            if improved:
-                save_best(config.output, self.peft_decoder, self.prompt_encoder, self.best, self.card)
-            save_resume(self.state_path, config, epoch, self.peft_decoder, self.prompt_encoder, self.optimizer,
-                        self.scheduler, self.generator, self.history, self.best)
-        report(self.progress, epoch * self.steps_per_epoch, self.total_steps,
-               f"epoch {epoch}/{config.epochs}: loss {entry['loss']:.4f}, validation Dice {entry['val_dice']:.4f}")
+            self.resume_saved = resume_state(config, epoch, self.peft_decoder, self.prompt_encoder, self.optimizer,
+                                             self.scheduler, self.generator, self.history, self.best)
+            write_output(config.output, self.lock, self.peft_decoder, self.prompt_encoder, self.best, self.card,
+                         self.resume_saved)
+        done = epoch * self.steps_per_epoch
+        report(self.progress, done, self.total_steps, f"epoch {epoch}/{config.epochs}: loss {entry['loss']:.4f}, "
+               f"validation Dice {entry['val_dice']:.4f}{self._eta(done)}")
         self.say(f"epoch {epoch}: loss {entry['loss']:.4f} val Dice {entry['val_dice']:.4f} lr {entry['lr']:.2e} "
-                 f"({entry['seconds']:.1f}s)")
+                 f"({entry['seconds']:.1f}s){self._eta(done)}")
         return improved
 
     def finish(self) -> Dict[str, Any]:
-        """Back to the best epoch's adapter; its scores and the run's statistics in the card, which
-        is written with the adapter (rank 0) and returned."""
+        """Back to the best epoch's adapter; its scores (per validation case, base and adapted)
+        and the run's statistics in the card, which is written with the adapter (rank 0) and
+        returned."""
         config, best, card = self.config, self.best, self.card
         if best["dice"] < self.base_dice:
             self.say(f"warning: the best epoch's validation Dice {best['dice']:.4f} is below the base model's "
-                     f"{self.base_dice:.4f}; more data or other settings may help")
+                     f"{self.base_dice:.4f}: the adapter does not help on the validation cases yet")
         adapters.load_lora_state(self.peft_decoder, best["lora"], "best epoch")
         if self.prompt_encoder is not None and best["prompt"] is not None:
             self.prompt_encoder.load_state_dict(best["prompt"])
         card["stats"] = self._stats()
         if config.final_scores and self.main_rank:
-            self.step_module.eval()
-            card["scores"] = {"split": "val", "cases": self.val_ids, "window_margin": self.margin,
-                              "base": score_prepared(self.model, self.val_set, window_margin=self.margin)["mean"],
-                              "adapted": score_prepared(self.model, self.val_set, self.step_module,
-                                                        window_margin=self.margin)["mean"]}
+            card["scores"] = dict(split="val", cases=self.val_ids, window_margin=self.margin,
+                                  **per_case_scores(self.model, self.val_set, self.step_module, self.margin))
         if self.main_rank:
-            save_best(config.output, self.peft_decoder, self.prompt_encoder, best, card)
+            write_output(config.output, self.lock, self.peft_decoder, self.prompt_encoder, best, card,
+                         self.resume_saved)
         distributed.stop(self.world, self._started_group)
         return card
 
@@ -272,28 +306,21 @@ class Trainer:
     def _card(self) -> Dict[str, Any]:
         info = self.info
         dataset = {"path": info.root, "train_cases": self.train_ids, "val_cases": self.val_ids,
-                   "train_slices": len(self.train_set.samples), "val_slices": len(self.val_set.samples),
+                   "train_slices": self.sampler.counts()["slices"],
+                   "train_end_slices": self.sampler.counts()["end_slices"],
+                   "val_slices": len(self.val_set.samples),
                    "labels": {str(k): v for k, v in info.labels.items()}}
         return model_card(self.config, self.model, dataset, self.history, self.best, self.base_dice,
                           sum(p.numel() for p in self.trainable))
 
     def _stats(self) -> Dict[str, Any]:
-        train, val = self.train_set.stats, self.val_set.stats
-        return {"encoder_calls": train.get("encoder_calls", 0) + val["encoder_calls"],
-                "cache_hits": train.get("cache_hits", 0) + val["cache_hits"],
-                "seconds_prepare": round(self.seconds_prepare, 2),
+        # a caller may give the training slices other embeddings (their encoder calls count too)
+        stats, swapped = self.slice_stats, self.train_set.stats
+        return {"encoder_calls": stats["encoder_calls"] + swapped.get("encoder_calls", 0),
+                "cache_hits": stats["cache_hits"], "seconds_prepare": round(self.seconds_prepare, 2),
                 "seconds_train": round(time.monotonic() - self.train_started, 2),
                 "device": str(self.device), "world_size": self.world}
 
-
-def _split(config: TrainConfig, info) -> Tuple[List[str], List[str]]:
-    """(training case ids, validation case ids): the config's, else the dataset's split."""
-    train_ids = list(config.train_cases) if config.train_cases is not None else [c.case for c in info.split("train")]
-    val_ids = list(config.val_cases) if config.val_cases is not None else [c.case for c in info.split("val")]
-    if not train_ids:
-        raise ValueError(f"dataset {info.root} has no training cases")
-    if not val_ids:
-        raise ValueError(f"dataset {info.root} has no validation cases: export with --val-fraction > 0")
-    if set(train_ids) & set(val_ids):
-        raise ValueError(f"cases on both sides of the split: {sorted(set(train_ids) & set(val_ids))}")
-    return train_ids, val_ids
+    def _eta(self, done: int) -> str:
+        """", ETA m:ss" of the steps left (validation included in the pace), this run's steps only."""
+        return self.eta.text(done - (self.start_epoch - 1) * self.steps_per_epoch)

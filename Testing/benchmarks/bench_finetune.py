@@ -1,61 +1,36 @@
-r"""Fine-tuning benchmarks on real labelled images (takes minutes; prints tables).
+r"""Fine-tuning speed on real labelled images (takes minutes; prints a table).
 
   speed: time per epoch with cached embeddings and the engine's default decoding (windowed on
          a CPU) vs the seeds' loop (re-encode every step, decode the whole slice), plus cached
          embeddings with whole-slice decoding to split the gain between caching and windowing;
          same data, same seed, with the validation Dice each reaches.
-  curve: base vs adapted Dice after N = 1, 3, 5, 10 training cases (split by patient), a
-         learning curve written as a table and a PNG.
 
   python Testing/benchmarks/bench_finetune.py speed --dataset ../shared/data/busi_breast_ultrasound
-  python Testing/benchmarks/bench_finetune.py curve --dataset ../shared/data/busi_breast_ultrasound \
-      --png Resources/Images/learning_curve_busi.png
-  python Testing/benchmarks/bench_finetune.py curve --dataset ../shared/data/prostate_mri_slices_2d \
-      --patient-pattern '^(.*)_[0-9]+$' --png Resources/Images/learning_curve_prostate.png
+
+  cold:  a user's first training (``--train`` + ``--val`` cases never encoded, default settings):
+         preparing (encoding) and training time, wall and CPU.
+  stage: what adapting the image encoder's last stage would cost per training slice, against
+         the decoder-only step the engine trains (same batch, side by side, random inputs).
+
+Learning curves are ``bench_learning_curve.py``.
 
 ``--dataset`` is a folder with images/, masks/ and cases.csv (the shared-data layout) or a
 dataset written by ``python -m SAMFineTuneLib export``. Shared-data folders are exported to a
 scratch folder (``--work``, default under the temp dir), never into the repository.
 """
 import argparse
-import csv
 import os
 import random
-import re
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from SAMFineTuneLib.dataset import DATASET_JSON, export_dataset, read_dataset, read_image_any  # noqa: E402
+from curve_data import as_dataset  # noqa: E402
+
 from SAMFineTuneLib.evaluate import evaluate  # noqa: E402
 from SAMFineTuneLib.training import TrainConfig, Trainer, prepare  # noqa: E402
-
-
-def as_dataset(source, work, patient_pattern):
-    """(dataset folder, case ids in order, case -> patient) for a shared-data folder or a dataset."""
-    pattern = re.compile(patient_pattern) if patient_pattern else None
-
-    def patient(case):
-        match = pattern.match(case) if pattern else None
-        return match.group(1) if match else case
-
-    if os.path.isfile(os.path.join(source, DATASET_JSON)):
-        cases = [c.case for c in read_dataset(source).cases]
-        return source, cases, {c: patient(c) for c in cases}
-    with open(os.path.join(source, "cases.csv")) as handle:
-        rows = list(csv.DictReader(handle))
-    target = os.path.join(work or os.path.join(tempfile.gettempdir(), "samfinetune_bench"),
-                          os.path.basename(os.path.normpath(source)))
-    cases = [r["case"] for r in rows]
-    if not os.path.isfile(os.path.join(target, DATASET_JSON)):
-        print(f"exporting {len(rows)} cases of {source} to {target}", file=sys.stderr)
-        items = [(r["case"], read_image_any(os.path.join(source, r["image"])),
-                  read_image_any(os.path.join(source, r["mask"]))) for r in rows]
-        export_dataset(items, target, val_fraction=0.0, groups={c: patient(c) for c in cases}, modality="image")
-    return target, cases, {c: patient(c) for c in cases}
 
 
 def pick_patients(groups, seed):
@@ -105,7 +80,7 @@ def decoding(margin):
 def speed(args, model, seeds_model):
     # a fresh scratch folder unless told otherwise, so the one-off encode is really measured
     root, cases, groups = as_dataset(args.dataset, args.work or tempfile.mkdtemp(prefix="samfinetune_speed_"),
-                                     args.patient_pattern)
+                                     args.patient_pattern, args.merge_labels)
     patients = pick_patients(groups, args.seed)
     train_ids = cases_of(patients[:args.train], groups, cases)
     val_ids = cases_of(patients[args.train:args.train + args.val], groups, cases)
@@ -146,74 +121,80 @@ def speed(args, model, seeds_model):
           f"row includes encoding every slice once; later rows read that cache.")
 
 
-def curve(args, model):
-    root, cases, groups = as_dataset(args.dataset, args.work, args.patient_pattern)
+def cold(args, model):
+    """A user's first training: ``--train`` + ``--val`` cases never encoded before, default settings
+    (the model's default encoder backend), from the first slice encoded to the adapter written."""
+    root, cases, groups = as_dataset(args.dataset, tempfile.mkdtemp(prefix="samfinetune_cold_"), args.patient_pattern,
+                                     args.merge_labels)
     patients = pick_patients(groups, args.seed)
-    pool = min(max(args.n), len(patients) - args.min_test)
-    ns = sorted({min(n, pool) for n in args.n})
-    test_ids = cases_of(patients[pool:], groups, cases)[:args.max_test]
-    name = os.path.basename(os.path.normpath(args.dataset))
-    results = []
-    for n in ns:
-        train_ids = cases_of(patients[:n], groups, cases)
-        config = TrainConfig(dataset=root, output=os.path.join(tempfile.gettempdir(), f"samfinetune_curve_{name}_{n}"),
-                             train_cases=train_ids, val_cases=test_ids, epochs=args.epochs, patience=0,
-                             select_best=False, seed=args.seed, batch_size=args.batch_size, device=args.device,
-                             lr=args.lr)
-        card = run(config, f"N={n}", model)
-        loose = evaluate(root, model=model, adapter=config.output, cases=test_ids, box_margin=args.box_margin)["mean"]
-        results.append({"n": n, "train_cases": len(train_ids), "test_cases": len(test_ids),
-                        "base": card["scores"]["base"], "adapted": card["scores"]["adapted"],
-                        "base_loose": loose["base"], "adapted_loose": loose["adapted"],
-                        "minutes": card["wall_seconds"] / 60})
-    print(f"\nlearning curve: {name}, model {model.spec.name}, {len(test_ids)} test cases "
-          f"(patients never seen in training), {args.epochs} epochs, last epoch kept (no selection on test)")
-    loose = f"+{args.box_margin:.0%} box"
-    lines = [f"| N training patients (cases) | base Dice | adapted Dice | gain | base Dice, {loose} | "
-             f"adapted Dice, {loose} | gain, {loose} | base NSD | adapted NSD | minutes |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in results:
-        lines.append(f"| {r['n']} ({r['train_cases']}) | {r['base']['dice']:.4f} | {r['adapted']['dice']:.4f} | "
-                     f"{r['adapted']['dice'] - r['base']['dice']:+.4f} | {r['base_loose']['dice']:.4f} | "
-                     f"{r['adapted_loose']['dice']:.4f} | {r['adapted_loose']['dice'] - r['base_loose']['dice']:+.4f} | "
-                     f"{r['base']['nsd']:.4f} | {r['adapted']['nsd']:.4f} | {r['minutes']:.1f} |")
-    print("\n".join(lines))
-    if args.png:
-        plot(results, name, args.png, loose)
-        with open(os.path.splitext(args.png)[0] + ".md", "w") as handle:
-            handle.write(f"Learning curve on {name}: {len(test_ids)} test cases, model {model.spec.name}, "
-                         f"{args.epochs} epochs, seed {args.seed}.\n\n" + "\n".join(lines) + "\n")
-        print(f"wrote {args.png}")
+    train_ids = cases_of(patients[:args.train], groups, cases)
+    val_ids = cases_of(patients[args.train:args.train + args.val], groups, cases)
+    config = TrainConfig(dataset=root, output=tempfile.mkdtemp(prefix="samfinetune_cold_adapter_"),
+                         train_cases=train_ids, val_cases=val_ids, seed=args.seed, device=args.device)
+    cpu, wall = time.process_time(), time.monotonic()
+    card = run(config, "cold", model)
+    cpu, wall = time.process_time() - cpu, time.monotonic() - wall
+    stats, history = card["stats"], card["history"]
+    print(f"\ncold training: {os.path.basename(root)}, {len(train_ids)} training + {len(val_ids)} validation cases "
+          f"({card['dataset']['train_slices']} + {card['dataset']['train_end_slices']} end + "
+          f"{card['dataset']['val_slices']} validation slices), model {model.spec.name} ({model.backend} encoder) on "
+          f"{model.device}, {os.environ.get('OMP_NUM_THREADS', '?')} threads, default settings")
+    print("| prepare (encode), s | train, s | total wall, s | process CPU time, s | epochs run (best) | s per epoch | "
+          "validation Dice base -> adapted |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| {stats['seconds_prepare']:.0f} ({stats['encoder_calls']} slices) | {stats['seconds_train']:.0f} | "
+          f"{wall:.0f} | {cpu:.0f} | {len(history)} ({card['best_epoch']}) | "
+          f"{sum(h['seconds'] for h in history) / len(history):.1f} | {card['scores']['base']['dice']:.3f} -> "
+          f"{card['scores']['adapted']['dice']:.3f} |")
 
 
-def plot(results, name, path, loose):
-    import matplotlib
+def stage(args, model, steps=5):
+    """Seconds per training slice: LoRA decoder step (the engine's: cached embeddings, windowed)
+    vs forward + backward through TinyViT's last stage and neck (LoRA on its Linear layers) from
+    features cached before that stage, which the decoder step would then follow."""
+    import torch
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from SAMFineTuneLib import adapters
+    from SAMFineTuneLib.training import DecoderStep
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    ns = [r["n"] for r in results]
-    for key, style, color, text in (("base", "o--", "grey", "LiteMedSAM, tight box"),
-                                    ("adapted", "o-", "tab:blue", "+ LoRA, tight box"),
-                                    ("base_loose", "s--", "tab:orange", f"LiteMedSAM, {loose}"),
-                                    ("adapted_loose", "s-", "tab:green", f"+ LoRA, {loose}")):
-        ax.plot(ns, [r[key]["dice"] for r in results], style, color=color, label=text)
-    ax.set_xticks(ns)
-    ax.set_xlabel("training patients")
-    ax.set_ylabel(f"mean Dice, {results[0]['test_cases']} test cases")
-    ax.set_title(name)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    torch.manual_seed(0)
+    batch = args.batch_size
+    encoder = model.image_encoder
+    stage_model = torch.nn.Sequential(encoder.layers[3], encoder.neck)
+    lora = adapters.wrap_decoder(stage_model, adapters.lora_config(8, 16.0, 0.0, ("qkv", "proj", "fc1", "fc2")))
+    features = torch.randn(batch, 64 * 64, 320)
+    decoder = adapters.wrap_decoder(model.mask_decoder, adapters.lora_config())
+    step = DecoderStep(model, adapters.inner_decoder(decoder))
+    embeddings, boxes = torch.randn(batch, 256, 64, 64), torch.tensor([[60.0, 50.0, 190.0, 200.0]] * batch)
+
+    def decoder_step():
+        logits, _ = step(embeddings, boxes, window_margin=4)
+        logits.float().mean().backward()
+
+    def stage_step():
+        layer, neck = lora.base_model.model
+        x = layer(features).view(batch, 64, 64, 320).permute(0, 3, 1, 2)
+        neck(x).mean().backward()
+
+    rows = []
+    for name, run in (("LoRA decoder step (cached embeddings, 4-token window)", decoder_step),
+                      ("+ last encoder stage and neck, LoRA (cached features before it)", stage_step)):
+        run()
+        started = time.monotonic()
+        for _ in range(steps):
+            run()
+        rows.append((name, (time.monotonic() - started) / steps / batch))
+    print(f"\nper training slice, batch {batch}, {torch.get_num_threads()} threads, {steps} steps each:")
+    print("| what runs per step | s per slice | x decoder step |\n|---|---:|---:|")
+    for name, seconds in rows:
+        print(f"| {name} | {seconds:.3f} | {seconds / rows[0][1]:.1f} |")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("speed", "curve"))
+    parser.add_argument("what", choices=("speed", "cold", "stage"))
     parser.add_argument("--dataset", required=True)
+    parser.add_argument("--merge-labels", action="store_true", help="all labels as one structure")
     parser.add_argument("--work", help="scratch folder for the exported dataset and its embedding cache")
     parser.add_argument("--patient-pattern", help="regex whose group 1 is the patient id of a case id")
     parser.add_argument("--model", default="litemedsam")
@@ -222,23 +203,14 @@ def main(argv=None):
     parser.add_argument("--random-weights", action="store_true",
                         help="speed only: time a model whose checkpoint is not at hand (Dice is then meaningless)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="default: 3 (speed: epoch 1 and the mean of the later ones), 12 (curve)")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--train", type=int, default=10, help="speed: training patients")
-    parser.add_argument("--val", type=int, default=10, help="speed: validation patients")
+    parser.add_argument("--batch-size", type=int, default=4, help="speed: batch size")
+    parser.add_argument("--epochs", type=int, default=3, help="speed: epochs (epoch 1 and the mean of the later ones)")
+    parser.add_argument("--train", type=int, default=10, help="training patients (cold: 8)")
+    parser.add_argument("--val", type=int, default=10, help="validation patients (cold: 2)")
     parser.add_argument("--skip-whole-slice-cached", action="store_true",
                         help="speed: leave out the cached + whole-slice run (the row that splits caching from "
                              "windowed decoding)")
-    parser.add_argument("--n", type=int, nargs="+", default=[1, 3, 5, 10], help="curve: training set sizes")
-    parser.add_argument("--min-test", type=int, default=4, help="curve: patients always kept for testing")
-    parser.add_argument("--max-test", type=int, default=40, help="curve: at most this many test cases")
-    parser.add_argument("--box-margin", type=float, default=0.1,
-                        help="curve: also score with boxes grown by this fraction of their side (a user's box)")
-    parser.add_argument("--png", help="curve: write the plot here (and a .md table beside it)")
     args = parser.parse_args(argv)
-    args.epochs = args.epochs or (3 if args.what == "speed" else 12)
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -250,8 +222,10 @@ def main(argv=None):
         seeds_model = build_model(args.model, checkpoint=args.checkpoint, device=args.device,
                                   pretrained=not args.random_weights)
         speed(args, model, seeds_model)
+    elif args.what == "stage":
+        stage(args, model)
     else:
-        curve(args, model)
+        cold(args, model)
     return 0
 
 
