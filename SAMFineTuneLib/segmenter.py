@@ -15,7 +15,7 @@ import torch
 
 from . import imaging, postprocess, tracking
 from .cache import EmbeddingCache
-from .catalogue import BOX_MODES
+from .catalogue import AXES, BOX_MODES
 from .decoding import Box2D, SliceJob
 from .models import SamModel, load_model
 from .progress import CancelFn, Cancelled, ProgressFn, check_cancel, report
@@ -218,9 +218,25 @@ class Segmenter:
 
     # ------------------------------------------------------------ box modes
 
-    def _job(self, source: SliceSource, multimask: bool, progress, cancel, total: int) -> SliceJob:
-        counter = {"done": 0, "total": total, "cache_hits": 0, "encoded": 0}
+    def _job(self, source: SliceSource, multimask: bool, progress, cancel, total: int,
+             counter: Optional[Dict[str, float]] = None) -> SliceJob:
+        counter = counter or {"done": 0, "total": total, "cache_hits": 0, "encoded": 0}
         return SliceJob(self._embed, source, multimask, self.window_margin, self.batch_size, progress, cancel, counter)
+
+    def _segment_along(self, volume: Volume, box, axis: str, window: str, box_mode: str, zoom: bool,
+                       job_args: tuple) -> Tuple[np.ndarray, List[int]]:
+        """One box mode along one axis -> the slices' masks in one volume (not cleaned up), and
+        the slices it decoded and kept."""
+        slices, box2d = imaging.box_to_slices(box, axis)
+        job = self._job(SliceSource(volume, axis, window, self.model, zoom_roi=box2d if zoom else None), *job_args)
+        if box_mode == "tracked":
+            masks = tracking.track(job, list(slices), box2d, self.tracking)
+        else:
+            masks = self._segment_boxes(job, {index: box2d for index in slices}, box2d)
+        out = np.zeros(volume.array.shape, dtype=np.uint8)
+        for index, plane in masks.items():
+            imaging.place_slice(out, axis, index, plane)
+        return out, sorted(masks)
 
     def _segment_boxes(self, job: SliceJob, boxes: Mapping[int, Box2D], clip: Box2D) -> Dict[int, np.ndarray]:
         """Each slice decoded with its own box, masks clipped to ``clip``."""
@@ -258,22 +274,33 @@ class Segmenter:
         keep_largest: bool = True,
         fill_holes: bool = True,
         multimask: Optional[bool] = None,
+        zoom: bool = False,
+        triplanar: bool = False,
         progress: Optional[ProgressFn] = None,
         cancel: Optional[CancelFn] = None,
     ) -> SegmentationResult:
-        """Segment the structure inside a 3D voxel box, slice by slice along ``axis``."""
+        """Segment the structure inside a 3D voxel box, slice by slice along ``axis``.
+
+        ``zoom``: encode a crop around the box on each slice instead of the whole slice (``zoom``),
+        so a small structure on a large slice reaches the encoder larger. ``triplanar``: segment
+        along all three axes and keep the voxels two of them agree on (three times the encoding);
+        ``axis`` then only orders the hole filling."""
         started = time.perf_counter()
         volume, multimask = self._prepare(volume, spacing, axis, multimask)
         box = validate_box(box, volume.array.shape)
         if box_mode not in BOX_MODES:
             raise ValueError(f"unknown box mode '{box_mode}'; choose one of: {', '.join(BOX_MODES)}")
-        slices, box2d = imaging.box_to_slices(box, axis)
-        job = self._job(SliceSource(volume, axis, window, self.model), multimask, progress, cancel, len(slices))
-        if box_mode == "tracked":
-            masks = tracking.track(job, list(slices), box2d, self.tracking)
+        axes = list(AXES) if triplanar else [axis]
+        counts = [len(imaging.box_to_slices(box, along)[0]) for along in axes]
+        counter = {"done": 0, "total": sum(counts), "cache_hits": 0, "encoded": 0}
+        planes = [self._segment_along(volume, box, along, window, box_mode, zoom,
+                                      (multimask, progress, cancel, sum(counts), counter)) for along in axes]
+        if triplanar:
+            out = (sum(votes for votes, _ in planes) >= 2).astype(np.uint8)
+            kept = [int(i) for i in imaging.box_to_slices(box, axis)[0] if imaging.extract_slice(out, axis, i).any()]
         else:
-            masks = self._segment_boxes(job, {index: box2d for index in slices}, box2d)
-        return self._result(volume, axis, box, masks, job, keep_largest, fill_holes, started)
+            out, kept = planes[0]
+        return self._result(volume, axis, box, out, kept, counter, progress, keep_largest, fill_holes, started)
 
     def segment_boxes(
         self,
@@ -303,19 +330,20 @@ class Segmenter:
         job = self._job(SliceSource(volume, axis, window, self.model), multimask, progress, cancel, len(boxes))
         clip = imaging.box_to_slices(box, axis)[1]
         masks = self._segment_boxes(job, {int(i): tuple(int(v) for v in b) for i, b in sorted(boxes.items())}, clip)
-        return self._result(volume, axis, box, masks, job, keep_largest, fill_holes, started)
-
-    @staticmethod
-    def _result(volume: Volume, axis: str, box, masks: Dict[int, np.ndarray], job: SliceJob, keep_largest: bool,
-                fill_holes: bool, started: float) -> SegmentationResult:
-        """The slices' masks in one volume, cleaned up inside the box."""
         out = np.zeros(volume.array.shape, dtype=np.uint8)
         for index, plane in masks.items():
             imaging.place_slice(out, axis, index, plane)
+        return self._result(volume, axis, box, out, sorted(masks), job.counter, progress, keep_largest, fill_holes,
+                            started)
+
+    @staticmethod
+    def _result(volume: Volume, axis: str, box, out: np.ndarray, kept: List[int], counter: Dict[str, float],
+                progress, keep_largest: bool, fill_holes: bool, started: float) -> SegmentationResult:
+        """The mask cleaned up inside the box, with the slices segmented and the job's numbers."""
         region = (slice(box[2], box[5] + 1), slice(box[1], box[4] + 1), slice(box[0], box[3] + 1))
         out[region] = postprocess.clean(out[region], imaging.axis_index(axis), keep_largest, fill_holes)
-        counter = job.counter
-        report(job.progress, int(counter["total"]), int(counter["total"]), "done")
-        stats = {"encoded": counter["encoded"], "cache_hits": counter["cache_hits"], "slices": int(counter["total"]),
-                 "segmented_slices": len(masks), "seconds": time.perf_counter() - started}
-        return SegmentationResult(out, sorted(masks), stats)
+        report(progress, int(counter["total"]), int(counter["total"]), "done")
+        stats = {"encoded": counter["encoded"], "cache_hits": counter["cache_hits"],
+                 "slices": len(imaging.box_to_slices(box, axis)[0]), "segmented_slices": len(kept),
+                 "seconds": time.perf_counter() - started}
+        return SegmentationResult(out, kept, stats)

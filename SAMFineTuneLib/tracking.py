@@ -8,9 +8,10 @@ stops where the structure has ended.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
+import torch
 
 from . import imaging
 from .decoding import Box2D, Decoded, SliceJob
@@ -42,6 +43,12 @@ class TrackingOptions:
     min_overlap: float = 0.3
     max_intensity_shift: float = 0.15
     seed_candidates: int = 5
+    seed_span: Tuple[float, float] = (0.1, 0.9)  # where the candidates lie, as fractions of the ROI's slices
+    seed_shrink: Tuple[float, ...] = ()  # also try the ROI shrunk by these fractions of its size per side
+    seed_refine: int = 0  # re-decode the seed with its own mask's box, this many times
+    mask_prompt: bool = False  # give SAM the previous slice's logits with its box
+    min_score: Optional[float] = None  # the structure has ended where SAM's predicted IoU falls below this
+    patience: int = 0  # slices that may fail the rules before tracking gives up (gaps, re-entry)
 
 
 def next_box(previous: np.ndarray, roi: Box2D, options: TrackingOptions) -> Box2D:
@@ -52,15 +59,25 @@ def next_box(previous: np.ndarray, roi: Box2D, options: TrackingOptions) -> Box2
     return (max(roi[0], x0 - grow_x), max(roi[1], y0 - grow_y), min(roi[2], x1 + grow_x), min(roi[3], y1 + grow_y))
 
 
-def keeps_tracking(mask: np.ndarray, previous: np.ndarray, seed_area: int, plane: np.ndarray,
+def keeps_tracking(decoded: Decoded, previous: np.ndarray, seed_area: int, plane: np.ndarray,
                    previous_plane: np.ndarray, options: TrackingOptions) -> bool:
+    mask = decoded.mask
     area, previous_area = int(mask.sum()), int(previous.sum())
     if area == 0 or area < options.min_area_fraction * seed_area or area > options.max_growth * previous_area:
         return False
     if np.logical_and(mask, previous).sum() < options.min_overlap * area:
         return False
+    if options.min_score is not None and decoded.score < options.min_score:
+        return False
     shift = abs(float(plane[mask].mean()) - float(previous_plane[previous].mean()))
     return shift <= options.max_intensity_shift
+
+
+def shrunk(roi: Box2D, fraction: float) -> Box2D:
+    """The ROI with ``fraction`` of its width and height taken off each side."""
+    x0, y0, x1, y1 = roi
+    dx, dy = int(round(fraction * (x1 - x0 + 1))), int(round(fraction * (y1 - y0 + 1)))
+    return (x0 + dx, y0 + dy, max(x0 + dx, x1 - dx), max(y0 + dy, y1 - dy))
 
 
 def seed(job: SliceJob, slices: List[int], roi: Box2D, options: TrackingOptions) -> Tuple[int, Decoded]:
@@ -72,32 +89,50 @@ def seed(job: SliceJob, slices: List[int], roi: Box2D, options: TrackingOptions)
     fails when the structure is cut by the volume's edge or lies off-centre in the ROI.)
     """
     count = min(len(slices), options.seed_candidates)
-    picks = sorted({slices[int(round(p))] for p in np.linspace(0.1, 0.9, count) * (len(slices) - 1)})
+    picks = sorted({slices[int(round(p))] for p in np.linspace(*options.seed_span, count) * (len(slices) - 1)})
+    boxes = [roi] + [shrunk(roi, f) for f in options.seed_shrink]
     embeddings = job.embed(picks)
     # The seed decides everything after it, so it is decoded over the whole slice even when
     # tracking decodes windows: a windowed seed lost the MR stomach (Dice 0.007 vs 0.484), and
     # even a window 16 tokens around the ROI lost the MR right kidney (0.002 vs 0.634).
-    best, = job.decode([embeddings[i] for i in picks], [roi] * len(picks), roi, windowed=False, best_of=len(picks))
-    return picks[best.place], best
+    pairs = [(index, box) for index in picks for box in boxes]
+    best, = job.decode([embeddings[i] for i, _ in pairs], [b for _, b in pairs], roi, windowed=False,
+                       best_of=len(pairs))
+    index = pairs[best.place][0]
+    for _ in range(options.seed_refine):
+        if not best.mask.any():
+            break
+        refined, = job.decode([embeddings[index]], [next_box(best.mask, roi, options)], roi, windowed=False)
+        if refined.score < best.score:
+            break
+        best = refined
+    return index, best
 
 
 def follow(job: SliceJob, ahead: List[int], start: Decoded, start_index: int, seed_area: int, roi: Box2D,
            options: TrackingOptions, masks: Dict[int, np.ndarray]) -> None:
-    """Track from ``start`` over the slices ``ahead`` (nearest first) until the structure ends."""
+    """Track from ``start`` over the slices ``ahead`` (nearest first) until the structure ends:
+    more than ``options.patience`` slices in a row that fail ``keeps_tracking``."""
     source = job.source
-    previous, previous_plane = start.mask, source.windowed(start_index)
+    previous, previous_plane = start, source.windowed(start_index)
+    misses = 0
     for first in range(0, len(ahead), job.batch_size):
         chunk = ahead[first:first + job.batch_size]
         embeddings = job.embed(chunk)
         for index in chunk:
             check_cancel(job.cancel)
-            decoded, = job.decode([embeddings[index]], [next_box(previous, roi, options)], roi)
+            prompt: Optional[torch.Tensor] = previous.low_res[None] if options.mask_prompt else None
+            decoded, = job.decode([embeddings[index]], [next_box(previous.mask, roi, options)], roi,
+                                  mask_inputs=prompt)
             plane = source.windowed(index)
             job.step(1, f"tracked slice {index}")
-            if not keeps_tracking(decoded.mask, previous, seed_area, plane, previous_plane, options):
-                return
+            if not keeps_tracking(decoded, previous.mask, seed_area, plane, previous_plane, options):
+                misses += 1
+                if misses > options.patience:
+                    return
+                continue
             masks[index] = decoded.mask
-            previous, previous_plane = decoded.mask, plane
+            previous, previous_plane, misses = decoded, plane, 0
 
 
 def track(job: SliceJob, slices: List[int], roi: Box2D, options: TrackingOptions) -> Dict[int, np.ndarray]:

@@ -22,22 +22,25 @@ Region = Tuple[int, int, int, int]  # rows r0:r1, columns c0:c1 of a slice (half
 
 ZOOM_CONTEXT = 2.0  # the crop's side is this many times the ROI's longest side (in mm)
 MIN_MAGNIFICATION = 1.25  # a crop that would enlarge the structure less than this encodes the whole slice
+MAX_UPSAMPLING = 4.0  # a crop is at least input size / this many slice pixels across: no finer than the image
 _SIZE_STEPS = 4  # crop sides come in steps of 2 ** (1 / 4), about 19%
 _POSITION_STEPS = 8  # crop corners move in steps of an eighth of its side
 
 
 def crop_region(shape: Sequence[int], pixel_spacing: Sequence[float], roi: Sequence[int],
-                context: float = ZOOM_CONTEXT) -> Optional[Region]:
+                input_size: int) -> Optional[Region]:
     """The crop of a slice of ``shape`` (rows, columns) to encode around the 2D box ``roi``
     (x0, y0, x1, y1, inclusive), or None where the whole slice serves as well.
 
-    The crop is square in millimetres (SAM's input is square), ``context`` times the ROI's longest
-    side, rounded up to the next size step and placed on a grid, then shifted inside the slice.
+    The crop is square in millimetres (SAM's input is square), ZOOM_CONTEXT times the ROI's longest
+    side (but no smaller than ``input_size`` / MAX_UPSAMPLING slice pixels), rounded up to the next
+    size step and placed on a grid, then shifted inside the slice.
     """
     rows, cols = int(shape[0]), int(shape[1])
     row_mm, col_mm = (float(s) for s in pixel_spacing)
     x0, y0, x1, y1 = (int(v) for v in roi)
-    side_mm = context * max((y1 - y0 + 1) * row_mm, (x1 - x0 + 1) * col_mm)
+    side_mm = max(ZOOM_CONTEXT * max((y1 - y0 + 1) * row_mm, (x1 - x0 + 1) * col_mm),
+                  input_size / MAX_UPSAMPLING * min(row_mm, col_mm))
     side_mm = 2.0 ** (math.ceil(_SIZE_STEPS * math.log2(max(side_mm, 1e-6))) / _SIZE_STEPS)
     if max(rows * row_mm, cols * col_mm) < MIN_MAGNIFICATION * side_mm:
         return None
@@ -58,17 +61,19 @@ class SliceSource:
     """The windowed model inputs of one volume along one axis, whole slices or one crop of each,
     keyed for the embedding cache by what the encoder sees."""
 
-    def __init__(self, volume, axis: str, window: str, model, region: Optional[Region] = None):
+    def __init__(self, volume, axis: str, window: str, model, zoom_roi: Optional[Sequence[int]] = None):
+        """``zoom_roi``: a 2D box (x0, y0, x1, y1) to encode a crop around (``crop_region``)."""
         self.volume = volume
         self.axis = axis
         self.model = model
         self.low, self.high = imaging.window_range(volume.array, window)
         rows, cols = [s for n, s in enumerate(volume.array.shape) if n != imaging.axis_index(axis)]
+        spacing = imaging.slice_pixel_spacing(volume.spacing, axis)
         self.shape = (rows, cols)
+        region = None if zoom_roi is None else crop_region(self.shape, spacing, zoom_roi, model.spec.input_size)
         self.region = region or (0, rows, 0, cols)
         r0, r1, c0, c1 = self.region
-        self.geometry = SliceGeometry((r1 - r0, c1 - c0), imaging.slice_pixel_spacing(volume.spacing, axis),
-                                      model.spec.input_size, (r0, c0))
+        self.geometry = SliceGeometry((r1 - r0, c1 - c0), spacing, model.spec.input_size, (r0, c0))
 
     def plane(self, index: int) -> np.ndarray:
         return imaging.extract_slice(self.volume.array, self.axis, index)

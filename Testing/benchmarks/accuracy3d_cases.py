@@ -49,6 +49,7 @@ class Structure:
     name: str
     values: tuple  # label values merged into it
     klass: str
+    window: str = "auto"  # what a user would pick: the lung window for a lung on CT
 
 
 @dataclass
@@ -113,7 +114,10 @@ def dataset_cases(dataset: str, merge: Sequence[str], parts: bool, min_voxels: i
         label = read_volume(os.path.join(dataset, "masks", name))
         label = label.with_array(np.rint(label.array).astype(np.int32))
         structures = _structures(label.array, _label_names(dataset, case_id), merge, parts, min_voxels)
-        set_name = f"{folder} {'CT' if looks_like_ct(image.array) else 'MR'}"
+        ct = looks_like_ct(image.array)
+        set_name = f"{folder} {'CT' if ct else 'MR'}"
+        for structure in structures:
+            structure.window = "lung" if ct and "lung" in structure.name else "auto"
         yield Case(set_name, case_id, image, label, _spread(structures, max_structures))
 
 

@@ -4,9 +4,10 @@ For each structure of each 3D case, along each axis asked for: the "oracle" (the
 box on every slice where the structure is present, as published SAM fine-tuning recipes prompt
 it), and what a user gets from one ROI, the reference's 3D box grown by each margin (voxels
 in-plane, plus one slice along the axis for a margin > 0), with tracked boxes and with the fixed
-rectangle. 3D Dice; the engine's default post-processing everywhere (the oracle too), so the
-gap measures the prompts alone. Means per set, per structure class and overall, a
-post-processing table (tracked, middle margin), and a PNG of the worst cases.
+rectangle. 3D Dice. The auto window, and the lung window for a lung on CT (what a user picks);
+the engine's default post-processing everywhere, the oracle's too, so the gap measures the
+prompts alone. Means per set, per structure class and overall, a post-processing table
+(tracked, middle margin), and a PNG of the worst cases.
 
   python Testing/benchmarks/bench_accuracy3d.py \
       --dataset ../shared/data/totalseg_examples_silver --dataset ../shared/data/msd_hippocampus_mri_dev \
@@ -98,15 +99,16 @@ def score_structure(segmenter, case, structure, axis: str, args, options: Dict[s
     if len(boxes) < args.min_slices:
         return None
     run = Run(case.set_name, case.case_id, structure.name, structure.klass, axis, len(boxes))
+    window = structure.window if args.window == "auto" else args.window
     clean = dict(keep_largest=options.get("keep_largest", True), fill_holes=options.get("fill_holes", True))
     engine = {k: v for k, v in options.items() if k not in clean}
-    oracle = segmenter.segment_boxes(case.image, boxes, axis=axis, window=args.window, **clean).mask
+    oracle = segmenter.segment_boxes(case.image, boxes, axis=axis, window=window, **clean).mask
     run.scores["oracle"] = dice_score(oracle, reference)
     middle = args.margins[len(args.margins) // 2]
     for mode in args.modes:
         for margin in args.margins:
             box = roi_box(reference, margin, axis)
-            raw = segmenter.segment(case.image, box, axis=axis, window=args.window, box_mode=mode, keep_largest=False,
+            raw = segmenter.segment(case.image, box, axis=axis, window=window, box_mode=mode, keep_largest=False,
                                     fill_holes=False, **engine).mask
             region = (slice(box[2], box[5] + 1), slice(box[1], box[4] + 1), slice(box[0], box[3] + 1))
             variants = {}
@@ -118,8 +120,8 @@ def score_structure(segmenter, case, structure, axis: str, args, options: Dict[s
             run.scores[f"{mode} +{margin}"] = dice_score(chosen, reference)
             if mode == "tracked" and margin == middle:
                 run.post = {name: dice_score(mask, reference) for name, mask in variants.items()}
-                window = imaging.window_range(case.image.array, args.window)
-                run.worst = worst_slice(case, reference, chosen, oracle, axis, window)
+                run.worst = worst_slice(case, reference, chosen, oracle, axis,
+                                        imaging.window_range(case.image.array, window))
     return run
 
 
@@ -245,7 +247,8 @@ def parse_args(argv=None):
     parser.add_argument("--max-structures", type=int, help="structures per case, spread over their sizes")
     parser.add_argument("--min-voxels", type=int, default=50)
     parser.add_argument("--min-slices", type=int, default=3, help="slices the structure must span along the axis")
-    parser.add_argument("--window", default=SEGMENT_DEFAULTS["window"])
+    parser.add_argument("--window", default=SEGMENT_DEFAULTS["window"],
+                        help="auto: the engine's auto window, and the lung window for lungs on CT")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="a Segmenter.segment option for the tracked and fixed runs (zoom=true, multimask=true)")
     parser.add_argument("--tracking", action="append", default=[], metavar="KEY=VALUE",
