@@ -122,13 +122,11 @@ def fold_batch_norms(root: nn.Module) -> int:
     return count
 
 
-def prepare_for_cuda(model, channels_last: bool = True) -> None:
-    """Fused attention and channels-last memory (cuDNN's fast layout for bf16 convolutions)
-    for a ``models.SamModel``'s image encoder."""
-    fuse_attention(model.image_encoder)
-    if channels_last:
-        model.image_encoder.to(memory_format=torch.channels_last)
-        model.channels_last = True
+def prepare_for_cuda(encoder: nn.Module) -> None:
+    """Fused attention and channels-last memory (cuDNN's fast layout for bf16 convolutions) for an
+    image encoder on CUDA (``SamModel.accelerate``)."""
+    fuse_attention(encoder)
+    encoder.to(memory_format=torch.channels_last)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -137,17 +135,14 @@ def cpu_has_native_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
-def prepare_for_cpu(model) -> None:
-    """bf16 weights and channels-last memory for a CPU model's image encoder (precision "bf16").
-
-    The decoder stays float32: it is small, and it trains in float32.
+def prepare_for_cpu(encoder: nn.Module) -> None:
+    """bf16 weights and channels-last memory for an image encoder on a CPU (precision "bf16",
+    ``SamModel.configure_encoder``). The decoder stays float32: it is small, and it trains in float32.
     """
     if not cpu_has_native_bf16():
         warnings.warn("this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 encoding will be emulated and "
-                      "slower than float32", stacklevel=3)
-    model.image_encoder.to(dtype=torch.bfloat16, memory_format=torch.channels_last)
-    model.encoder_dtype = torch.bfloat16
-    model.channels_last = True
+                      "slower than float32", stacklevel=4)
+    encoder.to(dtype=torch.bfloat16, memory_format=torch.channels_last)
 
 
 def cpp_compiler() -> str:

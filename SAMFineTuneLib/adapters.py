@@ -39,15 +39,20 @@ def lora_config(rank: int = 8, alpha: float = 16.0, dropout: float = 0.0, target
                       bias="none")
 
 
+def check_targets(decoder: nn.Module, targets: Sequence[str]) -> None:
+    """A ValueError unless every LoRA target names Linear layers of ``decoder``."""
+    names = {n.rsplit(".", 1)[-1] for n, m in decoder.named_modules() if isinstance(m, nn.Linear)}
+    missing = sorted(set(targets) - names)
+    if missing:
+        raise ValueError(f"LoRA targets {missing} are not Linear layers of the mask decoder "
+                         f"(available: {', '.join(sorted(names))})")
+
+
 def wrap_decoder(decoder: nn.Module, config) -> nn.Module:
     """A LoRA-wrapped deep copy of ``decoder`` (a peft model); only the LoRA tensors train."""
     from peft import get_peft_model
 
-    names = {n.rsplit(".", 1)[-1] for n, m in decoder.named_modules() if isinstance(m, nn.Linear)}
-    missing = sorted(set(config.target_modules) - names)
-    if missing:
-        raise ValueError(f"LoRA targets {missing} are not Linear layers of the mask decoder "
-                         f"(available: {', '.join(sorted(names))})")
+    check_targets(decoder, config.target_modules)
     return get_peft_model(copy.deepcopy(decoder), config)
 
 
@@ -89,7 +94,7 @@ def save_adapter(output_dir: str, peft_decoder: nn.Module, card: Dict[str, Any],
     """Write the adapter tensors, peft config and model card (card last) into ``output_dir``."""
     from safetensors.torch import save_file
 
-    from .dataset import atomic_write, write_json_atomic
+    from .files import atomic_write, write_json_atomic
 
     os.makedirs(output_dir, exist_ok=True)
     tensors = lora_state(peft_decoder)

@@ -13,16 +13,14 @@ from typing import List, Optional
 COMMANDS = {
     "segment": ("segment_cli", "add_segment_arguments", "segment_main",
                 "segment a structure inside a 3D box, slice by slice, and write the mask"),
-    "bench": ("segment_cli", "add_bench_arguments", "bench_main",
-              "time cold vs warm segmentation and compare box modes on labelled volumes"),
-    "export": ("dataset", "add_arguments", "main", "export volumes + labels as a training set"),
-    "train": ("finetune", "add_arguments", "main", "fine-tune a LoRA adapter on the mask decoder"),
+    "export": ("dataset.cli", "add_arguments", "main", "export volumes + labels as a training set"),
+    "train": ("training.cli", "add_arguments", "main", "fine-tune a LoRA adapter on the mask decoder"),
     "evaluate": ("evaluate", "add_arguments", "main", "score base and adapted models on a dataset"),
     "demo": ("demo", "add_arguments", "main",
              "segment a synthetic CT with LiteMedSAM, then fine-tune an adapter and compare (no data needed)"),
-    "worker": ("worker", "add_worker_arguments", "worker_main",
+    "worker": ("worker.process", "add_worker_arguments", "worker_main",
                "run the background worker on stdin/stdout (started by the client)"),
-    "serve": ("worker", "add_serve_arguments", "serve_main",
+    "serve": ("worker.server", "add_serve_arguments", "serve_main",
               "run the worker on a loopback TCP port (for a GPU box behind an SSH tunnel)"),
 }
 
@@ -57,9 +55,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     run = getattr(_command_module(args.command), COMMANDS[args.command][2])
     try:
         return int(run(args) or 0)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError) as error:  # bad input: the message says what to change
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a write that did not land, a folder another process holds, no permission
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

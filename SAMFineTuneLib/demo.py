@@ -13,12 +13,13 @@ import time
 
 import numpy as np
 
+from .cli_args import add_device_argument
 from .metrics import dice_score as dice
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="demo_output", help="folder for the volume, mask, dataset, adapter, PNGs")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_device_argument(parser)
     parser.add_argument("--train-cases", type=int, default=8, help="phantom cases for fine-tuning (2 held out)")
     parser.add_argument("--epochs", type=int, default=12)
 
@@ -75,7 +76,7 @@ def segment_part(args, output: str) -> None:
 def finetune_part(args, output: str) -> None:
     from .dataset import export_dataset
     from .evaluate import evaluate, format_table
-    from .finetune import TrainConfig, train
+    from .training import TrainConfig, train
     from .phantom_lowcontrast import make_cases
     from .progress import StderrBar
 

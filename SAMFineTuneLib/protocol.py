@@ -1,8 +1,9 @@
 """The worker's message protocol: JSON lines for messages, arrays beside them.
 
 Written down for people in ``PROTOCOL.md`` (same folder); this module is the one place that
-knows the wire format, shared by the worker (``worker.py``) and the client (``client.py``).
-It imports only the standard library and numpy, so Slicer can import it without torch.
+knows the wire format, shared by the worker (``worker/``) and the client (``client/``);
+``message_decoder`` reads it incrementally (``read_message`` is its blocking form). It imports
+only the standard library and numpy, so Slicer can import it without torch.
 
 A message is one UTF-8 JSON object on one line. Arrays never travel inside the JSON: a
 message names them in ``"arrays"`` with a reference that is either
@@ -20,16 +21,24 @@ import json
 import math
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Any, BinaryIO, Dict, Optional, Tuple
 
 import numpy as np
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 # Longest message line accepted (arrays are never inline, so a message is small).
 MAX_LINE_BYTES = 16 << 20
+# Longest line a TCP server reads before the client has authenticated ('hello' is tiny).
+HELLO_MAX_BYTES = 64 << 10
+# Most bytes of attachments one message may announce (a 1024^3 float32 volume is 4 GiB).
+MAX_ATTACHMENT_BYTES = 4 << 30
+# Attachment bytes are read in chunks of this size.
+CHUNK_BYTES = 1 << 20
+
+# Environment variable with the token of a TCP server (read by ``serve`` and by ``WorkerClient``).
+TOKEN_ENV = "SAMFINETUNE_TOKEN"
 
 # Requests the worker answers at once on its reading thread, even while a job runs.
 IMMEDIATE_COMMANDS = ("hello", "ping", "info", "cancel", "shutdown")
@@ -45,7 +54,14 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
 
 
 class ProtocolError(ValueError):
-    """A message that does not follow the protocol (bad JSON, wrong version, missing array...)."""
+    """A message that does not follow the protocol (bad JSON, wrong version, missing array...).
+
+    ``fatal``: the stream can no longer be followed (an attachment refused or cut off), so the
+    connection must close; otherwise the reader goes on with the next message."""
+
+    def __init__(self, message: str, fatal: bool = False):
+        super().__init__(message)
+        self.fatal = fatal
 
 
 def _json_default(value: Any) -> Any:
@@ -98,8 +114,8 @@ def decode(line: "bytes | str") -> Dict[str, Any]:
         raise ProtocolError("empty message line")
     try:
         message = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ProtocolError(f"malformed message (not JSON: {exc.msg} at column {exc.colno}): {line[:120]!r}") from None
+    except json.JSONDecodeError as exc:  # the line itself is never quoted: it may hold a token
+        raise ProtocolError(f"malformed message (not JSON: {exc.msg} at column {exc.colno})") from None
     if not isinstance(message, dict):
         raise ProtocolError(f"malformed message: expected a JSON object, got {type(message).__name__}")
     return message
@@ -221,44 +237,37 @@ def write_message(
     stream.flush()
 
 
-def read_message(stream: BinaryIO) -> Optional[Dict[str, Any]]:
-    """Read one message (None at end of stream). Stream attachments are read off at once and kept
-    in their reference under ``"data"``; file references are left for ``load_arrays``.
+def read_message(stream: BinaryIO, max_line: int = MAX_LINE_BYTES,
+                 max_attachment_bytes: int = MAX_ATTACHMENT_BYTES, attachments: bool = True,
+                 skip_long_lines: bool = True) -> Optional[Dict[str, Any]]:
+    """Read one message from a blocking stream (None at end of stream). Stream attachments are read
+    off at once and kept in their reference under ``"data"``; file references are left for
+    ``load_arrays``. Never reads past the message, so calls can follow each other.
 
-    Raises ProtocolError for a bad line; the stream stays in step, so the reader can go on."""
-    line = stream.readline(MAX_LINE_BYTES + 1)
-    if not line:
-        return None
-    if len(line) > MAX_LINE_BYTES:
-        raise ProtocolError(f"message line longer than {MAX_LINE_BYTES} bytes (arrays belong in 'arrays')")
-    message = decode(line)
-    refs = message.get("arrays")
-    if isinstance(refs, dict):
-        for name, ref in refs.items():
-            if isinstance(ref, dict) and "nbytes" in ref:
-                ref["data"] = _read_attachment(stream, name, ref)
-    return message
+    Raises ProtocolError for a bad message. A non-fatal one leaves the stream in step (an over-long
+    line is read to its end first, unless ``skip_long_lines`` is False), so the reader can go on."""
+    from .message_decoder import MessageDecoder
 
-
-def _read_attachment(stream: BinaryIO, name: str, ref: Dict[str, Any]) -> np.ndarray:
-    nbytes = ref.get("nbytes")
-    if not isinstance(nbytes, int) or nbytes < 0:
-        raise ProtocolError(f"array {name!r}: 'nbytes' must be a non-negative integer")
-    data = bytearray(nbytes)
-    view, got = memoryview(data), 0
-    while got < nbytes:
-        count = stream.readinto(view[got:])
-        if not count:
-            raise ProtocolError(f"stream ended inside array {name!r} ({got} of {nbytes} bytes)")
-        got += count
-    dtype, shape = _dtype_shape(name, ref)
-    array = np.frombuffer(data, dtype=dtype)
-    if array.size != int(np.prod(shape)):
-        raise ProtocolError(f"array {name!r}: {nbytes} bytes do not make shape {shape} of {dtype}")
-    return array.reshape(shape)
+    decoder = MessageDecoder(max_line, max_attachment_bytes, attachments)
+    error: Optional[ProtocolError] = None
+    while True:
+        wanted = decoder.wants
+        if wanted:
+            chunk = stream.read(min(wanted, CHUNK_BYTES))
+        else:
+            chunk = stream.readline(CHUNK_BYTES if decoder.skipping else decoder.line_room)
+        items = decoder.feed(chunk) if chunk else decoder.finish()
+        for item in items:
+            if not isinstance(item, ProtocolError):
+                return item
+            error = error or item
+        if error is not None and (not decoder.skipping or not skip_long_lines or not chunk):
+            raise error
+        if not chunk:
+            return None
 
 
-def _dtype_shape(name: str, ref: Dict[str, Any]) -> Tuple[np.dtype, Tuple[int, ...]]:
+def array_dtype_shape(name: str, ref: Dict[str, Any]) -> Tuple[np.dtype, Tuple[int, ...]]:
     try:
         dtype = np.dtype(ref["dtype"])
         shape = tuple(int(n) for n in ref["shape"])
@@ -297,28 +306,7 @@ def _load_file(name: str, ref: Dict[str, Any]) -> np.ndarray:
         array = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise ProtocolError(f"array {name!r}: cannot read {path}: {exc}") from None
-    dtype, shape = _dtype_shape(name, ref)
+    dtype, shape = array_dtype_shape(name, ref)
     if array.dtype != dtype or array.shape != shape:
         raise ProtocolError(f"array {name!r}: file holds {array.dtype}{array.shape}, message says {dtype}{shape}")
     return array
-
-
-# --- where things go -----------------------------------------------------------------------
-
-
-def user_cache_dir() -> str:
-    """SAMFineTune's folder in the user's cache (never the install folder)."""
-    if os.environ.get("SAMFINETUNE_CACHE"):
-        return os.environ["SAMFINETUNE_CACHE"]
-    if sys.platform.startswith("win"):
-        base = os.environ.get("LOCALAPPDATA") or os.path.expanduser("~\\AppData\\Local")
-    elif sys.platform == "darwin":
-        base = os.path.expanduser("~/Library/Caches")
-    else:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return os.path.join(base, "SAMFineTune")
-
-
-def default_log_path() -> str:
-    """Where the worker writes its log (library output, warnings, tracebacks) unless told otherwise."""
-    return os.path.join(user_cache_dir(), "logs", "worker.log")

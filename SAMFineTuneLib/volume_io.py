@@ -1,16 +1,22 @@
 """Volumes with their geometry, read and written with SimpleITK.
 
 A ``Volume`` keeps the array in KJI order beside the ITK (LPS) geometry, so a mask written
-from it overlays the source volume in Slicer voxel for voxel.
+from it overlays the source volume in Slicer voxel for voxel. Reading refuses files cut short
+and NaN / infinite voxels (``input_checks``); writing reads the file back before it replaces
+the target (``files.atomic_write``).
 """
 from __future__ import annotations
 
+import errno
 import os
-import tempfile
+import re
 from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
+
+from .files import atomic_write
+from .input_checks import check_finite, check_image_file, verify_image_file
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
@@ -35,21 +41,64 @@ def as_volume(volume, spacing: Optional[Sequence[float]] = None) -> Volume:
     return Volume(np.asarray(volume), tuple(float(s) for s in (spacing or (1.0, 1.0, 1.0))))
 
 
-def read_volume(path: str) -> Volume:
+def _read_image(path: str, what: str):
+    """The SimpleITK image in ``path`` once its file is known complete; clear errors otherwise."""
     import SimpleITK as sitk
 
+    path = str(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"volume file not found: {path}")
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    check_image_file(path)
     try:
-        image = sitk.ReadImage(str(path))
+        return sitk.ReadImage(path)
     except RuntimeError as error:
-        raise ValueError(f"could not read {path} as an image: {str(error).strip().splitlines()[-1]}") from None
+        raise ValueError(f"could not read {path} as an image ({_itk_reason(error)}); the file may be incomplete "
+                         "or in a format SimpleITK does not read") from None
+
+
+def _itk_reason(error: RuntimeError) -> str:
+    """The line of an ITK exception that says what went wrong, without ITK's source location and
+    object address (and without a stale 'No such file' reason for a file that exists)."""
+    lines = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+    lines = [line for line in lines if not line.startswith("Reason: No such file")] or ["unknown reason"]
+    return re.sub(r"^(ITK ERROR: \w+\(0x[0-9a-f]+\): |Reason: )", "", lines[-1])
+
+
+def read_volume(path: str) -> Volume:
+    return _as_3d_volume(_read_image(path, "volume"), path)
+
+
+def _as_3d_volume(image, path: str) -> Volume:
+    import SimpleITK as sitk
+
     if image.GetDimension() != 3:
         raise ValueError(f"{path} is a {image.GetDimension()}D image; SAMFineTune segments 3D volumes")
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise ValueError(f"{path} has {image.GetNumberOfComponentsPerPixel()} components per voxel (RGB/vector); "
                          "a scalar volume is needed")
-    return Volume(sitk.GetArrayFromImage(image), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+    array = sitk.GetArrayFromImage(image)
+    check_finite(array, str(path))
+    return Volume(array, image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+
+
+def read_image_any(path: str):
+    """A 3D volume, or a 2D image (PNG, 2D NIfTI) as a one-slice volume, as a ``volume_io.Volume``."""
+    import SimpleITK as sitk
+
+    image = _read_image(path, "image")
+    if image.GetDimension() == 3:
+        return _as_3d_volume(image, path)
+    if image.GetDimension() != 2:
+        raise ValueError(f"{path} is a {image.GetDimension()}D image; 2D or 3D expected")
+    if image.GetNumberOfComponentsPerPixel() != 1:  # RGB(A) picture of a greyscale scan: take luminance
+        channels = sitk.GetArrayFromImage(image).astype(np.float32)[..., :3]
+        array = (channels @ np.array([0.299, 0.587, 0.114], dtype=np.float32))[None]
+    else:
+        array = sitk.GetArrayFromImage(image)[None]
+        check_finite(array, str(path))
+    (sx, sy), (ox, oy) = image.GetSpacing(), image.GetOrigin()
+    d = image.GetDirection()
+    return Volume(array, (sx, sy, 1.0), (ox, oy, 0.0), (d[0], d[1], 0.0, d[2], d[3], 0.0, 0.0, 0.0, 1.0))
 
 
 def to_sitk(volume: Volume):
@@ -62,29 +111,28 @@ def to_sitk(volume: Volume):
     return image
 
 
-def atomic_target(path: str):
-    """A temp file beside ``path`` that keeps the final extension (writers pick format by suffix)."""
-    folder = os.path.dirname(os.path.abspath(path)) or "."
-    name = os.path.basename(path)
-    suffix = ".nii.gz" if name.endswith(".nii.gz") else os.path.splitext(name)[1]
-    handle, temp = tempfile.mkstemp(prefix="." + name + ".", suffix=".part" + suffix, dir=folder)
-    os.close(handle)
-    return temp
-
-
 def write_volume(volume: Volume, path: str) -> str:
-    """Write atomically: readers see the old file or the new one, never half of one."""
-    import SimpleITK as sitk
-
+    """Write atomically and checked (``write_image``)."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"output folder does not exist: {folder}")
-    temp = atomic_target(path)
-    try:
-        sitk.WriteImage(to_sitk(volume), temp, True)
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.unlink(temp)
-        raise
+    write_image(to_sitk(volume), path, compress=True)
     return path
+
+
+def write_image(image, path: str, compress: bool = True) -> None:
+    """Write a SimpleITK image atomically and checked: the file is read back (voxel count, and
+    for NIfTI the payload length) before it replaces ``path``, so a full disk or a file-size
+    limit is a ``files.WriteError``, never a short file. Every image the engine writes (masks,
+    dataset images and labels, slice PNGs) goes through here."""
+    import SimpleITK as sitk
+
+    shape = tuple(reversed(image.GetSize()))
+
+    def write(temp: str) -> None:
+        try:
+            sitk.WriteImage(image, temp, compress)
+        except RuntimeError as error:  # ITK's own report of a failed write
+            raise OSError(errno.EIO, _itk_reason(error)) from None
+
+    atomic_write(path, write, verify=lambda temp: verify_image_file(temp, shape))

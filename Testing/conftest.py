@@ -1,9 +1,17 @@
-"""Shared test set-up: two CPU threads (CI has two cores), the repo on sys.path, and models
-built once per session."""
+"""Shared test set-up: two CPU threads (CI has two cores), the repo on sys.path, a cache folder of
+the session's own, and models built once per session."""
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# What the engine keeps in the user's cache (converted encoders, worker logs) goes to a folder of
+# this session, inherited by the workers it starts, and removed at its end; one conversion then
+# serves every test that does not name a cache folder of its own.
+os.environ["SAMFINETUNE_CACHE"] = tempfile.mkdtemp(prefix="samfinetune-tests-")
+atexit.register(shutil.rmtree, os.environ["SAMFINETUNE_CACHE"], True)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)

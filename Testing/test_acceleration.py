@@ -70,11 +70,11 @@ def test_a_training_batch_norm_is_not_folded():
 
 
 def test_litemedsam_loads_with_its_batch_norms_folded_and_the_same_embeddings():
-    """The speed-up is on by default; the per-slice baseline (accelerate=False) keeps TinyViT as built."""
-    from SAMFineTuneLib.models import load_model
+    """The speed-up is on by default; the per-slice baseline (build_model) keeps TinyViT as built."""
+    from SAMFineTuneLib.models import build_model, load_model
 
-    baseline = load_model("litemedsam", device="cpu", accelerate=False)
-    model = load_model("litemedsam", device="cpu")
+    baseline = build_model("litemedsam", device="cpu")
+    model = load_model("litemedsam", device="cpu", backend="torch")
     norms = [m for m in model.image_encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert not norms and any(isinstance(m, torch.nn.BatchNorm2d) for m in baseline.image_encoder.modules())
     torch.manual_seed(0)
@@ -130,22 +130,23 @@ def test_batches_are_padded_with_blank_images_up_to_the_compiled_size():
 
 def test_compiling_without_a_cpp_compiler_on_a_cpu_is_a_clear_error(monkeypatch):
     from SAMFineTuneLib import acceleration
-    from SAMFineTuneLib.models import load_model
+    from SAMFineTuneLib.models import build_model
     from SAMFineTuneLib.segmenter import Segmenter
 
-    model = load_model("litemedsam", device="cpu", pretrained=False, accelerate=False)
+    model = build_model("litemedsam", device="cpu", pretrained=False)
     monkeypatch.setattr(acceleration, "cpp_compiler", lambda: "")
     with pytest.raises(ValueError, match="needs a C.. compiler"):
         Segmenter(model, compile=True)
     assert model.compiled_batch is None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not cpp_compiler(), reason="torch.compile on a CPU needs a C++ compiler")
 def test_a_compiled_cpu_encoder_gives_the_eager_output():
     """Inductor's weight freezing (pre-packed weights, fused element-wise work) must not change the result."""
-    from SAMFineTuneLib.models import load_model
+    from SAMFineTuneLib.models import build_model
 
-    model = load_model("litemedsam", device="cpu", pretrained=False, accelerate=False)
+    model = build_model("litemedsam", device="cpu", pretrained=False)
     model.image_encoder = small_vit()
     images = torch.randn(3, 3, 64, 64)
     with torch.inference_mode():
@@ -156,12 +157,13 @@ def test_a_compiled_cpu_encoder_gives_the_eager_output():
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_bf16_cpu_encoder_keeps_litemedsams_embeddings():
     """Asked for, on any CPU: where bf16 is not native it is only slower (and says so)."""
     from SAMFineTuneLib.models import load_model
 
-    reference = load_model("litemedsam", device="cpu")
-    model = load_model("litemedsam", device="cpu", precision="bf16")
+    reference = load_model("litemedsam", device="cpu", backend="torch")
+    model = load_model("litemedsam", device="cpu", precision="bf16", backend="torch")
     torch.manual_seed(0)
     images = torch.rand(1, 3, 256, 256) * 4 - 2  # the normalised range of a windowed slice
     with torch.inference_mode():
@@ -178,7 +180,7 @@ def test_bf16_cpu_encoder_keeps_litemedsams_embeddings():
 def test_a_cpu_model_is_float32_unless_asked_and_a_bad_precision_is_named():
     from SAMFineTuneLib.models import load_model
 
-    model = load_model("litemedsam", device="cpu", pretrained=False)
+    model = load_model("litemedsam", device="cpu", pretrained=False, backend="torch")
     assert model.precision == "float32" and not model.channels_last
     assert all(p.dtype == torch.float32 for p in model.parameters())
     with pytest.raises(ValueError, match="unknown precision 'fp8'; choose one of: auto, float32, bf16"):
@@ -189,7 +191,7 @@ def test_precision_for_an_already_loaded_model_is_refused_and_the_model_left_as_
     from SAMFineTuneLib.models import load_model
     from SAMFineTuneLib.segmenter import Segmenter
 
-    model = load_model("litemedsam", device="cpu", pretrained=False)
+    model = load_model("litemedsam", device="cpu", pretrained=False, backend="torch")
     with pytest.raises(ValueError, match="precision 'bf16' applies to a model given by name"):
         Segmenter(model, precision="bf16")
     with pytest.raises(ValueError, match="window_margin must be"):

@@ -30,6 +30,7 @@ def small_ct(tmp_path_factory):
     return path, label
 
 
+@pytest.mark.slow
 def test_segment_writes_a_mask_with_the_volume_geometry(small_ct, tmp_path):
     path, label = small_ct
     box = bounding_box(label.array, (3, 3, 0))
@@ -68,7 +69,7 @@ def test_help_explains_every_option():
 
 
 def test_decode_window_takes_auto_full_or_a_token_count(small_ct, tmp_path):
-    from SAMFineTuneLib.segment_cli import window_margin_arg
+    from SAMFineTuneLib.cli_args import window_margin_arg
 
     assert window_margin_arg("auto") == "auto" and window_margin_arg("full") is None and window_margin_arg("3") == 3
     path, _ = small_ct

@@ -17,7 +17,7 @@ import torch
 from SAMFineTuneLib import adapters
 from SAMFineTuneLib.dataset import export_dataset, read_dataset
 from SAMFineTuneLib.evaluate import evaluate
-from SAMFineTuneLib.finetune import RESUME_FILE, TrainConfig, config_from_args, train
+from SAMFineTuneLib.training import RESUME_FILE, TrainConfig, config_from_args, train
 from SAMFineTuneLib.phantom_lowcontrast import make_cases
 from SAMFineTuneLib.progress import Cancelled
 from SAMFineTuneLib.segmenter import DEFAULT_WINDOW_MARGIN
@@ -68,6 +68,7 @@ def trained(litemedsam, phantom_dataset, tmp_path_factory):
             "model": model, "dataset": phantom_dataset}
 
 
+@pytest.mark.slow
 def test_short_finetune_raises_validation_dice_on_low_contrast_phantom(trained):
     scores = trained["card"]["scores"]
     base, adapted = scores["base"]["dice"], scores["adapted"]["dice"]
@@ -78,6 +79,7 @@ def test_short_finetune_raises_validation_dice_on_low_contrast_phantom(trained):
     assert scores["cases"] == [f"phantom{100 + n:03d}" for n in range(N_VAL)]
 
 
+@pytest.mark.slow
 def test_loss_falls_and_history_is_recorded(trained):
     card = trained["card"]
     # trained and validated windowed: "auto" resolved to the Segmenter's CPU default, in the card
@@ -93,6 +95,7 @@ def test_loss_falls_and_history_is_recorded(trained):
     assert all(0 <= done <= total for done, total, _ in trained["events"])
 
 
+@pytest.mark.slow
 def test_each_slice_is_encoded_once_and_cached_on_disk(trained, litemedsam, tmp_path):
     # 8 epochs, yet one encoder call per slice: epochs 2..8 use the cached embeddings
     assert trained["calls"] == N_TRAIN + N_VAL
@@ -104,6 +107,7 @@ def test_each_slice_is_encoded_once_and_cached_on_disk(trained, litemedsam, tmp_
     assert card["stats"]["encoder_calls"] == 0 and card["stats"]["cache_hits"] == N_TRAIN + N_VAL
 
 
+@pytest.mark.slow
 def test_only_lora_tensors_change(trained):
     model, before = trained["model"], trained["before"]
     after = model.state_dict()
@@ -121,6 +125,7 @@ def test_only_lora_tensors_change(trained):
     assert sum(t.numel() for t in tensors.values()) == card["lora"]["trainable_parameters"] == 167936
 
 
+@pytest.mark.slow
 def test_saved_adapter_reloads_with_identical_outputs(trained, tmp_path):
     model, output, card = trained["model"], trained["output"], trained["card"]
     assert card == json.load(open(os.path.join(output, adapters.CARD_FILE)))
@@ -160,6 +165,7 @@ def test_saved_adapter_reloads_with_identical_outputs(trained, tmp_path):
     assert not torch.allclose(a, base, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_adapter_refuses_another_base_model_or_foreign_tensors(trained, tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -181,6 +187,7 @@ def test_adapter_refuses_another_base_model_or_foreign_tensors(trained, tmp_path
         adapters.merged_decoder(trained["model"], str(tmp_path))
 
 
+@pytest.mark.slow
 def test_resume_after_cancel_matches_an_uninterrupted_run(litemedsam, phantom_dataset, tmp_path):
     subset = dict(train_cases=[f"phantom{n:03d}" for n in range(4)], val_cases=["phantom100", "phantom101"],
                   epochs=3, final_scores=False, **dict(FAST, batch_size=2, lora_dropout=0.1))
@@ -242,14 +249,14 @@ def test_options_prompt_encoder_points_focal_and_iou_loss(litemedsam, phantom_da
 def test_training_step_decodes_each_sample_in_the_window_of_its_own_box(litemedsam):
     """A mixed batch decodes as each slice alone through SamModel.decode (as the Segmenter
     decodes one slice), not with every window grown to the batch's largest box."""
-    from SAMFineTuneLib.finetune import _decoder_step_module
     from SAMFineTuneLib.models import OUTSIDE_WINDOW_LOGIT
+    from SAMFineTuneLib.training import DecoderStep
 
     torch.manual_seed(0)
     embeddings = torch.randn(4, 256, 64, 64)
     boxes = torch.tensor([[60.0, 70.0, 180.0, 200.0], [20.0, 30.0, 60.0, 64.0], [100.0, 100.0, 140.0, 134.0],
                           [0.0, 200.0, 60.0, 255.0]])  # the 2nd and 3rd windows share a size: one sub-batch
-    step = _decoder_step_module(litemedsam, litemedsam.mask_decoder, None)
+    step = DecoderStep(litemedsam, litemedsam.mask_decoder, None)
     with torch.no_grad():
         masks, iou = step(embeddings, boxes, window_margin=DEFAULT_WINDOW_MARGIN)
         for n in range(4):
@@ -266,7 +273,7 @@ def test_jittered_training_windows_hold_every_target_pixel(litemedsam, phantom_d
     background, so the target must lie inside: box jitter moves an edge inwards by at most
     box_jitter/4 of the side, far less than the 4-token (16 px) margin."""
     from SAMFineTuneLib.dataset import load_samples
-    from SAMFineTuneLib.finetune import _jitter_boxes, _limits, prepare
+    from SAMFineTuneLib.training import box_limits, jitter_boxes, prepare
     from SAMFineTuneLib.models import LOW_RES_PER_TOKEN, token_windows
 
     info = read_dataset(phantom_dataset)
@@ -275,19 +282,20 @@ def test_jittered_training_windows_hold_every_target_pixel(litemedsam, phantom_d
     k = LOW_RES_PER_TOKEN
     for jitter in (0.1, 0.4):
         for _ in range(20):
-            boxes = _jitter_boxes(prepared.boxes, _limits(prepared), jitter, generator)
+            boxes = jitter_boxes(prepared.boxes, box_limits(prepared), jitter, generator)
             for n, (r0, r1, c0, c1) in enumerate(token_windows(boxes, 256, DEFAULT_WINDOW_MARGIN)):
                 inside = torch.zeros(256, 256, dtype=torch.bool)
                 inside[r0 * k:r1 * k, c0 * k:c1 * k] = True
                 assert prepared.targets[n].any() and not (prepared.targets[n] & ~inside).any()
 
 
+@pytest.mark.slow
 def test_command_lines(trained, capsys):
     from SAMFineTuneLib import evaluate as evaluate_module
-    from SAMFineTuneLib import finetune
+    from SAMFineTuneLib import training
 
     parser = argparse.ArgumentParser()
-    finetune.add_arguments(parser)
+    training.add_arguments(parser)
     args = parser.parse_args(["--dataset", "d", "--output", "o", "--epochs", "3", "--lr", "0.01", "--lora-rank", "4",
                               "--targets", "q_proj", "lin1", "--batch-size", "2", "--device", "cpu", "--resume"])
     config = config_from_args(args)

@@ -185,6 +185,7 @@ def test_bad_options_are_named():
         segmenter.segment(ct.array, box, spacing=(1, 0, 1))
 
 
+@pytest.mark.slow
 def test_litemedsam_segments_a_bright_organ_in_a_synthetic_ct(litemedsam):
     """Real weights, real preprocessing: the organ comes out with Dice > 0.9 and warm re-runs skip the encoder."""
     ct, label = make_ct_phantom(shape_kji=(12, 80, 80), spacing_xyz=(1.5, 1.5, 4.0), seed=3)
@@ -202,6 +203,7 @@ def test_litemedsam_segments_a_bright_organ_in_a_synthetic_ct(litemedsam):
     assert dice(fixed.mask, label.array) < dice(tracked.mask, label.array) - 0.1
 
 
+@pytest.mark.slow
 def test_windowed_decoding_is_the_cpu_default_and_agrees_with_whole_slice_decoding(litemedsam):
     """Same cached slices, both decodings: the masks agree and both find the organ."""
     ct, label = make_ct_phantom(shape_kji=(10, 80, 80), spacing_xyz=(1.5, 1.5, 4.0), seed=5)

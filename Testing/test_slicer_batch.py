@@ -1,5 +1,9 @@
-"""SAMFineTune/batch.py under plain Python with slicer-core: real files in, .seg.nrrd out, and the
-way Slicer's --python-script runs it (exec in __main__ with __file__ set)."""
+"""The batch script under plain Python with slicer-core: real files in, .seg.nrrd out, and the
+way Slicer's --python-script runs it (exec in __main__ with __file__ set).
+
+Where this Python has no torch (the Slicer-side run on Python 3.12), the engine runs in the
+background worker under ``$SAMFINETUNE_WORKER_PYTHON``, as it does inside Slicer."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -11,13 +15,26 @@ from slicer_scene import MODULE_DIR, addROI, addVolume, dice, ijkToRAS, scene  #
 from SAMFineTuneMRML import storage
 from SAMFineTuneMRML.segments import segmentToArray
 
-BATCH = os.path.join(MODULE_DIR, "batch.py")
-sys.path.insert(0, MODULE_DIR)
-import batch  # noqa: E402  (imported as Slicer's module scan would: nothing runs)
+SCRIPTS_DIR = os.path.join(MODULE_DIR, "SAMFineTuneScripts")
+BATCH = os.path.join(SCRIPTS_DIR, "batch.py")
+sys.path.insert(0, SCRIPTS_DIR)
+import batch  # noqa: E402  (importing runs nothing)
+
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
+
+
+def engine_args(worker=False):
+    """In-process where this Python has torch (unless ``worker``), else the background worker,
+    which needs a Python with torch: this one or ``$SAMFINETUNE_WORKER_PYTHON``."""
+    if not HAVE_TORCH and not os.environ.get("SAMFINETUNE_WORKER_PYTHON"):
+        pytest.skip("no torch here and no $SAMFINETUNE_WORKER_PYTHON for the worker")
+    return ["--worker"] if worker or not HAVE_TORCH else []
 
 
 def run_batch(args, tmp_path, slicer_style=False):
     env = dict(os.environ, OMP_NUM_THREADS="1", SAMFINETUNE_CACHE=str(tmp_path / "cache"))
+    # the engine of this checkout, as the extension ships it beside the module (not another install's)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.dirname(MODULE_DIR), env.get("PYTHONPATH")) if p)
     if slicer_style:  # what ctkAbstractPythonManager.executeFile does for --python-script
         code = ("import sys; sys.argv = [%r] + %r; g = {'__name__': '__main__', '__file__': %r}; "
                 "exec(open(%r).read(), g)" % (BATCH, ["--"] + args, BATCH, BATCH))
@@ -57,14 +74,16 @@ def case(scene, tmp_path):
     return paths, label.array
 
 
-@pytest.mark.parametrize("slicer_style", [False, True], ids=["python", "python-script"])
+@pytest.mark.slow
+@pytest.mark.parametrize("slicer_style", [False, True], ids=["python", "python-script-worker"])
 def test_batch_segments_and_writes_seg_nrrd(case, tmp_path, scene, slicer_style):
     paths, label = case
     out = tmp_path / "out"
     result = run_batch(["--volumes", paths["volume"], "--rois", paths["organ"] + "," + paths["edge"],
-                        "--output", str(out), "--device", "cpu"], tmp_path, slicer_style)
+                        "--output", str(out), "--device", "cpu"] + engine_args(worker=slicer_style),
+                       tmp_path, slicer_style)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "[1/1]" in result.stdout and "organ: 2/2" in result.stdout  # progress on stdout
+    assert "[1/1]" in result.stdout and "2/2 organ:" in result.stdout  # progress on stdout
     assert "warning: ROI 'edge' extends outside" in result.stdout
     written = out / "phantom.seg.nrrd"
     assert written.is_file() and "1 of 1 volumes segmented" in result.stdout

@@ -1,11 +1,16 @@
 """SAMFineTuneCoreLogic on real MRML nodes: the one-call API, blocking and non-blocking, with
 fake engines (fast, every branch) and with the real LiteMedSAM in-process and in the worker."""
+import importlib.util
+import os
+
 import numpy as np
 import pytest
 
 from slicer_scene import GEOMETRIES, addROI, addVolume, dice, ijkToRAS, scene, slicer  # noqa: F401
 from SAMFineTuneMRML import segments
-from SAMFineTuneMRML.logic import SAMFineTuneCoreLogic, WorkerBackend
+from SAMFineTuneLib.client import Job
+from SAMFineTuneMRML.backends import WorkerBackend
+from SAMFineTuneMRML.logic import SAMFineTuneCoreLogic
 
 SHAPE = (6, 20, 24)
 
@@ -25,7 +30,7 @@ class FakeEngine:
         self.calls = []
         self.fail = fail
 
-    def run(self, array, spacing, box, options, progress=None, cancel=None):
+    def segment(self, array, volumeKey, spacing, box, options, progress=None, cancel=None):
         self.calls.append(dict(shape=array.shape, spacing=spacing, box=box, options=options))
         for done in range(3):
             if progress:
@@ -34,30 +39,38 @@ class FakeEngine:
             raise self.fail
         return box_mask(array.shape, box), {"seconds": 0.1}
 
-
-class FakeJob:
-    def __init__(self, params, arrays):
-        self.params, self.sent = params, arrays
-        self.state, self.progress, self.step, self.message = "queued", 0.0, (0, 0), ""
-        self.result, self.arrays, self.error, self.cancel_requested = None, {}, None, False
-
-    @property
-    def done(self):
-        return self.state in ("done", "error", "cancelled")
+    def shutdown(self):
+        pass
 
 
 class FakeClient:
-    """WorkerClient stand-in: each poll moves every job one step through ``script``."""
+    """WorkerClient stand-in with the client's own Job records: each poll moves every job one step
+    through ``script``; ``reprompt`` finds the volume a ``segment`` job left under its key."""
 
     def __init__(self, script=("running", "running", "done"), crash_on_poll=None):
         self.script, self.crash_on_poll, self.jobs, self.polls = list(script), crash_on_poll, [], 0
+        self.volumes = {}
 
-    def submit(self, command, params, arrays):
-        assert command == "segment"
-        job = FakeJob(params, arrays)
-        job.steps = list(self.script)
+    def submit(self, command, params, arrays=None):
+        assert command in ("segment", "reprompt")
+        if command == "segment":
+            self.volumes[params["volume_key"]] = arrays["volume"]
+        job = Job("j%d" % len(self.jobs), command, params)
+        job.volume, job.steps = self.volumes.get(params.get("volume_key")), list(self.script)
         self.jobs.append(job)
         return job
+
+    def cancel(self, job):
+        job.cancel_requested = True
+
+    def wait(self, job, progress=None, timeout=None, cancel=None):
+        while not job.done:
+            self.poll()
+            if progress:
+                progress(*job.step, job.message)
+        if job.state != "done":
+            raise RuntimeError(job.error)
+        return job.result, job.arrays
 
     def poll(self, timeout=0.0):
         self.polls += 1
@@ -73,21 +86,10 @@ class FakeClient:
             job.message = "slice %d" % job.step[0]
             if state == "done":
                 job.result = {"stats": {"seconds": 0.2}}
-                job.arrays = {"mask": box_mask(job.sent["volume"].shape, job.params["box"])}
+                job.arrays = {"mask": box_mask(job.volume.shape, job.params["box"])}
             elif state == "error":
                 job.error = "ValueError: the model exploded"
         return 1
-
-    def cancel(self, job):
-        job.cancel_requested = True
-
-    def wait(self, job):
-        if job.state != "done":
-            raise RuntimeError(job.error or job.state)
-        return job.result, job.arrays
-
-    def shutdown(self):
-        pass
 
 
 def make(scene, matrix=None, name="CT"):
@@ -162,8 +164,7 @@ def test_engine_error_leaves_the_scene_as_it_was(scene):
     node = logic.createSegmentation(volume)
     with pytest.raises(RuntimeError, match="out of memory"):
         logic.segment(volume, roi, node)
-    segmentId = node.GetSegmentation().GetSegmentIdBySegmentName("liver")
-    assert not logic.segmentArray(node, segmentId, volume).any()
+    assert node.GetSegmentation().GetNumberOfSegments() == 0  # the segment made for the result is gone
     assert not logic.undo(node)  # nothing was written, nothing to undo
 
 
@@ -173,7 +174,7 @@ def test_cancel_in_blocking_mode_returns_a_cancelled_task(scene):
     volume, roi = make(scene)
     task = SAMFineTuneCoreLogic(inProcess=FakeEngine(fail=Cancelled("stop"))).segment(volume, roi)
     assert task.state == "cancelled"
-    assert not segments.segmentToArray(task.segmentationNode, task.segmentId, volume).any()
+    assert task.segmentationNode.GetSegmentation().GetSegment(task.segmentId) is None
 
 
 def test_clipped_roi_warning_reaches_the_task(scene):
@@ -203,7 +204,7 @@ def test_non_blocking_task_polls_the_worker_and_writes_at_the_end(scene):
     task = logic.segment(volume, roi, waitForCompletion=False, onFinished=finished.append)
     job = client.jobs[0]
     assert job.params["box"] == [4, 5, 1, 15, 14, 4] and job.params["spacing"] == [1.0, 1.0, 3.0]
-    assert job.sent["volume"].shape == SHAPE
+    assert job.volume.shape == SHAPE
     assert task.state == "queued"
     assert task.poll() and task.state == "running" and 0 < task.progress < 1
     assert not segments.segmentToArray(task.segmentationNode, task.segmentId, volume).any()  # not yet
@@ -224,7 +225,7 @@ def test_worker_error_or_crash_leaves_the_scene_as_it_was(scene, script, crash, 
     while task.poll():
         pass
     assert task.state == state and task.error
-    assert not segments.segmentToArray(task.segmentationNode, task.segmentId, volume).any()
+    assert task.segmentationNode.GetSegmentation().GetSegment(task.segmentId) is None
 
 
 def test_cancel_a_non_blocking_task(scene):
@@ -235,7 +236,7 @@ def test_cancel_a_non_blocking_task(scene):
     task.poll()
     task.cancel()
     assert not task.poll() and task.state == "cancelled"
-    assert not segments.segmentToArray(task.segmentationNode, task.segmentId, volume).any()
+    assert task.segmentationNode.GetSegmentation().GetSegment(task.segmentId) is None
 
 
 def test_blocking_through_the_worker_backend(scene):
@@ -243,10 +244,10 @@ def test_blocking_through_the_worker_backend(scene):
     client = FakeClient()
     logic = SAMFineTuneCoreLogic(worker=WorkerBackend(client=client))
     seen = []
-    task = logic.segment(volume, roi, backend="worker", progress=lambda d, t, m: seen.append(d))
+    task = logic.segment(volume, roi, runIn="worker", progress=lambda d, t, m: seen.append(d))
     assert task.state == "done" and seen and client.polls >= 3
     with pytest.raises(ValueError, match="background worker"):
-        logic.segment(volume, roi, waitForCompletion=False, backend="inprocess")
+        logic.segment(volume, roi, waitForCompletion=False, runIn="inprocess")
 
 
 # ----------------------------------------------------------------- the real engine
@@ -258,7 +259,9 @@ def make_phantom(slices):
     return ct, label, bounding_box(label.array, (2, 2, 0))
 
 
+@pytest.mark.slow
 def test_litemedsam_in_process_matches_the_known_label(scene):
+    pytest.importorskip("torch", reason="in-process runs need torch in this Python; the worker tests cover the rest")
     ct, label, box = make_phantom(5)  # the organ on 4 slices
     volume = addVolume(ct.array, GEOMETRIES["flipped"] @ np.diag([1.0 / 0.8, 1.0 / 0.8, 4.0 / 2.5, 1.0]), "CT")
     roi = addROI(scene, volume, box, name="organ")
@@ -268,8 +271,12 @@ def test_litemedsam_in_process_matches_the_known_label(scene):
     assert dice(result, label.array) > 0.85
 
 
+@pytest.mark.slow
 def test_litemedsam_in_the_worker_process_non_blocking(scene, tmp_path, monkeypatch):
     import time
+
+    if importlib.util.find_spec("torch") is None and not os.environ.get("SAMFINETUNE_WORKER_PYTHON"):
+        pytest.skip("no torch here and no $SAMFINETUNE_WORKER_PYTHON for the worker")
 
     ct, label, box = make_phantom(3)  # the organ on 2 slices
     monkeypatch.setenv("SAMFINETUNE_CACHE", str(tmp_path))
@@ -287,3 +294,68 @@ def test_litemedsam_in_the_worker_process_non_blocking(scene, tmp_path, monkeypa
         assert dice(result, label.array) > 0.85
     finally:
         logic.shutdown()
+
+
+def test_rois_of_one_volume_send_its_voxels_once(scene):
+    volume, roi = make(scene)
+    others = [addROI(scene, volume, (1, 1, 0, 6, 6, 2), name="spleen"), addROI(scene, volume, (8, 8, 2, 12, 12, 5),
+                                                                               name="kidney")]
+    client = FakeClient()
+    logic = SAMFineTuneCoreLogic(inProcess=FakeEngine(), worker=WorkerBackend(client=client))
+    tasks = logic.segmentROIs(volume, [roi] + others, waitForCompletion=False)
+    assert [job.command for job in client.jobs] == ["segment", "reprompt", "reprompt"]
+    assert len({job.params["volume_key"] for job in client.jobs}) == 1
+    while any(task.poll() for task in tasks):
+        pass
+    assert [task.state for task in tasks] == ["done"] * 3
+    for task in tasks:
+        assert np.array_equal(logic.segmentArray(task.segmentationNode, task.segmentId, volume),
+                              box_mask(SHAPE, task.roiBox.box))
+
+
+def test_a_bad_roi_among_several_leaves_the_scene_as_it_was(scene):
+    volume, roi = make(scene)
+    unplaced = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "unplaced")
+    engine = FakeEngine()
+    logic = SAMFineTuneCoreLogic(inProcess=engine)
+    with pytest.raises(ValueError, match="unplaced.*not placed"):
+        logic.segmentROIs(volume, [roi, unplaced])
+    assert engine.calls == [] and scene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems() == 0
+    node = logic.createSegmentation(volume)
+    with pytest.raises(ValueError, match="unplaced"):
+        logic.segmentROIs(volume, [roi, unplaced], node)
+    assert node.GetSegmentation().GetNumberOfSegments() == 0
+
+
+def test_a_failed_result_keeps_a_segment_that_was_there(scene):
+    volume, roi = make(scene)
+    logic = SAMFineTuneCoreLogic(inProcess=FakeEngine(fail=RuntimeError("boom")))
+    node = logic.createSegmentation(volume)
+    target = segments.ensureSegment(node, segmentName="liver")
+    with pytest.raises(RuntimeError, match="boom"):
+        logic.segment(volume, roi, node)
+    assert node.GetSegmentation().GetSegment(target) is not None
+
+
+def test_inside_slicer_blocking_work_runs_in_the_worker(scene, monkeypatch, tmp_path):
+    import types
+
+    from SAMFineTuneMRML import paths
+
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(cachePath=str(tmp_path / "slicer-cache")), raising=False)
+    monkeypatch.delenv("SAMFINETUNE_CACHE", raising=False)
+    volume, roi = make(scene)
+    engine, client = FakeEngine(), FakeClient()
+    logic = SAMFineTuneCoreLogic(inProcess=engine, worker=WorkerBackend(client=client))
+    task = logic.segment(volume, roi)
+    assert task.state == "done" and engine.calls == [] and [job.command for job in client.jobs] == ["segment"]
+    assert paths.workerLogPath() == str(tmp_path / "slicer-cache" / "SAMFineTune" / "logs" / "worker.log")
+    monkeypatch.setattr(paths.shutil, "which", lambda name: "/slicer/bin/PythonSlicer" if name == "PythonSlicer" else None)
+    monkeypatch.delenv("SAMFINETUNE_WORKER_PYTHON", raising=False)
+    assert paths.workerPython() == "/slicer/bin/PythonSlicer"
+    monkeypatch.setenv("SAMFINETUNE_WORKER_PYTHON", "/envs/gpu/bin/python")
+    assert paths.workerPython() == "/envs/gpu/bin/python"
+    client = WorkerBackend().client
+    assert client.python == "/envs/gpu/bin/python" and client.log_path == paths.workerLogPath()
+    assert client.reader == "poll"  # no reader thread: it would only run while Slicer runs Python
+    assert client.env["SAMFINETUNE_CACHE"] == str(tmp_path / "slicer-cache" / "SAMFineTune")

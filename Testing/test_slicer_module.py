@@ -1,11 +1,15 @@
-"""The Slicer module's structure, checked without Slicer: the .ui file against the code, Python
-3.9 syntax, import without torch or GUI, CMake lists, dependency handling, cache folders."""
+"""The Slicer module's structure, checked without Slicer: the .ui file against the code, the
+parameter node's bindings against what Slicer's GUI connectors accept, import without torch or
+GUI, what an older Slicer shows, CMake lists and metadata, cache folders."""
 import ast
 import os
+import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
+import typing
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -14,12 +18,38 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULE_DIR = os.path.join(REPO, "SAMFineTune")
 MODULE_FILE = os.path.join(MODULE_DIR, "SAMFineTune.py")
 UI_FILE = os.path.join(REPO, "Resources", "UI", "SAMFineTune.ui")
-HELPERS = sorted(f for f in os.listdir(os.path.join(MODULE_DIR, "SAMFineTuneMRML")) if f.endswith(".py"))
-SLICER_FILES = [MODULE_FILE, os.path.join(MODULE_DIR, "batch.py")] + [
-    os.path.join(MODULE_DIR, "SAMFineTuneMRML", f) for f in HELPERS]
+PACKAGES = ("SAMFineTuneMRML", "SAMFineTuneGUI", "SAMFineTuneEffect")
+SLICER_FILES = [os.path.join(MODULE_DIR, "SAMFineTuneScripts", "batch.py")] + [
+    os.path.join(MODULE_DIR, package, f) for package in PACKAGES
+    for f in sorted(os.listdir(os.path.join(MODULE_DIR, package))) if f.endswith(".py")]
+PANEL_FILES = [MODULE_FILE] + [f for f in SLICER_FILES if os.sep + "SAMFineTuneGUI" + os.sep in f]
 
 QT_CLASSES = {"QWidget", "QLabel", "QComboBox", "QPushButton", "QToolButton", "QCheckBox", "QLineEdit", "QSpinBox",
               "QProgressBar"}
+PATH_TYPES = {pathlib.Path, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePath, pathlib.PurePosixPath,
+              pathlib.PureWindowsPath}
+NODE = "a vtkMRMLNode subclass"
+#: Which parameter types each widget class binds to through ``connectParametersToGui``, written from
+#: the ``canRepresent`` methods in Slicer 5.12.3's Base/Python/slicer/parameterNodeWrapper/guiConnectors.py
+#: (the same in 5.10.0): any other pairing makes ``createGuiConnector`` raise RuntimeError, and the
+#: wrapper builds every connector before connecting any, so one bad pair breaks the whole panel.
+GUI_CONNECTOR_TYPES = {
+    "QCheckBox": {bool},
+    "QPushButton": {bool},  # checkable buttons only
+    "ctkCheckablePushButton": {bool},
+    "QSlider": {int},  # bounded ints only
+    "QSpinBox": {int},
+    "QDoubleSpinBox": {float, int},
+    "ctkSliderWidget": {float, int},
+    "QComboBox": {int, float, str, bool},  # with a Choice annotation, or an Enum
+    "ctkComboBox": {int, float, str, bool},
+    "QLineEdit": {str},
+    "QLabel": {str},
+    "QTextEdit": {str},
+    "ctkPathLineEdit": PATH_TYPES,
+    "ctkDirectoryButton": PATH_TYPES,
+    "qMRMLNodeComboBox": {NODE},
+}
 
 
 @pytest.fixture(scope="module")
@@ -31,17 +61,32 @@ def widgets(root):
     return {w.get("name"): w for w in root.iter("widget")}
 
 
-def ui_names_in_code():
-    """Every ``self.ui.<name>`` the module code uses."""
+def module_tables():
+    """The module file's GUI_BINDINGS and COMBO_BINDINGS tables (parameter -> widget name)."""
     tree = ast.parse(open(MODULE_FILE).read())
+    tables = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name) and node.targets[0].id.endswith(
+                "_BINDINGS"):
+            tables[node.targets[0].id] = ast.literal_eval(node.value)
+    return tables
+
+
+def ui_names_in_code():
+    """Every ``<something>.ui.<name>`` or ``ui.<name>`` the panel's code uses, and the widgets of its
+    binding tables and its combo-filling table."""
     names = set()
-    for node in ast.walk(tree):
-        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
-                and node.value.attr == "ui" and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"):
-            names.add(node.attr)
-    # combo boxes named through the _COMBOS table
-    combos = re.search(r"_COMBOS = \{(.*?)\}", open(MODULE_FILE).read(), re.S).group(1)
-    return names | set(re.findall(r':\s*"(\w+)"', combos))
+    for path in PANEL_FILES:
+        source = open(path).read()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Attribute) and (
+                    (isinstance(node.value, ast.Attribute) and node.value.attr == "ui")
+                    or (isinstance(node.value, ast.Name) and node.value.id == "ui")):
+                names.add(node.attr)
+        names |= set(re.findall(r'\("(\w+ComboBox)", options\.', source))
+    for table in module_tables().values():
+        names |= set(table.values())
+    return names
 
 
 def test_ui_is_qt_designer_xml_with_a_mrml_top_widget(ui):
@@ -75,6 +120,12 @@ def test_widgets_have_the_classes_the_code_relies_on(ui):
     assert "vtkMRMLSegmentationNode" in node_types["segmentationSelector"]
 
 
+def test_combo_boxes_hold_no_items_of_their_own(ui):
+    """Their items come from the engine's catalogue, filled by the code."""
+    for name in module_tables()["COMBO_BINDINGS"].values():
+        assert not widgets(ui)[name].findall("item"), name
+
+
 def test_custom_widgets_are_declared_and_mrml_widgets_get_the_scene(ui):
     declared = {c.find("class").text for c in ui.iter("customwidget")}
     used = {w.get("class") for w in ui.iter("widget")}
@@ -85,15 +136,18 @@ def test_custom_widgets_are_declared_and_mrml_widgets_get_the_scene(ui):
     assert mrml <= receivers, "MRML widgets without the scene: %s" % sorted(mrml - receivers)
 
 
-@pytest.mark.parametrize("path", SLICER_FILES, ids=os.path.basename)
-def test_code_slicer_imports_is_python_3_9_syntax(path):
-    source = open(path).read()
-    tree = ast.parse(source, feature_version=(3, 9))
+def test_the_module_file_stays_python_3_9_so_an_old_slicer_can_say_why_it_cannot_run():
+    tree = ast.parse(open(MODULE_FILE).read(), feature_version=(3, 9))
     assert not any(isinstance(n, getattr(ast, "Match", ())) for n in ast.walk(tree))
     # no PEP 604 unions in annotations (parameterNodeWrapper evaluates them at runtime)
     annotations = [n.annotation for n in ast.walk(tree) if isinstance(n, (ast.AnnAssign, ast.arg)) and n.annotation]
     assert not any(isinstance(a, ast.BinOp) and isinstance(a.op, ast.BitOr)
                    for ann in annotations for a in ast.walk(ann))
+
+
+@pytest.mark.parametrize("path", SLICER_FILES, ids=os.path.basename)
+def test_slicer_side_code_is_python_3_10(path):
+    ast.parse(open(path).read(), feature_version=(3, 10))
 
 
 STUBS = textwrap.dedent('''
@@ -103,37 +157,63 @@ STUBS = textwrap.dedent('''
             if name.split(".")[0] in ("torch", "torchvision", "timm", "segment_anything", "monai", "peft"):
                 raise ImportError("blocked for the test: " + name)
     sys.meta_path.insert(0, BlockTorch())
-    import slicer
+    try:
+        import slicer
+    except ImportError:  # an old Python without slicer-core: just what the module file touches
+        slicer = types.ModuleType("slicer")
+        slicer.util = types.ModuleType("slicer.util")
+        slicer.util.VTKObservationMixin = type("VTKObservationMixin", (), {"__init__": lambda self: None})
+        for name in ("vtkMRMLScalarVolumeNode", "vtkMRMLSegmentationNode", "vtkMRMLMarkupsROINode"):
+            setattr(slicer, name, type(name, (), {}))
+        sys.modules.update({"slicer": slicer, "slicer.util": slicer.util, "vtk": types.ModuleType("vtk")})
     qt = types.ModuleType("qt")
     qt.QIcon = lambda path: ("icon", path)
+    class QLabel:
+        def __init__(self, text):
+            self.text = text
+    qt.QLabel = QLabel
     sys.modules["qt"] = qt
     slm = types.ModuleType("slicer.ScriptedLoadableModule")
     class Base:
         def __init__(self, parent=None):
             self.parent = parent
+    class LogicBase:
+        def __init__(self, parent=None):
+            super().__init__()  # as Slicer's ScriptedLoadableModuleLogic does
         def getParameterNode(self):
             return "parameter node"
-    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleLogic",
-                 "ScriptedLoadableModuleTest"):
+    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleTest"):
         setattr(slm, name, type(name, (Base,), {}))
+    slm.ScriptedLoadableModuleLogic = LogicBase
     sys.modules["slicer.ScriptedLoadableModule"] = slm
     pnw = types.ModuleType("slicer.parameterNodeWrapper")
     pnw.parameterNodeWrapper = lambda cls: cls
     pnw.WithinRange = lambda lo, hi: ("range", lo, hi)
     sys.modules["slicer.parameterNodeWrapper"] = pnw
-''')
+    sys.path.insert(0, %r)
+''' % MODULE_DIR)
+
+
+def run_python(code, python=sys.executable):
+    return subprocess.run([python, "-c", STUBS + textwrap.dedent(code)], capture_output=True, text=True, timeout=120,
+                          cwd=REPO)
 
 
 def test_module_imports_without_torch_and_without_a_gui():
-    code = STUBS + textwrap.dedent('''
-        sys.path.insert(0, %r)
+    out = run_python('''
         import SAMFineTune
+        from SAMFineTuneMRML import logic as core
         parent = types.SimpleNamespace()
         SAMFineTune.SAMFineTune(parent)
         assert parent.title == "SAM Fine-Tune" and parent.categories == ["Segmentation"], parent
         assert parent.icon[1].endswith("SAMFineTune.png"), parent.icon
+        assert "5.10" in parent.helpText and not SAMFineTune.UNSUPPORTED
+        inits = []
+        original = core.SAMFineTuneCoreLogic.__init__
+        core.SAMFineTuneCoreLogic.__init__ = lambda self, *a: (inits.append(1), original(self, *a))[1]
         logic = SAMFineTune.SAMFineTuneLogic()
-        assert callable(logic.segment) and callable(logic.roiToIJKBox) and callable(logic.undo)
+        assert inits == [1], "the core logic was initialised %d times" % len(inits)
+        assert callable(logic.segment) and callable(logic.segmentROIs) and callable(logic.undo)
         assert SAMFineTune.resourcePath("UI/SAMFineTune.ui").endswith("SAMFineTune.ui")
         import os; assert os.path.isfile(SAMFineTune.resourcePath("UI/SAMFineTune.ui"))
         fields = SAMFineTune.SAMFineTuneParameterNode.__annotations__
@@ -141,43 +221,103 @@ def test_module_imports_without_torch_and_without_a_gui():
         heavy = [m for m in ("torch", "SAMFineTuneLib.segmenter", "SAMFineTuneLib.models") if m in sys.modules]
         assert not heavy, heavy
         print("OK")
-    ''' % MODULE_DIR)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    ''')
     assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr
 
 
-def test_cmake_lists_every_module_file_and_follows_extension_conventions():
+@pytest.mark.skipif(not os.path.exists("/root/.pyenv/versions/3.9.18/bin/python"), reason="no Python 3.9 here")
+def test_an_older_slicer_loads_the_module_and_is_told_which_slicer_it_needs():
+    """Slicer 5.8 ships Python 3.9: the module loads and says what to install, instead of failing."""
+    out = run_python('''
+        import SAMFineTune
+        parent = types.SimpleNamespace()
+        SAMFineTune.SAMFineTune(parent)
+        assert "needs 3D Slicer 5.10 or later" in parent.helpText and "Python 3.9" in parent.helpText, parent.helpText
+        added = []
+        widget = SAMFineTune.SAMFineTuneWidget()
+        widget.layout = types.SimpleNamespace(addWidget=added.append)
+        SAMFineTune.ScriptedLoadableModuleWidget.setup = lambda self: None
+        widget.setup()
+        assert len(added) == 1 and "5.10" in added[0].text
+        try:
+            SAMFineTune.SAMFineTuneLogic()
+        except RuntimeError as exc:
+            assert "5.10" in str(exc)
+        else:
+            raise AssertionError("the logic started on Python 3.9")
+        print("OK")
+    ''', python="/root/.pyenv/versions/3.9.18/bin/python")
+    assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr
+
+
+def parameter_types():
+    """The parameter node's fields -> their types, from the module file imported with stubs."""
+    out = run_python('''
+        import typing, SAMFineTune
+        for name, annotation in SAMFineTune.SAMFineTuneParameterNode.__annotations__.items():
+            base = typing.get_origin(annotation) is typing.Annotated and typing.get_args(annotation)[0] or annotation
+            print(name, getattr(base, "__module__", ""), getattr(base, "__qualname__", repr(base)))
+    ''')
+    assert out.returncode == 0, out.stderr
+    return {name: (module, qualname) for name, module, qualname in (line.split(" ", 2)
+                                                                    for line in out.stdout.splitlines())}
+
+
+def test_every_parameter_binds_to_a_widget_class_slicers_connectors_accept(ui):
+    import builtins
+
+    found = widgets(ui)
+    types = parameter_types()
+    bindings = module_tables()["GUI_BINDINGS"]
+    assert set(bindings) <= set(types)
+    for parameter, widget in bindings.items():
+        widget_class = found[widget].get("class")
+        assert widget_class in GUI_CONNECTOR_TYPES, "%s: Slicer has no connector for %s" % (widget, widget_class)
+        module, qualname = types[parameter]
+        if module == "builtins":
+            kind = getattr(builtins, qualname)
+        elif module == "pathlib":
+            kind = getattr(pathlib, qualname)
+        else:
+            assert qualname.startswith("vtkMRML") and qualname.endswith("Node"), (parameter, module, qualname)
+            kind = NODE
+        assert kind in GUI_CONNECTOR_TYPES[widget_class], (
+            "parameter %r (%s) is bound to %s %r, whose Slicer connector takes %s"
+            % (parameter, qualname, widget_class, widget, GUI_CONNECTOR_TYPES[widget_class]))
+
+
+def test_cmake_installs_every_module_file_and_follows_extension_conventions():
     module_cmake = open(os.path.join(MODULE_DIR, "CMakeLists.txt")).read()
-    for name in HELPERS:
-        assert "SAMFineTuneMRML/%s" % name in module_cmake, name
+    for package in PACKAGES:  # every file of the module's packages, listed by CMake
+        assert "${CMAKE_CURRENT_SOURCE_DIR}/%s/*.py" % package in module_cmake, package
+    assert "SAMFineTuneEffect/SegmentEditorEffect.png" in module_cmake
     assert "slicerMacroBuildScriptedModule" in module_cmake and "WITH_GENERIC_TESTS" in module_cmake
     assert re.search(r"slicer_add_python_unittest\(SCRIPT \$\{MODULE_NAME\}\.py\)", module_cmake)
-    assert "batch.py" in module_cmake
+    # The batch script installs into a sub-folder, as in the source tree, so the module scan skips it.
+    assert "SCRIPTS SAMFineTuneScripts/batch.py" in module_cmake
+    assert not [f for f in os.listdir(MODULE_DIR) if f.endswith(".py") and f != "SAMFineTune.py"]
     root = open(os.path.join(REPO, "CMakeLists.txt")).read()
     for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
                 "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):
         assert re.search(r"set\(%s " % key, root), key
     assert 'set(EXTENSION_CATEGORY "Segmentation")' in root and "add_subdirectory(SAMFineTune)" in root
-    assert "SAMFineTuneLib/*.py" in root and "Resources/UI/*.ui" in root
+    assert 'set(EXTENSION_DEPENDS "PyTorch")' in root and "Slicer 5.10" in root
+    assert 'if(Slicer_REQUIRED_PYTHON_VERSION VERSION_LESS "3.10")' in root
+    assert "GLOB_RECURSE SAMFineTuneLib_SCRIPTS" in root and "SAMFineTuneLib/*.txt" in root
+    assert "Resources/UI/*.ui" in root
     assert "Slicer_EXTENSION_GENERATE_CONFIG" in root and "Slicer_EXTENSION_CPACK" in root
+    # The catalogue's icon and screenshot are the repository's own files.
+    for key in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        url = re.search(r'set\(%s "([^"]+)"\)' % key, root).group(1)
+        assert os.path.isfile(os.path.join(REPO, url.split("/main/", 1)[1])), url
 
 
-def test_dependency_check_and_install_use_pinned_requirements(monkeypatch):
-    sys.path.insert(0, MODULE_DIR)
-    from SAMFineTuneMRML import deps
+def test_icon_is_the_128_pixel_png_the_catalogue_wants():
+    import struct
 
-    present = {"torch", "torchvision", "timm"}
-    monkeypatch.setattr(deps, "isInstalled", lambda name: name in present)
-    missing = deps.missingPackages()
-    assert "segment-anything==1.0" in missing and not any(r.startswith("timm") for r in missing)
-    assert all(("==" in r or ">=" in r) for r in missing)
-    assert deps.missingTorch() == []
-    installed = []
-    assert deps.installPackages(pipInstall=installed.append) == missing and installed == missing
-    present.discard("torch")
-    assert "PyTorch" in deps.describeMissing()
-    with pytest.raises(RuntimeError, match="PyTorch.*Extensions Manager"):
-        deps.installTorch()  # no PyTorchUtils outside Slicer: a clear message, nothing installed
+    with open(os.path.join(REPO, "Resources", "Icons", "SAMFineTune.png"), "rb") as handle:
+        head = handle.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", head[16:24]) == (128, 128)
 
 
 def test_caches_live_in_the_user_cache_folder_never_the_install_folder(monkeypatch, tmp_path):
@@ -194,3 +334,4 @@ def test_caches_live_in_the_user_cache_folder_never_the_install_folder(monkeypat
     monkeypatch.setenv("SAMFINETUNE_CACHE", str(tmp_path / "mine"))
     assert paths.cacheDirectory() == str(tmp_path / "mine") and paths.workerEnvironment() == {
         "SAMFINETUNE_CACHE": str(tmp_path / "mine")}
+    assert paths.workerLogPath() == os.path.join(str(tmp_path / "mine"), "logs", "worker.log")

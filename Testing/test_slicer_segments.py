@@ -100,3 +100,20 @@ def test_one_undo_restores_the_segment_and_leaves_the_others(scene):
     assert history.redo(node)
     assert np.array_equal(segments.segmentToArray(node, target, volume), expected_after(before, mask))
 
+
+
+def test_new_segments_written_one_after_another_keep_their_own_voxels(scene):
+    """Empty new segments share a labelmap layer: each result must land in its own segment only,
+    overlapping results included (the later one does not take voxels from the earlier)."""
+    volume = addVolume(np.zeros(SHAPE, np.float32), GEOMETRIES["oblique"], name="CT")
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
+    segments.prepareSegmentation(node, volume)
+    boxes = {"kidney": (8, 8, 2, 12, 12, 5), "liver": (4, 5, 1, 15, 14, 4), "spleen": (1, 1, 0, 6, 6, 2),
+             "tumour": (10, 10, 3, 13, 13, 4)}  # inside the liver's box
+    ids = {name: segments.ensureSegment(node, segmentName=name) for name in boxes}
+    masks = {name: block(k=slice(b[2], b[5] + 1), j=slice(b[1], b[4] + 1), i=slice(b[0], b[3] + 1))
+             for name, b in boxes.items()}
+    for name, box in boxes.items():
+        segments.writeMaskToSegment(masks[name], volume, node, ids[name], box)
+    for name in boxes:
+        assert np.array_equal(segments.segmentToArray(node, ids[name], volume), masks[name] > 0), name

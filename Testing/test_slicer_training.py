@@ -5,10 +5,13 @@ import os
 
 import numpy as np
 import pytest
+import vtk
 
 from slicer_scene import GEOMETRIES, addVolume, scene, slicer  # noqa: F401
+from SAMFineTuneLib.client import Job
 from SAMFineTuneMRML import segments, training
-from SAMFineTuneMRML.logic import SAMFineTuneCoreLogic, WorkerBackend, describeDevice
+from SAMFineTuneMRML.backends import WorkerBackend
+from SAMFineTuneMRML.logic import SAMFineTuneCoreLogic, describeDevice
 
 
 def add_case(logic, name, matrix, filled=True, structure="liver"):
@@ -59,6 +62,11 @@ def test_training_curve_table_and_plot_from_trainer_messages(scene):
     assert curve.rows() == [(1.0, 0.5, 0.7), (2.0, 0.4, 0.75)]
     assert curve.chart.GetNumberOfPlotSeriesNodes() == 2
     assert curve.chart.GetNthPlotSeriesNode(1).GetTableNode() is curve.table
+    # Slicer's plot view draws nothing from a string or bit column (qMRMLPlotView.cxx, 5.10 and 5.12).
+    table = curve.table.GetTable()
+    for name in curve.COLUMNS:
+        assert table.GetColumnByName(name).GetDataType() not in (vtk.VTK_STRING, vtk.VTK_BIT), name
+    assert curve.numericColumns()
 
 
 class TrainClient:
@@ -66,10 +74,7 @@ class TrainClient:
         self.submitted = []
 
     def submit(self, command, params, arrays=None):
-        from types import SimpleNamespace
-
-        job = SimpleNamespace(state="queued", progress=0.0, message="", result=None, arrays={}, error=None,
-                              on_event=None, params=params, command=command)
+        job = Job("j%d" % len(self.submitted), command, params)
         self.submitted.append(job)
         return job
 
@@ -77,7 +82,8 @@ class TrainClient:
         for job in self.submitted:
             for epoch, state in ((1, "running"), (2, "done")):
                 if job.state in ("queued", "running") and job.progress < epoch / 2.0:
-                    job.on_event({"event": "log", "message": "epoch %d: loss 0.%d val Dice 0.8" % (epoch, 5 - epoch)})
+                    if job.on_event:
+                        job.on_event({"event": "log", "message": "epoch %d: loss 0.%d val Dice 0.8" % (epoch, 5 - epoch)})
                     job.state, job.progress = state, epoch / 2.0
                     if state == "done":
                         job.result = {"card": {"best_epoch": 2}}
@@ -113,3 +119,38 @@ def test_device_line_from_worker_info():
     assert line == "GPU NVIDIA H200, 140.0 GiB (100.0 GiB free); torch 2.14.1"
     assert describeDevice({"device": "cpu", "torch": "2.14.1", "memory": {"ram_total": 24 * gib}}).startswith("CPU, 24.0")
     assert "cannot be imported" in describeDevice({"error": "torch cannot be imported here: x"})
+
+
+def test_adapter_scores_become_a_table_and_a_case_is_compared_with_and_without_it(scene, tmp_path):
+    from SAMFineTuneMRML import comparison
+
+    logic = SAMFineTuneCoreLogic()
+    cases = []
+    for n in range(2):
+        volume, node, segmentId = add_case(logic, "CT %d" % n, GEOMETRIES["flipped"])
+        cases.append((volume, node, segmentId))
+    logic.exportTrainingSet(cases, str(tmp_path / "set"), "liver", valFraction=0.5)
+    card = {"scores": {"per_case": [{"case": "CT_1", "base": {"dice": 0.5}, "adapted": {"dice": 0.75}}]}}
+    table = comparison.scoresTable(scene, card)
+    assert table.GetNumberOfRows() == 1 and table.GetCellText(0, 0) == "CT_1"
+    assert table.GetTable().GetValue(0, 2).ToDouble() == 0.75
+
+    client = TrainClient()
+    logic = SAMFineTuneCoreLogic(worker=WorkerBackend(client=client))
+    with pytest.raises(ValueError, match="holds no model_card.json"):
+        comparison.compareOnCase(logic, str(tmp_path / "set"), "CT_1", str(tmp_path / "adapter"))
+    assert client.submitted == [] and scene.GetNodesByClass("vtkMRMLScalarVolumeNode").GetNumberOfItems() == 2
+    os.makedirs(tmp_path / "adapter")
+    (tmp_path / "adapter" / "model_card.json").write_text("{}")
+    node, tasks = comparison.compareOnCase(logic, str(tmp_path / "set"), "CT_1", str(tmp_path / "adapter"),
+                                           model="litemedsam")
+    assert [job.params["adapter"] for job in client.submitted] == [None, str(tmp_path / "adapter")]
+    box = tasks[0].roiBox.box
+    assert box == (2, 1, 0, 14, 12, 3)  # the label (i 5-11, j 4-9, k 1-2) grown by 3 in-plane, 1 slice
+    names = [node.GetSegmentation().GetNthSegment(n).GetName() for n in range(3)]
+    assert names == ["reference", "base", "adapted"]
+    reference = segments.segmentToArray(node, node.GetSegmentation().GetSegmentIdBySegmentName("reference"),
+                                        tasks[0].volumeNode)
+    assert reference.sum() == 2 * 6 * 7
+    with pytest.raises(KeyError, match="CT_9"):
+        comparison.compareOnCase(logic, str(tmp_path / "set"), "CT_9", None)

@@ -39,6 +39,7 @@ def segment_params(ct, box, **extra):
     return dict({"box": list(box), "spacing": list(ct.spacing), "device": "cpu"}, **extra)
 
 
+@pytest.mark.slow
 def test_segment_and_reprompt_through_worker_equal_in_process(client, phantom):
     ct, box = phantom
     seg = Segmenter("litemedsam", device="cpu")
@@ -64,6 +65,7 @@ def test_segment_and_reprompt_through_worker_equal_in_process(client, phantom):
 
 def test_bad_model_requests_are_clear_errors_and_worker_keeps_serving(client, phantom, tmp_path):
     ct, box = phantom
+    client.start()
     pid = client.worker_pid
     with pytest.raises(JobError, match="checkpoint file not found: .*sam_vit_b.pth"):
         client.run("load_model", {"model": "sam_vit_b", "checkpoint": str(tmp_path / "sam_vit_b.pth")}, timeout=120)
@@ -75,6 +77,24 @@ def test_bad_model_requests_are_clear_errors_and_worker_keeps_serving(client, ph
         client.run("segment", segment_params(ct, box), timeout=120)
     result, _ = client.run("load_model", {"device": "cpu"}, timeout=120)
     assert result["model"] == "litemedsam" and result["fingerprint"] and client.worker_pid == pid
+
+
+def test_segment_input_is_checked_before_the_model_loads(client):
+    params = {"box": [2, 2, 0, 20, 20, 3], "model": "no-such-model", "device": "cpu"}
+    volume = np.random.default_rng(3).normal(size=(4, 32, 32)).astype(np.float32)
+    volume[0, 0, :2] = np.nan
+    job = client.submit("segment", params, {"volume": volume})
+    with pytest.raises(JobError, match=r"the volume has 2 NaN voxels \(of 4096\)"):
+        client.wait(job, timeout=120)
+    assert job.traceback is None
+    with pytest.raises(JobError, match=r"every voxel inside the box \[2, 2, 0, 20, 20, 3\].* is 0: there is nothing"):
+        client.run("segment", params, {"volume": np.zeros((4, 32, 32), np.int16)}, timeout=120)
+    almost = np.zeros((4, 32, 32), np.int16)
+    almost[1, 5, 5] = 50
+    job = client.submit("segment", params, {"volume": almost})
+    with pytest.raises(JobError, match="unknown model"):  # checked and warned about first, then the model
+        client.wait(job, timeout=120)
+    assert any("of the voxels inside the box" in line for line in job.logs)
 
 
 def test_cancel_long_segmentation_is_prompt_and_worker_stays_usable(client):
@@ -98,6 +118,7 @@ def test_cancel_long_segmentation_is_prompt_and_worker_stays_usable(client):
     assert client.ping()["busy"] is None and client.worker_pid == pid
 
 
+@pytest.mark.slow
 def test_kill_9_mid_segmentation_then_next_job_succeeds_on_a_new_worker(client, phantom):
     ct, box = phantom
     volume = np.random.default_rng(1).integers(-200, 300, size=(40, 64, 64)).astype(np.int16)
@@ -117,6 +138,7 @@ def test_kill_9_mid_segmentation_then_next_job_succeeds_on_a_new_worker(client, 
     assert client.worker_pid != old_pid and arrays["mask"].any() and result["stats"]["encoded"] > 0
 
 
+@pytest.mark.slow
 def test_export_train_evaluate_jobs_map_to_the_library(client, tmp_path):
     cases, arrays = [], {}
     for n in range(3):

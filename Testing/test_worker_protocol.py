@@ -6,16 +6,20 @@ cancellably), so these tests take seconds. Model-backed tests are in test_worker
 from __future__ import annotations
 
 import ast
+import contextlib
 import io
 import json
 import os
 import re
+import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
+import textwrap
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,9 +28,8 @@ from SAMFineTuneLib import protocol
 from SAMFineTuneLib.client import BOOT, JobCancelled, JobError, WorkerClient, WorkerCrashed
 from SAMFineTuneLib.protocol import PROTOCOL_VERSION, ProtocolError
 from SAMFineTuneLib.worker import is_loopback
+from worker_servers import ENV, LIB, start_server, stop_server
 
-LIB = Path(__file__).resolve().parents[1] / "SAMFineTuneLib"
-ENV = {"OMP_NUM_THREADS": "1"}
 
 
 def patched_worker(log_path, patch: str):
@@ -115,9 +118,9 @@ def test_truncated_attachment_is_a_protocol_error():
         protocol.read_message(stream)
 
 
-def test_lib_files_parse_as_python_39_and_client_needs_no_torch():
-    for name in ("protocol.py", "worker.py", "client.py"):
-        ast.parse((LIB / name).read_text(), filename=name, feature_version=(3, 9))
+def test_lib_files_parse_as_python_310_and_client_needs_no_torch():
+    for path in LIB.rglob("*.py"):
+        ast.parse(path.read_text(), filename=str(path), feature_version=(3, 10))
     code = "import sys, SAMFineTuneLib.client; bad = {'torch', 'qt', 'slicer', 'vtk'} & set(sys.modules); print(bad)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "set()"
@@ -126,12 +129,23 @@ def test_lib_files_parse_as_python_39_and_client_needs_no_torch():
 # --- a raw worker: bad input gives an error event and the worker keeps serving ------------------
 
 
-def test_worker_answers_bad_requests_with_clear_errors_and_keeps_serving(tmp_path):
+@contextlib.contextmanager
+def raw_worker(tmp_path):
+    """A stdio worker spoken to byte for byte; it must stop by itself at stdin EOF."""
     proc = subprocess.Popen([sys.executable, "-c", BOOT, "worker", "--log", str(tmp_path / "w.log")],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=dict(os.environ, **ENV),
                             cwd=str(LIB.parent))
     try:
         assert protocol.read_message(proc.stdout)["event"] == "hello"
+        yield proc
+    finally:
+        proc.stdin.close()  # stdin EOF: the worker stops by itself
+        assert proc.wait(timeout=20) == 0
+        proc.stdout.close()
+
+
+def test_worker_answers_bad_requests_with_clear_errors_and_keeps_serving(tmp_path):
+    with raw_worker(tmp_path) as proc:
 
         def ask(line: bytes):
             proc.stdin.write(line if line.endswith(b"\n") else line + b"\n")
@@ -163,22 +177,75 @@ def test_worker_answers_bad_requests_with_clear_errors_and_keeps_serving(tmp_pat
             answer = ask(line)
             assert answer["event"] == "error" and answer["id"] == job_id, answer
             assert re.search(pattern, answer["error"]), answer["error"]
+            assert "traceback" not in answer  # bad input: one line, no traceback
         pong = ask(protocol.encode(protocol.request("r9", "ping")))
         assert pong["event"] == "result" and pong["result"]["pong"] is True
+
+
+def test_an_over_long_line_is_one_error_and_its_tail_is_no_message(tmp_path):
+    with raw_worker(tmp_path) as proc:
+        tail = protocol.encode(protocol.request("tail", "ping"))[:-1]  # would parse, were the line cut
+        proc.stdin.write(b" " * (protocol.MAX_LINE_BYTES + 10) + tail + b"\n")
+        proc.stdin.write(protocol.encode(protocol.request("p", "ping")))
+        proc.stdin.flush()
+        first, second = protocol.read_message(proc.stdout), protocol.read_message(proc.stdout)
+        assert first["event"] == "error" and first["id"] is None and "longer than" in first["error"]
+        assert second["id"] == "p" and second["event"] == "result"
+
+
+def test_the_worker_log_is_private(tmp_path):
+    log_path = tmp_path / "logs" / "worker.log"
+    with WorkerClient(log_path=str(log_path), env=ENV) as client:
+        client.ping(timeout=60)
+    if os.name != "nt":
+        assert stat.S_IMODE(os.stat(log_path).st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(log_path.parent).st_mode) == 0o700
+
+
+def test_a_worker_start_deletes_job_folders_whose_owner_died(tmp_path):
+    """A client killed mid-job leaves its job folder (patient arrays) in the temp folder."""
+    script = textwrap.dedent(f"""
+        import sys, time
+        import numpy as np
+        from SAMFineTuneLib.client import WorkerClient
+        client = WorkerClient(log_path={str(tmp_path / "a.log")!r})
+        job = client.submit("echo", {{"seconds": 60}}, {{"volume": np.ones((4, 8, 8), np.int16)}})
+        while job.state != "running":
+            client.poll(timeout=0.05)
+        print(client._res.folder, flush=True)
+        time.sleep(600)
+    """)
+    doomed = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=str(LIB.parent), **ENV))
+    folder = doomed.stdout.readline().strip()
+    doomed.kill()
+    doomed.wait(timeout=20)
+    doomed.stdout.close()
+    assert os.listdir(folder)  # its job's arrays are still there
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    kept = tempfile.mkdtemp(prefix=f"samft-jobs-{alive.pid}-")  # its owner still runs
+    try:
+        with WorkerClient(log_path=str(tmp_path / "b.log"), env=ENV) as client:
+            client.ping(timeout=60)
+            deadline = time.monotonic() + 20
+            while os.path.exists(folder):
+                assert time.monotonic() < deadline, f"{folder} is still there"
+                time.sleep(0.1)
+        assert os.path.isdir(kept)
     finally:
-        proc.stdin.close()  # stdin EOF: the worker stops by itself
-        assert proc.wait(timeout=20) == 0
-        proc.stdout.close()
+        alive.kill()
+        alive.wait()
+        shutil.rmtree(kept, ignore_errors=True)
 
 
 def test_library_chatter_goes_to_the_log_not_the_protocol(tmp_path):
     log_path = tmp_path / "w.log"
-    noisy = ("orig = w.Session.job_echo\n"
-             "def noisy(self, job):\n"
+    noisy = ("orig = w.jobs.HANDLERS['echo']\n"
+             "def noisy(core, job):\n"
              "    import os, warnings\n"
              "    print('PY-CHATTER'); os.write(1, b'C-LEVEL-CHATTER\\n'); warnings.warn('WARN-CHATTER')\n"
-             "    return orig(self, job)\n"
-             "w.Session.job_echo = noisy")
+             "    return orig(core, job)\n"
+             "w.jobs.HANDLERS['echo'] = noisy")
     with WorkerClient(log_path=str(log_path), command=patched_worker(log_path, noisy), env=ENV) as client:
         result, arrays = client.run("echo", {"data": [1, 2]}, {"x": np.arange(5)}, timeout=60)
         assert result["params"]["data"] == [1, 2] and np.array_equal(arrays["x"], np.arange(5))
@@ -234,6 +301,23 @@ def test_cancel_running_job_is_prompt_and_worker_stays_usable(client):
     assert client.ping()["pong"] and client.worker_pid == pid and client.starts == 1
 
 
+def test_wait_cancels_the_job_once_the_callers_cancel_says_so(client):
+    """A blocking caller (Slicer's in-process-style backend) passes its cancel check to wait."""
+    job = client.submit("echo", {"seconds": 120})
+    asked = []
+
+    def cancel():
+        asked.append(job.state)
+        return job.state == "running"
+
+    started = time.monotonic()
+    with pytest.raises(JobCancelled):
+        client.wait(job, timeout=60, cancel=cancel)
+    assert job.state == "cancelled" and time.monotonic() - started < 10.0 and "running" in asked
+    result, _ = client.run("echo", {"data": 1}, timeout=60, cancel=lambda: False)
+    assert result["params"]["data"] == 1 and client.starts == 1
+
+
 def test_late_result_of_cancelled_job_is_dropped(client):
     job = client.submit("echo", {"seconds": 0.2})
     job.cancel_requested = True  # as if the cancel crossed the result on the wire
@@ -270,7 +354,7 @@ def test_protocol_version_mismatch_is_a_clear_error(tmp_path):
 
 def test_job_that_ignores_cancel_gets_its_worker_restarted(tmp_path):
     log_path = tmp_path / "w.log"
-    stubborn = "import time\nw.Session.job_echo = lambda self, job: (job.progress(0, 1, 'stuck'), time.sleep(600))"
+    stubborn = "import time\nw.jobs.HANDLERS['echo'] = lambda core, job: (job.progress(0, 1, 'stuck'), time.sleep(600))"
     with WorkerClient(log_path=str(log_path), command=patched_worker(log_path, stubborn), cancel_grace=1.0) as client:
         job = client.submit("echo")
         wait_for(lambda: job.state == "running" and job.message == "stuck", client)
@@ -302,39 +386,22 @@ def _alive(pid: int) -> bool:
 # --- TCP mode ------------------------------------------------------------------------------
 
 
-def start_server(tmp_path, *extra):
-    proc = subprocess.Popen([sys.executable, "-c", BOOT, "serve", "--port", "0", "--log", str(tmp_path / "s.log"),
-                             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, **ENV), cwd=str(LIB.parent))
-    line = proc.stdout.readline()
-    assert "listening on" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
-    host, port = line.split("listening on ")[1].split()[0].rsplit(":", 1)
-    return proc, host, int(port)
-
-
-def stop_server(proc):
-    proc.kill()
-    proc.wait(timeout=10)
-    proc.stdout.close()
-    proc.stderr.close()
-
-
 def test_is_loopback():
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1") and is_loopback("127.0.0.2")
     assert not is_loopback("0.0.0.0") and not is_loopback("10.1.2.3") and not is_loopback("no.such.host.invalid")
 
 
 def test_tcp_binds_loopback_by_default_and_serves_arrays(tmp_path):
-    proc, host, port = start_server(tmp_path)
+    proc, host, port, token = start_server(tmp_path)
     try:
-        assert host == "127.0.0.1"
+        assert host == "127.0.0.1" and len(token) >= 16  # a token even on loopback, generated and printed
         import psutil
 
         listening = [c.laddr for c in psutil.Process(proc.pid).net_connections() if c.status == psutil.CONN_LISTEN]
         assert [(a.ip, a.port) for a in listening] == [("127.0.0.1", port)]
         mask = np.zeros((8, 16, 16), np.uint8)
         mask[2:4, 3:9, 5:7] = 1
-        with WorkerClient(address=f"127.0.0.1:{port}") as client:
+        with WorkerClient(address=f"127.0.0.1:{port}", token=token) as client:
             result, arrays = client.run("echo", {"data": 7}, {"mask": mask, "f": np.eye(3)}, timeout=60)
             assert result["params"]["data"] == 7 and result["arrays"]["mask"][1] == [8, 16, 16]
             assert np.array_equal(arrays["mask"], mask) and np.array_equal(arrays["f"], np.eye(3))
@@ -342,7 +409,7 @@ def test_tcp_binds_loopback_by_default_and_serves_arrays(tmp_path):
         # A file reference would let a remote client read the server's files: refused.
         with socket.create_connection(("127.0.0.1", port), timeout=20) as sock, sock.makefile("rwb") as stream:
             assert protocol.read_message(stream)["event"] == "hello"
-            for message in (protocol.request("h", "hello"), dict(protocol.request("e", "echo"), arrays={
+            for message in (protocol.request("h", "hello", {"token": token}), dict(protocol.request("e", "echo"), arrays={
                     "a": {"dtype": "<f4", "shape": [1], "path": "/etc/passwd"}})):
                 stream.write(protocol.encode(message))
                 stream.flush()
@@ -362,15 +429,15 @@ def test_tcp_refuses_non_loopback_without_token(tmp_path):
 
 
 def test_tcp_rejects_wrong_token_and_accepts_right_one(tmp_path):
-    proc, host, port = start_server(tmp_path, "--host", "0.0.0.0", "--token", "s3cret")
+    proc, host, port, printed = start_server(tmp_path, "--host", "0.0.0.0", "--token", "s3cret-s3cret-s3cret")
     try:
-        assert host == "0.0.0.0"  # allowed off loopback because a token is set
+        assert host == "0.0.0.0" and printed is None  # allowed off loopback because a token is set; never printed
         for token in ("wrong", None):
             with WorkerClient(address=("127.0.0.1", port), token=token) as client:
                 with pytest.raises(JobError, match="authentication failed") as caught:
                     client.ping(timeout=30)
                 assert not isinstance(caught.value, WorkerCrashed)
-        with WorkerClient(address=("127.0.0.1", port), token="s3cret") as client:
+        with WorkerClient(address=("127.0.0.1", port), token="s3cret-s3cret-s3cret") as client:
             assert client.ping(timeout=30)["pong"] is True
     finally:
         stop_server(proc)

@@ -1,6 +1,6 @@
 """Geometry between MRML nodes and the engine's voxel arrays.
 
-Conventions (the engine's, see CONTRACT.md):
+Conventions (the engine's):
 - arrays are KJI (``array[k, j, i]``), as ``slicer.util.arrayFromVolume`` returns them;
 - a box is ``(i0, j0, k0, i1, j1, k1)``, inclusive voxel indices;
 - a voxel belongs to an ROI when its centre lies inside the ROI. Voxel centres sit at
@@ -19,6 +19,8 @@ import numpy as np
 import slicer
 import vtk
 
+from .options import AXES
+
 #: Tolerance in voxels when deciding whether a voxel centre lies on the ROI boundary.
 BOUNDARY_TOLERANCE = 1e-3
 
@@ -26,8 +28,8 @@ BOUNDARY_TOLERANCE = 1e-3
 #: transform (which bends the edges) is followed too.
 _EDGE_SAMPLES = 9
 
-# The engine's slicing axes and the array axis each one steps along (KJI array).
-ENGINE_AXIS_OF_ARRAY_AXIS = {0: "axial", 1: "coronal", 2: "sagittal"}
+# The engine's slicing axis that steps along each axis of a KJI array.
+ENGINE_AXIS_OF_ARRAY_AXIS = {index: name for name, index in AXES.items()}
 # The RAS direction that each anatomical slicing axis is perpendicular to.
 _RAS_NORMAL = {"axial": 2, "coronal": 1, "sagittal": 0}
 

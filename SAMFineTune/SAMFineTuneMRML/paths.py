@@ -1,27 +1,32 @@
-"""Where SAMFineTune keeps files: always in the user's folders, never in the install folder.
+"""Where SAMFineTune keeps files and which Python runs its worker.
 
+Files live in the user's folders, never in the install folder:
 - cache (worker log, exported training sets by default): ``$SAMFINETUNE_CACHE``, else inside
-  Slicer the application's user cache folder + ``/SAMFineTune``, else the engine's
-  ``protocol.user_cache_dir()`` (the platform cache folder + ``/SAMFineTune``). The worker is
-  started with ``SAMFINETUNE_CACHE`` set to the same folder, so both sides agree.
+  Slicer the application's cache folder + ``/SAMFineTune``, else the engine's user cache
+  folder. The worker is started with ``SAMFINETUNE_CACHE`` set to the same folder and its log
+  is put there, so both sides agree.
 - adapters library (fine-tuned adapters the user keeps): ``$SAMFINETUNE_ADAPTERS``, else
   ``<cache>/adapters``.
 """
 
 import os
+import shutil
+import sys
 
 import slicer
+
+from .library import ensureLibraryImportable
 
 
 def cacheDirectory(create=True):
     path = os.environ.get("SAMFINETUNE_CACHE")
     if not path:
-        app = getattr(slicer, "app", None)
-        root = getattr(app, "cachePath", None) if app is not None else None
+        root = getattr(getattr(slicer, "app", None), "cachePath", None)
         if root:
             path = os.path.join(root, "SAMFineTune")
         else:
-            from SAMFineTuneLib.protocol import user_cache_dir
+            ensureLibraryImportable()
+            from SAMFineTuneLib.paths import user_cache_dir
 
             path = user_cache_dir()
     if create:
@@ -36,6 +41,24 @@ def adaptersDirectory(create=True):
     return path
 
 
+def workerLogPath():
+    return os.path.join(cacheDirectory(), "logs", "worker.log")
+
+
 def workerEnvironment():
     """Environment additions for the worker process (same cache folder as this side)."""
     return {"SAMFINETUNE_CACHE": cacheDirectory()}
+
+
+def workerPython():
+    """The interpreter of the background worker: ``$SAMFINETUNE_WORKER_PYTHON`` when set (a Python
+    with the engine's packages, e.g. a separate GPU environment), else Slicer's own PythonSlicer
+    inside Slicer (``slicer.util.executePythonModule`` finds it the same way), else this one."""
+    chosen = os.environ.get("SAMFINETUNE_WORKER_PYTHON")
+    if chosen:
+        return chosen
+    if hasattr(slicer, "app"):
+        found = shutil.which("PythonSlicer")
+        if found:
+            return found
+    return sys.executable

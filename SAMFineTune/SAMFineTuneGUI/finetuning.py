@@ -1,0 +1,160 @@
+"""The panel's fine-tuning section: export corrected cases, train an adapter and follow its curve,
+see its scores per validation case, compare one case with and without it, keep learning."""
+
+import os
+
+import slicer
+from SAMFineTuneMRML import comparison, options, training
+from SAMFineTuneMRML.keeplearning import KeepLearning
+from SAMFineTuneMRML.paths import adaptersDirectory
+
+from . import dependencies
+from .combos import refillCombo
+
+
+class FineTuningSection:
+    def __init__(self, panel):
+        self.panel = panel
+        self.ui = panel.ui
+        self.task = None
+        self.curve = None
+        self.card = None
+        self.comparisons = []
+        self.learning = KeepLearning(panel.logic)
+        self.ui.exportButton.clicked.connect(self.onExport)
+        self.ui.trainButton.clicked.connect(self.onTrain)
+        self.ui.cancelTrainingButton.clicked.connect(self.onCancel)
+        self.ui.compareButton.clicked.connect(self.onCompare)
+
+    @property
+    def busy(self):
+        return self.task is not None and not self.task.finished
+
+    def updateGUI(self, p):
+        datasetChosen = bool(options.optionalPath(p.datasetDir))
+        self.ui.trainButton.enabled = datasetChosen and bool(p.adapterName) and not self.busy
+        self.ui.cancelTrainingButton.enabled = self.busy
+        self.ui.exportButton.enabled = datasetChosen
+        self.ui.compareButton.enabled = self.card is not None and self.ui.compareCaseComboBox.count > 0
+        self.ui.keepLearningSpinBox.enabled = p.keepLearning
+
+    def structureName(self):
+        p = self.panel.parameters
+        if p.structureName:
+            return p.structureName
+        node = p.segmentation
+        segment = node.GetSegmentation().GetSegment(p.targetSegment) if node is not None and p.targetSegment else None
+        return segment.GetName() if segment is not None else ""
+
+    def trainConfig(self):
+        engine = self.panel.segmentOptions()
+        return dict(model=engine["model"], checkpoint=engine["checkpoint"], device=engine["device"],
+                    epochs=self.panel.parameters.epochs)
+
+    # ------------------------------------------------------------ export, keep learning
+
+    def onExport(self):
+        p = self.panel.parameters
+        name = self.structureName()
+        if not name:
+            slicer.util.errorDisplay("Type the structure (segment name) to export.")
+            return
+        dataset = options.optionalPath(p.datasetDir)
+        try:
+            with slicer.util.WaitCursor():
+                cases = training.findCases(slicer.mrmlScene, name)
+                summary = self.panel.logic.exportTrainingSet(cases, dataset, name)
+        except Exception as exc:
+            slicer.util.errorDisplay("Export failed: %s" % exc)
+            return
+        text = "Added %d case(s) to %s (%s train, %s val)%s" % (
+            len(summary.get("added", [])), summary.get("dataset"), summary.get("train"), summary.get("val"),
+            "".join("\n" + w for w in summary.get("warnings", [])))
+        if p.keepLearning and p.adapterName:
+            self.learning.every = p.keepLearningEvery
+            run = self.learning.exported(len(summary.get("added", [])), dataset,
+                                         os.path.join(adaptersDirectory(), p.adapterName), **self.trainConfig())
+            if run is not None:
+                text += "\nKeep learning: %s." % run.message
+                self.panel.startPolling()
+        self.ui.trainingStatusLabel.text = text
+
+    # ------------------------------------------------------------ training
+
+    def onTrain(self):
+        if not dependencies.ensure(self.ui):
+            return
+        p = self.panel.parameters
+        curve = self.curve = training.TrainingCurve(slicer.mrmlScene, "SAMFineTune " + p.adapterName)
+        self.ui.trainingTableView.setMRMLTableNode(curve.table)
+        slicer.modules.plots.logic().ShowChartInLayout(curve.chart)
+        try:
+            self.task = self.panel.logic.train(
+                options.optionalPath(p.datasetDir), name=p.adapterName, waitForCompletion=False,
+                onEvent=lambda message: curve.addFromMessage(str(message.get("message", ""))),
+                onFinished=self.onFinished, **self.trainConfig())
+        except Exception as exc:
+            slicer.util.errorDisplay("Cannot start training: %s" % exc)
+            return
+        self.panel.startPolling()
+
+    def onCancel(self):
+        if self.task is not None:
+            self.task.cancel()
+
+    def onFinished(self, task):
+        if task.state != "done":
+            return
+        self.panel.refreshAdapters()
+        self.panel.parameters.adapter = task.output
+        self.card = (task.result or {}).get("card") or {}
+        self.ui.scoresTableView.setMRMLTableNode(comparison.scoresTable(slicer.mrmlScene, self.card))
+        cases = [row["case"] for row in (self.card.get("scores") or {}).get("per_case") or []]
+        refillCombo(self.ui.compareCaseComboBox, [(case, case) for case in cases], cases[0] if cases else "")
+        self.ui.trainingStatusLabel.text = "Adapter '%s' ready and selected." % self.panel.parameters.adapterName
+
+    # ------------------------------------------------------------ comparison
+
+    def onCompare(self):
+        case = self.ui.compareCaseComboBox.currentData
+        engine = self.panel.segmentOptions()
+        try:
+            _, self.comparisons = comparison.compareOnCase(
+                self.panel.logic, options.optionalPath(self.panel.parameters.datasetDir), case,
+                self.panel.parameters.adapter or None, **{k: v for k, v in engine.items() if k != "adapter"})
+        except Exception as exc:
+            slicer.util.errorDisplay("Cannot compare: %s" % exc)
+            return
+        self.ui.trainingStatusLabel.text = "Segmenting %s with and without the adapter..." % case
+        self.panel.startPolling()
+
+    def pollComparison(self):
+        for task in self.comparisons:
+            task.poll()
+        if any(not task.finished for task in self.comparisons):
+            return True
+        lines = ["%s: %s" % (task.segmentName(), "Dice %.3f" % comparison.diceAgainstReference(task)
+                             if task.state == "done" else task.error or task.state) for task in self.comparisons]
+        self.ui.trainingStatusLabel.text = "Compared against the reference: " + ", ".join(lines)
+        self.comparisons = []
+        return False
+
+    # ------------------------------------------------------------ polling
+
+    def poll(self):
+        """Advance training, a comparison and a keep-learning run; True while any goes on."""
+        busy = False
+        if self.task is not None:
+            self.task.poll()
+            self.ui.trainingProgressBar.value = int(100 * self.task.progress)
+            self.ui.trainingStatusLabel.text = self.task.error or self.task.message
+            busy = self.busy
+        if self.comparisons:
+            busy = self.pollComparison() or busy
+        run = self.learning.run
+        if run is not None and not run.finished:
+            if not run.poll():
+                self.panel.refreshAdapters()
+                self.ui.trainingStatusLabel.text = "Keep learning: %s." % run.message
+            busy = busy or not run.finished
+        return busy

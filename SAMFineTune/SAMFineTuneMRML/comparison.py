@@ -1,0 +1,93 @@
+"""What an adapter changed, shown in the scene: its model card's scores per validation case, and
+one validation case segmented with and without it beside the reference.
+
+The comparison starts, as a user does, from one ROI a few voxels looser than the reference
+structure, and runs the panel's segmentation twice in the background worker: once with the base
+model ("base") and once with the adapter ("adapted"), into one segmentation that also holds the
+case's reference label ("reference").
+"""
+
+import numpy as np
+import slicer
+
+from . import geometry, segments, storage
+from .library import ensureLibraryImportable
+from .options import checkOptions
+
+ensureLibraryImportable()
+#: In-plane margin, in voxels, of the ROI around the reference (one slice along the slicing axis).
+ROI_MARGIN = 3
+SCORE_COLUMNS = ("case", "base Dice", "adapted Dice")
+
+
+def scoresTable(scene, card, name="SAMFineTune adapter scores"):
+    """A table node: one row per validation case of the model card, base and adapted Dice."""
+    import vtk
+
+    rows = (card.get("scores") or {}).get("per_case") or []
+    table = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+    columns = [vtk.vtkStringArray()] + [vtk.vtkDoubleArray() for _ in SCORE_COLUMNS[1:]]
+    for column, title in zip(columns, SCORE_COLUMNS):
+        column.SetName(title)
+        table.AddColumn(column)
+    for row in rows:
+        index = table.AddEmptyRow()
+        table.SetCellText(index, 0, str(row["case"]))
+        for column, run in ((1, "base"), (2, "adapted")):
+            table.GetTable().SetValue(index, column, float(row[run]["dice"]))
+    table.Modified()
+    return table
+
+
+def roiBoxAroundLabel(label, axis, margin=ROI_MARGIN):
+    """Inclusive IJK box of a KJI label grown by ``margin`` voxels in-plane and one slice along ``axis``."""
+    k, j, i = np.nonzero(label)
+    if k.size == 0:
+        raise ValueError("The reference label of this case is empty: nothing to compare.")
+    grow = np.array([margin, margin, margin])
+    grow[{"axial": 2, "coronal": 1, "sagittal": 0}[axis]] = 1
+    low = np.maximum(np.array([i.min(), j.min(), k.min()]) - grow, 0)
+    high = np.minimum(np.array([i.max(), j.max(), k.max()]) + grow, np.array(label.shape[::-1]) - 1)
+    return tuple(int(v) for v in np.r_[low, high])
+
+
+def loadCase(dataset, caseId):
+    """(volume node, reference label as a KJI array) of one case of an exported dataset."""
+    from SAMFineTuneLib.dataset import read_dataset
+
+    entry = read_dataset(dataset).case(caseId)
+    volume = storage.loadVolume(entry.image, name=caseId)
+    labelNode = storage.loadVolume(entry.label, name=caseId + " reference")
+    try:
+        label = np.asarray(slicer.util.arrayFromVolume(labelNode)) > 0
+    finally:
+        labelNode.GetScene().RemoveNode(labelNode)
+    return volume, label
+
+
+def compareOnCase(logic, dataset, caseId, adapter, axis="axial", onFinished=None, **engineOptions):
+    """Load the case, add its reference, and start the base and adapted segmentations from one loose
+    ROI (non-blocking, in the worker). Returns (segmentation node, [base task, adapted task])."""
+    checkOptions(dict(engineOptions, adapter=adapter, axis=axis))  # both runs can start: checked first
+    volume, label = loadCase(dataset, caseId)
+    scene = volume.GetScene()
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", caseId + " ROI")
+    geometry.placeRoiAroundBox(roi, volume, roiBoxAroundLabel(label, geometry.engineAxis(volume, axis)))
+    node = logic.createSegmentation(volume, caseId + " comparison")
+    reference = segments.ensureSegment(node, segmentName="reference", color=[0.2, 0.8, 0.2])
+    segments.writeMaskToSegment(label, volume, node, reference)
+    tasks = []
+    for name, used in (("base", None), ("adapted", adapter)):
+        tasks += logic.segmentROIs(volume, [roi], node, segmentNames=[name], waitForCompletion=False,
+                                   onFinished=onFinished, axis=axis, **dict(engineOptions, adapter=used))
+    return node, tasks
+
+
+def diceAgainstReference(task, referenceName="reference"):
+    """Dice of a finished comparison task's segment against the case's reference segment."""
+    from SAMFineTuneLib.metrics import dice_score
+
+    node = task.segmentationNode
+    reference = node.GetSegmentation().GetSegmentIdBySegmentName(referenceName)
+    return dice_score(segments.segmentToArray(node, task.segmentId, task.volumeNode),
+                      segments.segmentToArray(node, reference, task.volumeNode))

@@ -1,0 +1,163 @@
+"""Interactive correction with SAM: a click or a box on one slice, and re-propagation from a
+corrected slice, run by the background worker on the embeddings it keeps.
+
+The worker holds the volume under a key made from the node and the time its voxels last
+changed, so the voxels travel once per worker process; a worker that restarted or let the volume
+go says ``UnknownVolume`` and the request is sent again with the voxels. Each slice the user
+corrects is remembered on the segment (a tag), so an exported case says which slices a person
+checked.
+"""
+
+import vtk
+
+from . import geometry
+from .options import MODEL_KEYS, checkOptions
+from .tasks import Task
+
+#: The Segment Editor effect's name ("SAMFineTuneEffect/SegmentEditorEffect.py"): modules find effects by it.
+EFFECT_NAME = "SAM"
+#: Segment tag listing the slices corrected by hand or by clicks: "axial:3,4;coronal:12".
+CORRECTED_TAG = "SAMFineTune.CorrectedSlices"
+UNKNOWN_VOLUME = "UnknownVolume"
+#: Options a click or a propagation takes from the panel's settings.
+_ENGINE_OPTIONS = MODEL_KEYS + ("adapter", "window")
+
+
+def volumeKey(volumeNode):
+    """Changes whenever the volume's voxels change, so a stale copy is never used."""
+    return "%s:%d" % (volumeNode.GetID(), volumeNode.GetImageData().GetMTime())
+
+
+def correctedSlices(segment):
+    """{engine axis: set of slice indices} from a segment's tag."""
+    found = {}
+    text = vtk.reference("")  # vtkSegment::GetTag(tag, std::string& value)
+    if segment is None or not segment.GetTag(CORRECTED_TAG, text):
+        return found
+    for part in str(text).split(";"):
+        axis, _, indices = part.partition(":")
+        if axis and indices:
+            found.setdefault(axis, set()).update(int(index) for index in indices.split(","))
+    return found
+
+
+def markCorrected(segment, axis, indices):
+    found = correctedSlices(segment)
+    found.setdefault(axis, set()).update(int(index) for index in indices)
+    segment.SetTag(CORRECTED_TAG, ";".join("%s:%s" % (name, ",".join(str(i) for i in sorted(values)))
+                                           for name, values in sorted(found.items())))
+
+
+class ResultTask(Task):
+    """A worker job whose mask goes to ``onMask(mask, result)`` when it succeeds; a job that found
+    no volume in the worker is sent once more with the voxels."""
+
+    def __init__(self, session, command, params, arrays, onMask, onFinished=None):
+        self.session, self.command, self.params, self.arrays, self.onMask = session, command, params, arrays, onMask
+        self.retried = False
+        Task.__init__(self, session.submit(command, params, arrays), session.client, onFinished)
+
+    def conclude(self):
+        if self.job.state == "error" and (self.job.error or "").startswith(UNKNOWN_VOLUME) and not self.retried:
+            self.retried = True
+            self.job = self.session.submit(self.command, self.params, self.arrays, resend=True)
+            self.job.on_event = None
+            return
+        Task.conclude(self)
+
+    def complete(self, result, arrays):
+        self.onMask(arrays["mask"], result)
+
+
+class InteractiveSession:
+    """The volume a Segment Editor effect corrects, as the worker sees it."""
+
+    def __init__(self, logic, volumeNode):
+        geometry.checkVolumeNode(volumeNode)
+        self.logic = logic
+        self.volumeNode = volumeNode
+        self._sent = None  # (volume key, worker start count) of the copy the worker holds
+
+    @property
+    def client(self):
+        return self.logic.worker.client
+
+    def submit(self, command, params, arrays=None, resend=False):
+        """Send a job naming the volume by key; the voxels go along when this worker has not had them."""
+        key = volumeKey(self.volumeNode)
+        arrays = dict(arrays or {})
+        client = self.client
+        if resend or self._sent != (key, client.starts):
+            arrays["volume"], _ = geometry.volumeToArray(self.volumeNode)
+        job = client.submit(command, dict(params, volume_key=key), arrays)
+        self._sent = (key, client.starts)
+        return job
+
+    def baseParams(self, axis, index, options):
+        options = checkOptions({k: v for k, v in options.items() if k in _ENGINE_OPTIONS})
+        params = {k: options[k] for k in _ENGINE_OPTIONS}
+        params.update(axis=axis, index=int(index), spacing=[float(s) for s in geometry.volumeSpacing(self.volumeNode)])
+        return params
+
+    def refine(self, axis, index, points, box=None, startMask=None, reset=False, options=None, onMask=None,
+               onFinished=None):
+        """One decode on one slice from positive/negative points ``[(x, y, positive)]`` and an optional
+        box (x0, y0, x1, y1), starting from the worker's previous result on this slice unless
+        ``reset`` (then from ``startMask``, e.g. the segment's current slice, when given)."""
+        if not points and box is None:
+            raise ValueError("Give at least one point or a box.")
+        params = self.baseParams(axis, index, options or {})
+        params.update(points=[[float(x), float(y), 1 if positive else 0] for x, y, positive in points],
+                      box=None if box is None else [float(v) for v in box], reset=bool(reset))
+        arrays = {"mask": startMask.astype("uint8")} if startMask is not None else None
+        return ResultTask(self, "refine", params, arrays, onMask, onFinished)
+
+    def propagate(self, axis, index, mask, locked=(), limits=None, options=None, onMask=None, onFinished=None):
+        """Track the structure from a corrected slice ``mask`` outwards in both directions, within
+        ``limits`` (first, last slice; default the whole volume), never over ``locked`` slices."""
+        if not mask.any():
+            raise ValueError("The slice to propagate from is empty: correct it first.")
+        params = self.baseParams(axis, index, options or {})
+        params.update(locked=sorted(int(i) for i in locked))
+        if limits is not None:
+            params.update(first=int(limits[0]), last=int(limits[1]))
+        return ResultTask(self, "propagate", params, {"mask": mask.astype("uint8")}, onMask, onFinished)
+
+
+#: A press and release further apart than this (in view pixels) is a drag: a box, not a click.
+DRAG_PIXELS = 5
+
+
+def gesture(pressXY, releaseXY, shift=False, right=False):
+    """What a mouse gesture in a slice view asks for: ("box", None) for a drag, else ("point",
+    positive); Shift+click and right click add a negative point."""
+    dx, dy = releaseXY[0] - pressXY[0], releaseXY[1] - pressXY[1]
+    if not right and dx * dx + dy * dy > DRAG_PIXELS * DRAG_PIXELS:
+        return "box", None
+    return "point", not (shift or right)
+
+
+class Prompts:
+    """The points and box on the slice being corrected. Prompts on another slice start afresh."""
+
+    def __init__(self):
+        self.slice = None  # (axis, index)
+        self.points = []  # [(x, y, positive)]
+        self.box = None
+
+    def add(self, axis, index, point=None, positive=True, box=None):
+        """Add a point or a box; returns True when this starts a new slice (the worker forgets the
+        previous slice's result)."""
+        fresh = self.slice != (axis, int(index))
+        if fresh:
+            self.clear()
+            self.slice = (axis, int(index))
+        if point is not None:
+            self.points.append((float(point[0]), float(point[1]), bool(positive)))
+        if box is not None:
+            x0, y0, x1, y1 = box
+            self.box = (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
+        return fresh
+
+    def clear(self):
+        self.slice, self.points, self.box = None, [], None

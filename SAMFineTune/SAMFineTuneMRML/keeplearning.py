@@ -1,0 +1,104 @@
+"""Keep learning (opt-in): retrain in the background after every few exported cases, and keep
+the adapter in use until a new one scores better on the validation cases.
+
+Retraining on every submitted case is what users of other tools complain about (the GPU busy,
+results changing under them), so it runs only after ``every`` new cases, one run at a time.
+A run trains a candidate beside the adapter in use, scores the adapter in use on the same
+validation cases, and swaps the candidate in only when its validation Dice is higher.
+"""
+
+import os
+import shutil
+
+from .tasks import Task
+
+#: A candidate replaces the adapter in use only when its validation Dice is higher by at least this.
+MIN_GAIN = 0.001
+
+
+def validationDice(card):
+    """The adapted model's mean validation Dice from a model card (None when it was not scored)."""
+    return ((card or {}).get("scores") or {}).get("adapted", {}).get("dice")
+
+
+def swapInto(candidate, target):
+    """Put the finished candidate folder where the adapter in use is; the old one is removed only
+    after the candidate is in place, so a crash leaves one of them whole."""
+    retired = target + ".retired"
+    shutil.rmtree(retired, ignore_errors=True)
+    if os.path.isdir(target):
+        os.replace(target, retired)
+    os.replace(candidate, target)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+class LearningRun:
+    """One retraining: train the candidate, score the adapter in use, keep the better one.
+    ``state``: "training", "scoring", then "kept" (the candidate replaced it), "discarded" or "failed";
+    ``message`` says what happened."""
+
+    def __init__(self, logic, dataset, adapter, config):
+        self.logic, self.dataset, self.adapter, self.config = logic, dataset, adapter, dict(config)
+        self.candidate = adapter + ".candidate"
+        shutil.rmtree(self.candidate, ignore_errors=True)
+        self.task = logic.train(dataset, output=self.candidate, waitForCompletion=False, **self.config)
+        self.state, self.message, self.card = "training", "training a candidate adapter", None
+
+    @property
+    def finished(self):
+        return self.state in ("kept", "discarded", "failed")
+
+    def poll(self):
+        """Advance the run; True while it goes on."""
+        if self.finished or self.task.poll():
+            return not self.finished
+        if self.task.state != "done":
+            return self.end("failed", "retraining %s: %s" % (self.task.state, self.task.error or ""))
+        if self.state == "training":
+            self.card = (self.task.result or {}).get("card")
+            if not os.path.isfile(os.path.join(self.adapter, "model_card.json")):
+                return self.keep("no adapter in use yet")
+            self.state, self.message = "scoring", "scoring the adapter in use on the validation cases"
+            params = {k: v for k, v in self.config.items() if k in ("model", "checkpoint", "device")}
+            self.task = Task(self.logic.worker.submit("evaluate", dict(params, dataset=self.dataset, adapter=self.adapter)),
+                             self.logic.worker.client)
+            return True
+        current = (((self.task.result or {}).get("report") or {}).get("mean") or {}).get("adapted", {}).get("dice")
+        new = validationDice(self.card)
+        if new is not None and (current is None or new > current + MIN_GAIN):
+            return self.keep("validation Dice %.3f, the adapter in use %s" % (new, "%.3f" % current
+                                                                            if current is not None else "unscored"))
+        shutil.rmtree(self.candidate, ignore_errors=True)
+        return self.end("discarded", "kept the adapter in use (validation Dice %s) over the new one (%s)"
+                        % (_text(current), _text(new)))
+
+    def keep(self, why):
+        swapInto(self.candidate, self.adapter)
+        return self.end("kept", "new adapter in use: " + why)
+
+    def end(self, state, message):
+        self.state, self.message = state, message
+        return False
+
+
+def _text(value):
+    return "%.3f" % value if value is not None else "unscored"
+
+
+class KeepLearning:
+    """Counts exported cases and starts a LearningRun after every ``every`` of them (one at a time)."""
+
+    def __init__(self, logic, every=3):
+        self.logic = logic
+        self.every = int(every)
+        self.pending = 0
+        self.run = None
+
+    def exported(self, count, dataset, adapter, **config):
+        """Note ``count`` newly exported cases; returns the run it started, if any."""
+        self.pending += int(count)
+        if self.pending < self.every or (self.run is not None and not self.run.finished):
+            return None
+        self.pending = 0
+        self.run = LearningRun(self.logic, dataset, adapter, config)
+        return self.run

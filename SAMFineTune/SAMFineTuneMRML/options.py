@@ -1,0 +1,61 @@
+"""The segmentation options as the panel and the logic take them, checked before any work.
+
+Names, choices and defaults are the engine's catalogue (``SAMFineTuneLib.catalogue``); this
+module only adds what the panel shows besides them.
+"""
+
+import os
+
+from .library import ensureLibraryImportable
+
+ensureLibraryImportable()
+from SAMFineTuneLib.catalogue import (AXES, BOX_MODES, DEVICES, MODEL_KEYS, MODEL_SPECS,  # noqa: E402,F401
+                                      SEGMENT_DEFAULTS, WINDOWS)
+
+#: (engine name, label) pairs for the panel's combo boxes.
+MODEL_CHOICES = tuple((name, spec.title) for name, spec in MODEL_SPECS.items())
+#: The engine's windows, and "custom" for the width/level the user types.
+CUSTOM_WINDOW = "custom"
+WINDOW_CHOICES = tuple(WINDOWS.items()) + ((CUSTOM_WINDOW, "custom W/L"),)
+AXIS_CHOICES = tuple((name, name) for name in AXES)
+BOX_MODE_CHOICES = tuple(BOX_MODES.items())
+DEVICE_CHOICES = tuple(DEVICES.items())
+
+
+def optionalPath(value):
+    """A path option as a string, None when unset (an empty ``pathlib.Path`` reads as '.')."""
+    text = str(value) if value is not None else ""
+    return None if text in ("", ".") else os.path.abspath(os.path.expanduser(text))
+
+
+def checkOptions(options):
+    """The catalogue's defaults updated with ``options``; TypeError for an unknown name and
+    ValueError, naming the option and what to do, for a value that cannot work."""
+    unknown = sorted(set(options) - set(SEGMENT_DEFAULTS))
+    if unknown:
+        raise TypeError("unknown segmentation option(s): %s; known: %s"
+                        % (", ".join(unknown), ", ".join(sorted(SEGMENT_DEFAULTS))))
+    merged = dict(SEGMENT_DEFAULTS)
+    merged.update({k: v for k, v in options.items() if v is not None})
+    merged["checkpoint"] = optionalPath(options.get("checkpoint"))
+    merged["adapter"] = optionalPath(options.get("adapter"))
+    _checkChoice(merged, "model", MODEL_SPECS)
+    _checkChoice(merged, "axis", AXES)
+    _checkChoice(merged, "box_mode", BOX_MODES)
+    _checkChoice(merged, "device", DEVICES)
+    spec = MODEL_SPECS[merged["model"]]
+    if spec.needs_checkpoint and not merged["checkpoint"]:
+        raise ValueError("Model '%s' needs a checkpoint file: choose it under Model > Checkpoint (only LiteMedSAM "
+                         "ships with its weights)." % merged["model"])
+    if merged["checkpoint"] and not os.path.isfile(merged["checkpoint"]):
+        raise ValueError("Checkpoint file not found: %s. Choose an existing .pth file." % merged["checkpoint"])
+    if merged["adapter"] and not os.path.isfile(os.path.join(merged["adapter"], "model_card.json")):
+        raise ValueError("Adapter folder %s holds no model_card.json: choose an adapter trained by SAM Fine-Tune."
+                         % merged["adapter"])
+    return merged
+
+
+def _checkChoice(options, name, choices):
+    if options[name] not in choices:
+        raise ValueError("Unknown %s '%s'; choose one of: %s." % (name.replace("_", " "), options[name],
+                                                                   ", ".join(choices)))

@@ -1,0 +1,163 @@
+"""One slice of a segment at a time: where a slice view cuts a volume, and writing a 2D result
+into that slice as the Segment Editor writes its own edits.
+
+The engine works on the slices of a KJI array: "axial" steps along k, "coronal" along j,
+"sagittal" along i (``geometry.engineAxis``), and a point on a slice is (x, y) = (column, row)
+of that 2D array. A slice view matches one of those slices when its normal lies along one of
+the volume's IJK axes.
+
+Writing goes through a ``modify(labelmap, mode, extent)`` callable: inside Slicer the effect's
+``modifySelectedSegmentByLabelmap``, elsewhere ``EditorModifier`` around Slicer's
+``vtkSlicerSegmentEditorLogic`` (the code that effect calls, Slicer 5.10 and 5.12). Both honour
+the Segment Editor's masking settings: the editable area, the intensity range and whether other
+segments may be overwritten.
+"""
+
+import numpy as np
+import slicer
+
+from .geometry import ENGINE_AXIS_OF_ARRAY_AXIS, matrixToArray, nodeName, volumeIJKToRAS
+from .options import AXES
+from .segments import orientedImageFromMask, segmentToArray
+
+#: A view counts as showing a volume's slices when its normal is this close to an IJK axis.
+ALIGNMENT_DEGREES = 1.0
+#: Engine axis -> the (row, column) axes of its slices in the KJI array.
+_ROWS_COLUMNS = {"axial": (1, 2), "coronal": (0, 2), "sagittal": (0, 1)}
+
+# Slicer's own modification modes (vtkSlicerSegmentEditorLogic::ModificationMode).
+REMOVE = slicer.vtkSlicerSegmentEditorLogic.ModificationModeRemove
+ADD = slicer.vtkSlicerSegmentEditorLogic.ModificationModeAdd
+
+
+def viewAxis(sliceToRAS, volumeNode):
+    """The engine axis whose slices a view shows (``sliceToRAS``: the slice node's 4x4), or a
+    ValueError that says how to align the view."""
+    normal = np.asarray(sliceToRAS, dtype=float)[:3, 2]
+    normal = normal / np.linalg.norm(normal)
+    axes = volumeIJKToRAS(volumeNode, world=True)[:3, :3]
+    cosines = np.abs(normal @ (axes / np.linalg.norm(axes, axis=0)))
+    ijkAxis = int(np.argmax(cosines))
+    if cosines[ijkAxis] < np.cos(np.radians(ALIGNMENT_DEGREES)):
+        raise ValueError("This view is not aligned with the slices of '%s' (it is oblique to them): use a view "
+                         "that shows the volume's own slices, e.g. reset the view's orientation to the volume."
+                         % nodeName(volumeNode))
+    return ENGINE_AXIS_OF_ARRAY_AXIS[2 - ijkAxis]
+
+
+def sliceNodeAxis(sliceNode, volumeNode):
+    return viewAxis(matrixToArray(sliceNode.GetSliceToRAS()), volumeNode)
+
+
+def rasToSlicePoint(ras, volumeNode, axis):
+    """(slice index, (x, y)) of a world RAS point on the volume's slices along ``axis``; the point
+    may lie outside the volume (the caller decides)."""
+    ijk = np.linalg.inv(volumeIJKToRAS(volumeNode, world=True)) @ np.r_[np.asarray(ras, dtype=float)[:3], 1.0]
+    kji = ijk[2::-1]
+    rows, columns = _ROWS_COLUMNS[axis]
+    return int(np.floor(kji[AXES[axis]] + 0.5)), (float(kji[columns]), float(kji[rows]))
+
+
+def arrayAxis(axis):
+    """The KJI array axis the engine axis steps along."""
+    return AXES[axis]
+
+
+def segmentSlice(segmentationNode, segmentId, volumeNode, axis, index):
+    """One slice of a segment on the volume's grid (2D bool)."""
+    return segmentToArray(segmentationNode, segmentId, volumeNode).take(int(index), axis=arrayAxis(axis))
+
+
+def sliceShape(volumeNode, axis):
+    dims = volumeNode.GetImageData().GetDimensions()
+    kji = (dims[2], dims[1], dims[0])
+    rows, columns = _ROWS_COLUMNS[axis]
+    return kji[rows], kji[columns]
+
+
+def sliceExtent(volumeNode, axis, index):
+    """VTK extent (i0, i1, j0, j1, k0, k1) of one slice of the volume."""
+    dims = volumeNode.GetImageData().GetDimensions()
+    extent = [0, dims[0] - 1, 0, dims[1] - 1, 0, dims[2] - 1]
+    ijkAxis = 2 - AXES[axis]
+    extent[2 * ijkAxis] = extent[2 * ijkAxis + 1] = int(index)
+    return extent
+
+
+def sliceModifier(masks, volumeNode, segmentationNode, reference=None):
+    """A labelmap of ``masks`` (KJI, the volume's shape) in the volume's geometry or, with
+    ``reference``, resampled onto that labelmap's geometry (the editor's modifier)."""
+    image = orientedImageFromMask(masks, volumeNode, segmentationNode)
+    if reference is None:
+        return image
+    resampled = slicer.vtkOrientedImageData()
+    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(image, reference, resampled)
+    return resampled
+
+
+def volumeOfSlices(volumeNode, axis, planes):
+    """A KJI uint8 volume holding ``planes`` ({slice index: 2D mask}) and nothing elsewhere; a
+    ValueError names a plane of the wrong size before anything is written."""
+    shape = sliceShape(volumeNode, axis)
+    dims = volumeNode.GetImageData().GetDimensions()
+    volume = np.zeros((dims[2], dims[1], dims[0]), np.uint8)
+    along = np.moveaxis(volume, AXES[axis], 0)
+    for index, plane in planes.items():
+        plane = np.asarray(plane)
+        if plane.shape != shape:
+            raise ValueError("A %s slice of '%s' is %s pixels, the result is %s." % (axis, nodeName(volumeNode), shape,
+                                                                                    plane.shape))
+        if not 0 <= int(index) < along.shape[0]:
+            raise ValueError("Slice %d is outside '%s' (0..%d along %s)." % (index, nodeName(volumeNode),
+                                                                            along.shape[0] - 1, axis))
+        along[int(index)] = plane > 0
+    return volume
+
+
+def writeSlices(modify, planes, volumeNode, segmentationNode, axis, reference=None):
+    """Make the given slices of the selected segment ``planes`` ({slice index: 2D mask}): those
+    slices are cleared, then the masks added, each through ``modify`` (which applies the editor's
+    masking); other slices are not touched."""
+    if not planes:
+        return
+    result = volumeOfSlices(volumeNode, axis, planes)  # checked before any change
+    whole = volumeOfSlices(volumeNode, axis, {index: np.ones(sliceShape(volumeNode, axis)) for index in planes})
+    extent = None
+    if reference is None:
+        first, last = sliceExtent(volumeNode, axis, min(planes)), sliceExtent(volumeNode, axis, max(planes))
+        extent = [min(a, b) if n % 2 == 0 else max(a, b) for n, (a, b) in enumerate(zip(first, last))]
+    modify(sliceModifier(whole, volumeNode, segmentationNode, reference), REMOVE, extent)
+    modify(sliceModifier(result, volumeNode, segmentationNode, reference), ADD, extent)
+
+
+def writeSlice(modify, mask2d, volumeNode, segmentationNode, axis, index, reference=None):
+    """One slice: ``writeSlices`` with a single plane."""
+    writeSlices(modify, {int(index): mask2d}, volumeNode, segmentationNode, axis, reference)
+
+
+class EditorModifier:
+    """The Segment Editor's own way of modifying a segment, without the application: Slicer's
+    ``vtkSlicerSegmentEditorLogic`` with a segment editor node holding the masking settings."""
+
+    def __init__(self, scene, segmentationNode, volumeNode, segmentId, editorNode=None):
+        self.editorNode = editorNode or scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+        self.logic = slicer.vtkSlicerSegmentEditorLogic()
+        self.logic.SetMRMLScene(scene)
+        self.logic.SetSegmentEditorNode(self.editorNode)
+        self.logic.SetSegmentationNode(segmentationNode)
+        self.logic.SetSourceVolumeNode(volumeNode)
+        self.segmentationNode = segmentationNode
+        self.segmentId = segmentId
+
+    def __call__(self, labelmap, mode, extent=None):
+        if extent is None:
+            self.logic.ModifySegmentByLabelmap(self.segmentationNode, self.segmentId, labelmap, mode, True, False)
+        else:
+            self.logic.ModifySegmentByLabelmap(self.segmentationNode, self.segmentId, labelmap, mode, extent, True,
+                                               False)
+
+    def saveStateForUndo(self):
+        return self.logic.SaveStateForUndo()
+
+    def undo(self):
+        self.logic.Undo()

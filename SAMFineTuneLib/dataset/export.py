@@ -1,0 +1,174 @@
+"""Writing (or appending) cases to a dataset, ``dataset.json`` last, under the folder's lock
+(``files.folder_lock``): two exports into one folder would each read the old ``dataset.json``
+and the second would drop the first one's cases."""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import warnings
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import numpy as np
+
+from ..catalogue import EXPORT_FORMATS
+from ..files import WriteError, check_writable_folder, folder_lock, write_json_atomic
+from ..progress import check_cancel, report
+from .checks import check_case, merge_label_names
+from .index import DATASET_JSON, FILE_ENDING, LAYOUT_VERSION, read_dataset
+from .slice_formats import ensure_slice_index, write_slice_indexes
+from .splits import assign_splits
+
+
+def export_dataset(cases: Iterable[Tuple[str, Any, Any]], output_dir: str, fmt: str = "msd",
+                   val_fraction: float = 0.2, seed: int = 0, label_names: Optional[Dict[int, str]] = None,
+                   progress=None, cancel=None, groups: Optional[Dict[str, str]] = None,
+                   splits: Optional[Dict[str, str]] = None, modality: Optional[str] = None,
+                   name: Optional[str] = None, axis: str = "axial", window: str = "auto") -> Dict[str, Any]:
+    """Write (or append) cases to a dataset; returns a summary dict.
+
+    ``cases``: (case_id, volume, label volume) with ``volume_io.Volume``-like objects (``array``
+    KJI, ``spacing``, ``origin``, ``direction``). ``groups`` maps case id -> patient id so that
+    one patient's cases share a split; ``splits`` forces a split per case. The MSD/nnU-Net
+    files are always written (training reads them); ``fmt`` "finetune-sam" or "coco" adds the
+    slice PNGs (along ``axis``, windowed with ``window``) and their CSV or COCO index.
+    """
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"unknown format '{fmt}'; choose one of: {', '.join(EXPORT_FORMATS)}")
+    root = os.path.abspath(str(output_dir))
+    created = _make_root(root)
+    try:
+        with folder_lock(root, "export"):
+            return _export(list(cases), root, fmt, val_fraction, seed, label_names, progress, cancel, groups, splits,
+                           modality, name, axis, window)
+    finally:
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(root)  # only if nothing was written: a refused export leaves no trace
+
+
+def _make_root(root: str) -> bool:
+    """Create the dataset folder if needed (True if it was created); clear errors for a path that
+    is a file or a folder that takes no files, before any case is read or checked."""
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise ValueError(f"the dataset folder {root} is a file; choose a folder (new or an earlier export)")
+    if os.path.isdir(root):
+        check_writable_folder(root, "the dataset")
+        return False
+    parent = os.path.dirname(root)
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise ValueError(f"cannot create the dataset folder {root}: {parent} is a file")
+    try:
+        os.makedirs(root)
+    except OSError as exc:
+        raise WriteError(f"cannot create the dataset folder {root}: {exc.strerror or exc}; choose a folder you can "
+                         "write to", exc.errno or errno.EACCES) from None
+    return True
+
+
+def _export(cases: List[Tuple[str, Any, Any]], root: str, fmt: str, val_fraction: float, seed: int,
+            label_names: Optional[Dict[int, str]], progress, cancel, groups: Optional[Dict[str, str]],
+            splits: Optional[Dict[str, str]], modality: Optional[str], name: Optional[str], axis: str,
+            window: str) -> Dict[str, Any]:
+    """``export_dataset`` with the folder created and locked."""
+    old = read_dataset(root) if os.path.isfile(os.path.join(root, DATASET_JSON)) else None
+    existing = old.cases if old else []
+    if old is not None and "samfinetune" not in old.meta:
+        raise ValueError(f"{root} holds a dataset not written by SAMFineTune; export into a new folder")
+    label_names = merge_label_names(old.labels if old else {}, label_names)
+    groups = dict(groups or {})
+    summary: Dict[str, Any] = {"dataset": root, "format": fmt, "added": [], "skipped": [], "warnings": []}
+    checked = _checked_cases(cases, {e.case for e in existing}, label_names, summary)
+    if label_names is None:
+        label_names = {v: f"label_{v}" for _, _, _, _, present in checked for v in present}
+    split_of = assign_splits([(c[0], str(groups.get(c[0], c[0]))) for c in checked], existing,
+                             val_fraction, seed, splits)
+    for folder in ("imagesTr", "labelsTr") + (("slices",) if fmt != "msd" else ()):
+        os.makedirs(os.path.join(root, folder), exist_ok=True)
+    records = [dict(e.record) for e in existing]
+    records += _write_cases(root, checked, split_of, groups, summary, progress, cancel)
+    check_cancel(cancel)
+    if fmt != "msd":
+        for record in records:
+            report(progress, len(checked), len(checked), f"slices of {record['case']}")
+            ensure_slice_index(root, record, axis, window)
+        write_slice_indexes(root, records, label_names, fmt)
+    meta = _dataset_json(records, label_names, modality or (old.meta.get("channel_names", {}).get("0") if old else None),
+                         name or (old.meta.get("name") if old else None) or os.path.basename(root),
+                         old.meta["samfinetune"] if old else {}, fmt, axis, window)
+    write_json_atomic(os.path.join(root, DATASET_JSON), meta)
+    report(progress, len(checked), len(checked), "done")
+    summary.update(cases=len(records), train=sum(r["split"] == "train" for r in records),
+                   val=sum(r["split"] == "val" for r in records), labels={str(k): v for k, v in label_names.items()})
+    if summary["val"] == 0 and val_fraction > 0:
+        _warn(summary, f"the dataset has {summary['cases']} case(s) and none held out for validation: training "
+                       "needs at least one validation case to choose its best epoch; export at least one more case "
+                       "(of another patient)")
+    return summary
+
+
+def _warn(summary: Dict[str, Any], message: str) -> None:
+    warnings.warn(message, stacklevel=4)
+    summary["warnings"].append(message)
+
+
+def _checked_cases(cases: List[Tuple[str, Any, Any]], seen: set, label_names: Optional[Dict[int, str]],
+                   summary: Dict[str, Any]) -> List[tuple]:
+    """(case_id, image, label, label array, label values) of every case worth writing, all checked
+    before anything is written; an empty label map is skipped with a warning."""
+    checked: List[tuple] = []
+    for case_id, image, label in cases:
+        if case_id in seen:
+            where = "twice in this export" if case_id in {c for c, *_ in checked} else "already in the dataset"
+            raise ValueError(f"case '{case_id}' is {where}; an export never rewrites a case: give it another id")
+        seen.add(case_id)
+        array, present = check_case(case_id, image, label, label_names)
+        if not present:
+            summary["skipped"].append({"case": case_id, "reason": "empty label"})
+            _warn(summary, f"case '{case_id}' skipped: its label map is empty (nothing segmented)")
+            continue
+        checked.append((case_id, image, label, array, present))
+    return checked
+
+
+def _write_cases(root: str, checked: List[tuple], split_of: Dict[str, str], groups: Dict[str, str],
+                 summary: Dict[str, Any], progress, cancel) -> List[Dict[str, Any]]:
+    """Write each checked case's volume and label map; their records for ``dataset.json``."""
+    from ..volume_io import Volume, write_volume
+
+    records = []
+    for n, (case_id, image, label, array, present) in enumerate(checked):
+        check_cancel(cancel)
+        report(progress, n, len(checked), f"writing case {case_id}")
+        image_rel = f"imagesTr/{case_id}_0000{FILE_ENDING}"
+        label_rel = f"labelsTr/{case_id}{FILE_ENDING}"
+        write_volume(Volume(np.asarray(image.array), tuple(image.spacing), tuple(image.origin),
+                            tuple(image.direction)), os.path.join(root, image_rel))
+        write_volume(Volume(array, tuple(image.spacing), tuple(image.origin), tuple(image.direction)),
+                     os.path.join(root, label_rel))
+        records.append({"case": case_id, "image": image_rel, "label": label_rel, "split": split_of[case_id],
+                        "group": str(groups.get(case_id, case_id)), "shape_kji": list(array.shape),
+                        "spacing": [float(s) for s in image.spacing], "labels": present})
+        summary["added"].append(case_id)
+    return records
+
+
+def _dataset_json(records: List[Dict[str, Any]], label_names: Dict[int, str], modality: Optional[str], name: str,
+                  old_section: Dict[str, Any], fmt: str, axis: str, window: str) -> Dict[str, Any]:
+    def listing(split: str) -> List[Dict[str, str]]:
+        return [{"image": "./" + r["image"], "label": "./" + r["label"]} for r in records if r["split"] == split]
+
+    formats = sorted(set(old_section.get("formats", ["msd"])) | {fmt})
+    return {
+        "name": name,
+        "description": "exported by SAMFineTune",
+        "channel_names": {"0": modality or "CT"},
+        "labels": dict([("background", 0)] + [(n, int(v)) for v, n in sorted(label_names.items())]),
+        "numTraining": len(records),
+        "file_ending": FILE_ENDING,
+        "training": listing("train"),
+        "validation": listing("val"),
+        "test_labelled": listing("test"),
+        "samfinetune": {"version": LAYOUT_VERSION, "formats": formats, "slice_axis": axis, "slice_window": window,
+                        "cases": records},
+    }

@@ -1,0 +1,118 @@
+"""The dataset index: ``dataset.json`` read back as cases with their files, labels and splits
+(ours, or any MSD/nnU-Net one with a ``training`` list)."""
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Any, Dict, List
+
+from ..catalogue import SPLITS
+
+DATASET_JSON = "dataset.json"
+EMBEDDING_DIR = ".embeddings"
+FILE_ENDING = ".nii.gz"
+LAYOUT_VERSION = 1
+
+
+@dataclass
+class CaseEntry:
+    case: str
+    image: str  # absolute paths
+    label: str
+    split: str
+    group: str
+    record: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DatasetInfo:
+    root: str
+    labels: Dict[int, str]  # value -> name, background excluded
+    cases: List[CaseEntry]
+    meta: Dict[str, Any]
+
+    def split(self, name: str = "all") -> List[CaseEntry]:
+        if name == "all":
+            return list(self.cases)
+        if name not in SPLITS:
+            raise ValueError(f"unknown split '{name}'; choose one of: {', '.join(SPLITS + ('all',))}")
+        return [c for c in self.cases if c.split == name]
+
+    def case(self, case_id: str) -> CaseEntry:
+        for entry in self.cases:
+            if entry.case == case_id:
+                return entry
+        raise KeyError(f"case '{case_id}' is not in dataset {self.root}")
+
+
+def read_dataset(path: str) -> DatasetInfo:
+    """Read ``dataset.json`` (ours, or any MSD/nnU-Net one with a ``training`` list)."""
+    root = os.path.abspath(str(path))
+    index = os.path.join(root, DATASET_JSON)
+    if not os.path.isfile(index):
+        raise ValueError(f"{root} is not a dataset: it has no {DATASET_JSON} (export one with "
+                         "'python -m SAMFineTuneLib export')")
+    try:
+        with open(index, encoding="utf-8") as handle:
+            meta = json.load(handle)
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{index} is not valid JSON ({exc}); restore it from a backup or export the dataset "
+                         "again") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{index} holds a {type(meta).__name__}, not a dataset description; restore it from a "
+                         "backup or export the dataset again")
+    try:
+        labels = _labels_from_json(meta.get("labels", {}))
+        ours = meta.get("samfinetune", {}).get("cases")
+        if ours is not None:
+            cases = [CaseEntry(r["case"], os.path.join(root, r["image"]), os.path.join(root, r["label"]),
+                               r["split"], r.get("group", r["case"]), r) for r in ours]
+        else:
+            cases = _foreign_cases(root, meta)
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise ValueError(f"{index} does not describe a dataset as expected ({type(exc).__name__}: {exc}); restore "
+                         "it from a backup or export the dataset again") from None
+    for entry in cases:
+        for file in (entry.image, entry.label):
+            if not os.path.isfile(file):
+                raise ValueError(f"dataset {root} lists {file} for case '{entry.case}', but the file is missing")
+    return DatasetInfo(root, labels, cases, meta)
+
+
+def _labels_from_json(labels: Dict[str, Any]) -> Dict[int, str]:
+    out: Dict[int, str] = {}
+    for key, value in labels.items():
+        if isinstance(value, int):  # nnU-Net v2: name -> value
+            name, number = key, value
+        else:  # MSD: "value" -> name
+            name, number = str(value), int(key)
+        if number != 0:
+            out[number] = name
+    return out
+
+
+def _foreign_cases(root: str, meta: Dict[str, Any]) -> List[CaseEntry]:
+    def entries(key: str) -> List[Dict[str, str]]:
+        return [e for e in meta.get(key, []) if isinstance(e, dict) and "image" in e and "label" in e]
+
+    def case_id(item: Dict[str, str]) -> str:
+        name = os.path.basename(item["label"])
+        return name[: -len(FILE_ENDING)] if name.endswith(FILE_ENDING) else os.path.splitext(name)[0]
+
+    val = entries("validation")
+    train = entries("training")
+    ids = sorted(case_id(e) for e in train)
+    held_out = set(case_id(e) for e in val)
+    if not val:  # no split given: a seeded 20% by case
+        shuffled = list(ids)
+        random.Random(0).shuffle(shuffled)
+        held_out = set(shuffled[: max(1, round(0.2 * len(ids)))] if len(ids) > 1 else [])
+    out = []
+    for item in train + [e for e in val if case_id(e) not in ids]:
+        cid = case_id(item)
+        out.append(CaseEntry(cid, os.path.normpath(os.path.join(root, item["image"])),
+                             os.path.normpath(os.path.join(root, item["label"])),
+                             "val" if cid in held_out else "train", cid))
+    return out

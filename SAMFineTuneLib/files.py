@@ -1,0 +1,322 @@
+"""Atomic, checked file writes and folder locks: a reader sees the old file or the new one,
+never half of one, and a write that did not land completely is an error, not a success.
+
+Every file the engine writes (volumes, datasets, adapters, embeddings, reports) goes through
+``atomic_write``: it is written to a temporary name beside its target, flushed to the disk,
+checked (its size, and whatever ``verify`` reads back: SimpleITK, for one, does not raise when
+the disk fills), and only then renamed onto the target. A full disk, a file-size limit or a
+cancel leaves what was there before. ``folder_lock`` keeps two processes from writing one
+folder (a dataset, a training run) at the same time.
+
+Standard library only, so the Slicer side can import it before torch is installed.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+from typing import Any, Callable, Iterator, Optional
+
+LOCK_FILE = ".samfinetune.lock"
+
+
+class WriteError(OSError):
+    """A file could not be written completely; its target was left as it was."""
+
+    def __init__(self, message: str, code: int = errno.EIO):
+        super().__init__(code, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class FolderBusy(WriteError):
+    """Another process holds the folder's lock."""
+
+    def __init__(self, message: str):
+        super().__init__(message, errno.EBUSY)
+
+
+def atomic_target(path: str) -> str:
+    """A temp file beside ``path`` that keeps the final extension (writers pick format by suffix)."""
+    folder = os.path.dirname(os.path.abspath(path)) or "."
+    name = os.path.basename(path)
+    suffix = ".nii.gz" if name.endswith(".nii.gz") else os.path.splitext(name)[1]
+    handle, temp = tempfile.mkstemp(prefix="." + name + ".", suffix=".part" + suffix, dir=folder)
+    os.close(handle)
+    return temp
+
+
+def atomic_write(path: str, write: Callable[[str], Any], verify: Optional[Callable[[str], None]] = None) -> None:
+    """``write(temp_path)``, flush it to the disk, ``verify(temp_path)`` (raise if the file is not
+    what was meant: cut short, unreadable), then rename onto ``path``: readers see the old file or
+    the new one. Any failure to write is a ``WriteError`` naming ``path``; the target is untouched."""
+    path = os.fspath(path)
+    try:
+        temp = atomic_target(path)
+    except OSError as exc:
+        raise _write_error(path, exc) from None
+    try:
+        write(temp)
+        _flush_to_disk(temp)
+        if verify is not None:
+            verify(temp)
+        os.replace(temp, path)
+    except BaseException as exc:
+        error = None  # judged before the temp file goes, while a full disk is still full
+        if isinstance(exc, (OSError, ValueError)) and not isinstance(exc, (WriteError, FileNotFoundError)):
+            error = _write_error(path, exc)
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        if error is not None:
+            raise error from None
+        raise
+    _sync_folder(os.path.dirname(os.path.abspath(path)))
+
+
+def _write_error(path: str, exc: BaseException) -> WriteError:
+    """One line naming ``path``, what went wrong and what to do. A ValueError is a read-back that
+    found the file short: the writer said nothing, so the likely causes are named here."""
+    if isinstance(exc, OSError):
+        reason, code = exc.strerror or str(exc), exc.errno or errno.EIO
+    else:
+        reason, code = f"the file came out incomplete ({exc})", errno.EIO
+    if code == errno.EIO:
+        code = _likely_cause(os.path.dirname(os.path.abspath(path)))
+    hint = {errno.ENOSPC: "the disk is full: free some space", errno.EFBIG: "the file is over this process's "
+            "file-size limit (ulimit -f)", errno.EACCES: "choose a folder you can write to", errno.EROFS: "choose a "
+            "folder you can write to", errno.EPERM: "choose a folder you can write to"}.get(code, "check the disk")
+    return WriteError(f"could not write {path}: {reason}; {hint} (any previous file there is unchanged)", code)
+
+
+def _likely_cause(folder: str) -> int:
+    """Why a writer that reports nothing may have written short: a full disk or a file-size limit."""
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY:
+            return errno.EFBIG
+    except (ImportError, OSError, ValueError):
+        pass
+    try:
+        disk = os.statvfs(folder)
+        if disk.f_bavail * disk.f_frsize < (1 << 20):
+            return errno.ENOSPC
+    except (AttributeError, OSError):
+        pass
+    return errno.EIO
+
+
+def _flush_to_disk(path: str) -> None:
+    """fsync a file another library wrote and closed, so a crash after the rename cannot leave
+    the new name on an empty file."""
+    fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_folder(folder: str) -> None:
+    """Make the rename itself durable (POSIX; Windows has no directory handles to sync)."""
+    if os.name == "nt":
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot sync a folder; the file itself is on disk
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_folder(path: str, write: Callable[[str], Any]) -> None:
+    """``write(temp_folder)`` then rename the folder onto ``path``: readers see no folder or a
+    complete one (files that belong together, such as a model and its description). A folder
+    already at ``path`` is kept: another process wrote it first (remove it to replace it)."""
+    parent = os.path.dirname(os.path.abspath(path)) or "."
+    os.makedirs(parent, exist_ok=True)
+    temp = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", suffix=".part", dir=parent)
+    try:
+        write(temp)
+        try:
+            os.rename(temp, path)
+        except OSError:
+            if not os.path.isdir(path):
+                raise
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    data = text.encode("utf-8")
+
+    def write(temp: str) -> None:
+        with open(temp, "wb") as handle:
+            handle.write(data)
+
+    def verify(temp: str) -> None:
+        if os.path.getsize(temp) != len(data):
+            raise ValueError(f"{os.path.getsize(temp)} of {len(data)} bytes landed")
+
+    atomic_write(path, write, verify)
+
+
+def write_json_atomic(path: str, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=1, sort_keys=False) + "\n")
+
+
+def existing_path(path: Optional[str], what: str, folder: bool = False) -> Optional[str]:
+    """``path`` made absolute if it names an existing file (or ``folder``); None for None or "";
+    else a clear error naming ``what`` was not found."""
+    if path in (None, ""):
+        return None
+    if not isinstance(path, str):
+        raise ValueError(f"{what} must be a path string, got {type(path).__name__}")
+    if not (os.path.isdir(path) if folder else os.path.isfile(path)):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return os.path.abspath(path)
+
+
+def check_output_file(path: str, what: str) -> str:
+    """``path`` made absolute once it is sure a file can be written there: its folder exists and
+    takes new files, and ``path`` is not a folder. Checked before slow work, so a bad output is
+    refused at once rather than after the computation."""
+    path = os.path.abspath(os.fspath(path))
+    folder = os.path.dirname(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{what} {path} is a folder; give a file name")
+    if not os.path.isdir(folder):
+        kind = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
+        raise ValueError(f"the folder of {what} {path} {kind}; create it or choose another")
+    check_writable_folder(folder, what)
+    return path
+
+
+def check_writable_folder(folder: str, what: str) -> None:
+    """Create and remove a temporary file in ``folder``: the one test that answers for read-only
+    mounts, ACLs and full quotas alike (permission bits do not)."""
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".samft-probe-", dir=folder)
+    except OSError as exc:
+        raise WriteError(f"cannot write {what} in {folder}: {exc.strerror or exc}; choose a folder you can "
+                         "write to", exc.errno or errno.EACCES) from None
+    os.close(handle)
+    os.unlink(probe)
+
+
+# --- folder locks ------------------------------------------------------------------------------
+
+
+def process_alive(pid: int, started_before: Optional[float] = None) -> bool:
+    """Whether process ``pid`` runs, and (with psutil, when ``started_before`` is given) is the same
+    process that was there at that time rather than a later one that reused its number."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        try:
+            created = psutil.Process(pid).create_time()
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            return False
+        except psutil.AccessDenied:
+            return True
+        return started_before is None or created <= started_before + 1.0
+    if os.name == "nt":
+        return True  # cannot tell without psutil: assume the owner is alive
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str, purpose: str) -> Iterator[str]:
+    """Hold ``folder``'s lock file while writing into it; another process that holds it makes this a
+    ``FolderBusy`` error naming that process. A lock left by a process that died is taken over.
+    Yields the lock file's path."""
+    path = os.path.join(os.path.abspath(folder), LOCK_FILE)
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "purpose": purpose, "time": time.time()}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            holder = _lock_holder(path)
+            if holder is not None and _holder_alive(holder):
+                raise FolderBusy(_busy_message(folder, path, holder)) from None
+            if holder != {}:  # {}: released meanwhile; else the holder died and its lock is stale
+                _remove_stale_lock(path, holder)
+            continue
+        except OSError as exc:
+            raise WriteError(f"cannot write in {folder}: {exc.strerror or exc}; choose a folder you can write to",
+                             exc.errno or errno.EACCES) from None
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(record, handle)
+        break
+    else:
+        raise FolderBusy(f"could not take the lock {path}: other processes keep taking it; try again")
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def _lock_holder(path: str) -> Optional[dict]:
+    """The lock's record; None when it is unreadable (a holder that died while writing it)."""
+    for _ in range(5):
+        try:
+            with open(path, encoding="utf-8") as handle:
+                return json.load(handle)
+        except FileNotFoundError:
+            return {}  # released meanwhile: try again
+        except (OSError, ValueError):
+            time.sleep(0.05)  # being written this very moment
+    return None
+
+
+def _remove_stale_lock(path: str, holder: Optional[dict]) -> None:
+    """Move the stale lock aside and delete it, unless it turns out to be another process's fresh
+    lock (taken between our look and the move): that one goes back."""
+    aside = f"{path}.stale-{os.getpid()}"
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:
+        return
+    if _lock_holder(aside) not in (holder, None):
+        with contextlib.suppress(OSError):
+            os.link(aside, path)  # never replaces a lock taken since
+    with contextlib.suppress(OSError):
+        os.unlink(aside)
+
+
+def _holder_alive(holder: dict) -> bool:
+    if not holder:
+        return False
+    if holder.get("host") != socket.gethostname():
+        return True  # another machine (shared folder): cannot tell, so it holds the lock
+    try:
+        return process_alive(int(holder["pid"]), float(holder.get("time", 0.0)) or None)
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
+def _busy_message(folder: str, path: str, holder: dict) -> str:
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder.get("time", 0.0))))
+    return (f"{folder} is being written by another process (pid {holder.get('pid')} on {holder.get('host')}, "
+            f"{holder.get('purpose', 'a write')} since {since}); wait for it to finish, or delete {path} if "
+            "that process is gone")

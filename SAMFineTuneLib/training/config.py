@@ -1,0 +1,89 @@
+"""What a fine-tuning run takes (``TrainConfig``), its checks, and which settings a resumed run
+must share with the run it continues."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+from ..adapters import DEFAULT_TARGETS
+from ..catalogue import DEFAULT_MODEL, ENGINE_DEFAULTS, LOSSES, SEGMENT_DEFAULTS
+
+RESUME_FILE = "resume_state.pt"
+# Settings that must not change between a run and its resumption.
+RESUME_KEYS = ("dataset", "model", "checkpoint", "lr", "weight_decay", "batch_size", "lora_rank", "lora_alpha",
+               "lora_dropout", "targets", "train_prompt_encoder", "loss", "iou_loss_weight", "box_jitter",
+               "point_prompts", "seed", "axis", "window", "labels", "train_cases", "val_cases", "epochs",
+               "select_best", "window_margin")
+
+
+@dataclass
+class TrainConfig:
+    dataset: str
+    output: str
+    model: str = DEFAULT_MODEL
+    checkpoint: Optional[str] = None
+    device: str = SEGMENT_DEFAULTS["device"]
+    precision: str = ENGINE_DEFAULTS["precision"]  # the image encoder's, for the embedding step
+    backend: str = ENGINE_DEFAULTS["backend"]  # who runs the image encoder (auto: OpenVINO on a CPU)
+    epochs: int = 20
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    batch_size: int = 8
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    targets: Tuple[str, ...] = DEFAULT_TARGETS
+    train_prompt_encoder: bool = False
+    loss: str = LOSSES[0]
+    iou_loss_weight: float = 0.0  # > 0 also trains the IoU head (MSE to the real IoU)
+    box_jitter: float = 0.1  # each box edge moves by U(-j/4, j) x the box side (outward positive)
+    point_prompts: float = 0.0  # probability of adding one positive point inside the mask
+    warmup: float = 0.1  # share of all steps with linear warmup
+    patience: int = 5  # epochs without a better validation Dice before stopping (0 = never stop early)
+    select_best: bool = True  # keep the epoch with the best validation Dice; False keeps the last epoch
+    min_delta: float = 1e-4
+    seed: int = 0
+    amp: bool = True  # bf16/fp16 autocast, CUDA only
+    resume: bool = False
+    axis: str = SEGMENT_DEFAULTS["axis"]
+    window: str = SEGMENT_DEFAULTS["window"]
+    labels: Optional[List[int]] = None  # label values to train on; None = all
+    train_cases: Optional[List[str]] = None  # None = the dataset's train split
+    val_cases: Optional[List[str]] = None  # None = the dataset's val split
+    log_every: int = 10  # progress event every N steps
+    final_scores: bool = True  # score base vs adapted (Dice, IoU, HD95, NSD) on the val cases at the end
+    # Decode only the image tokens within this many tokens of each (jittered) box, as the Segmenter
+    # does at inference: "auto" = its default on the model's device (4 on a CPU, the whole slice on
+    # CUDA), None = the whole slice, or a whole number >= 0 (see segmenter.resolve_window_margin).
+    window_margin: Union[int, None, str] = ENGINE_DEFAULTS["window_margin"]
+
+    def to_dict(self) -> Dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["targets"] = list(self.targets)
+        return out
+
+
+def check_config(config: TrainConfig) -> None:
+    """A ValueError naming the first bad setting, before anything loads."""
+    if config.loss not in LOSSES:
+        raise ValueError(f"unknown loss '{config.loss}'; choose one of: {', '.join(LOSSES)}")
+    for name in ("epochs", "batch_size", "lora_rank"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+    if not config.lr > 0:
+        raise ValueError(f"learning rate must be > 0, got {config.lr}")
+    if not 0.0 <= config.point_prompts <= 1.0:
+        raise ValueError(f"point_prompts is a probability in [0, 1], got {config.point_prompts}")
+    from ..segmenter import check_window_margin
+
+    check_window_margin(config.window_margin)
+
+
+def check_resume(saved: Dict[str, Any], config: TrainConfig, path: str) -> None:
+    """A ValueError listing the settings that differ from the run saved at ``path``."""
+    now = config.to_dict()
+    changed = [k for k in RESUME_KEYS if k != "epochs" and saved.get(k) != now.get(k)]
+    if changed:
+        raise ValueError(f"cannot resume from {path}: settings changed since it was written: " +
+                         ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in changed))

@@ -1,0 +1,118 @@
+"""Training and evaluation slices as tensors for the decoder, with the embedding disk cache.
+
+The image encoder stays frozen, so every slice is encoded once and its embedding cached on disk
+in the dataset (``DATASET/.embeddings/<key>.npy``, float16, key = SHA-256 of the model
+fingerprint and the preprocessed input, as in the inference cache); every epoch after that
+only runs the prompt encoder and the mask decoder.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from ..files import atomic_write
+from ..progress import check_cancel, report
+
+LOW_RES = 256  # the decoder's low-res mask frame
+
+
+@dataclass
+class Prepared:
+    """Slices ready for the decoder: embeddings (or encoder inputs), boxes, targets."""
+
+    samples: list
+    geometries: list
+    boxes: Any  # Tensor[N,4] tight boxes, model-input pixels
+    targets: Any  # Tensor[N,256,256] bool, the mask in the decoder's low-res frame
+    embeddings: Any = None  # Tensor[N,256,64,64] float16, indexed by batch (None: not encoded)
+    inputs: Any = None  # Tensor[N,3,S,S], the encoder's inputs (prepared with encode=False)
+    stats: Dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def embedding_key(fingerprint: str, model_input) -> str:
+    digest = hashlib.sha256(fingerprint.encode("utf-8") + b"|")
+    digest.update(np.ascontiguousarray(model_input.detach().cpu().numpy()).tobytes())
+    return digest.hexdigest()
+
+
+def cache_dir_for(dataset_root: str) -> str:
+    """The embedding cache of a dataset folder."""
+    from ..dataset import EMBEDDING_DIR
+
+    return os.path.join(dataset_root, EMBEDDING_DIR)
+
+
+def lowres_target(mask: np.ndarray, geometry, input_size: int) -> torch.Tensor:
+    """A slice mask in the decoder's low-res frame: resized like the image, padded, at 256x256."""
+    tensor = torch.from_numpy(mask.astype(np.float32))[None, None]
+    nh, nw = geometry.resized_shape
+    tensor = F.interpolate(tensor, size=(nh, nw), mode="bilinear", align_corners=False)
+    tensor = F.pad(tensor, (0, input_size - nw, 0, input_size - nh))
+    if input_size != LOW_RES:
+        tensor = F.interpolate(tensor, size=(LOW_RES, LOW_RES), mode="area")
+    return tensor[0, 0] >= 0.5
+
+
+def prepare(model, samples: Sequence, cache_dir: Optional[str], encode: bool = True, progress=None, cancel=None,
+            write_cache: bool = True) -> Prepared:
+    """Geometry, boxes and targets of each sample, plus its embedding (from ``cache_dir`` when
+    there, else from the encoder, then stored) or, with ``encode=False``, its encoder input."""
+    from ..imaging import SliceGeometry, to_model_input
+
+    size = model.spec.input_size
+    geometries, boxes, targets, embeddings, inputs = [], [], [], [], []
+    stats = {"encoder_calls": 0, "cache_hits": 0}
+    memo: Dict[str, Any] = {}
+    if cache_dir and write_cache:
+        os.makedirs(cache_dir, exist_ok=True)
+    for n, sample in enumerate(samples):
+        check_cancel(cancel)
+        report(progress, n, len(samples), f"preparing slice {n + 1}/{len(samples)} ({sample.case})")
+        geometry = SliceGeometry(tuple(sample.image.shape), tuple(sample.pixel_spacing), size)
+        geometries.append(geometry)
+        boxes.append(geometry.box_to_model(sample.box))
+        targets.append(lowres_target(sample.mask, geometry, size))
+        x = to_model_input(sample.image, geometry, model.spec)
+        if not encode:
+            inputs.append(x)
+            continue
+        key = embedding_key(model.fingerprint, x)
+        if key not in memo:
+            memo[key] = _cached_embedding(model, x, key, cache_dir, stats, write_cache)
+        embeddings.append(memo[key])
+    report(progress, len(samples), len(samples), "slices ready")
+    return Prepared(list(samples), geometries, torch.tensor(boxes, dtype=torch.float32),
+                    torch.stack(targets) if targets else torch.zeros(0, LOW_RES, LOW_RES, dtype=torch.bool),
+                    torch.stack(embeddings) if embeddings else None, torch.stack(inputs) if inputs else None, stats)
+
+
+def _cached_embedding(model, x, key: str, cache_dir: Optional[str], stats: Dict[str, int], write_cache: bool):
+    path = os.path.join(cache_dir, key + ".npy") if cache_dir else None
+    if path and os.path.isfile(path):
+        try:
+            stats["cache_hits"] += 1
+            return torch.from_numpy(np.load(path))
+        except (ValueError, OSError):  # a damaged file: encode again
+            stats["cache_hits"] -= 1
+    with torch.no_grad():
+        embedding = model.encode(x[None])[0].to("cpu", torch.float16)
+    stats["encoder_calls"] += 1
+    if path and write_cache:
+        atomic_write(path, lambda temp: np.save(temp, embedding.numpy()))
+    return embedding
+
+
+def batch_embeddings(model, prepared: Prepared, index) -> torch.Tensor:
+    """The embeddings of the samples at ``index``, float32 on the model's device."""
+    if prepared.embeddings is None:
+        raise ValueError("these slices were prepared without embeddings (encode=False); prepare them with encode=True")
+    return prepared.embeddings[index].to(model.device, torch.float32)

@@ -1,0 +1,299 @@
+"""LoRA fine-tuning of SAM's mask decoder on an exported dataset.
+
+LoRA (peft) wraps the decoder's attention projections and MLPs; the loss is monai's DiceCE
+(or DiceFocal) with an optional IoU-head term; boxes are jittered as a user's boxes are never
+tight; a positive point can be added to the box. Training and validation decode as the
+Segmenter does at inference (``window_margin``: on a CPU only the image tokens near each box,
+which makes an epoch several times faster; on CUDA the whole slice) from embeddings cached on
+disk (``samples``). Each epoch ends with the validation Dice on the held-out cases: the best
+adapter is kept, training stops when it has not improved for ``patience`` epochs. Linear warmup
+then cosine decay; bf16 autocast on CUDA only; seeded runs reproduce. A run resumes after a
+crash or a cancel (``state``) and spreads over GPUs under torchrun (``distributed``).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Dict, List, Tuple
+
+import numpy as np
+import torch
+
+from .. import adapters
+from ..metrics import mean_dice
+from ..progress import check_cancel, report
+from . import distributed
+from .boxes import box_limits, jitter_boxes, random_points
+from .card import model_card
+from .config import RESUME_FILE, TrainConfig, check_config
+from .decoder_step import DecoderStep
+from .optimisation import iou_head_loss, loss_function, lr_schedule
+from .prediction import predict_masks, score_prepared
+from .samples import batch_embeddings, cache_dir_for, prepare
+from .state import best_from, read_resume, save_best, save_resume, state_copy
+
+
+def train(config: TrainConfig, progress=None, cancel=None, log=None, model=None) -> Dict[str, Any]:
+    """Fine-tune a LoRA adapter; returns the model card (also written to ``config.output``).
+
+    ``model`` lets a caller that already holds the base model (the worker, tests) reuse it;
+    it is not modified. ``progress(done, total, message)`` is called per prepared slice, per
+    ``log_every`` steps and per epoch; ``cancel()`` returning True raises ``Cancelled`` (the
+    last finished epoch stays resumable).
+    """
+    return Trainer(config, model=model, progress=progress, cancel=cancel, log=log).fit()
+
+
+class Trainer:
+    """One fine-tuning run in the steps ``fit`` takes: set-up (the constructor: data, slices,
+    LoRA, optimiser), ``resume``, then per epoch ``run_epoch`` and ``checkpoint``, and ``finish``.
+
+    ``train_set`` and ``val_set`` are the prepared slices (``samples.Prepared``); a caller may
+    give ``train_set`` other embeddings before ``fit`` (say, the encoder run at every step)."""
+
+    def __init__(self, config: TrainConfig, model=None, progress=None, cancel=None, log=None):
+        from ..dataset import read_dataset
+        from ..models import load_model
+        from ..segmenter import resolve_window_margin
+
+        check_config(config)
+        self.rank, self.world, local_rank = distributed.ranks()
+        config, self._started_group = distributed.start(config, self.world, local_rank)
+        self.main_rank = self.rank == 0
+        self.progress = progress if self.main_rank else None
+        self.cancel = cancel
+        self.say = (log if self.main_rank else None) or (lambda text: None)
+        self.info = read_dataset(config.dataset)
+        self.train_ids, self.val_ids = _split(config, self.info)
+        self.model = model if model is not None else load_model(config.model, checkpoint=config.checkpoint,
+                                                                device=config.device, precision=config.precision,
+                                                                backend=config.backend)
+        self.device = self.model.device
+        adapters.check_targets(self.model.mask_decoder, config.targets)  # before the slow part
+        # From here on the config holds the margin really used (card, resume state, resume check).
+        self.config = dataclasses.replace(config, window_margin=resolve_window_margin(config.window_margin,
+                                                                                      self.device))
+        self.margin = self.config.window_margin
+        torch.manual_seed(config.seed)
+        self._prepare_slices()
+        self._build_lora()
+        self._build_optimiser()
+        self.state_path = os.path.join(config.output, RESUME_FILE)
+        self.history: List[Dict[str, Any]] = []
+        self.best = {"epoch": 0, "dice": -1.0, "lora": adapters.lora_state(self.peft_decoder), "prompt": None}
+        self.start_epoch = 1
+        self.base_dice = mean_dice(self.val_set.samples,
+                                   predict_masks(self.model, self.val_set, window_margin=self.margin))
+
+    # ------------------------------------------------------------ set-up
+
+    def _prepare_slices(self) -> None:
+        """Per-slice samples of both splits, embedded (rank 0 fills the disk cache first)."""
+        from ..dataset import load_samples
+
+        config, started = self.config, time.monotonic()
+        cache = cache_dir_for(self.info.root)
+        chosen = dict(axis=config.axis, window=config.window, labels=config.labels)
+        train_samples = load_samples(self.info, cases=self.train_ids, **chosen)
+        val_samples = load_samples(self.info, cases=self.val_ids, **chosen)
+        if not train_samples:
+            raise ValueError("the training cases hold no labelled slice")
+        if not self.main_rank:
+            distributed.barrier(self.world)
+        self.say(f"preparing {len(train_samples)} training and {len(val_samples)} validation slices")
+        hooks = dict(progress=self.progress, cancel=self.cancel, write_cache=self.main_rank)
+        self.train_set = prepare(self.model, train_samples, cache, **hooks)
+        self.val_set = prepare(self.model, val_samples, cache, **hooks)
+        if self.main_rank:
+            distributed.barrier(self.world)
+        self.seconds_prepare = time.monotonic() - started
+
+    def _build_lora(self) -> None:
+        """A LoRA-wrapped copy of the decoder (and a trainable prompt encoder when asked for)."""
+        config, device = self.config, self.device
+        self.peft_decoder = adapters.wrap_decoder(self.model.mask_decoder, adapters.lora_config(
+            config.lora_rank, config.lora_alpha, config.lora_dropout, config.targets)).to(device)
+        self.prompt_encoder = None
+        if config.train_prompt_encoder:
+            self.prompt_encoder = copy.deepcopy(self.model.prompt_encoder).to(device).requires_grad_(True)
+        self.step_module = DecoderStep(self.model, adapters.inner_decoder(self.peft_decoder), self.prompt_encoder)
+        self.trainable = [p for p in self.step_module.parameters() if p.requires_grad]
+        self.runner = distributed.wrap(self.step_module, device, self.world, config.train_prompt_encoder)
+
+    def _build_optimiser(self) -> None:
+        config, device = self.config, self.device
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=config.lr, weight_decay=config.weight_decay)
+        self.per_rank = math.ceil(len(self.train_set) / self.world)
+        self.steps_per_epoch = math.ceil(self.per_rank / config.batch_size)
+        self.total_steps = self.steps_per_epoch * config.epochs
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(self.total_steps,
+                                                                                       config.warmup))
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.loss_fn = loss_function(config)
+        self.use_amp = bool(config.amp and device.type == "cuda")
+        self.amp_dtype = torch.bfloat16 if self.use_amp and torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
+        self.limits = box_limits(self.train_set)
+
+    # ------------------------------------------------------------ the run
+
+    def fit(self) -> Dict[str, Any]:
+        """Resume if asked, train until the last epoch or early stopping, finish; the model card."""
+        config = self.config
+        self.resume()
+        self.say(f"base model validation Dice {self.base_dice:.4f}; {len(self.trainable)} trainable tensors, "
+                 f"{sum(p.numel() for p in self.trainable)} parameters; {self.steps_per_epoch} steps per epoch")
+        self.card = self._card()
+        self.train_started = time.monotonic()
+        self.stale = sum(1 for h in self.history if h["epoch"] > self.best["epoch"])
+        for epoch in range(self.start_epoch, config.epochs + 1):
+            if config.patience and self.stale >= config.patience:
+                break
+            self.checkpoint(self.run_epoch(epoch))
+        return self.finish()
+
+    def resume(self) -> None:
+        """With ``resume``, continue from the state the last finished epoch saved, if any."""
+        config, path = self.config, self.state_path
+        if not config.resume:
+            return
+        if not os.path.isfile(path):
+            self.say(f"nothing to resume in {config.output}: starting from epoch 1")
+            return
+        saved = read_resume(path, config)
+        adapters.load_lora_state(self.peft_decoder, saved["lora"], path)
+        if self.prompt_encoder is not None:
+            self.prompt_encoder.load_state_dict(saved["prompt"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.generator.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])
+        self.history = json.loads(saved["history"])
+        self.best = best_from(saved)
+        self.start_epoch = int(saved["epoch"]) + 1
+        self.say(f"resuming after epoch {saved['epoch']} from {path}")
+
+    def run_epoch(self, epoch: int) -> Dict[str, Any]:
+        """Every training slice once (this process's shard under torchrun), then validation:
+        the epoch's entry of the history."""
+        config = self.config
+        epoch_start = time.monotonic()
+        self.step_module.train()
+        order = distributed.shard(torch.randperm(len(self.train_set), generator=self.generator), self.rank,
+                                  self.world, self.per_rank)
+        losses = []
+        steps_start = time.monotonic()
+        for step in range(self.steps_per_epoch):
+            check_cancel(self.cancel)
+            losses.append(self._train_step(order[step * config.batch_size:(step + 1) * config.batch_size]))
+            if config.log_every and (step + 1) % config.log_every == 0:
+                report(self.progress, (epoch - 1) * self.steps_per_epoch + step + 1, self.total_steps,
+                       f"epoch {epoch}/{config.epochs} step {step + 1}/{self.steps_per_epoch} loss {losses[-1]:.4f}")
+        train_seconds = time.monotonic() - steps_start
+        val = mean_dice(self.val_set.samples,
+                        predict_masks(self.model, self.val_set, self.step_module, window_margin=self.margin))
+        return {"epoch": epoch, "loss": float(np.mean(losses)), "val_dice": val,
+                "lr": float(self.scheduler.get_last_lr()[0]), "seconds": round(time.monotonic() - epoch_start, 3),
+                "train_seconds": round(train_seconds, 3)}
+
+    def _train_step(self, index: torch.Tensor) -> float:
+        """One optimiser step on the training slices at ``index``; returns the loss."""
+        config, device, data = self.config, self.device, self.train_set
+        embeddings = batch_embeddings(self.model, data, index)
+        boxes = jitter_boxes(data.boxes[index], self.limits[index], config.box_jitter, self.generator)
+        target = data.targets[index].to(device, torch.float32)[:, None]
+        points = None
+        if config.point_prompts > 0 and float(torch.rand(1, generator=self.generator)) < config.point_prompts:
+            coords, labels = random_points(data.targets[index], self.generator, self.model.spec.input_size)
+            points = (coords.to(device), labels.to(device))
+        with torch.autocast("cuda", dtype=self.amp_dtype, enabled=self.use_amp):
+            logits, iou = self.runner(embeddings, boxes.to(device), points, window_margin=self.margin)
+        logits, iou = logits.float(), iou.float()
+        loss = self.loss_fn(logits, target)
+        if config.iou_loss_weight > 0:
+            loss = loss + config.iou_loss_weight * iou_head_loss(logits, iou, target)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return float(loss.detach())
+
+    def checkpoint(self, entry: Dict[str, Any]) -> bool:
+        """Record an epoch: keep its adapter when it is the best so far, write the best adapter
+        with the card and the resume state (rank 0), report it. Returns whether it improved."""
+        config, epoch = self.config, entry["epoch"]
+        self.history.append(entry)
+        improved = entry["val_dice"] > self.best["dice"] + config.min_delta or not config.select_best
+        self.stale = 0 if improved else self.stale + 1
+        if improved:
+            self.best = {"epoch": epoch, "dice": entry["val_dice"], "lora": adapters.lora_state(self.peft_decoder),
+                         "prompt": state_copy(self.prompt_encoder)}
+        self.card = self._card()
+        if self.main_rank:
+            if improved:
+                save_best(config.output, self.peft_decoder, self.prompt_encoder, self.best, self.card)
+            save_resume(self.state_path, config, epoch, self.peft_decoder, self.prompt_encoder, self.optimizer,
+                        self.scheduler, self.generator, self.history, self.best)
+        report(self.progress, epoch * self.steps_per_epoch, self.total_steps,
+               f"epoch {epoch}/{config.epochs}: loss {entry['loss']:.4f}, validation Dice {entry['val_dice']:.4f}")
+        self.say(f"epoch {epoch}: loss {entry['loss']:.4f} val Dice {entry['val_dice']:.4f} lr {entry['lr']:.2e} "
+                 f"({entry['seconds']:.1f}s)")
+        return improved
+
+    def finish(self) -> Dict[str, Any]:
+        """Back to the best epoch's adapter; its scores and the run's statistics in the card, which
+        is written with the adapter (rank 0) and returned."""
+        config, best, card = self.config, self.best, self.card
+        if best["dice"] < self.base_dice:
+            self.say(f"warning: the best epoch's validation Dice {best['dice']:.4f} is below the base model's "
+                     f"{self.base_dice:.4f}; more data or other settings may help")
+        adapters.load_lora_state(self.peft_decoder, best["lora"], "best epoch")
+        if self.prompt_encoder is not None and best["prompt"] is not None:
+            self.prompt_encoder.load_state_dict(best["prompt"])
+        card["stats"] = self._stats()
+        if config.final_scores and self.main_rank:
+            self.step_module.eval()
+            card["scores"] = {"split": "val", "cases": self.val_ids, "window_margin": self.margin,
+                              "base": score_prepared(self.model, self.val_set, window_margin=self.margin)["mean"],
+                              "adapted": score_prepared(self.model, self.val_set, self.step_module,
+                                                        window_margin=self.margin)["mean"]}
+        if self.main_rank:
+            save_best(config.output, self.peft_decoder, self.prompt_encoder, best, card)
+        distributed.stop(self.world, self._started_group)
+        return card
+
+    # ------------------------------------------------------------ reporting
+
+    def _card(self) -> Dict[str, Any]:
+        info = self.info
+        dataset = {"path": info.root, "train_cases": self.train_ids, "val_cases": self.val_ids,
+                   "train_slices": len(self.train_set.samples), "val_slices": len(self.val_set.samples),
+                   "labels": {str(k): v for k, v in info.labels.items()}}
+        return model_card(self.config, self.model, dataset, self.history, self.best, self.base_dice,
+                          sum(p.numel() for p in self.trainable))
+
+    def _stats(self) -> Dict[str, Any]:
+        train, val = self.train_set.stats, self.val_set.stats
+        return {"encoder_calls": train.get("encoder_calls", 0) + val["encoder_calls"],
+                "cache_hits": train.get("cache_hits", 0) + val["cache_hits"],
+                "seconds_prepare": round(self.seconds_prepare, 2),
+                "seconds_train": round(time.monotonic() - self.train_started, 2),
+                "device": str(self.device), "world_size": self.world}
+
+
+def _split(config: TrainConfig, info) -> Tuple[List[str], List[str]]:
+    """(training case ids, validation case ids): the config's, else the dataset's split."""
+    train_ids = list(config.train_cases) if config.train_cases is not None else [c.case for c in info.split("train")]
+    val_ids = list(config.val_cases) if config.val_cases is not None else [c.case for c in info.split("val")]
+    if not train_ids:
+        raise ValueError(f"dataset {info.root} has no training cases")
+    if not val_ids:
+        raise ValueError(f"dataset {info.root} has no validation cases: export with --val-fraction > 0")
+    if set(train_ids) & set(val_ids):
+        raise ValueError(f"cases on both sides of the split: {sorted(set(train_ids) & set(val_ids))}")
+    return train_ids, val_ids

@@ -1,0 +1,5 @@
+import sys
+
+from . import main_argv
+
+sys.exit(main_argv())

@@ -1,0 +1,116 @@
+"""What outlives the worker's jobs: the loaded segmenter (``WorkerCore``, shared by the TCP
+server's connections), and each conversation's recent volumes (``VolumeStore``, one per
+connection), which a re-prompt reuses without sending them again. A later connection never
+sees an earlier one's volumes, and the server clears the embeddings when a connection ends."""
+from __future__ import annotations
+
+import collections
+import os
+import platform
+import sys
+from typing import Any, Callable, Dict, Optional
+
+import numpy as np
+
+from .. import protocol
+from ..progress import Cancelled
+from ..segmenter_cache import SegmenterCache
+
+
+class StoredVolume:
+    def __init__(self, array: np.ndarray, params: Dict[str, Any]):
+        self.array = array
+        self.params = params
+
+
+class VolumeStore:
+    """One conversation's most recent volumes, with the parameters of their last segmentation."""
+
+    def __init__(self, max_volumes: int = 2):
+        self.max_volumes = max_volumes
+        self.items: "collections.OrderedDict[str, StoredVolume]" = collections.OrderedDict()
+        self.last_key: Optional[str] = None
+
+    def remember(self, key: str, array: np.ndarray, params: Dict[str, Any]) -> None:
+        self.items.pop(key, None)
+        self.items[key] = StoredVolume(array, params)
+        while len(self.items) > self.max_volumes:
+            self.items.popitem(last=False)
+        self.last_key = key
+
+    def get(self, key: Optional[str]) -> Optional[StoredVolume]:
+        return self.items.get(key) if key else None
+
+    def keys(self):
+        return list(self.items)
+
+
+class WorkerCore:
+    """The segmenter (``SegmenterCache``) and the running job's cancel check."""
+
+    def __init__(self, log_path: Optional[str] = None):
+        self.log_path = log_path
+        self.segmenters = SegmenterCache(on_load=self._stop_encoder_on_cancel)
+        self.job_cancelled: Optional[Callable[[], bool]] = None  # the running job's cancel(), for encoder hooks
+
+    @property
+    def adapter(self) -> Optional[str]:
+        return self.segmenters.adapter
+
+    def get_segmenter(self, **options: Any):
+        """The warm segmenter for these options (``SegmenterCache.get``: model, checkpoint, device, adapter)."""
+        return self.segmenters.get(**options)
+
+    def loaded_model(self, model: str, checkpoint: Optional[str], device: Optional[str]):
+        """The warm model, if it is exactly this one and has no adapter merged in (training reuses it)."""
+        return self.segmenters.loaded_model(model, checkpoint, device)
+
+    def _stop_encoder_on_cancel(self, segmenter) -> None:
+        """Let a cancel stop the image encoder between its blocks, not only between slices: one slice
+        is ~1 s for LiteMedSAM and ~10 s for SAM ViT-B on a CPU. Nothing is cached from a stopped call."""
+
+        def check(module, inputs) -> None:
+            cancelled = self.job_cancelled
+            if cancelled is not None and cancelled():
+                raise Cancelled("cancelled by the user")
+
+        for module in segmenter.model.image_encoder.modules():
+            if next(module.children(), None) is not None:
+                module.register_forward_pre_hook(check)
+
+    def forget_embeddings(self) -> None:
+        """Drop the embedding cache (the model stays warm): what one client's volumes left in it
+        must not answer the next client's questions, not even by speed."""
+        segmenter = self.segmenters.segmenter
+        if segmenter is not None:
+            segmenter.cache.clear()
+
+    def info(self) -> Dict[str, Any]:
+        key = self.segmenters.key
+        info: Dict[str, Any] = {
+            "protocol": protocol.PROTOCOL_VERSION, "pid": os.getpid(), "python": platform.python_version(),
+            "executable": sys.executable, "platform": platform.platform(), "log": self.log_path,
+            "model": key[0] if key else None, "adapter": self.adapter, "memory": {},
+        }
+        try:
+            import psutil
+
+            ram = psutil.virtual_memory()
+            info["memory"].update(ram_total=ram.total, ram_available=ram.available,
+                                  worker_rss=psutil.Process().memory_info().rss)
+        except ImportError:
+            pass
+        try:
+            import torch
+        except ImportError as exc:
+            info.update(torch=None, device=None, cuda_name=None, error=f"torch cannot be imported here: {exc}")
+            return info
+        info.update(torch=torch.__version__, device="cpu", cuda_name=None, threads=torch.get_num_threads())
+        if torch.cuda.is_available():
+            free, total = torch.cuda.mem_get_info()
+            info.update(device="cuda", cuda_name=torch.cuda.get_device_name(0), cuda_version=torch.version.cuda)
+            info["memory"].update(gpu_total=total, gpu_free=free, gpu_allocated=torch.cuda.memory_allocated(),
+                                  gpu_reserved=torch.cuda.memory_reserved())
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            info["device"] = "mps"
+        return info

@@ -1,0 +1,315 @@
+"""One conversation with the worker: stdin/stdout of a local worker, or one TCP connection.
+
+The main thread reads requests and answers the immediate ones (hello, ping, info, cancel,
+shutdown) at once, also while a job runs; jobs queue for the job thread, which runs them one
+at a time (``jobs.HANDLERS``) and sends their events. Each conversation has its own volumes
+(``core.VolumeStore``) and its own access to the worker's files (``access.PathAccess``).
+
+A conversation that must authenticate (TCP) reads nothing but a short ``hello`` line until the
+token checks out: no attachments, no second try. Request text is never logged (a malformed
+``hello`` holds the token); only the request id, when it is a plain name, and the error kind.
+"""
+from __future__ import annotations
+
+import collections
+import hmac
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+import traceback
+from typing import Any, BinaryIO, Callable, Dict, Optional, Tuple
+
+import numpy as np
+
+from .. import protocol
+from ..paths import new_job_folder
+from ..protocol import ProtocolError
+from ..progress import Cancelled
+from . import jobs
+from .access import PathAccess
+from .core import VolumeStore, WorkerCore
+
+log = logging.getLogger("SAMFineTuneLib.worker")
+
+PROGRESS_INTERVAL_S = 0.05  # at most ~20 progress events a second (first and last always sent)
+# Failures that are the request's fault (bad input, a missing or refused file, a full disk): their
+# message says what to do; a traceback would only hide it. Anything else is a bug: traceback.
+EXPECTED_ERRORS = (ValueError, OSError)
+_PLAIN_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,40}$")
+
+
+def _loggable_id(job_id: Any) -> str:
+    return job_id if isinstance(job_id, str) and _PLAIN_ID.match(job_id) else "(unnamed)"
+
+
+class RunningJob:
+    """One request being run in the worker: its parameters, arrays, and the hooks engine code calls."""
+
+    def __init__(self, session: "Session", message: Dict[str, Any]):
+        self.session = session
+        self.id: str = message["id"]
+        self.command: str = message["command"]
+        self.params: Dict[str, Any] = message.get("params") or {}
+        self.refs: Dict[str, Any] = message.get("arrays") or {}
+        self.job_dir: Optional[str] = message.get("job_dir")
+        self.volumes: VolumeStore = session.volumes
+        self.access: PathAccess = session.access
+        self.cancel_event = threading.Event()
+        self._last_progress = 0.0
+
+    def cancelled(self) -> bool:
+        return self.cancel_event.is_set()
+
+    def progress(self, done: int, total: int, message: str = "") -> None:
+        now = time.monotonic()
+        if done in (0, total) or now - self._last_progress >= PROGRESS_INTERVAL_S:
+            self._last_progress = now
+            self.session.send(protocol.event(self.id, "progress", done=int(done), total=int(total), message=str(message)))
+
+    def log(self, message: str, level: str = "info") -> None:
+        log.info("[%s] %s", _loggable_id(self.id), message)
+        self.session.send(protocol.event(self.id, "log", level=level, message=str(message)))
+
+    def arrays(self) -> Dict[str, np.ndarray]:
+        return protocol.load_arrays(self.refs, allow_files=self.session.files)
+
+    def resolve_paths(self, names) -> None:
+        """The parameters that name files on the worker's machine, as this conversation may use them
+        (``access.PathAccess``); a refused one is a PermissionError before the job does anything."""
+        for name in names:
+            if name in self.params:
+                self.params[name] = self.access.resolve(self.params[name], f"'{name}'")
+
+    def take_params(self, defaults: Dict[str, Any], **given: Any) -> Dict[str, Any]:
+        """defaults updated with given then the request's params; unknown names are an error."""
+        unknown = sorted(set(self.params) - set(defaults))
+        if unknown:
+            raise ValueError(f"unknown parameter(s) for {self.command}: {', '.join(unknown)}; "
+                             f"known: {', '.join(sorted(defaults))}")
+        merged = dict(defaults)
+        merged.update(given)
+        merged.update(self.params)
+        return merged
+
+
+class Session:
+    """One conversation: stdin/stdout of a local worker, or one TCP connection to a server."""
+
+    def __init__(self, core: WorkerCore, reader: BinaryIO, writer: BinaryIO, files: bool = True,
+                 token: Optional[str] = None, need_hello: bool = False, access: Optional[PathAccess] = None,
+                 admit: Optional[Callable[[], None]] = None,
+                 max_attachment_bytes: int = protocol.MAX_ATTACHMENT_BYTES):
+        """files: arrays by file (local, trusted parent) or attached to the stream (TCP).
+        token / need_hello: the first request must be 'hello' with this token.
+        access: which of the worker's files requests may name (default: any, as for a local worker).
+        admit(): called once the token checks out (the server takes its one-client lock there);
+        raises ProtocolError to turn the client away."""
+        self.core = core
+        self.reader, self.writer = reader, writer
+        self.files = files
+        self.token = token
+        self.authenticated = not need_hello
+        self.access = access or PathAccess(any_path=True)
+        self.admit = admit
+        self.max_attachment_bytes = max_attachment_bytes
+        self.volumes = VolumeStore()
+        self.write_lock = threading.Lock()
+        self.cond = threading.Condition()
+        self.queue: "collections.deque[RunningJob]" = collections.deque()
+        self.current: Optional[RunningJob] = None
+        self.stopping = False
+        self.stop_server = False
+        self.scratch: Optional[str] = None
+
+    # --- output ---------------------------------------------------------------------------
+
+    def send(self, message: Dict[str, Any], arrays: Optional[Dict[str, np.ndarray]] = None,
+             folder: Optional[str] = None) -> None:
+        """Write one event. A client that went away is logged (the read loop sees it end); any other
+        failure (a bad array, a full disk while writing one) is raised to the caller."""
+        with self.write_lock:
+            try:
+                protocol.write_message(self.writer, message, arrays, folder=folder, crop_masks=True)
+            except (ConnectionError, ValueError) as exc:  # ValueError: write to a closed stream
+                if isinstance(exc, ProtocolError):
+                    raise
+                log.warning("cannot send %s for %s: %s", message.get("event"), message.get("id"), exc)
+
+    def error_event(self, job_id: Optional[str], exc: BaseException, with_traceback: bool = False) -> Dict[str, Any]:
+        text = str(exc) if isinstance(exc, ProtocolError) else f"{type(exc).__name__}: {exc}"
+        fields = {"error": text, "kind": type(exc).__name__}
+        if with_traceback:
+            fields["traceback"] = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            log.error("job %s failed:\n%s", _loggable_id(job_id), fields["traceback"])
+        elif self.authenticated:
+            log.warning("request %s refused: %s", _loggable_id(job_id), text)
+        else:  # before authentication the text may echo what an unknown client sent
+            log.warning("request %s refused before authentication (%s)", _loggable_id(job_id), type(exc).__name__)
+        return protocol.event(job_id, "error", **fields)
+
+    def send_error(self, job_id: Optional[str], exc: BaseException) -> None:
+        self.send(self.error_event(job_id, exc))
+
+    def _result_folder(self, job: RunningJob) -> Optional[str]:
+        if not self.files:
+            return None
+        folder = job.job_dir
+        if not folder:
+            if self.scratch is None:
+                self.scratch = new_job_folder("worker")
+            folder = os.path.join(self.scratch, job.id)
+        os.makedirs(folder, exist_ok=True)
+        return folder
+
+    # --- the read loop (main thread) ----------------------------------------------------------
+
+    def serve(self) -> None:
+        thread = threading.Thread(target=self._job_loop, name="samft-job", daemon=True)
+        thread.start()
+        try:
+            while not self.stopping:
+                try:
+                    message = protocol.read_message(self.reader, **self._read_limits())
+                except ProtocolError as exc:
+                    self.send_error(None, exc)
+                    if exc.fatal or not self.authenticated:
+                        break
+                    continue
+                except (OSError, ValueError):
+                    break
+                if message is None:
+                    break
+                self._handle(message)
+        finally:
+            self._stop(thread)
+
+    def _read_limits(self) -> Dict[str, Any]:
+        if self.authenticated:
+            return {"max_attachment_bytes": self.max_attachment_bytes}
+        return {"max_line": protocol.HELLO_MAX_BYTES, "attachments": False, "skip_long_lines": False}
+
+    def _handle(self, message: Dict[str, Any]) -> None:
+        job_id = message.get("id") if isinstance(message.get("id"), str) else None
+        try:
+            protocol.check_request(message)
+        except ProtocolError as exc:
+            self.send_error(job_id, exc)
+            return
+        command = message["command"]
+        if not self.authenticated and command != "hello":
+            self.send_error(job_id, ProtocolError("not authenticated: the first request must be 'hello' with the token"))
+            self.stopping = True
+            return
+        handler = getattr(self, "_now_" + command, None)
+        if handler is not None:
+            try:
+                self.send(protocol.event(job_id, "result", result=handler(message.get("params") or {})))
+            except Exception as exc:  # noqa: BLE001 - any failure becomes an error event
+                self.send_error(job_id, exc)
+            return
+        with self.cond:  # 'accepted' goes out before the job thread can say 'started'
+            self.queue.append(RunningJob(self, message))
+            self.send(protocol.event(job_id, "accepted", position=len(self.queue) + (self.current is not None) - 1))
+            self.cond.notify()
+
+    def _now_hello(self, params: Dict[str, Any]) -> Dict[str, Any]:
+        if self.authenticated:
+            return {"protocol": protocol.PROTOCOL_VERSION, "pid": os.getpid()}
+        if self.token is not None:
+            given = params.get("token")
+            if not isinstance(given, str) or not hmac.compare_digest(given.encode(), self.token.encode()):
+                self.stopping = True
+                raise PermissionError("authentication failed: wrong or missing token; pass the token the server "
+                                      f"printed at start (WorkerClient(token=...) or ${protocol.TOKEN_ENV})")
+        if self.admit is not None:
+            try:
+                self.admit()
+            except BaseException:
+                self.stopping = True
+                raise
+        self.authenticated = True
+        return {"protocol": protocol.PROTOCOL_VERSION, "pid": os.getpid(), "paths": self.access.describe()}
+
+    def _now_ping(self, params: Dict[str, Any]) -> Dict[str, Any]:
+        with self.cond:
+            return {"pong": True, "time": time.time(), "busy": self.current.id if self.current else None,
+                    "queued": [job.id for job in self.queue]}
+
+    def _now_info(self, params: Dict[str, Any]) -> Dict[str, Any]:
+        return dict(self.core.info(), volumes=self.volumes.keys(), paths=self.access.describe())
+
+    def _now_cancel(self, params: Dict[str, Any]) -> Dict[str, Any]:
+        target = params.get("job")
+        with self.cond:
+            if self.current is not None and self.current.id == target:
+                self.current.cancel_event.set()
+                return {"job": target, "cancelled": True, "was": "running"}
+            for job in list(self.queue):
+                if job.id == target:
+                    self.queue.remove(job)
+                    self.send(protocol.event(target, "cancelled"))
+                    return {"job": target, "cancelled": True, "was": "queued"}
+        return {"job": target, "cancelled": False, "was": "unknown or finished"}
+
+    def _now_shutdown(self, params: Dict[str, Any]) -> Dict[str, Any]:
+        self.stopping = True
+        self.stop_server = bool(params.get("server", False))
+        return {"stopping": True}
+
+    def _stop(self, thread: threading.Thread) -> None:
+        with self.cond:
+            self.stopping = True
+            dropped, self.queue = list(self.queue), collections.deque()
+            if self.current is not None:
+                self.current.cancel_event.set()
+            self.cond.notify_all()
+        for job in dropped:
+            self.send(protocol.event(job.id, "cancelled"))
+        thread.join(timeout=10.0)
+        if self.scratch:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+
+    # --- the job thread ---------------------------------------------------------------------
+
+    def _job_loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self.queue and not self.stopping:
+                    self.cond.wait()
+                if self.stopping:
+                    return
+                job = self.current = self.queue.popleft()
+            try:
+                final, arrays = self._run(job)
+            finally:
+                with self.cond:  # no longer busy: a ping after the final event must not name this job
+                    self.current = None
+            try:
+                self.send(final, arrays, folder=self._result_folder(job) if arrays else None)
+            except Exception as exc:  # noqa: BLE001 - e.g. a full disk while writing the mask
+                self.send_error(job.id, exc)
+
+    def _run(self, job: RunningJob) -> Tuple[Dict[str, Any], Optional[Dict[str, np.ndarray]]]:
+        """Run one job; returns its final event (result, error or cancelled) and result arrays."""
+        self.send(protocol.event(job.id, "started", command=job.command))
+        started = time.perf_counter()
+        self.core.job_cancelled = job.cancelled
+        try:
+            job.resolve_paths(jobs.PATH_PARAMS.get(job.command, ()))
+            result, arrays = jobs.HANDLERS[job.command](self.core, job)
+        except BaseException as exc:  # noqa: BLE001 - report everything, keep serving
+            if job.cancelled() or isinstance(exc, Cancelled):
+                return protocol.event(job.id, "cancelled"), None
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            return self.error_event(job.id, exc, with_traceback=not isinstance(exc, EXPECTED_ERRORS)), None
+        finally:
+            self.core.job_cancelled = None
+        if job.cancelled():  # finished anyway, but the client gave up on it: drop the late result
+            return protocol.event(job.id, "cancelled"), None
+        result = dict(result or {})
+        result.setdefault("seconds", round(time.perf_counter() - started, 4))
+        return protocol.event(job.id, "result", result=result), arrays or None

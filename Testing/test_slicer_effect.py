@@ -1,0 +1,189 @@
+"""The SAM Segment Editor effect without the Slicer application: its gestures and prompts, its
+talk with the worker (the voxels sent once, a lost volume sent again), the corrected-slice tags,
+and the effect file itself imported with stand-ins for Qt and the Segment Editor."""
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from slicer_scene import GEOMETRIES, MODULE_DIR, addVolume, scene, slicer  # noqa: F401
+from SAMFineTuneLib.client import Job
+from SAMFineTuneMRML import interactive, segments
+from SAMFineTuneMRML.backends import WorkerBackend
+from SAMFineTuneMRML.logic import SAMFineTuneCoreLogic
+
+SHAPE = (6, 20, 24)
+
+
+def test_gestures_and_prompts_per_slice():
+    assert interactive.gesture((10, 10), (12, 11)) == ("point", True)
+    assert interactive.gesture((10, 10), (10, 10), shift=True) == ("point", False)
+    assert interactive.gesture((10, 10), (10, 10), right=True) == ("point", False)
+    assert interactive.gesture((10, 10), (30, 40)) == ("box", None)
+    prompts = interactive.Prompts()
+    assert prompts.add("axial", 3, point=(4, 5))
+    assert not prompts.add("axial", 3, point=(6, 7), positive=False)
+    assert not prompts.add("axial", 3, box=(9, 8, 1, 2))
+    assert prompts.points == [(4.0, 5.0, True), (6.0, 7.0, False)] and prompts.box == (1, 2, 9, 8)
+    assert prompts.add("axial", 4, point=(1, 1))  # another slice starts afresh
+    assert prompts.points == [(1.0, 1.0, True)] and prompts.box is None
+
+
+def test_corrected_slices_are_kept_on_the_segment(scene):
+    volume = addVolume(np.zeros(SHAPE, np.float32), GEOMETRIES["identity"])
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    segments.prepareSegmentation(node, volume)
+    segment = node.GetSegmentation().GetSegment(segments.ensureSegment(node, segmentName="liver"))
+    assert interactive.correctedSlices(segment) == {}
+    interactive.markCorrected(segment, "axial", [3, 1])
+    interactive.markCorrected(segment, "coronal", [12])
+    interactive.markCorrected(segment, "axial", [3, 4])
+    assert interactive.correctedSlices(segment) == {"axial": {1, 3, 4}, "coronal": {12}}
+    import vtk
+
+    tag = vtk.reference("")
+    assert segment.GetTag(interactive.CORRECTED_TAG, tag) and str(tag) == "axial:1,3,4;coronal:12"
+
+
+class RefineClient:
+    """Answers refine/propagate jobs; forgets its volumes when ``forget`` is set."""
+
+    def __init__(self):
+        self.jobs, self.starts, self.volumes, self.forget = [], 1, {}, False
+
+    def submit(self, command, params, arrays=None):
+        job = Job("j%d" % len(self.jobs), command, params)
+        job.sent = dict(arrays or {})
+        if "volume" in job.sent:
+            self.volumes[params["volume_key"]] = job.sent["volume"]
+        self.jobs.append(job)
+        return job
+
+    def cancel(self, job):
+        job.cancel_requested = True
+
+    def poll(self, timeout=0.0):
+        for job in self.jobs:
+            if job.done:
+                continue
+            if self.forget or job.params["volume_key"] not in self.volumes:
+                self.forget = False
+                self.volumes.clear()
+                job.state, job.error = "error", "UnknownVolume: the worker holds no volume %r" % job.params["volume_key"]
+                continue
+            shape = self.volumes[job.params["volume_key"]].shape
+            plane = np.zeros(np.delete(shape, 0), np.uint8)
+            plane[2:6, 3:9] = 1
+            job.state, job.result = "done", {"iou": 0.9}
+            job.arrays = {"mask": plane}
+
+
+def test_clicks_send_the_voxels_once_and_again_to_a_worker_that_lost_them(scene):
+    volume = addVolume(np.random.default_rng(0).normal(size=SHAPE).astype(np.float32), GEOMETRIES["identity"], "CT")
+    client = RefineClient()
+    session = interactive.InteractiveSession(SAMFineTuneCoreLogic(worker=WorkerBackend(client=client)), volume)
+    masks = []
+    options = {"model": "litemedsam", "window": "auto"}
+    first = session.refine("axial", 2, [(4.0, 5.0, True)], options=options, reset=True,
+                           onMask=lambda mask, result: masks.append(mask))
+    while first.poll():
+        pass
+    second = session.refine("axial", 2, [(4.0, 5.0, True), (9.0, 9.0, False)], options=options,
+                            onMask=lambda mask, result: masks.append(mask))
+    while second.poll():
+        pass
+    assert [("volume" in job.sent) for job in client.jobs] == [True, False]
+    assert client.jobs[1].params["points"] == [[4.0, 5.0, 1], [9.0, 9.0, 0]] and not client.jobs[1].params["reset"]
+    assert client.jobs[0].params["spacing"] == [1.0, 1.0, 1.0] and client.jobs[0].params["index"] == 2
+    client.forget = True  # the worker restarted or let the volume go
+    third = session.refine("axial", 3, [(1.0, 1.0, True)], options=options, onMask=lambda mask, result: masks.append(mask))
+    while third.poll():
+        pass
+    assert third.state == "done" and third.retried and "volume" in client.jobs[-1].sent
+    assert len(masks) == 3 and all(mask.shape == SHAPE[1:] for mask in masks)
+    with pytest.raises(ValueError, match="at least one point or a box"):
+        session.refine("axial", 2, [], options=options)
+    with pytest.raises(ValueError, match="needs a checkpoint"):
+        session.refine("axial", 2, [(1, 1, True)], options={"model": "sam_vit_b"})
+    with pytest.raises(ValueError, match="empty"):
+        session.propagate("axial", 2, np.zeros(SHAPE[1:], np.uint8), options=options)
+
+
+# ----------------------------------------------------------------- the effect file, with stand-ins
+
+
+def load_effect(monkeypatch):
+    qt = types.ModuleType("qt")
+    qt.QIcon = lambda *a: ("icon",) + a
+    monkeypatch.setitem(sys.modules, "qt", qt)
+    editor_effects = types.ModuleType("SegmentEditorEffects")
+
+    class Abstract:
+        def __init__(self, scriptedEffect):
+            self.scriptedEffect = scriptedEffect
+
+        def xyToRas(self, xy, viewWidget):
+            return [float(xy[0]), float(xy[1]), 0.0]
+
+    editor_effects.AbstractScriptedSegmentEditorEffect = Abstract
+    monkeypatch.setitem(sys.modules, "SegmentEditorEffects", editor_effects)
+    path = os.path.join(MODULE_DIR, "SAMFineTuneEffect", "SegmentEditorEffect.py")
+    module = types.ModuleType("SegmentEditorEffect")
+    module.__file__ = path
+    exec(compile(open(path).read(), path, "exec"), module.__dict__)
+    return module
+
+
+class Interactor:
+    def __init__(self, xy, shift=False, key=""):
+        self.xy, self.shift, self.key = xy, shift, key
+
+    def GetEventPosition(self):
+        return self.xy
+
+    def GetShiftKey(self):
+        return self.shift
+
+    def GetControlKey(self):
+        return False
+
+    def GetAltKey(self):
+        return False
+
+    def GetKeySym(self):
+        return self.key
+
+
+class SliceWidget:
+    def className(self):
+        return "qMRMLSliceWidget"
+
+
+def test_the_effect_file_maps_mouse_and_keys_to_prompts(monkeypatch):
+    import vtk
+
+    module = load_effect(monkeypatch)
+    effect = module.SegmentEditorEffect(types.SimpleNamespace())
+    assert effect.scriptedEffect.name == "SAM" and effect.scriptedEffect.perSegment
+    for words in ("Left click", "Shift", "right click", "drag", "Escape", "Propagate", "Ctrl+Z", "overwritten"):
+        assert words in effect.helpText(), words
+    gestures = []
+    effect.onGesture = lambda widget, press, release, shift, right: gestures.append((press, release, shift, right))
+    view = SliceWidget()
+    events = [(vtk.vtkCommand.LeftButtonPressEvent, Interactor((10, 10))),
+              (vtk.vtkCommand.LeftButtonReleaseEvent, Interactor((11, 10))),
+              (vtk.vtkCommand.LeftButtonPressEvent, Interactor((10, 10), shift=True)),
+              (vtk.vtkCommand.LeftButtonReleaseEvent, Interactor((10, 10))),
+              (vtk.vtkCommand.RightButtonPressEvent, Interactor((5, 6))),
+              (vtk.vtkCommand.LeftButtonPressEvent, Interactor((1, 1))),
+              (vtk.vtkCommand.LeftButtonReleaseEvent, Interactor((40, 30)))]
+    assert all(effect.processInteractionEvents(interactor, event, view) for event, interactor in events)
+    assert gestures == [((10, 10), (11, 10), False, False), ((10, 10), (10, 10), True, False),
+                        ((5, 6), (5, 6), False, True), ((1, 1), (40, 30), False, False)]
+    effect.prompts.add("axial", 1, point=(1, 1))
+    effect.statusLabel = types.SimpleNamespace(text="")
+    assert effect.processInteractionEvents(Interactor((0, 0), key="Escape"), vtk.vtkCommand.KeyPressEvent, view)
+    assert effect.prompts.slice is None and "forgotten" in effect.statusLabel.text
+    assert not effect.processInteractionEvents(Interactor((0, 0)), vtk.vtkCommand.MouseMoveEvent, view)

@@ -1,0 +1,93 @@
+"""Keep learning: retraining after every few exported cases, and the adapter in use kept until a
+new one scores better on the validation cases (fake worker, real folders)."""
+import json
+import os
+
+import pytest
+
+from slicer_scene import scene  # noqa: F401
+from SAMFineTuneLib.client import Job
+from SAMFineTuneMRML.backends import WorkerBackend
+from SAMFineTuneMRML.keeplearning import KeepLearning
+from SAMFineTuneMRML.logic import SAMFineTuneCoreLogic
+
+
+class LearningClient:
+    """Trains by writing an adapter folder whose card has ``new`` Dice; scores the adapter in use
+    at ``current`` Dice; ``fail`` makes training fail."""
+
+    def __init__(self, new=0.8, current=0.7, fail=False):
+        self.new, self.current, self.fail, self.jobs = new, current, fail, []
+
+    def submit(self, command, params, arrays=None):
+        job = Job("j%d" % len(self.jobs), command, params)
+        self.jobs.append(job)
+        return job
+
+    def cancel(self, job):
+        job.cancel_requested = True
+
+    def poll(self, timeout=0.0):
+        for job in self.jobs:
+            if job.done:
+                continue
+            if job.command == "train":
+                if self.fail:
+                    job.state, job.error = "error", "ValueError: the dataset has no validation case"
+                    continue
+                card = {"scores": {"adapted": {"dice": self.new}}}
+                os.makedirs(job.params["output"])
+                with open(os.path.join(job.params["output"], "model_card.json"), "w") as handle:
+                    json.dump(card, handle)
+                job.state, job.result = "done", {"card": card}
+            else:
+                job.state, job.result = "done", {"report": {"mean": {"adapted": {"dice": self.current}}}}
+
+
+def adapter_in_use(folder, dice):
+    os.makedirs(folder)
+    with open(os.path.join(folder, "model_card.json"), "w") as handle:
+        json.dump({"scores": {"adapted": {"dice": dice}}, "mark": "in use"}, handle)
+
+
+def card_of(folder):
+    with open(os.path.join(folder, "model_card.json")) as handle:
+        return json.load(handle)
+
+
+def finish(run):
+    while run.poll():
+        pass
+    return run
+
+
+@pytest.mark.parametrize("new,current,state", [(0.8, 0.7, "kept"), (0.6, 0.7, "discarded"), (0.8, None, "kept")])
+def test_a_new_adapter_replaces_the_one_in_use_only_when_it_scores_better(tmp_path, new, current, state):
+    adapter = str(tmp_path / "liver")
+    if current is not None:
+        adapter_in_use(adapter, current)
+    client = LearningClient(new=new, current=current)
+    learning = KeepLearning(SAMFineTuneCoreLogic(worker=WorkerBackend(client=client)), every=3)
+    assert learning.exported(2, str(tmp_path / "set"), adapter, model="litemedsam") is None
+    run = finish(learning.exported(1, str(tmp_path / "set"), adapter, model="litemedsam"))
+    assert run.state == state, run.message
+    commands = [job.command for job in client.jobs]
+    assert commands == (["train", "evaluate"] if current is not None else ["train"])
+    assert client.jobs[0].params["output"] == adapter + ".candidate"
+    assert card_of(adapter)["scores"]["adapted"]["dice"] == (new if state == "kept" else current)
+    assert not os.path.exists(adapter + ".candidate") and not os.path.exists(adapter + ".retired")
+    if current is not None:
+        assert client.jobs[1].params["adapter"] == adapter
+
+
+def test_a_failed_retraining_leaves_the_adapter_in_use_and_one_run_at_a_time(tmp_path):
+    adapter = str(tmp_path / "liver")
+    adapter_in_use(adapter, 0.7)
+    client = LearningClient(fail=True)
+    learning = KeepLearning(SAMFineTuneCoreLogic(worker=WorkerBackend(client=client)), every=1)
+    run = learning.exported(1, str(tmp_path / "set"), adapter)
+    assert learning.exported(1, str(tmp_path / "set"), adapter) is None  # one run at a time
+    finish(run)
+    assert run.state == "failed" and "no validation case" in run.message
+    assert card_of(adapter)["mark"] == "in use"
+    assert learning.exported(1, str(tmp_path / "set"), adapter) is not None  # the next export starts again

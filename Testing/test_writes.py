@@ -1,0 +1,237 @@
+"""Nothing lost: a write that does not land completely (full disk, file-size limit, read-only
+folder) is an error naming the file, and what was there before stays as it was; two exports
+never write one dataset at once. SimpleITK does not raise on a short write, so these run the
+real writers in subprocesses under a file-size limit (``RLIMIT_FSIZE``) or on a tiny tmpfs."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from SAMFineTuneLib import dataset as ds
+from SAMFineTuneLib import files
+from SAMFineTuneLib.phantom import bounding_box, make_ct_phantom
+from SAMFineTuneLib.volume_io import Volume, read_volume, write_volume
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ENV = dict(os.environ, PYTHONPATH=ROOT, PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1")
+
+resource = pytest.importorskip("resource")  # POSIX
+
+
+def digest(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def limited(args, limit_bytes: int):
+    """Run ``args`` with files capped at ``limit_bytes`` (writes beyond fail with EFBIG)."""
+    def cap():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    return subprocess.run(args, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600, preexec_fn=cap)
+
+
+def on_tiny_tmpfs(tmp_path, script: str, size: str = "256k", readonly: bool = False):
+    """Run a Python script with a fresh tmpfs of ``size`` mounted at tmp_path/mnt (read-only if
+    asked), in a user and mount namespace; skips where the machine does not allow one."""
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    options = f"size={size}" + (",ro" if readonly else "")
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare here")
+    done = subprocess.run(["unshare", "-r", "-m", "sh", "-c", f'mount -t tmpfs -o {options} tmpfs "$0" && exec "$1" -c "$2"',
+                           str(mount), sys.executable, script], capture_output=True, text=True, env=ENV, cwd=ROOT,
+                          timeout=600)
+    if done.returncode != 0 and ("unshare:" in done.stderr or "mount:" in done.stderr):
+        pytest.skip(f"no private tmpfs here: {done.stderr.strip()}")
+    return done, mount
+
+
+def noise_volume(seed: int, shape=(48, 64, 64)) -> Volume:
+    """Random float voxels: they do not compress, so the file is well over the limits below."""
+    return Volume(np.random.default_rng(seed).normal(size=shape).astype(np.float32), (0.8, 0.8, 2.0))
+
+
+# --- short writes ------------------------------------------------------------------------------
+
+
+def test_a_cut_write_is_an_error_and_keeps_the_previous_file(tmp_path):
+    target, png = tmp_path / "mask.nii.gz", tmp_path / "slice.png"
+    write_volume(noise_volume(0, (4, 16, 16)), str(target))
+    png.write_bytes(b"an earlier slice")
+    before = digest(target)
+    code = f"""
+        import numpy as np
+        from SAMFineTuneLib.dataset import slice_formats
+        from SAMFineTuneLib.volume_io import Volume, write_volume
+        noise = np.random.default_rng(1).normal(size=(48, 64, 64)).astype(np.float32)
+        for write in (lambda: write_volume(Volume(noise), {str(target)!r}),
+                      lambda: slice_formats._write_png_atomic((noise[0] * 80).astype(np.uint8), {str(png)!r})):
+            try:
+                write()
+            except Exception as error:
+                print(type(error).__name__ + ":", error)
+    """
+    done = limited([sys.executable, "-c", textwrap.dedent(code)], 3_000)
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"WriteError: could not write {target}: the file came out "
+                                                   "incomplete"), done
+    assert lines[1].startswith(f"WriteError: could not write {png}: File too large"), done
+    assert all("file-size limit" in line for line in lines)
+    assert digest(target) == before and png.read_bytes() == b"an earlier slice"
+    assert sorted(os.listdir(tmp_path)) == ["mask.nii.gz", "slice.png"]  # no temp file left either
+
+
+def test_export_under_a_file_size_limit_fails_and_keeps_the_dataset(tmp_path):
+    root = tmp_path / "d"
+    ds.export_dataset([make_case(s) for s in range(2)], root, val_fraction=0.5)
+    index = (root / "dataset.json").read_bytes()
+    paths = []
+    for n in range(2):
+        for kind, volume in (("img", noise_volume(n)), ("lab", Volume(np.ones((48, 64, 64), np.uint8), (0.8, 0.8, 2.0)))):
+            paths.append(str(tmp_path / f"{kind}{n}.nii.gz"))
+            write_volume(volume, paths[-1])
+    done = limited([sys.executable, "-m", "SAMFineTuneLib", "export", "--volumes", *paths[0::2],
+                    "--labels", *paths[1::2], "--output", str(root), "--case-ids", "big0", "big1"], 100_000)
+    assert done.returncode == 1 and "added" not in done.stdout, done
+    last = done.stderr.strip().splitlines()[-1]  # after the progress bar
+    assert last.startswith(f"error: could not write {root}/imagesTr/big0") and "file-size limit" in last
+    assert "Traceback" not in done.stderr
+    assert (root / "dataset.json").read_bytes() == index
+    info = ds.read_dataset(root)
+    assert [c.case for c in info.cases] == ["case00", "case01"]
+    for entry in info.cases:
+        read_volume(entry.image), read_volume(entry.label)
+
+
+@pytest.mark.slow
+def test_segment_under_a_file_size_limit_fails_and_keeps_the_previous_mask(tmp_path):
+    ct, label = make_ct_phantom((4, 48, 48))
+    volume, output = str(tmp_path / "ct.nii.gz"), tmp_path / "mask.nii.gz"
+    write_volume(ct, volume)
+    write_volume(label, str(output))  # the previous good mask
+    before = digest(output)
+    box = bounding_box(label.array, (2, 2, 0))
+    done = limited([sys.executable, "-m", "SAMFineTuneLib", "segment", "--volume", volume, "--box", *map(str, box),
+                    "--output", str(output), "--device", "cpu", "--quiet"], 200)
+    assert done.returncode == 1 and done.stdout == "", done
+    assert f"error: could not write {output}" in done.stderr and "Traceback" not in done.stderr
+    assert digest(output) == before
+
+
+def test_export_onto_a_full_disk_fails_and_keeps_the_dataset(tmp_path):
+    script = textwrap.dedent(f"""
+        import json, os, sys
+        sys.path.insert(0, {TESTS!r})
+        from test_writes import make_case, noise_volume
+        from SAMFineTuneLib import dataset as ds
+        root = os.path.join({str(tmp_path / "mnt")!r}, "d")
+        ds.export_dataset([make_case(0), make_case(1)], root, val_fraction=0.5)
+        index = open(os.path.join(root, "dataset.json"), "rb").read()
+        big = [("big%d" % n, noise_volume(n), make_case(n, shape=(48, 64, 64), spacing=(0.8, 0.8, 2.0))[2])
+               for n in range(2)]
+        try:
+            ds.export_dataset(big, root)
+            outcome = "exported"
+        except Exception as error:
+            outcome = type(error).__name__ + ": " + str(error)
+        print(json.dumps({{"outcome": outcome, "unchanged": open(os.path.join(root, "dataset.json"), "rb").read() == index,
+                          "cases": [c.case for c in ds.read_dataset(root).cases]}}))
+    """)
+    done, _ = on_tiny_tmpfs(tmp_path, script)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["outcome"].startswith("WriteError: could not write") and "the disk is full" in report["outcome"], report
+    assert report["unchanged"] and report["cases"] == ["case00", "case01"]
+
+
+# --- refused before any work -----------------------------------------------------------------
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_the_model_loads(tmp_path):
+    ct, label = make_ct_phantom((4, 32, 32))
+    volume = str(tmp_path / "ct.nii.gz")
+    write_volume(ct, volume)
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "a_folder").mkdir()
+    # a checkpoint that does not exist: had the model loaded first, that would be the error
+    model = ["--model", "medsam", "--checkpoint", str(tmp_path / "absent.pth"), "--quiet"]
+    for output, expected in ((tmp_path / "a_file" / "m.nii.gz", "is a file, not a folder"),
+                             (tmp_path / "a_folder", "is a folder; give a file name")):
+        done = subprocess.run([sys.executable, "-m", "SAMFineTuneLib", "segment", "--volume", volume, "--box",
+                               "1", "1", "0", "9", "9", "1", "--output", str(output), *model], capture_output=True,
+                              text=True, env=ENV, cwd=ROOT, timeout=600)
+        assert done.returncode == 2 and expected in done.stderr and "Traceback" not in done.stderr, done.stderr
+    done = subprocess.run([sys.executable, "-m", "SAMFineTuneLib", "export", "--volumes", volume, "--labels", volume,
+                           "--output", str(tmp_path / "a_file")], capture_output=True, text=True, env=ENV, cwd=ROOT,
+                          timeout=600)
+    assert done.returncode == 2 and "is a file; choose a folder" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_read_only_folder_is_refused_before_the_model_loads(tmp_path):
+    ct, _ = make_ct_phantom((4, 32, 32))
+    volume = str(tmp_path / "ct.nii.gz")
+    write_volume(ct, volume)
+    script = textwrap.dedent(f"""
+        import subprocess, sys
+        for args in (["segment", "--volume", {volume!r}, "--box", "1", "1", "0", "9", "9", "1", "--output",
+                      {str(tmp_path / "mnt" / "m.nii.gz")!r}, "--model", "medsam", "--checkpoint", "/absent.pth"],
+                     ["export", "--volumes", {volume!r}, "--labels", {volume!r}, "--output", {str(tmp_path / "mnt")!r}]):
+            done = subprocess.run([sys.executable, "-m", "SAMFineTuneLib", *args], capture_output=True, text=True)
+            print(done.returncode, done.stderr.strip().replace(chr(10), " | "))
+    """)
+    done, _ = on_tiny_tmpfs(tmp_path, script, readonly=True)
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 2, done
+    for line in lines:
+        assert line.startswith("1 error: cannot write") and "Read-only file system" in line, line
+        assert "Traceback" not in line and "|" not in line  # one line
+
+
+# --- one writer per folder -----------------------------------------------------------------
+
+
+def make_case(seed, shape=(4, 20, 24), spacing=(0.8, 0.9, 2.5)):
+    rng = np.random.default_rng(seed)
+    image = rng.normal(40, 30, shape).astype(np.int16)
+    label = np.zeros(shape, np.uint8)
+    label[1:3, 5:12, 6:14] = 1
+    return f"case{seed:02d}", Volume(image, spacing), Volume(label, spacing)
+
+
+def test_two_exports_never_write_one_folder_at_once(tmp_path):
+    root = tmp_path / "d"
+    ds.export_dataset([make_case(s) for s in range(2)], root)
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {TESTS!r})
+        from test_writes import make_case
+        from SAMFineTuneLib.dataset import export_dataset
+        def slow(done, total, message):
+            print(done, flush=True)
+            time.sleep(0.5)
+        export_dataset([make_case(s) for s in range(20, 30)], {str(root)!r}, progress=slow)
+    """)
+    other = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert other.stdout.readline().strip() == "0"  # the other export is writing
+        with pytest.raises(files.FolderBusy, match=rf"being written by another process \(pid {other.pid} .*export"):
+            ds.export_dataset([make_case(30)], root)
+        other.send_signal(signal.SIGKILL)  # it dies holding the lock
+    finally:
+        other.wait(timeout=60)
+        other.stdout.close()
+    assert os.path.exists(root / files.LOCK_FILE)
+    ds.export_dataset([make_case(30)], root)  # the dead process's lock is taken over
+    assert [c.case for c in ds.read_dataset(root).cases] == ["case00", "case01", "case30"]
+    assert not os.path.exists(root / files.LOCK_FILE)

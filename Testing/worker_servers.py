@@ -1,0 +1,77 @@
+"""Real ``serve`` processes for the TCP tests, and raw connections to them (what a hostile client
+would send, byte for byte)."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from SAMFineTuneLib import protocol
+from SAMFineTuneLib.client import BOOT
+
+LIB = Path(__file__).resolve().parents[1] / "SAMFineTuneLib"
+ENV = {"OMP_NUM_THREADS": "1"}
+
+
+def start_server(tmp_path, *extra, log_name="s.log"):
+    """A real ``serve`` process; (process, host, port, token: the one it printed, or None)."""
+    env = {k: v for k, v in os.environ.items() if k != "SAMFINETUNE_TOKEN"}
+    proc = subprocess.Popen([sys.executable, "-c", BOOT, "serve", "--port", "0", "--log", str(tmp_path / log_name),
+                             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(env, **ENV), cwd=str(LIB.parent))
+    line = proc.stdout.readline()
+    assert "listening on" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
+    host, port = line.split("listening on ")[1].split()[0].rsplit(":", 1)
+    token = None
+    while True:
+        line = proc.stdout.readline()
+        if line.startswith("token: "):
+            token = line.split()[1]
+        if not line or line.startswith("log: "):
+            return proc, host, int(port), token
+
+
+def stop_server(proc):
+    """Kill the server; returns what it wrote on stderr."""
+    proc.kill()
+    proc.wait(timeout=10)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    proc.stderr.close()
+    return err
+
+
+class Raw:
+    """A raw connection: send any bytes, read the server's messages one by one."""
+
+    def __init__(self, port: int, timeout: float = 20.0):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.stream = self.sock.makefile("rwb")
+        self.hello = protocol.read_message(self.stream)
+
+    def send(self, data) -> None:
+        self.stream.write(data if isinstance(data, bytes) else protocol.encode(data))
+        self.stream.flush()
+
+    def read(self):
+        """The next message (None once the server closed the connection)."""
+        try:
+            return protocol.read_message(self.stream)
+        except (ConnectionError, OSError):
+            return None
+
+    def answer(self, job_id):
+        """The final event for ``job_id`` (None if the connection closed first)."""
+        while True:
+            message = self.read()
+            if message is None or (message.get("id") == job_id and message.get("event") in protocol.FINAL_EVENTS):
+                return message
+
+    def close(self) -> None:
+        try:
+            self.stream.close()
+            self.sock.close()
+        except OSError:
+            pass
