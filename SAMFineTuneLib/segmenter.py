@@ -15,7 +15,7 @@ import torch
 
 from . import imaging, postprocess, tracking
 from .cache import EmbeddingCache
-from .catalogue import AXES, BOX_MODES
+from .catalogue import AXES, BOX_MODES, SEGMENT_DEFAULTS
 from .decoding import Box2D, SliceJob
 from .models import SamModel, load_model
 from .progress import CancelFn, Cancelled, ProgressFn, check_cancel, report
@@ -267,21 +267,21 @@ class Segmenter:
         self,
         volume,
         box: Sequence[int],
-        axis: str = "axial",
-        window: str = "auto",
-        box_mode: str = "tracked",
+        axis: str = SEGMENT_DEFAULTS["axis"],
+        window: str = SEGMENT_DEFAULTS["window"],
+        box_mode: str = SEGMENT_DEFAULTS["box_mode"],
         spacing: Optional[Sequence[float]] = None,
-        keep_largest: bool = True,
-        fill_holes: bool = True,
+        keep_largest: bool = SEGMENT_DEFAULTS["keep_largest"],
+        fill_holes: bool = SEGMENT_DEFAULTS["fill_holes"],
         multimask: Optional[bool] = None,
-        zoom: bool = False,
-        triplanar: bool = False,
+        zoom: bool = SEGMENT_DEFAULTS["zoom"],
+        triplanar: bool = SEGMENT_DEFAULTS["triplanar"],
         progress: Optional[ProgressFn] = None,
         cancel: Optional[CancelFn] = None,
     ) -> SegmentationResult:
         """Segment the structure inside a 3D voxel box, slice by slice along ``axis``.
 
-        ``zoom``: encode a crop around the box on each slice instead of the whole slice (``zoom``),
+        ``zoom``: encode a crop around the box on each slice instead of the whole slice (``zoom.py``),
         so a small structure on a large slice reaches the encoder larger. ``triplanar``: segment
         along all three axes and keep the voxels two of them agree on (three times the encoding);
         ``axis`` then only orders the hole filling."""

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from . import imaging
+from .catalogue import TRACKING_DEFAULTS
 from .decoding import Box2D, Decoded, SliceJob
 from .progress import check_cancel
 
@@ -31,24 +32,32 @@ class TrackingOptions:
     mask, or its mean intensity moved by more than ``max_intensity_shift`` (in window units) from
     the previous mask's (SAM has jumped to a neighbouring tissue).
 
+    The seed: ``seed_span`` is where the candidates lie, as fractions of the ROI's slices;
+    ``seed_shrink`` also tries the ROI shrunk by these fractions of its size per side;
+    ``seed_refine`` re-decodes the seed with its own mask's box this many times. Following:
+    ``mask_prompt`` gives SAM the previous slice's logits with its box; ``min_score`` says the
+    structure has ended where SAM's predicted IoU falls below it; ``patience`` is how many slices
+    in a row may fail the rules before tracking gives up (gaps, re-entry). The defaults are the
+    catalogue's (``TRACKING_DEFAULTS``).
+
     One box per slice, grown by 5%, replaced two candidates (the box, and the box grown by 15%,
     SAM's predicted IoU picking one), which cost twice the decoding; on real CT and MR it scored
     higher on aggregate (README, "Fixed ROI vs tracked boxes").
     """
 
-    margin: float = 0.05
-    min_margin_px: int = 2
-    min_area_fraction: float = 0.02
-    max_growth: float = 2.0
-    min_overlap: float = 0.3
-    max_intensity_shift: float = 0.15
-    seed_candidates: int = 5
-    seed_span: Tuple[float, float] = (0.1, 0.9)  # where the candidates lie, as fractions of the ROI's slices
-    seed_shrink: Tuple[float, ...] = ()  # also try the ROI shrunk by these fractions of its size per side
-    seed_refine: int = 0  # re-decode the seed with its own mask's box, this many times
-    mask_prompt: bool = False  # give SAM the previous slice's logits with its box
-    min_score: Optional[float] = None  # the structure has ended where SAM's predicted IoU falls below this
-    patience: int = 0  # slices that may fail the rules before tracking gives up (gaps, re-entry)
+    margin: float = TRACKING_DEFAULTS["margin"]
+    min_margin_px: int = TRACKING_DEFAULTS["min_margin_px"]
+    min_area_fraction: float = TRACKING_DEFAULTS["min_area_fraction"]
+    max_growth: float = TRACKING_DEFAULTS["max_growth"]
+    min_overlap: float = TRACKING_DEFAULTS["min_overlap"]
+    max_intensity_shift: float = TRACKING_DEFAULTS["max_intensity_shift"]
+    seed_candidates: int = TRACKING_DEFAULTS["seed_candidates"]
+    seed_span: Tuple[float, float] = TRACKING_DEFAULTS["seed_span"]
+    seed_shrink: Tuple[float, ...] = TRACKING_DEFAULTS["seed_shrink"]
+    seed_refine: int = TRACKING_DEFAULTS["seed_refine"]
+    mask_prompt: bool = TRACKING_DEFAULTS["mask_prompt"]
+    min_score: Optional[float] = TRACKING_DEFAULTS["min_score"]
+    patience: int = TRACKING_DEFAULTS["patience"]
 
 
 def next_box(previous: np.ndarray, roi: Box2D, options: TrackingOptions) -> Box2D:
