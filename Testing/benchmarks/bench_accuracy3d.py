@@ -12,14 +12,12 @@ prompts alone. Means per set, per structure class and overall, a post-processing
   python Testing/benchmarks/bench_accuracy3d.py \
       --dataset ../shared/data/totalseg_examples_silver --dataset ../shared/data/msd_hippocampus_mri_dev \
       --dataset ../shared/data/breast_mri_tumor_pyradiomics --backend openvino \
-      --cache-dir /tmp/samft-embeddings --markdown docs/accuracy.md --png docs/accuracy_worst.png
+      --cache-dir /tmp/samft-embeddings --markdown /tmp/accuracy_tables.md --png /tmp/accuracy_worst.png
   ... --quick          (2 cases per set, 4 structures per case, for iteration)
   ... --option zoom=true --tracking margin=0.1   (engine options and TrackingOptions fields)
 
 The synthetic CT (two phantoms) is always included (``--no-phantom`` leaves it out). Not a
-test, and no test needs it.
-
-NOTES (what was tried, on this benchmark)
+test, and no test needs it. What was tried on it, what paid and what did not: docs/accuracy.md.
 """
 from __future__ import annotations
 
@@ -213,15 +211,10 @@ def save_png(runs: List[Run], path: str, count: int, middle: int) -> None:
     plt.close(figure)
 
 
-def notes() -> List[str]:
-    text = __doc__.split("NOTES (what was tried, on this benchmark)", 1)[1].strip()
-    return ["## Notes: what was tried", "", text, ""] if text else []
-
-
 def write_markdown(path: str, runs: List[Run], args, header: List[str]) -> None:
     names = columns(args)
     lines = ["# 3D accuracy: one ROI against a perfect box on every slice", "", *header, "",
-             *summary_tables(runs, args), "", *postprocessing_table(runs, args), "", *notes(),
+             *summary_tables(runs, args), "", *postprocessing_table(runs, args), "",
              "## Every structure", "", *structure_header(names), *(structure_row(r, names) for r in runs), ""]
     scratch = path + ".tmp"
     with open(scratch, "w") as handle:
