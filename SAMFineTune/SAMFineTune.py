@@ -97,6 +97,8 @@ class SAMFineTuneParameterNode:
     checkpoint: pathlib.Path
     adapter: str = ""  # adapter folder, "" = none
     device: str = "auto"
+    backend: str = "auto"
+    precision: str = "auto"
     window: str = "auto"
     customWindow: str = "400/40"
     axis: str = "axial"
@@ -128,6 +130,7 @@ GUI_BINDINGS = {
 }
 #: Combo boxes whose items carry the parameter's value as item data, kept in step by the panel.
 COMBO_BINDINGS = {"model": "modelComboBox", "adapter": "adapterComboBox", "device": "deviceComboBox",
+                  "backend": "backendComboBox", "precision": "precisionComboBox",
                   "window": "windowComboBox", "axis": "axisComboBox", "boxMode": "boxModeComboBox",
                   "targetSegment": "targetSegmentComboBox"}
 
@@ -135,7 +138,7 @@ COMBO_BINDINGS = {"model": "modelComboBox", "adapter": "adapterComboBox", "devic
 def segmentOptions(p):
     """The engine's options from the panel's parameter node (the panel and the SAM effect use them)."""
     return dict(model=p.model, checkpoint=options.optionalPath(p.checkpoint), adapter=p.adapter or None,
-                device=p.device, axis=p.axis, box_mode=p.boxMode, keep_largest=p.keepLargest, fill_holes=p.fillHoles,
+                device=p.device, backend=p.backend, precision=p.precision, axis=p.axis, box_mode=p.boxMode, keep_largest=p.keepLargest, fill_holes=p.fillHoles,
                 window=p.customWindow if p.window == options.CUSTOM_WINDOW else p.window)
 
 
@@ -178,8 +181,12 @@ class SAMFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = SAMFineTuneLogic()
         for combo, choices in (("modelComboBox", options.MODEL_CHOICES), ("windowComboBox", options.WINDOW_CHOICES),
                                ("deviceComboBox", options.DEVICE_CHOICES), ("axisComboBox", options.AXIS_CHOICES),
-                               ("boxModeComboBox", options.BOX_MODE_CHOICES)):
+                               ("boxModeComboBox", options.BOX_MODE_CHOICES),
+                               ("backendComboBox", options.BACKEND_CHOICES),
+                               ("precisionComboBox", options.PRECISION_CHOICES)):
             fillCombo(getattr(self.ui, combo), choices)
+        self.ui.backendComboBox.toolTip = options.BACKEND_HELP
+        self.ui.precisionComboBox.toolTip = options.PRECISION_HELP
         self.refreshAdapters()
         self.sections = [SegmentationSection(self), FineTuningSection(self)]
 

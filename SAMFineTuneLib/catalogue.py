@@ -22,16 +22,19 @@ class ModelSpec:
     encoder: str  # "tiny_vit" or a segment-anything registry key (vit_b, vit_l, vit_h)
     needs_checkpoint: bool
     multimask_default: bool  # MedSAM-family decoders were trained single-mask; SAM picks among three
+    # SAM's decoder learned clicks; the MedSAM family's was trained on boxes alone and answers a click
+    # with nothing useful, so there a click edits the box instead (refinement).
+    point_prompts: bool
 
 
 MODEL_SPECS: Dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
-        ModelSpec("litemedsam", "LiteMedSAM (built in, CPU friendly)", 256, "unit", "tiny_vit", False, False),
-        ModelSpec("medsam", "MedSAM (checkpoint)", 1024, "unit", "vit_b", True, False),
-        ModelSpec("sam_vit_b", "SAM ViT-B (checkpoint)", 1024, "imagenet", "vit_b", True, True),
-        ModelSpec("sam_vit_l", "SAM ViT-L (checkpoint)", 1024, "imagenet", "vit_l", True, True),
-        ModelSpec("sam_vit_h", "SAM ViT-H (checkpoint)", 1024, "imagenet", "vit_h", True, True),
+        ModelSpec("litemedsam", "LiteMedSAM (built in, CPU friendly)", 256, "unit", "tiny_vit", False, False, False),
+        ModelSpec("medsam", "MedSAM (checkpoint)", 1024, "unit", "vit_b", True, False, False),
+        ModelSpec("sam_vit_b", "SAM ViT-B (checkpoint)", 1024, "imagenet", "vit_b", True, True, True),
+        ModelSpec("sam_vit_l", "SAM ViT-L (checkpoint)", 1024, "imagenet", "vit_l", True, True, True),
+        ModelSpec("sam_vit_h", "SAM ViT-H (checkpoint)", 1024, "imagenet", "vit_h", True, True, True),
     )
 }
 DEFAULT_MODEL = "litemedsam"

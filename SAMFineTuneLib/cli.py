@@ -13,6 +13,8 @@ from typing import List, Optional
 COMMANDS = {
     "segment": ("segment_cli", "add_segment_arguments", "segment_main",
                 "segment a structure inside a 3D box, slice by slice, and write the mask"),
+    "refine": ("refine_cli", "add_arguments", "main",
+               "correct slices of a mask with clicks (I,J,K,+1 / -1), and carry a corrected slice on (--propagate)"),
     "export": ("dataset.cli", "add_arguments", "main", "export volumes + labels as a training set"),
     "train": ("training.cli", "add_arguments", "main", "fine-tune a LoRA adapter on the mask decoder"),
     "evaluate": ("evaluate", "add_arguments", "main", "score base and adapted models on a dataset"),

@@ -26,7 +26,7 @@ from typing import Any, BinaryIO, Dict, Optional, Tuple
 
 import numpy as np
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 # Longest message line accepted (arrays are never inline, so a message is small).
 MAX_LINE_BYTES = 16 << 20
@@ -43,7 +43,7 @@ TOKEN_ENV = "SAMFINETUNE_TOKEN"
 # Requests the worker answers at once on its reading thread, even while a job runs.
 IMMEDIATE_COMMANDS = ("hello", "ping", "info", "cancel", "shutdown")
 # Requests that run as jobs, one at a time, in the order they arrive.
-JOB_COMMANDS = ("load_model", "segment", "reprompt", "export", "train", "evaluate", "echo")
+JOB_COMMANDS = ("load_model", "segment", "reprompt", "refine", "propagate", "export", "train", "evaluate", "echo")
 COMMANDS = IMMEDIATE_COMMANDS + JOB_COMMANDS
 
 # Event names, worker -> client.

@@ -16,7 +16,8 @@ import torch
 from . import imaging, postprocess, tracking
 from .cache import EmbeddingCache
 from .catalogue import AXES, BOX_MODES, SEGMENT_DEFAULTS
-from .decoding import Box2D, SliceJob
+from .decoding import Box2D, Decoded, SliceJob
+from .imaging import SliceGeometry
 from .models import SamModel, load_model
 from .progress import CancelFn, Cancelled, ProgressFn, check_cancel, report
 from .tracking import TrackingOptions
@@ -218,6 +219,19 @@ class Segmenter:
 
     # ------------------------------------------------------------ box modes
 
+    def slice_embedding(self, volume, axis: str, index: int, window: str = "auto",
+                        spacing: Optional[Sequence[float]] = None) -> Tuple[torch.Tensor, SliceGeometry]:
+        """One slice's embedding (cached, on the cache's device) and how the slice maps onto the
+        model's input, for decoding prompts of one's own (``refinement``)."""
+        volume = as_volume(volume, spacing)
+        validate_volume(volume)
+        count = volume.array.shape[imaging.axis_index(axis)]
+        if not 0 <= int(index) < count:
+            raise ValueError(f"slice {index} is outside the volume's {count} {axis} slices")
+        source = SliceSource(volume, axis, window, self.model)
+        counter = {"done": 0, "total": 1, "cache_hits": 0, "encoded": 0}
+        return self._embed(source, [int(index)], None, None, counter)[int(index)], source.geometry
+
     def _job(self, source: SliceSource, multimask: bool, progress, cancel, total: int,
              counter: Optional[Dict[str, float]] = None) -> SliceJob:
         counter = counter or {"done": 0, "total": total, "cache_hits": 0, "encoded": 0}
@@ -335,6 +349,63 @@ class Segmenter:
             imaging.place_slice(out, axis, index, plane)
         return self._result(volume, axis, box, out, sorted(masks), job.counter, progress, keep_largest, fill_holes,
                             started)
+
+    def propagate(
+        self,
+        volume,
+        axis: str,
+        index: int,
+        mask: np.ndarray,
+        locked: Sequence[int] = (),
+        first: Optional[int] = None,
+        last: Optional[int] = None,
+        window: str = "auto",
+        spacing: Optional[Sequence[float]] = None,
+        multimask: Optional[bool] = None,
+        progress: Optional[ProgressFn] = None,
+        cancel: Optional[CancelFn] = None,
+    ) -> SegmentationResult:
+        """Carry a corrected 2D ``mask`` on slice ``index`` outwards in both directions, with
+        tracking's rules, between slices ``first`` and ``last`` (default: the whole volume).
+
+        A ``locked`` slice (one the user corrected) is never changed and ends propagation in its
+        direction: past it, that slice's own correction is the better start. The result holds the
+        slices written (``slices``), the corrected slice not among them.
+        """
+        started = time.perf_counter()
+        volume, multimask = self._prepare(volume, spacing, axis, multimask)
+        count = volume.array.shape[imaging.axis_index(axis)]
+        first, last = (0 if first is None else int(first)), (count - 1 if last is None else int(last))
+        if not 0 <= first <= int(index) <= last < count:
+            raise ValueError(f"propagation from slice {index} between slices {first} and {last} does not fit the "
+                             f"volume's {count} {axis} slices")
+        source = SliceSource(volume, axis, window, self.model)
+        mask = np.asarray(mask) > 0
+        if mask.shape != source.geometry.shape:
+            raise ValueError(f"the corrected slice is {mask.shape}, the volume's {axis} slices "
+                             f"{source.geometry.shape}: send the segment's mask on that slice")
+        if not mask.any():
+            raise ValueError("the corrected slice is empty: correct it first, then propagate from it")
+        rows, cols = mask.shape
+        roi = (0, 0, cols - 1, rows - 1)
+        stops = set(int(i) for i in locked)
+        job = self._job(source, multimask, progress, cancel, last - first)
+        masks: Dict[int, np.ndarray] = {}
+        for direction, end in ((1, last), (-1, first)):
+            ahead = []
+            for i in range(int(index) + direction, end + direction, direction):
+                if i in stops:
+                    break
+                ahead.append(i)
+            tracking.follow(job, ahead, Decoded(mask, 1.0), int(index), int(mask.sum()), roi, self.tracking, masks)
+        out = np.zeros(volume.array.shape, dtype=np.uint8)
+        for i, plane in masks.items():
+            imaging.place_slice(out, axis, i, plane)
+        counter = job.counter
+        report(progress, counter["total"], counter["total"], "done")
+        stats = {"encoded": counter["encoded"], "cache_hits": counter["cache_hits"], "slices": len(masks),
+                 "seconds": time.perf_counter() - started}
+        return SegmentationResult(out, sorted(masks), stats)
 
     @staticmethod
     def _result(volume: Volume, axis: str, box, out: np.ndarray, kept: List[int], counter: Dict[str, float],

@@ -130,7 +130,8 @@ def follow(job: SliceJob, ahead: List[int], start: Decoded, start_index: int, se
         embeddings = job.embed(chunk)
         for index in chunk:
             check_cancel(job.cancel)
-            prompt: Optional[torch.Tensor] = previous.low_res[None] if options.mask_prompt else None
+            prompt: Optional[torch.Tensor] = (previous.low_res[None] if options.mask_prompt
+                                              and previous.low_res is not None else None)
             decoded, = job.decode([embeddings[index]], [next_box(previous.mask, roi, options)], roi,
                                   mask_inputs=prompt)
             plane = source.windowed(index)

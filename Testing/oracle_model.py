@@ -10,10 +10,10 @@ from SAMFineTuneLib.models import MODEL_SPECS
 
 
 class OracleModel(nn.Module):
-    def __init__(self, input_size=256):
+    def __init__(self, input_size=256, point_prompts=False):
         super().__init__()
         base = MODEL_SPECS["litemedsam"]
-        self.spec = type(base)(**{**base.__dict__, "input_size": input_size})
+        self.spec = type(base)(**{**base.__dict__, "input_size": input_size, "point_prompts": point_prompts})
         self.fingerprint = "oracle:" + uuid.uuid4().hex
         self.anchor = nn.Parameter(torch.zeros(1))
         self.mask_decoder = nn.Identity()
@@ -57,3 +57,25 @@ class OracleModel(nn.Module):
         if low_res.shape[-1] == size:
             return low_res
         return F.interpolate(low_res, size=(size, size), mode="bilinear", align_corners=False)
+
+    def decode_prompts(self, embedding, points=None, box=None, mask_input=None, multimask=False, window=None):
+        """Bright pixels inside the box, or within 12 pixels of the positive points, less those
+        within 4 pixels of a negative point: what a click should do, exactly."""
+        size = self.spec.input_size
+        self.decode_log.append(("prompts", points, box, mask_input is not None, window))
+        bright = embedding[0, 0] > 0.5
+        yy, xx = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+        region = torch.zeros_like(bright)
+        if box is not None:
+            x0, y0, x1, y1 = box.reshape(4).tolist()
+            region |= (xx >= x0) & (xx <= x1) & (yy >= y0) & (yy <= y1)
+        coords, labels = points if points is not None else (torch.zeros(1, 0, 2), torch.zeros(1, 0))
+        for (x, y), label in zip(coords[0].tolist(), labels[0].tolist()):
+            near = (xx - x - 0.5) ** 2 + (yy - y - 0.5) ** 2
+            if label == 1:
+                region |= near <= 12 ** 2
+            else:
+                region &= near > 4 ** 2
+                bright = bright & (near > 4 ** 2)
+        logits = torch.where(region & bright, 20.0, -20.0)[None, None]
+        return logits, torch.ones(1)

@@ -83,3 +83,33 @@ def test_precision_choices_are_checked(small_ct, tmp_path):
     done = run_cli("segment", "--volume", path, "--box", *["0"] * 6, "--output", str(tmp_path / "m.nii.gz"),
                    "--precision", "half")
     assert done.returncode == 2 and "invalid choice: 'half'" in done.stderr
+
+
+@pytest.mark.slow
+def test_refine_clicks_a_slice_and_propagates_it(small_ct, tmp_path):
+    """A positive click on the organ of an empty mask, then --propagate: the organ comes out on the
+    clicked slice and beyond it, in the volume's geometry."""
+    path, label = small_ct
+    k = int(np.argmax(label.array.sum(axis=(1, 2))))
+    js, is_ = np.nonzero(label.array[k])
+    click = f"{int(np.median(is_))},{int(np.median(js))},{k},+1"
+    out = str(tmp_path / "fixed.nii.gz")
+    done = run_cli("refine", "--volume", path, "--points", click, "--output", out, "--device", "cpu", "--propagate")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["corrected"] == [k] and summary["propagated"] and k not in summary["propagated"]
+    mask = read_volume(out).array
+    overlap = 2 * np.logical_and(mask[k], label.array[k]).sum() / (mask[k].sum() + label.array[k].sum())
+    assert overlap > 0.5 and mask[summary["propagated"]].any()
+
+
+def test_refine_checks_its_clicks_before_the_model_loads(small_ct, tmp_path):
+    path, _ = small_ct
+    out = tmp_path / "never.nii.gz"
+    done = run_cli("refine", "--volume", path, "--points", "5,5,30,+1", "--output", str(out), "--model", "nope")
+    assert done.returncode == 2 and "invalid choice: 'nope'" in done.stderr
+    done = run_cli("refine", "--volume", path, "--points", "5,5,30,+1", "--output", str(out))
+    assert done.returncode == 2 and "the click (5, 5, 30) lies outside the volume's (64, 64, 8) voxels" in done.stderr
+    done = run_cli("refine", "--volume", path, "--points", "5,5,3", "--output", str(out))
+    assert done.returncode == 2 and "a click is I,J,K,+1 or I,J,K,-1" in done.stderr
+    assert not out.exists()

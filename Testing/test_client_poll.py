@@ -67,7 +67,7 @@ def test_decoder_gives_the_messages_however_the_bytes_are_split(chunk):
 
 def test_decoder_skips_an_over_long_line_whole_and_refuses_attachments_it_may_not_take():
     decoder = MessageDecoder(max_line=100)
-    long_line = b'{"v": 2, "id": "x", "pad": "' + b"a" * 500 + b'"}\n'
+    long_line = b'{"v": %d, "id": "x", "pad": "' % protocol.PROTOCOL_VERSION + b"a" * 500 + b'"}\n'
     items = []
     for start in range(0, len(long_line), 64):  # the over-long line arrives in pieces
         items += decoder.feed(long_line[start:start + 64])

@@ -129,6 +129,16 @@ def test_append_keeps_old_cases_and_patients(tmp_path):
     assert tree_digest(root) == now
 
 
+def test_the_slices_a_person_corrected_stay_with_the_case(tmp_path):
+    root = tmp_path / "d"
+    ds.export_dataset([make_case(0), make_case(1)], root, corrected={"case00": {"axial": [3, 1], "coronal": []}})
+    ds.export_dataset([make_case(2)], root, corrected={"case02": {"sagittal": [5]}})
+    found = ds.read_dataset(root)
+    assert found.case("case00").record["corrected_slices"] == {"axial": [1, 3]}
+    assert "corrected_slices" not in found.case("case01").record
+    assert found.case("case02").record["corrected_slices"] == {"sagittal": [5]}
+
+
 def test_interrupted_export_leaves_previous_dataset_valid(tmp_path):
     root = tmp_path / "d"
     ds.export_dataset([make_case(s) for s in range(3)], root)

@@ -116,7 +116,8 @@ def test_a_malformed_hello_never_puts_the_token_in_a_log(tmp_path):
     try:
         raw = Raw(port)
         secret = "LEAKCHECK-0123456789abcdef"
-        raw.send(b'{"v": 2, "id": "h", "command": "hello", "params": {"token": "' + secret.encode() + b'"}\n')
+        raw.send(b'{"v": %d, "id": "h", "command": "hello", "params": {"token": "' % protocol.PROTOCOL_VERSION
+                 + secret.encode() + b'"}\n')
         answer = raw.read()
         assert answer["event"] == "error" and "malformed" in answer["error"] and secret not in answer["error"]
         raw.close()

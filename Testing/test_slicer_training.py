@@ -11,6 +11,7 @@ from slicer_scene import GEOMETRIES, addVolume, scene, slicer  # noqa: F401
 from SAMFineTuneLib.client import Job
 from SAMFineTuneMRML import segments, training
 from SAMFineTuneMRML.backends import WorkerBackend
+from SAMFineTuneMRML.interactive import markCorrected
 from SAMFineTuneMRML.logic import SAMFineTuneCoreLogic, describeDevice
 
 
@@ -35,7 +36,13 @@ def test_find_cases_and_export_keeps_voxels_and_geometry(scene, tmp_path):
     add_case(logic, "CT 4", GEOMETRIES["identity"], structure="spleen")  # another structure
     cases = training.findCases(scene, "liver")
     assert [c[0].GetName() for c in cases] == ["CT 1", "CT 2"]
+    markCorrected(second[1].GetSegmentation().GetSegment(second[2]), "axial", [2, 1])
     summary = logic.exportTrainingSet(cases, str(tmp_path / "set"), "liver", valFraction=0.5)
+    from SAMFineTuneLib.dataset import read_dataset
+
+    exported = read_dataset(str(tmp_path / "set"))
+    assert exported.case("CT_2").record["corrected_slices"] == {"axial": [1, 2]}
+    assert "corrected_slices" not in exported.case("CT_1").record
     assert sorted(summary["added"]) == ["CT_1", "CT_2"]
     meta = json.load(open(tmp_path / "set" / "dataset.json"))
     assert meta["labels"] == {"background": 0, "liver": 1}

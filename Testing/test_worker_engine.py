@@ -97,6 +97,45 @@ def test_segment_input_is_checked_before_the_model_loads(client):
     assert any("of the voxels inside the box" in line for line in job.logs)
 
 
+def test_refine_and_propagate_through_the_worker_equal_in_process(client, phantom):
+    """A click names its volume by key (sent once), continues from the slice's previous result,
+    and a propagation never writes a locked slice; errors say what to send."""
+    from SAMFineTuneLib.refinement import refine_slice
+
+    ct, box = phantom
+    k = (box[2] + box[5]) // 2
+    base = {"volume_key": "phantom:1", "axis": "axial", "index": k, "device": "cpu", "spacing": list(ct.spacing)}
+    slice_box = [box[0], box[1], box[3], box[4]]
+    with pytest.raises(JobError, match=r"^UnknownVolume: this worker holds no volume 'phantom:1'"):
+        client.run("refine", dict(base, box=slice_box), timeout=120)
+    first, arrays = client.run("refine", dict(base, box=slice_box), {"volume": ct.array}, timeout=600)
+    assert arrays["mask"].dtype == np.uint8 and arrays["mask"].shape == ct.array.shape[1:] and arrays["mask"].any()
+    ys, xs = np.nonzero(arrays["mask"])
+    negative = [float(xs[0]), float(ys[0]), 0]
+    second, again = client.run("refine", dict(base, box=slice_box, points=[negative]), timeout=600)
+    again = again["mask"]
+    assert second["volume_key"] == "phantom:1" and 0 < second["voxels"]
+
+    segmenter = Segmenter("litemedsam", device="cpu")
+    expected = refine_slice(segmenter, ct, "axial", k, [], slice_box)
+    assert np.array_equal(arrays["mask"], expected.mask)
+    expected = refine_slice(segmenter, ct, "axial", k, [negative], slice_box, previous=expected)
+    assert np.array_equal(again, expected.mask)
+
+    locked = k + 1
+    result, carried = client.run("propagate", dict(base, locked=[locked]), {"mask": again}, timeout=600)
+    carried = carried["mask"]
+    assert k not in result["slices"] and locked not in result["slices"] and not carried[k:].any()
+    assert np.array_equal(carried, segmenter.propagate(ct, "axial", k, again, locked=[locked]).mask)
+
+    with pytest.raises(JobError, match="needs an array named 'mask'"):
+        client.run("propagate", base, timeout=120)
+    with pytest.raises(JobError, match=r"'index' must be a slice number from 0 to 5 along axial, got 9"):
+        client.run("refine", dict(base, index=9, box=slice_box), timeout=120)
+    with pytest.raises(JobError, match=r"point 1 \(99, 1\) lies outside"):
+        client.run("refine", dict(base, points=[[99, 1, 1]]), timeout=120)
+
+
 def test_cancel_long_segmentation_is_prompt_and_worker_stays_usable(client):
     volume = np.random.default_rng(0).integers(-200, 300, size=(60, 64, 64)).astype(np.int16)
     job = client.submit("segment", {"box": [10, 10, 0, 50, 50, 59], "box_mode": "fixed", "device": "cpu"},

@@ -48,8 +48,9 @@ class FineTuningSection:
 
     def trainConfig(self):
         engine = self.panel.segmentOptions()
-        return dict(model=engine["model"], checkpoint=engine["checkpoint"], device=engine["device"],
-                    epochs=self.panel.parameters.epochs)
+        config = {key: engine[key] for key in options.MODEL_KEYS}  # model, checkpoint, device, encoder
+        config.update(epochs=self.panel.parameters.epochs)
+        return config
 
     # ------------------------------------------------------------ export, keep learning
 

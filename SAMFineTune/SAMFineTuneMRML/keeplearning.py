@@ -10,6 +10,7 @@ validation cases, and swaps the candidate in only when its validation Dice is hi
 import os
 import shutil
 
+from .options import MODEL_KEYS
 from .tasks import Task
 
 #: A candidate replaces the adapter in use only when its validation Dice is higher by at least this.
@@ -59,7 +60,7 @@ class LearningRun:
             if not os.path.isfile(os.path.join(self.adapter, "model_card.json")):
                 return self.keep("no adapter in use yet")
             self.state, self.message = "scoring", "scoring the adapter in use on the validation cases"
-            params = {k: v for k, v in self.config.items() if k in ("model", "checkpoint", "device")}
+            params = {k: v for k, v in self.config.items() if k in MODEL_KEYS}
             self.task = Task(self.logic.worker.submit("evaluate", dict(params, dataset=self.dataset, adapter=self.adapter)),
                              self.logic.worker.client)
             return True

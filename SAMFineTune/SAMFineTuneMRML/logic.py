@@ -177,17 +177,22 @@ class SAMFineTuneCoreLogic:
 
         ``cases``: [(volumeNode, segmentationNode, segmentId)], e.g. from
         ``training.findCases(scene, structureName)``; each becomes one case with label 1 =
-        ``structureName``. Runs here (it only writes files). Returns the engine's summary."""
+        ``structureName``, and the slices corrected on its segment (``interactive.CORRECTED_TAG``)
+        go with it. Runs here (it only writes files). Returns the engine's summary."""
         from . import training
         from SAMFineTuneLib.dataset import export_dataset
 
         if not cases:
             raise ValueError("No case to export: segment '%s' on at least one volume first." % structureName)
-        used = set()
-        prepared = [training.caseFromNodes(volume, node, segmentId, training.caseId(volume, used))
-                    for volume, node, segmentId in cases]
+        from .interactive import correctedSlices
+
+        used, prepared, corrected = set(), [], {}
+        for volume, node, segmentId in cases:
+            prepared.append(training.caseFromNodes(volume, node, segmentId, training.caseId(volume, used)))
+            slices = correctedSlices(node.GetSegmentation().GetSegment(segmentId))
+            corrected[prepared[-1][0]] = {axis: sorted(indices) for axis, indices in slices.items()}
         return export_dataset(prepared, outputDir, val_fraction=valFraction, seed=seed,
-                              label_names={1: structureName}, progress=progress)
+                              label_names={1: structureName}, progress=progress, corrected=corrected)
 
     def train(self, dataset, output=None, name=None, waitForCompletion=True, runIn=None, progress=None, cancel=None,
               log=None, onFinished=None, onEvent=None, **config):

@@ -9,8 +9,9 @@ import os
 from .library import ensureLibraryImportable
 
 ensureLibraryImportable()
-from SAMFineTuneLib.catalogue import (AXES, BOX_MODES, DEVICES, MODEL_KEYS, MODEL_SPECS,  # noqa: E402,F401
-                                      SEGMENT_DEFAULTS, WINDOWS)
+from SAMFineTuneLib.catalogue import (AXES, BACKENDS, BOX_MODES, DEVICES, MODEL_KEYS, MODEL_SPECS,  # noqa: E402,F401
+                                      PRECISIONS, SEGMENT_DEFAULTS, WINDOWS)
+from SAMFineTuneLib.cli_args import BACKEND_HELP, PRECISION_HELP  # noqa: E402,F401  (the panel's tooltips)
 
 #: (engine name, label) pairs for the panel's combo boxes.
 MODEL_CHOICES = tuple((name, spec.title) for name, spec in MODEL_SPECS.items())
@@ -20,6 +21,8 @@ WINDOW_CHOICES = tuple(WINDOWS.items()) + ((CUSTOM_WINDOW, "custom W/L"),)
 AXIS_CHOICES = tuple((name, name) for name in AXES)
 BOX_MODE_CHOICES = tuple(BOX_MODES.items())
 DEVICE_CHOICES = tuple(DEVICES.items())
+BACKEND_CHOICES = tuple(BACKENDS.items())
+PRECISION_CHOICES = tuple((name, name) for name in PRECISIONS)
 
 
 def optionalPath(value):
@@ -43,6 +46,8 @@ def checkOptions(options):
     _checkChoice(merged, "axis", AXES)
     _checkChoice(merged, "box_mode", BOX_MODES)
     _checkChoice(merged, "device", DEVICES)
+    _checkChoice(merged, "backend", BACKENDS)
+    _checkChoice(merged, "precision", PRECISIONS)
     spec = MODEL_SPECS[merged["model"]]
     if spec.needs_checkpoint and not merged["checkpoint"]:
         raise ValueError("Model '%s' needs a checkpoint file: choose it under Model > Checkpoint (only LiteMedSAM "

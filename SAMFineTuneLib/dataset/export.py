@@ -24,12 +24,15 @@ def export_dataset(cases: Iterable[Tuple[str, Any, Any]], output_dir: str, fmt: 
                    val_fraction: float = 0.2, seed: int = 0, label_names: Optional[Dict[int, str]] = None,
                    progress=None, cancel=None, groups: Optional[Dict[str, str]] = None,
                    splits: Optional[Dict[str, str]] = None, modality: Optional[str] = None,
-                   name: Optional[str] = None, axis: str = "axial", window: str = "auto") -> Dict[str, Any]:
+                   name: Optional[str] = None, axis: str = "axial", window: str = "auto",
+                   corrected: Optional[Dict[str, Dict[str, List[int]]]] = None) -> Dict[str, Any]:
     """Write (or append) cases to a dataset; returns a summary dict.
 
     ``cases``: (case_id, volume, label volume) with ``volume_io.Volume``-like objects (``array``
     KJI, ``spacing``, ``origin``, ``direction``). ``groups`` maps case id -> patient id so that
-    one patient's cases share a split; ``splits`` forces a split per case. The MSD/nnU-Net
+    one patient's cases share a split; ``splits`` forces a split per case; ``corrected`` maps case
+    id -> {axis: slice indices a person corrected} (kept in the case's record: training can weigh
+    what a person checked). The MSD/nnU-Net
     files are always written (training reads them); ``fmt`` "finetune-sam" or "coco" adds the
     slice PNGs (along ``axis``, windowed with ``window``) and their CSV or COCO index.
     """
@@ -40,7 +43,7 @@ def export_dataset(cases: Iterable[Tuple[str, Any, Any]], output_dir: str, fmt: 
     try:
         with folder_lock(root, "export"):
             return _export(list(cases), root, fmt, val_fraction, seed, label_names, progress, cancel, groups, splits,
-                           modality, name, axis, window)
+                           modality, name, axis, window, corrected or {})
     finally:
         if created:
             with contextlib.suppress(OSError):
@@ -69,7 +72,7 @@ def _make_root(root: str) -> bool:
 def _export(cases: List[Tuple[str, Any, Any]], root: str, fmt: str, val_fraction: float, seed: int,
             label_names: Optional[Dict[int, str]], progress, cancel, groups: Optional[Dict[str, str]],
             splits: Optional[Dict[str, str]], modality: Optional[str], name: Optional[str], axis: str,
-            window: str) -> Dict[str, Any]:
+            window: str, corrected: Dict[str, Dict[str, List[int]]]) -> Dict[str, Any]:
     """``export_dataset`` with the folder created and locked."""
     old = read_dataset(root) if os.path.isfile(os.path.join(root, DATASET_JSON)) else None
     existing = old.cases if old else []
@@ -86,7 +89,13 @@ def _export(cases: List[Tuple[str, Any, Any]], root: str, fmt: str, val_fraction
     for folder in ("imagesTr", "labelsTr") + (("slices",) if fmt != "msd" else ()):
         os.makedirs(os.path.join(root, folder), exist_ok=True)
     records = [dict(e.record) for e in existing]
-    records += _write_cases(root, checked, split_of, groups, summary, progress, cancel)
+    written = _write_cases(root, checked, split_of, groups, summary, progress, cancel)
+    for record in written:
+        slices = {axis_name: sorted(int(i) for i in indices)
+                  for axis_name, indices in corrected.get(record["case"], {}).items() if indices}
+        if slices:
+            record["corrected_slices"] = slices
+    records += written
     check_cancel(cancel)
     if fmt != "msd":
         for record in records:

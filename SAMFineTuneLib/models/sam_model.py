@@ -237,6 +237,37 @@ class SamModel(nn.Module):
             masks = paste_windows(masks, [windows[n] for n in rows.tolist()])
         return masks, score[rows], place
 
+    def decode_prompts(
+        self,
+        embedding: torch.Tensor,
+        points: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        box: Optional[torch.Tensor] = None,
+        mask_input: Optional[torch.Tensor] = None,
+        multimask: bool = False,
+        window: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """One image with any of SAM's prompts -> (low-res logits [1,1,256,256], predicted IoU [1]).
+
+        ``points``: (coordinates [1,N,2] in model-input pixels, labels [1,N]: 1 positive, 0
+        negative); ``box`` [1,4]; ``mask_input``: low-res logits [1,1,256,256] (a previous
+        decode, SAM's iterative-click prompt). ``window`` [1,4] (model-input pixels) decodes only
+        the tokens near it, margin ``EMBED_SIZE // 8``, as ``decode`` does for a box: a click costs
+        a fraction of a whole-slice decode on a CPU.
+        """
+        device = self.device
+        points = None if points is None else (points[0].to(device, torch.float32), points[1].to(device))
+        box = None if box is None else box.to(device, torch.float32).reshape(-1, 1, 4)
+        mask_input = None if mask_input is None else mask_input.to(device, torch.float32)
+        sparse, dense = self.prompt_encoder(points=points, boxes=box, masks=mask_input)
+        windows = None if window is None else token_windows(window.reshape(-1, 4), self.spec.input_size,
+                                                            EMBED_SIZE // 8)
+        decoder = self.mask_decoder
+        hs, image_tokens, iou = run_transformer(decoder, embedding.to(device), self.dense_pe(), sparse, dense, windows)
+        token = self._chosen_token(iou, multimask)
+        masks = upscale_masks(decoder, hs, image_tokens, token)
+        iou = iou.gather(1, token[:, None])[:, 0]
+        return (masks if windows is None else paste_windows(masks, windows)), iou
+
     def upscale_logits(self, low_res: torch.Tensor) -> torch.Tensor:
         """Low-res decoder logits -> logits at the model's padded input size."""
         size = self.spec.input_size

@@ -18,9 +18,14 @@ from ..segmenter_cache import SegmenterCache
 
 
 class StoredVolume:
+    """A volume the client sent, the parameters of its last segmentation, and the last click
+    result on each slice (``refinement.Refined`` by (axis, index, window)): the next click's
+    mask prompt."""
+
     def __init__(self, array: np.ndarray, params: Dict[str, Any]):
         self.array = array
         self.params = params
+        self.refined: Dict[tuple, Any] = {}
 
 
 class VolumeStore:

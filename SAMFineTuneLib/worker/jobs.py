@@ -31,7 +31,8 @@ SEGMENTER_KEYS = catalogue.MODEL_KEYS + ("adapter",)
 # The parameters of each command that name files or folders on the worker's machine.
 PATH_PARAMS: Dict[str, Tuple[str, ...]] = {
     "load_model": ("checkpoint", "adapter"), "segment": ("checkpoint", "adapter"),
-    "reprompt": ("checkpoint", "adapter"), "export": ("output_dir",), "train": ("dataset", "output", "checkpoint"),
+    "reprompt": ("checkpoint", "adapter"), "refine": ("checkpoint", "adapter"),
+    "propagate": ("checkpoint", "adapter"), "export": ("output_dir",), "train": ("dataset", "output", "checkpoint"),
     "evaluate": ("dataset", "checkpoint", "adapter", "csv_path", "plot_path"),
 }
 
@@ -189,7 +190,10 @@ def evaluate(core, job) -> Result:
     return {"report": _call_with_hooks(run, job, params.pop("dataset"), **params)}, {}
 
 
+# The correction jobs read this module's names, so they are imported once those exist.
+from .corrections import propagate, refine  # noqa: E402
+
 HANDLERS: Dict[str, Callable[[Any, Any], Result]] = {
-    "echo": echo, "load_model": load_model, "segment": segment, "reprompt": reprompt, "export": export,
-    "train": train, "evaluate": evaluate,
+    "echo": echo, "load_model": load_model, "segment": segment, "reprompt": reprompt, "refine": refine,
+    "propagate": propagate, "export": export, "train": train, "evaluate": evaluate,
 }

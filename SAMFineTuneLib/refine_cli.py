@@ -1,0 +1,99 @@
+"""The ``refine`` command: correct slices of a mask with clicks, and optionally carry the last
+corrected slice on through the volume (``--propagate``)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Dict, List, Tuple
+
+from .cli_args import add_axis_argument, add_engine_arguments, add_model_arguments, add_window_argument
+
+#: The voxel index (i, j, k order) a slice along each axis is numbered by, and its (x, y) on that slice.
+_SLICE_INDEX = {"axial": (2, (0, 1)), "coronal": (1, (0, 2)), "sagittal": (0, (1, 2))}
+
+
+def click_arg(text: str) -> Tuple[int, int, int, bool]:
+    """``I,J,K,+1`` (positive) or ``I,J,K,-1`` (negative) -> (i, j, k, positive)."""
+    parts = text.split(",")
+    if len(parts) != 4 or parts[3] not in ("+1", "1", "-1", "0"):
+        raise argparse.ArgumentTypeError(f"a click is I,J,K,+1 or I,J,K,-1 (voxel indices, then positive or "
+                                         f"negative), got {text!r}")
+    try:
+        i, j, k = (int(part) for part in parts[:3])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a click's voxel indices are whole numbers, got {text!r}") from None
+    return i, j, k, parts[3] in ("+1", "1")
+
+
+def clicks_by_slice(clicks, axis: str) -> Dict[int, List[Tuple[float, float, bool]]]:
+    """Voxel clicks -> {slice index along ``axis``: [(x, y, positive)] on that slice}, in order."""
+    along, (x_axis, y_axis) = _SLICE_INDEX[axis]
+    slices: Dict[int, List[Tuple[float, float, bool]]] = {}
+    for click in clicks:
+        slices.setdefault(click[along], []).append((float(click[x_axis]), float(click[y_axis]), click[3]))
+    return slices
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--volume", required=True, help="3D image readable by SimpleITK (.nii.gz, .nrrd, .mha, ...)")
+    parser.add_argument("--points", required=True, nargs="+", type=click_arg, metavar="I,J,K,+1|-1",
+                        help="clicks in voxel indices, +1 on the structure, -1 off it; clicks on one slice "
+                             "refine that slice together, in order")
+    parser.add_argument("--mask", help="the mask being corrected (same geometry); default: empty")
+    parser.add_argument("--output", required=True, help="mask file to write (same geometry as the volume)")
+    parser.add_argument("--propagate", action="store_true",
+                        help="then carry the last corrected slice on through the volume (the clicked slices stay)")
+    add_model_arguments(parser)
+    add_engine_arguments(parser)
+    add_axis_argument(parser)
+    add_window_argument(parser)
+    parser.add_argument("--adapter", help="folder of a fine-tuned LoRA adapter for this model")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Inputs are checked (the output's folder, the files, the clicks inside the volume) before the
+    model loads; the mask is read back before it replaces an earlier one."""
+    import numpy as np
+
+    from . import imaging
+    from .files import check_output_file
+    from .volume_io import read_volume, write_volume
+
+    check_output_file(args.output, "the output mask")
+    volume = read_volume(args.volume)
+    mask = np.zeros(volume.array.shape, np.uint8)
+    if args.mask:
+        start = read_volume(args.mask)
+        if start.array.shape != volume.array.shape:
+            raise ValueError(f"the mask {args.mask} is {start.array.shape[::-1]} voxels, the volume "
+                             f"{volume.array.shape[::-1]}: give the mask made on this volume")
+        mask = (start.array > 0).astype(np.uint8)
+    for i, j, k, _ in args.points:
+        if not all(0 <= v < n for v, n in zip((k, j, i), volume.array.shape)):
+            raise ValueError(f"the click ({i}, {j}, {k}) lies outside the volume's {volume.array.shape[::-1]} voxels")
+    from .refinement import refine_slice
+    from .segmenter import Segmenter
+
+    segmenter = Segmenter(args.model, checkpoint=args.checkpoint, device=args.device,
+                          window_margin=args.decode_window, precision=args.precision, backend=args.backend)
+    if args.adapter:
+        segmenter.set_adapter(args.adapter)
+    corrected = []
+    for index, points in clicks_by_slice(args.points, args.axis).items():
+        current = imaging.extract_slice(mask, args.axis, index)
+        refined = refine_slice(segmenter, volume, args.axis, index, points, start_mask=current, window=args.window)
+        imaging.place_slice(mask, args.axis, index, refined.mask.astype(np.uint8))
+        corrected.append(index)
+    carried = []
+    if args.propagate:
+        last = corrected[-1]
+        result = segmenter.propagate(volume, args.axis, last, imaging.extract_slice(mask, args.axis, last),
+                                     locked=corrected, window=args.window)
+        for index in result.slices:
+            imaging.place_slice(mask, args.axis, index, imaging.extract_slice(result.mask, args.axis, index))
+        carried = result.slices
+    write_volume(volume.with_array(mask), args.output)
+    print(json.dumps({"output": os.path.abspath(args.output), "voxels": int(mask.sum()), "corrected": corrected,
+                      "propagated": carried}))
+    return 0

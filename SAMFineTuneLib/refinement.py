@@ -1,0 +1,269 @@
+"""Correcting one slice with clicks: positive and negative points, an optional box, and the
+slice's previous result, decoded on the slice's cached embedding.
+
+SAM's interactive protocol: each click is decoded with all the slice's earlier points and the
+previous decode's low-res logits as the mask prompt, so a click corrects the last result
+instead of starting over. A first prompt that is a single point is ambiguous (a part or the
+whole?), so SAM's three outputs are decoded and the most confident kept; later clicks decode
+one mask. A user's own mask (a segment drawn or corrected by hand) enters the same way, as
+mask-prompt logits. The encoder runs only for a slice not yet cached, so a click costs one
+decoder pass over the tokens near the prompts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from . import imaging
+from .imaging import SliceGeometry
+from .models import EMBED_SIZE, LOW_RES_PER_TOKEN
+from .tracking import next_box
+
+#: A click: (x = column, y = row) in slice pixels, and whether it marks the structure (positive).
+Point = Tuple[float, float, bool]
+#: How sure a user's own mask is, as a mask-prompt logit (SAM's own logits mostly lie within +-20).
+USER_MASK_LOGIT = 8.0
+#: For a box-trained model: whether the previous result also goes in as the mask prompt, and
+#: whether a negative click removes the connected piece it lies on (measured: docs/accuracy.md, clicks).
+BOX_MODEL_MASK_PROMPT = True
+BOX_MODEL_DROP_NEGATIVE = True
+#: The side of SAM's low-res logits, which its prompt encoder also takes as a mask prompt.
+LOW_RES_SIZE = EMBED_SIZE * LOW_RES_PER_TOKEN
+
+
+@dataclass
+class Refined:
+    """One slice's refined mask (slice pixels), SAM's predicted IoU for it, and its low-res logits
+    [1,1,256,256]: the next click's mask prompt."""
+
+    mask: np.ndarray
+    iou: float
+    low_res: torch.Tensor
+
+
+def check_points(points: Sequence, shape: Tuple[int, int]) -> List[Point]:
+    """``[(x, y, positive)]`` as floats and booleans; a ValueError naming the first bad point."""
+    checked = []
+    rows, cols = shape
+    for n, point in enumerate(points):
+        if not isinstance(point, (list, tuple)) or len(point) != 3:
+            raise ValueError(f"point {n + 1} must be [x, y, 1 or 0] (column, row, positive), got {point!r}")
+        x, y, label = point
+        if not (0 <= float(x) < cols and 0 <= float(y) < rows):
+            raise ValueError(f"point {n + 1} ({float(x):g}, {float(y):g}) lies outside the {cols}x{rows} slice; "
+                             "click inside the image")
+        if label not in (0, 1, True, False):
+            raise ValueError(f"point {n + 1}: its label must be 1 (positive) or 0 (negative), got {label!r}")
+        checked.append((float(x), float(y), bool(label)))
+    return checked
+
+
+def check_box2d(box: Optional[Sequence], shape: Tuple[int, int]) -> Optional[Tuple[int, int, int, int]]:
+    """An inclusive (x0, y0, x1, y1) box clipped to the slice; a ValueError when it misses the slice."""
+    if box is None:
+        return None
+    if not isinstance(box, (list, tuple)) or len(box) != 4:
+        raise ValueError(f"the box must be [x0, y0, x1, y1] (slice pixels), got {box!r}")
+    x0, y0, x1, y1 = (int(round(float(v))) for v in box)
+    x0, x1 = sorted((x0, x1))
+    y0, y1 = sorted((y0, y1))
+    rows, cols = shape
+    if x1 < 0 or y1 < 0 or x0 >= cols or y0 >= rows:
+        raise ValueError(f"the box {[x0, y0, x1, y1]} lies outside the {cols}x{rows} slice; draw it on the image")
+    return max(0, x0), max(0, y0), min(cols - 1, x1), min(rows - 1, y1)
+
+
+def mask_prompt(mask: np.ndarray, geometry: SliceGeometry, size: int = LOW_RES_SIZE) -> torch.Tensor:
+    """A mask on the slice's pixels -> mask-prompt logits [1,1,size,size], laid out as the model
+    input is (resized keeping the aspect, padded at the bottom and right)."""
+    if tuple(mask.shape) != tuple(geometry.shape):
+        raise ValueError(f"the start mask is {tuple(mask.shape)}, the slice {tuple(geometry.shape)}: send the "
+                         "segment's mask on this slice")
+    nh, nw = geometry.resized_shape
+    plane = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
+    plane = F.interpolate(plane, size=(nh, nw), mode="bilinear", align_corners=False)
+    full = F.pad(plane, (0, geometry.input_size - nw, 0, geometry.input_size - nh))
+    low = F.interpolate(full, size=(size, size), mode="bilinear", align_corners=False)
+    return torch.where(low > 0.5, USER_MASK_LOGIT, -USER_MASK_LOGIT)
+
+
+def _model_points(points: List[Point], geometry: SliceGeometry) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Slice-pixel clicks -> (coordinates [1,N,2], labels [1,N]) in model-input pixels. The
+    prompt encoder adds half a pixel itself, so a pixel's centre is passed minus 0.5."""
+    fr, fc = geometry.scale
+    coords = [[(x + 0.5) * fc - 0.5, (y + 0.5) * fr - 0.5] for x, y, _ in points]
+    labels = [1 if positive else 0 for _, _, positive in points]
+    return torch.tensor([coords], dtype=torch.float32), torch.tensor([labels], dtype=torch.int64)
+
+
+def _prompt_window(points: List[Point], box, masks: Sequence[Optional[np.ndarray]],
+                   geometry: SliceGeometry) -> torch.Tensor:
+    """The model-input box around every prompt: clicks, box and the masks being corrected."""
+    xs = [x for x, _, _ in points]
+    ys = [y for _, y, _ in points]
+    for extent in [box] + [imaging.mask_box(mask) for mask in masks if mask is not None]:
+        if extent is not None:
+            xs += [extent[0], extent[2]]
+            ys += [extent[1], extent[3]]
+    return torch.tensor([geometry.box_to_model((min(xs), min(ys), max(xs), max(ys)))], dtype=torch.float32)
+
+
+def edited_box(base: Optional[np.ndarray], points: List[Point], shape: Tuple[int, int],
+               grow) -> Optional[Tuple[int, int, int, int]]:
+    """A box-trained model's answer to clicks: the box around the mask being corrected, grown as
+    tracking grows a box (``grow(mask) -> box``), with each click moving one edge.
+
+    A click is taken as the middle of what is wrong (users click there, and so does
+    ``simulated_click``), so the edge moves past the click by as far again: a positive click
+    outside the box pushes the nearest edge out to twice its distance, a negative click inside
+    pulls the nearest edge in to twice its distance. None when there is nothing to start from.
+    """
+    rows, cols = shape
+    seeds = np.zeros(shape, bool) if base is None else np.asarray(base, bool).copy()
+    if not seeds.any():
+        for x, y, positive in points:
+            if positive:
+                seeds[int(y), int(x)] = True
+    if not seeds.any():
+        return None
+    edges = list(grow(seeds))  # x0, y0, x1, y1
+    for x, y, positive in points:
+        inside = edges[0] <= x <= edges[2] and edges[1] <= y <= edges[3]
+        if positive == inside:
+            continue  # a positive click inside the box, or a negative one outside it, is the mask's business
+        along = {0: x, 1: y, 2: x, 3: y}
+        gaps = {n: abs(along[n] - edges[n]) for n in range(4)}
+        if positive:  # only the edges the click lies beyond
+            gaps = {n: gap for n, gap in gaps.items() if (along[n] < edges[n]) == (n < 2) and along[n] != edges[n]}
+        n = min(gaps, key=gaps.get)
+        edges[n] = int(round(2 * along[n] - edges[n]))
+    x0, x1 = max(0, min(edges[0], cols - 1)), max(0, min(edges[2], cols - 1))
+    y0, y1 = max(0, min(edges[1], rows - 1)), max(0, min(edges[3], rows - 1))
+    return x0, y0, max(x0, x1), max(y0, y1)
+
+
+#: Sizes of the boxes a first click on an empty slice tries, as fractions of the slice's longer side.
+CLICK_BOX_FRACTIONS = (1 / 32, 1 / 16, 1 / 8, 1 / 4)
+
+
+def _box_around_click(segmenter, embedding, geometry, click: Point) -> Tuple[int, int, int, int]:
+    """A box-trained model given one click on an empty slice: boxes of a few sizes centred on it,
+    and the one SAM is most sure of (its predicted IoU, as tracking picks its seed)."""
+    x, y, _ = click
+    rows, cols = geometry.shape
+    boxes = []
+    for fraction in CLICK_BOX_FRACTIONS:
+        half = max(2.0, fraction * max(rows, cols))
+        boxes.append((max(0, int(x - half)), max(0, int(y - half)), min(cols - 1, int(x + half)), min(rows - 1, int(y + half))))
+    model_boxes = torch.tensor([geometry.box_to_model(box) for box in boxes], dtype=torch.float32)
+    with torch.inference_mode():
+        _, _, place = segmenter.model.decode_best(embedding[None], model_boxes, len(boxes))
+    return boxes[int(place[0])]
+
+
+def _away_from(base: np.ndarray, points: List[Point], segmenter, geometry) -> bool:
+    """Whether the first click is positive and lies outside the box tracking would give the mask."""
+    if not points or not points[0][2]:
+        return False
+    rows, cols = geometry.shape
+    x0, y0, x1, y1 = next_box(base, (0, 0, cols - 1, rows - 1), segmenter.tracking)
+    x, y, _ = points[0]
+    return not (x0 <= x <= x1 and y0 <= y <= y1)
+
+
+def _prompts(segmenter, embedding, points, box, previous, start_mask, geometry):
+    """What the decoder is given: (points or None, box or None, mask prompt or None, multimask).
+
+    SAM (``spec.point_prompts``) takes the clicks themselves with the previous logits; a model
+    trained on boxes alone gets a box edited by the clicks (``edited_box``) instead."""
+    base = previous.mask if previous is not None else (None if start_mask is None else np.asarray(start_mask) > 0)
+    if previous is not None:
+        mask_input = previous.low_res.reshape(1, 1, LOW_RES_SIZE, LOW_RES_SIZE)
+    elif base is not None and base.any():
+        mask_input = mask_prompt(base, geometry)
+    else:
+        mask_input = None
+    if segmenter.model.spec.point_prompts:
+        multimask = mask_input is None and box is None and len(points) == 1
+        return points or None, box, mask_input, multimask
+    if box is None and base is not None and base.any() and _away_from(base, points, segmenter, geometry):
+        base, mask_input = None, None  # the mask is on the wrong tissue: start over around the click
+    if box is None and (base is None or not base.any()):
+        first = next((point for point in points if point[2]), None)
+        if first is None:
+            raise ValueError("this model was trained on boxes: start with a positive click on the structure or a box")
+        box = _box_around_click(segmenter, embedding, geometry, first)
+    if box is None:
+        rows, cols = geometry.shape
+        whole = (0, 0, cols - 1, rows - 1)
+        box = edited_box(base, points, geometry.shape, lambda mask: next_box(mask, whole, segmenter.tracking))
+    return None, box, (mask_input if BOX_MODEL_MASK_PROMPT else None), False
+
+
+def refine_slice(segmenter, volume, axis: str, index: int, points: Sequence, box: Optional[Sequence] = None,
+                 previous: Optional[Refined] = None, start_mask: Optional[np.ndarray] = None,
+                 window: str = "auto", spacing: Optional[Sequence[float]] = None) -> Refined:
+    """Refine slice ``index`` along ``axis`` from ``points`` (all of this slice's clicks so far) and
+    an optional ``box``, starting from ``previous`` (the last result on this slice) or else from
+    ``start_mask`` (what the segment holds there)."""
+    embedding, geometry = segmenter.slice_embedding(volume, axis, index, window, spacing)
+    points = check_points(points, geometry.shape)
+    box = check_box2d(box, geometry.shape)
+    if not points and box is None:
+        raise ValueError("give at least one point or a box")
+    model = segmenter.model
+    clicks, prompt_box, mask_input, multimask = _prompts(segmenter, embedding, points, box, previous, start_mask, geometry)
+    known = [previous.mask if previous is not None else None, start_mask]
+    window_box = (None if segmenter.window_margin is None
+                  else _prompt_window(points, prompt_box, [None if m is None else np.asarray(m) > 0 for m in known],
+                                      geometry))
+    with torch.inference_mode():
+        low_res, iou = model.decode_prompts(
+            embedding[None], points=_model_points(clicks, geometry) if clicks else None,
+            box=None if prompt_box is None else torch.tensor([geometry.box_to_model(prompt_box)], dtype=torch.float32),
+            mask_input=mask_input, multimask=multimask, window=window_box)
+        logits = geometry.logits_to_slices(model.upscale_logits(low_res)[:, 0])
+    mask = (logits[0] > 0).cpu().numpy()
+    if not model.spec.point_prompts and BOX_MODEL_DROP_NEGATIVE:
+        mask = _without_negative_components(mask, points)
+    return Refined(mask, float(iou[0]), low_res.cpu())
+
+
+def _without_negative_components(mask: np.ndarray, points: List[Point]) -> np.ndarray:
+    """The mask less each connected piece a negative click lies on (a box cannot cut a piece
+    inside it away)."""
+    from scipy import ndimage
+
+    pieces, _ = ndimage.label(mask)
+    for x, y, positive in points:
+        piece = pieces[int(y), int(x)]
+        if not positive and piece:
+            mask = mask & (pieces != piece)
+    return mask
+
+
+def simulated_click(predicted: np.ndarray, reference: np.ndarray) -> Optional[Point]:
+    """The click a user would make next, as interactive-segmentation papers simulate it: at the
+    point deepest inside the largest error region, positive where the structure was missed,
+    negative where the mask leaked. None when the mask is already exact."""
+    from scipy import ndimage
+
+    predicted, reference = np.asarray(predicted, bool), np.asarray(reference, bool)
+    best = None
+    for errors, positive in ((reference & ~predicted, True), (predicted & ~reference, False)):
+        regions, count = ndimage.label(errors)
+        if count == 0:
+            continue
+        sizes = np.bincount(regions.ravel())[1:]
+        region = regions == int(np.argmax(sizes)) + 1
+        if best is None or sizes.max() > best[0]:
+            # Padded, so a region touching the slice's edge is not deepest at the edge.
+            depth = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
+            ys, xs = np.nonzero(depth == depth.max())  # of the deepest points, the most central
+            n = int(np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2))
+            best = (int(sizes.max()), (float(xs[n]), float(ys[n]), positive))
+    return None if best is None else best[1]

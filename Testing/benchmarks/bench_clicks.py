@@ -1,0 +1,149 @@
+r"""Correcting with clicks, measured the way interactive-segmentation papers do (prints markdown tables).
+
+  python Testing/benchmarks/bench_clicks.py --dataset DIR [--dataset DIR ...] [--max-cases N]
+      [--max-structures N] [--slices N] [--device cpu|cuda] [--latency-clicks N]
+
+For each structure of each 3D case (images/, masks/, labels.json as in ../shared/data; without
+--dataset the built-in CT phantom) one ROI is drawn 3 voxels loose (1 slice along the axis) and
+segmented in the default tracked mode. Then, on up to --slices slices where the structure is
+present, a simulated user clicks (``refinement.simulated_click``: the centre of the largest error
+region, positive where missed, negative where leaked) and Dice is read after 0 (the tracked
+result), 1, 3 and 5 clicks, beside SAM's Dice with the reference's own box on that slice (the
+"oracle" box no user draws). Propagation: the slice where tracking got most pixels wrong is replaced by the
+reference (the user corrected it) and carried on through the ROI; its 3D Dice is compared with
+the tracked result's. Latency: one click through the background worker on a cached slice.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import os
+import time
+from typing import Dict, List
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_segment import _cases, _roi_box, _structures  # noqa: E402
+from SAMFineTuneLib import imaging  # noqa: E402
+from SAMFineTuneLib.cli_args import add_engine_arguments, add_model_arguments  # noqa: E402
+from SAMFineTuneLib.metrics import dice_score  # noqa: E402
+from SAMFineTuneLib.refinement import refine_slice, simulated_click  # noqa: E402
+from SAMFineTuneLib.segmenter import Segmenter  # noqa: E402
+
+CLICKS = (0, 1, 3, 5)
+
+
+def dice(a, b) -> float:
+    return float(dice_score(np.asarray(a, bool), np.asarray(b, bool)))
+
+
+def oracle_box_mask(segmenter, volume, k, reference) -> np.ndarray:
+    """SAM's answer to the reference's own box on one slice (what the published recipes prompt with)."""
+    return refine_slice(segmenter, volume, "axial", k, [], box=imaging.mask_box(reference)).mask
+
+
+def click_curve(segmenter, volume, k, start, reference) -> List[float]:
+    """Dice after 0..max(CLICKS) simulated clicks on slice k, each click added to the slice's earlier ones."""
+    scores, points, previous, current = [dice(start, reference)], [], None, start
+    for _ in range(max(CLICKS)):
+        click = simulated_click(current, reference)
+        if click is None:
+            scores.append(1.0)
+            continue
+        points.append(click)
+        previous = refine_slice(segmenter, volume, "axial", k, points, previous=previous,
+                                start_mask=start if previous is None else None)
+        current = previous.mask
+        scores.append(dice(current, reference))
+    return [scores[n] for n in CLICKS]
+
+
+def structure_rows(args, segmenter, volume, label) -> Dict[str, object]:
+    roi = _roi_box(label, 3, "axial")
+    tracked = segmenter.segment(volume, roi).mask > 0
+    present = [k for k in range(roi[2], roi[5] + 1) if label[k].any()]
+    picks = [present[int(i)] for i in np.linspace(0, len(present) - 1, min(args.slices, len(present)))]
+    curves = [click_curve(segmenter, volume, k, tracked[k], label[k]) for k in picks]
+    oracle = [dice(oracle_box_mask(segmenter, volume, k, label[k]), label[k]) for k in picks]
+    # The user corrects the slice where tracking got the most pixels wrong.
+    worst = max(present, key=lambda k: int((tracked[k] != label[k]).sum()))
+    carried = segmenter.propagate(volume, "axial", worst, label[worst], first=roi[2], last=roi[5]).mask > 0
+    carried[worst] = label[worst]
+    return {"slices": len(picks), "curve": np.mean(curves, axis=0), "oracle": float(np.mean(oracle)),
+            "tracked3d": dice(tracked, label), "propagated3d": dice(carried, label)}
+
+
+def latency_ms(args, volume, label) -> float:
+    """Median time of one click on a cached slice through the background worker."""
+    from SAMFineTuneLib.client import WorkerClient
+
+    k = int(np.argmax(label.sum(axis=(1, 2))))
+    ys, xs = np.nonzero(label[k])
+    options = {"device": args.device, "model": args.model, "checkpoint": args.checkpoint, "axis": "axial",
+               "index": k, "volume_key": "bench", "backend": args.backend, "precision": args.precision,
+               "spacing": [1.0, 1.0, 1.0]}
+    client = WorkerClient()
+    try:
+        client.run("refine", dict(options, points=[[float(xs[0]), float(ys[0]), 1]]), {"volume": volume},
+                   timeout=600)
+        times = []
+        for n in range(args.latency_clicks):
+            x, y = float(xs[n % len(xs)]), float(ys[n % len(ys)])
+            started = time.perf_counter()
+            client.run("refine", dict(options, points=[[x, y, 1]], reset=True), timeout=600)
+            times.append(time.perf_counter() - started)
+    finally:
+        client.shutdown()
+    return 1000.0 * statistics.median(times)
+
+
+def print_tables(rows, latency) -> None:
+    print("| case | structure | slices | oracle box | " + " | ".join(f"{n} clicks" for n in CLICKS)
+          + " | tracked 3D | propagated from 1 corrected slice, 3D |")
+    print("|---" * (len(CLICKS) + 6) + "|")
+    for (case, name), row in rows:
+        print(f"| {case} | {name} | {row['slices']} | {row['oracle']:.3f} | "
+              + " | ".join(f"{v:.3f}" for v in row["curve"]) + f" | {row['tracked3d']:.3f} | {row['propagated3d']:.3f} |")
+    if rows:
+        mean = lambda key: float(np.mean([row[key] for _, row in rows]))  # noqa: E731
+        curve = np.mean([row["curve"] for _, row in rows], axis=0)
+        print(f"| **mean** | {len(rows)} structures | | {mean('oracle'):.3f} | "
+              + " | ".join(f"{v:.3f}" for v in curve) + f" | {mean('tracked3d'):.3f} | {mean('propagated3d'):.3f} |")
+    if latency is not None:
+        print(f"\nOne click on a cached slice through the worker: {latency:.1f} ms (median)")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", action="append", help="a folder with images/, masks/ (3D) and labels.json")
+    parser.add_argument("--max-cases", type=int, default=3)
+    parser.add_argument("--max-structures", type=int, default=3)
+    parser.add_argument("--slices", type=int, default=6, help="slices clicked on per structure")
+    parser.add_argument("--latency-clicks", type=int, default=20)
+    add_model_arguments(parser)
+    add_engine_arguments(parser)
+    args = parser.parse_args(argv)
+    segmenter = Segmenter(args.model, checkpoint=args.checkpoint, device=args.device, precision=args.precision,
+                          backend=args.backend)
+    started, rows, sample = time.perf_counter(), [], None
+    for dataset in args.dataset or [None]:
+        for n, (case, volume, label, names) in enumerate(_cases(dataset)):
+            if n >= args.max_cases:
+                break
+            for value in _structures(label.array, None, args.max_structures, 3, 0):
+                mask = label.array == value
+                rows.append(((case, names.get(value, str(value))), structure_rows(args, segmenter, volume, mask)))
+                sample = sample or (volume.array, mask)
+    latency = latency_ms(args, *sample) if sample is not None and args.latency_clicks else None
+    print_tables(rows, latency)
+    print(f"\n{len(rows)} structures in {time.perf_counter() - started:.0f} s; model {args.model}, device {args.device}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""Correcting a slice with clicks and carrying a corrected slice on (refinement, Segmenter.propagate).
+
+The fast tests drive the engine with OracleModel, whose answer to each prompt is known, so they
+check the bookkeeping: coordinates, which prompts reach the decoder, which slices change. The
+slow ones run LiteMedSAM on the synthetic CT.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from oracle_model import OracleModel  # noqa: E402
+from SAMFineTuneLib import imaging  # noqa: E402
+from SAMFineTuneLib.phantom import bounding_box, make_ct_phantom  # noqa: E402
+from SAMFineTuneLib.refinement import mask_prompt, refine_slice, simulated_click  # noqa: E402
+from SAMFineTuneLib.segmenter import Segmenter  # noqa: E402
+
+
+def dice(a, b):
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    return 2.0 * (a & b).sum() / max(1, a.sum() + b.sum())
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    """A bright ball in dark tissue: the structure OracleModel finds is exactly the label."""
+    from SAMFineTuneLib.volume_io import Volume
+
+    k, j, i = np.meshgrid(np.arange(14), np.arange(48), np.arange(56), indexing="ij")
+    ball = ((k - 7) * 2.0) ** 2 + (j - 22.0) ** 2 + (i - 30.0) ** 2 <= 11.0 ** 2
+    ct = np.where(ball, 200, -100).astype(np.int16)
+    return Volume(ct, spacing=(1.0, 1.0, 2.0)), Volume(ball.astype(np.uint8), spacing=(1.0, 1.0, 2.0))
+
+
+def test_a_click_decodes_its_points_on_the_cached_slice_and_lands_where_clicked(phantom):
+    """A model that learned clicks (SAM) gets them, with the previous result as the mask prompt."""
+    ct, label = phantom
+    segmenter = Segmenter(OracleModel(point_prompts=True))
+    k = 7
+    ys, xs = np.nonzero(label.array[k])
+    x, y = int(np.median(xs)), int(np.median(ys))
+    first = refine_slice(segmenter, ct, "axial", k, [(x, y, 1)])
+    assert first.mask[y, x] and first.mask.shape == label.array[k].shape
+    calls = segmenter.encoder_calls
+    # The second click starts from the first one's logits and costs no encoding.
+    second = refine_slice(segmenter, ct, "axial", k, [(x, y, 1), (x, y, 0)], previous=first)
+    assert segmenter.encoder_calls == calls
+    assert not second.mask[y, x] and second.mask.sum() < first.mask.sum()
+    _, points, box, has_mask, _ = segmenter.model.decode_log[-1]
+    assert box is None and has_mask and points[1].tolist() == [[1, 0]]
+
+
+def test_clicks_map_to_model_pixels_on_every_axis_and_aspect(phantom):
+    """A click on pixel (x, y) of an anisotropic slice reaches the model at that pixel's centre."""
+    ct, label = phantom
+    segmenter = Segmenter(OracleModel(point_prompts=True))
+    for axis in ("axial", "coronal", "sagittal"):
+        index = label.array.shape[imaging.axis_index(axis)] // 2
+        plane = imaging.extract_slice(label.array, axis, index)
+        ys, xs = np.nonzero(plane)
+        x, y = int(xs[len(xs) // 2]), int(ys[len(ys) // 2])
+        refined = refine_slice(segmenter, ct, axis, index, [(x, y, 1)])
+        assert refined.mask[y, x], axis
+        assert dice(refined.mask & plane.astype(bool), refined.mask) > 0.9, axis
+
+
+def test_a_box_trained_model_gets_the_box_the_clicks_edit(phantom):
+    """LiteMedSAM's decoder learned boxes only: a positive click grows the box to take in what was
+    missed, a negative one moves the nearest edge past it and drops the piece it lies on."""
+    ct, label = phantom
+    segmenter = Segmenter(OracleModel())
+    k = 7
+    reference = label.array[k] > 0
+    rows, cols = np.nonzero(reference)
+    half = reference.copy()
+    half[:, int(np.median(cols)):] = False  # the right half was missed
+    x, y, positive = simulated_click(half, reference)
+    fixed = refine_slice(segmenter, ct, "axial", k, [(x, y, positive)], start_mask=half)
+    _, points, box, has_mask, _ = segmenter.model.decode_log[-1]
+    assert positive and points is None and has_mask and box is not None
+    assert dice(fixed.mask, reference) > 0.95 > dice(half, reference) + 0.2
+
+    leaked = reference.copy()
+    leaked[rows.max() + 1:rows.max() + 4, cols.min():cols.max()] = True  # a band below the ball
+    click = simulated_click(leaked, reference)
+    fixed = refine_slice(segmenter, ct, "axial", k, [click], start_mask=leaked)
+    assert not click[2] and not (fixed.mask & ~reference).any() and dice(fixed.mask, reference) > 0.95
+    with pytest.raises(ValueError, match="trained on boxes: start with a positive click"):
+        refine_slice(segmenter, ct, "axial", k, [(3, 3, 0)])
+
+
+def test_bad_clicks_are_named_before_any_decoding(phantom):
+    ct, _ = phantom
+    segmenter = Segmenter(OracleModel())
+    with pytest.raises(ValueError, match=r"point 1 \(90, 3\) lies outside the 56x48 slice"):
+        refine_slice(segmenter, ct, "axial", 3, [(90, 3, 1)])
+    with pytest.raises(ValueError, match="give at least one point or a box"):
+        refine_slice(segmenter, ct, "axial", 3, [])
+    with pytest.raises(ValueError, match="must be 1 \\(positive\\) or 0"):
+        refine_slice(segmenter, ct, "axial", 3, [(3, 3, 7)])
+    with pytest.raises(ValueError, match="slice 20 is outside the volume's 14 axial slices"):
+        refine_slice(segmenter, ct, "axial", 20, [(3, 3, 1)])
+    with pytest.raises(ValueError, match=r"the box \[60, 50, 70, 60\] lies outside"):
+        refine_slice(segmenter, ct, "axial", 3, [], box=(60, 50, 70, 60))
+    assert not segmenter.model.decode_log
+
+
+def test_the_users_mask_becomes_the_mask_prompt_laid_out_as_the_input():
+    geometry = imaging.SliceGeometry((40, 80), (1.0, 1.0), 256)  # resized to 128 x 256, padded below
+    mask = np.zeros((40, 80), bool)
+    mask[10:20, 40:60] = True
+    logits = mask_prompt(mask, geometry)
+    assert logits.shape == (1, 1, 256, 256)
+    inside = (logits[0, 0] > 0).numpy()
+    rows, cols = np.nonzero(inside)
+    # Slice rows 10-19 of 40 span input rows 32-63 of 128; columns 40-59 of 80 span 128-191 of 256.
+    assert 31 <= rows.min() <= 33 and 62 <= rows.max() <= 64 and 127 <= cols.min() <= 129 and 190 <= cols.max() <= 192
+    with pytest.raises(ValueError, match=r"the start mask is \(40, 40\), the slice \(40, 80\)"):
+        mask_prompt(np.zeros((40, 40), bool), geometry)
+
+
+def test_the_simulated_click_goes_to_the_middle_of_the_largest_error():
+    reference = np.zeros((30, 30), bool)
+    reference[5:25, 5:25] = True
+    predicted = reference.copy()
+    predicted[5:25, 5:12] = False  # missed: 20 x 7
+    predicted[0:3, 0:3] = True  # leaked: 3 x 3
+    x, y, positive = simulated_click(predicted, reference)
+    assert positive and 7 <= x <= 9 and 13 <= y <= 16
+    predicted = reference.copy()
+    predicted[5:25, 25:30] = True  # leaked only
+    x, y, positive = simulated_click(predicted, reference)
+    assert not positive and 26 <= x <= 28
+    assert simulated_click(reference, reference) is None
+
+
+def test_propagation_follows_the_structure_from_a_corrected_slice_and_stops_where_it_ends(phantom):
+    ct, label = phantom
+    segmenter = Segmenter(OracleModel())
+    k = 7
+    result = segmenter.propagate(ct, "axial", k, label.array[k])
+    present = [i for i in range(label.array.shape[0]) if label.array[i].any()]
+    assert k not in result.slices and not result.mask[k].any()  # the corrected slice is the user's
+    assert set(result.slices) <= set(present) and len(result.slices) >= len(present) - 3
+    others = [i for i in present if i != k]
+    assert dice(result.mask[others], label.array[others]) > 0.9
+
+
+def test_propagation_never_changes_a_locked_slice_nor_crosses_it(phantom):
+    ct, label = phantom
+    segmenter = Segmenter(OracleModel())
+    present = [i for i in range(label.array.shape[0]) if label.array[i].any()]
+    k, locked = present[len(present) // 2], present[len(present) // 2 + 2]
+    result = segmenter.propagate(ct, "axial", k, label.array[k], locked=[locked], first=present[0] + 1)
+    assert result.slices and locked not in result.slices and not result.mask[locked:].any()
+    assert min(result.slices) == present[0] + 1 and not result.mask[:present[0] + 1].any()
+
+
+def test_bad_propagation_requests_are_named(phantom):
+    ct, label = phantom
+    segmenter = Segmenter(OracleModel())
+    with pytest.raises(ValueError, match="the corrected slice is empty"):
+        segmenter.propagate(ct, "axial", 0, np.zeros((48, 56), np.uint8))
+    with pytest.raises(ValueError, match=r"the corrected slice is \(48, 48\), the volume's axial slices \(48, 56\)"):
+        segmenter.propagate(ct, "axial", 7, np.ones((48, 48), np.uint8))
+    with pytest.raises(ValueError, match="between slices 9 and 13 does not fit"):
+        segmenter.propagate(ct, "axial", 7, label.array[7], first=9)
+
+
+@pytest.mark.slow
+def test_litemedsam_clicks_fix_a_missed_part_and_a_leak(litemedsam):
+    """Real weights: a positive click in a missed region raises Dice, a negative one in a leak
+    lowers the false positives; propagating a corrected slice stays on the organ."""
+    ct, label = make_ct_phantom(shape_kji=(12, 80, 80), spacing_xyz=(1.5, 1.5, 4.0), seed=3)
+    segmenter = Segmenter(litemedsam)
+    k = 6
+    reference = label.array[k] > 0
+    from scipy import ndimage
+
+    missed = ndimage.binary_erosion(reference, iterations=4)
+    click = simulated_click(missed, reference)
+    fixed = refine_slice(segmenter, ct, "axial", k, [click], start_mask=missed)
+    assert click[2] and dice(fixed.mask, reference) > dice(missed, reference) + 0.1
+
+    leaked = ndimage.binary_dilation(reference, iterations=4)
+    click = simulated_click(leaked, reference)
+    fixed = refine_slice(segmenter, ct, "axial", k, [click], start_mask=leaked)
+    assert not click[2] and (fixed.mask & ~reference).sum() < (leaked & ~reference).sum()
+
+    carried = segmenter.propagate(ct, "axial", k, reference)
+    others = [i for i in carried.slices]
+    assert others and dice(carried.mask[others], label.array[others]) > 0.85
