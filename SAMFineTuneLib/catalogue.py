@@ -101,6 +101,35 @@ SEGMENT_DEFAULTS: Dict[str, Any] = {
     "box_mode": "tracked",
     "keep_largest": True,
     "fill_holes": True,
+    "zoom": False,
+    "triplanar": False,
+}
+
+#: Prompt options a user may turn on, with their labels (the panel's tooltips); both off by
+#: default because neither won on the 3D accuracy benchmark (docs/accuracy.md).
+PROMPT_OPTIONS: Dict[str, str] = {
+    "zoom": "encode a crop around the ROI (twice its size) instead of the whole slice, "
+            "so a small structure reaches the encoder larger",
+    "triplanar": "segment along all three axes and keep the voxels two of them agree on "
+                 "(three times the encoding)",
+}
+
+#: How tracked boxes start and follow a structure (``tracking.TrackingOptions``, whose docstring
+#: says what each one does), chosen on the 3D accuracy benchmark (docs/accuracy.md).
+TRACKING_DEFAULTS: Dict[str, Any] = {
+    "margin": 0.05,
+    "min_margin_px": 2,
+    "min_area_fraction": 0.02,
+    "max_growth": 2.0,
+    "min_overlap": 0.3,
+    "max_intensity_shift": 0.15,
+    "seed_candidates": 5,
+    "seed_span": (0.1, 0.9),
+    "seed_shrink": (),
+    "seed_refine": 0,
+    "mask_prompt": False,
+    "min_score": None,
+    "patience": 0,
 }
 
 #: Dataset splits, by case (and patient): training, validation (early stopping, scores) and test.

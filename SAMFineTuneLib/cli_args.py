@@ -9,7 +9,7 @@ import argparse
 import re
 
 from .catalogue import (AXES, BACKENDS, BOX_MODES, DEFAULT_MODEL, DEVICES, ENGINE_DEFAULTS, MODEL_SPECS, PRECISIONS,
-                        SEGMENT_DEFAULTS, WINDOWS)
+                        PROMPT_OPTIONS, SEGMENT_DEFAULTS, WINDOWS)
 
 WINDOW_HELP = ("intensity window: auto (abdomen on CT, 0.5-99.5 percentiles otherwise), "
                f"{', '.join(w for w in WINDOWS if w != 'auto')}, or width/level such as 400/40")
@@ -89,6 +89,12 @@ def add_axis_argument(parser: argparse.ArgumentParser, default=SEGMENT_DEFAULTS[
 def add_window_argument(parser: argparse.ArgumentParser, default=SEGMENT_DEFAULTS["window"],
                         help: str = WINDOW_HELP) -> None:
     parser.add_argument("--window", default=default, help=help)
+
+
+def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
+    """--zoom and --triplanar: the prompt options a user may turn on (catalogue.PROMPT_OPTIONS)."""
+    for name, help in PROMPT_OPTIONS.items():
+        parser.add_argument(f"--{name}", action="store_true", default=SEGMENT_DEFAULTS[name], help=help)
 
 
 def add_slicing_arguments(parser: argparse.ArgumentParser) -> None:

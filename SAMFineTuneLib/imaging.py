@@ -110,6 +110,19 @@ def box_to_slices(box: Sequence[int], axis: str) -> Tuple[range, Tuple[int, int,
     raise ValueError(f"unknown axis '{axis}'; choose one of: {', '.join(AXES)}")
 
 
+def slices_to_box(first: int, last: int, box2d: Sequence[int], axis: str) -> Tuple[int, ...]:
+    """A slice range and one 2D box -> the 3D voxel box (inverse of box_to_slices)."""
+    x0, y0, x1, y1 = (int(v) for v in box2d)
+    first, last = int(first), int(last)
+    if axis == "axial":
+        return (x0, y0, first, x1, y1, last)
+    if axis == "coronal":
+        return (x0, first, y0, x1, last, y1)
+    if axis == "sagittal":
+        return (first, x0, y0, last, x1, y1)
+    raise ValueError(f"unknown axis '{axis}'; choose one of: {', '.join(AXES)}")
+
+
 def place_slice(volume: np.ndarray, axis: str, index: int, plane: np.ndarray) -> None:
     """Write a 2D slice back into a KJI volume (inverse of extract_slice)."""
     selector = [slice(None)] * 3
@@ -119,16 +132,18 @@ def place_slice(volume: np.ndarray, axis: str, index: int, plane: np.ndarray) ->
 
 @dataclass(frozen=True)
 class SliceGeometry:
-    """How one slice maps onto a model's square input.
+    """How one slice, or a crop of it, maps onto a model's square input.
 
     The slice is resized so that its *physical* aspect ratio is kept (a coronal slice of a 5 mm
     CT is tall in mm, not square in pixels), its longest side filling the input, then padded at
-    the bottom and right as SAM expects.
+    the bottom and right as SAM expects. ``shape`` is the crop's, ``origin`` its (row, column)
+    on the slice; boxes are given in slice pixels, logits come back on the crop's pixels.
     """
 
     shape: Tuple[int, int]
     pixel_spacing: Tuple[float, float]
     input_size: int
+    origin: Tuple[int, int] = (0, 0)
 
     @property
     def resized_shape(self) -> Tuple[int, int]:
@@ -148,10 +163,11 @@ class SliceGeometry:
         """Inclusive slice-pixel box -> box edges in model-input pixels."""
         fr, fc = self.scale
         x0, y0, x1, y1 = box
-        return (x0 * fc, y0 * fr, (x1 + 1) * fc, (y1 + 1) * fr)
+        row, col = self.origin
+        return ((x0 - col) * fc, (y0 - row) * fr, (x1 - col + 1) * fc, (y1 - row + 1) * fr)
 
     def logits_to_slices(self, logits: torch.Tensor) -> torch.Tensor:
-        """Logits at the model's padded input size [B,S,S] -> logits on the slice's pixels [B,H,W],
+        """Logits at the model's padded input size [B,S,S] -> logits on the crop's pixels [B,H,W],
         on the logits' device (a GPU thresholds them there and sends back booleans)."""
         nh, nw = self.resized_shape
         crop = logits[:, :nh, :nw].float().unsqueeze(1)

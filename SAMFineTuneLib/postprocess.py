@@ -22,3 +22,12 @@ def fill_holes(mask: np.ndarray, axis: int) -> np.ndarray:
         if out[index].any():
             out[index] = ndimage.binary_fill_holes(out[index])
     return np.moveaxis(out, 0, axis).astype(np.uint8)
+
+
+def clean(mask: np.ndarray, axis: int, keep_largest: bool = True, fill: bool = True) -> np.ndarray:
+    """The segmenter's clean-ups, in its order: the largest component, then holes slice by slice."""
+    if keep_largest and mask.any():
+        mask = keep_largest_component(mask)
+    if fill and mask.any():
+        mask = fill_holes(mask, axis)
+    return mask

@@ -21,6 +21,7 @@ from torch.nn import functional as F
 from . import imaging
 from .imaging import SliceGeometry
 from .models import EMBED_SIZE, LOW_RES_PER_TOKEN
+from .tracking import next_box
 
 #: A click: (x = column, y = row) in slice pixels, and whether it marks the structure (positive).
 Point = Tuple[float, float, bool]
@@ -185,7 +186,8 @@ def _prompts(segmenter, embedding, points, box, previous, start_mask, geometry):
         box = _box_around_click(segmenter, embedding, geometry, first)
     if box is None:
         rows, cols = geometry.shape
-        box = edited_box(base, points, geometry.shape, lambda mask: segmenter._next_box(mask, (0, 0, cols - 1, rows - 1)))
+        whole = (0, 0, cols - 1, rows - 1)
+        box = edited_box(base, points, geometry.shape, lambda mask: next_box(mask, whole, segmenter.tracking))
     return None, box, (mask_input if BOX_MODEL_MASK_PROMPT else None), False, base
 
 

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from .cli_args import add_engine_arguments, add_model_arguments, add_slicing_arguments
+from .cli_args import add_engine_arguments, add_model_arguments, add_prompt_arguments, add_slicing_arguments
 
 
 def add_segment_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,6 +17,7 @@ def add_segment_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     add_engine_arguments(parser)
     add_slicing_arguments(parser)
+    add_prompt_arguments(parser)
     parser.add_argument("--adapter", help="folder of a fine-tuned LoRA adapter for this model")
     parser.add_argument("--no-largest-component", action="store_true",
                         help="keep every connected piece instead of only the largest")
@@ -46,7 +47,8 @@ def segment_main(args: argparse.Namespace) -> int:
         segmenter.set_adapter(args.adapter)
     result = segmenter.segment(
         volume, box, axis=args.axis, window=args.window, box_mode=args.box_mode,
-        keep_largest=not args.no_largest_component, fill_holes=not args.no_fill_holes,
+        keep_largest=not args.no_largest_component, fill_holes=not args.no_fill_holes, zoom=args.zoom,
+        triplanar=args.triplanar,
         progress=None if args.quiet else StderrBar(),
     )
     write_volume(volume.with_array(result.mask), args.output)

@@ -6,27 +6,28 @@ a re-prompt on the same slices never runs the encoder again.
 """
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
-from . import imaging
+from . import imaging, postprocess, tracking
 from .cache import EmbeddingCache
-from .catalogue import BOX_MODES
+from .catalogue import AXES, BOX_MODES, SEGMENT_DEFAULTS
+from .decoding import Box2D, Decoded, SliceJob
 from .imaging import SliceGeometry
 from .models import SamModel, load_model
-from . import postprocess
 from .progress import CancelFn, Cancelled, ProgressFn, check_cancel, report
+from .tracking import TrackingOptions
 from .volume_io import Volume, as_volume
+from .zoom import SliceSource
 
-__all__ = ["Segmenter", "SegmentationResult", "Cancelled", "BOX_MODES", "validate_volume", "validate_box"]
+__all__ = ["Segmenter", "SegmentationResult", "TrackingOptions", "Cancelled", "BOX_MODES", "validate_volume",
+           "validate_box"]
 
 DEFAULT_WINDOW_MARGIN = 4  # tokens (16 px at LiteMedSAM's 256 input) around the box on a CPU
-Box2D = Tuple[int, int, int, int]
 
 
 @dataclass
@@ -34,33 +35,6 @@ class SegmentationResult:
     mask: np.ndarray
     slices: List[int]
     stats: Dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class TrackingOptions:
-    """Where tracking starts, how it follows a structure from slice to slice, and when it gives up.
-
-    It starts on the best-fitting of ``seed_candidates`` slices spread over the ROI (see _seed).
-    Each next slice is decoded with the previous mask's box grown by ``margin`` (a fraction of its
-    size, at least ``min_margin_px``): a box much larger than the structure makes SAM fill the box,
-    one too tight cuts it off where it widens. Tracking stops where the structure has ended: the
-    mask is empty or below ``min_area_fraction`` of the seed's area, it is more than
-    ``max_growth`` times the previous mask, less than ``min_overlap`` of it lies on the previous
-    mask, or its mean intensity moved by more than ``max_intensity_shift`` (in window units) from
-    the previous mask's (SAM has jumped to a neighbouring tissue).
-
-    One box per slice, grown by 5%, replaced two candidates (the box, and the box grown by 15%,
-    SAM's predicted IoU picking one), which cost twice the decoding; on real CT and MR it scored
-    higher on aggregate (docs/accuracy.md).
-    """
-
-    margin: float = 0.05
-    min_margin_px: int = 2
-    min_area_fraction: float = 0.02
-    max_growth: float = 2.0
-    min_overlap: float = 0.3
-    max_intensity_shift: float = 0.15
-    seed_candidates: int = 5
 
 
 # ---------------------------------------------------------------- validation
@@ -120,38 +94,6 @@ def validate_box(box: Sequence, shape_kji: Sequence[int]) -> Tuple[int, ...]:
         if lo < 0 or hi >= limits[name]:
             raise ValueError(f"box is outside the volume along {name}: {lo}..{hi}, valid 0..{limits[name] - 1}")
     return (i0, j0, k0, i1, j1, k1)
-
-
-# ---------------------------------------------------------------- per-job preparation
-
-
-class _SliceSource:
-    """The windowed, resized model inputs of one volume along one axis, keyed for the cache."""
-
-    def __init__(self, volume: Volume, axis: str, window: str, model: SamModel):
-        self.volume = volume
-        self.axis = axis
-        self.model = model
-        self.low, self.high = imaging.window_range(volume.array, window)
-        rows_cols = [s for n, s in enumerate(volume.array.shape) if n != imaging.axis_index(axis)]
-        self.geometry = SliceGeometry(
-            tuple(rows_cols), imaging.slice_pixel_spacing(volume.spacing, axis), model.spec.input_size
-        )
-
-    def plane(self, index: int) -> np.ndarray:
-        return imaging.extract_slice(self.volume.array, self.axis, index)
-
-    def key(self, index: int) -> tuple:
-        plane = np.ascontiguousarray(self.plane(index))
-        digest = hashlib.blake2b(plane.tobytes(), digest_size=16).hexdigest()
-        return (self.model.fingerprint, self.axis, digest, plane.shape, str(plane.dtype),
-                self.geometry.resized_shape, round(self.low, 4), round(self.high, 4))
-
-    def windowed(self, index: int) -> np.ndarray:
-        return imaging.apply_window(self.plane(index), self.low, self.high)
-
-    def model_input(self, index: int) -> torch.Tensor:
-        return imaging.to_model_input(self.windowed(index), self.geometry, self.model.spec, self.model.device)
 
 
 class Segmenter:
@@ -237,7 +179,7 @@ class Segmenter:
 
     # ------------------------------------------------------------ embeddings
 
-    def _embed(self, source: _SliceSource, indices: Sequence[int], progress: Optional[ProgressFn],
+    def _embed(self, source: SliceSource, indices: Sequence[int], progress: Optional[ProgressFn],
                cancel: Optional[CancelFn], counter: Dict[str, float]) -> Dict[int, torch.Tensor]:
         keys = {index: source.key(index) for index in indices}
         found: Dict[int, torch.Tensor] = {}
@@ -270,10 +212,12 @@ class Segmenter:
         """Embeddings of the given slices (cached, returned on the CPU), for training and evaluation."""
         volume = as_volume(volume, spacing)
         validate_volume(volume)
-        source = _SliceSource(volume, axis, window, self.model)
+        source = SliceSource(volume, axis, window, self.model)
         counter = {"done": 0, "total": len(indices), "cache_hits": 0, "encoded": 0}
         found = self._embed(source, list(indices), progress, cancel, counter)
         return [found[index].cpu() for index in indices]
+
+    # ------------------------------------------------------------ box modes
 
     def slice_embedding(self, volume, axis: str, index: int, window: str = "auto",
                         spacing: Optional[Sequence[float]] = None) -> Tuple[torch.Tensor, SliceGeometry]:
@@ -284,130 +228,100 @@ class Segmenter:
         count = volume.array.shape[imaging.axis_index(axis)]
         if not 0 <= int(index) < count:
             raise ValueError(f"slice {index} is outside the volume's {count} {axis} slices")
-        source = _SliceSource(volume, axis, window, self.model)
+        source = SliceSource(volume, axis, window, self.model)
         counter = {"done": 0, "total": 1, "cache_hits": 0, "encoded": 0}
         return self._embed(source, [int(index)], None, None, counter)[int(index)], source.geometry
 
-    # ------------------------------------------------------------ decoding
+    def _job(self, source: SliceSource, multimask: bool, progress, cancel, total: int,
+             counter: Optional[Dict[str, float]] = None) -> SliceJob:
+        counter = counter or {"done": 0, "total": total, "cache_hits": 0, "encoded": 0}
+        return SliceJob(self._embed, source, multimask, self.window_margin, self.batch_size, progress, cancel, counter)
 
-    def _decode(self, source: _SliceSource, embeddings: List[torch.Tensor], boxes: List[Box2D],
-                clip: Box2D, multimask: bool, windowed: bool = True,
-                best_of: int = 1) -> List[Tuple[np.ndarray, float, int]]:
-        """Decode several slices in one batch -> (mask, predicted IoU, place in its group) each;
-        masks are clipped to the user's box. With ``best_of`` > 1 the boxes come in groups of
-        that many and only the most confident of each group is kept (and upscaled)."""
-        geometry = source.geometry
-        model_boxes = torch.tensor([geometry.box_to_model(box) for box in boxes], dtype=torch.float32)
-        margin = self.window_margin if windowed else None
-        with torch.inference_mode():
-            stacked = torch.stack(embeddings)
-            if best_of > 1:
-                low_res, iou, place = self.model.decode_best(stacked, model_boxes, best_of, multimask=multimask,
-                                                             window_margin=margin)
-            else:
-                low_res, iou = self.model.decode(stacked, model_boxes, multimask=multimask, window_margin=margin)
-                place = torch.zeros_like(iou, dtype=torch.long)
-            logits = self.model.upscale_logits(low_res)
-            x0, y0, x1, y1 = clip
-            inside = (geometry.logits_to_slices(logits[:, 0])[:, y0:y1 + 1, x0:x1 + 1] > 0).cpu().numpy()
-        results = []
-        for n, (score, pick) in enumerate(zip(iou.tolist(), place.tolist())):
-            mask = np.zeros(geometry.shape, dtype=bool)
-            mask[y0:y1 + 1, x0:x1 + 1] = inside[n]
-            results.append((mask, float(score), int(pick)))
-        return results
+    def _segment_along(self, volume: Volume, box, axis: str, window: str, box_mode: str, zoom: bool,
+                       job_args: tuple) -> Tuple[np.ndarray, List[int]]:
+        """One box mode along one axis -> the slices' masks in one volume (not cleaned up), and
+        the slices it decoded and kept."""
+        slices, box2d = imaging.box_to_slices(box, axis)
+        job = self._job(SliceSource(volume, axis, window, self.model, zoom_roi=box2d if zoom else None), *job_args)
+        if box_mode == "tracked":
+            masks = tracking.track(job, list(slices), box2d, self.tracking)
+        else:
+            masks = self._segment_boxes(job, {index: box2d for index in slices}, box2d)
+        out = np.zeros(volume.array.shape, dtype=np.uint8)
+        for index, plane in masks.items():
+            imaging.place_slice(out, axis, index, plane)
+        return out, sorted(masks)
 
-    def _segment_fixed(self, source, slices, box2d, multimask, progress, cancel, counter):
+    def _segment_boxes(self, job: SliceJob, boxes: Mapping[int, Box2D], clip: Box2D) -> Dict[int, np.ndarray]:
+        """Each slice decoded with its own box, masks clipped to ``clip``."""
         masks: Dict[int, np.ndarray] = {}
+        slices = list(boxes)
         step = self.batch_size * 2
         for start in range(0, len(slices), step):
-            chunk = list(slices[start:start + step])
-            embeddings = self._embed(source, chunk, progress, cancel, counter)
-            check_cancel(cancel)
-            decoded = self._decode(source, [embeddings[i] for i in chunk], [box2d] * len(chunk), box2d, multimask)
-            for index, (mask, _, _) in zip(chunk, decoded):
-                masks[index] = mask
-            counter["done"] += len(chunk)
-            report(progress, int(counter["done"]), int(counter["total"]), f"segmented slice {chunk[-1]}")
+            chunk = slices[start:start + step]
+            embeddings = job.embed(chunk)
+            check_cancel(job.cancel)
+            decoded = job.decode([embeddings[i] for i in chunk], [boxes[i] for i in chunk], clip)
+            for index, result in zip(chunk, decoded):
+                masks[index] = result.mask
+            job.step(len(chunk), f"segmented slice {chunk[-1]}")
         return masks
-
-    def _next_box(self, previous: np.ndarray, roi: Box2D) -> Box2D:
-        """The previous slice's mask box, grown by the tracking margin and kept inside the ROI."""
-        x0, y0, x1, y1 = imaging.mask_box(previous)
-        grow_x = max(self.tracking.min_margin_px, int(round(self.tracking.margin * (x1 - x0 + 1))))
-        grow_y = max(self.tracking.min_margin_px, int(round(self.tracking.margin * (y1 - y0 + 1))))
-        return (max(roi[0], x0 - grow_x), max(roi[1], y0 - grow_y), min(roi[2], x1 + grow_x), min(roi[3], y1 + grow_y))
-
-    def _keeps_tracking(self, mask: np.ndarray, previous: np.ndarray, seed_area: int, plane: np.ndarray,
-                        previous_plane: np.ndarray) -> bool:
-        options = self.tracking
-        area, previous_area = int(mask.sum()), int(previous.sum())
-        if area == 0 or area < options.min_area_fraction * seed_area or area > options.max_growth * previous_area:
-            return False
-        if np.logical_and(mask, previous).sum() < options.min_overlap * area:
-            return False
-        shift = abs(float(plane[mask].mean()) - float(previous_plane[previous].mean()))
-        return shift <= options.max_intensity_shift
-
-    def _seed(self, source, slices, box2d, multimask, progress, cancel, counter):
-        """The slice to start tracking from, and its mask.
-
-        The ROI's rectangle fits the structure best on the slice where the structure is widest,
-        and SAM's predicted IoU is highest where its box fits; so the ROI box is decoded on a few
-        slices spread over the range and the most confident one wins. (The middle slice alone
-        fails when the structure is cut by the volume's edge or lies off-centre in the ROI.)
-        """
-        count = min(len(slices), self.tracking.seed_candidates)
-        picks = sorted({slices[int(round(p))] for p in np.linspace(0.1, 0.9, count) * (len(slices) - 1)})
-        embeddings = self._embed(source, picks, progress, cancel, counter)
-        # The seed decides everything after it, so it is decoded over the whole slice even when
-        # tracking decodes windows: a windowed seed lost the MR stomach (Dice 0.007 vs 0.484), and
-        # even a window 16 tokens around the ROI lost the MR right kidney (0.002 vs 0.634).
-        (mask, _, best), = self._decode(source, [embeddings[i] for i in picks], [box2d] * len(picks), box2d,
-                                        multimask, windowed=False, best_of=len(picks))
-        return picks[best], mask
-
-    def _segment_tracked(self, source, slices, box2d, multimask, progress, cancel, counter):
-        """Start where the ROI box fits best and follow the structure outwards, slice by slice."""
-        seed_index, seed = self._seed(source, slices, box2d, multimask, progress, cancel, counter)
-        counter["done"] += 1
-        masks = {seed_index: seed}
-        if not seed.any():
-            return masks
-        for direction in (1, -1):
-            ahead = sorted((i for i in slices if (i - seed_index) * direction > 0), key=lambda i: abs(i - seed_index))
-            self._follow(source, ahead, seed_index, seed, box2d, multimask, progress, cancel, counter, masks)
-        return masks
-
-    def _follow(self, source, ahead, start_index, start, roi, multimask, progress, cancel, counter, masks):
-        """Track from ``start`` (the mask on slice ``start_index``) over the slices ``ahead``, in
-        order, into ``masks``, until the structure ends (``_keeps_tracking``)."""
-        seed_area = int(start.sum())
-        previous, previous_plane = start, source.windowed(start_index)
-        for first in range(0, len(ahead), self.batch_size):
-            chunk = ahead[first:first + self.batch_size]
-            embeddings = self._embed(source, chunk, progress, cancel, counter)
-            for index in chunk:
-                check_cancel(cancel)
-                box = self._next_box(previous, roi)
-                (mask, _, _), = self._decode(source, [embeddings[index]], [box], roi, multimask)
-                plane = source.windowed(index)
-                counter["done"] += 1
-                report(progress, int(counter["done"]), int(counter["total"]), f"tracked slice {index}")
-                if not self._keeps_tracking(mask, previous, seed_area, plane, previous_plane):
-                    return
-                masks[index] = mask
-                previous, previous_plane = mask, plane
 
     # ------------------------------------------------------------ public entry
+
+    def _prepare(self, volume, spacing, axis: str, multimask: Optional[bool]) -> Tuple[Volume, bool]:
+        volume = as_volume(volume, spacing)
+        validate_volume(volume)
+        imaging.axis_index(axis)
+        if multimask is None:
+            multimask = self.model.spec.multimask_default if self._adapter_multimask is None else self._adapter_multimask
+        return volume, bool(multimask)
 
     def segment(
         self,
         volume,
         box: Sequence[int],
+        axis: str = SEGMENT_DEFAULTS["axis"],
+        window: str = SEGMENT_DEFAULTS["window"],
+        box_mode: str = SEGMENT_DEFAULTS["box_mode"],
+        spacing: Optional[Sequence[float]] = None,
+        keep_largest: bool = SEGMENT_DEFAULTS["keep_largest"],
+        fill_holes: bool = SEGMENT_DEFAULTS["fill_holes"],
+        multimask: Optional[bool] = None,
+        zoom: bool = SEGMENT_DEFAULTS["zoom"],
+        triplanar: bool = SEGMENT_DEFAULTS["triplanar"],
+        progress: Optional[ProgressFn] = None,
+        cancel: Optional[CancelFn] = None,
+    ) -> SegmentationResult:
+        """Segment the structure inside a 3D voxel box, slice by slice along ``axis``.
+
+        ``zoom``: encode a crop around the box on each slice instead of the whole slice (``zoom.py``),
+        so a small structure on a large slice reaches the encoder larger. ``triplanar``: segment
+        along all three axes and keep the voxels two of them agree on (three times the encoding);
+        ``axis`` then only orders the hole filling."""
+        started = time.perf_counter()
+        volume, multimask = self._prepare(volume, spacing, axis, multimask)
+        box = validate_box(box, volume.array.shape)
+        if box_mode not in BOX_MODES:
+            raise ValueError(f"unknown box mode '{box_mode}'; choose one of: {', '.join(BOX_MODES)}")
+        axes = list(AXES) if triplanar else [axis]
+        counts = [len(imaging.box_to_slices(box, along)[0]) for along in axes]
+        counter = {"done": 0, "total": sum(counts), "cache_hits": 0, "encoded": 0}
+        planes = [self._segment_along(volume, box, along, window, box_mode, zoom,
+                                      (multimask, progress, cancel, sum(counts), counter)) for along in axes]
+        if triplanar:
+            out = (sum(votes for votes, _ in planes) >= 2).astype(np.uint8)
+            kept = [int(i) for i in imaging.box_to_slices(box, axis)[0] if imaging.extract_slice(out, axis, i).any()]
+        else:
+            out, kept = planes[0]
+        return self._result(volume, axis, box, out, kept, counter, progress, keep_largest, fill_holes, started)
+
+    def segment_boxes(
+        self,
+        volume,
+        boxes: Mapping[int, Sequence[int]],
         axis: str = "axial",
         window: str = "auto",
-        box_mode: str = "tracked",
         spacing: Optional[Sequence[float]] = None,
         keep_largest: bool = True,
         fill_holes: bool = True,
@@ -415,37 +329,26 @@ class Segmenter:
         progress: Optional[ProgressFn] = None,
         cancel: Optional[CancelFn] = None,
     ) -> SegmentationResult:
-        """Segment the structure inside a 3D voxel box, slice by slice along ``axis``."""
+        """Segment with a 2D box (x0, y0, x1, y1, inclusive slice pixels) of one's own on each slice
+        {index: box} along ``axis``: boxes from another tool, or a reference's own boxes, which
+        bound what one ROI can reach (the benchmark's "oracle"). Masks are clipped to the 3D box
+        around all the boxes, as ``segment`` clips to its ROI."""
         started = time.perf_counter()
-        volume = as_volume(volume, spacing)
-        validate_volume(volume)
+        volume, multimask = self._prepare(volume, spacing, axis, multimask)
+        if not boxes:
+            raise ValueError("segment_boxes needs at least one {slice index: (x0, y0, x1, y1)} box")
+        corners = np.array([tuple(b) for b in boxes.values()], dtype=int)
+        lo, hi = corners[:, :2].min(axis=0), corners[:, 2:].max(axis=0)
+        box = imaging.slices_to_box(min(boxes), max(boxes), (lo[0], lo[1], hi[0], hi[1]), axis)
         box = validate_box(box, volume.array.shape)
-        imaging.axis_index(axis)
-        if box_mode not in BOX_MODES:
-            raise ValueError(f"unknown box mode '{box_mode}'; choose one of: {', '.join(BOX_MODES)}")
-        if multimask is None:
-            multimask = self.model.spec.multimask_default if self._adapter_multimask is None else self._adapter_multimask
-        multimask = bool(multimask)
-        source = _SliceSource(volume, axis, window, self.model)
-        slices, box2d = imaging.box_to_slices(box, axis)
-        counter = {"done": 0, "total": len(slices), "cache_hits": 0, "encoded": 0}
-        run = self._segment_tracked if box_mode == "tracked" else self._segment_fixed
-        masks = run(source, list(slices), box2d, multimask, progress, cancel, counter)
-
+        job = self._job(SliceSource(volume, axis, window, self.model), multimask, progress, cancel, len(boxes))
+        clip = imaging.box_to_slices(box, axis)[1]
+        masks = self._segment_boxes(job, {int(i): tuple(int(v) for v in b) for i, b in sorted(boxes.items())}, clip)
         out = np.zeros(volume.array.shape, dtype=np.uint8)
         for index, plane in masks.items():
             imaging.place_slice(out, axis, index, plane)
-        region = (slice(box[2], box[5] + 1), slice(box[1], box[4] + 1), slice(box[0], box[3] + 1))
-        sub = out[region]
-        if keep_largest and sub.any():
-            sub = postprocess.keep_largest_component(sub)
-        if fill_holes and sub.any():
-            sub = postprocess.fill_holes(sub, imaging.axis_index(axis))
-        out[region] = sub
-        report(progress, len(slices), len(slices), "done")
-        stats = {"encoded": counter["encoded"], "cache_hits": counter["cache_hits"], "slices": len(slices),
-                 "segmented_slices": len(masks), "seconds": time.perf_counter() - started}
-        return SegmentationResult(out, sorted(masks), stats)
+        return self._result(volume, axis, box, out, sorted(masks), job.counter, progress, keep_largest, fill_holes,
+                            started)
 
     def propagate(
         self,
@@ -470,26 +373,23 @@ class Segmenter:
         slices written (``slices``), the corrected slice not among them.
         """
         started = time.perf_counter()
-        volume = as_volume(volume, spacing)
-        validate_volume(volume)
+        volume, multimask = self._prepare(volume, spacing, axis, multimask)
         count = volume.array.shape[imaging.axis_index(axis)]
         first, last = (0 if first is None else int(first)), (count - 1 if last is None else int(last))
         if not 0 <= first <= int(index) <= last < count:
             raise ValueError(f"propagation from slice {index} between slices {first} and {last} does not fit the "
                              f"volume's {count} {axis} slices")
-        source = _SliceSource(volume, axis, window, self.model)
+        source = SliceSource(volume, axis, window, self.model)
         mask = np.asarray(mask) > 0
         if mask.shape != source.geometry.shape:
             raise ValueError(f"the corrected slice is {mask.shape}, the volume's {axis} slices "
                              f"{source.geometry.shape}: send the segment's mask on that slice")
         if not mask.any():
             raise ValueError("the corrected slice is empty: correct it first, then propagate from it")
-        if multimask is None:
-            multimask = self.model.spec.multimask_default if self._adapter_multimask is None else self._adapter_multimask
         rows, cols = mask.shape
         roi = (0, 0, cols - 1, rows - 1)
         stops = set(int(i) for i in locked)
-        counter = {"done": 0, "total": last - first, "cache_hits": 0, "encoded": 0}
+        job = self._job(source, multimask, progress, cancel, last - first)
         masks: Dict[int, np.ndarray] = {}
         for direction, end in ((1, last), (-1, first)):
             ahead = []
@@ -497,11 +397,24 @@ class Segmenter:
                 if i in stops:
                     break
                 ahead.append(i)
-            self._follow(source, ahead, int(index), mask, roi, bool(multimask), progress, cancel, counter, masks)
+            tracking.follow(job, ahead, Decoded(mask, 1.0), int(index), int(mask.sum()), roi, self.tracking, masks)
         out = np.zeros(volume.array.shape, dtype=np.uint8)
         for i, plane in masks.items():
             imaging.place_slice(out, axis, i, plane)
+        counter = job.counter
         report(progress, counter["total"], counter["total"], "done")
         stats = {"encoded": counter["encoded"], "cache_hits": counter["cache_hits"], "slices": len(masks),
                  "seconds": time.perf_counter() - started}
         return SegmentationResult(out, sorted(masks), stats)
+
+    @staticmethod
+    def _result(volume: Volume, axis: str, box, out: np.ndarray, kept: List[int], counter: Dict[str, float],
+                progress, keep_largest: bool, fill_holes: bool, started: float) -> SegmentationResult:
+        """The mask cleaned up inside the box, with the slices segmented and the job's numbers."""
+        region = (slice(box[2], box[5] + 1), slice(box[1], box[4] + 1), slice(box[0], box[3] + 1))
+        out[region] = postprocess.clean(out[region], imaging.axis_index(axis), keep_largest, fill_holes)
+        report(progress, int(counter["total"]), int(counter["total"]), "done")
+        stats = {"encoded": counter["encoded"], "cache_hits": counter["cache_hits"],
+                 "slices": len(imaging.box_to_slices(box, axis)[0]), "segmented_slices": len(kept),
+                 "seconds": time.perf_counter() - started}
+        return SegmentationResult(out, kept, stats)

@@ -76,6 +76,24 @@ def test_logits_come_back_on_the_slice_pixels():
     assert rows.max() in (19, 20) and cols.max() in (49, 50)
 
 
+def test_a_crop_maps_boxes_relative_to_its_origin():
+    """A crop of rows 30..69, columns 50..89 of a slice: a box at its corner lands at the input's corner."""
+    whole = SliceGeometry((100, 120), (1.0, 1.0), 256)
+    crop = SliceGeometry((40, 40), (1.0, 1.0), 256, origin=(30, 50))
+    assert crop.resized_shape == (256, 256)
+    assert crop.box_to_model((50, 30, 59, 39)) == pytest.approx((0.0, 0.0, 64.0, 64.0))
+    # 40 slice pixels fill the crop's input where 120 fill the whole slice's: 3x larger.
+    x0, y0, x1, y1 = whole.box_to_model((50, 30, 59, 39))
+    assert (x1 - x0) * 3 == pytest.approx(64.0)
+
+
+@pytest.mark.parametrize("axis", ["axial", "coronal", "sagittal"])
+def test_slices_to_box_inverts_box_to_slices(axis):
+    box = (3, 5, 7, 20, 30, 12)
+    slices, box2d = imaging.box_to_slices(box, axis)
+    assert imaging.slices_to_box(slices[0], slices[-1], box2d, axis) == box
+
+
 @pytest.mark.parametrize("axis", ["axial", "coronal", "sagittal"])
 def test_slices_and_boxes_per_axis(axis):
     volume = np.arange(4 * 5 * 6).reshape(4, 5, 6)  # k, j, i

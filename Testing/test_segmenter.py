@@ -110,6 +110,27 @@ def test_tracking_decodes_the_seed_candidates_whole_and_the_track_in_windows():
     assert np.array_equal(windowed.mask, whole.mask)
 
 
+@pytest.mark.parametrize("axis", ["axial", "coronal"])
+def test_a_box_of_its_own_on_each_slice_segments_each_slice_inside_it(axis):
+    """segment_boxes: the reference's own box on every slice it covers but its two end slices; the
+    organ comes back on those slices, and the slices without a box stay empty."""
+    from SAMFineTuneLib import imaging
+
+    ct, label = oblique_phantom()
+    model = OracleModel()
+    present = [int(i) for i in np.flatnonzero(np.moveaxis(label.array, imaging.axis_index(axis), 0).any(axis=(1, 2)))]
+    boxes = {i: imaging.mask_box(imaging.extract_slice(label.array, axis, i)) for i in present[1:-1]}
+    result = Segmenter(model).segment_boxes(ct, boxes, axis=axis, window=WINDOW)
+    assert result.slices == present[1:-1] and model.encode_calls == len(boxes)
+    expected = label.array.copy()
+    for index in (present[0], present[-1]):
+        imaging.place_slice(expected, axis, index, 0)
+        assert not imaging.extract_slice(result.mask, axis, index).any()
+    assert dice(result.mask, expected) > 0.97
+    with pytest.raises(ValueError, match="at least one"):
+        Segmenter(model).segment_boxes(ct, {}, axis=axis)
+
+
 def test_cancel_stops_the_job():
     from SAMFineTuneLib.progress import Cancelled
 

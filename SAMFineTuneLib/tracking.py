@@ -1,0 +1,159 @@
+"""Tracked boxes: follow a structure from slice to slice inside one ROI.
+
+A user draws one ROI, but a structure's outline on its end slices is far smaller than the ROI,
+and SAM given a loose box fills the box. Tracking starts on the slice where the ROI's rectangle
+fits best (the seed), decodes each next slice with the previous mask's box, grown a little, and
+stops where the structure has ended.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from . import imaging
+from .catalogue import TRACKING_DEFAULTS
+from .decoding import Box2D, Decoded, SliceJob
+from .progress import check_cancel
+
+
+@dataclass
+class TrackingOptions:
+    """Where tracking starts, how it follows a structure from slice to slice, and when it gives up.
+
+    It starts on the best-fitting of ``seed_candidates`` slices spread over the ROI (see ``seed``).
+    Each next slice is decoded with the previous mask's box grown by ``margin`` (a fraction of its
+    size, at least ``min_margin_px``): a box much larger than the structure makes SAM fill the box,
+    one too tight cuts it off where it widens. Tracking stops where the structure has ended: the
+    mask is empty or below ``min_area_fraction`` of the seed's area, it is more than
+    ``max_growth`` times the previous mask, less than ``min_overlap`` of it lies on the previous
+    mask, or its mean intensity moved by more than ``max_intensity_shift`` (in window units) from
+    the previous mask's (SAM has jumped to a neighbouring tissue).
+
+    The seed: ``seed_span`` is where the candidates lie, as fractions of the ROI's slices;
+    ``seed_shrink`` also tries the ROI shrunk by these fractions of its size per side;
+    ``seed_refine`` re-decodes the seed with its own mask's box this many times. Following:
+    ``mask_prompt`` gives SAM the previous slice's logits with its box; ``min_score`` says the
+    structure has ended where SAM's predicted IoU falls below it; ``patience`` is how many slices
+    in a row may fail the rules before tracking gives up (gaps, re-entry). The defaults are the
+    catalogue's (``TRACKING_DEFAULTS``).
+
+    One box per slice, grown by 5%, replaced two candidates (the box, and the box grown by 15%,
+    SAM's predicted IoU picking one), which cost twice the decoding; on real CT and MR it scored
+    higher on aggregate (README, "Fixed ROI vs tracked boxes").
+    """
+
+    margin: float = TRACKING_DEFAULTS["margin"]
+    min_margin_px: int = TRACKING_DEFAULTS["min_margin_px"]
+    min_area_fraction: float = TRACKING_DEFAULTS["min_area_fraction"]
+    max_growth: float = TRACKING_DEFAULTS["max_growth"]
+    min_overlap: float = TRACKING_DEFAULTS["min_overlap"]
+    max_intensity_shift: float = TRACKING_DEFAULTS["max_intensity_shift"]
+    seed_candidates: int = TRACKING_DEFAULTS["seed_candidates"]
+    seed_span: Tuple[float, float] = TRACKING_DEFAULTS["seed_span"]
+    seed_shrink: Tuple[float, ...] = TRACKING_DEFAULTS["seed_shrink"]
+    seed_refine: int = TRACKING_DEFAULTS["seed_refine"]
+    mask_prompt: bool = TRACKING_DEFAULTS["mask_prompt"]
+    min_score: Optional[float] = TRACKING_DEFAULTS["min_score"]
+    patience: int = TRACKING_DEFAULTS["patience"]
+
+
+def next_box(previous: np.ndarray, roi: Box2D, options: TrackingOptions) -> Box2D:
+    """The previous slice's mask box, grown by the tracking margin and kept inside the ROI."""
+    x0, y0, x1, y1 = imaging.mask_box(previous)
+    grow_x = max(options.min_margin_px, int(round(options.margin * (x1 - x0 + 1))))
+    grow_y = max(options.min_margin_px, int(round(options.margin * (y1 - y0 + 1))))
+    return (max(roi[0], x0 - grow_x), max(roi[1], y0 - grow_y), min(roi[2], x1 + grow_x), min(roi[3], y1 + grow_y))
+
+
+def keeps_tracking(decoded: Decoded, previous: np.ndarray, seed_area: int, plane: np.ndarray,
+                   previous_plane: np.ndarray, options: TrackingOptions) -> bool:
+    mask = decoded.mask
+    area, previous_area = int(mask.sum()), int(previous.sum())
+    if area == 0 or area < options.min_area_fraction * seed_area or area > options.max_growth * previous_area:
+        return False
+    if np.logical_and(mask, previous).sum() < options.min_overlap * area:
+        return False
+    if options.min_score is not None and decoded.score < options.min_score:
+        return False
+    shift = abs(float(plane[mask].mean()) - float(previous_plane[previous].mean()))
+    return shift <= options.max_intensity_shift
+
+
+def shrunk(roi: Box2D, fraction: float) -> Box2D:
+    """The ROI with ``fraction`` of its width and height taken off each side."""
+    x0, y0, x1, y1 = roi
+    dx, dy = int(round(fraction * (x1 - x0 + 1))), int(round(fraction * (y1 - y0 + 1)))
+    return (x0 + dx, y0 + dy, max(x0 + dx, x1 - dx), max(y0 + dy, y1 - dy))
+
+
+def seed(job: SliceJob, slices: List[int], roi: Box2D, options: TrackingOptions) -> Tuple[int, Decoded]:
+    """The slice to start tracking from, and its decode.
+
+    The ROI's rectangle fits the structure best on the slice where the structure is widest,
+    and SAM's predicted IoU is highest where its box fits; so the ROI box is decoded on a few
+    slices spread over the range and the most confident one wins. (The middle slice alone
+    fails when the structure is cut by the volume's edge or lies off-centre in the ROI.)
+    """
+    count = min(len(slices), options.seed_candidates)
+    picks = sorted({slices[int(round(p))] for p in np.linspace(*options.seed_span, count) * (len(slices) - 1)})
+    boxes = [roi] + [shrunk(roi, f) for f in options.seed_shrink]
+    embeddings = job.embed(picks)
+    # The seed decides everything after it, so it is decoded over the whole slice even when
+    # tracking decodes windows: a windowed seed lost the MR stomach (Dice 0.007 vs 0.484), and
+    # even a window 16 tokens around the ROI lost the MR right kidney (0.002 vs 0.634).
+    pairs = [(index, box) for index in picks for box in boxes]
+    best, = job.decode([embeddings[i] for i, _ in pairs], [b for _, b in pairs], roi, windowed=False,
+                       best_of=len(pairs))
+    index = pairs[best.place][0]
+    for _ in range(options.seed_refine):
+        if not best.mask.any():
+            break
+        refined, = job.decode([embeddings[index]], [next_box(best.mask, roi, options)], roi, windowed=False)
+        if refined.score < best.score:
+            break
+        best = refined
+    return index, best
+
+
+def follow(job: SliceJob, ahead: List[int], start: Decoded, start_index: int, seed_area: int, roi: Box2D,
+           options: TrackingOptions, masks: Dict[int, np.ndarray]) -> None:
+    """Track from ``start`` over the slices ``ahead`` (nearest first) until the structure ends:
+    more than ``options.patience`` slices in a row that fail ``keeps_tracking``."""
+    source = job.source
+    previous, previous_plane = start, source.windowed(start_index)
+    misses = 0
+    for first in range(0, len(ahead), job.batch_size):
+        chunk = ahead[first:first + job.batch_size]
+        embeddings = job.embed(chunk)
+        for index in chunk:
+            check_cancel(job.cancel)
+            prompt: Optional[torch.Tensor] = (previous.low_res[None] if options.mask_prompt
+                                              and previous.low_res is not None else None)
+            decoded, = job.decode([embeddings[index]], [next_box(previous.mask, roi, options)], roi,
+                                  mask_inputs=prompt)
+            plane = source.windowed(index)
+            job.step(1, f"tracked slice {index}")
+            if not keeps_tracking(decoded, previous.mask, seed_area, plane, previous_plane, options):
+                misses += 1
+                if misses > options.patience:
+                    return
+                continue
+            masks[index] = decoded.mask
+            previous, previous_plane, misses = decoded, plane, 0
+
+
+def track(job: SliceJob, slices: List[int], roi: Box2D, options: TrackingOptions) -> Dict[int, np.ndarray]:
+    """Start where the ROI box fits best and follow the structure outwards, slice by slice."""
+    seed_index, start = seed(job, slices, roi, options)
+    job.step(1, f"seed slice {seed_index}")
+    masks = {seed_index: start.mask}
+    if not start.mask.any():
+        return masks
+    seed_area = int(start.mask.sum())
+    for direction in (1, -1):
+        ahead = sorted((i for i in slices if (i - seed_index) * direction > 0), key=lambda i: abs(i - seed_index))
+        follow(job, ahead, start, seed_index, seed_area, roi, options, masks)
+    return masks
