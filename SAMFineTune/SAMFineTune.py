@@ -105,6 +105,8 @@ class SAMFineTuneParameterNode:
     boxMode: str = "tracked"
     keepLargest: bool = True
     fillHoles: bool = True
+    zoom: bool = False
+    triplanar: bool = False
     structureName: str = ""
     datasetDir: pathlib.Path
     epochs: Annotated[int, WithinRange(1, 1000)] = 20
@@ -121,6 +123,8 @@ GUI_BINDINGS = {
     "customWindow": "customWindowLineEdit",
     "keepLargest": "keepLargestCheckBox",
     "fillHoles": "fillHolesCheckBox",
+    "zoom": "zoomCheckBox",
+    "triplanar": "triplanarCheckBox",
     "structureName": "structureNameLineEdit",
     "datasetDir": "datasetPathLineEdit",
     "epochs": "epochsSpinBox",
@@ -138,7 +142,8 @@ COMBO_BINDINGS = {"model": "modelComboBox", "adapter": "adapterComboBox", "devic
 def segmentOptions(p):
     """The engine's options from the panel's parameter node (the panel and the SAM effect use them)."""
     return dict(model=p.model, checkpoint=options.optionalPath(p.checkpoint), adapter=p.adapter or None,
-                device=p.device, backend=p.backend, precision=p.precision, axis=p.axis, box_mode=p.boxMode, keep_largest=p.keepLargest, fill_holes=p.fillHoles,
+                device=p.device, backend=p.backend, precision=p.precision, axis=p.axis, box_mode=p.boxMode,
+                keep_largest=p.keepLargest, fill_holes=p.fillHoles, zoom=p.zoom, triplanar=p.triplanar,
                 window=p.customWindow if p.window == options.CUSTOM_WINDOW else p.window)
 
 
@@ -187,6 +192,8 @@ class SAMFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             fillCombo(getattr(self.ui, combo), choices)
         self.ui.backendComboBox.toolTip = options.BACKEND_HELP
         self.ui.precisionComboBox.toolTip = options.PRECISION_HELP
+        self.ui.zoomCheckBox.toolTip = options.PROMPT_OPTIONS["zoom"]
+        self.ui.triplanarCheckBox.toolTip = options.PROMPT_OPTIONS["triplanar"]
         self.refreshAdapters()
         self.sections = [SegmentationSection(self), FineTuningSection(self)]
 

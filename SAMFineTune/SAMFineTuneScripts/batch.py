@@ -44,7 +44,9 @@ def buildParser():
     parser.add_argument("--output", required=True, help="folder for the <volume>.seg.nrrd files (created)")
     cli_args.add_model_arguments(parser)
     parser.add_argument("--adapter", help="fine-tuned adapter folder")
+    cli_args.add_encoder_arguments(parser)
     cli_args.add_slicing_arguments(parser)
+    cli_args.add_prompt_arguments(parser)
     parser.add_argument("--no-keep-largest", action="store_true", help="keep every connected component")
     parser.add_argument("--no-fill-holes", action="store_true")
     where = parser.add_mutually_exclusive_group()
@@ -132,7 +134,8 @@ def main(argv=None):
     ensure_scene()
     os.makedirs(args.output, exist_ok=True)
     options = dict(model=args.model, checkpoint=args.checkpoint, adapter=args.adapter, device=args.device,
-                   axis=args.axis, window=args.window, box_mode=args.box_mode,
+                   precision=args.precision, backend=args.backend, axis=args.axis, window=args.window,
+                   box_mode=args.box_mode, zoom=args.zoom, triplanar=args.triplanar,
                    keep_largest=not args.no_keep_largest, fill_holes=not args.no_fill_holes)
     logic = SAMFineTuneCoreLogic()
     failures, used = 0, set()
