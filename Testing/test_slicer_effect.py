@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from slicer_scene import GEOMETRIES, MODULE_DIR, addVolume, scene, slicer  # noqa: F401
-from SAMFineTuneLib.client import Job
+from fake_worker import FakeWorkerClient
 from SAMFineTuneMRML import interactive, segments
 from SAMFineTuneMRML.backends import WorkerBackend
 from SAMFineTuneMRML.logic import SAMFineTuneCoreLogic
@@ -47,37 +47,28 @@ def test_corrected_slices_are_kept_on_the_segment(scene):
     assert segment.GetTag(interactive.CORRECTED_TAG, tag) and str(tag) == "axial:1,3,4;coronal:12"
 
 
-class RefineClient:
+class RefineClient(FakeWorkerClient):
     """Answers refine/propagate jobs; forgets its volumes when ``forget`` is set."""
 
     def __init__(self):
-        self.jobs, self.starts, self.volumes, self.forget = [], 1, {}, False
+        FakeWorkerClient.__init__(self)
+        self.volumes, self.forget = {}, False
 
-    def submit(self, command, params, arrays=None):
-        job = Job("j%d" % len(self.jobs), command, params)
-        job.sent = dict(arrays or {})
+    def received(self, job):
         if "volume" in job.sent:
-            self.volumes[params["volume_key"]] = job.sent["volume"]
-        self.jobs.append(job)
-        return job
+            self.volumes[job.params["volume_key"]] = job.sent["volume"]
 
-    def cancel(self, job):
-        job.cancel_requested = True
-
-    def poll(self, timeout=0.0):
-        for job in self.jobs:
-            if job.done:
-                continue
-            if self.forget or job.params["volume_key"] not in self.volumes:
-                self.forget = False
-                self.volumes.clear()
-                job.state, job.error = "error", "UnknownVolume: the worker holds no volume %r" % job.params["volume_key"]
-                continue
-            shape = self.volumes[job.params["volume_key"]].shape
-            plane = np.zeros(np.delete(shape, 0), np.uint8)
-            plane[2:6, 3:9] = 1
-            job.state, job.result = "done", {"iou": 0.9}
-            job.arrays = {"mask": plane}
+    def answer(self, job):
+        if self.forget or job.params["volume_key"] not in self.volumes:
+            self.forget = False
+            self.volumes.clear()
+            job.state, job.error = "error", "UnknownVolume: the worker holds no volume %r" % job.params["volume_key"]
+            return
+        shape = self.volumes[job.params["volume_key"]].shape
+        plane = np.zeros(np.delete(shape, 0), np.uint8)
+        plane[2:6, 3:9] = 1
+        job.state, job.result = "done", {"iou": 0.9}
+        job.arrays = {"mask": plane}
 
 
 def test_clicks_send_the_voxels_once_and_again_to_a_worker_that_lost_them(scene):

@@ -6,42 +6,31 @@ import os
 import pytest
 
 from slicer_scene import scene  # noqa: F401
-from SAMFineTuneLib.client import Job
+from fake_worker import FakeWorkerClient
 from SAMFineTuneMRML.backends import WorkerBackend
 from SAMFineTuneMRML.keeplearning import KeepLearning
 from SAMFineTuneMRML.logic import SAMFineTuneCoreLogic
 
 
-class LearningClient:
+class LearningClient(FakeWorkerClient):
     """Trains by writing an adapter folder whose card has ``new`` Dice; scores the adapter in use
     at ``current`` Dice; ``fail`` makes training fail."""
 
     def __init__(self, new=0.8, current=0.7, fail=False):
-        self.new, self.current, self.fail, self.jobs = new, current, fail, []
+        FakeWorkerClient.__init__(self)
+        self.new, self.current, self.fail = new, current, fail
 
-    def submit(self, command, params, arrays=None):
-        job = Job("j%d" % len(self.jobs), command, params)
-        self.jobs.append(job)
-        return job
-
-    def cancel(self, job):
-        job.cancel_requested = True
-
-    def poll(self, timeout=0.0):
-        for job in self.jobs:
-            if job.done:
-                continue
-            if job.command == "train":
-                if self.fail:
-                    job.state, job.error = "error", "ValueError: the dataset has no validation case"
-                    continue
-                card = {"scores": {"adapted": {"dice": self.new}}}
-                os.makedirs(job.params["output"])
-                with open(os.path.join(job.params["output"], "model_card.json"), "w") as handle:
-                    json.dump(card, handle)
-                job.state, job.result = "done", {"card": card}
-            else:
-                job.state, job.result = "done", {"report": {"mean": {"adapted": {"dice": self.current}}}}
+    def answer(self, job):
+        if job.command != "train":
+            job.state, job.result = "done", {"report": {"mean": {"adapted": {"dice": self.current}}}}
+        elif self.fail:
+            job.state, job.error = "error", "ValueError: the dataset has no validation case"
+        else:
+            card = {"scores": {"adapted": {"dice": self.new}}}
+            os.makedirs(job.params["output"])
+            with open(os.path.join(job.params["output"], "model_card.json"), "w") as handle:
+                json.dump(card, handle)
+            job.state, job.result = "done", {"card": card}
 
 
 def adapter_in_use(folder, dice):
