@@ -16,6 +16,9 @@ import numpy as np
 from .cli_args import add_device_argument
 from .metrics import dice_score as dice
 
+#: The name the demo's dataset carries in its dataset.json, so a later run knows it may replace it.
+DEMO_DATASET = "SAMFineTune demo (low-contrast phantom)"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="demo_output", help="folder for the volume, mask, dataset, adapter, PNGs")
@@ -73,6 +76,24 @@ def segment_part(args, output: str) -> None:
           f"{fixed.stats['encoded']} newly encoded")
 
 
+def _clear_earlier_demo_dataset(dataset: str) -> None:
+    """An export appends and never rewrites a case, so a second demo run starts its dataset anew;
+    a folder there that is not a demo's dataset is left alone, and the demo stops before any work."""
+    import json
+    import shutil
+
+    if not os.path.exists(dataset):
+        return
+    try:
+        with open(os.path.join(dataset, "dataset.json")) as handle:
+            ours = json.load(handle).get("name") == DEMO_DATASET
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
+        raise ValueError(f"{dataset} exists and is not a dataset the demo wrote; choose another --output")
+    shutil.rmtree(dataset)
+
+
 def finetune_part(args, output: str) -> None:
     from .dataset import export_dataset
     from .evaluate import evaluate, format_table
@@ -85,7 +106,8 @@ def finetune_part(args, output: str) -> None:
     cases = make_cases(args.train_cases + 2, first_seed=100)
     print(f"\n[2/2] fine-tuning: {len(cases)} low-contrast phantom cases (a faint organ beside a bright bone: "
           "zero-shot SAM takes the bone's edge)", flush=True)
-    export_dataset(cases, dataset, val_fraction=2.0 / len(cases), seed=0, label_names={1: "organ"})
+    export_dataset(cases, dataset, val_fraction=2.0 / len(cases), seed=0, label_names={1: "organ"},
+                   name=DEMO_DATASET)
     card = train(TrainConfig(dataset=dataset, output=adapter, model="litemedsam", device=args.device,
                              epochs=args.epochs, patience=0), progress=StderrBar())
     report = evaluate(dataset, model="litemedsam", adapter=adapter, split="val", device=args.device,
@@ -97,6 +119,7 @@ def finetune_part(args, output: str) -> None:
 def main(args: argparse.Namespace) -> int:
     output = os.path.abspath(args.output)
     os.makedirs(output, exist_ok=True)
+    _clear_earlier_demo_dataset(os.path.join(output, "dataset"))
     segment_part(args, output)
     finetune_part(args, output)
     print(f"\nwrote everything under {output}")

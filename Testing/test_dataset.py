@@ -280,3 +280,18 @@ def test_monai_reads_the_dataset(tmp_path):
     train = load_decathlon_datalist(str(tmp_path / "d" / "dataset.json"), data_list_key="training")
     val = load_decathlon_datalist(str(tmp_path / "d" / "dataset.json"), data_list_key="validation")
     assert len(train) == 4 and len(val) == 1 and all(os.path.isfile(e["image"]) for e in train + val)
+
+
+def test_a_second_demo_run_replaces_only_the_demos_own_dataset(tmp_path):
+    from SAMFineTuneLib.demo import DEMO_DATASET, _clear_earlier_demo_dataset
+
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    ds.export_dataset([make_case(0), make_case(1)], ours, name=DEMO_DATASET)
+    ds.export_dataset([make_case(0), make_case(1)], theirs, name="a user's set")
+    _clear_earlier_demo_dataset(str(ours))
+    assert not ours.exists()
+    before = tree_digest(theirs)
+    with pytest.raises(ValueError, match="exists and is not a dataset the demo wrote; choose another --output"):
+        _clear_earlier_demo_dataset(str(theirs))
+    assert tree_digest(theirs) == before
+    _clear_earlier_demo_dataset(str(tmp_path / "none"))  # nothing there: nothing to do
