@@ -3,7 +3,8 @@ rounding), on GPU and CPU.
 
 On an H200, segment-anything's ViT-B encoder ran 17.6 ms per image at bf16 batch 8; fused
 attention and channels-last memory brought it to 9.2 ms, and torch.compile on top to 3.8 ms
-(embedding cosine similarity to float32 0.99997 in each case). docs/performance.md, "Segmentation on a GPU", has the table.
+(embedding cosine similarity to float32 0.99997 in each case); docs/performance.md, "Segmentation
+on a GPU", has the table.
 Fused attention and channels-last cost nothing and are used on every CUDA model; compiling takes
 20-30 s once per process, so it is asked for (``Segmenter(compile=True)``, ``--compile``) by
 long-lived users such as the worker.

@@ -156,7 +156,8 @@ def _box_around_click(segmenter, embedding, geometry, click: Point) -> Tuple[int
     boxes = []
     for fraction in CLICK_BOX_FRACTIONS:
         half = max(2.0, fraction * max(rows, cols))
-        boxes.append((max(0, int(x - half)), max(0, int(y - half)), min(cols - 1, int(x + half)), min(rows - 1, int(y + half))))
+        boxes.append((max(0, int(x - half)), max(0, int(y - half)),
+                      min(cols - 1, int(x + half)), min(rows - 1, int(y + half))))
     model_boxes = torch.tensor([geometry.box_to_model(box) for box in boxes], dtype=torch.float32)
     with torch.inference_mode():
         _, _, place = segmenter.model.decode_best(embedding[None], model_boxes, len(boxes))
