@@ -127,10 +127,7 @@ def _card_bytes(adapter_dir: str) -> bytes:
     from .training.folders import settle
 
     settle(str(adapter_dir))  # a training killed mid-swap left the folder beside its name
-    path = os.path.join(str(adapter_dir), CARD_FILE)
-    if not os.path.isfile(path):
-        raise ValueError(f"{adapter_dir} is not a SAMFineTune adapter: it has no {CARD_FILE}")
-    with open(path, "rb") as handle:
+    with open(os.path.join(str(adapter_dir), CARD_FILE), "rb") as handle:  # FileNotFoundError: no card
         return handle.read()
 
 
@@ -142,8 +139,15 @@ def _parse_card(data: bytes, adapter_dir: str) -> Dict[str, Any]:
     return card
 
 
+def _not_an_adapter(adapter_dir: str) -> ValueError:
+    return ValueError(f"{adapter_dir} is not a SAMFineTune adapter: it has no {CARD_FILE}")
+
+
 def read_model_card(adapter_dir: str) -> Dict[str, Any]:
-    return _parse_card(_card_bytes(adapter_dir), adapter_dir)
+    try:
+        return _parse_card(_card_bytes(adapter_dir), adapter_dir)
+    except FileNotFoundError:
+        raise _not_an_adapter(adapter_dir) from None
 
 
 def read_adapter(adapter_dir: str, attempts: int = 5) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
@@ -156,12 +160,18 @@ def read_adapter(adapter_dir: str, attempts: int = 5) -> Tuple[Dict[str, Any], D
 
     path = os.path.join(str(adapter_dir), ADAPTER_FILE)
     for attempt in range(attempts):
-        data = _card_bytes(adapter_dir)
-        if not os.path.isfile(path):
-            raise ValueError(f"adapter {adapter_dir} has a model card but no {ADAPTER_FILE}")
-        with safe_open(path, framework="pt", device="cpu") as handle:
-            expected = (handle.metadata() or {}).get("card_sha256")
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        try:  # a missing file may be a swap in progress (the folder renamed away): settle and read again
+            data = _card_bytes(adapter_dir)
+            with safe_open(path, framework="pt", device="cpu") as handle:
+                expected = (handle.metadata() or {}).get("card_sha256")
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        except FileNotFoundError:
+            if attempt < attempts - 1:
+                time.sleep(0.05 * (attempt + 1))
+                continue
+            if not os.path.isfile(os.path.join(str(adapter_dir), CARD_FILE)):
+                raise _not_an_adapter(adapter_dir) from None
+            raise ValueError(f"adapter {adapter_dir} has a model card but no {ADAPTER_FILE}") from None
         if expected in (None, _digest(data)):  # None: written before cards were recorded with the tensors
             return _parse_card(data, adapter_dir), tensors
         time.sleep(0.05 * (attempt + 1))
