@@ -357,8 +357,13 @@ def test_compare_adapters_decides_on_the_same_validation_cases(trained):
 
 
 @pytest.mark.slow
-def test_evaluate_from_one_roi_through_the_tracked_segmenter(trained):
-    report = evaluate(trained["dataset"], model=trained["model"], adapter=trained["output"], roi_margin=3)
+def test_evaluate_from_one_roi_through_the_tracked_segmenter(trained, tmp_path):
+    """An adapter trained with the ROI and tracking prompts (opt-in) gains from one ROI as the
+    default one does from reference boxes."""
+    output = str(tmp_path / "roi_adapter")
+    train(TrainConfig(dataset=trained["dataset"], output=output, epochs=8, tracked_prompts=0.3, roi_prompts=0.3,
+                      **FAST), model=trained["model"])
+    report = evaluate(trained["dataset"], model=trained["model"], adapter=output, roi_margin=3)
     assert report["prompt"] == "roi" and report["roi_margin"] == 3
     assert [r["case"] for r in report["cases"]] == [f"phantom{100 + n:03d}" for n in range(N_VAL)]
     print(f"phantom, one ROI +3 px: base {report['mean']['base']['dice']:.4f} -> adapted "
