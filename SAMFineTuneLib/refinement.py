@@ -148,9 +148,10 @@ def edited_box(base: Optional[np.ndarray], points: List[Point], shape: Tuple[int
 CLICK_BOX_FRACTIONS = (1 / 32, 1 / 16, 1 / 8, 1 / 4)
 
 
-def _box_around_click(segmenter, embedding, geometry, click: Point) -> Tuple[int, int, int, int]:
+def _box_around_click(segmenter, embedding, geometry, click: Point) -> Tuple[Tuple[int, int, int, int], np.ndarray]:
     """A box-trained model given one click on an empty slice: boxes of a few sizes centred on it,
-    and the one SAM is most sure of (its predicted IoU, as tracking picks its seed)."""
+    and the one SAM is most sure of (its predicted IoU, as tracking picks its seed), with SAM's
+    mask for it (slice pixels). Each box is decoded in a window around it, as tracking decodes."""
     x, y, _ = click
     rows, cols = geometry.shape
     boxes = []
@@ -159,9 +160,12 @@ def _box_around_click(segmenter, embedding, geometry, click: Point) -> Tuple[int
         boxes.append((max(0, int(x - half)), max(0, int(y - half)),
                       min(cols - 1, int(x + half)), min(rows - 1, int(y + half))))
     model_boxes = torch.tensor([geometry.box_to_model(box) for box in boxes], dtype=torch.float32)
+    model = segmenter.model
     with torch.inference_mode():
-        _, _, place = segmenter.model.decode_best(embedding[None], model_boxes, len(boxes))
-    return boxes[int(place[0])]
+        low_res, _, place = model.decode_best(embedding[None], model_boxes, len(boxes),
+                                              window_margin=segmenter.window_margin)
+        mask = (geometry.logits_to_slices(model.upscale_logits(low_res)[:, 0])[0] > 0).cpu().numpy()
+    return boxes[int(place[0])], mask
 
 
 def _prompts(segmenter, embedding, points, box, previous, start_mask, geometry):
@@ -184,7 +188,7 @@ def _prompts(segmenter, embedding, points, box, previous, start_mask, geometry):
         first = next((point for point in points if point[2]), None)
         if first is None:
             raise ValueError("this model was trained on boxes: start with a positive click on the structure or a box")
-        box = _box_around_click(segmenter, embedding, geometry, first)
+        box, _ = _box_around_click(segmenter, embedding, geometry, first)
     if box is None:
         rows, cols = geometry.shape
         whole = (0, 0, cols - 1, rows - 1)
@@ -247,11 +251,7 @@ def _local_change(segmenter, embedding, geometry, base: Optional[np.ndarray], de
     if positive:
         added = _piece_at(decoded & ~base, x, y)
         if not added.any() and not base[int(y), int(x)]:
-            box = _box_around_click(segmenter, embedding, geometry, click)
-            prompt = torch.tensor([geometry.box_to_model(box)], dtype=torch.float32)
-            with torch.inference_mode():
-                low_res, _ = segmenter.model.decode_prompts(embedding[None], box=prompt)
-                around = (geometry.logits_to_slices(segmenter.model.upscale_logits(low_res)[:, 0])[0] > 0).cpu().numpy()
+            _, around = _box_around_click(segmenter, embedding, geometry, click)
             added = _piece_at(around & ~base, x, y)
         return base | added
     removed = _piece_at(base & ~decoded, x, y)
