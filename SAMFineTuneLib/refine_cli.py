@@ -9,10 +9,6 @@ from typing import Dict, List, Tuple
 
 from .cli_args import add_axis_argument, add_engine_arguments, add_model_arguments, add_window_argument
 
-#: The voxel index (i, j, k order) a slice along each axis is numbered by, and its (x, y) on that slice.
-_SLICE_INDEX = {"axial": (2, (0, 1)), "coronal": (1, (0, 2)), "sagittal": (0, (1, 2))}
-
-
 def click_arg(text: str) -> Tuple[int, int, int, bool]:
     """``I,J,K,+1`` (positive) or ``I,J,K,-1`` (negative) -> (i, j, k, positive)."""
     parts = text.split(",")
@@ -27,11 +23,14 @@ def click_arg(text: str) -> Tuple[int, int, int, bool]:
 
 
 def clicks_by_slice(clicks, axis: str) -> Dict[int, List[Tuple[float, float, bool]]]:
-    """Voxel clicks -> {slice index along ``axis``: [(x, y, positive)] on that slice}, in order."""
-    along, (x_axis, y_axis) = _SLICE_INDEX[axis]
+    """Voxel clicks -> {slice index along ``axis``: [(x, y, positive)] on that slice}, in order
+    (a click is a one-voxel box, mapped as ``imaging.box_to_slices`` maps boxes)."""
+    from .imaging import box_to_slices
+
     slices: Dict[int, List[Tuple[float, float, bool]]] = {}
-    for click in clicks:
-        slices.setdefault(click[along], []).append((float(click[x_axis]), float(click[y_axis]), click[3]))
+    for i, j, k, positive in clicks:
+        along, (x, y, _, _) = box_to_slices((i, j, k, i, j, k), axis)
+        slices.setdefault(along[0], []).append((float(x), float(y), positive))
     return slices
 
 

@@ -98,12 +98,11 @@ def _model_points(points: List[Point], geometry: SliceGeometry) -> Tuple[torch.T
     return torch.tensor([coords], dtype=torch.float32), torch.tensor([labels], dtype=torch.int64)
 
 
-def _prompt_window(points: List[Point], box, masks: Sequence[Optional[np.ndarray]],
-                   geometry: SliceGeometry) -> torch.Tensor:
-    """The model-input box around every prompt: clicks, box and the masks being corrected."""
+def _prompt_window(points: List[Point], box, mask: Optional[np.ndarray], geometry: SliceGeometry) -> torch.Tensor:
+    """The model-input box around every prompt: clicks, box and the mask being corrected."""
     xs = [x for x, _, _ in points]
     ys = [y for _, y, _ in points]
-    for extent in [box] + [imaging.mask_box(mask) for mask in masks if mask is not None]:
+    for extent in (box, None if mask is None else imaging.mask_box(mask)):
         if extent is not None:
             xs += [extent[0], extent[2]]
             ys += [extent[1], extent[3]]
@@ -210,10 +209,7 @@ def refine_slice(segmenter, volume, axis: str, index: int, points: Sequence, box
     model = segmenter.model
     clicks, prompt_box, mask_input, multimask, base = _prompts(segmenter, embedding, points, box, previous, start_mask,
                                                                geometry)
-    known = [previous.mask if previous is not None else None, start_mask]
-    window_box = (None if segmenter.window_margin is None
-                  else _prompt_window(points, prompt_box, [None if m is None else np.asarray(m) > 0 for m in known],
-                                      geometry))
+    window_box = None if segmenter.window_margin is None else _prompt_window(points, prompt_box, base, geometry)
     with torch.inference_mode():
         low_res, iou = model.decode_prompts(
             embedding[None], points=_model_points(clicks, geometry) if clicks else None,
