@@ -113,6 +113,7 @@ class SAMFineTuneParameterNode:
     adapterName: str = ""
     keepLearning: bool = False  # opt-in: retrain after every keepLearningEvery exported cases
     keepLearningEvery: Annotated[int, WithinRange(1, 100)] = 3
+    learnClicks: bool = False  # train with simulated clicks (training.clicks): the adapter then answers clicks
 
 
 #: Parameters bound to widgets by the parameter-node wrapper (``connectParametersToGui``).
@@ -131,6 +132,7 @@ GUI_BINDINGS = {
     "adapterName": "adapterNameLineEdit",
     "keepLearning": "keepLearningCheckBox",
     "keepLearningEvery": "keepLearningSpinBox",
+    "learnClicks": "learnClicksCheckBox",
 }
 #: Combo boxes whose items carry the parameter's value as item data, kept in step by the panel.
 COMBO_BINDINGS = {"model": "modelComboBox", "adapter": "adapterComboBox", "device": "deviceComboBox",

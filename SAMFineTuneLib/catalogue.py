@@ -138,6 +138,9 @@ SPLITS: Tuple[str, ...] = ("train", "val", "test")
 EXPORT_FORMATS: Tuple[str, ...] = ("msd", "finetune-sam", "coco")
 #: Fine-tuning losses (monai's DiceCE or DiceFocal on the mask logits).
 LOSSES: Tuple[str, ...] = ("dicece", "dicefocal")
+#: The share of training steps that simulate clicks when a user asks an adapter to learn them
+#: (``train --click-prompts``, the panel's "learn to answer clicks"); see docs/finetuning.md.
+CLICK_TRAINING_SHARE = 0.5
 
 #: The options that identify a loaded model: a change among them means loading another one (the
 #: encoder's precision and backend are part of the loaded model).

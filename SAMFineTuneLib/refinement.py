@@ -172,7 +172,8 @@ def _prompts(segmenter, embedding, points, box, previous, start_mask, geometry):
     and the mask being corrected (None when starting over).
 
     SAM (``spec.point_prompts``) takes the clicks themselves with the previous logits; a model
-    trained on boxes alone gets a box edited by the clicks (``edited_box``) instead."""
+    trained on boxes alone gets a box edited by the clicks (``edited_box``) instead, and the
+    clicks too when its adapter learned them (``training.clicks`` asks the same question)."""
     base = previous.mask if previous is not None else (None if start_mask is None else np.asarray(start_mask) > 0)
     if previous is not None:
         mask_input = previous.low_res.reshape(1, 1, LOW_RES_SIZE, LOW_RES_SIZE)
@@ -192,6 +193,8 @@ def _prompts(segmenter, embedding, points, box, previous, start_mask, geometry):
         rows, cols = geometry.shape
         whole = (0, 0, cols - 1, rows - 1)
         box = edited_box(base, points, geometry.shape, lambda mask: next_box(mask, whole, segmenter.tracking))
+    if segmenter.clicks_learned:
+        return points or None, box, mask_input, False, base
     return None, box, (mask_input if BOX_MODEL_MASK_PROMPT else None), False, base
 
 
@@ -217,7 +220,7 @@ def refine_slice(segmenter, volume, axis: str, index: int, points: Sequence, box
             mask_input=mask_input, multimask=multimask, window=window_box)
         logits = geometry.logits_to_slices(model.upscale_logits(low_res)[:, 0])
     mask = (logits[0] > 0).cpu().numpy()
-    if not model.spec.point_prompts and box is None and points:
+    if not model.spec.point_prompts and not segmenter.clicks_learned and box is None and points:
         mask = _local_change(segmenter, embedding, geometry, base, mask, points[-1])
     return Refined(mask, float(iou[0]), low_res.cpu())
 

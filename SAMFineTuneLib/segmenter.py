@@ -148,6 +148,7 @@ class Segmenter:
         self._base_decoder = self.model.mask_decoder
         self._base_prompt_encoder = getattr(self.model, "prompt_encoder", None)
         self._adapter_multimask: Optional[bool] = None
+        self._adapter_clicks = False
 
     # ------------------------------------------------------------ adapters
 
@@ -176,6 +177,12 @@ class Segmenter:
         self.adapter = adapter_dir
         # An adapter is trained on one output token; decode with the one it learned.
         self._adapter_multimask = None if adapter_dir is None else card.get("inference", {}).get("multimask")
+        self._adapter_clicks = adapter_dir is not None and bool(card.get("inference", {}).get("clicks"))
+
+    @property
+    def clicks_learned(self) -> bool:
+        """Whether the adapter in use was trained to answer clicks (``training.clicks``)."""
+        return self._adapter_clicks
 
     # ------------------------------------------------------------ embeddings
 

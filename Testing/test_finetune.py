@@ -259,6 +259,39 @@ def test_options_prompt_encoder_points_focal_and_iou_loss(litemedsam, phantom_da
         evaluate(phantom_dataset, model=litemedsam, window_margin="wide")
 
 
+def test_click_training_decodes_a_simulated_users_clicks_and_marks_the_adapter(litemedsam, phantom_dataset, tmp_path,
+                                                                             monkeypatch):
+    """Each click step decodes rounds without gradients, then trains on the decode given the
+    clicks, the box they edit and the last round's logits as the mask prompt; the card says the
+    adapter learned clicks, which a Segmenter reads when it loads it."""
+    from SAMFineTuneLib.segmenter import Segmenter
+    from SAMFineTuneLib.training import DecoderStep
+
+    calls = []
+    forward = DecoderStep.forward
+
+    def spy(self, embeddings, boxes, points=None, window_margin=None, masks=None):
+        calls.append((torch.is_grad_enabled(), points is not None, masks is not None))
+        return forward(self, embeddings, boxes, points, window_margin=window_margin, masks=masks)
+
+    monkeypatch.setattr(DecoderStep, "forward", spy)
+    card = train(TrainConfig(dataset=phantom_dataset, output=str(tmp_path), epochs=1, click_prompts=1.0,
+                             train_cases=["phantom000", "phantom001"], val_cases=["phantom100"], final_scores=False,
+                             **FAST), model=litemedsam)
+    assert card["inference"]["clicks"] and card["hyperparameters"]["click_prompts"] == 1.0
+    trained = [c for c in calls if c[0]]
+    assert trained and all(points and masks for _, points, masks in trained)  # the phantom is never exact
+    rounds = calls[:calls.index(trained[0])]
+    assert rounds and not rounds[0][1] and not rounds[0][2]  # the first round decodes the sampled box alone
+    segmenter = Segmenter(litemedsam)
+    try:
+        segmenter.set_adapter(str(tmp_path))
+        assert segmenter.clicks_learned
+    finally:
+        segmenter.set_adapter(None)
+    assert not segmenter.clicks_learned
+
+
 def test_training_step_decodes_each_sample_in_the_window_of_its_own_box(litemedsam):
     """A mixed batch decodes as each slice alone through SamModel.decode (as the Segmenter
     decodes one slice), not with every window grown to the batch's largest box."""

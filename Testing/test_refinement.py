@@ -91,6 +91,24 @@ def test_a_box_trained_model_gets_the_box_the_clicks_edit(phantom):
         refine_slice(segmenter, ct, "axial", k, [(3, 3, 0)])
 
 
+def test_a_box_trained_model_whose_adapter_learned_clicks_gets_them_with_the_edited_box(phantom):
+    """An adapter trained with simulated clicks (training.clicks) is asked as it was trained: the
+    clicks, the box they edit and the previous result as the mask prompt; its answer is taken
+    as decoded (no local patching)."""
+    ct, label = phantom
+    segmenter = Segmenter(OracleModel())
+    segmenter._adapter_clicks = True  # what set_adapter reads from such an adapter's card
+    k = 7
+    reference = label.array[k] > 0
+    half = reference.copy()
+    half[:, int(np.median(np.nonzero(reference)[1])):] = False
+    click = simulated_click(half, reference)
+    fixed = refine_slice(segmenter, ct, "axial", k, [click], start_mask=half)
+    _, points, box, has_mask, _ = segmenter.model.decode_log[-1]
+    assert points is not None and points[1].tolist() == [[1]] and box is not None and has_mask
+    assert dice(fixed.mask, reference) > 0.95
+
+
 def test_bad_clicks_are_named_before_any_decoding(phantom):
     ct, _ = phantom
     segmenter = Segmenter(OracleModel())

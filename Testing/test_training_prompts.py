@@ -133,3 +133,33 @@ def test_loss_is_monais_without_empty_targets_and_skips_their_dice_term():
     logits.requires_grad_(True)
     loss(logits, torch.zeros_like(target)).backward()
     assert logits.grad.abs().sum() > 0 and (logits.grad >= 0).all()
+
+
+def test_simulated_clicks_for_training_mark_the_error_and_edit_the_box():
+    """A missed part draws a positive click in it and the box grows past it; a leak draws a
+    negative click; an exact mask draws none; SAM's point tensors are padded with label -1."""
+    from SAMFineTuneLib.training.clicks import as_points, clicked_boxes, next_clicks
+
+    target = torch.zeros(3, 1, 256, 256)
+    target[:, :, 100:140, 100:180] = 1
+    logits = torch.full((3, 1, 256, 256), -10.0)
+    logits[0, :, 100:140, 100:140] = 10  # missed the right half
+    logits[1, :, 100:160, 100:180] = 10  # leaked 20 rows below
+    logits[2] = torch.where(target[2] > 0, 10.0, -10.0)  # exact
+    clicks = next_clicks(logits, target, [[], [], []])
+    (x, y, positive), = clicks[0]
+    assert positive and 140 <= x < 180 and 100 <= y < 140
+    (x, y, positive), = clicks[1]
+    assert not positive and 140 <= y < 160
+    assert clicks[2] == []
+    boxes = torch.tensor([[100.0, 100.0, 140.0, 140.0]] * 3)  # model-input pixels (LiteMedSAM: the low-res frame)
+    edited = clicked_boxes(logits, boxes, clicks, input_size=256)
+    assert edited[0, 2] > x and edited[0, 2] > 160 and torch.equal(edited[0, :2], boxes[0, :2])
+    assert torch.equal(edited[2], boxes[2])
+    coords, labels = as_points(clicks, 256, "cpu")
+    assert labels.tolist() == [[1], [0], [-1]] and coords.shape == (3, 1, 2)
+    assert as_points([[], []], 256, "cpu") is None
+    with pytest.raises(ValueError, match="click_prompts is a share"):
+        from SAMFineTuneLib.training.config import check_config
+
+        check_config(TrainConfig(dataset="d", output="o", click_prompts=1.5))

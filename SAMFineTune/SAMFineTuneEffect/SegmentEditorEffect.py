@@ -27,7 +27,8 @@ directions, without touching the slices you corrected.</li>
 <li><b>Ctrl+Z</b> (the editor's Undo) takes back one click or one propagation.</li>
 </ul><p>Every click refines the slice where you click, starting from the previous click's result on it.
 The editor's masking settings apply: the editable area, the intensity range and whether other segments may
-be overwritten. The model, adapter and window are those of the SAM Fine-Tune module.</html>"""
+be overwritten. The model, adapter and window are those of the SAM Fine-Tune module; an adapter trained with
+"also learn to answer clicks" answers the clicks itself.</html>"""
 
 
 class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):

@@ -49,7 +49,8 @@ class FineTuningSection:
     def trainConfig(self):
         engine = self.panel.segmentOptions()
         config = {key: engine[key] for key in options.MODEL_KEYS}  # model, checkpoint, device, encoder
-        config.update(epochs=self.panel.parameters.epochs)
+        config.update(epochs=self.panel.parameters.epochs,
+                      click_prompts=options.CLICK_TRAINING_SHARE if self.panel.parameters.learnClicks else 0.0)
         return config
 
     # ------------------------------------------------------------ export, keep learning

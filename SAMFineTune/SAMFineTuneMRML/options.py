@@ -9,8 +9,8 @@ import os
 from .library import ensureLibraryImportable
 
 ensureLibraryImportable()
-from SAMFineTuneLib.catalogue import (AXES, BACKENDS, BOX_MODES, DEVICES, MODEL_KEYS, MODEL_SPECS,  # noqa: E402,F401
-                                      PRECISIONS, PROMPT_OPTIONS, SEGMENT_DEFAULTS, WINDOWS)
+from SAMFineTuneLib.catalogue import (AXES, BACKENDS, BOX_MODES, CLICK_TRAINING_SHARE, DEVICES,  # noqa: E402,F401
+                                      MODEL_KEYS, MODEL_SPECS, PRECISIONS, PROMPT_OPTIONS, SEGMENT_DEFAULTS, WINDOWS)
 from SAMFineTuneLib.cli_args import BACKEND_HELP, PRECISION_HELP  # noqa: E402,F401  (the panel's tooltips)
 
 #: (engine name, label) pairs for the panel's combo boxes.

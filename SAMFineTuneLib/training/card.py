@@ -28,7 +28,7 @@ def model_card(config: TrainConfig, model, dataset: Dict[str, Any], history: Lis
                  "targets": list(config.targets), "trainable_parameters": n_params,
                  "prompt_encoder_trained": config.train_prompt_encoder},
         "inference": {"axis": config.axis, "window": config.window, "multimask": False,
-                      "window_margin": config.window_margin},
+                      "window_margin": config.window_margin, "clicks": config.click_prompts > 0},
         "history": history,
         "base_val_dice": base_dice,
         "best_epoch": best["epoch"],

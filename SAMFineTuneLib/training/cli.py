@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from ..catalogue import LOSSES
+from ..catalogue import CLICK_TRAINING_SHARE, LOSSES
 from ..cli_args import (add_axis_argument, add_decode_window_argument, add_encoder_arguments, add_model_arguments,
                         add_window_argument)
 from .config import TrainConfig
@@ -29,6 +29,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--box-jitter", type=float, default=defaults.box_jitter)
     parser.add_argument("--point-prompts", type=float, default=defaults.point_prompts,
                         help="probability of adding a positive point to a training box")
+    parser.add_argument("--click-prompts", type=float, default=defaults.click_prompts,
+                        help="share of steps that train clicks: a simulated user clicks where the decode is wrong "
+                             f"(the adapter then answers clicks when correcting a slice; the panel uses "
+                             f"{CLICK_TRAINING_SHARE})")
     parser.add_argument("--tracked-prompts", type=float, default=defaults.tracked_prompts,
                         help="share of training slices prompted with tracking's box (a neighbour's mask box + margin)")
     parser.add_argument("--roi-prompts", type=float, default=defaults.roi_prompts,
@@ -59,7 +63,8 @@ def config_from_args(args) -> TrainConfig:
                        lora_dropout=args.lora_dropout, targets=tuple(args.targets),
                        train_prompt_encoder=args.train_prompt_encoder, loss=args.loss,
                        iou_loss_weight=args.iou_loss_weight, box_jitter=args.box_jitter,
-                       point_prompts=args.point_prompts, tracked_prompts=args.tracked_prompts,
+                       point_prompts=args.point_prompts, click_prompts=args.click_prompts,
+                       tracked_prompts=args.tracked_prompts,
                        roi_prompts=args.roi_prompts, roi_margin=args.roi_margin, end_slices=args.end_slices,
                        warmup=args.warmup, patience=args.patience, seed=args.seed,
                        amp=not args.no_amp, resume=args.resume, axis=args.axis, window=args.window,

@@ -13,7 +13,7 @@ RESUME_FILE = "resume_state.pt"
 # Settings that must not change between a run and its resumption.
 RESUME_KEYS = ("dataset", "model", "checkpoint", "lr", "weight_decay", "batch_size", "lora_rank", "lora_alpha",
                "lora_dropout", "targets", "train_prompt_encoder", "loss", "iou_loss_weight", "box_jitter",
-               "point_prompts", "tracked_prompts", "roi_prompts", "roi_margin", "end_slices", "seed", "axis", "window",
+               "point_prompts", "click_prompts", "tracked_prompts", "roi_prompts", "roi_margin", "end_slices", "seed", "axis", "window",
                "labels", "train_cases", "val_cases", "epochs",
                "select_best", "window_margin")
 
@@ -40,6 +40,10 @@ class TrainConfig:
     iou_loss_weight: float = 0.0  # > 0 also trains the IoU head (MSE to the real IoU)
     box_jitter: float = 0.1  # each box edge moves by U(-j/4, j) x the box side (outward positive)
     point_prompts: float = 0.0  # probability of adding one positive point inside the mask
+    # Share of steps on which a simulated user clicks where the decode is wrong and the adapter
+    # learns from the corrected decode (training/clicks.py); an adapter trained so answers
+    # clicks itself in refine (its card says so), also on box-trained models.
+    click_prompts: float = 0.0
     # The prompts inference asks with (training/prompts.py): shares of the slices holding the
     # structure prompted with tracking's box (a neighbour's mask box + the tracking margin) and
     # with the structure's ROI rectangle grown by U(0, roi_margin) x its side per edge; the rest
@@ -85,7 +89,7 @@ def check_config(config: TrainConfig) -> None:
             raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
     if not config.lr > 0:
         raise ValueError(f"learning rate must be > 0, got {config.lr}")
-    for name in ("point_prompts", "tracked_prompts", "roi_prompts"):
+    for name in ("point_prompts", "click_prompts", "tracked_prompts", "roi_prompts"):
         if not 0.0 <= getattr(config, name) <= 1.0:
             raise ValueError(f"{name} is a share in [0, 1], got {getattr(config, name)}")
     if config.tracked_prompts + config.roi_prompts > 1.0:

@@ -15,8 +15,9 @@ class DecoderStep(nn.Module):
 
     ``decoder`` is the mask decoder to run (the model's, or a LoRA-wrapped copy) and
     ``prompt_encoder`` a trained prompt encoder, or None for the model's own.
-    ``forward(embeddings, boxes, points=None, window_margin=None)`` returns low-res logits
-    [B,1,256,256] and the predicted IoU [B]. With ``window_margin`` each sample decodes only the
+    ``forward(embeddings, boxes, points=None, window_margin=None, masks=None)`` returns low-res
+    logits [B,1,256,256] and the predicted IoU [B]; ``masks`` are earlier low-res logits given as
+    SAM's mask prompt (a click corrects them, ``clicks``). With ``window_margin`` each sample decodes only the
     image tokens within that many tokens of its own box (``models.token_windows`` of that box
     alone, as the Segmenter decodes a lone slice; samples whose windows have the same size share
     one decoder batch), also when points are given: the window follows the box, and a training
@@ -41,13 +42,14 @@ class DecoderStep(nn.Module):
         self._model = [model]  # a list: not registered, so the frozen encoder is not a DDP parameter
 
     def forward(self, embeddings: torch.Tensor, boxes: torch.Tensor, points=None,
-                window_margin: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                window_margin: Optional[int] = None, masks: Optional[torch.Tensor] = None
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
         base = self._model[0]
-        if points is None and self.prompt_encoder is None and window_margin is None:
+        if points is None and masks is None and self.prompt_encoder is None and window_margin is None:
             return base.decode(embeddings, boxes, decoder=self.decoder)
         encoder = self.prompt_encoder if self.prompt_encoder is not None else base.prompt_encoder
         boxes = boxes.reshape(-1, 1, 4)
-        sparse, dense = encoder(points=points, boxes=boxes, masks=None)
+        sparse, dense = encoder(points=points, boxes=boxes, masks=masks)
         pe = encoder.get_dense_pe()
         if window_margin is None:
             masks, iou = predict_masks_batched(self.decoder, embeddings, pe, sparse, dense)

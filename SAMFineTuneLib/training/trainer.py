@@ -29,7 +29,7 @@ import torch
 from .. import adapters
 from ..metrics import mean_dice
 from ..progress import check_cancel, report
-from . import distributed
+from . import clicks, distributed
 from .boxes import random_points
 from .card import model_card, per_case_scores
 from .config import RESUME_FILE, TrainConfig, check_config
@@ -237,14 +237,16 @@ class Trainer:
         """One optimiser step on the training slices at ``index``; returns the loss."""
         config, device, data = self.config, self.device, self.train_set
         embeddings = batch_embeddings(self.model, data, index)
-        boxes = self.sampler.draw(index, self.generator)
+        boxes = self.sampler.draw(index, self.generator).to(device)
         target = data.targets[index].to(device, torch.float32)[:, None]
-        points = None
+        points, masks = None, None
         if config.point_prompts > 0 and float(torch.rand(1, generator=self.generator)) < config.point_prompts:
             coords, labels = random_points(data.targets[index], self.generator, self.model.spec.input_size)
             points = (coords.to(device), labels.to(device))
+        elif config.click_prompts > 0 and float(torch.rand(1, generator=self.generator)) < config.click_prompts:
+            boxes, points, masks = self._clicks(embeddings, boxes, target)
         with torch.autocast("cuda", dtype=self.amp_dtype, enabled=self.use_amp):
-            logits, iou = self.runner(embeddings, boxes.to(device), points, window_margin=self.margin)
+            logits, iou = self.runner(embeddings, boxes, points, window_margin=self.margin, masks=masks)
         logits, iou = logits.float(), iou.float()
         loss = self.loss_fn(logits, target)
         if config.iou_loss_weight > 0:
@@ -255,6 +257,23 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         return float(loss.detach())
+
+    def _clicks(self, embeddings, boxes, target):
+        """A simulated user's clicks on the batch (``clicks``): 1 to MAX_CLICKS rounds, each decoded
+        without gradients from the last; the prompts (box, points, mask prompt) of the decode
+        that trains."""
+        size = self.model.spec.input_size
+        rounds = int(torch.randint(1, clicks.MAX_CLICKS + 1, (1,), generator=self.generator))
+        made = [[] for _ in range(len(boxes))]
+        points, prompt_boxes, logits = None, boxes, None
+        with torch.no_grad(), torch.autocast("cuda", dtype=self.amp_dtype, enabled=self.use_amp):
+            for _ in range(rounds):
+                logits = self.runner(embeddings, prompt_boxes, points, window_margin=self.margin,
+                                     masks=logits)[0].float()
+                made = clicks.next_clicks(logits, target, made)
+                prompt_boxes = clicks.clicked_boxes(logits, boxes, made, size).to(boxes.device)
+                points = clicks.as_points(made, size, boxes.device)
+        return prompt_boxes, points, logits
 
     def checkpoint(self, entry: Dict[str, Any]) -> bool:
         """Record an epoch: keep its adapter when it is the best so far, replace the output folder

@@ -2,6 +2,7 @@ r"""Correcting with clicks, measured the way interactive-segmentation papers do 
 
   python Testing/benchmarks/bench_clicks.py --dataset DIR [--dataset DIR ...] [--max-cases N]
       [--max-structures N] [--slices N] [--device cpu|cuda] [--latency-clicks N]
+      [--merge-labels] [--adapter DIR ...]
 
 For each structure of each 3D case (images/, masks/, labels.json as in ../shared/data; without
 --dataset the built-in CT phantom) one ROI is drawn 3 voxels loose (1 slice along the axis) and
@@ -12,6 +13,12 @@ result), 1, 3 and 5 clicks, beside SAM's Dice with the reference's own box on th
 "oracle" box no user draws). Propagation: the slice where tracking got most pixels wrong is replaced by the
 reference (the user corrected it) and carried on through the ROI; its 3D Dice is compared with
 the tracked result's. Latency: one click through the background worker on a cached slice.
+
+With ``--adapter`` (repeatable) every structure is also measured with each adapter in place,
+side by side with the base model, on cases none of the adapters trained or validated on (their
+model cards list them): whether an adapter trained with simulated clicks (``train
+--click-prompts``) corrects with fewer clicks. ``--merge-labels`` takes all labels as one
+structure, as the hippocampus adapters are trained.
 """
 from __future__ import annotations
 
@@ -109,21 +116,46 @@ def latency_ms(args, volume, label) -> Tuple[float, float]:
 
 
 def print_tables(rows, latency) -> None:
-    print("| case | structure | slices | oracle box | " + " | ".join(f"{n} clicks" for n in CLICKS)
-          + " | tracked 3D | propagated from 1 corrected slice, 3D |")
-    print("|---" * (len(CLICKS) + 6) + "|")
-    for (case, name), row in rows:
-        print(f"| {case} | {name} | {row['slices']} | {row['oracle']:.3f} | "
-              + " | ".join(f"{v:.3f}" for v in row["curve"]) + f" | {row['tracked3d']:.3f} | {row['propagated3d']:.3f} |")
-    if rows:
-        mean = lambda key: float(np.mean([row[key] for _, row in rows]))  # noqa: E731
-        curve = np.mean([row["curve"] for _, row in rows], axis=0)
-        print(f"| **mean** | {len(rows)} structures | | {mean('oracle'):.3f} | "
+    for variant in dict.fromkeys(variant for _, variant, _ in rows):
+        mine = [(key, row) for key, name, row in rows if name == variant]
+        print(f"\n{variant}:\n")
+        print("| case | structure | slices | oracle box | " + " | ".join(f"{n} clicks" for n in CLICKS)
+              + " | tracked 3D | propagated from 1 corrected slice, 3D |")
+        print("|---" * (len(CLICKS) + 6) + "|")
+        for (case, name), row in mine:
+            print(f"| {case} | {name} | {row['slices']} | {row['oracle']:.3f} | "
+                  + " | ".join(f"{v:.3f}" for v in row["curve"])
+                  + f" | {row['tracked3d']:.3f} | {row['propagated3d']:.3f} |")
+        mean = lambda key: float(np.mean([row[key] for _, row in mine]))  # noqa: E731
+        curve = np.mean([row["curve"] for _, row in mine], axis=0)
+        print(f"| **mean** | {len(mine)} structures | | {mean('oracle'):.3f} | "
               + " | ".join(f"{v:.3f}" for v in curve) + f" | {mean('tracked3d'):.3f} | {mean('propagated3d'):.3f} |")
     if latency is not None:
         cold, warm = latency
         print(f"\nA click through the worker: {warm:.1f} ms on a cached slice (median), {cold:.0f} ms for the "
               f"first click on a slice (it encodes the slice): 1/{cold / warm:.0f} of it")
+
+
+def adapter_cases(adapters) -> set:
+    """Every case an adapter in ``adapters`` trained or validated on (from its model card)."""
+    from SAMFineTuneLib.adapters import read_model_card
+
+    seen = set()
+    for folder in adapters:
+        dataset = read_model_card(folder).get("dataset", {})
+        seen.update(dataset.get("train_cases", []) + dataset.get("val_cases", []))
+    return seen
+
+
+def measure(args, segmenter, volume, mask) -> List[Tuple[str, Dict[str, object]]]:
+    """One structure's rows with the base model and with each adapter."""
+    out = []
+    for adapter in [None] + list(args.adapter):
+        segmenter.set_adapter(adapter)
+        out.append(("base model" if adapter is None else f"adapter {adapter}",
+                    structure_rows(args, segmenter, volume, mask)))
+    segmenter.set_adapter(None)
+    return out
 
 
 def main(argv=None) -> int:
@@ -133,19 +165,26 @@ def main(argv=None) -> int:
     parser.add_argument("--max-structures", type=int, default=3)
     parser.add_argument("--slices", type=int, default=6, help="slices clicked on per structure")
     parser.add_argument("--latency-clicks", type=int, default=20)
+    parser.add_argument("--merge-labels", action="store_true", help="all labels as one structure")
+    parser.add_argument("--adapter", action="append", default=[],
+                        help="also measure with this adapter folder (side by side with the base model)")
     add_model_arguments(parser)
     add_engine_arguments(parser)
     args = parser.parse_args(argv)
     segmenter = Segmenter(args.model, checkpoint=args.checkpoint, device=args.device, precision=args.precision,
                           backend=args.backend)
+    seen = adapter_cases(args.adapter)
     started, rows, sample = time.perf_counter(), [], None
     for dataset in args.dataset or [None]:
-        for n, (case, volume, label, names) in enumerate(_cases(dataset)):
+        cases = (case for case in _cases(dataset) if case[0] not in seen)
+        for n, (case, volume, label, names) in enumerate(cases):
             if n >= args.max_cases:
                 break
-            for value in _structures(label.array, None, args.max_structures, 3, 0):
-                mask = label.array == value
-                rows.append(((case, names.get(value, str(value))), structure_rows(args, segmenter, volume, mask)))
+            array = (label.array > 0).astype(np.uint8) if args.merge_labels else label.array
+            for value in _structures(array, None, args.max_structures, 3, 0):
+                mask = array == value
+                name = "all labels" if args.merge_labels else names.get(value, str(value))
+                rows += [((case, name), variant, row) for variant, row in measure(args, segmenter, volume, mask)]
                 sample = sample or (volume.array, mask)
     latency = latency_ms(args, *sample) if sample is not None and args.latency_clicks else None
     print_tables(rows, latency)

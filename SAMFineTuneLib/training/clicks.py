@@ -1,0 +1,69 @@
+"""Training an adapter to answer clicks, as a user corrects a slice (``refinement.refine_slice``).
+
+SAM learned clicks by simulating a user during training: decode, click where the result is
+most wrong, decode again with the click and the previous logits as the mask prompt, and learn
+from the last decode. The MedSAM family was trained on boxes alone, so its point embeddings
+mean nothing on medical images; an adapter trained this way gives them a meaning. Each click is
+``refinement.simulated_click`` (the deepest point of the largest error region: positive where
+the structure was missed, negative where the mask leaked), taken on the low-res frame the loss
+is computed in; the box of the last decode is the sampled one edited by the clicks
+(``refinement.edited_box``), which is what ``refine_slice`` gives a model whose adapter learned
+clicks, so training and inference ask the same question.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from ..refinement import Point, edited_box, simulated_click
+from .samples import LOW_RES
+
+#: Most clicks simulated on one training slice (SAM's recipe: a few rounds of one click each).
+MAX_CLICKS = 3
+
+
+def next_clicks(logits: torch.Tensor, targets: torch.Tensor, clicks: List[List[Point]]) -> List[List[Point]]:
+    """Each sample's clicks so far plus the next one on its low-res logits [B,1,256,256] against its
+    target [B,1,256,256] (low-res pixels); an exact mask gets no new click."""
+    predicted = (logits[:, 0] > 0).cpu().numpy()
+    wanted = (targets[:, 0] > 0.5).cpu().numpy()
+    out = []
+    for mask, target, earlier in zip(predicted, wanted, clicks):
+        click = simulated_click(mask, target)
+        out.append(earlier + ([click] if click is not None else []))
+    return out
+
+
+def clicked_boxes(logits: torch.Tensor, boxes: torch.Tensor, clicks: List[List[Point]], input_size: int) -> torch.Tensor:
+    """The sampled boxes [B,4] (model-input pixels) edited by each sample's clicks, as
+    ``refinement`` edits the box around the mask being corrected."""
+    scale = input_size / LOW_RES
+    predicted = (logits[:, 0] > 0).cpu().numpy()
+    out = boxes.clone()
+    for n, (mask, box, points) in enumerate(zip(predicted, boxes.tolist(), clicks)):
+        x0, y0, x1, y1 = (int(round(v / scale)) for v in box)
+        low_box = (x0, y0, max(x0, x1 - 1), max(y0, y1 - 1))  # model-input edges -> inclusive pixels
+        edited: Optional[Tuple[int, int, int, int]] = edited_box(mask, points, mask.shape, lambda _: low_box)
+        if edited is not None:
+            x0, y0, x1, y1 = edited
+            out[n] = torch.tensor([x0 * scale, y0 * scale, (x1 + 1) * scale, (y1 + 1) * scale])
+    return out
+
+
+def as_points(clicks: List[List[Point]], input_size: int, device) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """Clicks in low-res pixels -> SAM's (coordinates [B,K,2] in model-input pixels, labels [B,K]);
+    samples with fewer clicks are padded with SAM's "no point" label -1. None without any click."""
+    most = max((len(c) for c in clicks), default=0)
+    if most == 0:
+        return None
+    scale = input_size / LOW_RES
+    coords = np.zeros((len(clicks), most, 2), np.float32)
+    labels = np.full((len(clicks), most), -1, np.int64)
+    for n, points in enumerate(clicks):
+        for k, (x, y, positive) in enumerate(points):
+            # the prompt encoder adds half a pixel itself (as refinement's _model_points assumes)
+            coords[n, k] = ((x + 0.5) * scale - 0.5, (y + 0.5) * scale - 0.5)
+            labels[n, k] = int(positive)
+    return torch.from_numpy(coords).to(device), torch.from_numpy(labels).to(device)
