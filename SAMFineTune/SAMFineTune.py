@@ -109,7 +109,7 @@ class SAMFineTuneParameterNode:
     triplanar: bool = False
     structureName: str = ""
     datasetDir: pathlib.Path
-    epochs: Annotated[int, WithinRange(1, 1000)] = 20
+    epochs: Annotated[int, WithinRange(1, 1000)] = 6  # the engine's (catalogue.TRAINING_DEFAULTS), checked by a test
     adapterName: str = ""
     keepLearning: bool = False  # opt-in: retrain after every keepLearningEvery exported cases
     keepLearningEvery: Annotated[int, WithinRange(1, 100)] = 3

@@ -2,6 +2,7 @@
 parameter node's bindings against what Slicer's GUI connectors accept, import without torch or
 GUI, what an older Slicer shows, CMake lists and metadata, cache folders."""
 import ast
+import json
 import os
 import pathlib
 import re
@@ -335,3 +336,23 @@ def test_caches_live_in_the_user_cache_folder_never_the_install_folder(monkeypat
     assert paths.cacheDirectory() == str(tmp_path / "mine") and paths.workerEnvironment() == {
         "SAMFINETUNE_CACHE": str(tmp_path / "mine")}
     assert paths.workerLogPath() == os.path.join(str(tmp_path / "mine"), "logs", "worker.log")
+
+
+def test_the_panels_defaults_are_the_engines():
+    """The parameter node's defaults are literals (the class is read before the engine can be
+    imported); they must say what the engine's catalogue says."""
+    from SAMFineTuneLib.catalogue import SEGMENT_DEFAULTS, TRAINING_DEFAULTS
+
+    out = run_python('''
+        import json, SAMFineTune
+        node = SAMFineTune.SAMFineTuneParameterNode
+        print(json.dumps({name: getattr(node, name) for name in ("epochs", "model", "device", "backend", "precision",
+                                                                  "window", "axis", "boxMode", "keepLargest",
+                                                                  "fillHoles", "zoom", "triplanar")}))
+    ''')
+    assert out.returncode == 0, out.stderr
+    panel = json.loads(out.stdout.strip().splitlines()[-1])
+    assert panel.pop("epochs") == TRAINING_DEFAULTS["epochs"]
+    engine = {"boxMode": "box_mode", "keepLargest": "keep_largest", "fillHoles": "fill_holes"}
+    for name, value in panel.items():
+        assert value == SEGMENT_DEFAULTS[engine.get(name, name)], name

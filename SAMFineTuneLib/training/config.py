@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 from ..adapters import DEFAULT_TARGETS
-from ..catalogue import DEFAULT_MODEL, ENGINE_DEFAULTS, LOSSES, SEGMENT_DEFAULTS
+from ..catalogue import DEFAULT_MODEL, ENGINE_DEFAULTS, LOSSES, SEGMENT_DEFAULTS, TRAINING_DEFAULTS
 
 RESUME_FILE = "resume_state.pt"
 # Settings that must not change between a run and its resumption.
@@ -27,13 +27,13 @@ class TrainConfig:
     device: str = SEGMENT_DEFAULTS["device"]
     precision: str = ENGINE_DEFAULTS["precision"]  # the image encoder's, for the embedding step
     backend: str = ENGINE_DEFAULTS["backend"]  # who runs the image encoder (auto: OpenVINO on a CPU)
-    epochs: int = 20
+    epochs: int = TRAINING_DEFAULTS["epochs"]
     lr: float = 1e-3
     weight_decay: float = 0.01
     batch_size: int = 8
     lora_rank: int = 8
     lora_alpha: float = 16.0
-    lora_dropout: float = 0.05
+    lora_dropout: float = TRAINING_DEFAULTS["lora_dropout"]
     targets: Tuple[str, ...] = DEFAULT_TARGETS
     train_prompt_encoder: bool = False
     loss: str = LOSSES[0]
@@ -48,16 +48,13 @@ class TrainConfig:
     # structure prompted with tracking's box (a neighbour's mask box + the tracking margin) and
     # with the structure's ROI rectangle grown by U(0, roi_margin) x its side per edge; the rest
     # get jittered reference boxes. end_slices: slices past each end trained to come back empty.
-    # Opt-in: on the low-contrast phantom (docs/finetuning.md) the mix 0.3/0.3/2 scored below
-    # reference boxes alone, with reference boxes (0.767 vs 0.826) and from one ROI (0.789 vs
-    # 0.810); on real data it is not measured yet.
-    tracked_prompts: float = 0.0
-    roi_prompts: float = 0.0
+    tracked_prompts: float = TRAINING_DEFAULTS["tracked_prompts"]
+    roi_prompts: float = TRAINING_DEFAULTS["roi_prompts"]
     roi_margin: float = 0.2
-    end_slices: int = 0
+    end_slices: int = TRAINING_DEFAULTS["end_slices"]
     warmup: float = 0.1  # share of all steps with linear warmup
     patience: int = 5  # epochs without a better validation Dice before stopping (0 = never stop early)
-    select_best: bool = True  # keep the epoch with the best validation Dice; False keeps the last epoch
+    select_best: bool = True  # keep the epoch with the best validation Dice (the base model is epoch 0); False: the last
     min_delta: float = 1e-4
     seed: int = 0
     amp: bool = True  # bf16/fp16 autocast, CUDA only

@@ -103,11 +103,14 @@ class Trainer:
         self._build_optimiser()
         self.state_path = os.path.join(config.output, RESUME_FILE)
         self.history: List[Dict[str, Any]] = []
-        self.best = {"epoch": 0, "dice": -1.0, "lora": adapters.lora_state(self.peft_decoder), "prompt": None}
         self.start_epoch = 1
         self.resume_saved: Optional[Dict[str, Any]] = None
         self.base_dice = mean_dice(self.val_set.samples,
                                    predict_masks(self.model, self.val_set, window_margin=self.margin))
+        # Epoch 0 is the base model (LoRA starts as the identity): an epoch is kept only if it
+        # beats it on the validation cases, so a run on too few cases cannot leave a harmful adapter.
+        self.best = {"epoch": 0, "dice": self.base_dice if config.select_best else -1.0,
+                     "lora": adapters.lora_state(self.peft_decoder), "prompt": state_copy(self.prompt_encoder)}
 
     def close(self) -> None:
         """Release the output folder (``fit`` does when it ends, however it ends)."""
@@ -304,9 +307,10 @@ class Trainer:
         and the run's statistics in the card, which is written with the adapter (rank 0) and
         returned."""
         config, best, card = self.config, self.best, self.card
-        if best["dice"] < self.base_dice:
-            self.say(f"warning: the best epoch's validation Dice {best['dice']:.4f} is below the base model's "
-                     f"{self.base_dice:.4f}: the adapter does not help on the validation cases yet")
+        if best["epoch"] == 0 and self.history:
+            self.say(f"warning: no epoch beat the base model's validation Dice {self.base_dice:.4f} (best "
+                     f"{max(h['val_dice'] for h in self.history):.4f}): the adapter written leaves the base model "
+                     "as it is; train on more cases")
         adapters.load_lora_state(self.peft_decoder, best["lora"], "best epoch")
         if self.prompt_encoder is not None and best["prompt"] is not None:
             self.prompt_encoder.load_state_dict(best["prompt"])
