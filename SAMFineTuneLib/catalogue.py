@@ -144,7 +144,7 @@ CLICK_TRAINING_SHARE = 0.5
 #: Fine-tuning defaults chosen on the hippocampus benchmark (docs/finetuning.md, "Choosing the
 #: defaults"): the prompts tracking asks with (shares of tracked boxes and loose ROIs, slices past
 #: each end) lifted Dice from one ROI far more than they cost with reference boxes; the best epoch
-#: came at 4-5 of 6; LoRA dropout cost 15% of a CPU step and was not needed.
+#: came at 3-6 of 6; LoRA dropout cost 15% of a CPU step and was not needed.
 TRAINING_DEFAULTS: Dict[str, Any] = {"epochs": 6, "lora_dropout": 0.0, "tracked_prompts": 0.3, "roi_prompts": 0.3,
                                      "end_slices": 2}
 

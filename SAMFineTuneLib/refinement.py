@@ -89,11 +89,16 @@ def mask_prompt(mask: np.ndarray, geometry: SliceGeometry, size: int = LOW_RES_S
     return torch.where(low > 0.5, USER_MASK_LOGIT, -USER_MASK_LOGIT)
 
 
+def click_to_model(x: float, y: float, scale_x: float, scale_y: float) -> Tuple[float, float]:
+    """A click on pixel (x, y) -> the coordinates SAM's prompt encoder takes for that pixel's centre
+    in an image scaled by (scale_x, scale_y): it adds half a pixel itself, so 0.5 less."""
+    return (x + 0.5) * scale_x - 0.5, (y + 0.5) * scale_y - 0.5
+
+
 def _model_points(points: List[Point], geometry: SliceGeometry) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Slice-pixel clicks -> (coordinates [1,N,2], labels [1,N]) in model-input pixels. The
-    prompt encoder adds half a pixel itself, so a pixel's centre is passed minus 0.5."""
+    """Slice-pixel clicks -> (coordinates [1,N,2], labels [1,N]) in model-input pixels."""
     fr, fc = geometry.scale
-    coords = [[(x + 0.5) * fc - 0.5, (y + 0.5) * fr - 0.5] for x, y, _ in points]
+    coords = [list(click_to_model(x, y, fc, fr)) for x, y, _ in points]
     labels = [1 if positive else 0 for _, _, positive in points]
     return torch.tensor([coords], dtype=torch.float32), torch.tensor([labels], dtype=torch.int64)
 

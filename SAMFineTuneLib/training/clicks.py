@@ -17,7 +17,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
-from ..refinement import Point, edited_box, simulated_click
+from ..refinement import Point, click_to_model, edited_box, simulated_click
 from .samples import LOW_RES
 
 #: Most clicks simulated on one training slice (SAM's recipe: a few rounds of one click each).
@@ -36,7 +36,8 @@ def next_clicks(logits: torch.Tensor, targets: torch.Tensor, clicks: List[List[P
     return out
 
 
-def clicked_boxes(logits: torch.Tensor, boxes: torch.Tensor, clicks: List[List[Point]], input_size: int) -> torch.Tensor:
+def clicked_boxes(logits: torch.Tensor, boxes: torch.Tensor, clicks: List[List[Point]],
+                  input_size: int) -> torch.Tensor:
     """The sampled boxes [B,4] (model-input pixels) edited by each sample's clicks, as
     ``refinement`` edits the box around the mask being corrected."""
     scale = input_size / LOW_RES
@@ -63,7 +64,6 @@ def as_points(clicks: List[List[Point]], input_size: int, device) -> Optional[Tu
     labels = np.full((len(clicks), most), -1, np.int64)
     for n, points in enumerate(clicks):
         for k, (x, y, positive) in enumerate(points):
-            # the prompt encoder adds half a pixel itself (as refinement's _model_points assumes)
-            coords[n, k] = ((x + 0.5) * scale - 0.5, (y + 0.5) * scale - 0.5)
+            coords[n, k] = click_to_model(x, y, scale, scale)
             labels[n, k] = int(positive)
     return torch.from_numpy(coords).to(device), torch.from_numpy(labels).to(device)

@@ -13,8 +13,8 @@ RESUME_FILE = "resume_state.pt"
 # Settings that must not change between a run and its resumption.
 RESUME_KEYS = ("dataset", "model", "checkpoint", "lr", "weight_decay", "batch_size", "lora_rank", "lora_alpha",
                "lora_dropout", "targets", "train_prompt_encoder", "loss", "iou_loss_weight", "box_jitter",
-               "point_prompts", "click_prompts", "tracked_prompts", "roi_prompts", "roi_margin", "end_slices", "seed", "axis", "window",
-               "labels", "train_cases", "val_cases", "epochs",
+               "point_prompts", "click_prompts", "tracked_prompts", "roi_prompts", "roi_margin", "end_slices",
+               "seed", "axis", "window", "labels", "train_cases", "val_cases", "epochs",
                "select_best", "window_margin")
 
 
@@ -54,7 +54,7 @@ class TrainConfig:
     end_slices: int = TRAINING_DEFAULTS["end_slices"]
     warmup: float = 0.1  # share of all steps with linear warmup
     patience: int = 5  # epochs without a better validation Dice before stopping (0 = never stop early)
-    select_best: bool = True  # keep the epoch with the best validation Dice (the base model is epoch 0); False: the last
+    select_best: bool = True  # keep the best epoch by validation Dice (the base model is epoch 0); False: the last
     min_delta: float = 1e-4
     seed: int = 0
     amp: bool = True  # bf16/fp16 autocast, CUDA only

@@ -17,10 +17,10 @@ class DecoderStep(nn.Module):
     ``prompt_encoder`` a trained prompt encoder, or None for the model's own.
     ``forward(embeddings, boxes, points=None, window_margin=None, masks=None)`` returns low-res
     logits [B,1,256,256] and the predicted IoU [B]; ``masks`` are earlier low-res logits given as
-    SAM's mask prompt (a click corrects them, ``clicks``). With ``window_margin`` each sample decodes only the
-    image tokens within that many tokens of its own box (``models.token_windows`` of that box
-    alone, as the Segmenter decodes a lone slice; samples whose windows have the same size share
-    one decoder batch), also when points are given: the window follows the box, and a training
+    SAM's mask prompt (a click corrects them, ``clicks``). With ``window_margin`` each sample
+    decodes only the image tokens within that many tokens of its own box (``models.token_windows``
+    of that box alone, as the Segmenter decodes a lone slice; samples whose windows have the same
+    size share one decoder batch), also when points are given: the window follows the box, and a training
     point lies inside the target, hence inside the window. Sizing every window of a batch to its
     largest box, as one ``SamModel.decode`` call does, would decode about twice the tokens on
     mixed training batches (BUSI, batches of 4: 44% of the grid vs 22%).
