@@ -147,6 +147,12 @@ CLICK_TRAINING_SHARE = 0.5
 #: came at 3-6 of 6; LoRA dropout cost 15% of a CPU step and was not needed.
 TRAINING_DEFAULTS: Dict[str, Any] = {"epochs": 6, "lora_dropout": 0.0, "tracked_prompts": 0.3, "roi_prompts": 0.3,
                                      "end_slices": 2}
+#: The tracking margins (``TrackingOptions.min_margin_px``) tried for a trained adapter on its
+#: validation cases, the default first (``training.tracking_choice``; docs/finetuning.md).
+ADAPTER_TRACKING_MARGINS_PX: Tuple[int, ...] = (TRACKING_DEFAULTS["min_margin_px"], 3, 4, 6)
+#: Voxels between a structure and the ROI it is segmented from when an adapter is judged from
+#: one ROI (a user draws it a little loose): the benchmarks' default and the tracking choice's.
+VALIDATION_ROI_MARGIN = 3
 
 #: The options that identify a loaded model: a change among them means loading another one (the
 #: encoder's precision and backend are part of the loaded model).

@@ -7,7 +7,7 @@ a re-prompt on the same slices never runs the encoder again.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -149,6 +149,7 @@ class Segmenter:
         self._base_prompt_encoder = getattr(self.model, "prompt_encoder", None)
         self._adapter_multimask: Optional[bool] = None
         self._adapter_clicks = False
+        self._adapter_tracking: Dict[str, object] = {}
 
     # ------------------------------------------------------------ adapters
 
@@ -167,6 +168,7 @@ class Segmenter:
             current = self.adapter
             try:
                 peft_decoder, prompt_encoder, card = load_adapter(self.model, adapter_dir)
+                adapter_tracking = tracking.card_overrides(card, adapter_dir)
             except BaseException:
                 self.set_adapter(current)
                 raise
@@ -178,6 +180,13 @@ class Segmenter:
         # An adapter is trained on one output token; decode with the one it learned.
         self._adapter_multimask = None if adapter_dir is None else card.get("inference", {}).get("multimask")
         self._adapter_clicks = adapter_dir is not None and bool(card.get("inference", {}).get("clicks"))
+        # The tracking margin chosen for the adapter on its validation cases (training.tracking_choice).
+        self._adapter_tracking = {} if adapter_dir is None else adapter_tracking
+
+    @property
+    def tracking_in_use(self) -> TrackingOptions:
+        """This segmenter's tracking options with the adapter's own choices (its card) applied."""
+        return replace(self.tracking, **self._adapter_tracking)
 
     @property
     def clicks_learned(self) -> bool:
@@ -251,7 +260,7 @@ class Segmenter:
         slices, box2d = imaging.box_to_slices(box, axis)
         job = self._job(SliceSource(volume, axis, window, self.model, zoom_roi=box2d if zoom else None), *job_args)
         if box_mode == "tracked":
-            masks = tracking.track(job, list(slices), box2d, self.tracking)
+            masks = tracking.track(job, list(slices), box2d, self.tracking_in_use)
         else:
             masks = self._segment_boxes(job, {index: box2d for index in slices}, box2d)
         out = np.zeros(volume.array.shape, dtype=np.uint8)
@@ -404,7 +413,8 @@ class Segmenter:
                 if i in stops:
                     break
                 ahead.append(i)
-            tracking.follow(job, ahead, Decoded(mask, 1.0), int(index), int(mask.sum()), roi, self.tracking, masks)
+            tracking.follow(job, ahead, Decoded(mask, 1.0), int(index), int(mask.sum()), roi, self.tracking_in_use,
+                            masks)
         out = np.zeros(volume.array.shape, dtype=np.uint8)
         for i, plane in masks.items():
             imaging.place_slice(out, axis, i, plane)

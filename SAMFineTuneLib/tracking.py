@@ -157,3 +157,20 @@ def track(job: SliceJob, slices: List[int], roi: Box2D, options: TrackingOptions
         ahead = sorted((i for i in slices if (i - seed_index) * direction > 0), key=lambda i: abs(i - seed_index))
         follow(job, ahead, start, seed_index, seed_area, roi, options, masks)
     return masks
+
+
+def card_overrides(card: Dict, adapter_dir: str) -> Dict[str, object]:
+    """The tracking options an adapter's card asks for (``inference.tracking``, written by
+    ``training.tracking_choice``); a ValueError naming the adapter for anything other than a
+    numeric ``TrackingOptions`` field with a value of its kind."""
+    asked = card.get("inference", {}).get("tracking") or {}
+    numbers = {name: type(value) for name, value in vars(TrackingOptions()).items()
+               if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    for name, value in asked.items():
+        kind = numbers.get(name)
+        if (kind is None or isinstance(value, bool) or not isinstance(value, (int, float))
+                or (kind is int and value != int(value))):
+            raise ValueError(f"adapter {adapter_dir}: its model card sets tracking option {name} = {value!r} "
+                             "(inference.tracking), which is not a number tracking takes there; remove it or train "
+                             "the adapter again")
+    return {name: numbers[name](value) for name, value in asked.items()}

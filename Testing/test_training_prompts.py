@@ -12,6 +12,7 @@ from SAMFineTuneLib.imaging import window_volume
 from SAMFineTuneLib.phantom_lowcontrast import make_case
 from SAMFineTuneLib.training import TrainConfig, prepare
 from SAMFineTuneLib.training.optimisation import loss_function
+from SAMFineTuneLib.tracking import TrackingOptions
 from SAMFineTuneLib.training.prompts import KINDS, PromptSampler, end_samples, prompt_boxes, tracking_box
 
 SHAPE_MODEL = types.SimpleNamespace(spec=get_spec("litemedsam"))  # what prepare(encode=False) reads
@@ -47,10 +48,11 @@ def test_tracking_box_is_the_neighbours_mask_box_grown_by_the_tracking_margin():
     mask = np.zeros((100, 80), bool)
     mask[20:80, 10:50] = True  # x 10..49 (40 wide), y 20..79 (60 high)
     # 5% of 40 = 2 px (the 2 px minimum), 5% of 60 = 3 px, as TrackingOptions grows them
-    assert tracking_box(mask, 0.05, 2) == (8, 17, 51, 82)
+    options = TrackingOptions(margin=0.05, min_margin_px=2)
+    assert tracking_box(mask, options) == (8, 17, 51, 82)
     edge = np.zeros((100, 80), bool)
     edge[0:10, 75:80] = True
-    assert tracking_box(edge, 0.05, 2) == (73, 0, 79, 11)  # kept inside the slice
+    assert tracking_box(edge, options) == (73, 0, 79, 11)  # kept inside the slice
 
 
 def test_candidate_boxes_of_a_3d_case():
@@ -70,7 +72,7 @@ def test_candidate_boxes_of_a_3d_case():
     assert boxes.has_track[by_index[1]].tolist() == [False, True]
     assert boxes.has_track[by_index[0]].tolist() == [False, True]
     assert boxes.has_track[by_index[5]].tolist() == [True, False]
-    expected = geometry.box_to_model(tracking_box(label[1] > 0, 0.05, 2))
+    expected = geometry.box_to_model(tracking_box(label[1] > 0, TrackingOptions()))
     assert torch.allclose(boxes.track[by_index[0], 1], torch.tensor(expected, dtype=torch.float32))
     assert torch.allclose(boxes.track[by_index[2], 0], torch.tensor(expected, dtype=torch.float32))
 

@@ -41,6 +41,9 @@ def add_arguments(parser) -> None:
                         help="ROI prompts: each edge moves out by up to this fraction of the ROI's side")
     parser.add_argument("--end-slices", type=int, default=defaults.end_slices,
                         help="slices past each end of the structure trained to come back empty (tracking stops)")
+    parser.add_argument("--no-tracking-choice", action="store_true",
+                        help="keep the default tracking margin instead of choosing one for the adapter on the "
+                             "validation cases from one ROI (a few seconds per case)")
     parser.add_argument("--warmup", type=float, default=defaults.warmup, help="share of steps with linear warmup")
     parser.add_argument("--patience", type=int, default=defaults.patience, help="early stopping (0 = off)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -68,7 +71,8 @@ def config_from_args(args) -> TrainConfig:
                        roi_prompts=args.roi_prompts, roi_margin=args.roi_margin, end_slices=args.end_slices,
                        warmup=args.warmup, patience=args.patience, seed=args.seed,
                        amp=not args.no_amp, resume=args.resume, axis=args.axis, window=args.window,
-                       labels=args.labels, window_margin=args.decode_window)
+                       labels=args.labels, window_margin=args.decode_window,
+                       choose_tracking=not args.no_tracking_choice)
 
 
 def main(args) -> int:

@@ -66,6 +66,9 @@ class TrainConfig:
     val_cases: Optional[List[str]] = None  # None = the dataset's val split
     log_every: int = 10  # progress event every N steps
     final_scores: bool = True  # score base vs adapted (Dice, IoU, HD95, NSD) on the val cases at the end
+    # At the end, choose the tracking margin the adapter is used with on the val cases, from one
+    # ROI (training/tracking_choice.py); the card then carries it to the Segmenter.
+    choose_tracking: bool = True
     # Decode only the image tokens within this many tokens of each (jittered) box, as the Segmenter
     # does at inference: "auto" = its default on the model's device (4 on a CPU, the whole slice on
     # CUDA), None = the whole slice, or a whole number >= 0 (see segmenter.resolve_window_margin).

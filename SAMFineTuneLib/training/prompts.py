@@ -61,16 +61,13 @@ def end_samples(case_id: str, image, label: np.ndarray, axis: str, window: str, 
     return out
 
 
-def tracking_box(mask: np.ndarray, margin: float, min_margin_px: int) -> Tuple[int, int, int, int]:
-    """The box tracking prompts the next slice with: ``mask``'s box grown by ``margin`` x its side
-    (at least ``min_margin_px``), inside the slice (as ``Segmenter`` grows it)."""
-    from ..imaging import mask_box
+def tracking_box(mask: np.ndarray, options) -> Tuple[int, int, int, int]:
+    """The box tracking prompts the next slice with (``tracking.next_box`` under ``options``,
+    a ``TrackingOptions``), the whole slice standing for the ROI."""
+    from ..tracking import next_box
 
-    x0, y0, x1, y1 = mask_box(mask)
-    grow_x = max(min_margin_px, int(round(margin * (x1 - x0 + 1))))
-    grow_y = max(min_margin_px, int(round(margin * (y1 - y0 + 1))))
     rows, cols = mask.shape
-    return (max(0, x0 - grow_x), max(0, y0 - grow_y), min(cols - 1, x1 + grow_x), min(rows - 1, y1 + grow_y))
+    return next_box(mask, (0, 0, cols - 1, rows - 1), options)
 
 
 @dataclass
@@ -108,7 +105,7 @@ def prompt_boxes(prepared: Prepared) -> PromptBoxes:
             roi[n] = torch.tensor(geometries[n].box_to_model(union))
             for side, neighbour in enumerate((members.get(index - 1), members.get(index + 1))):
                 if neighbour is not None and not empty[neighbour]:
-                    box = tracking_box(samples[neighbour].mask, options.margin, options.min_margin_px)
+                    box = tracking_box(samples[neighbour].mask, options)
                     track[n, side] = torch.tensor(geometries[n].box_to_model(box))
                     has_track[n, side] = True
     return PromptBoxes(prepared.boxes.clone(), roi, track, has_track, empty, box_limits(prepared))

@@ -42,6 +42,7 @@ from .prompts import PromptSampler
 from .samples import batch_embeddings, cache_dir_for, prepare
 from .slices import load_slices, split_cases
 from .state import best_from, read_resume, resume_state, state_copy, write_output
+from .tracking_choice import choose_tracking
 
 
 def train(config: TrainConfig, progress=None, cancel=None, log=None, model=None) -> Dict[str, Any]:
@@ -318,11 +319,27 @@ class Trainer:
         if config.final_scores and self.main_rank:
             card["scores"] = dict(split="val", cases=self.val_ids, window_margin=self.margin,
                                   **per_case_scores(self.model, self.val_set, self.step_module, self.margin))
+        if config.choose_tracking and self.main_rank and best["epoch"]:
+            self._choose_tracking(card)
         if self.main_rank:
             write_output(config.output, self.lock, self.peft_decoder, self.prompt_encoder, best, card,
                          self.resume_saved)
         distributed.stop(self.world, self._started_group)
         return card
+
+    def _choose_tracking(self, card: Dict[str, Any]) -> None:
+        """The tracking margin this adapter segments with, chosen on the validation cases
+        (``tracking_choice``), into the card."""
+        decoder = copy.deepcopy(self.peft_decoder).merge_and_unload().eval()
+        choice = choose_tracking(self.model, decoder, self.prompt_encoder, self.info, self.val_ids, self.config,
+                                 cache_dir_for(self.info.root), self.progress, self.cancel)
+        if choice is None:
+            return
+        card["inference"]["tracking"] = {"min_margin_px": choice["min_margin_px"]}
+        card["tracking_choice"] = choice
+        self.say("tracking margin for this adapter, chosen from one ROI on the validation cases: "
+                 f"{choice['min_margin_px']} px (3D Dice " + ", ".join(f"{px} px {dice:.3f}" for px, dice
+                                                                    in choice["dice"].items()) + ")")
 
     # ------------------------------------------------------------ reporting
 

@@ -1,0 +1,102 @@
+"""The tracking margin an adapter is used with, chosen on the validation cases from one ROI.
+
+Tracking prompts each next slice with the previous mask's box grown by a margin. The base model
+fills the box it is given, so its margin is tight (``catalogue.TRACKING_DEFAULTS``: on real CT a
+looser one lost Dice). An adapter trained on the prompts tracking asks with stops filling boxes,
+and then a tight box cuts a structure off where it widens and tracking drifts onto a neighbour:
+on held-out hippocampus cases three adapters gained 0.05-0.11 Dice from one ROI with a looser
+box, while the base model lost (docs/finetuning.md). The best margin is a property of the
+adapter and of the user's structure, so it is chosen on the run's own validation cases, the way
+inference uses it: each case segmented from one loose ROI by the tracked mode, once per
+candidate (``catalogue.ADAPTER_TRACKING_MARGINS_PX``); ties keep the default. A 2D proxy (tracked
+boxes from the reference's neighbouring slice) always preferred the tightest box, so it is not
+used. The choice goes into the model card (``inference.tracking``), which ``Segmenter`` honours.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from ..catalogue import ADAPTER_TRACKING_MARGINS_PX, TRACKING_DEFAULTS, VALIDATION_ROI_MARGIN
+from ..progress import check_cancel, report
+from .samples import embedding_key
+
+
+def choose_tracking(model, decoder, prompt_encoder, info, cases: List[str], config, cache_dir: Optional[str],
+                    progress=None, cancel=None) -> Optional[Dict[str, Any]]:
+    """The card's record of the choice: {"min_margin_px": chosen, "dice": {candidate: mean 3D
+    Dice}, "roi_margin", "structures"}; None when no validation case spans 3 slices along the
+    axis (2D images: there is nothing to track). ``decoder`` (and a trained ``prompt_encoder``,
+    or None) stand in for the model's own while it runs; the model is left as it was."""
+    from ..dataset import load_case
+    from ..evaluate import roi_box
+    from ..metrics import dice_score
+    from ..segmenter import Segmenter
+
+    structures = [(image, mask) for case in cases for image, mask in _structures(load_case(info.case(case)),
+                                                                                 config)]
+    if not structures:
+        return None
+    own = model.mask_decoder, model.prompt_encoder
+    model.mask_decoder, model.prompt_encoder = decoder, prompt_encoder or own[1]
+    try:
+        segmenter = Segmenter(model, window_margin=config.window_margin)
+        dice: Dict[int, List[float]] = {px: [] for px in ADAPTER_TRACKING_MARGINS_PX}
+        runs, done = len(structures) * len(dice), 0
+        for image, mask in structures:
+            box = roi_box(mask, VALIDATION_ROI_MARGIN)
+            _reuse_embeddings(segmenter, image, config.axis, config.window, box, cache_dir)
+            for px in dice:
+                check_cancel(cancel)
+                segmenter.tracking = dataclasses.replace(segmenter.tracking, min_margin_px=px)
+                result = segmenter.segment(image, box, axis=config.axis, window=config.window, box_mode="tracked",
+                                           multimask=False)
+                dice[px].append(dice_score(result.mask > 0, mask))
+                done += 1
+                report(progress, done, runs, f"choosing the tracking margin: {done}/{runs} validation runs from one "
+                       "ROI")
+    finally:
+        model.mask_decoder, model.prompt_encoder = own
+    means = {px: float(np.mean(scores)) for px, scores in dice.items()}
+    default = TRACKING_DEFAULTS["min_margin_px"]
+    best = max(means, key=lambda px: (means[px], px == default))
+    return {"min_margin_px": int(best), "dice": {str(px): means[px] for px in means},
+            "roi_margin": VALIDATION_ROI_MARGIN, "structures": len(structures)}
+
+
+def _structures(case, config):
+    """(image, mask) of each chosen label of a case that spans at least 3 slices along the axis."""
+    from ..imaging import axis_index
+
+    image, label = case
+    array = np.asarray(label.array)
+    along = axis_index(config.axis)
+    other = tuple(a for a in range(3) if a != along)
+    for value in config.labels or [int(v) for v in np.unique(array) if v != 0]:
+        mask = array == value
+        if mask.any(axis=other).sum() >= 3:
+            yield image, mask
+
+
+def _reuse_embeddings(segmenter, image, axis: str, window: str, box, cache_dir: Optional[str]) -> None:
+    """Put the ROI's slices that training already encoded (the dataset's embedding cache, keyed
+    by what the encoder saw) into the segmenter's cache, so only the slices around the structure
+    are encoded again."""
+    from ..imaging import axis_index
+    from ..zoom import SliceSource
+
+    if not cache_dir or not os.path.isdir(cache_dir):
+        return
+    source = SliceSource(image, axis, window, segmenter.model)
+    along = 2 - axis_index(axis)  # the ROI box is (i0, j0, k0, i1, j1, k1)
+    for index in range(box[along], box[along + 3] + 1):
+        path = os.path.join(cache_dir, embedding_key(segmenter.model.fingerprint, source.model_input(index)) + ".npy")
+        try:
+            embedding = torch.from_numpy(np.load(path))
+        except (OSError, ValueError):  # not encoded by training (past the structure's ends), or damaged
+            continue
+        segmenter.cache.put(source.key(index), embedding.to(segmenter.cache_device, torch.float32))

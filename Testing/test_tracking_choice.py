@@ -1,0 +1,114 @@
+"""The tracking margin an adapter segments with: chosen on its validation cases from one ROI at
+the end of training, written into its card, and honoured by the Segmenter (training/tracking_choice.py)."""
+import json
+
+import pytest
+
+from SAMFineTuneLib import adapters, tracking
+from SAMFineTuneLib.catalogue import ADAPTER_TRACKING_MARGINS_PX, TRACKING_DEFAULTS, VALIDATION_ROI_MARGIN
+from SAMFineTuneLib.dataset import export_dataset, load_case, read_dataset
+from SAMFineTuneLib.phantom_lowcontrast import make_cases
+from SAMFineTuneLib.progress import Cancelled
+from SAMFineTuneLib.segmenter import Segmenter
+from SAMFineTuneLib.training import TrainConfig, cache_dir_for, train
+from SAMFineTuneLib.training.tracking_choice import choose_tracking
+
+FAST = dict(batch_size=4, lr=3e-3, lora_dropout=0.0, patience=0, select_best=False, final_scores=False)
+
+
+@pytest.fixture(scope="module")
+def volumes(tmp_path_factory):
+    """Two training and two validation phantoms of 6 slices: structures tracking can follow."""
+    root = str(tmp_path_factory.mktemp("tracking_choice") / "phantom3d")
+    cases = make_cases(2, first_seed=0, slices=6, size=64) + make_cases(2, first_seed=100, slices=6, size=64)
+    export_dataset(cases, root, splits={c[0]: "train" if c[0] < "phantom100" else "val" for c in cases},
+                   label_names={1: "organ"})
+    return root
+
+
+@pytest.fixture(scope="module")
+def adapted(litemedsam, volumes, tmp_path_factory):
+    output = str(tmp_path_factory.mktemp("adapter"))
+    logs = []
+    card = train(TrainConfig(dataset=volumes, output=output, epochs=1, **FAST), model=litemedsam, log=logs.append)
+    return {"card": card, "output": output, "logs": logs}
+
+
+def test_training_chooses_the_best_margin_on_the_validation_cases_and_the_card_carries_it(adapted):
+    choice = adapted["card"]["tracking_choice"]
+    assert set(choice["dice"]) == {str(px) for px in ADAPTER_TRACKING_MARGINS_PX}
+    assert choice["structures"] == 2 and choice["roi_margin"] == VALIDATION_ROI_MARGIN
+    best = max(choice["dice"].values())
+    assert choice["dice"][str(choice["min_margin_px"])] == best
+    assert adapted["card"]["inference"]["tracking"] == {"min_margin_px": choice["min_margin_px"]}
+    with open(f"{adapted['output']}/model_card.json") as handle:
+        assert json.load(handle)["inference"]["tracking"] == {"min_margin_px": choice["min_margin_px"]}
+    assert any("tracking margin for this adapter" in line for line in adapted["logs"])
+
+
+def test_the_best_margin_wins_the_default_wins_ties_and_the_model_is_left_as_it_was(litemedsam, volumes):
+    """Whatever the scores, the choice is the best margin, the default among equals; the model's
+    own decoder is back afterwards, also when the user cancels."""
+    info = read_dataset(volumes)
+    config = TrainConfig(dataset=volumes, output="unused", window_margin=4)
+    own = litemedsam.mask_decoder, litemedsam.prompt_encoder
+    choice = choose_tracking(litemedsam, litemedsam.mask_decoder, None, info, ["phantom100"], config,
+                             cache_dir_for(volumes))
+    scores = choice["dice"]
+    best = max(scores.values())
+    first_best = next(int(px) for px in scores if scores[px] == best)
+    expected = TRACKING_DEFAULTS["min_margin_px"] if scores[str(TRACKING_DEFAULTS["min_margin_px"])] == best \
+        else first_best
+    assert choice["min_margin_px"] == expected
+    with pytest.raises(Cancelled):
+        choose_tracking(litemedsam, litemedsam.mask_decoder, None, info, ["phantom100"], config, None,
+                        cancel=lambda: True)
+    assert (litemedsam.mask_decoder, litemedsam.prompt_encoder) == own
+
+
+def test_two_dimensional_validation_cases_have_nothing_to_track(litemedsam, tmp_path):
+    root = str(tmp_path / "flat")
+    cases = make_cases(2, first_seed=0, slices=1, size=64)
+    export_dataset(cases, root, splits={cases[0][0]: "train", cases[1][0]: "val"}, label_names={1: "organ"})
+    config = TrainConfig(dataset=root, output="unused")
+    assert choose_tracking(litemedsam, litemedsam.mask_decoder, None, read_dataset(root), [cases[1][0]], config,
+                           None) is None
+
+
+def adapter_asking(model, adapter_dir, folder, asked):
+    """A copy of the adapter whose card asks for ``asked`` as its tracking options."""
+    peft_decoder, prompt_encoder, card = adapters.load_adapter(model, adapter_dir)
+    card["inference"]["tracking"] = asked
+    return adapters.save_adapter(str(folder), peft_decoder, card, prompt_encoder)
+
+
+def test_the_segmenter_tracks_with_the_adapters_margin_and_the_base_with_its_own(litemedsam, volumes, adapted,
+                                                                                 tmp_path, monkeypatch):
+    folder = adapter_asking(litemedsam, adapted["output"], tmp_path / "adapter", {"min_margin_px": 5})
+    used = []
+    real_track = tracking.track
+    monkeypatch.setattr(tracking, "track", lambda job, slices, roi, options: used.append(options.min_margin_px)
+                        or real_track(job, slices, roi, options))
+    segmenter = Segmenter(litemedsam)
+    image, _ = load_case(read_dataset(volumes).case("phantom100"))
+    box = (10, 10, 0, 50, 50, 5)
+    segmenter.set_adapter(folder)
+    assert segmenter.tracking_in_use.min_margin_px == 5 and segmenter.tracking.min_margin_px == 2
+    segmenter.segment(image, box, box_mode="tracked")
+    segmenter.set_adapter(None)
+    segmenter.segment(image, box, box_mode="tracked")
+    assert used == [5, TRACKING_DEFAULTS["min_margin_px"]]
+
+
+@pytest.mark.parametrize("asked", [{"min_margin_px": True}, {"min_margin_px": 2.5}, {"no_such_option": 1},
+                                   {"seed_span": [0.1, 0.9]}])
+def test_a_card_asking_for_what_tracking_does_not_take_is_refused_and_the_adapter_in_use_stays(
+        litemedsam, adapted, tmp_path, asked):
+    folder = adapter_asking(litemedsam, adapted["output"], tmp_path / "adapter", asked)
+    segmenter = Segmenter(litemedsam)
+    segmenter.set_adapter(adapted["output"])
+    in_use = segmenter.tracking_in_use
+    with pytest.raises(ValueError, match=f"adapter {folder}.*tracking option {next(iter(asked))}"):
+        segmenter.set_adapter(folder)
+    assert segmenter.adapter == adapted["output"] and segmenter.tracking_in_use == in_use
+    segmenter.set_adapter(None)
