@@ -28,7 +28,7 @@ class TrainConfig:
     precision: str = ENGINE_DEFAULTS["precision"]  # the image encoder's, for the embedding step
     backend: str = ENGINE_DEFAULTS["backend"]  # who runs the image encoder (auto: OpenVINO on a CPU)
     epochs: int = TRAINING_DEFAULTS["epochs"]
-    lr: float = 1e-3
+    lr: float = TRAINING_DEFAULTS["lr"]
     weight_decay: float = 0.01
     batch_size: int = 8
     lora_rank: int = 8

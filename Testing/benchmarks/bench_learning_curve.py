@@ -253,7 +253,7 @@ def arms(bench, args):
     named = [(arm[0], overrides_of(arm[1:])) for arm in args.arm] or [("defaults", {})]
     rows = []
     for name, overrides in named:
-        for draw in range(args.draws):
+        for draw in range(args.first_draw, args.first_draw + args.draws):
             result = bench.train_and_score(bench.draw(args.n[0], draw), dict(overrides_of(args.set), **overrides),
                                            f"{name}_n{args.n[0]}_d{draw}")
             rows.append((name, result))
@@ -293,6 +293,7 @@ def main(argv=None):
     parser.add_argument("--val", type=int, default=5, help="fixed validation patients (never trained on)")
     parser.add_argument("--n", type=int, nargs="+", default=[1, 3, 5, 10, 20], help="training set sizes")
     parser.add_argument("--draws", type=int, default=3)
+    parser.add_argument("--first-draw", type=int, default=0, help="arms: start at this draw (add draws to an arm)")
     parser.add_argument("--roi-margin", type=int, default=3, help="voxels between the structure and its ROI")
     parser.add_argument("--set", nargs="*", default=[], help="TrainConfig overrides key=value for every run")
     parser.add_argument("--arm", nargs="+", action="append", default=[], help="arms: NAME [key=value ...]")
