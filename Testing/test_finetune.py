@@ -366,7 +366,9 @@ def test_command_lines(trained, capsys, tmp_path):
     config = config_from_args(args)
     assert (config.epochs, config.lr, config.lora_rank, config.targets, config.batch_size, config.resume) == \
         (3, 0.01, 4, ("q_proj", "lin1"), 2, True)
-    assert config.window_margin == "auto"
+    assert config.window_margin == "auto" and config.choose_tracking
+    assert not config_from_args(parser.parse_args(["--dataset", "d", "--output", "o", "--no-tracking-choice"])) \
+        .choose_tracking
     for text, margin in (("full", None), ("6", 6), ("auto", "auto")):
         assert config_from_args(parser.parse_args(["--dataset", "d", "--output", "o", "--decode-window", text])) \
             .window_margin == margin
