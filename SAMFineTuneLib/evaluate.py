@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .catalogue import DEFAULT_MODEL, ENGINE_DEFAULTS, SEGMENT_DEFAULTS, SPLITS
+from .catalogue import DEFAULT_MODEL, ENGINE_DEFAULTS, SEGMENT_DEFAULTS, SPLITS, VALIDATION_ROI_MARGIN
 from .cli_args import (add_axis_argument, add_decode_window_argument, add_encoder_arguments, add_model_arguments,
                        add_window_argument)
 from .metrics import DEFAULT_TOLERANCE_MM, METRIC_NAMES, paired_cases
@@ -161,8 +161,8 @@ def roi_box(mask: np.ndarray, margin: int) -> Tuple[int, int, int, int, int, int
     return tuple(int(v) for v in np.r_[low, high])
 
 
-def score_from_roi(model, info, cases, adapters, axis, window, labels, tolerance_mm, window_margin, roi_margin=3,
-                   progress=None, cancel=None, segmenter=None) -> Dict[str, Dict[str, Any]]:
+def score_from_roi(model, info, cases, adapters, axis, window, labels, tolerance_mm, window_margin,
+                   roi_margin=VALIDATION_ROI_MARGIN, progress=None, cancel=None, segmenter=None) -> Dict[str, Dict[str, Any]]:
     """Each run's scores (as ``metrics.score_cases``; ``adapters`` as in ``score_from_boxes``):
     each case's structure (per label) segmented from one ROI (``roi_box`` with ``roi_margin``)
     by the Segmenter's tracked mode, scored in 3D against the reference. A case's slices are

@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from curve_data import DiskEncoder, as_dataset, prefill  # noqa: E402
 
+from SAMFineTuneLib.catalogue import VALIDATION_ROI_MARGIN  # noqa: E402
 from SAMFineTuneLib.dataset import read_dataset  # noqa: E402
 from SAMFineTuneLib.evaluate import score_from_boxes, score_from_roi  # noqa: E402
 from SAMFineTuneLib.training import TrainConfig, Trainer, cache_dir_for  # noqa: E402
@@ -294,7 +295,7 @@ def main(argv=None):
     parser.add_argument("--n", type=int, nargs="+", default=[1, 3, 5, 10, 20], help="training set sizes")
     parser.add_argument("--draws", type=int, default=3)
     parser.add_argument("--first-draw", type=int, default=0, help="arms: start at this draw (add draws to an arm)")
-    parser.add_argument("--roi-margin", type=int, default=3, help="voxels between the structure and its ROI")
+    parser.add_argument("--roi-margin", type=int, default=VALIDATION_ROI_MARGIN, help="voxels between the structure and its ROI")
     parser.add_argument("--set", nargs="*", default=[], help="TrainConfig overrides key=value for every run")
     parser.add_argument("--arm", nargs="+", action="append", default=[], help="arms: NAME [key=value ...]")
     parser.add_argument("--json", help="write every result here")
