@@ -162,7 +162,8 @@ def roi_box(mask: np.ndarray, margin: int) -> Tuple[int, int, int, int, int, int
 
 
 def score_from_roi(model, info, cases, adapters, axis, window, labels, tolerance_mm, window_margin,
-                   roi_margin=VALIDATION_ROI_MARGIN, progress=None, cancel=None, segmenter=None) -> Dict[str, Dict[str, Any]]:
+                   roi_margin=VALIDATION_ROI_MARGIN, progress=None, cancel=None,
+                   segmenter=None) -> Dict[str, Dict[str, Any]]:
     """Each run's scores (as ``metrics.score_cases``; ``adapters`` as in ``score_from_boxes``):
     each case's structure (per label) segmented from one ROI (``roi_box`` with ``roi_margin``)
     by the Segmenter's tracked mode, scored in 3D against the reference. A case's slices are
