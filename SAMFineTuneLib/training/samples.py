@@ -104,19 +104,30 @@ def prepare(model, samples: Sequence, cache_dir: Optional[str], encode: bool = T
                     torch.stack(embeddings) if embeddings else None, torch.stack(inputs) if inputs else None, stats)
 
 
+def embedding_file(cache_dir: str, key: str) -> str:
+    """Where the embedding cache keeps the embedding of ``key`` (``embedding_key``)."""
+    return os.path.join(cache_dir, key + ".npy")
+
+
+def read_embedding(cache_dir: str, key: str) -> Optional[torch.Tensor]:
+    """The cached embedding of ``key`` (float16), or None when there is none or it is damaged
+    (the caller then encodes the slice again)."""
+    try:
+        return torch.from_numpy(np.load(embedding_file(cache_dir, key)))
+    except (ValueError, OSError):
+        return None
+
+
 def _cached_embedding(model, x, key: str, cache_dir: Optional[str], stats: Dict[str, int], write_cache: bool):
-    path = os.path.join(cache_dir, key + ".npy") if cache_dir else None
-    if path and os.path.isfile(path):
-        try:
-            stats["cache_hits"] += 1
-            return torch.from_numpy(np.load(path))
-        except (ValueError, OSError):  # a damaged file: encode again
-            stats["cache_hits"] -= 1
+    cached = read_embedding(cache_dir, key) if cache_dir else None
+    if cached is not None:
+        stats["cache_hits"] += 1
+        return cached
     with torch.no_grad():
         embedding = model.encode(x[None])[0].to("cpu", torch.float16)
     stats["encoder_calls"] += 1
-    if path and write_cache:
-        atomic_write(path, lambda temp: np.save(temp, embedding.numpy()))
+    if cache_dir and write_cache:
+        atomic_write(embedding_file(cache_dir, key), lambda temp: np.save(temp, embedding.numpy()))
     return embedding
 
 

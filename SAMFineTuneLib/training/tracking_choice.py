@@ -23,7 +23,7 @@ import torch
 
 from ..catalogue import ADAPTER_TRACKING_MARGINS_PX, TRACKING_DEFAULTS, VALIDATION_ROI_MARGIN
 from ..progress import check_cancel, report
-from .samples import embedding_key
+from .samples import embedding_key, read_embedding
 
 
 def choose_tracking(model, decoder, prompt_encoder, info, cases: List[str], config, cache_dir: Optional[str],
@@ -94,9 +94,6 @@ def _reuse_embeddings(segmenter, image, axis: str, window: str, box, cache_dir: 
     source = SliceSource(image, axis, window, segmenter.model)
     along = 2 - axis_index(axis)  # the ROI box is (i0, j0, k0, i1, j1, k1)
     for index in range(box[along], box[along + 3] + 1):
-        path = os.path.join(cache_dir, embedding_key(segmenter.model.fingerprint, source.model_input(index)) + ".npy")
-        try:
-            embedding = torch.from_numpy(np.load(path))
-        except (OSError, ValueError):  # not encoded by training (past the structure's ends), or damaged
-            continue
-        segmenter.cache.put(source.key(index), embedding.to(segmenter.cache_device, torch.float32))
+        embedding = read_embedding(cache_dir, embedding_key(segmenter.model.fingerprint, source.model_input(index)))
+        if embedding is not None:  # None: not encoded by training (past the structure's ends), or damaged
+            segmenter.cache.put(source.key(index), embedding.to(segmenter.cache_device, torch.float32))

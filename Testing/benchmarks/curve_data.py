@@ -75,17 +75,19 @@ class DiskEncoder:
 
         from SAMFineTuneLib.files import atomic_write
         from SAMFineTuneLib.training import embedding_key
+        from SAMFineTuneLib.training.samples import embedding_file, read_embedding
 
         out = []
         for image in images:
-            path = os.path.join(self.cache_dir, embedding_key(self.model.fingerprint, image) + ".npy")
-            if os.path.isfile(path):
+            key = embedding_key(self.model.fingerprint, image)
+            cached = read_embedding(self.cache_dir, key)
+            if cached is not None:
                 self.hits += 1
-                out.append(torch.from_numpy(np.load(path)).float())
+                out.append(cached.float())
                 continue
             self.calls += 1
             embedding = self.encode(image[None])[0].to("cpu", torch.float16)
-            atomic_write(path, lambda temp: np.save(temp, embedding.numpy()))
+            atomic_write(embedding_file(self.cache_dir, key), lambda temp: np.save(temp, embedding.numpy()))
             out.append(embedding.float())
         return torch.stack(out).to(self.model.device)
 
