@@ -15,11 +15,15 @@ read; base-model scores are computed once per test set and kept in ``--work``.
   curve: the learning curve (table, JSON, PNG).
   arms:  one N, a few draws, several settings side by side (``--arm name key=value ...``), to
          choose the defaults.
+  modes: adapters already trained (``--adapter DIR``, repeated) scored from one ROI in each box
+         mode (``--box-modes``) on the validation and the test cases, per case.
 
   python Testing/benchmarks/bench_learning_curve.py curve --dataset ../shared/data/msd_hippocampus_mri_dev \
       --merge-labels --work /tmp/ft18 --png docs/images/learning_curve_hippocampus.png
   python Testing/benchmarks/bench_learning_curve.py arms --dataset ../shared/data/msd_hippocampus_mri_dev \
       --merge-labels --n 10 --draws 1 --test 15 --arm default --arm rank16 lora_rank=16
+  python Testing/benchmarks/bench_learning_curve.py modes --dataset ../shared/data/msd_hippocampus_mri_dev \
+      --merge-labels --work /tmp/ft18 --test-subset 10 --adapter /tmp/ft18/adapters/A --box-modes tracked fixed
 """
 import argparse
 import json
@@ -32,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from curve_data import DiskEncoder, as_dataset, prefill  # noqa: E402
 
-from SAMFineTuneLib.catalogue import VALIDATION_ROI_MARGIN  # noqa: E402
+from SAMFineTuneLib.catalogue import BOX_MODES, VALIDATION_ROI_MARGIN  # noqa: E402
 from SAMFineTuneLib.dataset import read_dataset  # noqa: E402
 from SAMFineTuneLib.evaluate import score_from_boxes, score_from_roi  # noqa: E402
 from SAMFineTuneLib.training import TrainConfig, Trainer, cache_dir_for  # noqa: E402
@@ -275,9 +279,38 @@ def arms(bench, args):
               f"({mean(r['best_epoch'] for r in mine):.1f}) | {mean(r['seconds_train'] for r in mine):.0f} |")
 
 
+def modes(bench, args):
+    """Each adapter (with its card's tracking choice) and each box mode, from one ROI: mean 3D
+    Dice on the validation cases (what a choice made at training could see) and on the test cases."""
+    import numpy as np
+
+    from SAMFineTuneLib.dataset import load_case
+    from SAMFineTuneLib.evaluate import roi_box
+    from SAMFineTuneLib.metrics import dice_score
+
+    cases = {"validation": bench.val_ids, "test": bench.test_ids}
+    print(f"\none ROI (+{args.roi_margin} voxels), {len(bench.val_ids)} validation and {len(bench.test_ids)} test cases")
+    print("| adapter | box mode | validation Dice | test Dice | test cases |")
+    print("|---|---|---:|---:|---|")
+    for adapter in args.adapter:
+        bench.segmenter.set_adapter(adapter)
+        for mode in args.box_modes:
+            dice = {split: [] for split in cases}
+            for split, ids in cases.items():
+                for case in ids:
+                    image, label = load_case(bench.info.case(case))
+                    mask = np.asarray(label.array) > 0
+                    result = bench.segmenter.segment(image, roi_box(mask, args.roi_margin), axis="axial", window="auto",
+                                                     box_mode=mode)
+                    dice[split].append(dice_score(result.mask > 0, mask))
+            print(f"| {os.path.basename(adapter)} | {mode} | {mean(dice['validation']):.3f} | {mean(dice['test']):.3f} | "
+                  f"{' '.join(f'{d:.2f}' for d in dice['test'])} |", flush=True)
+    bench.segmenter.set_adapter(None)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("curve", "arms", "prefill"))
+    parser.add_argument("what", choices=("curve", "arms", "modes", "prefill"))
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--work", default=os.path.join("/tmp", "samfinetune_curve"),
                         help="scratch folder: the exported dataset, its embedding cache, the adapters")
@@ -298,6 +331,9 @@ def main(argv=None):
     parser.add_argument("--roi-margin", type=int, default=VALIDATION_ROI_MARGIN, help="voxels between the structure and its ROI")
     parser.add_argument("--set", nargs="*", default=[], help="TrainConfig overrides key=value for every run")
     parser.add_argument("--arm", nargs="+", action="append", default=[], help="arms: NAME [key=value ...]")
+    parser.add_argument("--adapter", action="append", default=[], help="modes: an adapter folder (repeat)")
+    parser.add_argument("--box-modes", nargs="+", default=["tracked", "fixed"], choices=list(BOX_MODES),
+                        help="modes: the box modes to score")
     parser.add_argument("--json", help="write every result here")
     parser.add_argument("--png", help="curve: write the plot here")
     args = parser.parse_args(argv)
@@ -315,7 +351,7 @@ def main(argv=None):
     bench = Bench(args, model)
     print(f"{bench.name}: {len(bench.test_ids)} test, {len(bench.val_ids)} validation cases, pool of "
           f"{len(bench.pool)} patients", file=sys.stderr)
-    (curve if args.what == "curve" else arms)(bench, args)
+    {"curve": curve, "arms": arms, "modes": modes}[args.what](bench, args)
     return 0
 
 
