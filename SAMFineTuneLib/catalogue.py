@@ -127,6 +127,7 @@ TRACKING_DEFAULTS: Dict[str, Any] = {
     "seed_span": (0.1, 0.9),
     "seed_shrink": (),
     "seed_refine": 0,
+    "seed_area_weight": 0.0,
     "mask_prompt": False,
     "min_score": None,
     "patience": 0,
@@ -151,6 +152,9 @@ TRAINING_DEFAULTS: Dict[str, Any] = {"epochs": 6, "lr": 3e-3, "lora_dropout": 0.
 #: The tracking margins (``TrackingOptions.min_margin_px``) tried for a trained adapter on its
 #: validation cases, the default first (``training.tracking_choice``; docs/finetuning.md).
 ADAPTER_TRACKING_MARGINS_PX: Tuple[int, ...] = (TRACKING_DEFAULTS["min_margin_px"], 3, 4, 6)
+#: How an adapter trained on loose ROIs ranks its seed candidates (``TrackingOptions.seed_area_weight``):
+#: by predicted IoU x mask area, which kept tracking off the wrong tissue (docs/finetuning.md).
+ADAPTER_SEED_AREA_WEIGHT = 1.0
 #: Voxels between a structure and the ROI it is segmented from when an adapter is judged from
 #: one ROI (a user draws it a little loose): the benchmarks' default and the tracking choice's.
 VALIDATION_ROI_MARGIN = 3

@@ -34,7 +34,13 @@ class TrackingOptions:
 
     The seed: ``seed_span`` is where the candidates lie, as fractions of the ROI's slices;
     ``seed_shrink`` also tries the ROI shrunk by these fractions of its size per side;
-    ``seed_refine`` re-decodes the seed with its own mask's box this many times. Following:
+    ``seed_refine`` re-decodes the seed with its own mask's box this many times;
+    ``seed_area_weight`` ranks the candidates by predicted IoU x mask area ** weight instead of
+    predicted IoU alone (0). The base model fills any box it is given, so area says nothing about
+    its candidates; an adapter trained on loose ROIs (``training.prompts``) answers the ROI with
+    the structure, largest where the structure is widest, while its most confident candidate was
+    at times a small piece of another tissue, which tracking then followed (docs/finetuning.md).
+    Training sets it for such adapters in their card. Following:
     ``mask_prompt`` gives SAM the previous slice's logits with its box; ``min_score`` says the
     structure has ended where SAM's predicted IoU falls below it; ``patience`` is how many slices
     in a row may fail the rules before tracking gives up (gaps, re-entry). The defaults are the
@@ -55,6 +61,7 @@ class TrackingOptions:
     seed_span: Tuple[float, float] = TRACKING_DEFAULTS["seed_span"]
     seed_shrink: Tuple[float, ...] = TRACKING_DEFAULTS["seed_shrink"]
     seed_refine: int = TRACKING_DEFAULTS["seed_refine"]
+    seed_area_weight: float = TRACKING_DEFAULTS["seed_area_weight"]
     mask_prompt: bool = TRACKING_DEFAULTS["mask_prompt"]
     min_score: Optional[float] = TRACKING_DEFAULTS["min_score"]
     patience: int = TRACKING_DEFAULTS["patience"]
@@ -105,9 +112,15 @@ def seed(job: SliceJob, slices: List[int], roi: Box2D, options: TrackingOptions)
     # tracking decodes windows: a windowed seed lost the MR stomach (Dice 0.007 vs 0.484), and
     # even a window 16 tokens around the ROI lost the MR right kidney (0.002 vs 0.634).
     pairs = [(index, box) for index in picks for box in boxes]
-    best, = job.decode([embeddings[i] for i, _ in pairs], [b for _, b in pairs], roi, windowed=False,
-                       best_of=len(pairs))
-    index = pairs[best.place][0]
+    candidates = [embeddings[i] for i, _ in pairs], [b for _, b in pairs]
+    if options.seed_area_weight > 0:
+        decoded = job.decode(*candidates, roi, windowed=False)
+        place = int(np.argmax([d.score * float(d.mask.sum()) ** options.seed_area_weight for d in decoded]))
+        best = decoded[place]
+    else:  # only the most confident candidate is upscaled
+        best, = job.decode(*candidates, roi, windowed=False, best_of=len(pairs))
+        place = best.place
+    index = pairs[place][0]
     for _ in range(options.seed_refine):
         if not best.mask.any():
             break

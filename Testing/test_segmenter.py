@@ -110,6 +110,48 @@ def test_tracking_decodes_the_seed_candidates_whole_and_the_track_in_windows():
     assert np.array_equal(windowed.mask, whole.mask)
 
 
+class CandidateJob:
+    """Seed candidates with given (predicted IoU, mask area) per slice, for ``tracking.seed``."""
+
+    def __init__(self, answers):
+        self.answers, self.calls = answers, []
+
+    def embed(self, indices):
+        return {i: i for i in indices}
+
+    def decode(self, embeddings, boxes, clip, windowed=True, best_of=1):
+        from SAMFineTuneLib.decoding import Decoded
+
+        self.calls.append(best_of)
+        decoded = []
+        for index in embeddings:
+            score, area = self.answers[index]
+            mask = np.zeros((16, 16), bool)
+            mask.flat[:area] = True
+            decoded.append(Decoded(mask, score))
+        if best_of > 1:
+            place = int(np.argmax([d.score for d in decoded]))
+            return [Decoded(decoded[place].mask, decoded[place].score, place)]
+        return decoded
+
+
+def test_the_seed_is_the_most_confident_candidate_or_with_an_area_weight_the_one_holding_the_structure():
+    """An adapter trained on loose ROIs was at times most confident on a small piece of another
+    tissue: with ``seed_area_weight`` the candidate covering most of the ROI wins instead."""
+    from dataclasses import replace
+
+    from SAMFineTuneLib import tracking
+
+    answers = {0: (0.6, 5), 1: (0.9, 6), 2: (0.8, 60), 3: (0.85, 30), 4: (0.7, 2)}
+    options = replace(tracking.TrackingOptions(), seed_candidates=5, seed_span=(0.0, 1.0))
+    job = CandidateJob(answers)
+    assert tracking.seed(job, [0, 1, 2, 3, 4], (0, 0, 15, 15), options)[0] == 1
+    assert job.calls == [5]  # only the most confident candidate is upscaled
+    job = CandidateJob(answers)
+    index, decoded = tracking.seed(job, [0, 1, 2, 3, 4], (0, 0, 15, 15), replace(options, seed_area_weight=1.0))
+    assert index == 2 and decoded.mask.sum() == 60 and job.calls == [1]
+
+
 @pytest.mark.parametrize("axis", ["axial", "coronal"])
 def test_a_box_of_its_own_on_each_slice_segments_each_slice_inside_it(axis):
     """segment_boxes: the reference's own box on every slice it covers but its two end slices; the

@@ -10,7 +10,9 @@ adapter and of the user's structure, so it is chosen on the run's own validation
 inference uses it: each case segmented from one loose ROI by the tracked mode, once per
 candidate (``catalogue.ADAPTER_TRACKING_MARGINS_PX``); ties keep the default. A 2D proxy (tracked
 boxes from the reference's neighbouring slice) always preferred the tightest box, so it is not
-used. The choice goes into the model card (``inference.tracking``), which ``Segmenter`` honours.
+used. An adapter trained on loose ROIs also ranks its seed candidates by area
+(``catalogue.ADAPTER_SEED_AREA_WEIGHT``), in the choice as in use. The choice goes into the model
+card (``inference.tracking``), which ``Segmenter`` honours.
 """
 from __future__ import annotations
 
@@ -21,15 +23,16 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from ..catalogue import ADAPTER_TRACKING_MARGINS_PX, TRACKING_DEFAULTS, VALIDATION_ROI_MARGIN
+from ..catalogue import (ADAPTER_SEED_AREA_WEIGHT, ADAPTER_TRACKING_MARGINS_PX, TRACKING_DEFAULTS,
+                         VALIDATION_ROI_MARGIN)
 from ..progress import check_cancel, report
 from .samples import embedding_key, read_embedding
 
 
 def choose_tracking(model, decoder, prompt_encoder, info, cases: List[str], config, cache_dir: Optional[str],
                     progress=None, cancel=None) -> Optional[Dict[str, Any]]:
-    """The card's record of the choice: {"min_margin_px": chosen, "dice": {candidate: mean 3D
-    Dice}, "roi_margin", "structures"}; None when no validation case spans 3 slices along the
+    """The card's record of the choice: {"min_margin_px": chosen, "seed_area_weight", "dice":
+    {candidate: mean 3D Dice}, "roi_margin", "structures"}; None when no validation case spans 3 slices along the
     axis (2D images: there is nothing to track). ``decoder`` (and a trained ``prompt_encoder``,
     or None) stand in for the model's own while it runs; the model is left as it was."""
     from ..dataset import load_case
@@ -41,6 +44,7 @@ def choose_tracking(model, decoder, prompt_encoder, info, cases: List[str], conf
                                                                                  config)]
     if not structures:
         return None
+    seed_weight = ADAPTER_SEED_AREA_WEIGHT if config.roi_prompts > 0 else TRACKING_DEFAULTS["seed_area_weight"]
     own = model.mask_decoder, model.prompt_encoder
     model.mask_decoder, model.prompt_encoder = decoder, prompt_encoder or own[1]
     try:
@@ -52,7 +56,8 @@ def choose_tracking(model, decoder, prompt_encoder, info, cases: List[str], conf
             _reuse_embeddings(segmenter, image, config.axis, config.window, box, cache_dir)
             for px in dice:
                 check_cancel(cancel)
-                segmenter.tracking = dataclasses.replace(segmenter.tracking, min_margin_px=px)
+                segmenter.tracking = dataclasses.replace(segmenter.tracking, min_margin_px=px,
+                                                         seed_area_weight=seed_weight)
                 result = segmenter.segment(image, box, axis=config.axis, window=config.window, box_mode="tracked",
                                            multimask=False)
                 dice[px].append(dice_score(result.mask > 0, mask))
@@ -64,7 +69,7 @@ def choose_tracking(model, decoder, prompt_encoder, info, cases: List[str], conf
     means = {px: float(np.mean(scores)) for px, scores in dice.items()}
     default = TRACKING_DEFAULTS["min_margin_px"]
     best = max(means, key=lambda px: (means[px], px == default))
-    return {"min_margin_px": int(best), "dice": {str(px): means[px] for px in means},
+    return {"min_margin_px": int(best), "seed_area_weight": seed_weight, "dice": {str(px): means[px] for px in means},
             "roi_margin": VALIDATION_ROI_MARGIN, "structures": len(structures)}
 
 

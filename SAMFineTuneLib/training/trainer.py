@@ -335,7 +335,7 @@ class Trainer:
                                  cache_dir_for(self.info.root), self.progress, self.cancel)
         if choice is None:
             return
-        card["inference"]["tracking"] = {"min_margin_px": choice["min_margin_px"]}
+        card["inference"]["tracking"] = {key: choice[key] for key in ("min_margin_px", "seed_area_weight")}
         card["tracking_choice"] = choice
         self.say("tracking margin for this adapter, chosen from one ROI on the validation cases: "
                  f"{choice['min_margin_px']} px (3D Dice " + ", ".join(f"{px} px {dice:.3f}" for px, dice

@@ -289,7 +289,8 @@ def modes(bench, args):
     from SAMFineTuneLib.metrics import dice_score
 
     cases = {"validation": bench.val_ids, "test": bench.test_ids}
-    print(f"\none ROI (+{args.roi_margin} voxels), {len(bench.val_ids)} validation and {len(bench.test_ids)} test cases")
+    print(f"\none ROI (+{args.roi_margin} voxels), {len(bench.val_ids)} validation and {len(bench.test_ids)} test "
+          "cases")
     print("| adapter | box mode | validation Dice | test Dice | test cases |")
     print("|---|---|---:|---:|---|")
     for adapter in args.adapter:
@@ -303,8 +304,8 @@ def modes(bench, args):
                     result = bench.segmenter.segment(image, roi_box(mask, args.roi_margin), axis="axial", window="auto",
                                                      box_mode=mode)
                     dice[split].append(dice_score(result.mask > 0, mask))
-            print(f"| {os.path.basename(adapter)} | {mode} | {mean(dice['validation']):.3f} | {mean(dice['test']):.3f} | "
-                  f"{' '.join(f'{d:.2f}' for d in dice['test'])} |", flush=True)
+            print(f"| {os.path.basename(adapter)} | {mode} | {mean(dice['validation']):.3f} | "
+                  f"{mean(dice['test']):.3f} | {' '.join(f'{d:.2f}' for d in dice['test'])} |", flush=True)
     bench.segmenter.set_adapter(None)
 
 
