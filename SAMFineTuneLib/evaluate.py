@@ -163,10 +163,10 @@ def roi_box(mask: np.ndarray, margin: int) -> Tuple[int, int, int, int, int, int
 
 def score_from_roi(model, info, cases, adapters, axis, window, labels, tolerance_mm, window_margin,
                    roi_margin=VALIDATION_ROI_MARGIN, progress=None, cancel=None,
-                   segmenter=None) -> Dict[str, Dict[str, Any]]:
+                   segmenter=None, box_mode: str = "tracked") -> Dict[str, Dict[str, Any]]:
     """Each run's scores (as ``metrics.score_cases``; ``adapters`` as in ``score_from_boxes``):
     each case's structure (per label) segmented from one ROI (``roi_box`` with ``roi_margin``)
-    by the Segmenter's tracked mode, scored in 3D against the reference. A case's slices are
+    by the Segmenter in ``box_mode``, scored in 3D against the reference. A case's slices are
     encoded once for all runs. ``segmenter``: a Segmenter on ``model`` to use (its adapter is
     restored afterwards)."""
     from .dataset import load_case
@@ -189,7 +189,7 @@ def score_from_roi(model, info, cases, adapters, axis, window, labels, tolerance
                 for name in runs:
                     check_cancel(cancel)
                     segmenter.set_adapter(adapters[name])
-                    result = segmenter.segment(image, box, axis=axis, window=window, box_mode="tracked")
+                    result = segmenter.segment(image, box, axis=axis, window=window, box_mode=box_mode)
                     runs[name].append(dict(case=case, label=int(value), slices=int(mask.any(axis=(1, 2)).sum()),
                                            **binary_metrics(result.mask > 0, mask, image.spacing[::-1], tolerance_mm)))
             report(progress, n + 1, len(cases), f"segmented {case} from one ROI")

@@ -118,3 +118,24 @@ def test_a_card_asking_for_what_tracking_does_not_take_is_refused_and_the_adapte
         segmenter.set_adapter(folder)
     assert segmenter.adapter == adapted["output"] and segmenter.tracking_in_use == in_use
     segmenter.set_adapter(None)
+
+
+def test_scoring_from_one_roi_segments_in_the_box_mode_asked(litemedsam, volumes):
+    """evaluate.score_from_roi scores what the Segmenter gives from that ROI in each box mode."""
+    import numpy as np
+
+    from SAMFineTuneLib.evaluate import roi_box, score_from_roi
+    from SAMFineTuneLib.metrics import dice_score
+
+    info = read_dataset(volumes)
+    image, label = load_case(info.case("phantom100"))
+    mask = np.asarray(label.array) == 1
+    scores = {}
+    for mode in ("tracked", "fixed"):
+        run = score_from_roi(litemedsam, info, ["phantom100"], {"base": None}, "axial", "auto", None, 2.0, 4,
+                             box_mode=mode)["base"]
+        segmented = Segmenter(litemedsam, window_margin=4).segment(image, roi_box(mask, VALIDATION_ROI_MARGIN),
+                                                                    axis="axial", window="auto", box_mode=mode)
+        scores[mode] = run["cases"][0]["dice"]
+        assert scores[mode] == pytest.approx(dice_score(segmented.mask > 0, mask), abs=1e-6)
+    assert scores["tracked"] != scores["fixed"]

@@ -282,31 +282,19 @@ def arms(bench, args):
 def modes(bench, args):
     """Each adapter (with its card's tracking choice) and each box mode, from one ROI: mean 3D
     Dice on the validation cases (what a choice made at training could see) and on the test cases."""
-    import numpy as np
-
-    from SAMFineTuneLib.dataset import load_case
-    from SAMFineTuneLib.evaluate import roi_box
-    from SAMFineTuneLib.metrics import dice_score
-
-    cases = {"validation": bench.val_ids, "test": bench.test_ids}
     print(f"\none ROI (+{args.roi_margin} voxels), {len(bench.val_ids)} validation and {len(bench.test_ids)} test "
           "cases")
     print("| adapter | box mode | validation Dice | test Dice | test cases |")
     print("|---|---|---:|---:|---|")
     for adapter in args.adapter:
-        bench.segmenter.set_adapter(adapter)
         for mode in args.box_modes:
-            dice = {split: [] for split in cases}
-            for split, ids in cases.items():
-                for case in ids:
-                    image, label = load_case(bench.info.case(case))
-                    mask = np.asarray(label.array) > 0
-                    result = bench.segmenter.segment(image, roi_box(mask, args.roi_margin), axis="axial", window="auto",
-                                                     box_mode=mode)
-                    dice[split].append(dice_score(result.mask > 0, mask))
-            print(f"| {os.path.basename(adapter)} | {mode} | {mean(dice['validation']):.3f} | "
-                  f"{mean(dice['test']):.3f} | {' '.join(f'{d:.2f}' for d in dice['test'])} |", flush=True)
-    bench.segmenter.set_adapter(None)
+            val, test = (score_from_roi(bench.model, bench.info, adapters={"adapted": adapter},
+                                        roi_margin=args.roi_margin, segmenter=bench.segmenter, box_mode=mode,
+                                        **dict(bench.scoring, cases=ids))["adapted"]
+                         for ids in (bench.val_ids, bench.test_ids))
+            per_case = " ".join(f"{row['dice']:.2f}" for row in test["cases"])
+            print(f"| {os.path.basename(adapter)} | {mode} | {val['mean']['dice']:.3f} | {test['mean']['dice']:.3f} | "
+                  f"{per_case} |", flush=True)
 
 
 def main(argv=None):
