@@ -150,21 +150,37 @@ def read_model_card(adapter_dir: str) -> Dict[str, Any]:
         raise _not_an_adapter(adapter_dir) from None
 
 
+def _tensor_file(path: str) -> Tuple[Optional[str], Dict[str, torch.Tensor]]:
+    """(card digest recorded with the tensors, tensors) from one open of ``path``: safetensors'
+    own ``safe_open`` checks the path before opening it, so a folder swapped in between fails it
+    with a RuntimeError; a file opened here stays readable after its folder is renamed away."""
+    import struct
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    with open(path, "rb") as handle:  # FileNotFoundError: a swap in progress, or no tensors
+        data = handle.read()
+    try:
+        tensors = load(data)
+    except SafetensorError as error:
+        raise ValueError(f"{path} is not a readable safetensors file ({error}); train the adapter again") from None
+    header_size = struct.unpack("<Q", data[:8])[0]  # the format: header length, JSON header, tensor bytes
+    metadata = json.loads(data[8:8 + header_size].decode("utf-8")).get("__metadata__") or {}
+    return metadata.get("card_sha256"), tensors
+
+
 def read_adapter(adapter_dir: str, attempts: int = 5) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
     """(model card, tensors) of one and the same write: a training may replace the folder between
     reading the card and reading the tensors, so the pair is read again until the tensors'
     record of their card's digest matches."""
     import time
 
-    from safetensors import safe_open
-
     path = os.path.join(str(adapter_dir), ADAPTER_FILE)
     for attempt in range(attempts):
         try:  # a missing file may be a swap in progress (the folder renamed away): settle and read again
             data = _card_bytes(adapter_dir)
-            with safe_open(path, framework="pt", device="cpu") as handle:
-                expected = (handle.metadata() or {}).get("card_sha256")
-                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            expected, tensors = _tensor_file(path)
         except FileNotFoundError:
             if attempt < attempts - 1:
                 time.sleep(0.05 * (attempt + 1))

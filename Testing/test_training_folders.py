@@ -118,3 +118,13 @@ def test_settle_leaves_a_missing_folder_missing_when_nothing_was_written(tmp_pat
     assert not (tmp_path / "never").exists()
     with pytest.raises(ValueError, match="not a SAMFineTune adapter"):
         adapters.read_model_card(str(tmp_path / "never"))
+
+
+def test_a_damaged_tensor_file_is_a_clear_error(tmp_path, lora_decoder):
+    folder = str(tmp_path / "adapter")
+    write_version(folder, lora_decoder, 1)
+    path = os.path.join(folder, adapters.ADAPTER_FILE)
+    with open(path, "r+b") as handle:
+        handle.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(ValueError, match=f"{path} is not a readable safetensors file .*train the adapter again"):
+        adapters.read_adapter(folder)
