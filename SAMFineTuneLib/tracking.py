@@ -115,7 +115,8 @@ def seed(job: SliceJob, slices: List[int], roi: Box2D, options: TrackingOptions)
     candidates = [embeddings[i] for i, _ in pairs], [b for _, b in pairs]
     if options.seed_area_weight > 0:
         decoded = job.decode(*candidates, roi, windowed=False)
-        place = int(np.argmax([d.score * float(d.mask.sum()) ** options.seed_area_weight for d in decoded]))
+        ranks = [(d.score * float(d.mask.sum()) ** options.seed_area_weight, d.score) for d in decoded]
+        place = max(range(len(decoded)), key=ranks.__getitem__)  # all empty: the most confident
         best = decoded[place]
     else:  # only the most confident candidate is upscaled
         best, = job.decode(*candidates, roi, windowed=False, best_of=len(pairs))

@@ -150,6 +150,8 @@ def test_the_seed_is_the_most_confident_candidate_or_with_an_area_weight_the_one
     job = CandidateJob(answers)
     index, decoded = tracking.seed(job, [0, 1, 2, 3, 4], (0, 0, 15, 15), replace(options, seed_area_weight=1.0))
     assert index == 2 and decoded.mask.sum() == 60 and job.calls == [1]
+    empty = CandidateJob({index: (score, 0) for index, (score, _) in answers.items()})
+    assert tracking.seed(empty, [0, 1, 2, 3, 4], (0, 0, 15, 15), replace(options, seed_area_weight=1.0))[0] == 1
 
 
 @pytest.mark.parametrize("axis", ["axial", "coronal"])

@@ -141,6 +141,11 @@ def test_adapter_scores_become_a_table_and_a_case_is_compared_with_and_without_i
     table = comparison.scoresTable(scene, card)
     assert table.GetNumberOfRows() == 1 and table.GetCellText(0, 0) == "CT_1"
     assert table.GetTable().GetValue(0, 2).ToDouble() == 0.75
+    assert comparison.trackingSummary(card) == ""  # trained on a 2D set: nothing chosen
+    card.update(inference={"tracking": {"min_margin_px": 6, "seed_area_weight": 1.0}},
+                tracking_choice={"dice": {"2": 0.5, "6": 0.781}, "structures": 5})
+    assert comparison.trackingSummary(card) == ("It tracks with a 6 px margin and seeds by predicted IoU x mask area "
+                                                "(3D Dice 0.781 from one ROI on 5 validation structures).")
 
     client = TrainClient()
     logic = SAMFineTuneCoreLogic(worker=WorkerBackend(client=client))

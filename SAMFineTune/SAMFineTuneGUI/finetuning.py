@@ -113,7 +113,9 @@ class FineTuningSection:
         self.ui.scoresTableView.setMRMLTableNode(comparison.scoresTable(slicer.mrmlScene, self.card))
         cases = [row["case"] for row in (self.card.get("scores") or {}).get("per_case") or []]
         refillCombo(self.ui.compareCaseComboBox, [(case, case) for case in cases], cases[0] if cases else "")
-        self.ui.trainingStatusLabel.text = "Adapter '%s' ready and selected." % self.panel.parameters.adapterName
+        self.ui.trainingStatusLabel.text = " ".join(filter(None, [
+            "Adapter '%s' ready and selected." % self.panel.parameters.adapterName,
+            comparison.trackingSummary(self.card)]))
 
     # ------------------------------------------------------------ comparison
 

@@ -39,6 +39,20 @@ def scoresTable(scene, card, name="SAMFineTune adapter scores"):
     return table
 
 
+def trackingSummary(card):
+    """One sentence on how the adapter segments from one ROI (the tracking options training chose
+    for it on the validation cases, ``inference.tracking``); empty when the card chose none."""
+    choice = (card or {}).get("tracking_choice") or {}
+    chosen = ((card or {}).get("inference") or {}).get("tracking") or {}
+    if "min_margin_px" not in chosen:
+        return ""
+    seed = ("predicted IoU x mask area" if chosen.get("seed_area_weight", 0) > 0 else "predicted IoU")
+    dice = (choice.get("dice") or {}).get(str(chosen["min_margin_px"]))
+    measured = (" (3D Dice %.3f from one ROI on %d validation structures)" % (dice, choice.get("structures", 0))
+                if dice is not None else "")
+    return "It tracks with a %d px margin and seeds by %s%s." % (chosen["min_margin_px"], seed, measured)
+
+
 def roiBoxAroundLabel(label, axis, margin=ROI_MARGIN):
     """Inclusive IJK box of a KJI label grown by ``margin`` voxels in-plane and one slice along ``axis``."""
     k, j, i = np.nonzero(label)

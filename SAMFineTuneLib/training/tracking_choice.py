@@ -73,6 +73,15 @@ def choose_tracking(model, decoder, prompt_encoder, info, cases: List[str], conf
             "roi_margin": VALIDATION_ROI_MARGIN, "structures": len(structures)}
 
 
+#: The tracking options ``choose_tracking`` decides, which the card carries to the Segmenter.
+CHOSEN_OPTIONS = ("min_margin_px", "seed_area_weight")
+
+
+def card_tracking(choice: Dict[str, Any]) -> Dict[str, Any]:
+    """The card's ``inference.tracking`` for a choice: the options it decided, nothing of its record."""
+    return {key: choice[key] for key in CHOSEN_OPTIONS}
+
+
 def _structures(case, config):
     """(image, mask) of each chosen label of a case that spans at least 3 slices along the axis."""
     from ..imaging import axis_index

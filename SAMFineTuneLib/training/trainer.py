@@ -42,7 +42,7 @@ from .prompts import PromptSampler
 from .samples import batch_embeddings, cache_dir_for, prepare
 from .slices import load_slices, split_cases
 from .state import best_from, read_resume, resume_state, state_copy, write_output
-from .tracking_choice import choose_tracking
+from .tracking_choice import card_tracking, choose_tracking
 
 
 def train(config: TrainConfig, progress=None, cancel=None, log=None, model=None) -> Dict[str, Any]:
@@ -335,7 +335,7 @@ class Trainer:
                                  cache_dir_for(self.info.root), self.progress, self.cancel)
         if choice is None:
             return
-        card["inference"]["tracking"] = {key: choice[key] for key in ("min_margin_px", "seed_area_weight")}
+        card["inference"]["tracking"] = card_tracking(choice)
         card["tracking_choice"] = choice
         self.say("tracking margin for this adapter, chosen from one ROI on the validation cases: "
                  f"{choice['min_margin_px']} px (3D Dice " + ", ".join(f"{px} px {dice:.3f}" for px, dice
