@@ -128,6 +128,7 @@ TRACKING_DEFAULTS: Dict[str, Any] = {
     "seed_shrink": (),
     "seed_refine": 0,
     "seed_area_weight": 0.0,
+    "fixed_fallback": 0.0,
     "mask_prompt": False,
     "min_score": None,
     "patience": 0,
@@ -155,6 +156,9 @@ ADAPTER_TRACKING_MARGINS_PX: Tuple[int, ...] = (TRACKING_DEFAULTS["min_margin_px
 #: How an adapter trained on loose ROIs ranks its seed candidates (``TrackingOptions.seed_area_weight``):
 #: by predicted IoU x mask area, which kept tracking off the wrong tissue (docs/finetuning.md).
 ADAPTER_SEED_AREA_WEIGHT = 1.0
+#: Below this 3D Dice between its tracked result and its answer to the ROI on every slice, an
+#: adapter trained on loose ROIs returns the latter (``TrackingOptions.fixed_fallback``).
+ADAPTER_FIXED_FALLBACK = 0.5
 #: Voxels between a structure and the ROI it is segmented from when an adapter is judged from
 #: one ROI (a user draws it a little loose): the benchmarks' default and the tracking choice's.
 VALIDATION_ROI_MARGIN = 3

@@ -40,7 +40,11 @@ class TrackingOptions:
     its candidates; an adapter trained on loose ROIs (``training.prompts``) answers the ROI with
     the structure, largest where the structure is widest, while its most confident candidate was
     at times a small piece of another tissue, which tracking then followed (docs/finetuning.md).
-    Training sets it for such adapters in their card. Following:
+    Training sets it for such adapters in their card, and ``fixed_fallback`` too: such an adapter
+    also answers the ROI on every slice (box mode fixed) with the structure, so where that answer
+    and the tracked result agree below this 3D Dice, tracking followed another tissue or stopped
+    early and the fixed answer is returned instead (0: never; the base model fills the ROI on
+    every slice, so it never falls back). Following:
     ``mask_prompt`` gives SAM the previous slice's logits with its box; ``min_score`` says the
     structure has ended where SAM's predicted IoU falls below it; ``patience`` is how many slices
     in a row may fail the rules before tracking gives up (gaps, re-entry). The defaults are the
@@ -62,6 +66,7 @@ class TrackingOptions:
     seed_shrink: Tuple[float, ...] = TRACKING_DEFAULTS["seed_shrink"]
     seed_refine: int = TRACKING_DEFAULTS["seed_refine"]
     seed_area_weight: float = TRACKING_DEFAULTS["seed_area_weight"]
+    fixed_fallback: float = TRACKING_DEFAULTS["fixed_fallback"]
     mask_prompt: bool = TRACKING_DEFAULTS["mask_prompt"]
     min_score: Optional[float] = TRACKING_DEFAULTS["min_score"]
     patience: int = TRACKING_DEFAULTS["patience"]

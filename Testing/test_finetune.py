@@ -321,7 +321,7 @@ def test_training_step_decodes_each_sample_in_the_window_of_its_own_box(litemeds
     embeddings = torch.randn(4, 256, 64, 64)
     boxes = torch.tensor([[60.0, 70.0, 180.0, 200.0], [20.0, 30.0, 60.0, 64.0], [100.0, 100.0, 140.0, 134.0],
                           [0.0, 200.0, 60.0, 255.0]])  # the 2nd and 3rd windows share a size: one sub-batch
-    step = DecoderStep(litemedsam, litemedsam.mask_decoder, None).eval()  # training rounds the windows up
+    step = DecoderStep(litemedsam, litemedsam.mask_decoder, None)
     with torch.no_grad():
         masks, iou = step(embeddings, boxes, window_margin=DEFAULT_WINDOW_MARGIN)
         for n in range(4):
@@ -331,34 +331,6 @@ def test_training_step_decodes_each_sample_in_the_window_of_its_own_box(litemeds
             torch.testing.assert_close(iou[n:n + 1], alone_iou, atol=1e-5, rtol=1e-4)
     assert masks.shape == (4, 1, 256, 256)
     assert bool((masks[1, 0, 128:, 128:] == OUTSIDE_WINDOW_LOGIT).all())  # small box: not the big box's window
-
-
-def test_training_rounds_each_window_up_so_that_fewer_decoder_calls_serve_a_batch(litemedsam, monkeypatch):
-    from SAMFineTuneLib.models import EMBED_SIZE, LOW_RES_PER_TOKEN, OUTSIDE_WINDOW_LOGIT, token_windows
-    from SAMFineTuneLib.training import DecoderStep, decoder_step
-
-    for window in [(10, 23, 5, 11), (0, 3, 60, 64), (50, 64, 0, 64), (7, 8, 7, 8)]:
-        r0, r1, c0, c1 = rounded = decoder_step.rounded_up(window, 4)
-        assert (r1 - r0) % 4 == 0 and (c1 - c0) % 4 == 0 and 0 <= r0 and r1 <= EMBED_SIZE and c1 <= EMBED_SIZE
-        assert r0 <= window[0] and window[1] <= r1 and c0 <= window[2] and window[3] <= c1, (window, rounded)
-    torch.manual_seed(0)
-    embeddings = torch.randn(4, 256, 64, 64)
-    boxes = torch.tensor([[20.0, 30.0, 60.0, 64.0], [20.0, 30.0, 64.0, 60.0], [100.0, 100.0, 136.0, 136.0],
-                          [0.0, 200.0, 60.0, 255.0]])
-    own = [token_windows(box, 256, DEFAULT_WINDOW_MARGIN)[0] for box in boxes]
-    rounded = [decoder_step.rounded_up(window, decoder_step.TRAINING_WINDOW_STEP) for window in own]
-    calls = []
-    real = decoder_step.predict_masks_batched
-    monkeypatch.setattr(decoder_step, "predict_masks_batched", lambda *a: calls.append(a) or real(*a))
-    with torch.no_grad():
-        masks, _ = DecoderStep(litemedsam, litemedsam.mask_decoder, None).train()(
-            embeddings, boxes, window_margin=DEFAULT_WINDOW_MARGIN)
-    sizes = {(r1 - r0, c1 - c0) for r0, r1, c0, c1 in rounded}
-    assert len(calls) == len(sizes) < len({(r1 - r0, c1 - c0) for r0, r1, c0, c1 in own})
-    k = LOW_RES_PER_TOKEN
-    for n, (r0, r1, c0, c1) in enumerate(rounded):
-        decoded = masks[n, 0] != OUTSIDE_WINDOW_LOGIT
-        assert decoded[r0 * k:r1 * k, c0 * k:c1 * k].all() and decoded.sum() == (r1 - r0) * (c1 - c0) * k * k
 
 
 def test_jittered_training_windows_hold_every_target_pixel(litemedsam, phantom_dataset):

@@ -154,6 +154,38 @@ def test_the_seed_is_the_most_confident_candidate_or_with_an_area_weight_the_one
     assert tracking.seed(empty, [0, 1, 2, 3, 4], (0, 0, 15, 15), replace(options, seed_area_weight=1.0))[0] == 1
 
 
+def test_tracking_that_lost_the_structure_falls_back_to_the_roi_on_every_slice_when_asked(monkeypatch):
+    """``fixed_fallback``: where the tracked result and the ROI decoded on every slice disagree
+    (3D Dice below it), the latter is returned; where they agree, or with 0, the tracked one."""
+    from dataclasses import replace
+
+    from SAMFineTuneLib import tracking
+
+    ct, label = make_ct_phantom(shape_kji=(12, 48, 48), spacing_xyz=(2.0, 2.0, 2.0), noise_hu=3.0, organ_hu=240.0)
+    roi = bounding_box(label.array, (2, 2, 0))
+    segmenter = Segmenter(OracleModel())
+    fixed = segmenter.segment(ct, roi, window=WINDOW, box_mode="fixed").mask
+    real = tracking.track
+    lost = {}
+
+    def track(job, slices, box2d, options):  # tracking that stopped after the seed slice
+        masks = real(job, slices, box2d, options)
+        seed = min(masks)
+        return {seed: masks[seed]} if lost else masks
+
+    monkeypatch.setattr(tracking, "track", track)
+    tracked = segmenter.segment(ct, roi, window=WINDOW, box_mode="tracked")
+    assert "fixed_fallback" not in tracked.stats  # off by default
+    segmenter.tracking = replace(segmenter.tracking, fixed_fallback=0.5)
+    agreed = segmenter.segment(ct, roi, window=WINDOW, box_mode="tracked")
+    assert np.array_equal(agreed.mask, tracked.mask) and agreed.stats["fixed_fallback"] is False
+    lost["yes"] = True
+    fell_back = segmenter.segment(ct, roi, window=WINDOW, box_mode="tracked")
+    assert fell_back.stats["fixed_fallback"] is True and np.array_equal(fell_back.mask, fixed)
+    segmenter.tracking = replace(segmenter.tracking, fixed_fallback=0.0)
+    assert segmenter.segment(ct, roi, window=WINDOW, box_mode="tracked").mask.sum() < fixed.sum() / 3
+
+
 @pytest.mark.parametrize("axis", ["axial", "coronal"])
 def test_a_box_of_its_own_on_each_slice_segments_each_slice_inside_it(axis):
     """segment_boxes: the reference's own box on every slice it covers but its two end slices; the

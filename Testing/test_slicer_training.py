@@ -144,8 +144,12 @@ def test_adapter_scores_become_a_table_and_a_case_is_compared_with_and_without_i
     assert comparison.trackingSummary(card) == ""  # trained on a 2D set: nothing chosen
     card.update(inference={"tracking": {"min_margin_px": 6, "seed_area_weight": 1.0}},
                 tracking_choice={"dice": {"2": 0.5, "6": 0.781}, "structures": 5})
-    assert comparison.trackingSummary(card) == ("It tracks with a 6 px margin and seeds by predicted IoU x mask area "
-                                                "(3D Dice 0.781 from one ROI on 5 validation structures).")
+    assert comparison.trackingSummary(card) == ("It tracks with a 6 px margin and seeds by predicted IoU x mask area. "
+                                                "From one ROI it scored 3D Dice 0.781 on 5 validation structures.")
+    card["inference"]["tracking"].update(seed_area_weight=0.0, fixed_fallback=0.5)
+    assert comparison.trackingSummary(card) == (
+        "It tracks with a 6 px margin and seeds by predicted IoU, and takes the ROI on every slice where tracking "
+        "disagrees with it (3D Dice below 0.50). From one ROI it scored 3D Dice 0.781 on 5 validation structures.")
 
     client = TrainClient()
     logic = SAMFineTuneCoreLogic(worker=WorkerBackend(client=client))

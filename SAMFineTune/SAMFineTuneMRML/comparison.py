@@ -40,7 +40,7 @@ def scoresTable(scene, card, name="SAMFineTune adapter scores"):
 
 
 def trackingSummary(card):
-    """One sentence on how the adapter segments from one ROI (the tracking options training chose
+    """How the adapter segments from one ROI (the tracking options training chose
     for it on the validation cases, ``inference.tracking``); empty when the card chose none."""
     choice = (card or {}).get("tracking_choice") or {}
     chosen = ((card or {}).get("inference") or {}).get("tracking") or {}
@@ -48,9 +48,12 @@ def trackingSummary(card):
         return ""
     seed = ("predicted IoU x mask area" if chosen.get("seed_area_weight", 0) > 0 else "predicted IoU")
     dice = (choice.get("dice") or {}).get(str(chosen["min_margin_px"]))
-    measured = (" (3D Dice %.3f from one ROI on %d validation structures)" % (dice, choice.get("structures", 0))
-                if dice is not None else "")
-    return "It tracks with a %d px margin and seeds by %s%s." % (chosen["min_margin_px"], seed, measured)
+    measured = ("" if dice is None else " From one ROI it scored 3D Dice %.3f on %d validation structures."
+                % (dice, choice.get("structures", 0)))
+    fallback = chosen.get("fixed_fallback", 0)
+    fallsBack = (", and takes the ROI on every slice where tracking disagrees with it (3D Dice below %.2f)" % fallback
+                 if fallback > 0 else "")
+    return "It tracks with a %d px margin and seeds by %s%s.%s" % (chosen["min_margin_px"], seed, fallsBack, measured)
 
 
 def roiBoxAroundLabel(label, axis, margin=ROI_MARGIN):

@@ -7,23 +7,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..models import EMBED_SIZE, paste_windows, predict_masks_batched, token_windows
-
-#: While training, each window's height and width are rounded up to a multiple of this many
-#: tokens, so that more samples of a batch share one decoder call: on 2 CPU cores a hippocampus
-#: training step took 0.55 s instead of 0.70 s (docs/finetuning.md), validation Dice unchanged.
-TRAINING_WINDOW_STEP = 4
-
-
-def rounded_up(window: Tuple[int, int, int, int], step: int) -> Tuple[int, int, int, int]:
-    """A token window (r0, r1, c0, c1) grown about its centre to sides that are multiples of
-    ``step`` (at most the whole grid), shifted inwards where it would cross the grid's edge."""
-    r0, r1, c0, c1 = window
-    height = min(EMBED_SIZE, -(-(r1 - r0) // step) * step)
-    width = min(EMBED_SIZE, -(-(c1 - c0) // step) * step)
-    r0 = max(0, min(r0 - (height - (r1 - r0)) // 2, EMBED_SIZE - height))
-    c0 = max(0, min(c0 - (width - (c1 - c0)) // 2, EMBED_SIZE - width))
-    return r0, r0 + height, c0, c0 + width
+from ..models import paste_windows, predict_masks_batched, token_windows
 
 
 class DecoderStep(nn.Module):
@@ -71,8 +55,6 @@ class DecoderStep(nn.Module):
             masks, iou = predict_masks_batched(self.decoder, embeddings, pe, sparse, dense)
             return masks[:, :1], iou[:, 0]
         windows = [token_windows(box, base.spec.input_size, window_margin)[0] for box in boxes]
-        if self.training:
-            windows = [rounded_up(window, TRAINING_WINDOW_STEP) for window in windows]
         return self._decode_windows(embeddings, pe, sparse, dense, windows)
 
     def _decode_windows(self, embeddings, pe, sparse, dense, windows) -> Tuple[torch.Tensor, torch.Tensor]:

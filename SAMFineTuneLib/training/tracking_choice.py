@@ -23,15 +23,15 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from ..catalogue import (ADAPTER_SEED_AREA_WEIGHT, ADAPTER_TRACKING_MARGINS_PX, TRACKING_DEFAULTS,
-                         VALIDATION_ROI_MARGIN)
+from ..catalogue import (ADAPTER_FIXED_FALLBACK, ADAPTER_SEED_AREA_WEIGHT, ADAPTER_TRACKING_MARGINS_PX,
+                         TRACKING_DEFAULTS, VALIDATION_ROI_MARGIN)
 from ..progress import check_cancel, report
 from .samples import embedding_key, read_embedding
 
 
 def choose_tracking(model, decoder, prompt_encoder, info, cases: List[str], config, cache_dir: Optional[str],
                     progress=None, cancel=None) -> Optional[Dict[str, Any]]:
-    """The card's record of the choice: {"min_margin_px": chosen, "seed_area_weight", "dice":
+    """The card's record of the choice: {"min_margin_px": chosen, "seed_area_weight", "fixed_fallback", "dice":
     {candidate: mean 3D Dice}, "roi_margin", "structures"}; None when no validation case spans 3 slices along the
     axis (2D images: there is nothing to track). ``decoder`` (and a trained ``prompt_encoder``,
     or None) stand in for the model's own while it runs; the model is left as it was."""
@@ -44,7 +44,10 @@ def choose_tracking(model, decoder, prompt_encoder, info, cases: List[str], conf
                                                                                  config)]
     if not structures:
         return None
-    seed_weight = ADAPTER_SEED_AREA_WEIGHT if config.roi_prompts > 0 else TRACKING_DEFAULTS["seed_area_weight"]
+    # An adapter trained on loose ROIs answers the ROI with the structure (tracking.TrackingOptions).
+    answers_roi = config.roi_prompts > 0
+    ruled = {"seed_area_weight": ADAPTER_SEED_AREA_WEIGHT if answers_roi else TRACKING_DEFAULTS["seed_area_weight"],
+             "fixed_fallback": ADAPTER_FIXED_FALLBACK if answers_roi else TRACKING_DEFAULTS["fixed_fallback"]}
     own = model.mask_decoder, model.prompt_encoder
     model.mask_decoder, model.prompt_encoder = decoder, prompt_encoder or own[1]
     try:
@@ -56,8 +59,7 @@ def choose_tracking(model, decoder, prompt_encoder, info, cases: List[str], conf
             _reuse_embeddings(segmenter, image, config.axis, config.window, box, cache_dir)
             for px in dice:
                 check_cancel(cancel)
-                segmenter.tracking = dataclasses.replace(segmenter.tracking, min_margin_px=px,
-                                                         seed_area_weight=seed_weight)
+                segmenter.tracking = dataclasses.replace(segmenter.tracking, min_margin_px=px, **ruled)
                 result = segmenter.segment(image, box, axis=config.axis, window=config.window, box_mode="tracked",
                                            multimask=False)
                 dice[px].append(dice_score(result.mask > 0, mask))
@@ -69,12 +71,12 @@ def choose_tracking(model, decoder, prompt_encoder, info, cases: List[str], conf
     means = {px: float(np.mean(scores)) for px, scores in dice.items()}
     default = TRACKING_DEFAULTS["min_margin_px"]
     best = max(means, key=lambda px: (means[px], px == default))
-    return {"min_margin_px": int(best), "seed_area_weight": seed_weight, "dice": {str(px): means[px] for px in means},
+    return {"min_margin_px": int(best), **ruled, "dice": {str(px): means[px] for px in means},
             "roi_margin": VALIDATION_ROI_MARGIN, "structures": len(structures)}
 
 
 #: The tracking options ``choose_tracking`` decides, which the card carries to the Segmenter.
-CHOSEN_OPTIONS = ("min_margin_px", "seed_area_weight")
+CHOSEN_OPTIONS = ("min_margin_px", "seed_area_weight", "fixed_fallback")
 
 
 def card_tracking(choice: Dict[str, Any]) -> Dict[str, Any]:
