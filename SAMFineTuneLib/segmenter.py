@@ -259,11 +259,10 @@ class Segmenter:
         the slices it decoded and kept."""
         slices, box2d = imaging.box_to_slices(box, axis)
         job = self._job(SliceSource(volume, axis, window, self.model, zoom_roi=box2d if zoom else None), *job_args)
-        options = self.tracking_in_use
         if box_mode == "tracked":
-            masks = tracking.track(job, list(slices), box2d, options)
-            if options.fixed_fallback > 0:
-                masks = self._fixed_if_lost(job, slices, box2d, masks, options.fixed_fallback)
+            masks = tracking.track(job, list(slices), box2d, self.tracking_in_use)
+            if self.tracking_in_use.fixed_fallback > 0:
+                masks = self._fixed_if_lost(job, slices, box2d, masks, self.tracking_in_use.fixed_fallback)
         else:
             masks = self._segment_boxes(job, {index: box2d for index in slices}, box2d)
         out = np.zeros(volume.array.shape, dtype=np.uint8)
@@ -277,9 +276,7 @@ class Segmenter:
         ``agreement`` (3D Dice), else ``tracked`` (``TrackingOptions.fixed_fallback``)."""
         job.counter["total"] += len(slices)
         fixed = self._segment_boxes(job, {index: box2d for index in slices}, box2d)
-        both = sum(int(np.logical_and(plane, fixed[index]).sum()) for index, plane in tracked.items())
-        sizes = sum(int(plane.sum()) for plane in tracked.values()) + sum(int(plane.sum()) for plane in fixed.values())
-        job.counter["fixed_fallback"] = bool(sizes) and 2 * both < agreement * sizes
+        job.counter["fixed_fallback"] = tracking.disagree(tracked, fixed, agreement)
         return fixed if job.counter["fixed_fallback"] else tracked
 
     def _segment_boxes(self, job: SliceJob, boxes: Mapping[int, Box2D], clip: Box2D) -> Dict[int, np.ndarray]:
@@ -436,8 +433,6 @@ class Segmenter:
         report(progress, counter["total"], counter["total"], "done")
         stats = {"encoded": counter["encoded"], "cache_hits": counter["cache_hits"], "slices": len(masks),
                  "seconds": time.perf_counter() - started}
-        if "fixed_fallback" in counter:
-            stats["fixed_fallback"] = bool(counter["fixed_fallback"])
         return SegmentationResult(out, sorted(masks), stats)
 
     @staticmethod

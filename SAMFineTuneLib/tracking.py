@@ -178,6 +178,13 @@ def track(job: SliceJob, slices: List[int], roi: Box2D, options: TrackingOptions
     return masks
 
 
+def disagree(first: Dict[int, np.ndarray], second: Dict[int, np.ndarray], agreement: float) -> bool:
+    """Whether two results, masks by slice, overlap below ``agreement`` 3D Dice (two empty ones agree)."""
+    both = sum(int(np.logical_and(plane, second[index]).sum()) for index, plane in first.items() if index in second)
+    sizes = sum(int(plane.sum()) for plane in first.values()) + sum(int(plane.sum()) for plane in second.values())
+    return bool(sizes) and 2 * both < agreement * sizes
+
+
 def card_overrides(card: Dict, adapter_dir: str) -> Dict[str, object]:
     """The tracking options an adapter's card asks for (``inference.tracking``, written by
     ``training.tracking_choice``); a ValueError naming the adapter for anything other than a

@@ -161,6 +161,14 @@ def test_tracking_that_lost_the_structure_falls_back_to_the_roi_on_every_slice_w
 
     from SAMFineTuneLib import tracking
 
+    square, empty = np.zeros((8, 8), bool), np.zeros((8, 8), bool)
+    square[2:6, 2:6] = True
+    half = square.copy()
+    half[2:4] = False
+    assert not tracking.disagree({0: square}, {0: square, 1: empty}, 0.5)
+    assert tracking.disagree({0: square}, {1: square}, 0.5)
+    assert tracking.disagree({0: square}, {0: half}, 0.7) and not tracking.disagree({0: square}, {0: half}, 0.6)  # 2/3
+    assert not tracking.disagree({0: empty}, {}, 0.5)
     ct, label = make_ct_phantom(shape_kji=(12, 48, 48), spacing_xyz=(2.0, 2.0, 2.0), noise_hu=3.0, organ_hu=240.0)
     roi = bounding_box(label.array, (2, 2, 0))
     segmenter = Segmenter(OracleModel())
