@@ -180,9 +180,14 @@ def track(job: SliceJob, slices: List[int], roi: Box2D, options: TrackingOptions
 
 def disagree(first: Dict[int, np.ndarray], second: Dict[int, np.ndarray], agreement: float) -> bool:
     """Whether two results, masks by slice, overlap below ``agreement`` 3D Dice (two empty ones agree)."""
-    both = sum(int(np.logical_and(plane, second[index]).sum()) for index, plane in first.items() if index in second)
-    sizes = sum(int(plane.sum()) for plane in first.values()) + sum(int(plane.sum()) for plane in second.values())
-    return bool(sizes) and 2 * both < agreement * sizes
+    from .metrics import dice_score
+
+    slices = sorted(set(first) | set(second))
+    if not slices:
+        return False
+    empty = np.zeros_like(next(iter({**first, **second}.values())))
+    stacked = [np.stack([result.get(index, empty) for index in slices]) for result in (first, second)]
+    return dice_score(*stacked) < agreement
 
 
 def card_overrides(card: Dict, adapter_dir: str) -> Dict[str, object]:
