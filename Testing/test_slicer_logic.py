@@ -26,9 +26,10 @@ def box_mask(shape, box, shrink=1):
 class FakeEngine:
     """In-process backend stand-in: records what it was asked."""
 
-    def __init__(self, fail=None):
+    def __init__(self, fail=None, stats=None):
         self.calls = []
         self.fail = fail
+        self.stats = stats or {"seconds": 0.1}
 
     def segment(self, array, volumeKey, spacing, box, options, progress=None, cancel=None):
         self.calls.append(dict(shape=array.shape, spacing=spacing, box=box, options=options))
@@ -37,7 +38,7 @@ class FakeEngine:
                 progress(done, 3, "slice %d" % done)
         if self.fail:
             raise self.fail
-        return box_mask(array.shape, box), {"seconds": 0.1}
+        return box_mask(array.shape, box), dict(self.stats)
 
     def shutdown(self):
         pass
@@ -116,6 +117,16 @@ def test_one_call_segment_creates_segmentation_and_segment_named_after_roi(scene
     assert call["box"] == (4, 5, 1, 15, 14, 4) and call["spacing"] == (1.0, 1.0, 3.0)
     assert call["options"]["window"] == "400/40" and call["options"]["model"] == "litemedsam"
     assert roi_state(roi) == before and scene.GetNodeByID(roi.GetID()) is roi  # the user's ROI is kept as is
+
+
+def test_the_message_says_when_tracking_fell_back_to_the_roi_on_every_slice(scene):
+    volume, roi = make(scene)
+    plain = SAMFineTuneCoreLogic(inProcess=FakeEngine()).segment(volume, roi)
+    assert plain.message == "done: %d voxels in 'liver'" % plain.stats["voxels"]
+    kept = SAMFineTuneCoreLogic(inProcess=FakeEngine(stats={"fixed_fallback": False})).segment(volume, roi)
+    assert kept.message == plain.message
+    lost = SAMFineTuneCoreLogic(inProcess=FakeEngine(stats={"fixed_fallback": True})).segment(volume, roi)
+    assert lost.message.startswith(plain.message) and "tracking lost the structure" in lost.message
 
 
 def test_options_are_checked_before_anything_runs(scene):

@@ -140,7 +140,11 @@ class SegmentTask(Task):
     @property
     def message(self):
         if self.state == "done" and not self._outcome:
-            return "done: %d voxels in '%s'" % (self.stats.get("voxels", 0), self.segmentName())
+            done = "done: %d voxels in '%s'" % (self.stats.get("voxels", 0), self.segmentName())
+            if self.stats.get("fixed_fallback"):
+                # The user should check this one: tracking followed something else (TrackingOptions.fixed_fallback).
+                done += " (tracking lost the structure, so this is the adapter's answer to the ROI on every slice)"
+            return done
         return Task.message.fget(self)
 
     def attach(self, job, client):

@@ -36,7 +36,7 @@ sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)), HERE]
 
 from accuracy3d_cases import DiskEmbeddingCache, dataset_cases, phantom_cases  # noqa: E402
 from SAMFineTuneLib import imaging, postprocess  # noqa: E402
-from SAMFineTuneLib.catalogue import AXES, BACKENDS, PRECISIONS, SEGMENT_DEFAULTS  # noqa: E402
+from SAMFineTuneLib.catalogue import AXES, BACKENDS, ENGINE_DEFAULTS, PRECISIONS, SEGMENT_DEFAULTS  # noqa: E402
 from SAMFineTuneLib.metrics import dice_score  # noqa: E402
 from SAMFineTuneLib.phantom import bounding_box  # noqa: E402
 
@@ -246,8 +246,8 @@ def parse_args(argv=None):
                         help="a Segmenter.segment option for the tracked and fixed runs (zoom=true, multimask=true)")
     parser.add_argument("--tracking", action="append", default=[], metavar="KEY=VALUE",
                         help="a TrackingOptions field (margin=0.1)")
-    parser.add_argument("--backend", default="torch", choices=list(BACKENDS),
-                        help="openvino: the same embeddings to 2e-6, 2.2x faster on a CPU")
+    parser.add_argument("--backend", default=ENGINE_DEFAULTS["backend"], choices=list(BACKENDS),
+                        help="the image encoder's (default: the engine's; OpenVINO and PyTorch agree to 2e-6)")
     parser.add_argument("--precision", default="auto", choices=list(PRECISIONS))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cache-dir", help="keep embeddings on disk here, so reruns skip the encoder")

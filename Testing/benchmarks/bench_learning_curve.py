@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from curve_data import DiskEncoder, as_dataset, prefill  # noqa: E402
 
-from SAMFineTuneLib.catalogue import BOX_MODES, VALIDATION_ROI_MARGIN  # noqa: E402
+from SAMFineTuneLib.catalogue import BACKENDS, BOX_MODES, ENGINE_DEFAULTS, VALIDATION_ROI_MARGIN  # noqa: E402
 from SAMFineTuneLib.dataset import read_dataset  # noqa: E402
 from SAMFineTuneLib.evaluate import score_from_boxes, score_from_roi  # noqa: E402
 from SAMFineTuneLib.training import TrainConfig, Trainer, cache_dir_for  # noqa: E402
@@ -306,7 +306,8 @@ def main(argv=None):
     parser.add_argument("--merge-labels", action="store_true", help="all labels as one structure")
     parser.add_argument("--patient-pattern", help="regex whose group 1 is the patient id of a case id")
     parser.add_argument("--model", default="litemedsam")
-    parser.add_argument("--backend", default="torch", help="image encoder backend for encoding the cache")
+    parser.add_argument("--backend", default=ENGINE_DEFAULTS["backend"], choices=list(BACKENDS),
+                        help="the image encoder's, for encoding the cache (default: the engine's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0, help="training seed")
