@@ -157,7 +157,7 @@ ADAPTER_TRACKING_MARGINS_PX: Tuple[int, ...] = (TRACKING_DEFAULTS["min_margin_px
 #: by predicted IoU x mask area, which kept tracking off the wrong tissue (docs/finetuning.md).
 ADAPTER_SEED_AREA_WEIGHT = 1.0
 #: Below this 3D Dice between its tracked result and its answer to the ROI on every slice, an
-#: adapter trained on loose ROIs returns the latter (``TrackingOptions.fixed_fallback``).
+#: adapter trained on loose ROIs returns the latter, above it what both keep (``TrackingOptions.fixed_fallback``).
 ADAPTER_FIXED_FALLBACK = 0.5
 #: Voxels between a structure and the ROI it is segmented from when an adapter is judged from
 #: one ROI (a user draws it a little loose): the benchmarks' default and the tracking choice's.

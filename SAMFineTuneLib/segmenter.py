@@ -262,7 +262,7 @@ class Segmenter:
         if box_mode == "tracked":
             masks = tracking.track(job, list(slices), box2d, self.tracking_in_use)
             if self.tracking_in_use.fixed_fallback > 0:
-                masks = self._fixed_if_lost(job, slices, box2d, masks, self.tracking_in_use.fixed_fallback)
+                masks = self._checked_by_fixed(job, slices, box2d, masks, self.tracking_in_use.fixed_fallback)
         else:
             masks = self._segment_boxes(job, {index: box2d for index in slices}, box2d)
         out = np.zeros(volume.array.shape, dtype=np.uint8)
@@ -270,14 +270,13 @@ class Segmenter:
             imaging.place_slice(out, axis, index, plane)
         return out, sorted(masks)
 
-    def _fixed_if_lost(self, job: SliceJob, slices, box2d: Box2D, tracked: Dict[int, np.ndarray],
-                       agreement: float) -> Dict[int, np.ndarray]:
-        """The ROI decoded on every slice (box mode fixed) when it agrees with ``tracked`` below
-        ``agreement`` (3D Dice), else ``tracked`` (``TrackingOptions.fixed_fallback``)."""
+    def _checked_by_fixed(self, job: SliceJob, slices, box2d: Box2D, tracked: Dict[int, np.ndarray],
+                          agreement: float) -> Dict[int, np.ndarray]:
+        """``tracked`` checked against the ROI decoded on every slice (``tracking.checked_by_fixed``)."""
         job.counter["total"] += len(slices)
         fixed = self._segment_boxes(job, {index: box2d for index in slices}, box2d)
-        job.counter["fixed_fallback"] = tracking.disagree(tracked, fixed, agreement)
-        return fixed if job.counter["fixed_fallback"] else tracked
+        masks, job.counter["fixed_fallback"] = tracking.checked_by_fixed(tracked, fixed, agreement)
+        return masks
 
     def _segment_boxes(self, job: SliceJob, boxes: Mapping[int, Box2D], clip: Box2D) -> Dict[int, np.ndarray]:
         """Each slice decoded with its own box, masks clipped to ``clip``."""

@@ -43,8 +43,8 @@ class TrackingOptions:
     Training sets it for such adapters in their card, and ``fixed_fallback`` too: such an adapter
     also answers the ROI on every slice (box mode fixed) with the structure, so where that answer
     and the tracked result agree below this 3D Dice, tracking followed another tissue or stopped
-    early and the fixed answer is returned instead (0: never; the base model fills the ROI on
-    every slice, so it never falls back). Following:
+    early and the fixed answer is returned instead, while above it the voxels both answers keep
+    are (0: never checked; the base model fills the ROI on every slice). Following:
     ``mask_prompt`` gives SAM the previous slice's logits with its box; ``min_score`` says the
     structure has ended where SAM's predicted IoU falls below it; ``patience`` is how many slices
     in a row may fail the rules before tracking gives up (gaps, re-entry). The defaults are the
@@ -188,6 +188,18 @@ def disagree(first: Dict[int, np.ndarray], second: Dict[int, np.ndarray], agreem
     empty = np.zeros_like(next(iter({**first, **second}.values())))
     stacked = [np.stack([result.get(index, empty) for index in slices]) for result in (first, second)]
     return dice_score(*stacked) < agreement
+
+
+def checked_by_fixed(tracked: Dict[int, np.ndarray], fixed: Dict[int, np.ndarray],
+                     agreement: float) -> Tuple[Dict[int, np.ndarray], bool]:
+    """An adapter's tracked result checked against its answer to the ROI on every slice
+    (``TrackingOptions.fixed_fallback``), and whether tracking lost the structure: below
+    ``agreement`` (3D Dice) it did and ``fixed`` is returned, else the voxels both answers keep,
+    which trims what either adds on its own (one ROI +0.013 on the test cases over three draws of
+    hippocampus adapters, docs/finetuning.md)."""
+    if disagree(tracked, fixed, agreement):
+        return fixed, True
+    return {index: (mask > 0) & (fixed[index] > 0) for index, mask in tracked.items()}, False
 
 
 def card_overrides(card: Dict, adapter_dir: str) -> Dict[str, object]:

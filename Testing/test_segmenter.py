@@ -156,7 +156,8 @@ def test_the_seed_is_the_most_confident_candidate_or_with_an_area_weight_the_one
 
 def test_tracking_that_lost_the_structure_falls_back_to_the_roi_on_every_slice_when_asked(monkeypatch):
     """``fixed_fallback``: where the tracked result and the ROI decoded on every slice disagree
-    (3D Dice below it), the latter is returned; where they agree, or with 0, the tracked one."""
+    (3D Dice below it), the latter is returned; where they agree, the voxels both keep; with 0,
+    the tracked one."""
     from dataclasses import replace
 
     from SAMFineTuneLib import tracking
@@ -169,6 +170,13 @@ def test_tracking_that_lost_the_structure_falls_back_to_the_roi_on_every_slice_w
     assert tracking.disagree({0: square}, {1: square}, 0.5)
     assert tracking.disagree({0: square}, {0: half}, 0.7) and not tracking.disagree({0: square}, {0: half}, 0.6)  # 2/3
     assert not tracking.disagree({0: empty}, {}, 0.5)
+    leak = square.copy()
+    leak[6, 2:6] = True
+    both, lost = tracking.checked_by_fixed({0: leak, 1: empty}, {0: square, 1: half, 2: square}, 0.5)
+    assert not lost and sorted(both) == [0, 1] and np.array_equal(both[0], square) and not both[1].any()
+    fixed_answer = {0: square}
+    returned, lost = tracking.checked_by_fixed({0: half}, fixed_answer, 0.7)
+    assert lost and returned is fixed_answer
     ct, label = make_ct_phantom(shape_kji=(12, 48, 48), spacing_xyz=(2.0, 2.0, 2.0), noise_hu=3.0, organ_hu=240.0)
     roi = bounding_box(label.array, (2, 2, 0))
     segmenter = Segmenter(OracleModel())
@@ -186,7 +194,7 @@ def test_tracking_that_lost_the_structure_falls_back_to_the_roi_on_every_slice_w
     assert "fixed_fallback" not in tracked.stats  # off by default
     segmenter.tracking = replace(segmenter.tracking, fixed_fallback=0.5)
     agreed = segmenter.segment(ct, roi, window=WINDOW, box_mode="tracked")
-    assert np.array_equal(agreed.mask, tracked.mask) and agreed.stats["fixed_fallback"] is False
+    assert np.array_equal(agreed.mask, tracked.mask & fixed) and agreed.stats["fixed_fallback"] is False
     lost["yes"] = True
     fell_back = segmenter.segment(ct, roi, window=WINDOW, box_mode="tracked")
     assert fell_back.stats["fixed_fallback"] is True and np.array_equal(fell_back.mask, fixed)
