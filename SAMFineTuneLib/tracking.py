@@ -43,8 +43,8 @@ class TrackingOptions:
     Training sets it for such adapters in their card, and ``fixed_fallback`` too: such an adapter
     also answers the ROI on every slice (box mode fixed) with the structure, so where that answer
     and the tracked result agree below this 3D Dice, tracking followed another tissue or stopped
-    early and the fixed answer is returned instead, while above it the voxels both answers keep
-    are (0: never checked; the base model fills the ROI on every slice). Following:
+    early and the fixed answer is returned instead; above it, only the voxels both answers keep
+    (0: never checked; the base model fills the ROI on every slice). Following:
     ``mask_prompt`` gives SAM the previous slice's logits with its box; ``min_score`` says the
     structure has ended where SAM's predicted IoU falls below it; ``patience`` is how many slices
     in a row may fail the rules before tracking gives up (gaps, re-entry). The defaults are the
