@@ -153,12 +153,11 @@ TRAINING_DEFAULTS: Dict[str, Any] = {"epochs": 6, "lr": 3e-3, "lora_dropout": 0.
 #: The tracking margins (``TrackingOptions.min_margin_px``) tried for a trained adapter on its
 #: validation cases, the default first (``training.tracking_choice``; docs/finetuning.md).
 ADAPTER_TRACKING_MARGINS_PX: Tuple[int, ...] = (TRACKING_DEFAULTS["min_margin_px"], 3, 4, 6)
-#: How an adapter trained on loose ROIs ranks its seed candidates (``TrackingOptions.seed_area_weight``):
-#: by predicted IoU x mask area, which kept tracking off the wrong tissue (docs/finetuning.md).
-ADAPTER_SEED_AREA_WEIGHT = 1.0
-#: Below this 3D Dice between its tracked result and its answer to the ROI on every slice, an
-#: adapter trained on loose ROIs returns the latter, above it what both keep (``TrackingOptions.fixed_fallback``).
-ADAPTER_FIXED_FALLBACK = 0.5
+#: How an adapter trained on loose ROIs tracks (``TrackingOptions``; docs/finetuning.md): its seed
+#: candidates ranked by predicted IoU x mask area, which kept tracking off the wrong tissue
+#: (``seed_area_weight``); and below a 3D Dice of ``fixed_fallback`` between its tracked result and
+#: its answer to the ROI on every slice, the latter, above it what both keep.
+ADAPTER_ROI_TRACKING: Dict[str, float] = {"seed_area_weight": 1.0, "fixed_fallback": 0.5}
 #: Voxels between a structure and the ROI it is segmented from when an adapter is judged from
 #: one ROI (a user draws it a little loose): the benchmarks' default and the tracking choice's.
 VALIDATION_ROI_MARGIN = 3

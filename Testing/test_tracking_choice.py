@@ -5,7 +5,7 @@ import json
 import pytest
 
 from SAMFineTuneLib import adapters, tracking
-from SAMFineTuneLib.catalogue import (ADAPTER_FIXED_FALLBACK, ADAPTER_SEED_AREA_WEIGHT, ADAPTER_TRACKING_MARGINS_PX,
+from SAMFineTuneLib.catalogue import (ADAPTER_ROI_TRACKING, ADAPTER_TRACKING_MARGINS_PX,
                                      TRACKING_DEFAULTS, VALIDATION_ROI_MARGIN)
 from SAMFineTuneLib.dataset import export_dataset, load_case, read_dataset
 from SAMFineTuneLib.phantom_lowcontrast import make_cases
@@ -41,8 +41,7 @@ def test_training_chooses_the_best_margin_on_the_validation_cases_and_the_card_c
     assert choice["structures"] == 2 and choice["roi_margin"] == VALIDATION_ROI_MARGIN
     best = max(choice["dice"].values())
     assert choice["dice"][str(choice["min_margin_px"])] == best
-    chosen = {"min_margin_px": choice["min_margin_px"], "seed_area_weight": ADAPTER_SEED_AREA_WEIGHT,
-              "fixed_fallback": ADAPTER_FIXED_FALLBACK}
+    chosen = {"min_margin_px": choice["min_margin_px"], **ADAPTER_ROI_TRACKING}
     assert adapted["card"]["inference"]["tracking"] == chosen
     with open(f"{adapted['output']}/model_card.json") as handle:
         assert json.load(handle)["inference"]["tracking"] == chosen
@@ -63,8 +62,7 @@ def test_the_best_margin_wins_the_default_wins_ties_and_the_model_is_left_as_it_
     expected = TRACKING_DEFAULTS["min_margin_px"] if scores[str(TRACKING_DEFAULTS["min_margin_px"])] == best \
         else first_best
     assert choice["min_margin_px"] == expected
-    assert choice["seed_area_weight"] == ADAPTER_SEED_AREA_WEIGHT  # trained on loose ROIs (the default mix)
-    assert choice["fixed_fallback"] == ADAPTER_FIXED_FALLBACK
+    assert {key: choice[key] for key in ADAPTER_ROI_TRACKING} == ADAPTER_ROI_TRACKING  # trained on loose ROIs
     no_roi = choose_tracking(litemedsam, litemedsam.mask_decoder, None, info, ["phantom100"],
                              TrainConfig(dataset=volumes, output="unused", window_margin=4, roi_prompts=0.0), None)
     assert no_roi["seed_area_weight"] == TRACKING_DEFAULTS["seed_area_weight"] == 0.0

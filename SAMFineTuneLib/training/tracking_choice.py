@@ -10,9 +10,10 @@ adapter and of the user's structure, so it is chosen on the run's own validation
 inference uses it: each case segmented from one loose ROI by the tracked mode, once per
 candidate (``catalogue.ADAPTER_TRACKING_MARGINS_PX``); ties keep the default. A 2D proxy (tracked
 boxes from the reference's neighbouring slice) always preferred the tightest box, so it is not
-used. An adapter trained on loose ROIs also ranks its seed candidates by area
-(``catalogue.ADAPTER_SEED_AREA_WEIGHT``), in the choice as in use. The choice goes into the model
-card (``inference.tracking``), which ``Segmenter`` honours.
+used. An adapter trained on loose ROIs also ranks its seed candidates by area and checks its
+tracked result by its answer to the ROI on every slice (``catalogue.ADAPTER_ROI_TRACKING``), in
+the choice as in use. The choice goes into the model card (``inference.tracking``), which
+``Segmenter`` honours.
 """
 from __future__ import annotations
 
@@ -23,8 +24,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from ..catalogue import (ADAPTER_FIXED_FALLBACK, ADAPTER_SEED_AREA_WEIGHT, ADAPTER_TRACKING_MARGINS_PX,
-                         TRACKING_DEFAULTS, VALIDATION_ROI_MARGIN)
+from ..catalogue import ADAPTER_ROI_TRACKING, ADAPTER_TRACKING_MARGINS_PX, TRACKING_DEFAULTS, VALIDATION_ROI_MARGIN
 from ..progress import check_cancel, report
 from .samples import embedding_key, read_embedding
 
@@ -46,8 +46,7 @@ def choose_tracking(model, decoder, prompt_encoder, info, cases: List[str], conf
         return None
     # An adapter trained on loose ROIs answers the ROI with the structure (tracking.TrackingOptions).
     answers_roi = config.roi_prompts > 0
-    ruled = {"seed_area_weight": ADAPTER_SEED_AREA_WEIGHT if answers_roi else TRACKING_DEFAULTS["seed_area_weight"],
-             "fixed_fallback": ADAPTER_FIXED_FALLBACK if answers_roi else TRACKING_DEFAULTS["fixed_fallback"]}
+    ruled = dict(ADAPTER_ROI_TRACKING) if answers_roi else {key: TRACKING_DEFAULTS[key] for key in ADAPTER_ROI_TRACKING}
     own = model.mask_decoder, model.prompt_encoder
     model.mask_decoder, model.prompt_encoder = decoder, prompt_encoder or own[1]
     try:
