@@ -2,16 +2,18 @@ r"""Correcting with clicks, measured the way interactive-segmentation papers do 
 
   python Testing/benchmarks/bench_clicks.py --dataset DIR [--dataset DIR ...] [--max-cases N]
       [--max-structures N] [--slices N] [--device cpu|cuda] [--latency-clicks N]
-      [--merge-labels] [--adapter DIR ...]
+      [--merge-labels] [--adapter DIR ...] [--min-area F]
 
 For each structure of each 3D case (images/, masks/, labels.json as in ../shared/data; without
 --dataset the built-in CT phantom) one ROI is drawn 3 voxels loose (1 slice along the axis) and
-segmented in the default tracked mode. Then, on up to --slices slices where the structure is
-present, a simulated user clicks (``refinement.simulated_click``: the centre of the largest error
-region, positive where missed, negative where leaked) and Dice is read after 0 (the tracked
-result), 1, 3 and 5 clicks, beside SAM's Dice with the reference's own box on that slice (the
-"oracle" box no user draws). Propagation: the slice where tracking got most pixels wrong is replaced by the
-reference (the user corrected it) and carried on through the ROI; its 3D Dice is compared with
+segmented in the default tracked mode. Then, on up to --slices slices spread over those where the
+structure is present (with ``--min-area``, only those where it covers that fraction of its
+largest slice: a one-pixel end scores all or nothing), a simulated user clicks
+(``refinement.simulated_click``: the centre of the largest error region, positive where missed,
+negative where leaked) and Dice is read after 0 (the tracked result), 1, 3 and 5 clicks, beside
+SAM's Dice with the reference's own box on that slice (the "oracle" box no user draws).
+Propagation: the slice where tracking got most pixels wrong is replaced by the reference (the
+user corrected it) and carried on through the ROI; its 3D Dice is compared with
 the tracked result's. Latency: one click through the background worker on a cached slice.
 
 With ``--adapter`` (repeatable) every structure is also measured with each adapter in place,
@@ -74,7 +76,9 @@ def structure_rows(args, segmenter, volume, label) -> Dict[str, object]:
     roi = _roi_box(label, 3, "axial")
     tracked = segmenter.segment(volume, roi).mask > 0
     present = [k for k in range(roi[2], roi[5] + 1) if label[k].any()]
-    picks = [present[int(i)] for i in np.linspace(0, len(present) - 1, min(args.slices, len(present)))]
+    areas = label.sum(axis=(1, 2))
+    clicked = [k for k in present if areas[k] >= args.min_area * areas.max()]
+    picks = [clicked[int(i)] for i in np.linspace(0, len(clicked) - 1, min(args.slices, len(clicked)))]
     curves = [click_curve(segmenter, volume, k, tracked[k], label[k]) for k in picks]
     oracle = [dice(oracle_box_mask(segmenter, volume, k, label[k]), label[k]) for k in picks]
     # The user corrects the slice where tracking got the most pixels wrong.
@@ -164,6 +168,9 @@ def main(argv=None) -> int:
     parser.add_argument("--max-cases", type=int, default=3)
     parser.add_argument("--max-structures", type=int, default=3)
     parser.add_argument("--slices", type=int, default=6, help="slices clicked on per structure")
+    parser.add_argument("--min-area", type=float, default=0.0,
+                        help="click only on slices where the structure covers at least this fraction of its "
+                             "largest slice (0: every slice, its one-pixel ends included)")
     parser.add_argument("--latency-clicks", type=int, default=20)
     parser.add_argument("--merge-labels", action="store_true", help="all labels as one structure")
     parser.add_argument("--adapter", action="append", default=[],
