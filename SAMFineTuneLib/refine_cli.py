@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="mask file to write (same geometry as the volume)")
     parser.add_argument("--propagate", action="store_true",
                         help="then carry the last corrected slice on through the volume (the clicked slices stay)")
+    parser.add_argument("--roi", nargs=6, type=int, metavar=("I0", "J0", "K0", "I1", "J1", "K1"),
+                        help="with --propagate: the ROI the structure was segmented from (segment's --box); the "
+                             "carried slices keep to it")
     add_model_arguments(parser)
     add_engine_arguments(parser)
     add_axis_argument(parser)
@@ -71,8 +74,17 @@ def main(args: argparse.Namespace) -> int:
     for i, j, k, _ in args.points:
         if not all(0 <= v < n for v, n in zip((k, j, i), volume.array.shape)):
             raise ValueError(f"the click ({i}, {j}, {k}) lies outside the volume's {volume.array.shape[::-1]} voxels")
+    from .propagation import limits
     from .refinement import refine_slice
-    from .segmenter import Segmenter
+    from .segmenter import Segmenter, validate_box
+
+    clicked = list(clicks_by_slice(args.points, args.axis))
+    if args.roi and not args.propagate:
+        raise ValueError("--roi says where --propagate may carry the slice: add --propagate, or leave --roi out")
+    roi = None if args.roi is None else validate_box(args.roi, volume.array.shape)
+    if roi is not None:
+        plane = imaging.extract_slice(mask, args.axis, clicked[-1]).shape
+        limits(roi, args.axis, clicked[-1], None, None, volume.array.shape[imaging.axis_index(args.axis)], plane)
 
     segmenter = Segmenter(args.model, checkpoint=args.checkpoint, device=args.device,
                           window_margin=args.decode_window, precision=args.precision, backend=args.backend)
@@ -88,7 +100,7 @@ def main(args: argparse.Namespace) -> int:
     if args.propagate:
         last = corrected[-1]
         result = segmenter.propagate(volume, args.axis, last, imaging.extract_slice(mask, args.axis, last),
-                                     locked=corrected, window=args.window)
+                                     locked=corrected, box=roi, window=args.window)
         for index in result.slices:
             imaging.place_slice(mask, args.axis, index, imaging.extract_slice(result.mask, args.axis, index))
         carried = result.slices

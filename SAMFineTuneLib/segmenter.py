@@ -13,10 +13,10 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from . import imaging, postprocess, tracking
+from . import imaging, postprocess, propagation, tracking
 from .cache import EmbeddingCache
 from .catalogue import AXES, BOX_MODES, SEGMENT_DEFAULTS
-from .decoding import Box2D, Decoded, SliceJob
+from .decoding import Box2D, SliceJob
 from .imaging import SliceGeometry
 from .models import SamModel, load_model
 from .progress import CancelFn, Cancelled, ProgressFn, check_cancel, report
@@ -385,6 +385,7 @@ class Segmenter:
         locked: Sequence[int] = (),
         first: Optional[int] = None,
         last: Optional[int] = None,
+        box: Optional[Sequence[int]] = None,
         window: str = "auto",
         spacing: Optional[Sequence[float]] = None,
         multimask: Optional[bool] = None,
@@ -392,7 +393,8 @@ class Segmenter:
         cancel: Optional[CancelFn] = None,
     ) -> SegmentationResult:
         """Carry a corrected 2D ``mask`` on slice ``index`` outwards in both directions, with
-        tracking's rules, between slices ``first`` and ``last`` (default: the whole volume).
+        tracking's rules, inside the 3D voxel ``box`` the structure was segmented from (default:
+        the whole volume), between slices ``first`` and ``last`` (``propagation``).
 
         A ``locked`` slice (one the user corrected) is never changed and ends propagation in its
         direction: past it, that slice's own correction is the better start. The result holds the
@@ -400,31 +402,17 @@ class Segmenter:
         """
         started = time.perf_counter()
         volume, multimask = self._prepare(volume, spacing, axis, multimask)
-        count = volume.array.shape[imaging.axis_index(axis)]
-        first, last = (0 if first is None else int(first)), (count - 1 if last is None else int(last))
-        if not 0 <= first <= int(index) <= last < count:
-            raise ValueError(f"propagation from slice {index} between slices {first} and {last} does not fit the "
-                             f"volume's {count} {axis} slices")
         source = SliceSource(volume, axis, window, self.model)
-        mask = np.asarray(mask) > 0
-        if mask.shape != source.geometry.shape:
-            raise ValueError(f"the corrected slice is {mask.shape}, the volume's {axis} slices "
-                             f"{source.geometry.shape}: send the segment's mask on that slice")
-        if not mask.any():
-            raise ValueError("the corrected slice is empty: correct it first, then propagate from it")
-        rows, cols = mask.shape
-        roi = (0, 0, cols - 1, rows - 1)
-        stops = set(int(i) for i in locked)
+        box = None if box is None else validate_box(box, volume.array.shape)
+        first, last, roi = propagation.limits(box, axis, index, first, last,
+                                              volume.array.shape[imaging.axis_index(axis)], source.geometry.shape)
+        mask = propagation.start_mask(mask, source.geometry.shape, axis, roi)
+        options = self.tracking_in_use
         job = self._job(source, multimask, progress, cancel, last - first)
-        masks: Dict[int, np.ndarray] = {}
-        for direction, end in ((1, last), (-1, first)):
-            ahead = []
-            for i in range(int(index) + direction, end + direction, direction):
-                if i in stops:
-                    break
-                ahead.append(i)
-            tracking.follow(job, ahead, Decoded(mask, 1.0), int(index), int(mask.sum()), roi, self.tracking_in_use,
-                            masks)
+        masks = propagation.carry(job, index, mask, first, last, locked, roi, options)
+        if box is not None and options.fixed_fallback > 0:
+            job.counter["total"] += len(masks)
+            masks = tracking.both_keep(masks, self._segment_boxes(job, {i: roi for i in masks}, roi))
         out = np.zeros(volume.array.shape, dtype=np.uint8)
         for i, plane in masks.items():
             imaging.place_slice(out, axis, i, plane)

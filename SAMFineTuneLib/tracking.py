@@ -199,7 +199,12 @@ def checked_by_fixed(tracked: Dict[int, np.ndarray], fixed: Dict[int, np.ndarray
     hippocampus adapters, docs/finetuning.md)."""
     if disagree(tracked, fixed, agreement):
         return fixed, True
-    return {index: (mask > 0) & (fixed[index] > 0) for index, mask in tracked.items()}, False
+    return both_keep(tracked, fixed), False
+
+
+def both_keep(tracked: Dict[int, np.ndarray], fixed: Dict[int, np.ndarray]) -> Dict[int, np.ndarray]:
+    """Each slice of ``tracked`` trimmed to what ``fixed`` also keeps there."""
+    return {index: (mask > 0) & (fixed[index] > 0) for index, mask in tracked.items()}
 
 
 def card_overrides(card: Dict, adapter_dir: str) -> Dict[str, object]:

@@ -94,11 +94,16 @@ def test_refine_clicks_a_slice_and_propagates_it(small_ct, tmp_path):
     js, is_ = np.nonzero(label.array[k])
     click = f"{int(np.median(is_))},{int(np.median(js))},{k},+1"
     out = str(tmp_path / "fixed.nii.gz")
-    done = run_cli("refine", "--volume", path, "--points", click, "--output", out, "--device", "cpu", "--propagate")
+    ks, js, is_ = np.nonzero(label.array)
+    roi = [is_.min() - 2, js.min() - 2, max(0, ks.min() - 1), is_.max() + 2, js.max() + 2, ks.max()]
+    done = run_cli("refine", "--volume", path, "--points", click, "--output", out, "--device", "cpu", "--propagate",
+                   "--roi", *[str(int(v)) for v in roi])
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["corrected"] == [k] and summary["propagated"] and k not in summary["propagated"]
+    assert roi[2] <= min(summary["propagated"]) and max(summary["propagated"]) <= roi[5]
     mask = read_volume(out).array
+    assert not mask[:, :, :roi[0]].any() and not mask[:, :roi[1]].any()
     overlap = 2 * np.logical_and(mask[k], label.array[k]).sum() / (mask[k].sum() + label.array[k].sum())
     assert overlap > 0.5 and mask[summary["propagated"]].any()
 
@@ -112,4 +117,10 @@ def test_refine_checks_its_clicks_before_the_model_loads(small_ct, tmp_path):
     assert done.returncode == 2 and "the click (5, 5, 30) lies outside the volume's (64, 64, 8) voxels" in done.stderr
     done = run_cli("refine", "--volume", path, "--points", "5,5,3", "--output", str(out))
     assert done.returncode == 2 and "a click is I,J,K,+1 or I,J,K,-1" in done.stderr
+    roi = ["10", "10", "2", "40", "40", "5"]
+    done = run_cli("refine", "--volume", path, "--points", "20,20,3,+1", "--output", str(out), "--roi", *roi)
+    assert done.returncode == 2 and "--roi says where --propagate may carry the slice" in done.stderr
+    done = run_cli("refine", "--volume", path, "--points", "20,20,7,+1", "--output", str(out), "--propagate",
+                   "--roi", *roi)
+    assert done.returncode == 2 and "propagation from slice 7 between slices 2 and 5 inside the ROI" in done.stderr
     assert not out.exists()

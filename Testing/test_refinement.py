@@ -187,6 +187,57 @@ def test_bad_propagation_requests_are_named(phantom):
         segmenter.propagate(ct, "axial", 7, label.array[7], first=9)
 
 
+def test_propagation_keeps_to_the_roi_it_is_given(phantom):
+    ct, label = phantom
+    segmenter = Segmenter(OracleModel())
+    box = (16, 8, 5, 30, 40, 9)  # i0, j0, k0, i1, j1, k1: slices 5-9, the ball's left half
+    result = segmenter.propagate(ct, "axial", 7, label.array[7], box=box)
+    assert set(result.slices) == {5, 6, 8, 9}
+    inside = np.zeros(label.array.shape, bool)
+    inside[5:10, 8:41, 16:31] = True
+    assert result.mask.any() and not result.mask[~inside].any()
+    assert np.array_equal(result.mask[[5, 6, 8, 9]] > 0, (label.array > 0)[[5, 6, 8, 9]] & inside[[5, 6, 8, 9]])
+    with pytest.raises(ValueError, match="between slices 5 and 9 inside the ROI does not fit"):
+        segmenter.propagate(ct, "axial", 11, label.array[11], box=box)
+    outside = np.zeros_like(label.array[7])
+    outside[20:24, 40:44] = 1
+    with pytest.raises(ValueError, match=r"the corrected slice is empty \(inside the ROI\)"):
+        segmenter.propagate(ct, "axial", 7, outside, box=box)
+
+
+class HalfOracle(OracleModel):
+    """Answers a box wider than ``WIDE`` model pixels (an ROI) with its left half only, as an
+    adapter's answer to a loose ROI may leave out what tracking from a corrected slice keeps."""
+
+    WIDE = 160
+
+    def decode(self, embeddings, boxes, multimask=False, decoder=None, window_margin=None):
+        logits, score = super().decode(embeddings, boxes, multimask, decoder, window_margin)
+        x = torch.arange(logits.shape[-1], dtype=torch.float32)
+        wide = (boxes[:, 2] - boxes[:, 0] > self.WIDE)[:, None]
+        right = wide & (x[None, :] > ((boxes[:, 0] + boxes[:, 2]) / 2)[:, None])
+        return torch.where(right[:, None, None, :], torch.full_like(logits, -20.0), logits), score
+
+
+def test_propagation_with_an_adapter_trained_on_loose_rois_keeps_what_its_answer_to_the_roi_keeps(phantom):
+    """TrackingOptions.fixed_fallback > 0 (such an adapter's card sets it): inside an ROI, the
+    carried slices are trimmed to the model's answer to the ROI on each slice, as tracked mode's."""
+    from SAMFineTuneLib.tracking import TrackingOptions
+
+    ct, label = phantom
+    box = (9, 1, 0, 51, 43, 13)  # the ball grown by about 10 voxels: wide enough for HalfOracle's rule
+    carried = {}
+    for fallback in (0.0, 0.5):
+        segmenter = Segmenter(HalfOracle(), tracking=TrackingOptions(fixed_fallback=fallback))
+        carried[fallback] = segmenter.propagate(ct, "axial", 7, label.array[7], box=box).mask > 0
+    right = np.zeros(label.array.shape, bool)
+    right[:, :, 31:] = True  # right of the ROI's middle column (30), where HalfOracle's answer to it is empty
+    assert (carried[0.0] & right).sum() > 100 and not (carried[0.5] & right).any()
+    assert (carried[0.5] & ~right).sum() == (carried[0.0] & ~right).sum() > 100
+    whole = Segmenter(HalfOracle(), tracking=TrackingOptions(fixed_fallback=0.5))
+    assert (whole.propagate(ct, "axial", 7, label.array[7]).mask[:, :, 31:] > 0).sum() > 100  # no ROI, no check
+
+
 @pytest.mark.slow
 def test_litemedsam_clicks_fix_a_missed_part_and_a_leak(litemedsam):
     """Real weights: a positive click in a missed region raises Dice, a negative one in a leak

@@ -47,6 +47,26 @@ def test_corrected_slices_are_kept_on_the_segment(scene):
     assert segment.GetTag(interactive.CORRECTED_TAG, tag) and str(tag) == "axial:1,3,4;coronal:12"
 
 
+def test_propagation_keeps_to_the_roi_the_segment_came_from_when_the_slice_lies_in_it(scene):
+    volume = addVolume(np.zeros(SHAPE, np.float32), GEOMETRIES["identity"])
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    segments.prepareSegmentation(node, volume)
+    segmentId = segments.ensureSegment(node, segmentName="liver")
+    segment = node.GetSegmentation().GetSegment(segmentId)
+    assert segments.sourceRoi(segment, scene) is None
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+    segments.rememberSourceRoi(node, segmentId, roi)
+    assert segments.sourceRoi(segment, scene) is roi
+    box = (4, 5, 1, 15, 14, 4)  # i0, j0, k0, i1, j1, k1
+    assert interactive.propagationBox(box, "axial", 3) == box
+    assert interactive.propagationBox(box, "axial", 5) is None  # a slice beyond the ROI: carried past it
+    assert interactive.propagationBox(box, "coronal", 14) == box and interactive.propagationBox(box, "coronal", 4) is None
+    assert interactive.propagationBox(box, "sagittal", 4) == box and interactive.propagationBox(box, "sagittal", 16) is None
+    assert interactive.propagationBox(None, "axial", 3) is None
+    scene.RemoveNode(roi)
+    assert segments.sourceRoi(segment, scene) is None
+
+
 class RefineClient(FakeWorkerClient):
     """Answers refine/propagate jobs; forgets its volumes when ``forget`` is set."""
 
@@ -100,6 +120,14 @@ def test_clicks_send_the_voxels_once_and_again_to_a_worker_that_lost_them(scene)
         session.refine("axial", 2, [(1, 1, True)], options={"model": "sam_vit_b"})
     with pytest.raises(ValueError, match="empty"):
         session.propagate("axial", 2, np.zeros(SHAPE[1:], np.uint8), options=options)
+    plane = np.zeros(SHAPE[1:], np.uint8)
+    plane[3:6, 4:8] = 1
+    carried = session.propagate("axial", 2, plane, locked=[4], box=(1, 2, 0, 20, 18, 5), options=options,
+                                onMask=lambda mask, result: masks.append(mask))
+    while carried.poll():
+        pass
+    assert client.jobs[-1].command == "propagate" and client.jobs[-1].params["box"] == [1, 2, 0, 20, 18, 5]
+    assert client.jobs[-1].params["locked"] == [4]
 
 
 # ----------------------------------------------------------------- the effect file, with stand-ins

@@ -117,6 +117,8 @@ def test_one_call_segment_creates_segmentation_and_segment_named_after_roi(scene
     assert call["box"] == (4, 5, 1, 15, 14, 4) and call["spacing"] == (1.0, 1.0, 3.0)
     assert call["options"]["window"] == "400/40" and call["options"]["model"] == "litemedsam"
     assert roi_state(roi) == before and scene.GetNodeByID(roi.GetID()) is roi  # the user's ROI is kept as is
+    # The SAM effect's Propagate keeps to the ROI the segment was made from.
+    assert segments.sourceRoi(node.GetSegmentation().GetSegment(task.segmentId), scene) is roi
 
 
 def test_the_message_says_when_tracking_fell_back_to_the_roi_on_every_slice(scene):

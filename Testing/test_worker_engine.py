@@ -127,6 +127,10 @@ def test_refine_and_propagate_through_the_worker_equal_in_process(client, phanto
     carried = carried["mask"]
     assert k not in result["slices"] and locked not in result["slices"] and not carried[k:].any()
     assert np.array_equal(carried, segmenter.propagate(ct, "axial", k, again, locked=[locked]).mask)
+    roi = list(box[:2]) + [k - 1] + list(box[3:5]) + [k]  # the ROI's rectangle, two slices
+    result, inside = client.run("propagate", dict(base, box=roi), {"mask": again}, timeout=600)
+    assert result["slices"] == [k - 1] and not inside["mask"][:k - 1].any() and not inside["mask"][k + 1:].any()
+    assert np.array_equal(inside["mask"], segmenter.propagate(ct, "axial", k, again, box=roi).mask)
 
     with pytest.raises(JobError, match="needs an array named 'mask'"):
         client.run("propagate", base, timeout=120)

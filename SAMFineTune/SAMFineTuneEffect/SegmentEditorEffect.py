@@ -15,7 +15,7 @@ import slicer
 import vtk
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
-from SAMFineTuneMRML import interactive, slices
+from SAMFineTuneMRML import geometry, interactive, segments, slices
 
 HELP = """<html>Correct the selected segment with Segment Anything, one slice at a time.<p><ul style="margin: 0">
 <li><b>Left click:</b> add a positive point (this is part of the structure).</li>
@@ -23,7 +23,8 @@ HELP = """<html>Correct the selected segment with Segment Anything, one slice at
 <li><b>Left drag:</b> draw a box around the structure on this slice.</li>
 <li><b>Escape:</b> forget this slice's points and box (the segment stays as it is).</li>
 <li><b>Propagate:</b> track the structure from the slice you corrected last through the volume, in both
-directions, without touching the slices you corrected.</li>
+directions, without touching the slices you corrected; inside the ROI the segment was made from, when that
+slice lies in it.</li>
 <li><b>Ctrl+Z</b> (the editor's Undo) takes back one click or one propagation.</li>
 </ul><p>Every click refines the slice where you click, starting from the previous click's result on it.
 The editor's masking settings apply: the editable area, the intensity range and whether other segments may
@@ -171,8 +172,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             session = self.ensureSession()
             segment = self.selectedSegment()
             locked = interactive.correctedSlices(segment).get(axis, set()) - {index}
+            roiNode = segments.sourceRoi(segment, slicer.mrmlScene)
+            roiBox = None if roiNode is None else geometry.roiToIJKBox(roiNode, session.volumeNode).box
             task = session.propagate(axis, index, self.currentSlice(axis, index), locked=locked,
-                                     options=self.options(),
+                                     box=interactive.propagationBox(roiBox, axis, index), options=self.options(),
                                      onMask=lambda mask, result: self.applySlices(
                                          axis, {i: mask.take(i, axis=slices.arrayAxis(axis))
                                                 for i in result.get("slices", []) if i not in locked}))

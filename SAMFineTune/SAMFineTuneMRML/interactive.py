@@ -10,7 +10,7 @@ checked.
 
 import vtk
 
-from . import geometry
+from . import geometry, slices
 from .options import MODEL_KEYS, checkOptions
 from .tasks import Task
 
@@ -112,16 +112,30 @@ class InteractiveSession:
         arrays = {"mask": startMask.astype("uint8")} if startMask is not None else None
         return ResultTask(self, "refine", params, arrays, onMask, onFinished)
 
-    def propagate(self, axis, index, mask, locked=(), limits=None, options=None, onMask=None, onFinished=None):
+    def propagate(self, axis, index, mask, locked=(), limits=None, box=None, options=None, onMask=None,
+                  onFinished=None):
         """Track the structure from a corrected slice ``mask`` outwards in both directions, within
-        ``limits`` (first, last slice; default the whole volume), never over ``locked`` slices."""
+        ``limits`` (first, last slice; default the whole volume) and the IJK ``box`` of the ROI the
+        segment came from (``propagationBox``), never over ``locked`` slices."""
         if not mask.any():
             raise ValueError("The slice to propagate from is empty: correct it first.")
         params = self.baseParams(axis, index, options or {})
         params.update(locked=sorted(int(i) for i in locked))
         if limits is not None:
             params.update(first=int(limits[0]), last=int(limits[1]))
+        if box is not None:
+            params.update(box=[int(v) for v in box])
         return ResultTask(self, "propagate", params, {"mask": mask.astype("uint8")}, onMask, onFinished)
+
+
+def propagationBox(roiBox, axis, index):
+    """The IJK box (i0, j0, k0, i1, j1, k1) a propagation from slice ``index`` keeps to: the ROI's,
+    when the slice lies among the ROI's slices; None (the whole volume) when the user corrected a
+    slice beyond them, to carry the structure past the ROI."""
+    if roiBox is None:
+        return None
+    along = 2 - slices.arrayAxis(axis)  # IJK position of the axis the slices step along
+    return tuple(roiBox) if roiBox[along] <= int(index) <= roiBox[along + 3] else None
 
 
 #: A press and release further apart than this (in view pixels) is a drag: a box, not a click.

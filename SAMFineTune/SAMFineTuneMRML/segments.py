@@ -15,6 +15,9 @@ from .geometry import linearTransformBetween, nodeName, volumeIJKToRAS
 
 #: Node reference from a segmentation to the volume it was made on (training cases use it).
 SOURCE_VOLUME_ROLE = "SAMFineTuneSourceVolume"
+#: Segment tag holding the ID of the ROI node the segment was last segmented from: the SAM effect
+#: propagates a corrected slice inside it.
+SOURCE_ROI_TAG = "SAMFineTune.SourceROI"
 
 
 def orientedImageFromMask(mask, volumeNode, segmentationNode):
@@ -142,3 +145,19 @@ class UndoHistory:
         if not history.IsRestoreNextStateAvailable():
             return False
         return bool(history.RestoreNextState())
+
+
+def rememberSourceRoi(segmentationNode, segmentId, roiNode):
+    """Tag the segment with the ROI it was segmented from (``SOURCE_ROI_TAG``)."""
+    segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
+    if segment is not None and roiNode is not None:
+        segment.SetTag(SOURCE_ROI_TAG, roiNode.GetID())
+
+
+def sourceRoi(segment, scene):
+    """The ROI node a segment was segmented from; None when it has none or the node is gone."""
+    text = vtk.reference("")  # vtkSegment::GetTag(tag, std::string& value)
+    if segment is None or not segment.GetTag(SOURCE_ROI_TAG, text):
+        return None
+    node = scene.GetNodeByID(str(text))
+    return node if node is not None and node.IsA("vtkMRMLMarkupsROINode") else None

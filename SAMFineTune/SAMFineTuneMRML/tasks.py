@@ -6,6 +6,7 @@ adds what happens on the Slicer side at the end, such as writing the mask into a
 an error there overrides the job's success. ``onFinished(task)`` is called once at the end.
 """
 
+from . import segments
 from .library import ensureLibraryImportable
 
 ensureLibraryImportable()
@@ -157,6 +158,7 @@ class SegmentTask(Task):
         """Write the mask (one undoable step)."""
         mask = arrays["mask"]
         self.logic.writeMask(mask, self.volumeNode, self.segmentationNode, self.segmentId, self.roiBox.box)
+        segments.rememberSourceRoi(self.segmentationNode, self.segmentId, self.roiNode)
         self.stats = dict(result.get("stats") or {}, voxels=int((mask > 0).sum()))
 
     def abandon(self):

@@ -18,7 +18,7 @@ from .jobs import SEGMENTER_KEYS, Result
 _SLICE_PARAMS: Dict[str, Any] = dict({key: catalogue.SEGMENT_DEFAULTS[key] for key in SEGMENTER_KEYS + ("window",)},
                                      axis="axial", index=None, spacing=None, volume_key=None)
 REFINE_PARAMS: Dict[str, Any] = dict(_SLICE_PARAMS, points=(), box=None, reset=False)
-PROPAGATE_PARAMS: Dict[str, Any] = dict(_SLICE_PARAMS, locked=(), first=None, last=None)
+PROPAGATE_PARAMS: Dict[str, Any] = dict(_SLICE_PARAMS, locked=(), first=None, last=None, box=None)
 
 
 class UnknownVolume(ValueError):
@@ -78,8 +78,8 @@ def propagate(core, job) -> Result:
     key, stored, volume, index = _stored(job, params, arrays)
     segmenter = core.get_segmenter(**{name: params[name] for name in SEGMENTER_KEYS})
     result = segmenter.propagate(volume, params["axis"], index, arrays["mask"], locked=params["locked"],
-                                 first=params["first"], last=params["last"], window=params["window"],
-                                 progress=job.progress, cancel=job.cancelled)
+                                 first=params["first"], last=params["last"], box=params["box"],
+                                 window=params["window"], progress=job.progress, cancel=job.cancelled)
     for slot in [slot for slot in stored.refined if slot[0] == params["axis"] and slot[1] in result.slices]:
         del stored.refined[slot]  # those slices changed: a click there starts from the new mask
     return ({"volume_key": key, "axis": params["axis"], "index": index, "slices": result.slices,

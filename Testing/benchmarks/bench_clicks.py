@@ -13,8 +13,8 @@ largest slice: a one-pixel end scores all or nothing), a simulated user clicks
 negative where leaked) and Dice is read after 0 (the tracked result), 1, 3 and 5 clicks, beside
 SAM's Dice with the reference's own box on that slice (the "oracle" box no user draws).
 Propagation: the slice where tracking got most pixels wrong is replaced by the reference (the
-user corrected it) and carried on through the ROI; its 3D Dice is compared with
-the tracked result's. Latency: one click through the background worker on a cached slice.
+user corrected it) and carried on inside the ROI (its slices and rectangle, ``Segmenter.propagate``'s
+``box``); its 3D Dice is compared with the tracked result's. Latency: one click through the background worker on a cached slice.
 
 With ``--adapter`` (repeatable) every structure is also measured with each adapter in place,
 side by side with the base model, on cases none of the adapters trained or validated on (their
@@ -83,7 +83,7 @@ def structure_rows(args, segmenter, volume, label) -> Dict[str, object]:
     oracle = [dice(oracle_box_mask(segmenter, volume, k, label[k]), label[k]) for k in picks]
     # The user corrects the slice where tracking got the most pixels wrong.
     worst = max(present, key=lambda k: int((tracked[k] != label[k]).sum()))
-    carried = segmenter.propagate(volume, "axial", worst, label[worst], first=roi[2], last=roi[5]).mask > 0
+    carried = segmenter.propagate(volume, "axial", worst, label[worst], box=roi).mask > 0
     carried[worst] = label[worst]
     return {"slices": len(picks), "curve": np.mean(curves, axis=0), "oracle": float(np.mean(oracle)),
             "tracked3d": dice(tracked, label), "propagated3d": dice(carried, label)}
