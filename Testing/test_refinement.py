@@ -66,18 +66,24 @@ def test_clicks_map_to_model_pixels_on_every_axis_and_aspect(phantom):
         assert dice(refined.mask & plane.astype(bool), refined.mask) > 0.9, axis
 
 
+def click_on_a_miss(phantom, missed_columns):
+    """The ball's middle slice with its rightmost ``missed_columns`` columns missed, corrected by
+    one simulated click with a box-trained model: (segmenter, reference, start, click, refined)."""
+    ct, label = phantom
+    segmenter = Segmenter(OracleModel())
+    reference = label.array[7] > 0
+    start = reference.copy()
+    start[:, np.nonzero(reference)[1].max() + 1 - missed_columns:] = False
+    click = simulated_click(start, reference)
+    return segmenter, reference, start, click, refine_slice(segmenter, ct, "axial", 7, [click], start_mask=start)
+
+
 def test_a_box_trained_model_gets_the_box_the_clicks_edit(phantom):
     """LiteMedSAM's decoder learned boxes only: a positive click grows the box to take in what was
     missed, a negative one moves the nearest edge past it and drops the piece it lies on."""
-    ct, label = phantom
-    segmenter = Segmenter(OracleModel())
-    k = 7
-    reference = label.array[k] > 0
+    segmenter, reference, half, (x, y, positive), fixed = click_on_a_miss(phantom, 12)  # the right half
     rows, cols = np.nonzero(reference)
-    half = reference.copy()
-    half[:, int(np.median(cols)):] = False  # the right half was missed
-    x, y, positive = simulated_click(half, reference)
-    fixed = refine_slice(segmenter, ct, "axial", k, [(x, y, positive)], start_mask=half)
+    ct, k = phantom[0], 7
     prompts = [entry for entry in segmenter.model.decode_log if entry[0] == "prompts"]
     assert positive and prompts and all(points is None and box is not None for _, points, box, _, _ in prompts)
     assert dice(fixed.mask, reference) > 0.94 > dice(half, reference) + 0.2
@@ -89,15 +95,7 @@ def test_a_box_trained_models_click_changes_the_mask_only_near_the_click(phantom
     a small miss does not take in the rest of what the edited box's decode adds."""
     from SAMFineTuneLib.refinement import CLICK_REACH
 
-    ct, label = phantom
-    segmenter = Segmenter(OracleModel())
-    k = 7
-    reference = label.array[k] > 0
-    rows, cols = np.nonzero(reference)
-    notched = reference.copy()
-    notched[:, cols.max() - 3:] = False  # a thin strip missed on the right, 4 pixels wide
-    x, y, positive = simulated_click(notched, reference)
-    fixed = refine_slice(segmenter, ct, "axial", k, [(x, y, positive)], start_mask=notched)
+    _, reference, notched, (x, y, positive), fixed = click_on_a_miss(phantom, 4)  # a thin strip on the right
     added = fixed.mask & ~notched
     ys, xs = np.nonzero(added)
     my, mx = np.nonzero(notched)
@@ -107,6 +105,26 @@ def test_a_box_trained_models_click_changes_the_mask_only_near_the_click(phantom
     # The strip reaches farther from the click than the change may: without the rule it was all added.
     assert np.hypot(xs - x, ys - y).max() <= CLICK_REACH * depth < np.hypot(missed_x - x, missed_y - y).max()
     assert added.sum() < (reference & ~notched).sum()
+
+
+def test_a_positive_click_the_decode_leaves_out_tries_boxes_around_it_only_away_from_the_mask(phantom):
+    """Next to the mask, a click the edited box's decode leaves outside it adds the round piece
+    reaching the mask (one decode); farther away, boxes around the click are tried as well."""
+    from SAMFineTuneLib.refinement import BOX_FALLBACK_DEPTH, CLICK_BOX_FRACTIONS
+
+    ct, label = phantom
+    k = 7
+    reference = label.array[k] > 0
+    rows, cols = np.nonzero(reference)
+    y = int(np.median(rows))
+    for gap, far in ((int(BOX_FALLBACK_DEPTH), False), (int(BOX_FALLBACK_DEPTH) + 4, True)):
+        segmenter = Segmenter(OracleModel())
+        x = cols.max() + gap  # in the dark beside the ball: the oracle finds nothing there
+        fixed = refine_slice(segmenter, ct, "axial", k, [(float(x), float(y), True)], start_mask=reference)
+        tried = [entry for entry in segmenter.model.decode_log if entry[0] == len(CLICK_BOX_FRACTIONS)]
+        assert bool(tried) == far
+        # Near: the round piece reaching the mask; far: the boxes' answer, nothing in the dark.
+        assert fixed.mask[y, x] != far and (fixed.mask & ~reference).sum() <= np.pi * (1.5 * gap + 1) ** 2
 
 
 def test_a_box_trained_model_whose_adapter_learned_clicks_gets_them_with_the_edited_box(phantom):
