@@ -37,24 +37,24 @@ def limits(box: Optional[Sequence[int]], axis: str, index: int, first: Optional[
 
 
 def start_mask(mask: np.ndarray, shape: Tuple[int, int], axis: str, roi: Box2D) -> np.ndarray:
-    """The corrected slice as booleans; a ValueError when it is not a mask of such a slice or
-    holds nothing inside the ROI."""
+    """The corrected slice inside the ROI's rectangle, as booleans; a ValueError when it is not a
+    mask of such a slice or holds nothing there."""
     mask = np.asarray(mask) > 0
     if mask.shape != tuple(shape):
         raise ValueError(f"the corrected slice is {mask.shape}, the volume's {axis} slices {tuple(shape)}: send "
                          "the segment's mask on that slice")
-    if not mask[roi[1]:roi[3] + 1, roi[0]:roi[2] + 1].any():
+    inside = np.zeros_like(mask)
+    inside[roi[1]:roi[3] + 1, roi[0]:roi[2] + 1] = mask[roi[1]:roi[3] + 1, roi[0]:roi[2] + 1]
+    if not inside.any():
         raise ValueError("the corrected slice is empty (inside the ROI): correct it first, then propagate from it")
-    return mask
+    return inside
 
 
 def carry(job: SliceJob, index: int, mask: np.ndarray, first: int, last: int, locked: Sequence[int], roi: Box2D,
           options: tracking.TrackingOptions) -> Dict[int, np.ndarray]:
-    """The masks carried from ``mask`` on slice ``index`` out to ``first`` and ``last``, stopping
-    before a locked slice and where tracking's rules say the structure ended."""
+    """The masks carried from ``mask`` (``start_mask``) on slice ``index`` out to ``first`` and
+    ``last``, stopping before a locked slice and where tracking's rules say the structure ended."""
     stops = set(int(i) for i in locked)
-    inside = np.zeros_like(mask)
-    inside[roi[1]:roi[3] + 1, roi[0]:roi[2] + 1] = mask[roi[1]:roi[3] + 1, roi[0]:roi[2] + 1]
     masks: Dict[int, np.ndarray] = {}
     for direction, end in ((1, last), (-1, first)):
         ahead = []
@@ -62,5 +62,5 @@ def carry(job: SliceJob, index: int, mask: np.ndarray, first: int, last: int, lo
             if i in stops:
                 break
             ahead.append(i)
-        tracking.follow(job, ahead, Decoded(inside, 1.0), int(index), int(inside.sum()), roi, options, masks)
+        tracking.follow(job, ahead, Decoded(mask, 1.0), int(index), int(mask.sum()), roi, options, masks)
     return masks

@@ -78,7 +78,8 @@ def main(args: argparse.Namespace) -> int:
     from .refinement import refine_slice
     from .segmenter import Segmenter, validate_box
 
-    clicked = list(clicks_by_slice(args.points, args.axis))
+    by_slice = clicks_by_slice(args.points, args.axis)
+    clicked = list(by_slice)
     if args.roi and not args.propagate:
         raise ValueError("--roi says where --propagate may carry the slice: add --propagate, or leave --roi out")
     roi = None if args.roi is None else validate_box(args.roi, volume.array.shape)
@@ -91,7 +92,7 @@ def main(args: argparse.Namespace) -> int:
     if args.adapter:
         segmenter.set_adapter(args.adapter)
     corrected = []
-    for index, points in clicks_by_slice(args.points, args.axis).items():
+    for index, points in by_slice.items():
         current = imaging.extract_slice(mask, args.axis, index)
         refined = refine_slice(segmenter, volume, args.axis, index, points, start_mask=current, window=args.window)
         imaging.place_slice(mask, args.axis, index, refined.mask.astype(np.uint8))
