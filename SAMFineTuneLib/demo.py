@@ -116,7 +116,7 @@ def finetune_part(args, output: str) -> None:
     report = evaluate(dataset, model="litemedsam", adapter=adapter, split="val", device=args.device,
                       plot_path=os.path.join(output, "finetune_scores.png"))
     print(format_table(report))
-    print(f"      adapter: {adapter} (best epoch {card.get('best_epoch')}; model card beside it)")
+    print(f"      adapter: {adapter} (epoch {card.get('best_epoch')} kept; model card beside it)")
 
 
 def main(args: argparse.Namespace) -> int:

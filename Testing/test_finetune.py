@@ -7,6 +7,7 @@ once, and save an adapter that reloads to the same scores. On the CPU it decodes
 about a minute on 2 CPU cores.
 """
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -18,7 +19,8 @@ import torch
 from SAMFineTuneLib import adapters
 from SAMFineTuneLib.dataset import export_dataset, read_dataset
 from SAMFineTuneLib.evaluate import evaluate
-from SAMFineTuneLib.training import RESUME_FILE, TrainConfig, config_from_args, train
+from SAMFineTuneLib.training import RESUME_FILE, TrainConfig, check_config, config_from_args, train
+from SAMFineTuneLib.training.optimisation import epochs_since_best, keeps_epoch
 from SAMFineTuneLib.phantom_lowcontrast import make_cases
 from SAMFineTuneLib.progress import Cancelled
 from SAMFineTuneLib.segmenter import DEFAULT_WINDOW_MARGIN
@@ -97,7 +99,11 @@ def test_loss_falls_and_history_is_recorded(trained):
     history = card["history"]
     assert [h["epoch"] for h in history] == list(range(1, 9))
     assert history[-1]["loss"] < 0.6 * history[0]["loss"]
-    assert trained["card"]["best_val_dice"] == max(h["val_dice"] for h in history)
+    # the latest epoch within keep_within of the best validation Dice is the one kept
+    best, within = max(h["val_dice"] for h in history), trained["card"]["hyperparameters"]["keep_within"]
+    kept = max(h["epoch"] for h in history if h["val_dice"] >= best - within)
+    assert trained["card"]["best_epoch"] == kept
+    assert trained["card"]["best_val_dice"] == history[kept - 1]["val_dice"]
     messages = [m for _, _, m in trained["events"]]
     assert any(m.startswith("epoch 8/8: loss") for m in messages)
     assert any(m.startswith("preparing slice") for m in messages)
@@ -309,6 +315,29 @@ def test_an_adapter_no_epoch_of_which_beats_the_base_model_leaves_the_base_model
     saved = load_file(str(tmp_path / adapters.ADAPTER_FILE))
     assert any("lora_B" in k for k in saved) and all(not v.any() for k, v in saved.items() if "lora_B" in k)
     assert any("no epoch beat the base model" in line for line in logs)
+
+
+def test_the_epoch_kept_is_the_latest_near_the_best_that_beats_the_base_model(tmp_path):
+    config = TrainConfig(dataset=str(tmp_path), output=str(tmp_path / "out"), keep_within=0.01)
+    base = 0.70
+    history = []
+    kept_epochs, new_bests = [], []
+    for epoch, dice in enumerate([0.69, 0.80, 0.83, 0.825, 0.79, 0.821, 0.85, 0.842], start=1):
+        kept, improved = keeps_epoch(dice, history, base, config)
+        kept_epochs += [epoch] if kept else []
+        new_bests += [epoch] if improved else []
+        history.append(dice)
+    # 0.69 loses to the base model; 0.825 and 0.821 lie within 0.01 of 0.83, 0.79 does not; 0.842
+    # lies within 0.01 of 0.85: it is kept, though only 0.85 set a new best
+    assert kept_epochs == [2, 3, 4, 6, 7, 8] and new_bests == [2, 3, 7]
+    entries = [{"val_dice": d} for d in history]
+    assert epochs_since_best(entries, base, config) == 1  # early stopping counts from the last new best
+    assert epochs_since_best(entries[:6], base, config) == 3
+    # within 0.01 of the best, but not above the base model: the base model stays
+    assert keeps_epoch(0.695, [0.70], 0.70, config) == (False, False)
+    assert keeps_epoch(0.60, [0.80], 0.70, dataclasses.replace(config, select_best=False)) == (True, True)
+    with pytest.raises(ValueError, match="keep_within must be >= 0"):
+        check_config(dataclasses.replace(config, keep_within=-0.1))
 
 
 def test_training_step_decodes_each_sample_in_the_window_of_its_own_box(litemedsam):

@@ -83,7 +83,7 @@ def main(args) -> int:
     card = train(config_from_args(args), progress=bar, log=bar.line)
     if int(os.environ.get("RANK", "0")) == 0:
         scores = card.get("scores", {})
-        print(f"adapter written to {os.path.abspath(args.output)} (best epoch {card['best_epoch']})")
+        print(f"adapter written to {os.path.abspath(args.output)} (epoch {card['best_epoch']} kept)")
         for name in ("base", "adapted"):
             if name in scores:
                 row = scores[name]

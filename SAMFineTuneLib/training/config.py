@@ -15,7 +15,7 @@ RESUME_KEYS = ("dataset", "model", "checkpoint", "lr", "weight_decay", "batch_si
                "lora_dropout", "targets", "train_prompt_encoder", "loss", "iou_loss_weight", "box_jitter",
                "point_prompts", "click_prompts", "tracked_prompts", "roi_prompts", "roi_margin", "end_slices",
                "seed", "axis", "window", "labels", "train_cases", "val_cases", "epochs",
-               "select_best", "window_margin")
+               "select_best", "keep_within", "window_margin")
 
 
 @dataclass
@@ -54,7 +54,10 @@ class TrainConfig:
     end_slices: int = TRAINING_DEFAULTS["end_slices"]
     warmup: float = 0.1  # share of all steps with linear warmup
     patience: int = 5  # epochs without a better validation Dice before stopping (0 = never stop early)
-    select_best: bool = True  # keep the best epoch by validation Dice (the base model is epoch 0); False: the last
+    # Keep the latest epoch whose validation Dice is within keep_within of the best so far and
+    # beats the base model's (epoch 0; training/optimisation.keeps_epoch); False: the last epoch.
+    select_best: bool = True
+    keep_within: float = TRAINING_DEFAULTS["keep_within"]
     min_delta: float = 1e-4
     seed: int = 0
     amp: bool = True  # bf16/fp16 autocast, CUDA only
@@ -95,6 +98,8 @@ def check_config(config: TrainConfig) -> None:
     if config.tracked_prompts + config.roi_prompts > 1.0:
         raise ValueError(f"tracked_prompts + roi_prompts must be <= 1 (the rest are reference boxes), got "
                          f"{config.tracked_prompts} + {config.roi_prompts}")
+    if config.keep_within < 0:
+        raise ValueError(f"keep_within must be >= 0, got {config.keep_within}")
     if config.roi_margin < 0 or config.end_slices < 0:
         raise ValueError(f"roi_margin and end_slices must be >= 0, got {config.roi_margin} and {config.end_slices}")
     from ..segmenter import check_window_margin

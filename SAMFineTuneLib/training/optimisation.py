@@ -1,8 +1,8 @@
-"""The loss and the learning-rate schedule of a fine-tuning run."""
+"""The loss, the learning-rate schedule and the choice of the epoch kept, of a fine-tuning run."""
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence, Tuple
 
 import torch
 
@@ -52,3 +52,30 @@ def lr_schedule(total_steps: int, warmup_share: float) -> Callable[[int], float]
         return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
+
+
+def keeps_epoch(val_dice: float, earlier: Sequence[float], base_dice: float, config: TrainConfig) -> Tuple[bool, bool]:
+    """(keep this epoch's adapter, it set a new best) for an epoch's validation Dice after the
+    ``earlier`` epochs'. The learning rate decays to nearly nothing by the last epoch, and a
+    converged adapter tracks from one ROI better than an earlier one whose reference-box Dice on a
+    few validation cases is a little higher (docs/finetuning.md, "Which epoch is kept"): so the
+    latest epoch within ``keep_within`` of the best so far is kept, provided it beats the base
+    model (epoch 0), which keeps a run on data SAM already segments well harmless."""
+    if not config.select_best:
+        return True, True
+    best = max([base_dice, *earlier])
+    improved = val_dice > best + config.min_delta
+    beats_base = val_dice > base_dice + config.min_delta
+    return beats_base and val_dice >= max(best, val_dice) - config.keep_within, improved
+
+
+def epochs_since_best(history: Sequence[dict], base_dice: float, config: TrainConfig) -> int:
+    """How many epochs of ``history`` came after the last new best (early stopping's count, as
+    ``keeps_epoch`` counts it)."""
+    if not config.select_best:
+        return 0
+    since = 0
+    for n, entry in enumerate(history):
+        since = 0 if keeps_epoch(entry["val_dice"], [h["val_dice"] for h in history[:n]], base_dice, config)[1] \
+            else since + 1
+    return since

@@ -1,5 +1,5 @@
 """What a run leaves on disk while it trains: after every epoch one folder (replaced as a whole,
-``folders.replace_folder``) with the best epoch's adapter, its model card, and
+``folders.replace_folder``) with the kept epoch's adapter, its model card, and
 ``OUTPUT/resume_state.pt``, everything needed to continue (LoRA and optimiser state, scheduler,
 random generators, history), which ``resume=True`` picks up after a crash or a cancel."""
 from __future__ import annotations
@@ -22,7 +22,7 @@ def state_copy(module) -> Optional[Dict[str, Any]]:
 
 def write_output(output: str, lock, peft_decoder, prompt_encoder, best: Dict[str, Any], card: Dict[str, Any],
                  resume: Optional[Dict[str, Any]]) -> None:
-    """Replace the output folder with the best epoch's adapter (not the current weights), the card
+    """Replace the output folder with the kept epoch's adapter (not the current weights), the card
     and the resume state: a reader sees the previous epoch's folder or this one, whole."""
     current = adapters.lora_state(peft_decoder)
     current_prompt = state_copy(prompt_encoder)
@@ -32,7 +32,7 @@ def write_output(output: str, lock, peft_decoder, prompt_encoder, best: Dict[str
             atomic_write(os.path.join(folder, RESUME_FILE), lambda temp: torch.save(resume, temp))
         adapters.save_adapter(folder, peft_decoder, card, prompt_encoder)  # the card last: the folder is complete
 
-    adapters.load_lora_state(peft_decoder, best["lora"], "best epoch")
+    adapters.load_lora_state(peft_decoder, best["lora"], "kept epoch")
     if prompt_encoder is not None and best["prompt"] is not None:
         prompt_encoder.load_state_dict(best["prompt"])
     try:
@@ -65,6 +65,6 @@ def read_resume(path: str, config: TrainConfig) -> Dict[str, Any]:
 
 
 def best_from(saved: Dict[str, Any]) -> Dict[str, Any]:
-    """The best epoch recorded in a resume state."""
+    """The kept epoch recorded in a resume state."""
     return {"epoch": int(saved["best_epoch"]), "dice": float(saved["best_dice"]), "lora": saved["best_lora"],
             "prompt": saved.get("best_prompt")}

@@ -36,7 +36,7 @@ from .config import RESUME_FILE, TrainConfig, check_config
 from .decoder_step import DecoderStep
 from .eta import Eta
 from .folders import FolderLock, check_output_folder, settle
-from .optimisation import iou_head_loss, loss_function, lr_schedule
+from .optimisation import epochs_since_best, iou_head_loss, keeps_epoch, loss_function, lr_schedule
 from .prediction import predict_masks
 from .prompts import PromptSampler
 from .samples import batch_embeddings, cache_dir_for, prepare
@@ -183,7 +183,7 @@ class Trainer:
             self.card = self._card()
             self.train_started = time.monotonic()
             self.eta = Eta(self.total_steps - (self.start_epoch - 1) * self.steps_per_epoch)
-            self.stale = sum(1 for h in self.history if h["epoch"] > self.best["epoch"])
+            self.stale = epochs_since_best(self.history, self.base_dice, config)
             for epoch in range(self.start_epoch, config.epochs + 1):
                 if config.patience and self.stale >= config.patience:
                     break
@@ -280,14 +280,14 @@ class Trainer:
         return prompt_boxes, points, logits
 
     def checkpoint(self, entry: Dict[str, Any]) -> bool:
-        """Record an epoch: keep its adapter when it is the best so far, replace the output folder
-        (rank 0) with the best adapter, the card and the resume state, report it. Returns whether
-        it improved."""
+        """Record an epoch: keep its adapter when ``keeps_epoch`` says so, replace the output folder
+        (rank 0) with the kept adapter, the card and the resume state, report it. Returns whether
+        it set a new best validation Dice."""
         config, epoch = self.config, entry["epoch"]
+        kept, improved = keeps_epoch(entry["val_dice"], [h["val_dice"] for h in self.history], self.base_dice, config)
         self.history.append(entry)
-        improved = entry["val_dice"] > self.best["dice"] + config.min_delta or not config.select_best
         self.stale = 0 if improved else self.stale + 1
-        if improved:
+        if kept:
             self.best = {"epoch": epoch, "dice": entry["val_dice"], "lora": adapters.lora_state(self.peft_decoder),
                          "prompt": state_copy(self.prompt_encoder)}
         self.card = self._card()
@@ -304,7 +304,7 @@ class Trainer:
         return improved
 
     def finish(self) -> Dict[str, Any]:
-        """Back to the best epoch's adapter; its scores (per validation case, base and adapted)
+        """Back to the kept epoch's adapter; its scores (per validation case, base and adapted)
         and the run's statistics in the card, which is written with the adapter (rank 0) and
         returned."""
         config, best, card = self.config, self.best, self.card
@@ -312,7 +312,7 @@ class Trainer:
             self.say(f"warning: no epoch beat the base model's validation Dice {self.base_dice:.4f} (best "
                      f"{max(h['val_dice'] for h in self.history):.4f}): the adapter written leaves the base model "
                      "as it is; train on more cases")
-        adapters.load_lora_state(self.peft_decoder, best["lora"], "best epoch")
+        adapters.load_lora_state(self.peft_decoder, best["lora"], "kept epoch")
         if self.prompt_encoder is not None and best["prompt"] is not None:
             self.prompt_encoder.load_state_dict(best["prompt"])
         card["stats"] = self._stats()
