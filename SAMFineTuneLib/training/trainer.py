@@ -183,9 +183,8 @@ class Trainer:
             self.card = self._card()
             self.train_started = time.monotonic()
             self.eta = Eta(self.total_steps - (self.start_epoch - 1) * self.steps_per_epoch)
-            self.stale = epochs_since_best(self.history, self.base_dice, config)
             for epoch in range(self.start_epoch, config.epochs + 1):
-                if config.patience and self.stale >= config.patience:
+                if config.patience and epochs_since_best(self.history, self.base_dice, config) >= config.patience:
                     break
                 self.checkpoint(self.run_epoch(epoch))
             return self.finish()
@@ -279,14 +278,12 @@ class Trainer:
                 points = clicks.as_points(made, size, boxes.device)
         return prompt_boxes, points, logits
 
-    def checkpoint(self, entry: Dict[str, Any]) -> bool:
+    def checkpoint(self, entry: Dict[str, Any]) -> None:
         """Record an epoch: keep its adapter when ``keeps_epoch`` says so, replace the output folder
-        (rank 0) with the kept adapter, the card and the resume state, report it. Returns whether
-        it set a new best validation Dice."""
+        (rank 0) with the kept adapter, the card and the resume state, report it."""
         config, epoch = self.config, entry["epoch"]
-        kept, improved = keeps_epoch(entry["val_dice"], [h["val_dice"] for h in self.history], self.base_dice, config)
+        kept, _ = keeps_epoch(entry["val_dice"], [h["val_dice"] for h in self.history], self.base_dice, config)
         self.history.append(entry)
-        self.stale = 0 if improved else self.stale + 1
         if kept:
             self.best = {"epoch": epoch, "dice": entry["val_dice"], "lora": adapters.lora_state(self.peft_decoder),
                          "prompt": state_copy(self.prompt_encoder)}
@@ -301,7 +298,6 @@ class Trainer:
                f"validation Dice {entry['val_dice']:.4f}{self._eta(done)}")
         self.say(f"epoch {epoch}: loss {entry['loss']:.4f} val Dice {entry['val_dice']:.4f} lr {entry['lr']:.2e} "
                  f"({entry['seconds']:.1f}s){self._eta(done)}")
-        return improved
 
     def finish(self) -> Dict[str, Any]:
         """Back to the kept epoch's adapter; its scores (per validation case, base and adapted)
