@@ -260,9 +260,12 @@ class Segmenter:
         slices, box2d = imaging.box_to_slices(box, axis)
         job = self._job(SliceSource(volume, axis, window, self.model, zoom_roi=box2d if zoom else None), *job_args)
         if box_mode == "tracked":
-            masks = tracking.track(job, list(slices), box2d, self.tracking_in_use)
-            if self.tracking_in_use.fixed_fallback > 0:
-                masks = self._checked_by_fixed(job, slices, box2d, masks, self.tracking_in_use.fixed_fallback)
+            options = self.tracking_in_use
+            masks = tracking.track(job, list(slices), box2d, options)
+            if options.fixed_fallback > 0:
+                masks = self._checked_by_fixed(job, slices, box2d, masks, options.fixed_fallback)
+            if options.own_box_px > 0:
+                masks = self._in_own_boxes(job, masks, box2d, options.own_box_px)
         else:
             masks = self._segment_boxes(job, {index: box2d for index in slices}, box2d)
         out = np.zeros(volume.array.shape, dtype=np.uint8)
@@ -277,6 +280,12 @@ class Segmenter:
         fixed = self._segment_boxes(job, {index: box2d for index in slices}, box2d)
         masks, job.counter["fixed_fallback"] = tracking.checked_by_fixed(tracked, fixed, agreement)
         return masks
+
+    def _in_own_boxes(self, job: SliceJob, masks: Dict[int, np.ndarray], roi: Box2D, px: int) -> Dict[int, np.ndarray]:
+        """Each non-empty slice of ``masks`` decoded again with its own box (``TrackingOptions.own_box_px``)."""
+        boxes = tracking.own_boxes(masks, roi, px)
+        job.counter["total"] += len(boxes)
+        return {**masks, **self._segment_boxes(job, boxes, roi)}
 
     def _segment_boxes(self, job: SliceJob, boxes: Mapping[int, Box2D], clip: Box2D) -> Dict[int, np.ndarray]:
         """Each slice decoded with its own box, masks clipped to ``clip``."""

@@ -44,7 +44,11 @@ class TrackingOptions:
     also answers the ROI on every slice (box mode fixed) with the structure, so where that answer
     and the tracked result agree below this 3D Dice, tracking followed another tissue or stopped
     early and the fixed answer is returned instead; above it, only the voxels both answers keep
-    (0: never checked; the base model fills the ROI on every slice). Following:
+    (0: never checked; the base model fills the ROI on every slice). ``own_box_px`` > 0 ends with
+    every kept slice decoded again with its own mask's box grown by that many pixels: tracking's box
+    comes from the neighbouring slice, and such an adapter, trained on jittered reference boxes,
+    answers best a box close around the structure (0: no such pass; the base model would grow into
+    the margin). Following:
     ``mask_prompt`` gives SAM the previous slice's logits with its box; ``min_score`` says the
     structure has ended where SAM's predicted IoU falls below it; ``patience`` is how many slices
     in a row may fail the rules before tracking gives up (gaps, re-entry). The defaults are the
@@ -70,6 +74,7 @@ class TrackingOptions:
     mask_prompt: bool = TRACKING_DEFAULTS["mask_prompt"]
     min_score: Optional[float] = TRACKING_DEFAULTS["min_score"]
     patience: int = TRACKING_DEFAULTS["patience"]
+    own_box_px: int = TRACKING_DEFAULTS["own_box_px"]
 
 
 def next_box(previous: np.ndarray, roi: Box2D, options: TrackingOptions) -> Box2D:
@@ -77,7 +82,19 @@ def next_box(previous: np.ndarray, roi: Box2D, options: TrackingOptions) -> Box2
     x0, y0, x1, y1 = imaging.mask_box(previous)
     grow_x = max(options.min_margin_px, int(round(options.margin * (x1 - x0 + 1))))
     grow_y = max(options.min_margin_px, int(round(options.margin * (y1 - y0 + 1))))
+    return grown_box((x0, y0, x1, y1), grow_x, grow_y, roi)
+
+
+def grown_box(box: Box2D, grow_x: int, grow_y: int, roi: Box2D) -> Box2D:
+    """``box`` grown by ``grow_x`` and ``grow_y`` pixels per side, kept inside ``roi``."""
+    x0, y0, x1, y1 = box
     return (max(roi[0], x0 - grow_x), max(roi[1], y0 - grow_y), min(roi[2], x1 + grow_x), min(roi[3], y1 + grow_y))
+
+
+def own_boxes(masks: Dict[int, np.ndarray], roi: Box2D, px: int) -> Dict[int, Box2D]:
+    """Each non-empty slice's own mask box grown by ``px`` inside the ROI
+    (``TrackingOptions.own_box_px``)."""
+    return {index: grown_box(imaging.mask_box(mask), px, px, roi) for index, mask in masks.items() if mask.any()}
 
 
 def keeps_tracking(decoded: Decoded, previous: np.ndarray, seed_area: int, plane: np.ndarray,

@@ -202,6 +202,36 @@ def test_tracking_that_lost_the_structure_falls_back_to_the_roi_on_every_slice_w
     assert segmenter.segment(ct, roi, window=WINDOW, box_mode="tracked").mask.sum() < fixed.sum() / 3
 
 
+def test_each_kept_slice_is_decoded_again_with_its_own_box_when_asked():
+    """``own_box_px``: after tracking, each non-empty slice is decoded once more with its own mask's
+    box grown by that many pixels inside the ROI, so what tracking's box (the neighbour's) cut off
+    comes back; 0 decodes nothing more."""
+    from dataclasses import replace
+
+    from SAMFineTuneLib import tracking
+
+    square = np.zeros((8, 8), bool)
+    square[2:6, 2:6] = True
+    assert tracking.own_boxes({0: square, 1: np.zeros_like(square)}, (0, 0, 7, 7), 1) == {0: (1, 1, 6, 6)}
+    assert tracking.own_boxes({0: square}, (3, 0, 7, 6), 3) == {0: (3, 0, 7, 6)}  # kept inside the ROI
+    ct, label = make_ct_phantom(shape_kji=(12, 48, 48), spacing_xyz=(2.0, 2.0, 2.0), noise_hu=3.0, organ_hu=240.0)
+    roi = bounding_box(label.array, (2, 2, 0))
+    # Seeded near an end with no margin, tracking never lets a mask grow past the seed's box.
+    cut = tracking.TrackingOptions(margin=0.0, min_margin_px=0, seed_candidates=1, seed_span=(0.2, 0.2))
+    results, decoded = {}, {}
+    for px in (0, 2):
+        model = OracleModel()
+        segmenter = Segmenter(model, tracking=replace(cut, own_box_px=px))
+        results[px] = segmenter.segment(ct, roi, window=WINDOW, box_mode="tracked", keep_largest=False,
+                                        fill_holes=False)
+        decoded[px] = sum(entry[0] for entry in model.decode_log)
+    kept = [k for k in results[0].slices if results[0].mask[k].any()]
+    assert len(kept) >= 6 and results[2].slices == results[0].slices
+    assert decoded[2] - decoded[0] == len(kept)  # one more decode per kept slice
+    assert dice(results[0].mask, label.array) < 0.98 < 0.99 < dice(results[2].mask, label.array)
+    assert (results[2].mask >= results[0].mask).all()  # the oracle's answer to a larger box holds the smaller's
+
+
 @pytest.mark.parametrize("axis", ["axial", "coronal"])
 def test_a_box_of_its_own_on_each_slice_segments_each_slice_inside_it(axis):
     """segment_boxes: the reference's own box on every slice it covers but its two end slices; the

@@ -150,6 +150,10 @@ def test_adapter_scores_become_a_table_and_a_case_is_compared_with_and_without_i
     assert comparison.trackingSummary(card) == (
         "It tracks with a 6 px margin and seeds by predicted IoU, and takes the ROI on every slice where tracking "
         "disagrees with it (3D Dice below 0.50). From one ROI it scored 3D Dice 0.781 on 5 validation structures.")
+    card["inference"]["tracking"].update(own_box_px=2)
+    assert comparison.trackingSummary(card).endswith(
+        "(3D Dice below 0.50). Each slice it keeps is decoded again with its own box grown by 2 px. From one ROI it "
+        "scored 3D Dice 0.781 on 5 validation structures.")
 
     client = TrainClient()
     logic = SAMFineTuneCoreLogic(worker=WorkerBackend(client=client))

@@ -53,7 +53,11 @@ def trackingSummary(card):
     fallback = chosen.get("fixed_fallback", 0)
     fallsBack = (", and takes the ROI on every slice where tracking disagrees with it (3D Dice below %.2f)" % fallback
                  if fallback > 0 else "")
-    return "It tracks with a %d px margin and seeds by %s%s.%s" % (chosen["min_margin_px"], seed, fallsBack, measured)
+    ownBox = chosen.get("own_box_px", 0)
+    redecodes = (" Each slice it keeps is decoded again with its own box grown by %d px." % ownBox if ownBox > 0
+                 else "")
+    return "It tracks with a %d px margin and seeds by %s%s.%s%s" % (chosen["min_margin_px"], seed, fallsBack, redecodes,
+                                                                  measured)
 
 
 def roiBoxAroundLabel(label, axis, margin=ROI_MARGIN):

@@ -31,7 +31,8 @@ from .samples import embedding_key, read_embedding
 
 def choose_tracking(model, decoder, prompt_encoder, info, cases: List[str], config, cache_dir: Optional[str],
                     progress=None, cancel=None) -> Optional[Dict[str, Any]]:
-    """The card's record of the choice: {"min_margin_px": chosen, "seed_area_weight", "fixed_fallback", "dice":
+    """The card's record of the choice: {"min_margin_px": chosen, "seed_area_weight", "fixed_fallback",
+    "own_box_px", "dice":
     {candidate: mean 3D Dice}, "roi_margin", "structures"}; None when no validation case spans 3 slices along the
     axis (2D images: there is nothing to track). ``decoder`` (and a trained ``prompt_encoder``,
     or None) stand in for the model's own while it runs; the model is left as it was."""
@@ -75,7 +76,7 @@ def choose_tracking(model, decoder, prompt_encoder, info, cases: List[str], conf
 
 
 #: The tracking options ``choose_tracking`` decides, which the card carries to the Segmenter.
-CHOSEN_OPTIONS = ("min_margin_px", "seed_area_weight", "fixed_fallback")
+CHOSEN_OPTIONS = ("min_margin_px", "seed_area_weight", "fixed_fallback", "own_box_px")
 
 
 def card_tracking(choice: Dict[str, Any]) -> Dict[str, Any]:
