@@ -422,6 +422,8 @@ class Segmenter:
         if box is not None and options.fixed_fallback > 0:
             job.counter["total"] += len(masks)
             masks = tracking.both_keep(masks, self._segment_boxes(job, {i: roi for i in masks}, roi))
+        if options.own_box_px > 0:
+            masks = self._in_own_boxes(job, masks, roi, options.own_box_px)
         out = np.zeros(volume.array.shape, dtype=np.uint8)
         for i, plane in masks.items():
             imaging.place_slice(out, axis, i, plane)

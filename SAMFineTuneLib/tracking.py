@@ -44,11 +44,11 @@ class TrackingOptions:
     also answers the ROI on every slice (box mode fixed) with the structure, so where that answer
     and the tracked result agree below this 3D Dice, tracking followed another tissue or stopped
     early and the fixed answer is returned instead; above it, only the voxels both answers keep
-    (0: never checked; the base model fills the ROI on every slice). ``own_box_px`` > 0 ends with
-    every kept slice decoded again with its own mask's box grown by that many pixels: tracking's box
-    comes from the neighbouring slice, and such an adapter, trained on jittered reference boxes,
-    answers best a box close around the structure (0: no such pass; the base model would grow into
-    the margin). Following:
+    (0: never checked; the base model fills the ROI on every slice). ``own_box_px`` > 0 ends tracking
+    and propagation with every kept slice decoded again with its own mask's box grown by that many
+    pixels: tracking's box comes from the neighbouring slice, and such an adapter, trained on
+    jittered reference boxes, answers best a box close around the structure (0: no such pass; the
+    base model would grow into the margin). Following:
     ``mask_prompt`` gives SAM the previous slice's logits with its box; ``min_score`` says the
     structure has ended where SAM's predicted IoU falls below it; ``patience`` is how many slices
     in a row may fail the rules before tracking gives up (gaps, re-entry). The defaults are the

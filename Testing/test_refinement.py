@@ -212,6 +212,26 @@ def test_propagation_never_changes_a_locked_slice_nor_crosses_it(phantom):
     assert min(result.slices) == present[0] + 1 and not result.mask[:present[0] + 1].any()
 
 
+def test_propagation_ends_with_each_carried_slice_in_its_own_box_when_asked_and_still_keeps_locked_ones(phantom):
+    """``TrackingOptions.own_box_px`` (an adapter trained on loose ROIs): each carried slice is
+    decoded once more with its own mask's box; the corrected and the locked slices stay untouched."""
+    from SAMFineTuneLib.tracking import TrackingOptions
+
+    ct, label = phantom
+    present = [i for i in range(label.array.shape[0]) if label.array[i].any()]
+    k, locked = present[len(present) // 2], present[len(present) // 2 + 2]
+    runs = {}
+    for px in (0, 2):
+        model = OracleModel()
+        result = Segmenter(model, tracking=TrackingOptions(own_box_px=px)).propagate(ct, "axial", k, label.array[k],
+                                                                                     locked=[locked])
+        runs[px] = result, sum(entry[0] for entry in model.decode_log if isinstance(entry[0], int))
+    (plain, plain_decodes), (own, own_decodes) = runs[0], runs[2]
+    assert own.slices == plain.slices and locked not in own.slices and not own.mask[[k, locked]].any()
+    assert own_decodes - plain_decodes == sum(1 for i in plain.slices if plain.mask[i].any())
+    assert dice(own.mask, label.array) >= dice(plain.mask, label.array) > 0.5
+
+
 def test_bad_propagation_requests_are_named(phantom):
     ct, label = phantom
     segmenter = Segmenter(OracleModel())
