@@ -56,8 +56,8 @@ def trackingSummary(card):
     ownBox = chosen.get("own_box_px", 0)
     redecodes = (" Each slice it keeps is decoded again with its own box grown by %d px." % ownBox if ownBox > 0
                  else "")
-    return "It tracks with a %d px margin and seeds by %s%s.%s%s" % (chosen["min_margin_px"], seed, fallsBack, redecodes,
-                                                                  measured)
+    return "It tracks with a %d px margin and seeds by %s%s.%s%s" % (chosen["min_margin_px"], seed, fallsBack,
+                                                                  redecodes, measured)
 
 
 def roiBoxAroundLabel(label, axis, margin=ROI_MARGIN):
