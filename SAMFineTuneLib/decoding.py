@@ -9,13 +9,13 @@ encoder and ``models.run_transformer`` directly, as ``SamModel.decode`` takes bo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from . import models
-from .progress import CancelFn, ProgressFn, report
+from .progress import CancelFn, ProgressFn, check_cancel, report
 
 Box2D = Tuple[int, int, int, int]
 
@@ -101,6 +101,22 @@ class SliceJob:
             logits = geometry.logits_to_slices(model.upscale_logits(low_res)[:, 0])
         return [Decoded(mask, float(score), int(pick), low_res[n]) for n, (mask, score, pick)
                 in enumerate(zip(self._paste(logits, clip), iou.tolist(), place.tolist()))]
+
+    def decode_boxes(self, boxes: Mapping[int, Box2D], clip: Box2D) -> Dict[int, np.ndarray]:
+        """Each slice {index: box} decoded with its own box, masks clipped to ``clip``; embeddings
+        are fetched a few batches at a time, so cancel is checked between chunks."""
+        masks: Dict[int, np.ndarray] = {}
+        slices = list(boxes)
+        step = self.batch_size * 2
+        for start in range(0, len(slices), step):
+            chunk = slices[start:start + step]
+            embeddings = self.embed(chunk)
+            check_cancel(self.cancel)
+            decoded = self.decode([embeddings[i] for i in chunk], [boxes[i] for i in chunk], clip)
+            for index, result in zip(chunk, decoded):
+                masks[index] = result.mask
+            self.step(len(chunk), f"segmented slice {chunk[-1]}")
+        return masks
 
     def _paste(self, logits: torch.Tensor, clip: Box2D) -> List[np.ndarray]:
         """Logits on the crop's pixels -> boolean masks on the whole slice, inside ``clip`` only."""

@@ -16,7 +16,7 @@ import torch
 from . import imaging, postprocess, propagation, tracking
 from .cache import EmbeddingCache
 from .catalogue import AXES, BOX_MODES, SEGMENT_DEFAULTS
-from .decoding import Box2D, SliceJob
+from .decoding import SliceJob
 from .imaging import SliceGeometry
 from .models import SamModel, load_model
 from .progress import CancelFn, Cancelled, ProgressFn, check_cancel, report
@@ -94,6 +94,14 @@ def validate_box(box: Sequence, shape_kji: Sequence[int]) -> Tuple[int, ...]:
         if lo < 0 or hi >= limits[name]:
             raise ValueError(f"box is outside the volume along {name}: {lo}..{hi}, valid 0..{limits[name] - 1}")
     return (i0, j0, k0, i1, j1, k1)
+
+
+def stacked(shape: Sequence[int], axis: str, masks: Mapping[int, np.ndarray]) -> np.ndarray:
+    """Masks by slice index along ``axis`` -> one uint8 volume of ``shape``."""
+    out = np.zeros(tuple(shape), dtype=np.uint8)
+    for index, plane in masks.items():
+        imaging.place_slice(out, axis, index, plane)
+    return out
 
 
 class Segmenter:
@@ -260,47 +268,10 @@ class Segmenter:
         slices, box2d = imaging.box_to_slices(box, axis)
         job = self._job(SliceSource(volume, axis, window, self.model, zoom_roi=box2d if zoom else None), *job_args)
         if box_mode == "tracked":
-            options = self.tracking_in_use
-            masks = tracking.track(job, list(slices), box2d, options)
-            if options.fixed_fallback > 0:
-                masks = self._checked_by_fixed(job, slices, box2d, masks, options.fixed_fallback)
-            if options.own_box_px > 0:
-                masks = self._in_own_boxes(job, masks, box2d, options.own_box_px)
+            masks = tracking.tracked_mode(job, list(slices), box2d, self.tracking_in_use)
         else:
-            masks = self._segment_boxes(job, {index: box2d for index in slices}, box2d)
-        out = np.zeros(volume.array.shape, dtype=np.uint8)
-        for index, plane in masks.items():
-            imaging.place_slice(out, axis, index, plane)
-        return out, sorted(masks)
-
-    def _checked_by_fixed(self, job: SliceJob, slices, box2d: Box2D, tracked: Dict[int, np.ndarray],
-                          agreement: float) -> Dict[int, np.ndarray]:
-        """``tracked`` checked against the ROI decoded on every slice (``tracking.checked_by_fixed``)."""
-        job.counter["total"] += len(slices)
-        fixed = self._segment_boxes(job, {index: box2d for index in slices}, box2d)
-        masks, job.counter["fixed_fallback"] = tracking.checked_by_fixed(tracked, fixed, agreement)
-        return masks
-
-    def _in_own_boxes(self, job: SliceJob, masks: Dict[int, np.ndarray], roi: Box2D, px: int) -> Dict[int, np.ndarray]:
-        """Each non-empty slice of ``masks`` decoded again with its own box (``TrackingOptions.own_box_px``)."""
-        boxes = tracking.own_boxes(masks, roi, px)
-        job.counter["total"] += len(boxes)
-        return {**masks, **self._segment_boxes(job, boxes, roi)}
-
-    def _segment_boxes(self, job: SliceJob, boxes: Mapping[int, Box2D], clip: Box2D) -> Dict[int, np.ndarray]:
-        """Each slice decoded with its own box, masks clipped to ``clip``."""
-        masks: Dict[int, np.ndarray] = {}
-        slices = list(boxes)
-        step = self.batch_size * 2
-        for start in range(0, len(slices), step):
-            chunk = slices[start:start + step]
-            embeddings = job.embed(chunk)
-            check_cancel(job.cancel)
-            decoded = job.decode([embeddings[i] for i in chunk], [boxes[i] for i in chunk], clip)
-            for index, result in zip(chunk, decoded):
-                masks[index] = result.mask
-            job.step(len(chunk), f"segmented slice {chunk[-1]}")
-        return masks
+            masks = job.decode_boxes({index: box2d for index in slices}, box2d)
+        return stacked(volume.array.shape, axis, masks), sorted(masks)
 
     # ------------------------------------------------------------ public entry
 
@@ -309,7 +280,8 @@ class Segmenter:
         validate_volume(volume)
         imaging.axis_index(axis)
         if multimask is None:
-            multimask = self.model.spec.multimask_default if self._adapter_multimask is None else self._adapter_multimask
+            learned = self._adapter_multimask
+            multimask = self.model.spec.multimask_default if learned is None else learned
         return volume, bool(multimask)
 
     def segment(
@@ -378,12 +350,9 @@ class Segmenter:
         box = validate_box(box, volume.array.shape)
         job = self._job(SliceSource(volume, axis, window, self.model), multimask, progress, cancel, len(boxes))
         clip = imaging.box_to_slices(box, axis)[1]
-        masks = self._segment_boxes(job, {int(i): tuple(int(v) for v in b) for i, b in sorted(boxes.items())}, clip)
-        out = np.zeros(volume.array.shape, dtype=np.uint8)
-        for index, plane in masks.items():
-            imaging.place_slice(out, axis, index, plane)
-        return self._result(volume, axis, box, out, sorted(masks), job.counter, progress, keep_largest, fill_holes,
-                            started)
+        masks = job.decode_boxes({int(i): tuple(int(v) for v in b) for i, b in sorted(boxes.items())}, clip)
+        return self._result(volume, axis, box, stacked(volume.array.shape, axis, masks), sorted(masks), job.counter,
+                            progress, keep_largest, fill_holes, started)
 
     def propagate(
         self,
@@ -421,17 +390,14 @@ class Segmenter:
         masks = propagation.carry(job, index, mask, first, last, locked, roi, options)
         if box is not None and options.fixed_fallback > 0:
             job.counter["total"] += len(masks)
-            masks = tracking.both_keep(masks, self._segment_boxes(job, {i: roi for i in masks}, roi))
+            masks = tracking.both_keep(masks, job.decode_boxes({i: roi for i in masks}, roi))
         if options.own_box_px > 0:
-            masks = self._in_own_boxes(job, masks, roi, options.own_box_px)
-        out = np.zeros(volume.array.shape, dtype=np.uint8)
-        for i, plane in masks.items():
-            imaging.place_slice(out, axis, i, plane)
+            masks = tracking.in_own_boxes(job, masks, roi, options.own_box_px)
         counter = job.counter
         report(progress, counter["total"], counter["total"], "done")
         stats = {"encoded": counter["encoded"], "cache_hits": counter["cache_hits"], "slices": len(masks),
                  "seconds": time.perf_counter() - started}
-        return SegmentationResult(out, sorted(masks), stats)
+        return SegmentationResult(stacked(volume.array.shape, axis, masks), sorted(masks), stats)
 
     @staticmethod
     def _result(volume: Volume, axis: str, box, out: np.ndarray, kept: List[int], counter: Dict[str, float],

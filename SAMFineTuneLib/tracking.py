@@ -195,6 +195,26 @@ def track(job: SliceJob, slices: List[int], roi: Box2D, options: TrackingOptions
     return masks
 
 
+def tracked_mode(job: SliceJob, slices: List[int], roi: Box2D, options: TrackingOptions) -> Dict[int, np.ndarray]:
+    """The tracked box mode: ``track``, then the checks ``options`` turn on (the ROI decoded on
+    every slice, each kept slice decoded again in its own box)."""
+    masks = track(job, slices, roi, options)
+    if options.fixed_fallback > 0:
+        job.counter["total"] += len(slices)
+        fixed = job.decode_boxes({index: roi for index in slices}, roi)
+        masks, job.counter["fixed_fallback"] = checked_by_fixed(masks, fixed, options.fixed_fallback)
+    if options.own_box_px > 0:
+        masks = in_own_boxes(job, masks, roi, options.own_box_px)
+    return masks
+
+
+def in_own_boxes(job: SliceJob, masks: Dict[int, np.ndarray], roi: Box2D, px: int) -> Dict[int, np.ndarray]:
+    """Each non-empty slice of ``masks`` decoded again with its own box (``TrackingOptions.own_box_px``)."""
+    boxes = own_boxes(masks, roi, px)
+    job.counter["total"] += len(boxes)
+    return {**masks, **job.decode_boxes(boxes, roi)}
+
+
 def disagree(first: Dict[int, np.ndarray], second: Dict[int, np.ndarray], agreement: float) -> bool:
     """Whether two results, masks by slice, overlap below ``agreement`` 3D Dice (two empty ones agree)."""
     from .metrics import dice_score

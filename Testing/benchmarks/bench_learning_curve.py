@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from curve_data import DiskEncoder, as_dataset, prefill  # noqa: E402
 
+from SAMFineTuneLib.adapters import read_model_card  # noqa: E402
 from SAMFineTuneLib.catalogue import BACKENDS, BOX_MODES, ENGINE_DEFAULTS, VALIDATION_ROI_MARGIN  # noqa: E402
 from SAMFineTuneLib.dataset import read_dataset  # noqa: E402
 from SAMFineTuneLib.evaluate import score_from_boxes, score_from_roi  # noqa: E402
@@ -131,10 +132,12 @@ class Bench:
         config = TrainConfig(dataset=self.root, output=output, train_cases=train_ids, val_cases=self.val_ids,
                              seed=self.args.seed, device=self.args.device, **overrides)
         started = time.monotonic()
-        trainer = Trainer(config, model=self.model, log=lambda text: print(f"  [{tag}] {text}", file=sys.stderr))
-        if full:
-            unfreeze_decoder(trainer)
-        card = trainer.fit()
+        card = self.trained_card(output, train_ids) if self.args.reuse and not full else None
+        if card is None:
+            trainer = Trainer(config, model=self.model, log=lambda text: print(f"  [{tag}] {text}", file=sys.stderr))
+            if full:
+                unfreeze_decoder(trainer)
+            card = trainer.fit()
         wall = time.monotonic() - started
         if full:
             box, roi = self.score_decoder(trainer.peft_decoder.merge_and_unload())
@@ -148,6 +151,20 @@ class Bench:
                 "best_epoch": card["best_epoch"], "epochs_run": len(card["history"]),
                 "val_dice": card["best_val_dice"], "overrides": {k: list(v) if isinstance(v, tuple) else v
                                                                  for k, v in dict(overrides, full_decoder=full).items()}}
+
+    def trained_card(self, output, train_ids):
+        """The card of an adapter ``output`` already holds, trained by this seed on ``train_ids``
+        (``--reuse``: an interrupted curve goes on where it stopped); None when it must be trained."""
+        try:
+            card = read_model_card(output)
+        except (OSError, ValueError):
+            return None
+        same = (card["dataset"]["train_cases"] == list(train_ids)
+                and card["dataset"]["val_cases"] == list(self.val_ids)
+                and card["hyperparameters"].get("seed") == self.args.seed)
+        if same:
+            print(f"  reusing {output} (trained before, epoch {card['best_epoch']} kept)", file=sys.stderr)
+        return card if same else None
 
     def score_decoder(self, decoder):
         """Box and ROI scores of the model with ``decoder`` in place of its own (restored after)."""
@@ -324,6 +341,8 @@ def main(argv=None):
     parser.add_argument("--adapter", action="append", default=[], help="modes: an adapter folder (repeat)")
     parser.add_argument("--box-modes", nargs="+", default=["tracked", "fixed"], choices=list(BOX_MODES),
                         help="modes: the box modes to score")
+    parser.add_argument("--reuse", action="store_true",
+                        help="score an adapter already in --work for the same seed and cases instead of training it")
     parser.add_argument("--json", help="write every result here")
     parser.add_argument("--png", help="curve: write the plot here")
     args = parser.parse_args(argv)
