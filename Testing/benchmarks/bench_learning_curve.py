@@ -133,12 +133,13 @@ class Bench:
                              seed=self.args.seed, device=self.args.device, **overrides)
         started = time.monotonic()
         card = self.trained_card(output, train_ids) if self.args.reuse and not full else None
+        wall = None  # a reused adapter's training time is in its first run's JSON, not here
         if card is None:
             trainer = Trainer(config, model=self.model, log=lambda text: print(f"  [{tag}] {text}", file=sys.stderr))
             if full:
                 unfreeze_decoder(trainer)
             card = trainer.fit()
-        wall = time.monotonic() - started
+            wall = time.monotonic() - started
         if full:
             box, roi = self.score_decoder(trainer.peft_decoder.merge_and_unload())
         else:
@@ -191,7 +192,7 @@ def unfreeze_decoder(trainer):
 
 
 def mean(values):
-    values = list(values)
+    values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else float("nan")
 
 
@@ -210,7 +211,7 @@ def curve(bench, args):
             result.update(n=n, draw=draw)
             results.append(result)
             print(f"N={n} draw {draw}: box {result['box']['dice']:.4f} ROI {result['roi']['dice']:.4f} "
-                  f"({result['wall_seconds']:.0f} s)", file=sys.stderr, flush=True)
+                  f"({mean([result['wall_seconds']]):.0f} s)", file=sys.stderr, flush=True)
             save_json(args, bench, base, results)
     lines = curve_table(bench, base, results, args)
     print("\n".join(lines))
@@ -224,12 +225,13 @@ def curve_table(bench, base, results, args):
              f"{args.draws} draws per N, ROI = reference box + {args.roi_margin} voxels, tracked; settings "
              f"{' '.join(args.set) or 'defaults'}",
              "| N training cases | base, box | adapted, box (draws: mean, min-max) | base, one ROI | adapted, one ROI | "
-             "training time (prepare + train, s) |", "|---:|---:|---:|---:|---:|---:|"]
+             "training time (prepare + train, s) | whole run (s) |", "|---:|---:|---:|---:|---:|---:|---:|"]
     for n in args.n:
         rows = [r for r in results if r["n"] == n]
         lines.append(f"| {n} | {base['box']['mean']['dice']:.3f} | {spread(r['box']['dice'] for r in rows)} | "
                      f"{base['roi']['mean']['dice']:.3f} | {spread(r['roi']['dice'] for r in rows)} | "
-                     f"{mean(r['seconds_prepare'] for r in rows):.0f} + {mean(r['seconds_train'] for r in rows):.0f} |")
+                     f"{mean(r['seconds_prepare'] for r in rows):.0f} + {mean(r['seconds_train'] for r in rows):.0f} | "
+                     f"{mean(r['wall_seconds'] for r in rows):.0f} |")
     return lines
 
 
