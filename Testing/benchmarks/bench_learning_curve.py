@@ -132,7 +132,7 @@ class Bench:
         config = TrainConfig(dataset=self.root, output=output, train_cases=train_ids, val_cases=self.val_ids,
                              seed=self.args.seed, device=self.args.device, **overrides)
         started = time.monotonic()
-        card = self.trained_card(output, train_ids) if self.args.reuse and not full else None
+        card = self.trained_card(config) if self.args.reuse and not full else None
         wall = None  # a reused adapter's training time is in its first run's JSON, not here
         if card is None:
             trainer = Trainer(config, model=self.model, log=lambda text: print(f"  [{tag}] {text}", file=sys.stderr))
@@ -153,19 +153,20 @@ class Bench:
                 "val_dice": card["best_val_dice"], "overrides": {k: list(v) if isinstance(v, tuple) else v
                                                                  for k, v in dict(overrides, full_decoder=full).items()}}
 
-    def trained_card(self, output, train_ids):
-        """The card of an adapter ``output`` already holds, trained by this seed on ``train_ids``
-        (``--reuse``: an interrupted curve goes on where it stopped); None when it must be trained."""
+    def trained_card(self, config):
+        """The card of an adapter already in ``config.output``, trained with these same settings
+        (cases, seed, every hyper-parameter) (``--reuse``: an interrupted curve goes on where it
+        stopped); None when it must be trained."""
         try:
-            card = read_model_card(output)
+            card = read_model_card(config.output)
         except (OSError, ValueError):
             return None
-        same = (card["dataset"]["train_cases"] == list(train_ids)
-                and card["dataset"]["val_cases"] == list(self.val_ids)
-                and card["hyperparameters"].get("seed") == self.args.seed)
-        if same:
-            print(f"  reusing {output} (trained before, epoch {card['best_epoch']} kept)", file=sys.stderr)
-        return card if same else None
+        settings = json.loads(json.dumps(config.to_dict()))
+        # "auto" settings are written into the card as the trainer resolved them on its machine
+        if any(card["hyperparameters"].get(key) != value for key, value in settings.items() if value != "auto"):
+            return None
+        print(f"  reusing {config.output} (trained before, epoch {card['best_epoch']} kept)", file=sys.stderr)
+        return card
 
     def score_decoder(self, decoder):
         """Box and ROI scores of the model with ``decoder`` in place of its own (restored after)."""
@@ -344,7 +345,8 @@ def main(argv=None):
     parser.add_argument("--box-modes", nargs="+", default=["tracked", "fixed"], choices=list(BOX_MODES),
                         help="modes: the box modes to score")
     parser.add_argument("--reuse", action="store_true",
-                        help="score an adapter already in --work for the same seed and cases instead of training it")
+                        help="score an adapter already in --work, trained with the same cases, seed and settings, "
+                             "instead of training it again")
     parser.add_argument("--json", help="write every result here")
     parser.add_argument("--png", help="curve: write the plot here")
     args = parser.parse_args(argv)
