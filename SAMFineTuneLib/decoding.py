@@ -118,6 +118,12 @@ class SliceJob:
             self.step(len(chunk), f"segmented slice {chunk[-1]}")
         return masks
 
+    def decode_again(self, boxes: Mapping[int, Box2D], clip: Box2D) -> Dict[int, np.ndarray]:
+        """``decode_boxes`` for a further pass over slices the job has already counted once (a
+        check, a second prompt): its slices join the job's total, so progress stays truthful."""
+        self.counter["total"] += len(boxes)
+        return self.decode_boxes(boxes, clip)
+
     def _paste(self, logits: torch.Tensor, clip: Box2D) -> List[np.ndarray]:
         """Logits on the crop's pixels -> boolean masks on the whole slice, inside ``clip`` only."""
         (row, col), (height, width) = self.source.geometry.origin, self.source.geometry.shape

@@ -389,8 +389,7 @@ class Segmenter:
         job = self._job(source, multimask, progress, cancel, last - first)
         masks = propagation.carry(job, index, mask, first, last, locked, roi, options)
         if box is not None and options.fixed_fallback > 0:
-            job.counter["total"] += len(masks)
-            masks = tracking.both_keep(masks, job.decode_boxes({i: roi for i in masks}, roi))
+            masks = tracking.both_keep(masks, job.decode_again({i: roi for i in masks}, roi))
         if options.own_box_px > 0:
             masks = tracking.in_own_boxes(job, masks, roi, options.own_box_px)
         counter = job.counter

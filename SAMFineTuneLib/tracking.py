@@ -200,8 +200,7 @@ def tracked_mode(job: SliceJob, slices: List[int], roi: Box2D, options: Tracking
     every slice, each kept slice decoded again in its own box)."""
     masks = track(job, slices, roi, options)
     if options.fixed_fallback > 0:
-        job.counter["total"] += len(slices)
-        fixed = job.decode_boxes({index: roi for index in slices}, roi)
+        fixed = job.decode_again({index: roi for index in slices}, roi)
         masks, job.counter["fixed_fallback"] = checked_by_fixed(masks, fixed, options.fixed_fallback)
     if options.own_box_px > 0:
         masks = in_own_boxes(job, masks, roi, options.own_box_px)
@@ -210,9 +209,7 @@ def tracked_mode(job: SliceJob, slices: List[int], roi: Box2D, options: Tracking
 
 def in_own_boxes(job: SliceJob, masks: Dict[int, np.ndarray], roi: Box2D, px: int) -> Dict[int, np.ndarray]:
     """Each non-empty slice of ``masks`` decoded again with its own box (``TrackingOptions.own_box_px``)."""
-    boxes = own_boxes(masks, roi, px)
-    job.counter["total"] += len(boxes)
-    return {**masks, **job.decode_boxes(boxes, roi)}
+    return {**masks, **job.decode_again(own_boxes(masks, roi, px), roi)}
 
 
 def disagree(first: Dict[int, np.ndarray], second: Dict[int, np.ndarray], agreement: float) -> bool:
