@@ -298,8 +298,8 @@ class SAMFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def refreshAdapters(self):
         from SAMFineTuneGUI.combos import refillCombo
 
-        refillCombo(self.ui.adapterComboBox, [("", "none (base model)")] + [
-            (path, name) for name, path in self.logic.listAdapters()], self.parameters.adapter if self.parameters else "")
+        choices = [("", "none (base model)")] + [(path, name) for name, path in self.logic.listAdapters()]
+        refillCombo(self.ui.adapterComboBox, choices, self.parameters.adapter if self.parameters else "")
 
     def segmentOptions(self):
         return segmentOptions(self.parameters)

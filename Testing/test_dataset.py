@@ -56,7 +56,8 @@ def test_round_trip_keeps_geometry_labels_and_slices(tmp_path):
     assert info.labels == {1: "liver", 2: "spleen"}
     for case_id, image, label in cases:
         entry = info.case(case_id)
-        assert entry.image.endswith(f"imagesTr/{case_id}_0000.nii.gz") and entry.label.endswith(f"labelsTr/{case_id}.nii.gz")
+        assert entry.image.endswith(f"imagesTr/{case_id}_0000.nii.gz")
+        assert entry.label.endswith(f"labelsTr/{case_id}.nii.gz")
         back_image, back_label = read_volume(entry.image), read_volume(entry.label)
         np.testing.assert_array_equal(back_image.array, image.array)
         np.testing.assert_array_equal(back_label.array, label.array)
@@ -246,7 +247,8 @@ def test_finetune_sam_csv_and_coco_formats(tmp_path):
         np.testing.assert_array_equal(ds.rle_decode(annotation["segmentation"]), expected)
         x, y, w, h = annotation["bbox"]
         assert expected[y:y + h, x:x + w].sum() == expected.sum() == annotation["area"]
-    assert set(json.loads((root / "dataset.json").read_text())["samfinetune"]["formats"]) == {"coco", "finetune-sam", "msd"}
+    formats = json.loads((root / "dataset.json").read_text())["samfinetune"]["formats"]
+    assert set(formats) == {"coco", "finetune-sam", "msd"}
 
 
 def test_export_command_line_with_2d_pngs(tmp_path):

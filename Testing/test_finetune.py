@@ -233,7 +233,8 @@ def test_resume_after_cancel_matches_an_uninterrupted_run(litemedsam, phantom_da
                     model=litemedsam)
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
     for a, b in zip(straight["history"], resumed["history"]):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["val_dice"] == pytest.approx(b["val_dice"], abs=1e-6)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["val_dice"] == pytest.approx(b["val_dice"], abs=1e-6)
     from safetensors.torch import load_file
 
     left = load_file(str(tmp_path / "a" / adapters.ADAPTER_FILE))

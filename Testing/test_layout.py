@@ -61,6 +61,14 @@ def test_the_extension_build_ships_the_engines_sub_packages():
     """The engine has sub-packages; a non-recursive glob in CMakeLists.txt would leave them out of
     the Slicer extension silently."""
     cmake = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
-    assert re.search(r"file\(GLOB_RECURSE SAMFineTuneLib_SCRIPTS .*\n\s*\$\{CMAKE_CURRENT_SOURCE_DIR\}/SAMFineTuneLib/\*\.py\)",
-                     cmake), "CMakeLists.txt must glob SAMFineTuneLib/*.py recursively"
+    glob = r"file\(GLOB_RECURSE SAMFineTuneLib_SCRIPTS .*\n\s*\$\{CMAKE_CURRENT_SOURCE_DIR\}/SAMFineTuneLib/\*\.py\)"
+    assert re.search(glob, cmake), "CMakeLists.txt must glob SAMFineTuneLib/*.py recursively"
     assert any(p.parent != LIB for p in LIB.rglob("*.py"))
+
+
+def test_no_python_line_over_120_characters():
+    folders = (LIB, ROOT / "SAMFineTune", ROOT / "Testing")
+    long_lines = [f"{path.relative_to(ROOT).as_posix()}:{number}"
+                  for folder in folders for path in sorted(folder.rglob("*.py"))
+                  for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if len(line) > 120]
+    assert not long_lines, f"lines over 120 characters: {long_lines}"

@@ -194,7 +194,8 @@ def test_a_data_root_allows_paths_inside_it_only(tmp_path):
         with WorkerClient(address=("127.0.0.1", port), token=token) as client:
             result, _ = client.run("export", {"cases": cases, "output_dir": "ds", "val_fraction": 0.0},
                                    {"img": image, "lab": label}, timeout=120)
-            assert result["summary"]["dataset"] == str((root / "ds").resolve()) and (root / "ds" / "dataset.json").is_file()
+            assert result["summary"]["dataset"] == str((root / "ds").resolve())
+            assert (root / "ds" / "dataset.json").is_file()
             for bad in ("../outside/ds", str(outside / "ds"), "link/ds"):
                 with pytest.raises(JobError, match="is not inside the server's data root"):
                     client.run("export", {"cases": cases, "output_dir": bad}, {"img": image, "lab": label}, timeout=60)

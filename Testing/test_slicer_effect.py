@@ -60,8 +60,10 @@ def test_propagation_keeps_to_the_roi_the_segment_came_from_when_the_slice_lies_
     box = (4, 5, 1, 15, 14, 4)  # i0, j0, k0, i1, j1, k1
     assert interactive.propagationBox(box, "axial", 3) == box
     assert interactive.propagationBox(box, "axial", 5) is None  # a slice beyond the ROI: carried past it
-    assert interactive.propagationBox(box, "coronal", 14) == box and interactive.propagationBox(box, "coronal", 4) is None
-    assert interactive.propagationBox(box, "sagittal", 4) == box and interactive.propagationBox(box, "sagittal", 16) is None
+    assert interactive.propagationBox(box, "coronal", 14) == box
+    assert interactive.propagationBox(box, "coronal", 4) is None
+    assert interactive.propagationBox(box, "sagittal", 4) == box
+    assert interactive.propagationBox(box, "sagittal", 16) is None
     assert interactive.propagationBox(None, "axial", 3) is None
     scene.RemoveNode(roi)
     assert segments.sourceRoi(segment, scene) is None
@@ -109,7 +111,8 @@ def test_clicks_send_the_voxels_once_and_again_to_a_worker_that_lost_them(scene)
     assert client.jobs[1].params["points"] == [[4.0, 5.0, 1], [9.0, 9.0, 0]] and not client.jobs[1].params["reset"]
     assert client.jobs[0].params["spacing"] == [1.0, 1.0, 1.0] and client.jobs[0].params["index"] == 2
     client.forget = True  # the worker restarted or let the volume go
-    third = session.refine("axial", 3, [(1.0, 1.0, True)], options=options, onMask=lambda mask, result: masks.append(mask))
+    third = session.refine("axial", 3, [(1.0, 1.0, True)], options=options,
+                           onMask=lambda mask, result: masks.append(mask))
     while third.poll():
         pass
     assert third.state == "done" and third.retried and "volume" in client.jobs[-1].sent

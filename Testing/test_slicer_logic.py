@@ -363,7 +363,8 @@ def test_inside_slicer_blocking_work_runs_in_the_worker(scene, monkeypatch, tmp_
     task = logic.segment(volume, roi)
     assert task.state == "done" and engine.calls == [] and [job.command for job in client.jobs] == ["segment"]
     assert paths.workerLogPath() == str(tmp_path / "slicer-cache" / "SAMFineTune" / "logs" / "worker.log")
-    monkeypatch.setattr(paths.shutil, "which", lambda name: "/slicer/bin/PythonSlicer" if name == "PythonSlicer" else None)
+    monkeypatch.setattr(paths.shutil, "which",
+                        lambda name: "/slicer/bin/PythonSlicer" if name == "PythonSlicer" else None)
     monkeypatch.delenv("SAMFINETUNE_WORKER_PYTHON", raising=False)
     assert paths.workerPython() == "/slicer/bin/PythonSlicer"
     monkeypatch.setenv("SAMFINETUNE_WORKER_PYTHON", "/envs/gpu/bin/python")

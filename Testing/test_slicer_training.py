@@ -90,7 +90,8 @@ class TrainClient:
             for epoch, state in ((1, "running"), (2, "done")):
                 if job.state in ("queued", "running") and job.progress < epoch / 2.0:
                     if job.on_event:
-                        job.on_event({"event": "log", "message": "epoch %d: loss 0.%d val Dice 0.8" % (epoch, 5 - epoch)})
+                        message = "epoch %d: loss 0.%d val Dice 0.8" % (epoch, 5 - epoch)
+                        job.on_event({"event": "log", "message": message})
                     job.state, job.progress = state, epoch / 2.0
                     if state == "done":
                         job.result = {"card": {"best_epoch": 2}}
@@ -124,7 +125,8 @@ def test_device_line_from_worker_info():
     line = describeDevice({"device": "cuda", "cuda_name": "NVIDIA H200", "torch": "2.14.1",
                            "memory": {"gpu_total": 140 * gib, "gpu_free": 100 * gib}})
     assert line == "GPU NVIDIA H200, 140.0 GiB (100.0 GiB free); torch 2.14.1"
-    assert describeDevice({"device": "cpu", "torch": "2.14.1", "memory": {"ram_total": 24 * gib}}).startswith("CPU, 24.0")
+    cpu = {"device": "cpu", "torch": "2.14.1", "memory": {"ram_total": 24 * gib}}
+    assert describeDevice(cpu).startswith("CPU, 24.0")
     assert "cannot be imported" in describeDevice({"error": "torch cannot be imported here: x"})
 
 

@@ -338,7 +338,8 @@ def test_kill_9_mid_job_reports_crash_and_next_job_gets_a_fresh_worker(client):
 
 
 def test_worker_that_cannot_start_is_a_clear_error(tmp_path):
-    command = [sys.executable, "-c", "import sys; sys.stderr.write('ModuleNotFoundError: no torch here\\n'); sys.exit(3)"]
+    command = [sys.executable, "-c",
+               "import sys; sys.stderr.write('ModuleNotFoundError: no torch here\\n'); sys.exit(3)"]
     with WorkerClient(log_path=str(tmp_path / "w.log"), command=command) as client:
         with pytest.raises(WorkerCrashed, match=r"(?s)exited with code 3 before it was ready.*no torch here"):
             client.ping(timeout=30)
@@ -409,8 +410,9 @@ def test_tcp_binds_loopback_by_default_and_serves_arrays(tmp_path):
         # A file reference would let a remote client read the server's files: refused.
         with socket.create_connection(("127.0.0.1", port), timeout=20) as sock, sock.makefile("rwb") as stream:
             assert protocol.read_message(stream)["event"] == "hello"
-            for message in (protocol.request("h", "hello", {"token": token}), dict(protocol.request("e", "echo"), arrays={
-                    "a": {"dtype": "<f4", "shape": [1], "path": "/etc/passwd"}})):
+            outside = {"a": {"dtype": "<f4", "shape": [1], "path": "/etc/passwd"}}
+            for message in (protocol.request("h", "hello", {"token": token}),
+                            dict(protocol.request("e", "echo"), arrays=outside)):
                 stream.write(protocol.encode(message))
                 stream.flush()
             answers = [protocol.read_message(stream) for _ in range(4)]

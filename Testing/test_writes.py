@@ -49,9 +49,9 @@ def on_tiny_tmpfs(tmp_path, script: str, size: str = "256k", readonly: bool = Fa
     options = f"size={size}" + (",ro" if readonly else "")
     if shutil.which("unshare") is None:
         pytest.skip("no unshare here")
-    done = subprocess.run(["unshare", "-r", "-m", "sh", "-c", f'mount -t tmpfs -o {options} tmpfs "$0" && exec "$1" -c "$2"',
-                           str(mount), sys.executable, script], capture_output=True, text=True, env=ENV, cwd=ROOT,
-                          timeout=600)
+    mount_and_run = f'mount -t tmpfs -o {options} tmpfs "$0" && exec "$1" -c "$2"'
+    done = subprocess.run(["unshare", "-r", "-m", "sh", "-c", mount_and_run, str(mount), sys.executable, script],
+                          capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
     if done.returncode != 0 and ("unshare:" in done.stderr or "mount:" in done.stderr):
         pytest.skip(f"no private tmpfs here: {done.stderr.strip()}")
     return done, mount
@@ -98,7 +98,8 @@ def test_export_under_a_file_size_limit_fails_and_keeps_the_dataset(tmp_path):
     index = (root / "dataset.json").read_bytes()
     paths = []
     for n in range(2):
-        for kind, volume in (("img", noise_volume(n)), ("lab", Volume(np.ones((48, 64, 64), np.uint8), (0.8, 0.8, 2.0)))):
+        label = Volume(np.ones((48, 64, 64), np.uint8), (0.8, 0.8, 2.0))
+        for kind, volume in (("img", noise_volume(n)), ("lab", label)):
             paths.append(str(tmp_path / f"{kind}{n}.nii.gz"))
             write_volume(volume, paths[-1])
     done = limited([sys.executable, "-m", "SAMFineTuneLib", "export", "--volumes", *paths[0::2],
@@ -145,13 +146,15 @@ def test_export_onto_a_full_disk_fails_and_keeps_the_dataset(tmp_path):
             outcome = "exported"
         except Exception as error:
             outcome = type(error).__name__ + ": " + str(error)
-        print(json.dumps({{"outcome": outcome, "unchanged": open(os.path.join(root, "dataset.json"), "rb").read() == index,
+        unchanged = open(os.path.join(root, "dataset.json"), "rb").read() == index
+        print(json.dumps({{"outcome": outcome, "unchanged": unchanged,
                           "cases": [c.case for c in ds.read_dataset(root).cases]}}))
     """)
     done, _ = on_tiny_tmpfs(tmp_path, script)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert report["outcome"].startswith("WriteError: could not write") and "the disk is full" in report["outcome"], report
+    assert report["outcome"].startswith("WriteError: could not write"), report
+    assert "the disk is full" in report["outcome"], report
     assert report["unchanged"] and report["cases"] == ["case00", "case01"]
 
 
@@ -186,7 +189,8 @@ def test_a_read_only_folder_is_refused_before_the_model_loads(tmp_path):
         import subprocess, sys
         for args in (["segment", "--volume", {volume!r}, "--box", "1", "1", "0", "9", "9", "1", "--output",
                       {str(tmp_path / "mnt" / "m.nii.gz")!r}, "--model", "medsam", "--checkpoint", "/absent.pth"],
-                     ["export", "--volumes", {volume!r}, "--labels", {volume!r}, "--output", {str(tmp_path / "mnt")!r}]):
+                     ["export", "--volumes", {volume!r}, "--labels", {volume!r},
+                      "--output", {str(tmp_path / "mnt")!r}]):
             done = subprocess.run([sys.executable, "-m", "SAMFineTuneLib", *args], capture_output=True, text=True)
             print(done.returncode, done.stderr.strip().replace(chr(10), " | "))
     """)

@@ -38,7 +38,8 @@ class SegmentationSection:
         self.refreshTargetSegments()
         ready = bool(p.inputVolume) and bool(p.rois) and not self.busy
         self.ui.segmentButton.enabled = ready
-        self.ui.segmentButton.toolTip = "Segment the checked ROIs" if ready else "Select a volume and check at least one ROI"
+        self.ui.segmentButton.toolTip = ("Segment the checked ROIs" if ready
+                                         else "Select a volume and check at least one ROI")
         self.ui.cancelButton.enabled = self.busy
 
     def refreshTargetSegments(self):

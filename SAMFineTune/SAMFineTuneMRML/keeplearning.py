@@ -61,8 +61,8 @@ class LearningRun:
                 return self.keep("no adapter in use yet")
             self.state, self.message = "scoring", "scoring the adapter in use on the validation cases"
             params = {k: v for k, v in self.config.items() if k in MODEL_KEYS}
-            self.task = Task(self.logic.worker.submit("evaluate", dict(params, dataset=self.dataset, adapter=self.adapter)),
-                             self.logic.worker.client)
+            request = dict(params, dataset=self.dataset, adapter=self.adapter)
+            self.task = Task(self.logic.worker.submit("evaluate", request), self.logic.worker.client)
             return True
         current = (((self.task.result or {}).get("report") or {}).get("mean") or {}).get("adapted", {}).get("dice")
         new = validationDice(self.card)

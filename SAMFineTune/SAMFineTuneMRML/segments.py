@@ -65,8 +65,8 @@ def ensureSegment(segmentationNode, segmentId=None, segmentName=None, color=None
 def prepareSegmentation(segmentationNode, volumeNode):
     """Give a segmentation without a geometry the volume's one, and a display node."""
     segmentation = segmentationNode.GetSegmentation()
-    if segmentationNode.GetNodeReference(slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()) is None \
-            and segmentation.GetNumberOfSegments() == 0:
+    geometryRole = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
+    if segmentationNode.GetNodeReference(geometryRole) is None and segmentation.GetNumberOfSegments() == 0:
         segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
     if segmentationNode.GetDisplayNode() is None:
         segmentationNode.CreateDefaultDisplayNodes()

@@ -31,8 +31,8 @@ def parseEpochMetrics(text):
 
 
 def sourceVolume(segmentationNode):
-    return (segmentationNode.GetNodeReference(SOURCE_VOLUME_ROLE)
-            or segmentationNode.GetNodeReference(slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()))
+    geometryRole = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
+    return segmentationNode.GetNodeReference(SOURCE_VOLUME_ROLE) or segmentationNode.GetNodeReference(geometryRole)
 
 
 def findCases(scene, structureName):

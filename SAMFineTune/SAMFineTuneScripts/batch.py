@@ -151,7 +151,8 @@ def main(argv=None):
                 say("  error: %s" % exc)
     finally:
         logic.shutdown()
-    say("%d of %d volumes segmented in %.1f s" % (len(args.volumes) - failures, len(args.volumes), time.time() - started))
+    segmented = len(args.volumes) - failures
+    say("%d of %d volumes segmented in %.1f s" % (segmented, len(args.volumes), time.time() - started))
     return 1 if failures else 0
 
 

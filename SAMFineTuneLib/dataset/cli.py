@@ -38,7 +38,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--volumes", nargs="+", required=True, help="image files (3D NIfTI/NRRD/..., or 2D PNG)")
     parser.add_argument("--labels", nargs="+", required=True, help="label maps, in the same order as --volumes")
     parser.add_argument("--output", required=True, help="dataset folder (created, or appended to)")
-    parser.add_argument("--format", default="msd", choices=EXPORT_FORMATS, help="extra slice format beside the MSD layout")
+    parser.add_argument("--format", default="msd", choices=EXPORT_FORMATS,
+                        help="extra slice format beside the MSD layout")
     parser.add_argument("--val-fraction", type=float, default=0.2, help="share of cases held out for validation")
     parser.add_argument("--seed", type=int, default=0, help="seed of the case split")
     parser.add_argument("--case-ids", nargs="+", help="case ids (default: file names)")

@@ -102,7 +102,8 @@ def _export(cases: List[Tuple[str, Any, Any]], root: str, fmt: str, val_fraction
             report(progress, len(checked), len(checked), f"slices of {record['case']}")
             ensure_slice_index(root, record, axis, window)
         write_slice_indexes(root, records, label_names, fmt)
-    meta = _dataset_json(records, label_names, modality or (old.meta.get("channel_names", {}).get("0") if old else None),
+    old_modality = old.meta.get("channel_names", {}).get("0") if old else None
+    meta = _dataset_json(records, label_names, modality or old_modality,
                          name or (old.meta.get("name") if old else None) or os.path.basename(root),
                          old.meta["samfinetune"] if old else {}, fmt, axis, window)
     write_json_atomic(os.path.join(root, DATASET_JSON), meta)

@@ -49,7 +49,8 @@ def is_loopback(host: str) -> bool:
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--port", type=int, required=True, help="TCP port (0: any free port; the chosen one is printed)")
+    parser.add_argument("--port", type=int, required=True,
+                        help="TCP port (0: any free port; the chosen one is printed)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind; anything but loopback needs --token")
     parser.add_argument("--token", default=None,

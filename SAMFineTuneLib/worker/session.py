@@ -67,7 +67,8 @@ class RunningJob:
         now = time.monotonic()
         if done in (0, total) or now - self._last_progress >= PROGRESS_INTERVAL_S:
             self._last_progress = now
-            self.session.send(protocol.event(self.id, "progress", done=int(done), total=int(total), message=str(message)))
+            self.session.send(protocol.event(self.id, "progress", done=int(done), total=int(total),
+                                             message=str(message)))
 
     def log(self, message: str, level: str = "info") -> None:
         log.info("[%s] %s", _loggable_id(self.id), message)
@@ -200,7 +201,8 @@ class Session:
             return
         command = message["command"]
         if not self.authenticated and command != "hello":
-            self.send_error(job_id, ProtocolError("not authenticated: the first request must be 'hello' with the token"))
+            self.send_error(job_id, ProtocolError("not authenticated: the first request must be 'hello' with the "
+                                                  "token"))
             self.stopping = True
             return
         handler = getattr(self, "_now_" + command, None)

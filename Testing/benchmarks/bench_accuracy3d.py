@@ -87,8 +87,9 @@ def worst_slice(case, reference: np.ndarray, ours: np.ndarray, oracle: np.ndarra
     index = int(wrong.argmax())
     lo, hi = window
     take = lambda array: imaging.extract_slice(array, axis, index)  # noqa: E731
-    return {"index": index, "image": imaging.apply_window(take(case.image.array), lo, hi), "reference": take(reference),
-            "ours": take(ours), "oracle": take(oracle), "spacing": imaging.slice_pixel_spacing(case.image.spacing, axis)}
+    return {"index": index, "image": imaging.apply_window(take(case.image.array), lo, hi),
+            "reference": take(reference), "ours": take(ours), "oracle": take(oracle),
+            "spacing": imaging.slice_pixel_spacing(case.image.spacing, axis)}
 
 
 def score_structure(segmenter, case, structure, axis: str, args, options: Dict[str, object]) -> Optional[Run]:

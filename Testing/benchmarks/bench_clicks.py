@@ -14,7 +14,8 @@ negative where leaked) and Dice is read after 0 (the tracked result), 1, 3 and 5
 SAM's Dice with the reference's own box on that slice (the "oracle" box no user draws).
 Propagation: the slice where tracking got most pixels wrong is replaced by the reference (the
 user corrected it) and carried on inside the ROI (its slices and rectangle, ``Segmenter.propagate``'s
-``box``); its 3D Dice is compared with the tracked result's. Latency: one click through the background worker on a cached slice.
+``box``); its 3D Dice is compared with the tracked result's. Latency: one click through the
+background worker on a cached slice.
 
 With ``--adapter`` (repeatable) every structure is also measured with each adapter in place,
 side by side with the base model, on cases none of the adapters trained or validated on (their
@@ -195,7 +196,8 @@ def main(argv=None) -> int:
                 sample = sample or (volume.array, mask)
     latency = latency_ms(args, *sample) if sample is not None and args.latency_clicks else None
     print_tables(rows, latency)
-    print(f"\n{len(rows)} structures in {time.perf_counter() - started:.0f} s; model {args.model}, device {args.device}")
+    print(f"\n{len(rows)} structures in {time.perf_counter() - started:.0f} s; model {args.model}, "
+          f"device {args.device}")
     return 0
 
 

@@ -150,8 +150,9 @@ class Bench:
                 "box_cases": box["cases"], "roi_cases": roi["cases"], "wall_seconds": wall,
                 "seconds_prepare": card["stats"]["seconds_prepare"], "seconds_train": card["stats"]["seconds_train"],
                 "best_epoch": card["best_epoch"], "epochs_run": len(card["history"]),
-                "val_dice": card["best_val_dice"], "overrides": {k: list(v) if isinstance(v, tuple) else v
-                                                                 for k, v in dict(overrides, full_decoder=full).items()}}
+                "val_dice": card["best_val_dice"],
+                "overrides": {k: list(v) if isinstance(v, tuple) else v
+                              for k, v in dict(overrides, full_decoder=full).items()}}
 
     def trained_card(self, config):
         """The card of an adapter already in ``config.output``, trained with these same settings
@@ -225,8 +226,9 @@ def curve_table(bench, base, results, args):
     lines = [f"learning curve: {bench.name}, {len(bench.test_ids)} test cases, {len(bench.val_ids)} validation cases, "
              f"{args.draws} draws per N, ROI = reference box + {args.roi_margin} voxels, tracked; settings "
              f"{' '.join(args.set) or 'defaults'}",
-             "| N training cases | base, box | adapted, box (draws: mean, min-max) | base, one ROI | adapted, one ROI | "
-             "training time (prepare + train, s) | whole run (s) |", "|---:|---:|---:|---:|---:|---:|---:|"]
+             "| N training cases | base, box | adapted, box (draws: mean, min-max) | base, one ROI "
+             "| adapted, one ROI | training time (prepare + train, s) | whole run (s) |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
     for n in args.n:
         rows = [r for r in results if r["n"] == n]
         lines.append(f"| {n} | {base['box']['mean']['dice']:.3f} | {spread(r['box']['dice'] for r in rows)} | "
@@ -338,7 +340,8 @@ def main(argv=None):
     parser.add_argument("--n", type=int, nargs="+", default=[1, 3, 5, 10, 20], help="training set sizes")
     parser.add_argument("--draws", type=int, default=3)
     parser.add_argument("--first-draw", type=int, default=0, help="arms: start at this draw (add draws to an arm)")
-    parser.add_argument("--roi-margin", type=int, default=VALIDATION_ROI_MARGIN, help="voxels between the structure and its ROI")
+    parser.add_argument("--roi-margin", type=int, default=VALIDATION_ROI_MARGIN,
+                        help="voxels between the structure and its ROI")
     parser.add_argument("--set", nargs="*", default=[], help="TrainConfig overrides key=value for every run")
     parser.add_argument("--arm", nargs="+", action="append", default=[], help="arms: NAME [key=value ...]")
     parser.add_argument("--adapter", action="append", default=[], help="modes: an adapter folder (repeat)")
