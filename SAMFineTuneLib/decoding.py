@@ -18,6 +18,26 @@ from . import models
 from .progress import CancelFn, ProgressFn, check_cancel, report
 
 Box2D = Tuple[int, int, int, int]
+DEFAULT_WINDOW_MARGIN = 4  # tokens (16 px at LiteMedSAM's 256 input) around the box on a CPU
+
+
+def check_window_margin(margin) -> None:
+    """A ValueError unless ``margin`` is "auto", None or a whole number of tokens >= 0."""
+    if margin is None or (isinstance(margin, str) and margin == "auto"):
+        return
+    if isinstance(margin, bool) or not isinstance(margin, int) or margin < 0:
+        raise ValueError(f"window_margin must be 'auto', None (decode the whole slice) or a whole number of "
+                         f"tokens >= 0, got {margin!r}")
+
+
+def resolve_window_margin(margin, device) -> Optional[int]:
+    """The decode window on ``device``: "auto" -> DEFAULT_WINDOW_MARGIN on a CPU, None (the whole
+    slice) on CUDA, where the whole slice decodes in under 1 ms; None and whole numbers pass through.
+    Training and evaluation resolve it here too, so they decode as inference does."""
+    check_window_margin(margin)
+    if margin != "auto":
+        return margin
+    return None if torch.device(device).type == "cuda" else DEFAULT_WINDOW_MARGIN
 
 
 @dataclass

@@ -51,7 +51,7 @@ def evaluate(dataset, model=DEFAULT_MODEL, checkpoint: Optional[str] = None, ada
     from . import adapters
     from .dataset import read_dataset
     from .models import load_model
-    from .segmenter import check_window_margin, resolve_window_margin
+    from .decoding import check_window_margin, resolve_window_margin
 
     check_window_margin(window_margin)  # before loading anything
     _check_roi_margin(roi_margin)

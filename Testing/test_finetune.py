@@ -23,7 +23,7 @@ from SAMFineTuneLib.training import RESUME_FILE, TrainConfig, check_config, conf
 from SAMFineTuneLib.training.optimisation import epochs_since_best, keeps_epoch
 from SAMFineTuneLib.phantom_lowcontrast import make_cases
 from SAMFineTuneLib.progress import Cancelled
-from SAMFineTuneLib.segmenter import DEFAULT_WINDOW_MARGIN
+from SAMFineTuneLib.decoding import DEFAULT_WINDOW_MARGIN
 
 N_TRAIN, N_VAL = 8, 6
 # Measured on this phantom (8 training / 6 validation slices, 8 epochs, CPU, float32 encoder,

@@ -74,7 +74,7 @@ class TrainConfig:
     choose_tracking: bool = True
     # Decode only the image tokens within this many tokens of each (jittered) box, as the Segmenter
     # does at inference: "auto" = its default on the model's device (4 on a CPU, the whole slice on
-    # CUDA), None = the whole slice, or a whole number >= 0 (see segmenter.resolve_window_margin).
+    # CUDA), None = the whole slice, or a whole number >= 0 (see decoding.resolve_window_margin).
     window_margin: Union[int, None, str] = ENGINE_DEFAULTS["window_margin"]
 
     def to_dict(self) -> Dict[str, Any]:
@@ -102,7 +102,7 @@ def check_config(config: TrainConfig) -> None:
         raise ValueError(f"keep_within must be >= 0, got {config.keep_within}")
     if config.roi_margin < 0 or config.end_slices < 0:
         raise ValueError(f"roi_margin and end_slices must be >= 0, got {config.roi_margin} and {config.end_slices}")
-    from ..segmenter import check_window_margin
+    from ..decoding import check_window_margin
 
     check_window_margin(config.window_margin)
 

@@ -85,7 +85,7 @@ class Trainer:
     def _set_up(self, config: TrainConfig, model) -> None:
         from ..dataset import read_dataset
         from ..models import load_model
-        from ..segmenter import resolve_window_margin
+        from ..decoding import resolve_window_margin
 
         self.info = read_dataset(config.dataset)
         self.train_ids, self.val_ids = split_cases(config, self.info)

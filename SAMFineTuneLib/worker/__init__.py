@@ -20,7 +20,6 @@ Imports neither torch nor the engine until a job needs them.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from .access import PathAccess
 from .core import StoredVolume, VolumeStore, WorkerCore
