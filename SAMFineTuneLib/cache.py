@@ -41,6 +41,11 @@ class EmbeddingCache:
             self.hits += 1
             return value
 
+    def peek(self, key: Hashable) -> Optional[torch.Tensor]:
+        """The entry of ``key`` without counting a hit or a miss or making it recent (for copying out)."""
+        with self._lock:
+            return self._items.get(key)
+
     def put(self, key: Hashable, value: torch.Tensor) -> None:
         size = value.element_size() * value.nelement()
         if size > self.max_bytes:

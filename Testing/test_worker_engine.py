@@ -189,6 +189,9 @@ def test_export_train_evaluate_jobs_map_to_the_library(client, tmp_path):
         arrays[f"img{n}"], arrays[f"lab{n}"] = ct.array, label.array
         cases.append({"id": f"case{n}", "image": f"img{n}", "label": f"lab{n}", "spacing": list(ct.spacing),
                       "origin": list(ct.origin), "direction": list(ct.direction)})
+    # case0 segmented first: the worker holds its slices encoded, and training does not encode them again
+    ct0 = make_ct_phantom((3, 48, 48), seed=0)[0]
+    client.run("segment", segment_params(ct0, (0, 0, 0, 47, 47, 2)), {"volume": ct0.array}, timeout=600)
     dataset = tmp_path / "dataset"
     result, _ = client.run("export", {"cases": cases, "output_dir": str(dataset), "val_fraction": 0.34,
                                       "label_names": {"1": "organ"}}, arrays, timeout=300)
@@ -205,6 +208,8 @@ def test_export_train_evaluate_jobs_map_to_the_library(client, tmp_path):
         client.run("train", {"dataset": str(dataset), "output": str(tmp_path / "a2"), "epoks": 1}, timeout=600)
     card, _ = client.wait(job, timeout=600)
     assert card["card"] and (tmp_path / "adapter").is_dir()
+    stats = card["card"]["stats"]  # case0's slices training takes were read, not encoded
+    assert 1 <= stats["cache_hits"] <= 3 and stats["encoder_calls"] >= 1
     assert any(e["event"] == "progress" for e in steps)
 
     report, _ = client.run("evaluate", {"dataset": str(dataset), "adapter": str(tmp_path / "adapter"),

@@ -127,8 +127,14 @@ def _cached_embedding(model, x, key: str, cache_dir: Optional[str], stats: Dict[
         embedding = model.encode(x[None])[0].to("cpu", torch.float16)
     stats["encoder_calls"] += 1
     if cache_dir and write_cache:
-        atomic_write(embedding_file(cache_dir, key), lambda temp: np.save(temp, embedding.numpy()))
+        write_embedding(cache_dir, key, embedding)
     return embedding
+
+
+def write_embedding(cache_dir: str, key: str, embedding: torch.Tensor) -> None:
+    """Store one embedding [C,H,W] in the cache as float16 (half the disk, the precision training reads)."""
+    half = embedding.detach().to("cpu", torch.float16).numpy()
+    atomic_write(embedding_file(cache_dir, key), lambda temp: np.save(temp, half))
 
 
 def batch_embeddings(model, prepared: Prepared, index) -> torch.Tensor:

@@ -18,15 +18,13 @@ the choice as in use. The choice goes into the model card (``inference.tracking`
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Dict, List, Optional
 
 import numpy as np
-import torch
 
 from ..catalogue import ADAPTER_ROI_TRACKING, ADAPTER_TRACKING_MARGINS_PX, TRACKING_DEFAULTS, VALIDATION_ROI_MARGIN
 from ..progress import check_cancel, report
-from .samples import embedding_key, read_embedding
+from .shared_embeddings import segmenter_from_dataset
 
 
 def choose_tracking(model, decoder, prompt_encoder, info, cases: List[str], config, cache_dir: Optional[str],
@@ -56,7 +54,7 @@ def choose_tracking(model, decoder, prompt_encoder, info, cases: List[str], conf
         runs, done = len(structures) * len(dice), 0
         for image, mask in structures:
             box = roi_box(mask, VALIDATION_ROI_MARGIN)
-            _reuse_embeddings(segmenter, image, config.axis, config.window, box, cache_dir)
+            segmenter_from_dataset(segmenter, image, config.axis, config.window, box, cache_dir)
             for px in dice:
                 check_cancel(cancel)
                 segmenter.tracking = dataclasses.replace(segmenter.tracking, min_margin_px=px, **ruled)
@@ -96,20 +94,3 @@ def _structures(case, config):
         mask = array == value
         if mask.any(axis=other).sum() >= 3:
             yield image, mask
-
-
-def _reuse_embeddings(segmenter, image, axis: str, window: str, box, cache_dir: Optional[str]) -> None:
-    """Put the ROI's slices that training already encoded (the dataset's embedding cache, keyed
-    by what the encoder saw) into the segmenter's cache, so only the slices around the structure
-    are encoded again."""
-    from ..imaging import axis_index
-    from ..zoom import SliceSource
-
-    if not cache_dir or not os.path.isdir(cache_dir):
-        return
-    source = SliceSource(image, axis, window, segmenter.model)
-    along = 2 - axis_index(axis)  # the ROI box is (i0, j0, k0, i1, j1, k1)
-    for index in range(box[along], box[along + 3] + 1):
-        embedding = read_embedding(cache_dir, embedding_key(segmenter.model.fingerprint, source.model_input(index)))
-        if embedding is not None:  # None: not encoded by training (past the structure's ends), or damaged
-            segmenter.cache.put(source.key(index), embedding.to(segmenter.cache_device, torch.float32))

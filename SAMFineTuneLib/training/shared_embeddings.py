@@ -1,0 +1,79 @@
+"""A dataset's embedding cache on disk and a ``Segmenter``'s in-memory cache fill each other, so
+no slice is encoded twice between segmenting, exporting and training.
+
+Both are keyed by what the encoder saw: the segmenter by the slice's content, axis and window
+(``zoom.SliceSource.key``), the dataset by the model input itself (``samples.embedding_key``). A
+slice the user segmented and then exported therefore meets training's key for it as long as the
+dataset holds the same voxels, axis and window; otherwise nothing matches and the slice is
+simply encoded again. Only float32 embeddings are written to a dataset: training encodes in
+float32 on a CPU, and an adapter is trained on what inference feeds it.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+
+from ..progress import check_cancel
+from .samples import cache_dir_for, embedding_file, embedding_key, read_embedding, write_embedding
+
+
+def segmenter_from_dataset(segmenter, image, axis: str, window: str, box: Sequence[int],
+                           cache_dir: Optional[str]) -> None:
+    """Put the ROI's slices that training already encoded into the segmenter's cache, so only the
+    slices around the structure are encoded again."""
+    from ..imaging import axis_index
+    from ..zoom import SliceSource
+
+    if not cache_dir or not os.path.isdir(cache_dir):
+        return
+    source = SliceSource(image, axis, window, segmenter.model)
+    along = 2 - axis_index(axis)  # the ROI box is (i0, j0, k0, i1, j1, k1)
+    for index in range(box[along], box[along + 3] + 1):
+        embedding = read_embedding(cache_dir, embedding_key(segmenter.model.fingerprint, source.model_input(index)))
+        if embedding is not None:  # None: not encoded by training (past the structure's ends), or damaged
+            segmenter.cache.put(source.key(index), embedding.to(segmenter.cache_device, torch.float32))
+
+
+def dataset_from_segmenter(segmenter, image, axis: str, window: str, cache_dir: str) -> int:
+    """Write the slices of ``image`` the segmenter holds encoded into a dataset's embedding cache
+    (those not there yet); the number written."""
+    from ..imaging import axis_index
+    from ..zoom import SliceSource
+
+    if segmenter is None or segmenter.model.precision != "float32" or not len(segmenter.cache):
+        return 0
+    source = SliceSource(image, axis, window, segmenter.model)
+    written = 0
+    for index in range(image.array.shape[axis_index(axis)]):
+        embedding = segmenter.cache.peek(source.key(index))
+        if embedding is None:
+            continue
+        key = embedding_key(segmenter.model.fingerprint, source.model_input(index))
+        if not os.path.isfile(embedding_file(cache_dir, key)):
+            os.makedirs(cache_dir, exist_ok=True)
+            write_embedding(cache_dir, key, embedding)
+            written += 1
+    return written
+
+
+def keep_for_training(segmenter, config, cancel=None) -> int:
+    """Before a run (``TrainConfig``): the slices of its cases the segmenter holds encoded, into the
+    dataset's cache (``dataset_from_segmenter``); the number written. Cases the user segmented
+    in this process (the worker) then cost training no encoder call."""
+    from ..dataset import read_dataset
+    from ..volume_io import read_volume
+    from .slices import split_cases
+
+    if segmenter is None or not len(segmenter.cache):
+        return 0
+    info = read_dataset(config.dataset)
+    wanted = set().union(*split_cases(config, info))
+    written = 0
+    for entry in info.cases:
+        if entry.case in wanted:
+            check_cancel(cancel)
+            written += dataset_from_segmenter(segmenter, read_volume(entry.image), config.axis, config.window,
+                                              cache_dir_for(info.root))
+    return written
