@@ -8,7 +8,9 @@ r"""Fine-tuning speed on real labelled images (takes minutes; prints a table).
   python Testing/benchmarks/bench_finetune.py speed --dataset ../shared/data/busi_breast_ultrasound
 
   cold:  a user's first training (``--train`` + ``--val`` cases never encoded, default settings):
-         preparing (encoding) and training time, wall and CPU.
+         preparing (encoding) and training time, wall and CPU. ``--segmented-first``: each case
+         segmented first from one ROI in the same process, as a user does before correcting it
+         (that time is reported apart), so training finds those slices encoded.
   stage: what adapting the image encoder's last stage would cost per training slice, against
          the decoder-only step the engine trains (same batch, side by side, random inputs).
 
@@ -131,6 +133,8 @@ def cold(args, model):
     val_ids = cases_of(patients[args.train:args.train + args.val], groups, cases)
     config = TrainConfig(dataset=root, output=tempfile.mkdtemp(prefix="samfinetune_cold_adapter_"),
                          train_cases=train_ids, val_cases=val_ids, seed=args.seed, device=args.device)
+    if args.segmented_first:
+        segmented_first(model, config)
     cpu, wall = time.process_time(), time.monotonic()
     card = run(config, "cold", model)
     cpu, wall = time.process_time() - cpu, time.monotonic() - wall
@@ -146,6 +150,28 @@ def cold(args, model):
           f"{wall:.0f} | {cpu:.0f} | {len(history)} ({card['best_epoch']}) | "
           f"{sum(h['seconds'] for h in history) / len(history):.1f} | {card['scores']['base']['dice']:.3f} -> "
           f"{card['scores']['adapted']['dice']:.3f} |")
+
+
+def segmented_first(model, config):
+    """Segment every case of ``config`` from one ROI (the validation margin, tracked), then hand
+    the slices encoded to the dataset's cache as the worker does before training."""
+    from SAMFineTuneLib.catalogue import VALIDATION_ROI_MARGIN
+    from SAMFineTuneLib.dataset import load_case, read_dataset
+    from SAMFineTuneLib.evaluate import roi_box
+    from SAMFineTuneLib.segmenter import Segmenter
+    from SAMFineTuneLib.training.shared_embeddings import keep_for_training
+
+    segmenter, start = Segmenter(model), time.monotonic()
+    wanted = set(config.train_cases) | set(config.val_cases)
+    for entry in read_dataset(config.dataset).cases:
+        if entry.case in wanted:
+            image, label = load_case(entry)
+            segmenter.segment(image.array, box=roi_box(label.array > 0, VALIDATION_ROI_MARGIN),
+                              spacing=image.spacing)
+    seconds, start = time.monotonic() - start, time.monotonic()
+    kept = keep_for_training(segmenter, config)
+    print(f"segmented first: {len(wanted)} cases from one ROI in {seconds:.0f} s; {kept} slices handed to "
+          f"training's cache in {time.monotonic() - start:.1f} s", file=sys.stderr)
 
 
 def stage(args, model, steps=5):
@@ -207,6 +233,9 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=3, help="speed: epochs (epoch 1 and the mean of the later ones)")
     parser.add_argument("--train", type=int, default=10, help="training patients (cold: 8)")
     parser.add_argument("--val", type=int, default=10, help="validation patients (cold: 2)")
+    parser.add_argument("--segmented-first", action="store_true",
+                        help="cold: segment each case from one ROI in this process before training (as a user "
+                             "does), so training reads those slices from the segmenter")
     parser.add_argument("--skip-whole-slice-cached", action="store_true",
                         help="speed: leave out the cached + whole-slice run (the row that splits caching from "
                              "windowed decoding)")
