@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..progress import check_cancel
+from ..progress import check_cancel, report
 from .samples import cache_dir_for, embedding_file, embedding_key, read_embedding, write_embedding
 
 
@@ -58,7 +58,7 @@ def dataset_from_segmenter(segmenter, image, axis: str, window: str, cache_dir: 
     return written
 
 
-def keep_for_training(segmenter, config, cancel=None) -> int:
+def keep_for_training(segmenter, config, progress=None, cancel=None) -> int:
     """Before a run (``TrainConfig``): the slices of its cases the segmenter holds encoded, into the
     dataset's cache (``dataset_from_segmenter``); the number written. Cases the user segmented
     in this process (the worker) then cost training no encoder call."""
@@ -70,10 +70,11 @@ def keep_for_training(segmenter, config, cancel=None) -> int:
         return 0
     info = read_dataset(config.dataset)
     wanted = set().union(*split_cases(config, info))
+    cases = [entry for entry in info.cases if entry.case in wanted]
     written = 0
-    for entry in info.cases:
-        if entry.case in wanted:
-            check_cancel(cancel)
-            written += dataset_from_segmenter(segmenter, read_volume(entry.image), config.axis, config.window,
-                                              cache_dir_for(info.root))
+    for n, entry in enumerate(cases):
+        check_cancel(cancel)
+        report(progress, n, len(cases), f"taking the slices segmented here: {entry.case}")
+        written += dataset_from_segmenter(segmenter, read_volume(entry.image), config.axis, config.window,
+                                          cache_dir_for(info.root))
     return written

@@ -181,7 +181,7 @@ def train(core, job) -> Result:
     extra = {"model": model} if model is not None and "model" in inspect.signature(run).parameters else {}
     if core.segmenters.segmenter is not None:  # slices the user segmented here are not encoded again
         keep = _lazy("training.shared_embeddings", "keep_for_training", "train")
-        keep(core.segmenters.segmenter, config, cancel=job.cancelled)
+        keep(core.segmenters.segmenter, config, progress=job.progress, cancel=job.cancelled)
     return {"card": _call_with_hooks(run, job, config, **extra)}, {}
 
 
