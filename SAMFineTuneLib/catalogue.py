@@ -153,7 +153,7 @@ CLICK_TRAINING_SHARE = 0.5
 #: reference boxes, over 9 trainings; keeping the latest epoch within 0.01 of the best validation
 #: Dice instead of the best gained 0.013 from one ROI over 6 trainings (the last epoch in all).
 TRAINING_DEFAULTS: Dict[str, Any] = {"epochs": 6, "lr": 3e-3, "lora_dropout": 0.0, "tracked_prompts": 0.3,
-                                     "roi_prompts": 0.45, "end_slices": 2, "keep_within": 0.01}
+                                     "roi_prompts": 0.45, "end_slices": 2, "keep_within": 0.01, "average_last": 1}
 #: The tracking margins (``TrackingOptions.min_margin_px``) tried for a trained adapter on its
 #: validation cases, the default first (``training.tracking_choice``; docs/finetuning.md).
 ADAPTER_TRACKING_MARGINS_PX: Tuple[int, ...] = (TRACKING_DEFAULTS["min_margin_px"], 3, 4, 6)

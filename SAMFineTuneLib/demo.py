@@ -98,6 +98,7 @@ def finetune_part(args, output: str) -> None:
     from .dataset import export_dataset
     from .evaluate import evaluate, format_table
     from .training import TrainConfig, train
+    from .training.card import kept_text
     from .phantom_lowcontrast import make_cases
     from .progress import StderrBar
 
@@ -116,7 +117,7 @@ def finetune_part(args, output: str) -> None:
     report = evaluate(dataset, model="litemedsam", adapter=adapter, split="val", device=args.device,
                       plot_path=os.path.join(output, "finetune_scores.png"))
     print(format_table(report))
-    print(f"      adapter: {adapter} (epoch {card.get('best_epoch')} kept; model card beside it)")
+    print(f"      adapter: {adapter} ({kept_text(card)} kept; model card beside it)")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -99,11 +99,12 @@ def test_loss_falls_and_history_is_recorded(trained):
     history = card["history"]
     assert [h["epoch"] for h in history] == list(range(1, 9))
     assert history[-1]["loss"] < 0.6 * history[0]["loss"]
-    # the latest epoch within keep_within of the best validation Dice is the one kept
-    best, within = max(h["val_dice"] for h in history), trained["card"]["hyperparameters"]["keep_within"]
+    # the latest epoch within keep_within of the best validation Dice is the one kept (no average by default)
+    best, within = max(h["val_dice"] for h in history), card["hyperparameters"]["keep_within"]
     kept = max(h["epoch"] for h in history if h["val_dice"] >= best - within)
-    assert trained["card"]["best_epoch"] == kept
-    assert trained["card"]["best_val_dice"] == history[kept - 1]["val_dice"]
+    assert "averaged" not in card and card["hyperparameters"]["average_last"] == 1
+    assert card["best_epoch"] == kept
+    assert card["best_val_dice"] == history[kept - 1]["val_dice"]
     messages = [m for _, _, m in trained["events"]]
     assert any(m.startswith("epoch 8/8: loss") for m in messages)
     assert any(m.startswith("preparing slice") for m in messages)
@@ -210,7 +211,7 @@ def test_adapter_refuses_another_base_model_or_foreign_tensors(trained, tmp_path
 @pytest.mark.slow
 def test_resume_after_cancel_matches_an_uninterrupted_run(litemedsam, phantom_dataset, tmp_path):
     subset = dict(train_cases=[f"phantom{n:03d}" for n in range(4)], val_cases=["phantom100", "phantom101"],
-                  epochs=3, final_scores=False, **dict(FAST, batch_size=2, lora_dropout=0.1))
+                  epochs=3, final_scores=False, average_last=2, **dict(FAST, batch_size=2, lora_dropout=0.1))
     straight = train(TrainConfig(dataset=phantom_dataset, output=str(tmp_path / "a"), **subset), model=litemedsam)
     finished = []
 
@@ -240,6 +241,28 @@ def test_resume_after_cancel_matches_an_uninterrupted_run(litemedsam, phantom_da
     left = load_file(str(tmp_path / "a" / adapters.ADAPTER_FILE))
     right = load_file(str(tmp_path / "b" / adapters.ADAPTER_FILE))
     assert all(torch.allclose(left[k], right[k], atol=1e-6) for k in left)
+
+
+@pytest.mark.slow
+def test_the_adapter_written_is_the_mean_of_the_last_epochs_weights(litemedsam, phantom_dataset, tmp_path):
+    """select_best off keeps the average whatever it scores: the file holds the element-wise mean
+    of the last two epochs' LoRA weights, which the resume state keeps for a resumed run."""
+    from safetensors.torch import load_file
+
+    card = train(TrainConfig(dataset=phantom_dataset, output=str(tmp_path), epochs=3, final_scores=False,
+                             train_cases=[f"phantom{n:03d}" for n in range(4)], val_cases=["phantom100"],
+                             average_last=2, select_best=False, choose_tracking=False, **FAST), model=litemedsam)
+    assert card["averaged"]["epochs"] == [2, 3] and card["averaged"]["kept"]
+    assert card["best_epoch"] == 3 and card["best_val_dice"] == card["averaged"]["val_dice"]
+    recent = torch.load(str(tmp_path / RESUME_FILE), weights_only=True)["recent"]
+    assert len(recent) == 2
+    written = load_file(str(tmp_path / adapters.ADAPTER_FILE))
+    trained = [k for k in written if "lora_B" in k]
+    assert trained and all(not torch.equal(recent[0]["lora"][k], recent[1]["lora"][k]) for k in trained)
+    for name, tensor in written.items():
+        assert torch.allclose(tensor, (recent[0]["lora"][name] + recent[1]["lora"][name]) / 2, atol=1e-7), name
+    with pytest.raises(ValueError, match="average_last must be >= 1"):
+        check_config(TrainConfig(dataset=phantom_dataset, output=str(tmp_path), average_last=0))
 
 
 def test_options_prompt_encoder_points_focal_and_iou_loss(litemedsam, phantom_dataset, tmp_path):

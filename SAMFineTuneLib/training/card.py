@@ -37,6 +37,14 @@ def model_card(config: TrainConfig, model, dataset: Dict[str, Any], history: Lis
     }
 
 
+def kept_text(card: Dict[str, Any]) -> str:
+    """What the adapter in a card holds: "epoch N", "the mean of epochs A-B", or the base model."""
+    averaged = card.get("averaged") or {}
+    if averaged.get("kept"):
+        return f"the mean of epochs {averaged['epochs'][0]}-{averaged['epochs'][-1]}"
+    return f"epoch {card['best_epoch']}" if card.get("best_epoch") else "the base model (no epoch beat it)"
+
+
 def _version(name: str) -> Optional[str]:
     try:
         from importlib.metadata import version

@@ -44,6 +44,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-tracking-choice", action="store_true",
                         help="keep the default tracking margin instead of choosing one for the adapter on the "
                              "validation cases from one ROI (a few seconds per case)")
+    parser.add_argument("--average-last", type=int, default=defaults.average_last,
+                        help="the adapter is the mean weights of the last N epochs when they validate as well "
+                             "as an epoch would be kept (1: the kept epoch alone)")
     parser.add_argument("--warmup", type=float, default=defaults.warmup, help="share of steps with linear warmup")
     parser.add_argument("--patience", type=int, default=defaults.patience, help="early stopping (0 = off)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -69,7 +72,7 @@ def config_from_args(args) -> TrainConfig:
                        point_prompts=args.point_prompts, click_prompts=args.click_prompts,
                        tracked_prompts=args.tracked_prompts,
                        roi_prompts=args.roi_prompts, roi_margin=args.roi_margin, end_slices=args.end_slices,
-                       warmup=args.warmup, patience=args.patience, seed=args.seed,
+                       warmup=args.warmup, patience=args.patience, seed=args.seed, average_last=args.average_last,
                        amp=not args.no_amp, resume=args.resume, axis=args.axis, window=args.window,
                        labels=args.labels, window_margin=args.decode_window,
                        choose_tracking=not args.no_tracking_choice)
@@ -77,13 +80,14 @@ def config_from_args(args) -> TrainConfig:
 
 def main(args) -> int:
     from ..progress import StderrBar
+    from .card import kept_text
     from .trainer import train
 
     bar = StderrBar()
     card = train(config_from_args(args), progress=bar, log=bar.line)
     if int(os.environ.get("RANK", "0")) == 0:
         scores = card.get("scores", {})
-        print(f"adapter written to {os.path.abspath(args.output)} (epoch {card['best_epoch']} kept)")
+        print(f"adapter written to {os.path.abspath(args.output)} ({kept_text(card)} kept)")
         for name in ("base", "adapted"):
             if name in scores:
                 row = scores[name]

@@ -15,7 +15,7 @@ RESUME_KEYS = ("dataset", "model", "checkpoint", "lr", "weight_decay", "batch_si
                "lora_dropout", "targets", "train_prompt_encoder", "loss", "iou_loss_weight", "box_jitter",
                "point_prompts", "click_prompts", "tracked_prompts", "roi_prompts", "roi_margin", "end_slices",
                "seed", "axis", "window", "labels", "train_cases", "val_cases", "epochs",
-               "select_best", "keep_within", "window_margin")
+               "select_best", "keep_within", "average_last", "window_margin")
 
 
 @dataclass
@@ -55,9 +55,14 @@ class TrainConfig:
     warmup: float = 0.1  # share of all steps with linear warmup
     patience: int = 5  # epochs without a better validation Dice before stopping (0 = never stop early)
     # Keep the latest epoch whose validation Dice is within keep_within of the best so far and
-    # beats the base model's (epoch 0; training/optimisation.keeps_epoch); False: the last epoch.
+    # beats the base model's (epoch 0; training/optimisation.keeps_epoch); False: the last epoch
+    # (or the mean of the last ``average_last``).
     select_best: bool = True
     keep_within: float = TRAINING_DEFAULTS["keep_within"]
+    # The mean LoRA weights of the last ``average_last`` epochs run, judged by the same rule as one
+    # more epoch after the last (1: no average). On hippocampus (docs/finetuning.md) the mean of
+    # the last three lifted the weakest training's one-ROI Dice and lowered the best ones': opt-in.
+    average_last: int = TRAINING_DEFAULTS["average_last"]
     min_delta: float = 1e-4
     seed: int = 0
     amp: bool = True  # bf16/fp16 autocast, CUDA only
@@ -87,7 +92,7 @@ def check_config(config: TrainConfig) -> None:
     """A ValueError naming the first bad setting, before anything loads."""
     if config.loss not in LOSSES:
         raise ValueError(f"unknown loss '{config.loss}'; choose one of: {', '.join(LOSSES)}")
-    for name in ("epochs", "batch_size", "lora_rank"):
+    for name in ("epochs", "batch_size", "lora_rank", "average_last"):
         if getattr(config, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
     if not config.lr > 0:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -18,6 +18,14 @@ from .folders import replace_folder
 
 def state_copy(module) -> Optional[Dict[str, Any]]:
     return None if module is None else {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def mean_state(states: List[Optional[Dict[str, torch.Tensor]]]) -> Optional[Dict[str, torch.Tensor]]:
+    """The element-wise mean of same-shaped state dicts (None when there are none)."""
+    if not states or states[0] is None:
+        return None
+    return {k: torch.stack([s[k] for s in states]).mean(0) if states[0][k].is_floating_point() else states[-1][k]
+            for k in states[0]}
 
 
 def write_output(output: str, lock, peft_decoder, prompt_encoder, best: Dict[str, Any], card: Dict[str, Any],
@@ -44,12 +52,13 @@ def write_output(output: str, lock, peft_decoder, prompt_encoder, best: Dict[str
 
 
 def resume_state(config: TrainConfig, epoch: int, peft_decoder, prompt_encoder, optimizer, scheduler, generator,
-                 history, best) -> Dict[str, Any]:
-    """Everything a resumed run needs after ``epoch`` (tensors and strings only: weights_only loads)."""
+                 history, best, recent) -> Dict[str, Any]:
+    """Everything a resumed run needs after ``epoch`` (tensors and strings only: weights_only loads),
+    ``recent`` the last epochs' weights the final average takes."""
     state = {"config": json.dumps(config.to_dict()), "epoch": epoch, "lora": adapters.lora_state(peft_decoder),
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": json.dumps(history),
-             "best_epoch": best["epoch"], "best_dice": best["dice"], "best_lora": best["lora"]}
+             "best_epoch": best["epoch"], "best_dice": best["dice"], "best_lora": best["lora"], "recent": recent}
     if prompt_encoder is not None:
         state["prompt"] = state_copy(prompt_encoder)
         if best["prompt"] is not None:

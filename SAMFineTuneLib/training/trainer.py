@@ -41,7 +41,7 @@ from .prediction import predict_masks
 from .prompts import PromptSampler
 from .samples import batch_embeddings, cache_dir_for, prepare
 from .slices import load_slices, split_cases
-from .state import best_from, read_resume, resume_state, state_copy, write_output
+from .state import best_from, mean_state, read_resume, resume_state, state_copy, write_output
 from .tracking_choice import card_tracking, choose_tracking
 
 
@@ -104,14 +104,15 @@ class Trainer:
         self._build_optimiser()
         self.state_path = os.path.join(config.output, RESUME_FILE)
         self.history: List[Dict[str, Any]] = []
+        self.recent: List[Dict[str, Any]] = []  # the last epochs' weights, for the final average
+        self.averaged: Optional[Dict[str, Any]] = None
         self.start_epoch = 1
         self.resume_saved: Optional[Dict[str, Any]] = None
         self.base_dice = mean_dice(self.val_set.samples,
                                    predict_masks(self.model, self.val_set, window_margin=self.margin))
         # Epoch 0 is the base model (LoRA starts as the identity): an epoch is kept only if it
         # beats it on the validation cases, so a run on too few cases cannot leave a harmful adapter.
-        self.best = {"epoch": 0, "dice": self.base_dice if config.select_best else -1.0,
-                     "lora": adapters.lora_state(self.peft_decoder), "prompt": state_copy(self.prompt_encoder)}
+        self.best = dict(self._weights(), epoch=0, dice=self.base_dice if config.select_best else -1.0)
 
     def close(self) -> None:
         """Release the output folder (``fit`` does when it ends, however it ends)."""
@@ -209,6 +210,7 @@ class Trainer:
         torch.set_rng_state(saved["torch_rng"])
         self.history = json.loads(saved["history"])
         self.best = best_from(saved)
+        self.recent = list(saved.get("recent", []))
         self.start_epoch = int(saved["epoch"]) + 1
         self.say(f"resuming after epoch {saved['epoch']} from {path}")
 
@@ -230,11 +232,14 @@ class Trainer:
                 report(self.progress, done, self.total_steps, f"epoch {epoch}/{config.epochs} step {step + 1}/"
                        f"{self.steps_per_epoch} loss {losses[-1]:.4f}{self._eta(done)}")
         train_seconds = time.monotonic() - steps_start
-        val = mean_dice(self.val_set.samples,
-                        predict_masks(self.model, self.val_set, self.step_module, window_margin=self.margin))
-        return {"epoch": epoch, "loss": float(np.mean(losses)), "val_dice": val,
+        return {"epoch": epoch, "loss": float(np.mean(losses)), "val_dice": self._val_dice(),
                 "lr": float(self.scheduler.get_last_lr()[0]), "seconds": round(time.monotonic() - epoch_start, 3),
                 "train_seconds": round(train_seconds, 3)}
+
+    def _val_dice(self) -> float:
+        """Mean Dice of the validation slices, each prompted with its reference box."""
+        return mean_dice(self.val_set.samples,
+                         predict_masks(self.model, self.val_set, self.step_module, window_margin=self.margin))
 
     def _train_step(self, index: torch.Tensor) -> float:
         """One optimiser step on the training slices at ``index``; returns the loss."""
@@ -284,13 +289,14 @@ class Trainer:
         config, epoch = self.config, entry["epoch"]
         kept, _ = keeps_epoch(entry["val_dice"], [h["val_dice"] for h in self.history], self.base_dice, config)
         self.history.append(entry)
+        if config.average_last > 1:
+            self.recent = self.recent[-(config.average_last - 1):] + [self._weights()]
         if kept:
-            self.best = {"epoch": epoch, "dice": entry["val_dice"], "lora": adapters.lora_state(self.peft_decoder),
-                         "prompt": state_copy(self.prompt_encoder)}
+            self.best = dict(self._weights(), epoch=epoch, dice=entry["val_dice"])
         self.card = self._card()
         if self.main_rank:
             self.resume_saved = resume_state(config, epoch, self.peft_decoder, self.prompt_encoder, self.optimizer,
-                                             self.scheduler, self.generator, self.history, self.best)
+                                             self.scheduler, self.generator, self.history, self.best, self.recent)
             write_output(config.output, self.lock, self.peft_decoder, self.prompt_encoder, self.best, self.card,
                          self.resume_saved)
         done = epoch * self.steps_per_epoch
@@ -303,14 +309,13 @@ class Trainer:
         """Back to the kept epoch's adapter; its scores (per validation case, base and adapted)
         and the run's statistics in the card, which is written with the adapter (rank 0) and
         returned."""
+        self._judge_average()
         config, best, card = self.config, self.best, self.card
         if best["epoch"] == 0 and self.history:
             self.say(f"warning: no epoch beat the base model's validation Dice {self.base_dice:.4f} (best "
                      f"{max(h['val_dice'] for h in self.history):.4f}): the adapter written leaves the base model "
                      "as it is; train on more cases")
-        adapters.load_lora_state(self.peft_decoder, best["lora"], "kept epoch")
-        if self.prompt_encoder is not None and best["prompt"] is not None:
-            self.prompt_encoder.load_state_dict(best["prompt"])
+        self._load_weights(best, "kept epoch")
         card["stats"] = self._stats()
         if config.final_scores and self.main_rank:
             card["scores"] = dict(split="val", cases=self.val_ids, window_margin=self.margin,
@@ -322,6 +327,33 @@ class Trainer:
                          self.resume_saved)
         distributed.stop(self.world, self._started_group)
         return card
+
+    def _judge_average(self) -> None:
+        """The mean weights of the last ``average_last`` epochs, kept by ``keeps_epoch`` as if they
+        were one more epoch after the last (so never unless they beat the base model)."""
+        if len(self.recent) < 2:
+            return
+        epochs = [h["epoch"] for h in self.history[-len(self.recent):]]
+        averaged = {"lora": mean_state([s["lora"] for s in self.recent]),
+                    "prompt": mean_state([s["prompt"] for s in self.recent])}
+        self._load_weights(averaged, "averaged epochs")
+        val = self._val_dice()
+        kept, _ = keeps_epoch(val, [h["val_dice"] for h in self.history], self.base_dice, self.config)
+        self.averaged = {"epochs": epochs, "val_dice": val, "kept": kept}
+        if kept:
+            self.best = dict(averaged, epoch=epochs[-1], dice=val)
+        self.card = self._card()
+        self.say(f"mean of epochs {epochs[0]}-{epochs[-1]}: val Dice {val:.4f}, "
+                 + ("kept" if kept else f"not kept (epoch {self.best['epoch']} is)"))
+
+    def _weights(self) -> Dict[str, Any]:
+        """A copy of what trains now: the LoRA tensors and the prompt encoder's state (or None)."""
+        return {"lora": adapters.lora_state(self.peft_decoder), "prompt": state_copy(self.prompt_encoder)}
+
+    def _load_weights(self, weights: Dict[str, Any], source: str) -> None:
+        adapters.load_lora_state(self.peft_decoder, weights["lora"], source)
+        if self.prompt_encoder is not None and weights["prompt"] is not None:
+            self.prompt_encoder.load_state_dict(weights["prompt"])
 
     def _choose_tracking(self, card: Dict[str, Any]) -> None:
         """The tracking margin this adapter segments with, chosen on the validation cases
@@ -346,8 +378,11 @@ class Trainer:
                    "train_end_slices": self.sampler.counts()["end_slices"],
                    "val_slices": len(self.val_set.samples),
                    "labels": {str(k): v for k, v in info.labels.items()}}
-        return model_card(self.config, self.model, dataset, self.history, self.best, self.base_dice,
+        card = model_card(self.config, self.model, dataset, self.history, self.best, self.base_dice,
                           sum(p.numel() for p in self.trainable))
+        if self.averaged is not None:
+            card["averaged"] = self.averaged
+        return card
 
     def _stats(self) -> Dict[str, Any]:
         # a caller may give the training slices other embeddings (their encoder calls count too)
