@@ -28,27 +28,30 @@ def mean_state(states: List[Optional[Dict[str, torch.Tensor]]]) -> Optional[Dict
             for k in states[0]}
 
 
+def load_weights(peft_decoder, prompt_encoder, weights: Dict[str, Any], source: str) -> None:
+    """Put ``weights`` ({"lora", "prompt"}: a kept epoch, an average, a copy of the current ones)
+    into the LoRA decoder and, when one trains and the weights hold it, the prompt encoder."""
+    adapters.load_lora_state(peft_decoder, weights["lora"], source)
+    if prompt_encoder is not None and weights["prompt"] is not None:
+        prompt_encoder.load_state_dict(weights["prompt"])
+
+
 def write_output(output: str, lock, peft_decoder, prompt_encoder, best: Dict[str, Any], card: Dict[str, Any],
                  resume: Optional[Dict[str, Any]]) -> None:
     """Replace the output folder with the kept epoch's adapter (not the current weights), the card
     and the resume state: a reader sees the previous epoch's folder or this one, whole."""
-    current = adapters.lora_state(peft_decoder)
-    current_prompt = state_copy(prompt_encoder)
+    current = {"lora": adapters.lora_state(peft_decoder), "prompt": state_copy(prompt_encoder)}
 
     def fill(folder: str) -> None:
         if resume is not None:
             atomic_write(os.path.join(folder, RESUME_FILE), lambda temp: torch.save(resume, temp))
         adapters.save_adapter(folder, peft_decoder, card, prompt_encoder)  # the card last: the folder is complete
 
-    adapters.load_lora_state(peft_decoder, best["lora"], "kept epoch")
-    if prompt_encoder is not None and best["prompt"] is not None:
-        prompt_encoder.load_state_dict(best["prompt"])
+    load_weights(peft_decoder, prompt_encoder, best, "kept epoch")
     try:
         replace_folder(output, fill, lock)
     finally:
-        adapters.load_lora_state(peft_decoder, current, "current epoch")
-        if prompt_encoder is not None:
-            prompt_encoder.load_state_dict(current_prompt)
+        load_weights(peft_decoder, prompt_encoder, current, "current epoch")
 
 
 def resume_state(config: TrainConfig, epoch: int, peft_decoder, prompt_encoder, optimizer, scheduler, generator,

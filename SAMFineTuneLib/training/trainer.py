@@ -41,7 +41,7 @@ from .prediction import predict_masks
 from .prompts import PromptSampler
 from .samples import batch_embeddings, cache_dir_for, prepare
 from .slices import load_slices, split_cases
-from .state import best_from, mean_state, read_resume, resume_state, state_copy, write_output
+from .state import best_from, load_weights, mean_state, read_resume, resume_state, state_copy, write_output
 from .tracking_choice import card_tracking, choose_tracking
 
 
@@ -289,10 +289,11 @@ class Trainer:
         config, epoch = self.config, entry["epoch"]
         kept, _ = keeps_epoch(entry["val_dice"], [h["val_dice"] for h in self.history], self.base_dice, config)
         self.history.append(entry)
+        weights = self._weights() if kept or config.average_last > 1 else None
         if config.average_last > 1:
-            self.recent = self.recent[-(config.average_last - 1):] + [self._weights()]
+            self.recent = self.recent[-(config.average_last - 1):] + [weights]
         if kept:
-            self.best = dict(self._weights(), epoch=epoch, dice=entry["val_dice"])
+            self.best = dict(weights, epoch=epoch, dice=entry["val_dice"])
         self.card = self._card()
         if self.main_rank:
             self.resume_saved = resume_state(config, epoch, self.peft_decoder, self.prompt_encoder, self.optimizer,
@@ -315,7 +316,7 @@ class Trainer:
             self.say(f"warning: no epoch beat the base model's validation Dice {self.base_dice:.4f} (best "
                      f"{max(h['val_dice'] for h in self.history):.4f}): the adapter written leaves the base model "
                      "as it is; train on more cases")
-        self._load_weights(best, "kept epoch")
+        load_weights(self.peft_decoder, self.prompt_encoder, best, "kept epoch")
         card["stats"] = self._stats()
         if config.final_scores and self.main_rank:
             card["scores"] = dict(split="val", cases=self.val_ids, window_margin=self.margin,
@@ -336,7 +337,7 @@ class Trainer:
         epochs = [h["epoch"] for h in self.history[-len(self.recent):]]
         averaged = {"lora": mean_state([s["lora"] for s in self.recent]),
                     "prompt": mean_state([s["prompt"] for s in self.recent])}
-        self._load_weights(averaged, "averaged epochs")
+        load_weights(self.peft_decoder, self.prompt_encoder, averaged, "averaged epochs")
         val = self._val_dice()
         kept, _ = keeps_epoch(val, [h["val_dice"] for h in self.history], self.base_dice, self.config)
         self.averaged = {"epochs": epochs, "val_dice": val, "kept": kept}
@@ -349,11 +350,6 @@ class Trainer:
     def _weights(self) -> Dict[str, Any]:
         """A copy of what trains now: the LoRA tensors and the prompt encoder's state (or None)."""
         return {"lora": adapters.lora_state(self.peft_decoder), "prompt": state_copy(self.prompt_encoder)}
-
-    def _load_weights(self, weights: Dict[str, Any], source: str) -> None:
-        adapters.load_lora_state(self.peft_decoder, weights["lora"], source)
-        if self.prompt_encoder is not None and weights["prompt"] is not None:
-            self.prompt_encoder.load_state_dict(weights["prompt"])
 
     def _choose_tracking(self, card: Dict[str, Any]) -> None:
         """The tracking margin this adapter segments with, chosen on the validation cases
