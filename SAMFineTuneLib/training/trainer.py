@@ -201,9 +201,7 @@ class Trainer:
             self.say(f"nothing to resume in {config.output}: starting from epoch 1")
             return
         saved = read_resume(path, config)
-        adapters.load_lora_state(self.peft_decoder, saved["lora"], path)
-        if self.prompt_encoder is not None:
-            self.prompt_encoder.load_state_dict(saved["prompt"])
+        load_weights(self.peft_decoder, self.prompt_encoder, saved, path)
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         self.generator.set_state(saved["generator"])
