@@ -133,6 +133,7 @@ TRACKING_DEFAULTS: Dict[str, Any] = {
     "min_score": None,
     "patience": 0,
     "own_box_px": 0,
+    "smooth_mm": 0.0,
 }
 
 #: Dataset splits, by case (and patient): training, validation (early stopping, scores) and test.
@@ -161,8 +162,10 @@ ADAPTER_TRACKING_MARGINS_PX: Tuple[int, ...] = (TRACKING_DEFAULTS["min_margin_px
 #: candidates ranked by predicted IoU x mask area, which kept tracking off the wrong tissue
 #: (``seed_area_weight``); and below a 3D Dice of ``fixed_fallback`` between its tracked result and
 #: its answer to the ROI on every slice, the latter, above it what both keep; then each kept slice
-#: decoded again with its own mask's box grown by ``own_box_px`` (the prompt it was trained best on).
-ADAPTER_ROI_TRACKING: Dict[str, float] = {"seed_area_weight": 1.0, "fixed_fallback": 0.5, "own_box_px": 2}
+#: decoded again with its own mask's box grown by ``own_box_px`` (the prompt it was trained best on);
+#: the result's surface smoothed in 3D by ``smooth_mm``.
+ADAPTER_ROI_TRACKING: Dict[str, float] = {"seed_area_weight": 1.0, "fixed_fallback": 0.5, "own_box_px": 2,
+                                          "smooth_mm": 1.0}
 #: Voxels between a structure and the ROI it is segmented from when an adapter is judged from
 #: one ROI (a user draws it a little loose): the benchmarks' default and the tracking choice's.
 VALIDATION_ROI_MARGIN = 3

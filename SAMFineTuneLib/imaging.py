@@ -110,6 +110,12 @@ def box_to_slices(box: Sequence[int], axis: str) -> Tuple[range, Tuple[int, int,
     raise ValueError(f"unknown axis '{axis}'; choose one of: {', '.join(AXES)}")
 
 
+def box_region(box: Sequence[int]) -> Tuple[slice, slice, slice]:
+    """A 3D voxel box (i0, j0, k0, i1, j1, k1), inclusive -> the index into a (k, j, i) array."""
+    i0, j0, k0, i1, j1, k1 = (int(v) for v in box)
+    return slice(k0, k1 + 1), slice(j0, j1 + 1), slice(i0, i1 + 1)
+
+
 def slices_to_box(first: int, last: int, box2d: Sequence[int], axis: str) -> Tuple[int, ...]:
     """A slice range and one 2D box -> the 3D voxel box (inverse of box_to_slices)."""
     x0, y0, x1, y1 = (int(v) for v in box2d)

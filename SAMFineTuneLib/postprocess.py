@@ -24,6 +24,16 @@ def fill_holes(mask: np.ndarray, axis: int) -> np.ndarray:
     return np.moveaxis(out, 0, axis).astype(np.uint8)
 
 
+def smooth(mask: np.ndarray, sigma_mm: float, spacing_kji) -> np.ndarray:
+    """The mask's surface smoothed in 3D (a Gaussian of ``sigma_mm`` on the 0/1 mask, kept where
+    above one half): each slice is decoded on its own, so the surface steps from slice to slice
+    where the structure's does not (1 mm lifted nine hippocampus adapters' one-ROI Dice by 0.004 to
+    0.014, docs/finetuning.md). A mask too thin to outlive it is returned as it was, not erased."""
+    sigma = [sigma_mm / float(step) for step in spacing_kji]
+    smoothed = ndimage.gaussian_filter(mask.astype(np.float32), sigma, mode="constant") > 0.5
+    return smoothed.astype(np.uint8) if smoothed.any() else mask.astype(np.uint8)
+
+
 def clean(mask: np.ndarray, axis: int, keep_largest: bool = True, fill: bool = True) -> np.ndarray:
     """The segmenter's clean-ups, in its order: the largest component, then holes slice by slice."""
     if keep_largest and mask.any():

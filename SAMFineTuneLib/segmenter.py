@@ -300,7 +300,9 @@ class Segmenter:
             kept = [int(i) for i in imaging.box_to_slices(box, axis)[0] if imaging.extract_slice(out, axis, i).any()]
         else:
             out, kept = planes[0]
-        return self._result(volume, axis, box, out, kept, counter, progress, keep_largest, fill_holes, started)
+        smooth_mm = self.tracking_in_use.smooth_mm if box_mode == "tracked" else 0.0
+        return self._result(volume, axis, box, out, kept, counter, progress, keep_largest, fill_holes, started,
+                            smooth_mm)
 
     def segment_boxes(
         self,
@@ -379,10 +381,14 @@ class Segmenter:
 
     @staticmethod
     def _result(volume: Volume, axis: str, box, out: np.ndarray, kept: List[int], counter: Dict[str, float],
-                progress, keep_largest: bool, fill_holes: bool, started: float) -> SegmentationResult:
-        """The mask cleaned up inside the box, with the slices segmented and the job's numbers."""
-        region = (slice(box[2], box[5] + 1), slice(box[1], box[4] + 1), slice(box[0], box[3] + 1))
+                progress, keep_largest: bool, fill_holes: bool, started: float,
+                smooth_mm: float = 0.0) -> SegmentationResult:
+        """The mask cleaned up (and smoothed by ``smooth_mm``) inside the box, with the slices
+        segmented and the job's numbers."""
+        region = imaging.box_region(box)
         out[region] = postprocess.clean(out[region], imaging.axis_index(axis), keep_largest, fill_holes)
+        if smooth_mm > 0:
+            out[region] = postprocess.smooth(out[region], smooth_mm, volume.spacing[::-1])
         report(progress, int(counter["total"]), int(counter["total"]), "done")
         stats = {"encoded": counter["encoded"], "cache_hits": counter["cache_hits"],
                  "slices": len(imaging.box_to_slices(box, axis)[0]), "segmented_slices": len(kept),

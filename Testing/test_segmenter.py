@@ -339,3 +339,50 @@ def test_windowed_decoding_is_the_cpu_default_and_agrees_with_whole_slice_decodi
     # Measured 0.965: the boundary pixels move a little, most on the end slices where SAM is unsure.
     assert dice(windowed, whole.mask) > 0.93
     assert dice(windowed, label.array) > 0.6 and dice(whole.mask, label.array) > 0.6
+
+
+def test_smoothing_takes_off_single_voxel_steps_in_millimetres():
+    """``postprocess.smooth``: a voxel standing out of a surface goes, the body stays; sigma is in
+    millimetres, so along widely spaced slices a one-slice plate keeps its rim that 1 mm slices
+    take; a mask that smoothing would erase whole comes back as it was."""
+    from SAMFineTuneLib.postprocess import smooth
+
+    cube = np.zeros((16, 16, 16), np.uint8)
+    cube[4:12, 4:12, 4:12] = 1
+    bumpy = cube.copy()
+    bumpy[12, 7, 7] = bumpy[7, 3, 7] = 1
+    smoothed = smooth(bumpy, 1.0, (1.0, 1.0, 1.0))
+    assert smoothed[12, 7, 7] == 0 and smoothed[7, 3, 7] == 0
+    assert smoothed[5:11, 5:11, 5:11].all() and dice(smoothed, cube) > 0.9
+    plate = np.zeros((9, 16, 16), np.uint8)
+    plate[4, 2:14, 2:14] = 1
+    plate[3:6, 7:9, 7:9] = 1  # a knob through the plate: what survives 1 mm across the slices
+    thin = smooth(plate, 1.0, (1.0, 1.0, 1.0))
+    assert 0 < thin.sum() < 20 and not thin[4, 2:5, 2:5].any()
+    assert smooth(plate, 1.0, (10.0, 1.0, 1.0))[4, 3:13, 3:13].all()
+    line = np.zeros((9, 9, 9), np.uint8)
+    line[4, 4, 1:8] = 1
+    assert np.array_equal(smooth(line, 1.0, (1.0, 1.0, 1.0)), line)
+    assert not smooth(np.zeros_like(cube), 1.0, (1.0, 1.0, 1.0)).any()
+
+
+def test_tracked_results_are_smoothed_when_the_tracking_options_ask():
+    """``TrackingOptions.smooth_mm`` (an adapter trained on loose ROIs sets it in its card): the
+    tracked result's voxels inside the ROI are smoothed after the clean-ups; the fixed mode is not."""
+    from dataclasses import replace
+
+    from SAMFineTuneLib.postprocess import smooth
+
+    ct, label = make_ct_phantom(shape_kji=(12, 48, 48), spacing_xyz=(2.0, 2.0, 2.0), noise_hu=3.0, organ_hu=240.0)
+    roi = bounding_box(label.array, (2, 2, 1))
+    segmenter = Segmenter(OracleModel())
+    plain = {mode: segmenter.segment(ct, roi, window=WINDOW, box_mode=mode).mask for mode in ("tracked", "fixed")}
+    segmenter.tracking = replace(segmenter.tracking, smooth_mm=3.0)
+    smoothed = {mode: segmenter.segment(ct, roi, window=WINDOW, box_mode=mode).mask for mode in ("tracked", "fixed")}
+    i0, j0, k0, i1, j1, k1 = roi
+    region = (slice(k0, k1 + 1), slice(j0, j1 + 1), slice(i0, i1 + 1))
+    expected = plain["tracked"].copy()
+    expected[region] = smooth(plain["tracked"][region], 3.0, (2.0, 2.0, 2.0))
+    assert not np.array_equal(expected, plain["tracked"])  # the option has something to change
+    assert np.array_equal(smoothed["tracked"], expected)
+    assert np.array_equal(smoothed["fixed"], plain["fixed"])

@@ -68,6 +68,7 @@ def test_the_best_margin_wins_the_default_wins_ties_and_the_model_is_left_as_it_
     assert no_roi["seed_area_weight"] == TRACKING_DEFAULTS["seed_area_weight"] == 0.0
     assert no_roi["fixed_fallback"] == TRACKING_DEFAULTS["fixed_fallback"] == 0.0
     assert no_roi["own_box_px"] == TRACKING_DEFAULTS["own_box_px"] == 0
+    assert no_roi["smooth_mm"] == TRACKING_DEFAULTS["smooth_mm"] == 0.0
     with pytest.raises(Cancelled):
         choose_tracking(litemedsam, litemedsam.mask_decoder, None, info, ["phantom100"], config, None,
                         cancel=lambda: True)

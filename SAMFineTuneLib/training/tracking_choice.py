@@ -29,10 +29,9 @@ from .shared_embeddings import segmenter_from_dataset
 
 def choose_tracking(model, decoder, prompt_encoder, info, cases: List[str], config, cache_dir: Optional[str],
                     progress=None, cancel=None) -> Optional[Dict[str, Any]]:
-    """The card's record of the choice: {"min_margin_px": chosen, "seed_area_weight", "fixed_fallback",
-    "own_box_px", "dice":
-    {candidate: mean 3D Dice}, "roi_margin", "structures"}; None when no validation case spans 3 slices along the
-    axis (2D images: there is nothing to track). ``decoder`` (and a trained ``prompt_encoder``,
+    """The card's record of the choice: {"min_margin_px": chosen, each of ``ADAPTER_ROI_TRACKING``'s
+    options, "dice": {candidate: mean 3D Dice}, "roi_margin", "structures"}; None when no validation
+    case spans 3 slices along the axis (2D images: there is nothing to track). ``decoder`` (and a trained ``prompt_encoder``,
     or None) stand in for the model's own while it runs; the model is left as it was."""
     from ..dataset import load_case
     from ..evaluate import roi_box
@@ -74,7 +73,7 @@ def choose_tracking(model, decoder, prompt_encoder, info, cases: List[str], conf
 
 
 #: The tracking options ``choose_tracking`` decides, which the card carries to the Segmenter.
-CHOSEN_OPTIONS = ("min_margin_px", "seed_area_weight", "fixed_fallback", "own_box_px")
+CHOSEN_OPTIONS = ("min_margin_px",) + tuple(ADAPTER_ROI_TRACKING)
 
 
 def card_tracking(choice: Dict[str, Any]) -> Dict[str, Any]:

@@ -109,7 +109,7 @@ def score_structure(segmenter, case, structure, axis: str, args, options: Dict[s
             box = roi_box(reference, margin, axis)
             raw = segmenter.segment(case.image, box, axis=axis, window=window, box_mode=mode, keep_largest=False,
                                     fill_holes=False, **engine).mask
-            region = (slice(box[2], box[5] + 1), slice(box[1], box[4] + 1), slice(box[0], box[3] + 1))
+            region = imaging.box_region(box)
             variants = {}
             for name, (largest, fill) in POSTPROCESSING.items():
                 mask = raw.copy()
