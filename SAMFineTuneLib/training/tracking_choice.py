@@ -31,8 +31,9 @@ def choose_tracking(model, decoder, prompt_encoder, info, cases: List[str], conf
                     progress=None, cancel=None) -> Optional[Dict[str, Any]]:
     """The card's record of the choice: {"min_margin_px": chosen, each of ``ADAPTER_ROI_TRACKING``'s
     options, "dice": {candidate: mean 3D Dice}, "roi_margin", "structures"}; None when no validation
-    case spans 3 slices along the axis (2D images: there is nothing to track). ``decoder`` (and a trained ``prompt_encoder``,
-    or None) stand in for the model's own while it runs; the model is left as it was."""
+    case spans 3 slices along the axis (2D images: there is nothing to track). ``decoder`` (and a
+    trained ``prompt_encoder``, or None) stand in for the model's own while it runs; the model is
+    left as it was."""
     from ..dataset import load_case
     from ..evaluate import roi_box
     from ..metrics import dice_score
