@@ -163,7 +163,7 @@ ADAPTER_TRACKING_MARGINS_PX: Tuple[int, ...] = (TRACKING_DEFAULTS["min_margin_px
 #: (``seed_area_weight``); and below a 3D Dice of ``fixed_fallback`` between its tracked result and
 #: its answer to the ROI on every slice, the latter, above it what both keep; then each kept slice
 #: decoded again with its own mask's box grown by ``own_box_px`` (the prompt it was trained best on);
-#: the result's surface smoothed in 3D by ``smooth_mm``.
+#: the result's surface smoothed in 3D by ``smooth_mm`` (kept unless it lowers the validation Dice).
 ADAPTER_ROI_TRACKING: Dict[str, float] = {"seed_area_weight": 1.0, "fixed_fallback": 0.5, "own_box_px": 2,
                                           "smooth_mm": 1.0}
 #: Voxels between a structure and the ROI it is segmented from when an adapter is judged from

@@ -27,6 +27,12 @@ def volumes(tmp_path_factory):
     return root
 
 
+def smoothing_kept(choice):
+    """The smoothing a choice must keep: the adapters' own unless it scored below no smoothing."""
+    px = str(choice["min_margin_px"])
+    return ADAPTER_ROI_TRACKING["smooth_mm"] if choice["dice"][px] >= choice["dice_unsmoothed"][px] else 0.0
+
+
 @pytest.fixture(scope="module")
 def adapted(litemedsam, volumes, tmp_path_factory):
     output = str(tmp_path_factory.mktemp("adapter"))
@@ -41,7 +47,7 @@ def test_training_chooses_the_best_margin_on_the_validation_cases_and_the_card_c
     assert choice["structures"] == 2 and choice["roi_margin"] == VALIDATION_ROI_MARGIN
     best = max(choice["dice"].values())
     assert choice["dice"][str(choice["min_margin_px"])] == best
-    chosen = {"min_margin_px": choice["min_margin_px"], **ADAPTER_ROI_TRACKING}
+    chosen = {"min_margin_px": choice["min_margin_px"], **ADAPTER_ROI_TRACKING, "smooth_mm": smoothing_kept(choice)}
     assert adapted["card"]["inference"]["tracking"] == chosen
     with open(f"{adapted['output']}/model_card.json") as handle:
         assert json.load(handle)["inference"]["tracking"] == chosen
@@ -62,7 +68,8 @@ def test_the_best_margin_wins_the_default_wins_ties_and_the_model_is_left_as_it_
     expected = TRACKING_DEFAULTS["min_margin_px"] if scores[str(TRACKING_DEFAULTS["min_margin_px"])] == best \
         else first_best
     assert choice["min_margin_px"] == expected
-    assert {key: choice[key] for key in ADAPTER_ROI_TRACKING} == ADAPTER_ROI_TRACKING  # trained on loose ROIs
+    assert {key: choice[key] for key in ADAPTER_ROI_TRACKING} == dict(ADAPTER_ROI_TRACKING,  # trained on loose ROIs
+                                                                      smooth_mm=smoothing_kept(choice))
     no_roi = choose_tracking(litemedsam, litemedsam.mask_decoder, None, info, ["phantom100"],
                              TrainConfig(dataset=volumes, output="unused", window_margin=4, roi_prompts=0.0), None)
     assert no_roi["seed_area_weight"] == TRACKING_DEFAULTS["seed_area_weight"] == 0.0
@@ -142,3 +149,18 @@ def test_scoring_from_one_roi_segments_in_the_box_mode_asked(litemedsam, volumes
         scores[mode] = run["cases"][0]["dice"]
         assert scores[mode] == pytest.approx(dice_score(segmented.mask > 0, mask), abs=1e-6)
     assert scores["tracked"] != scores["fixed"]
+
+
+def test_smoothing_that_lowers_the_validation_dice_is_not_kept(litemedsam, volumes, monkeypatch):
+    """The adapters' 3D smoothing is weighed on the validation cases with the same runs: one that
+    takes the structure away scores lower there and the card keeps none."""
+    from SAMFineTuneLib import postprocess
+    from SAMFineTuneLib.training.tracking_choice import smoothing_text
+
+    info = read_dataset(volumes)
+    config = TrainConfig(dataset=volumes, output="unused", window_margin=4)
+    kept = choose_tracking(litemedsam, litemedsam.mask_decoder, None, info, ["phantom100"], config, None)
+    monkeypatch.setattr(postprocess, "smooth", lambda mask, sigma_mm, spacing: mask * 0)
+    choice = choose_tracking(litemedsam, litemedsam.mask_decoder, None, info, ["phantom100"], config, None)
+    assert choice["dice_unsmoothed"] == kept["dice_unsmoothed"] and max(choice["dice"].values()) == 0.0
+    assert choice["smooth_mm"] == 0.0 and "not smoothed" in smoothing_text(choice)

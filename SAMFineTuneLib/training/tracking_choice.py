@@ -12,8 +12,10 @@ candidate (``catalogue.ADAPTER_TRACKING_MARGINS_PX``); ties keep the default. A 
 boxes from the reference's neighbouring slice) always preferred the tightest box, so it is not
 used. An adapter trained on loose ROIs also ranks its seed candidates by area and checks its
 tracked result by its answer to the ROI on every slice (``catalogue.ADAPTER_ROI_TRACKING``), in
-the choice as in use. The choice goes into the model card (``inference.tracking``), which
-``Segmenter`` honours.
+the choice as in use; its result is smoothed in 3D unless that lowers the validation Dice at the
+margin chosen (smoothing lifted hippocampus adapters, but a structure thin against its voxels
+loses its rim, so the user's own cases decide; the same runs score both). The choice goes into the
+model card (``inference.tracking``), which ``Segmenter`` honours.
 """
 from __future__ import annotations
 
@@ -22,7 +24,9 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from .. import imaging, postprocess
 from ..catalogue import ADAPTER_ROI_TRACKING, ADAPTER_TRACKING_MARGINS_PX, TRACKING_DEFAULTS, VALIDATION_ROI_MARGIN
+from ..metrics import dice_score
 from ..progress import check_cancel, report
 from .shared_embeddings import segmenter_from_dataset
 
@@ -30,13 +34,13 @@ from .shared_embeddings import segmenter_from_dataset
 def choose_tracking(model, decoder, prompt_encoder, info, cases: List[str], config, cache_dir: Optional[str],
                     progress=None, cancel=None) -> Optional[Dict[str, Any]]:
     """The card's record of the choice: {"min_margin_px": chosen, each of ``ADAPTER_ROI_TRACKING``'s
-    options, "dice": {candidate: mean 3D Dice}, "roi_margin", "structures"}; None when no validation
+    options, "dice": {candidate: mean 3D Dice}, "dice_unsmoothed": the same without smoothing,
+    "roi_margin", "structures"}; None when no validation
     case spans 3 slices along the axis (2D images: there is nothing to track). ``decoder`` (and a
     trained ``prompt_encoder``, or None) stand in for the model's own while it runs; the model is
     left as it was."""
     from ..dataset import load_case
     from ..evaluate import roi_box
-    from ..metrics import dice_score
     from ..segmenter import Segmenter
 
     structures = [(image, mask) for case in cases for image, mask in _structures(load_case(info.case(case)),
@@ -51,30 +55,56 @@ def choose_tracking(model, decoder, prompt_encoder, info, cases: List[str], conf
     try:
         segmenter = Segmenter(model, window_margin=config.window_margin)
         dice: Dict[int, List[float]] = {px: [] for px in ADAPTER_TRACKING_MARGINS_PX}
+        plain: Dict[int, List[float]] = {px: [] for px in ADAPTER_TRACKING_MARGINS_PX}
         runs, done = len(structures) * len(dice), 0
         for image, mask in structures:
             box = roi_box(mask, VALIDATION_ROI_MARGIN)
             segmenter_from_dataset(segmenter, image, config.axis, config.window, box, cache_dir)
             for px in dice:
                 check_cancel(cancel)
-                segmenter.tracking = dataclasses.replace(segmenter.tracking, min_margin_px=px, **ruled)
+                segmenter.tracking = dataclasses.replace(segmenter.tracking, min_margin_px=px,
+                                                         **dict(ruled, smooth_mm=0.0))
                 result = segmenter.segment(image, box, axis=config.axis, window=config.window, box_mode="tracked",
                                            multimask=False)
-                dice[px].append(dice_score(result.mask > 0, mask))
+                plain[px].append(dice_score(result.mask > 0, mask))
+                dice[px].append(_smoothed_dice(result.mask, mask, box, image.spacing, ruled["smooth_mm"]))
                 done += 1
                 report(progress, done, runs, f"choosing the tracking margin: {done}/{runs} validation runs from one "
                        "ROI")
     finally:
         model.mask_decoder, model.prompt_encoder = own
     means = {px: float(np.mean(scores)) for px, scores in dice.items()}
+    unsmoothed = {px: float(np.mean(scores)) for px, scores in plain.items()}
     default = TRACKING_DEFAULTS["min_margin_px"]
     best = max(means, key=lambda px: (means[px], px == default))
-    return {"min_margin_px": int(best), **ruled, "dice": {str(px): means[px] for px in means},
-            "roi_margin": VALIDATION_ROI_MARGIN, "structures": len(structures)}
+    smooth_mm = ruled["smooth_mm"] if means[best] >= unsmoothed[best] else 0.0
+    return {"min_margin_px": int(best), **ruled, "smooth_mm": smooth_mm, "dice": {str(px): means[px] for px in means},
+            "dice_unsmoothed": {str(px): unsmoothed[px] for px in unsmoothed}, "roi_margin": VALIDATION_ROI_MARGIN,
+            "structures": len(structures)}
+
+
+def _smoothed_dice(result: np.ndarray, mask: np.ndarray, box, spacing_xyz, smooth_mm: float) -> float:
+    """A tracked result's 3D Dice once smoothed by ``smooth_mm`` inside its ROI, as the Segmenter
+    smooths it (``Segmenter._result``); as it is when ``smooth_mm`` is 0."""
+    smoothed = result.copy()
+    if smooth_mm > 0:
+        region = imaging.box_region(box)
+        smoothed[region] = postprocess.smooth(smoothed[region], smooth_mm, spacing_xyz[::-1])
+    return dice_score(smoothed > 0, mask)
 
 
 #: The tracking options ``choose_tracking`` decides, which the card carries to the Segmenter.
 CHOSEN_OPTIONS = ("min_margin_px",) + tuple(ADAPTER_ROI_TRACKING)
+
+
+def smoothing_text(choice: Dict[str, Any]) -> str:
+    """What the choice did about smoothing, for the training log ('' when it did not weigh it)."""
+    px = str(choice["min_margin_px"])
+    smoothed, unsmoothed = choice["dice"][px], choice["dice_unsmoothed"][px]
+    if smoothed == unsmoothed and not choice["smooth_mm"]:
+        return ""
+    verdict = f"smoothed by {choice['smooth_mm']:g} mm" if choice["smooth_mm"] else "not smoothed"
+    return f"; {verdict} (3D Dice {smoothed:.3f} smoothed, {unsmoothed:.3f} as decoded)"
 
 
 def card_tracking(choice: Dict[str, Any]) -> Dict[str, Any]:

@@ -42,7 +42,7 @@ from .prompts import PromptSampler
 from .samples import batch_embeddings, cache_dir_for, prepare
 from .slices import load_slices, split_cases
 from .state import best_from, load_weights, mean_state, read_resume, resume_state, state_copy, write_output
-from .tracking_choice import card_tracking, choose_tracking
+from .tracking_choice import card_tracking, choose_tracking, smoothing_text
 
 
 def train(config: TrainConfig, progress=None, cancel=None, log=None, model=None) -> Dict[str, Any]:
@@ -361,7 +361,8 @@ class Trainer:
         card["tracking_choice"] = choice
         self.say("tracking margin for this adapter, chosen from one ROI on the validation cases: "
                  f"{choice['min_margin_px']} px (3D Dice " + ", ".join(f"{px} px {dice:.3f}" for px, dice
-                                                                    in choice["dice"].items()) + ")")
+                                                                    in choice["dice"].items()) + ")"
+                 + smoothing_text(choice))
 
     # ------------------------------------------------------------ reporting
 
