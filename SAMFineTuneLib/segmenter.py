@@ -300,9 +300,8 @@ class Segmenter:
             kept = [int(i) for i in imaging.box_to_slices(box, axis)[0] if imaging.extract_slice(out, axis, i).any()]
         else:
             out, kept = planes[0]
-        smooth_mm = self.tracking_in_use.smooth_mm if box_mode == "tracked" else 0.0
         return self._result(volume, axis, box, out, kept, counter, progress, keep_largest, fill_holes, started,
-                            smooth_mm)
+                            self.tracking_in_use.smooth_mm)
 
     def segment_boxes(
         self,

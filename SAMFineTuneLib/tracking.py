@@ -48,10 +48,10 @@ class TrackingOptions:
     and propagation with every kept slice decoded again with its own mask's box grown by that many
     pixels: tracking's box comes from the neighbouring slice, and such an adapter, trained on
     jittered reference boxes, answers best a box close around the structure (0: no such pass; the
-    base model would grow into the margin). ``smooth_mm`` > 0 smooths the tracked result's surface
-    in 3D (``postprocess.smooth``): such an adapter's slices, each decoded on its own, step where
-    the structure's surface does not (0: none, the base model's: a Gaussian as wide as a 3 mm CT
-    voxel took thin structures' rims). Following:
+    base model would grow into the margin). ``smooth_mm`` > 0 smooths the surface of what either
+    ROI box mode returns in 3D (``postprocess.smooth``): such an adapter's slices, each decoded on
+    its own, step where the structure's surface does not (0: none, the base model's: a Gaussian as
+    wide as a 3 mm CT voxel took thin structures' rims). Following:
     ``mask_prompt`` gives SAM the previous slice's logits with its box; ``min_score`` says the
     structure has ended where SAM's predicted IoU falls below it; ``patience`` is how many slices
     in a row may fail the rules before tracking gives up (gaps, re-entry). The defaults are the

@@ -366,9 +366,9 @@ def test_smoothing_takes_off_single_voxel_steps_in_millimetres():
     assert not smooth(np.zeros_like(cube), 1.0, (1.0, 1.0, 1.0)).any()
 
 
-def test_tracked_results_are_smoothed_when_the_tracking_options_ask():
-    """``TrackingOptions.smooth_mm`` (an adapter trained on loose ROIs sets it in its card): the
-    tracked result's voxels inside the ROI are smoothed after the clean-ups; the fixed mode is not."""
+def test_roi_results_are_smoothed_when_the_tracking_options_ask():
+    """``TrackingOptions.smooth_mm`` (an adapter trained on loose ROIs sets it in its card): in
+    either box mode, the result's voxels inside the ROI are smoothed after the clean-ups."""
     from dataclasses import replace
 
     from SAMFineTuneLib.postprocess import smooth
@@ -381,8 +381,8 @@ def test_tracked_results_are_smoothed_when_the_tracking_options_ask():
     smoothed = {mode: segmenter.segment(ct, roi, window=WINDOW, box_mode=mode).mask for mode in ("tracked", "fixed")}
     i0, j0, k0, i1, j1, k1 = roi
     region = (slice(k0, k1 + 1), slice(j0, j1 + 1), slice(i0, i1 + 1))
-    expected = plain["tracked"].copy()
-    expected[region] = smooth(plain["tracked"][region], 3.0, (2.0, 2.0, 2.0))
-    assert not np.array_equal(expected, plain["tracked"])  # the option has something to change
-    assert np.array_equal(smoothed["tracked"], expected)
-    assert np.array_equal(smoothed["fixed"], plain["fixed"])
+    for mode in ("tracked", "fixed"):
+        expected = plain[mode].copy()
+        expected[region] = smooth(plain[mode][region], 3.0, (2.0, 2.0, 2.0))
+        assert not np.array_equal(expected, plain[mode])  # the option has something to change
+        assert np.array_equal(smoothed[mode], expected)
