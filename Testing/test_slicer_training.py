@@ -156,6 +156,10 @@ def test_adapter_scores_become_a_table_and_a_case_is_compared_with_and_without_i
     assert comparison.trackingSummary(card).endswith(
         "(3D Dice below 0.50). Each slice it keeps is decoded again with its own box grown by 2 px. From one ROI it "
         "scored 3D Dice 0.781 on 5 validation structures.")
+    card["inference"]["tracking"].update(smooth_mm=1.0)
+    assert comparison.trackingSummary(card).endswith(
+        "grown by 2 px. Its result is smoothed in 3D by 1 mm. From one ROI it scored 3D Dice 0.781 on 5 validation "
+        "structures.")
 
     client = TrainClient()
     logic = SAMFineTuneCoreLogic(worker=WorkerBackend(client=client))

@@ -56,8 +56,10 @@ def trackingSummary(card):
     ownBox = chosen.get("own_box_px", 0)
     redecodes = (" Each slice it keeps is decoded again with its own box grown by %d px." % ownBox if ownBox > 0
                  else "")
-    return "It tracks with a %d px margin and seeds by %s%s.%s%s" % (chosen["min_margin_px"], seed, fallsBack,
-                                                                  redecodes, measured)
+    smoothMm = chosen.get("smooth_mm", 0)
+    smooths = " Its result is smoothed in 3D by %g mm." % smoothMm if smoothMm > 0 else ""
+    return "It tracks with a %d px margin and seeds by %s%s.%s%s%s" % (chosen["min_margin_px"], seed, fallsBack,
+                                                                    redecodes, smooths, measured)
 
 
 def roiBoxAroundLabel(label, axis, margin=ROI_MARGIN):
