@@ -387,7 +387,7 @@ class Segmenter:
         region = imaging.box_region(box)
         out[region] = postprocess.clean(out[region], imaging.axis_index(axis), keep_largest, fill_holes)
         if smooth_mm > 0:
-            out[region] = postprocess.smooth(out[region], smooth_mm, volume.spacing[::-1])
+            out = postprocess.smooth_inside(out, box, smooth_mm, volume.spacing)
         report(progress, int(counter["total"]), int(counter["total"]), "done")
         stats = {"encoded": counter["encoded"], "cache_hits": counter["cache_hits"],
                  "slices": len(imaging.box_to_slices(box, axis)[0]), "segmented_slices": len(kept),

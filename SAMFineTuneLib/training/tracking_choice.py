@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from .. import imaging, postprocess
+from .. import postprocess
 from ..catalogue import ADAPTER_ROI_TRACKING, ADAPTER_TRACKING_MARGINS_PX, TRACKING_DEFAULTS, VALIDATION_ROI_MARGIN
 from ..metrics import dice_score
 from ..progress import check_cancel, report
@@ -35,10 +35,9 @@ def choose_tracking(model, decoder, prompt_encoder, info, cases: List[str], conf
                     progress=None, cancel=None) -> Optional[Dict[str, Any]]:
     """The card's record of the choice: {"min_margin_px": chosen, each of ``ADAPTER_ROI_TRACKING``'s
     options, "dice": {candidate: mean 3D Dice}, "dice_unsmoothed": the same without smoothing,
-    "roi_margin", "structures"}; None when no validation
-    case spans 3 slices along the axis (2D images: there is nothing to track). ``decoder`` (and a
-    trained ``prompt_encoder``, or None) stand in for the model's own while it runs; the model is
-    left as it was."""
+    "roi_margin", "structures"}; None when no validation case spans 3 slices along the axis (2D
+    images: there is nothing to track). ``decoder`` (and a trained ``prompt_encoder``, or None)
+    stand in for the model's own while it runs; the model is left as it was."""
     from ..dataset import load_case
     from ..evaluate import roi_box
     from ..segmenter import Segmenter
@@ -85,11 +84,8 @@ def choose_tracking(model, decoder, prompt_encoder, info, cases: List[str], conf
 
 def _smoothed_dice(result: np.ndarray, mask: np.ndarray, box, spacing_xyz, smooth_mm: float) -> float:
     """A tracked result's 3D Dice once smoothed by ``smooth_mm`` inside its ROI, as the Segmenter
-    smooths it (``Segmenter._result``); as it is when ``smooth_mm`` is 0."""
-    smoothed = result.copy()
-    if smooth_mm > 0:
-        region = imaging.box_region(box)
-        smoothed[region] = postprocess.smooth(smoothed[region], smooth_mm, spacing_xyz[::-1])
+    smooths it; as it is when ``smooth_mm`` is 0."""
+    smoothed = postprocess.smooth_inside(result, box, smooth_mm, spacing_xyz) if smooth_mm > 0 else result
     return dice_score(smoothed > 0, mask)
 
 
