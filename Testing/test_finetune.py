@@ -95,6 +95,7 @@ def test_loss_falls_and_history_is_recorded(trained):
     card = trained["card"]
     # trained and validated windowed: "auto" resolved to the Segmenter's CPU default, in the card
     assert card["hyperparameters"]["window_margin"] == DEFAULT_WINDOW_MARGIN == 4
+    assert card["hyperparameters"]["precision"] == "float32"  # the encoder's, as it ran ("auto" on a CPU)
     assert card["inference"]["window_margin"] == card["scores"]["window_margin"] == DEFAULT_WINDOW_MARGIN
     history = card["history"]
     assert [h["epoch"] for h in history] == list(range(1, 9))
@@ -126,6 +127,33 @@ def test_each_slice_is_encoded_once_and_cached_on_disk(trained, litemedsam, tmp_
     card = train(TrainConfig(dataset=trained["dataset"], output=str(tmp_path), epochs=1, final_scores=False, **FAST),
                  model=litemedsam)
     assert card["stats"]["encoder_calls"] == 0 and card["stats"]["cache_hits"] == N_TRAIN + N_VAL
+
+
+def test_bf16_embeddings_are_cached_apart_from_float32_ones(tmp_path):
+    """A bf16 encoder's embeddings never answer a float32 run (adapters are scored on float32
+    segmentation), while a bf16 run takes the float32 ones already there (the better of the two)."""
+    import types
+
+    from SAMFineTuneLib.catalogue import get_spec
+    from SAMFineTuneLib.dataset import case_samples
+    from SAMFineTuneLib.training import prepare
+
+    image, label = make_cases(1, first_seed=0, slices=3)[0][1:]
+    samples = case_samples("c", image, np.asarray(label.array), "axial", "auto")
+
+    def model(precision, value):
+        encode = (lambda x: torch.full((x.shape[0], 256, 64, 64), value))
+        return types.SimpleNamespace(spec=get_spec("litemedsam"), fingerprint="fake:1", precision=precision,
+                                     encode=encode)
+
+    cache = str(tmp_path / "cache")
+    bf16 = prepare(model("bf16", 2.0), samples, cache)
+    assert bf16.stats["encoder_calls"] == len(samples) and float(bf16.embeddings.max()) == 2.0
+    float32 = prepare(model("float32", 1.0), samples, cache)
+    assert float32.stats["encoder_calls"] == len(samples) and float(float32.embeddings.max()) == 1.0
+    assert len(os.listdir(cache)) == 2 * len(samples)
+    again = prepare(model("bf16", 2.0), samples, cache)
+    assert again.stats["cache_hits"] == len(samples) and float(again.embeddings.max()) == 1.0
 
 
 @pytest.mark.slow

@@ -76,3 +76,28 @@ def test_missing_files_are_named_before_anything_loads(cache, tmp_path):
     with pytest.raises(FileNotFoundError, match="adapter folder not found"):
         cache.get("litemedsam", adapter=str(tmp_path / "missing"))
     assert FakeSegmenter.created == [] and cache.segmenter is None
+
+
+def test_a_train_job_reuses_the_warm_model_only_for_the_encoder_it_asks_for(cache, monkeypatch, tmp_path):
+    """Training learns from the encoder's embeddings: a run asking for bf16 must not be handed the
+    warm float32 model (nor the reverse)."""
+    import types
+
+    from SAMFineTuneLib.worker import jobs
+
+    given = []
+
+    def fake_train(config, model=None):
+        given.append(model)
+        return {}
+
+    lazy = jobs._lazy
+    monkeypatch.setattr(jobs, "_lazy", lambda module, name, command: fake_train if name == "train" else
+                        lazy(module, name, command))
+    warm = cache.get("litemedsam", device="cpu")
+    core = types.SimpleNamespace(loaded_model=lambda *key: cache.loaded_model(*key),
+                                 segmenters=types.SimpleNamespace(segmenter=None))
+    params = dict(dataset=str(tmp_path), output=str(tmp_path / "out"), device="cpu")
+    for extra in ({}, {"precision": "bf16"}, {"backend": "torch"}):
+        jobs.train(core, types.SimpleNamespace(params=dict(params, **extra), command="train"))
+    assert given == [warm.model, None, None]

@@ -19,11 +19,12 @@ from .cli import add_arguments, config_from_args, main
 from .config import RESUME_FILE, TrainConfig, check_config
 from .decoder_step import DecoderStep
 from .prediction import predict_masks, score_prepared
-from .samples import LOW_RES, Prepared, batch_embeddings, cache_dir_for, embedding_key, prepare
+from .samples import LOW_RES, Prepared, batch_embeddings, cache_dir_for, cache_fingerprint, embedding_key, prepare
 from .trainer import Trainer, train
 
 __all__ = [
     "Cancelled", "DecoderStep", "LOW_RES", "Prepared", "RESUME_FILE", "TrainConfig", "Trainer", "add_arguments",
-    "batch_embeddings", "box_limits", "cache_dir_for", "check_config", "config_from_args", "embedding_key",
-    "jitter_boxes", "loose_boxes", "main", "predict_masks", "prepare", "random_points", "score_prepared", "train",
+    "batch_embeddings", "box_limits", "cache_dir_for", "cache_fingerprint", "check_config", "config_from_args",
+    "embedding_key", "jitter_boxes", "loose_boxes", "main", "predict_masks", "prepare", "random_points",
+    "score_prepared", "train",
 ]

@@ -2,8 +2,8 @@
 
 The image encoder stays frozen, so every slice is encoded once and its embedding cached on disk
 in the dataset (``DATASET/.embeddings/<key>.npy``, float16, key = SHA-256 of the model
-fingerprint and the preprocessed input, as in the inference cache); every epoch after that
-only runs the prompt encoder and the mask decoder.
+fingerprint, the encoder's precision when it is not float32, and the preprocessed input, as in
+the inference cache); every epoch after that only runs the prompt encoder and the mask decoder.
 """
 from __future__ import annotations
 
@@ -43,6 +43,13 @@ class Prepared:
         pick = (lambda tensor: None if tensor is None else tensor[index])
         return Prepared(self.samples[index], self.geometries[index], self.boxes[index], self.targets[index],
                         pick(self.embeddings), pick(self.inputs), {})
+
+
+def cache_fingerprint(model) -> str:
+    """What a dataset's embedding cache files a model's embeddings under: its weights, and its
+    encoder's precision unless float32, so a bf16 embedding never stands in for a float32 one (a
+    float32 segmentation is what an adapter is scored on)."""
+    return model.fingerprint if model.precision == "float32" else f"{model.fingerprint}|{model.precision}"
 
 
 def embedding_key(fingerprint: str, model_input) -> str:
@@ -94,10 +101,10 @@ def prepare(model, samples: Sequence, cache_dir: Optional[str], encode: bool = T
         if not encode:
             inputs.append(x)
             continue
-        key = embedding_key(model.fingerprint, x)
-        if key not in memo:
-            memo[key] = _cached_embedding(model, x, key, cache_dir, stats, write_cache)
-        embeddings.append(memo[key])
+        keys = _keys(model, x)
+        if keys[-1] not in memo:
+            memo[keys[-1]] = _cached_embedding(model, x, keys, cache_dir, stats, write_cache)
+        embeddings.append(memo[keys[-1]])
     report(progress, len(samples), len(samples), "slices ready")
     return Prepared(list(samples), geometries, torch.tensor(boxes, dtype=torch.float32),
                     torch.stack(targets) if targets else torch.zeros(0, LOW_RES, LOW_RES, dtype=torch.bool),
@@ -118,16 +125,26 @@ def read_embedding(cache_dir: str, key: str) -> Optional[torch.Tensor]:
         return None
 
 
-def _cached_embedding(model, x, key: str, cache_dir: Optional[str], stats: Dict[str, int], write_cache: bool):
-    cached = read_embedding(cache_dir, key) if cache_dir else None
-    if cached is not None:
-        stats["cache_hits"] += 1
-        return cached
+def _keys(model, model_input) -> list:
+    """The cache keys a slice's embedding may be read from, the model's own last (the one written):
+    a bf16 encoder reads a float32 embedding when there is one (segmented in the worker, or
+    encoded by an earlier run), as it is the better of the two."""
+    own = embedding_key(cache_fingerprint(model), model_input)
+    float32 = embedding_key(model.fingerprint, model_input)
+    return [own] if own == float32 else [float32, own]
+
+
+def _cached_embedding(model, x, keys, cache_dir: Optional[str], stats: Dict[str, int], write_cache: bool):
+    for key in keys if cache_dir else ():
+        cached = read_embedding(cache_dir, key)
+        if cached is not None:
+            stats["cache_hits"] += 1
+            return cached
     with torch.no_grad():
         embedding = model.encode(x[None])[0].to("cpu", torch.float16)
     stats["encoder_calls"] += 1
     if cache_dir and write_cache:
-        write_embedding(cache_dir, key, embedding)
+        write_embedding(cache_dir, keys[-1], embedding)
     return embedding
 
 

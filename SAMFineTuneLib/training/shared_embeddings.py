@@ -5,8 +5,9 @@ Both are keyed by what the encoder saw: the segmenter by the slice's content, ax
 (``zoom.SliceSource.key``), the dataset by the model input itself (``samples.embedding_key``). A
 slice the user segmented and then exported therefore meets training's key for it as long as the
 dataset holds the same voxels, axis and window; otherwise nothing matches and the slice is
-simply encoded again. Only float32 embeddings are written to a dataset: training encodes in
-float32 on a CPU, and an adapter is trained on what inference feeds it.
+simply encoded again. Only a float32 segmenter's embeddings are handed over, and a dataset files
+bf16 embeddings apart from float32 ones (``samples.cache_fingerprint``): an adapter is trained on
+what inference feeds it.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..progress import check_cancel, report
-from .samples import cache_dir_for, embedding_file, embedding_key, read_embedding, write_embedding
+from .samples import cache_dir_for, cache_fingerprint, embedding_file, embedding_key, read_embedding, write_embedding
 
 
 def segmenter_from_dataset(segmenter, image, axis: str, window: str, box: Sequence[int],
@@ -31,7 +32,7 @@ def segmenter_from_dataset(segmenter, image, axis: str, window: str, box: Sequen
     source = SliceSource(image, axis, window, segmenter.model)
     along = 2 - axis_index(axis)  # the ROI box is (i0, j0, k0, i1, j1, k1)
     for index in range(box[along], box[along + 3] + 1):
-        embedding = read_embedding(cache_dir, embedding_key(segmenter.model.fingerprint, source.model_input(index)))
+        embedding = read_embedding(cache_dir, embedding_key(cache_fingerprint(segmenter.model), source.model_input(index)))
         if embedding is not None:  # None: not encoded by training (past the structure's ends), or damaged
             segmenter.cache.put(source.key(index), embedding.to(segmenter.cache_device, torch.float32))
 
@@ -50,7 +51,7 @@ def dataset_from_segmenter(segmenter, image, axis: str, window: str, cache_dir: 
         embedding = segmenter.cache.peek(source.key(index))
         if embedding is None:
             continue
-        key = embedding_key(segmenter.model.fingerprint, source.model_input(index))
+        key = embedding_key(cache_fingerprint(segmenter.model), source.model_input(index))
         if not os.path.isfile(embedding_file(cache_dir, key)):
             os.makedirs(cache_dir, exist_ok=True)
             write_embedding(cache_dir, key, embedding)

@@ -94,9 +94,9 @@ class Trainer:
                                                                 backend=config.backend)
         self.device = self.model.device
         adapters.check_targets(self.model.mask_decoder, config.targets)  # before the slow part
-        # From here on the config holds the margin really used (card, resume state, resume check).
-        self.config = dataclasses.replace(config, window_margin=resolve_window_margin(config.window_margin,
-                                                                                      self.device))
+        # From here on the config holds the margin and precision really used (card, resume state, resume check).
+        self.config = dataclasses.replace(config, precision=self.model.precision,
+                                          window_margin=resolve_window_margin(config.window_margin, self.device))
         self.margin = self.config.window_margin
         torch.manual_seed(config.seed)
         self._prepare_slices()

@@ -66,9 +66,11 @@ class WorkerCore:
         """The warm segmenter for these options (``SegmenterCache.get``: model, checkpoint, device, adapter)."""
         return self.segmenters.get(**options)
 
-    def loaded_model(self, model: str, checkpoint: Optional[str], device: Optional[str]):
-        """The warm model, if it is exactly this one and has no adapter merged in (training reuses it)."""
-        return self.segmenters.loaded_model(model, checkpoint, device)
+    def loaded_model(self, model: str, checkpoint: Optional[str], device: Optional[str], precision: str,
+                     backend: str):
+        """The warm model, if it is exactly this one (its encoder's precision and backend too: they
+        make the embeddings training learns from) and has no adapter merged in (training reuses it)."""
+        return self.segmenters.loaded_model(model, checkpoint, device, precision, backend)
 
     def _stop_encoder_on_cancel(self, segmenter) -> None:
         """Let a cancel stop the image encoder between its blocks, not only between slices: one slice

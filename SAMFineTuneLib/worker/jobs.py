@@ -177,7 +177,7 @@ def train(core, job) -> Result:
         config = config_class(**job.params)
     except TypeError as exc:
         raise ValueError(f"bad train parameters: {exc}") from None
-    model = core.loaded_model(config.model, config.checkpoint, config.device)
+    model = core.loaded_model(config.model, config.checkpoint, config.device, config.precision, config.backend)
     extra = {"model": model} if model is not None and "model" in inspect.signature(run).parameters else {}
     if core.segmenters.segmenter is not None:  # slices the user segmented here are not encoded again
         keep = _lazy("training.shared_embeddings", "keep_for_training", "train")

@@ -135,7 +135,9 @@ class Bench:
         card = self.trained_card(config) if self.args.reuse and not full else None
         wall = None  # a reused adapter's training time is in its first run's JSON, not here
         if card is None:
-            trainer = Trainer(config, model=self.model, log=lambda text: print(f"  [{tag}] {text}", file=sys.stderr))
+            # an arm that sets the encoder's precision prepares with a model of its own (scored with the bench's)
+            own = self.model if "precision" not in overrides else None
+            trainer = Trainer(config, model=own, log=lambda text: print(f"  [{tag}] {text}", file=sys.stderr))
             if full:
                 unfreeze_decoder(trainer)
             card = trainer.fit()

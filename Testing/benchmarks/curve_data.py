@@ -74,12 +74,12 @@ class DiskEncoder:
         import torch
 
         from SAMFineTuneLib.files import atomic_write
-        from SAMFineTuneLib.training import embedding_key
+        from SAMFineTuneLib.training import cache_fingerprint, embedding_key
         from SAMFineTuneLib.training.samples import embedding_file, read_embedding
 
         out = []
         for image in images:
-            key = embedding_key(self.model.fingerprint, image)
+            key = embedding_key(cache_fingerprint(self.model), image)
             cached = read_embedding(self.cache_dir, key)
             if cached is not None:
                 self.hits += 1
