@@ -9,7 +9,6 @@ step. Exit status 0 when every step passed, 1 at the first failure, 2 when the m
 here (not loaded, Slicer too old, or its Python packages not installed: the message says which).
 The module's self-test (Reload and Test) runs the same steps.
 """
-import sys
 import traceback
 
 import slicer

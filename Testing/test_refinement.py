@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 
 from oracle_model import OracleModel  # noqa: E402
 from SAMFineTuneLib import imaging  # noqa: E402
-from SAMFineTuneLib.phantom import bounding_box, make_ct_phantom  # noqa: E402
+from SAMFineTuneLib.phantom import make_ct_phantom  # noqa: E402
 from SAMFineTuneLib.refinement import mask_prompt, refine_slice, simulated_click  # noqa: E402
 from SAMFineTuneLib.segmenter import Segmenter  # noqa: E402
 
@@ -82,8 +82,6 @@ def test_a_box_trained_model_gets_the_box_the_clicks_edit(phantom):
     """LiteMedSAM's decoder learned boxes only: a positive click grows the box to take in what was
     missed, a negative one moves the nearest edge past it and drops the piece it lies on."""
     segmenter, reference, half, (x, y, positive), fixed = click_on_a_miss(phantom, 12)  # the right half
-    rows, cols = np.nonzero(reference)
-    ct, k = phantom[0], 7
     prompts = [entry for entry in segmenter.model.decode_log if entry[0] == "prompts"]
     assert positive and prompts and all(points is None and box is not None for _, points, box, _, _ in prompts)
     assert dice(fixed.mask, reference) > 0.94 > dice(half, reference) + 0.2

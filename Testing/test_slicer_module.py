@@ -6,11 +6,9 @@ import json
 import os
 import pathlib
 import re
-import shutil
 import subprocess
 import sys
 import textwrap
-import typing
 import xml.etree.ElementTree as ET
 
 import pytest

@@ -230,7 +230,7 @@ def _speed_rows(titles, columns, loads, loop: float, n: int) -> List[str]:
             lambda t: f"{t['full'] / n * 1000:.1f} / {t['full_tracked'] / n * 1000:.1f} ms/slice"),
         row("warm / cold (fixed / tracked box)",
             lambda t: f"1/{t['cold'] / t['warm']:.0f} / 1/{t['cold'] / t['tracked']:.0f}"),
-        f"| per-slice loop (float32 PyTorch as built, encode+decode each slice, no batch, no cache) | "
+        "| per-slice loop (float32 PyTorch as built, encode+decode each slice, no batch, no cache) | "
         + " | ".join(per_slice(loop) for _ in columns) + " |",
         row("**cold engine vs per-slice loop**", lambda t: f"**{loop / t['cold']:.2f}x**"),
         row("warm engine vs per-slice loop", lambda t: f"{loop / t['warm']:.1f}x"),
