@@ -32,7 +32,8 @@ def segmenter_from_dataset(segmenter, image, axis: str, window: str, box: Sequen
     source = SliceSource(image, axis, window, segmenter.model)
     along = 2 - axis_index(axis)  # the ROI box is (i0, j0, k0, i1, j1, k1)
     for index in range(box[along], box[along + 3] + 1):
-        embedding = read_embedding(cache_dir, embedding_key(cache_fingerprint(segmenter.model), source.model_input(index)))
+        key = embedding_key(cache_fingerprint(segmenter.model), source.model_input(index))
+        embedding = read_embedding(cache_dir, key)
         if embedding is not None:  # None: not encoded by training (past the structure's ends), or damaged
             segmenter.cache.put(source.key(index), embedding.to(segmenter.cache_device, torch.float32))
 
