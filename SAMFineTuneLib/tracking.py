@@ -29,8 +29,10 @@ class TrackingOptions:
     one too tight cuts it off where it widens. Tracking stops where the structure has ended: the
     mask is empty or below ``min_area_fraction`` of the seed's area, it is more than
     ``max_growth`` times the previous mask, less than ``min_overlap`` of it lies on the previous
-    mask, or its mean intensity moved by more than ``max_intensity_shift`` (in window units) from
-    the previous mask's (SAM has jumped to a neighbouring tissue).
+    mask, or its mean intensity moved from the previous mask's by more than ``max_intensity_shift``
+    (in window units) and by more than ``intensity_spread`` standard deviations of the previous
+    mask's intensities (SAM has jumped to a neighbouring tissue; a textured or noisy structure, as
+    on MR, moves its mean further from slice to slice without leaving it).
 
     The seed: ``seed_span`` is where the candidates lie, as fractions of the ROI's slices;
     ``seed_shrink`` also tries the ROI shrunk by these fractions of its size per side;
@@ -68,6 +70,7 @@ class TrackingOptions:
     max_growth: float = TRACKING_DEFAULTS["max_growth"]
     min_overlap: float = TRACKING_DEFAULTS["min_overlap"]
     max_intensity_shift: float = TRACKING_DEFAULTS["max_intensity_shift"]
+    intensity_spread: float = TRACKING_DEFAULTS["intensity_spread"]
     seed_candidates: int = TRACKING_DEFAULTS["seed_candidates"]
     seed_span: Tuple[float, float] = TRACKING_DEFAULTS["seed_span"]
     seed_shrink: Tuple[float, ...] = TRACKING_DEFAULTS["seed_shrink"]
@@ -111,8 +114,9 @@ def keeps_tracking(decoded: Decoded, previous: np.ndarray, seed_area: int, plane
         return False
     if options.min_score is not None and decoded.score < options.min_score:
         return False
-    shift = abs(float(plane[mask].mean()) - float(previous_plane[previous].mean()))
-    return shift <= options.max_intensity_shift
+    inside = previous_plane[previous]
+    shift = abs(float(plane[mask].mean()) - float(inside.mean()))
+    return shift <= max(options.max_intensity_shift, options.intensity_spread * float(inside.std()))
 
 
 def shrunk(roi: Box2D, fraction: float) -> Box2D:

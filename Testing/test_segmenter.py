@@ -95,6 +95,30 @@ def test_tracking_shrinks_the_box_towards_the_ends_and_stops():
     assert x1 - x0 < 0.8 * roi_width
 
 
+def test_tracking_stops_where_the_mean_intensity_jumps_further_than_the_structure_varies():
+    """A mean shift past ``max_intensity_shift`` ends tracking on a uniform structure (SAM moved to
+    a neighbour), but not on a noisy one whose intensities spread wider than the shift."""
+    from dataclasses import replace
+
+    from SAMFineTuneLib import tracking
+    from SAMFineTuneLib.decoding import Decoded
+
+    square = np.zeros((16, 16), bool)
+    square[4:12, 4:12] = True
+    options = tracking.TrackingOptions(max_intensity_shift=0.15, intensity_spread=1.5)
+    uniform = np.full((16, 16), 0.5)
+    noisy = np.random.default_rng(0).normal(0.5, 0.2, (16, 16))
+    spread = float(noisy[square].std())
+
+    def keeps(previous_plane, shift, options):
+        return tracking.keeps_tracking(Decoded(square, 0.9), square, int(square.sum()), previous_plane + shift,
+                                       previous_plane, options)
+
+    assert keeps(uniform, 0.1, options) and not keeps(uniform, 0.2, options)
+    assert keeps(noisy, 1.4 * spread, options) and not keeps(noisy, 1.6 * spread, options)
+    assert 1.4 * spread > 0.15 and not keeps(noisy, 1.4 * spread, replace(options, intensity_spread=0.0))
+
+
 def test_tracking_decodes_the_seed_candidates_whole_and_the_track_in_windows():
     """The seed decides the whole track: ranking the candidate slices by windowed decodes lost the
     MR stomach (Dice 0.484 -> 0.008, docs/accuracy.md), so only the slices after it are windowed."""
