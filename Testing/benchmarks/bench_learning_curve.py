@@ -107,7 +107,9 @@ class Bench:
         """Base-model box and ROI scores on the test cases (computed once, kept in --work)."""
         import hashlib
 
-        digest = hashlib.sha256(" ".join(self.test_ids).encode()).hexdigest()[:12]
+        # keyed by tracking's defaults too: the base model's ROI score moves with them
+        settings = " ".join(self.test_ids) + json.dumps(vars(self.segmenter.tracking), sort_keys=True, default=list)
+        digest = hashlib.sha256(settings.encode()).hexdigest()[:12]
         path = os.path.join(self.root, f"bench_base_{digest}_{self.args.roi_margin}.json")
         if os.path.isfile(path):
             with open(path) as handle:
