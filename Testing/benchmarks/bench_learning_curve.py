@@ -108,7 +108,7 @@ class Bench:
         import hashlib
 
         # keyed by tracking's defaults too: the base model's ROI score moves with them
-        settings = " ".join(self.test_ids) + json.dumps(vars(self.segmenter.tracking), sort_keys=True, default=list)
+        settings = " ".join(self.test_ids) + json.dumps(vars(self.segmenter.tracking), sort_keys=True)
         digest = hashlib.sha256(settings.encode()).hexdigest()[:12]
         path = os.path.join(self.root, f"bench_base_{digest}_{self.args.roi_margin}.json")
         if os.path.isfile(path):
