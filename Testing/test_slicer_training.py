@@ -180,3 +180,49 @@ def test_adapter_scores_become_a_table_and_a_case_is_compared_with_and_without_i
     assert reference.sum() == 2 * 6 * 7
     with pytest.raises(KeyError, match="CT_9"):
         comparison.compareOnCase(logic, str(tmp_path / "set"), "CT_9", None)
+
+
+def test_training_takes_the_panels_model_and_window_not_its_anatomical_axis():
+    from SAMFineTuneMRML import options
+
+    panel = options.checkOptions({"window": "400/40", "axis": "coronal", "device": "cpu"})
+    config = options.trainingOptions(panel, epochs=3, learnClicks=True)
+    assert config["window"] == "400/40" and config["device"] == "cpu" and config["epochs"] == 3
+    assert "axis" not in config and config["click_prompts"] == options.CLICK_TRAINING_SHARE
+    assert set(options.MODEL_KEYS) <= set(config)
+    assert options.trainingOptions(panel, epochs=1, learnClicks=False)["click_prompts"] == 0.0
+
+
+@pytest.mark.slow
+def test_cases_segmented_in_the_worker_are_not_encoded_again_by_their_training(scene, tmp_path, monkeypatch):
+    """The panel's path: each case segmented from its ROI in the real worker, the result kept as
+    the user's segment, exported, and trained on in the same worker: training reads the slices the
+    worker encoded instead of encoding them again (what the exported files hold must be the voxels
+    the panel sent, and the window the panel segmented with)."""
+    import importlib.util
+
+    from SAMFineTuneLib.phantom import bounding_box, make_ct_phantom
+    from SAMFineTuneMRML import geometry, options
+
+    if importlib.util.find_spec("torch") is None and not os.environ.get("SAMFINETUNE_WORKER_PYTHON"):
+        pytest.skip("no torch here and no $SAMFINETUNE_WORKER_PYTHON for the worker")
+    monkeypatch.setenv("SAMFINETUNE_CACHE", str(tmp_path / "cache"))
+    panel = options.checkOptions({"window": "abdomen", "device": "cpu"})
+    logic = SAMFineTuneCoreLogic()
+    logic.worker.client.env["OMP_NUM_THREADS"] = "2"
+    try:
+        for n, name in enumerate(("flipped", "oblique")):
+            ct, label = make_ct_phantom(shape_kji=(5, 64, 64), spacing_xyz=(1.0, 1.0, 4.0), seed=n + 1)
+            volume = addVolume(ct.array.astype(np.int16), GEOMETRIES[name], "case %d" % n)
+            roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "organ")
+            geometry.placeRoiAroundBox(roi, volume, bounding_box(label.array, (2, 2, 1)))
+            task = logic.segment(volume, roi, runIn="worker", **panel)
+            assert task.state == "done", task.error
+        cases = training.findCases(scene, "organ")
+        assert len(cases) == 2
+        logic.exportTrainingSet(cases, str(tmp_path / "set"), "organ", valFraction=0.5)
+        card = logic.train(str(tmp_path / "set"), output=str(tmp_path / "adapter"), runIn="worker", batch_size=4,
+                           final_scores=False, choose_tracking=False, **options.trainingOptions(panel, 1, False))
+    finally:
+        logic.shutdown()
+    assert card["stats"]["cache_hits"] > 0 and card["stats"]["encoder_calls"] == 0, card["stats"]

@@ -47,11 +47,8 @@ class FineTuningSection:
         return segment.GetName() if segment is not None else ""
 
     def trainConfig(self):
-        engine = self.panel.segmentOptions()
-        config = {key: engine[key] for key in options.MODEL_KEYS}  # model, checkpoint, device, encoder
-        config.update(epochs=self.panel.parameters.epochs,
-                      click_prompts=options.CLICK_TRAINING_SHARE if self.panel.parameters.learnClicks else 0.0)
-        return config
+        p = self.panel.parameters
+        return options.trainingOptions(self.panel.segmentOptions(), p.epochs, p.learnClicks)
 
     # ------------------------------------------------------------ export, keep learning
 

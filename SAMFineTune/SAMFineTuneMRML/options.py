@@ -60,6 +60,18 @@ def checkOptions(options):
     return merged
 
 
+def trainingOptions(segmentOptions, epochs, learnClicks):
+    """A training run's settings from the panel's segmentation options: the model as segmentation
+    loads it, and the window it segments with, so that an adapter learns the slices inference will
+    give it (and the slices the worker encoded while the user segmented are training's too). The
+    axis stays the engine's: the panel's is anatomical, which lies along another array axis on a
+    volume acquired in another plane, while training slices every case along one array axis."""
+    config = {key: segmentOptions[key] for key in MODEL_KEYS}
+    config.update(window=segmentOptions["window"], epochs=epochs,
+                  click_prompts=CLICK_TRAINING_SHARE if learnClicks else 0.0)
+    return config
+
+
 def _checkChoice(options, name, choices):
     if options[name] not in choices:
         raise ValueError("Unknown %s '%s'; choose one of: %s." % (name.replace("_", " "), options[name],
