@@ -45,8 +45,8 @@ def evaluate(dataset, model=DEFAULT_MODEL, checkpoint: Optional[str] = None, ada
     tokens on a CPU, the whole slice on CUDA), None (the whole slice) or a number of tokens;
     the report holds the margin used. ``precision`` and ``backend``: the image encoder's, for a
     model given by name (``models.load_model``). Axis and window default to the adapter's (from
-    its model card), else axial / auto. Returns {"cases": [{case, label, base: {...}, adapted:
-    {...}}], "mean": {"base": {...}, "adapted": {...}}, ...}.
+    its model card), else each case's own axis (``CaseEntry.slicing_axis``) / auto. Returns
+    {"cases": [{case, label, base, adapted}], "mean": {"base": {...}, "adapted": {...}}, ...}.
     """
     from . import adapters
     from .dataset import read_dataset
@@ -57,7 +57,7 @@ def evaluate(dataset, model=DEFAULT_MODEL, checkpoint: Optional[str] = None, ada
     _check_roi_margin(roi_margin)
     card = adapters.read_model_card(adapter) if adapter else None
     hints = card["inference"] if card else {}
-    axis = axis or hints.get("axis", SEGMENT_DEFAULTS["axis"])
+    axis = axis or hints.get("axis")
     window = window or hints.get("window", SEGMENT_DEFAULTS["window"])
     if isinstance(model, str):
         model = load_model(model, checkpoint=checkpoint, device=device, precision=precision, backend=backend)
@@ -179,7 +179,8 @@ def score_from_roi(model, info, cases, adapters, axis, window, labels, tolerance
     previous = segmenter.adapter
     try:
         for n, case in enumerate(cases):
-            image, label = load_case(info.case(case))
+            entry = info.case(case)
+            image, label = load_case(entry)
             array = np.asarray(label.array)
             for value in labels or [int(v) for v in np.unique(array) if v != 0]:
                 mask = array == value
@@ -189,7 +190,8 @@ def score_from_roi(model, info, cases, adapters, axis, window, labels, tolerance
                 for name in runs:
                     check_cancel(cancel)
                     segmenter.set_adapter(adapters[name])
-                    result = segmenter.segment(image, box, axis=axis, window=window, box_mode=box_mode)
+                    result = segmenter.segment(image, box, axis=entry.slicing_axis(axis), window=window,
+                                               box_mode=box_mode)
                     runs[name].append(dict(case=case, label=int(value), slices=int(mask.any(axis=(1, 2)).sum()),
                                            **binary_metrics(result.mask > 0, mask, image.spacing[::-1], tolerance_mm)))
             report(progress, n + 1, len(cases), f"segmented {case} from one ROI")
@@ -264,7 +266,8 @@ def add_arguments(parser) -> None:
     add_encoder_arguments(parser)
     parser.add_argument("--adapter", help="adapter folder to compare with the base model")
     parser.add_argument("--split", default="val", choices=SPLITS + ("all",))
-    add_axis_argument(parser, None, "slice direction; None: the adapter's, else axial")
+    add_axis_argument(parser, None, "slice direction; default: the adapter's, else each case's own (the axis it "
+                                    "was segmented along, recorded at export), else axial")
     add_window_argument(parser, None, "intensity window; None: the adapter's, else auto")
     parser.add_argument("--tolerance-mm", type=float, default=DEFAULT_TOLERANCE_MM, help="surface Dice tolerance")
     parser.add_argument("--box-margin", type=float, default=0.0,

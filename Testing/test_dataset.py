@@ -140,6 +140,26 @@ def test_the_slices_a_person_corrected_stay_with_the_case(tmp_path):
     assert found.case("case02").record["corrected_slices"] == {"sagittal": [5]}
 
 
+def test_each_case_is_sliced_along_the_axis_it_was_segmented_along(tmp_path):
+    root = tmp_path / "d"
+    ds.export_dataset([make_case(0), make_case(1)], root, slice_axes={"case01": "coronal"})
+    found = ds.read_dataset(root)
+    assert found.case("case01").record["slice_axis"] == "coronal" and "slice_axis" not in found.case("case00").record
+    assert found.case("case00").slicing_axis() == "axial" and found.case("case01").slicing_axis() == "coronal"
+    assert found.case("case01").slicing_axis("sagittal") == "sagittal"  # asked for: every case along it
+    samples = ds.load_samples(found, split="all", labels=[1])
+    assert {s.axis for s in samples if s.case == "case01"} == {"coronal"}
+    assert {s.axis for s in samples if s.case == "case00"} == {"axial"}
+    assert sorted(s.index for s in samples if s.case == "case01") == list(range(5, 12))  # label 1 on rows 5-11
+    now = tree_digest(root)
+    with pytest.raises(ValueError, match="case 'case02': slicing axis 'oblique'"):
+        ds.export_dataset([make_case(2)], root, slice_axes={"case02": "oblique"})
+    assert tree_digest(root) == now
+    found.case("case00").record["slice_axis"] = "diagonal"  # a hand-edited dataset.json
+    with pytest.raises(ValueError, match="case 'case00'.*fix its slice_axis"):
+        found.case("case00").slicing_axis()
+
+
 def test_interrupted_export_leaves_previous_dataset_valid(tmp_path):
     root = tmp_path / "d"
     ds.export_dataset([make_case(s) for s in range(3)], root)

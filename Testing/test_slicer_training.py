@@ -197,8 +197,9 @@ def test_training_takes_the_panels_model_and_window_not_its_anatomical_axis():
 def test_cases_segmented_in_the_worker_are_not_encoded_again_by_their_training(scene, tmp_path, monkeypatch):
     """The panel's path: each case segmented from its ROI in the real worker, the result kept as
     the user's segment, exported, and trained on in the same worker: training reads the slices the
-    worker encoded instead of encoding them again (what the exported files hold must be the voxels
-    the panel sent, and the window the panel segmented with)."""
+    worker encoded instead of encoding them again. So the exported files hold the voxels the panel
+    sent, training takes the panel's window, and slices each case along the array axis its
+    segmentation took (on the sagittal acquisition, axial is another array axis)."""
     import importlib.util
 
     from SAMFineTuneLib.phantom import bounding_box, make_ct_phantom
@@ -207,11 +208,13 @@ def test_cases_segmented_in_the_worker_are_not_encoded_again_by_their_training(s
     if importlib.util.find_spec("torch") is None and not os.environ.get("SAMFINETUNE_WORKER_PYTHON"):
         pytest.skip("no torch here and no $SAMFINETUNE_WORKER_PYTHON for the worker")
     monkeypatch.setenv("SAMFINETUNE_CACHE", str(tmp_path / "cache"))
-    panel = options.checkOptions({"window": "abdomen", "device": "cpu"})
+    # Fixed boxes encode every slice of the ROI, so every slice of the segment is encoded (training's
+    # slices past the segment's ends, which may lie past the ROI, are left out: end_slices=0).
+    panel = options.checkOptions({"window": "abdomen", "axis": "axial", "box_mode": "fixed", "device": "cpu"})
     logic = SAMFineTuneCoreLogic()
     logic.worker.client.env["OMP_NUM_THREADS"] = "2"
     try:
-        for n, name in enumerate(("flipped", "oblique")):
+        for n, name in enumerate(("flipped", "oblique", "sagittal")):
             ct, label = make_ct_phantom(shape_kji=(5, 64, 64), spacing_xyz=(1.0, 1.0, 4.0), seed=n + 1)
             volume = addVolume(ct.array.astype(np.int16), GEOMETRIES[name], "case %d" % n)
             roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "organ")
@@ -219,10 +222,11 @@ def test_cases_segmented_in_the_worker_are_not_encoded_again_by_their_training(s
             task = logic.segment(volume, roi, runIn="worker", **panel)
             assert task.state == "done", task.error
         cases = training.findCases(scene, "organ")
-        assert len(cases) == 2
-        logic.exportTrainingSet(cases, str(tmp_path / "set"), "organ", valFraction=0.5)
+        assert len(cases) == 3
+        logic.exportTrainingSet(cases, str(tmp_path / "set"), "organ", valFraction=0.34, axis=panel["axis"])
         card = logic.train(str(tmp_path / "set"), output=str(tmp_path / "adapter"), runIn="worker", batch_size=4,
-                           final_scores=False, choose_tracking=False, **options.trainingOptions(panel, 1, False))
+                           end_slices=0, final_scores=False, choose_tracking=False,
+                           **options.trainingOptions(panel, 1, False))
     finally:
         logic.shutdown()
     assert card["stats"]["cache_hits"] > 0 and card["stats"]["encoder_calls"] == 0, card["stats"]

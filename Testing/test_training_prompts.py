@@ -165,3 +165,24 @@ def test_simulated_clicks_for_training_mark_the_error_and_edit_the_box():
         from SAMFineTuneLib.training.config import check_config
 
         check_config(TrainConfig(dataset="d", output="o", click_prompts=1.5))
+
+
+def test_training_slices_each_case_along_the_axis_it_was_segmented_along(tmp_path):
+    from SAMFineTuneLib.dataset import export_dataset, read_dataset
+    from SAMFineTuneLib.phantom import make_ct_phantom
+    from SAMFineTuneLib.training import TrainConfig
+    from SAMFineTuneLib.training.slices import load_slices
+
+    cases = []
+    for seed in range(2):
+        ct, label = make_ct_phantom((6, 32, 40), seed=seed)
+        cases.append((f"c{seed}", ct, label))
+    export_dataset(cases, str(tmp_path / "set"), slice_axes={"c1": "coronal"}, label_names={1: "organ"})
+    info = read_dataset(str(tmp_path / "set"))
+    config = TrainConfig(dataset=str(tmp_path / "set"), output=str(tmp_path / "a"), end_slices=1)
+    found = load_slices(info, ["c0", "c1"], config, ends=True)
+    assert {s.axis for s in found if s.case == "c0"} == {"axial"}
+    assert {s.axis for s in found if s.case == "c1"} == {"coronal"}
+    assert {s.image.shape for s in found if s.case == "c1"} == {(6, 40)}  # a coronal slice of a 6x32x40 volume
+    asked = TrainConfig(dataset=str(tmp_path / "set"), output=str(tmp_path / "a"), axis="sagittal", end_slices=0)
+    assert {s.axis for s in load_slices(info, ["c0", "c1"], asked, ends=False)} == {"sagittal"}

@@ -62,7 +62,7 @@ class FineTuningSection:
         try:
             with slicer.util.WaitCursor():
                 cases = training.findCases(slicer.mrmlScene, name)
-                summary = self.panel.logic.exportTrainingSet(cases, dataset, name)
+                summary = self.panel.logic.exportTrainingSet(cases, dataset, name, axis=p.axis)
         except Exception as exc:
             slicer.util.errorDisplay("Export failed: %s" % exc)
             return

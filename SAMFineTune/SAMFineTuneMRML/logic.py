@@ -172,13 +172,15 @@ class SAMFineTuneCoreLogic:
 
     # ------------------------------------------------------------ training sets, fine-tuning, adapters
 
-    def exportTrainingSet(self, cases, outputDir, structureName, valFraction=0.2, seed=0, progress=None):
+    def exportTrainingSet(self, cases, outputDir, structureName, valFraction=0.2, seed=0, progress=None, axis=None):
         """Append cases to a training set on disk (MSD/nnU-Net layout, split by case).
 
         ``cases``: [(volumeNode, segmentationNode, segmentId)], e.g. from
         ``training.findCases(scene, structureName)``; each becomes one case with label 1 =
         ``structureName``, and the slices corrected on its segment (``interactive.CORRECTED_TAG``)
-        go with it. Runs here (it only writes files). Returns the engine's summary."""
+        go with it. ``axis``: the anatomical axis the cases were segmented along; each case
+        records the array axis it lies along on its volume, and training slices the case so.
+        Runs here (it only writes files). Returns the engine's summary."""
         from . import training
         from SAMFineTuneLib.dataset import export_dataset
 
@@ -186,13 +188,16 @@ class SAMFineTuneCoreLogic:
             raise ValueError("No case to export: segment '%s' on at least one volume first." % structureName)
         from .interactive import correctedSlices
 
-        used, prepared, corrected = set(), [], {}
+        used, prepared, corrected, sliceAxes = set(), [], {}, {}
         for volume, node, segmentId in cases:
             prepared.append(training.caseFromNodes(volume, node, segmentId, training.caseId(volume, used)))
             slices = correctedSlices(node.GetSegmentation().GetSegment(segmentId))
-            corrected[prepared[-1][0]] = {axis: sorted(indices) for axis, indices in slices.items()}
+            corrected[prepared[-1][0]] = {name: sorted(indices) for name, indices in slices.items()}
+            if axis is not None:
+                sliceAxes[prepared[-1][0]] = geometry.engineAxis(volume, axis)
         return export_dataset(prepared, outputDir, val_fraction=valFraction, seed=seed,
-                              label_names={1: structureName}, progress=progress, corrected=corrected)
+                              label_names={1: structureName}, progress=progress, corrected=corrected,
+                              slice_axes=sliceAxes)
 
     def train(self, dataset, output=None, name=None, waitForCompletion=True, runIn=None, progress=None, cancel=None,
               log=None, onFinished=None, onEvent=None, **config):

@@ -63,9 +63,9 @@ def checkOptions(options):
 def trainingOptions(segmentOptions, epochs, learnClicks):
     """A training run's settings from the panel's segmentation options: the model as segmentation
     loads it, and the window it segments with, so that an adapter learns the slices inference will
-    give it (and the slices the worker encoded while the user segmented are training's too). The
-    axis stays the engine's: the panel's is anatomical, which lies along another array axis on a
-    volume acquired in another plane, while training slices every case along one array axis."""
+    give it (and the slices the worker encoded while the user segmented are training's too). No
+    axis: the panel's is anatomical, which lies along another array axis on a volume acquired in
+    another plane, so each exported case records its own (``exportTrainingSet(axis=)``)."""
     config = {key: segmentOptions[key] for key in MODEL_KEYS}
     config.update(window=segmentOptions["window"], epochs=epochs,
                   click_prompts=CLICK_TRAINING_SHARE if learnClicks else 0.0)

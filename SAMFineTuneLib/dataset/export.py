@@ -11,7 +11,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
-from ..catalogue import EXPORT_FORMATS
+from ..catalogue import AXES, EXPORT_FORMATS
 from ..files import WriteError, check_writable_folder, folder_lock, write_json_atomic
 from ..progress import check_cancel, report
 from .checks import check_case, merge_label_names
@@ -25,29 +25,48 @@ def export_dataset(cases: Iterable[Tuple[str, Any, Any]], output_dir: str, fmt: 
                    progress=None, cancel=None, groups: Optional[Dict[str, str]] = None,
                    splits: Optional[Dict[str, str]] = None, modality: Optional[str] = None,
                    name: Optional[str] = None, axis: str = "axial", window: str = "auto",
-                   corrected: Optional[Dict[str, Dict[str, List[int]]]] = None) -> Dict[str, Any]:
+                   corrected: Optional[Dict[str, Dict[str, List[int]]]] = None,
+                   slice_axes: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
     """Write (or append) cases to a dataset; returns a summary dict.
 
     ``cases``: (case_id, volume, label volume) with ``volume_io.Volume``-like objects (``array``
     KJI, ``spacing``, ``origin``, ``direction``). ``groups`` maps case id -> patient id so that
     one patient's cases share a split; ``splits`` forces a split per case; ``corrected`` maps case
     id -> {axis: slice indices a person corrected} (kept in the case's record: training can weigh
-    what a person checked). The MSD/nnU-Net
+    what a person checked); ``slice_axes`` maps case id -> the axis it was segmented along (its
+    record's ``slice_axis``: training and scoring slice it so, ``CaseEntry.slicing_axis``). The MSD/nnU-Net
     files are always written (training reads them); ``fmt`` "finetune-sam" or "coco" adds the
     slice PNGs (along ``axis``, windowed with ``window``) and their CSV or COCO index.
     """
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown format '{fmt}'; choose one of: {', '.join(EXPORT_FORMATS)}")
+    notes = case_notes(corrected or {}, slice_axes or {})
     root = os.path.abspath(str(output_dir))
     created = _make_root(root)
     try:
         with folder_lock(root, "export"):
             return _export(list(cases), root, fmt, val_fraction, seed, label_names, progress, cancel, groups, splits,
-                           modality, name, axis, window, corrected or {})
+                           modality, name, axis, window, notes)
     finally:
         if created:
             with contextlib.suppress(OSError):
                 os.rmdir(root)  # only if nothing was written: a refused export leaves no trace
+
+
+def case_notes(corrected: Dict[str, Dict[str, List[int]]], slice_axes: Dict[str, str]) -> Dict[str, Dict[str, Any]]:
+    """What a case's record keeps besides its files: the slices a person corrected per axis
+    (``corrected_slices``) and the axis it was segmented along (``slice_axis``); a ValueError for
+    an axis the engine does not know, before anything is written."""
+    notes: Dict[str, Dict[str, Any]] = {}
+    for case, by_axis in corrected.items():
+        slices = {name: sorted(int(i) for i in indices) for name, indices in by_axis.items() if indices}
+        if slices:
+            notes.setdefault(case, {})["corrected_slices"] = slices
+    for case, name in slice_axes.items():
+        if name not in AXES:
+            raise ValueError(f"case {case!r}: slicing axis {name!r} is not one of {', '.join(AXES)}")
+        notes.setdefault(case, {})["slice_axis"] = name
+    return notes
 
 
 def _make_root(root: str) -> bool:
@@ -72,7 +91,7 @@ def _make_root(root: str) -> bool:
 def _export(cases: List[Tuple[str, Any, Any]], root: str, fmt: str, val_fraction: float, seed: int,
             label_names: Optional[Dict[int, str]], progress, cancel, groups: Optional[Dict[str, str]],
             splits: Optional[Dict[str, str]], modality: Optional[str], name: Optional[str], axis: str,
-            window: str, corrected: Dict[str, Dict[str, List[int]]]) -> Dict[str, Any]:
+            window: str, notes: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
     """``export_dataset`` with the folder created and locked."""
     old = read_dataset(root) if os.path.isfile(os.path.join(root, DATASET_JSON)) else None
     existing = old.cases if old else []
@@ -91,10 +110,7 @@ def _export(cases: List[Tuple[str, Any, Any]], root: str, fmt: str, val_fraction
     records = [dict(e.record) for e in existing]
     written = _write_cases(root, checked, split_of, groups, summary, progress, cancel)
     for record in written:
-        slices = {axis_name: sorted(int(i) for i in indices)
-                  for axis_name, indices in corrected.get(record["case"], {}).items() if indices}
-        if slices:
-            record["corrected_slices"] = slices
+        record.update(notes.get(record["case"], {}))
     records += written
     check_cancel(cancel)
     if fmt != "msd":

@@ -6,9 +6,9 @@ import json
 import os
 import random
 from dataclasses import dataclass, field
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
-from ..catalogue import SPLITS
+from ..catalogue import AXES, SEGMENT_DEFAULTS, SPLITS
 
 DATASET_JSON = "dataset.json"
 EMBEDDING_DIR = ".embeddings"
@@ -24,6 +24,17 @@ class CaseEntry:
     split: str
     group: str
     record: Dict[str, Any] = field(default_factory=dict)
+
+    def slicing_axis(self, axis: Optional[str] = None) -> str:
+        """The axis this case is sliced along: ``axis`` when one is asked for, else the one the
+        case was segmented along (``slice_axis``, recorded at export), else axial. Training and
+        scoring slice a case as it was segmented: on a volume acquired in another plane the
+        same anatomical axis lies along another array axis."""
+        chosen = axis or self.record.get("slice_axis") or SEGMENT_DEFAULTS["axis"]
+        if chosen not in AXES:
+            raise ValueError(f"case {self.case!r}: slicing axis {chosen!r} is not one of {', '.join(AXES)}; fix its "
+                             "slice_axis in dataset.json or export it again")
+        return chosen
 
 
 @dataclass

@@ -54,13 +54,14 @@ def case_samples(case_id: str, image, label: np.ndarray, axis: str = "axial", wi
     return out
 
 
-def load_samples(dataset, split: str = "train", axis: str = "axial", window: str = "auto",
+def load_samples(dataset, split: str = "train", axis: Optional[str] = None, window: str = "auto",
                  labels: Optional[Sequence[int]] = None, cases: Optional[Sequence[str]] = None) -> List[SliceSample]:
-    """Per-slice samples of one split (or of the named ``cases``) of a dataset folder."""
+    """Per-slice samples of one split (or of the named ``cases``) of a dataset folder, each case
+    sliced along ``axis``, else its own (``CaseEntry.slicing_axis``)."""
     info = dataset if isinstance(dataset, DatasetInfo) else read_dataset(dataset)
     entries = [info.case(c) for c in cases] if cases is not None else info.split(split)
     out: List[SliceSample] = []
     for entry in entries:
         image, label = load_case(entry)
-        out.extend(case_samples(entry.case, image, np.asarray(label.array), axis, window, labels))
+        out.extend(case_samples(entry.case, image, np.asarray(label.array), entry.slicing_axis(axis), window, labels))
     return out

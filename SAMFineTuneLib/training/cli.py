@@ -52,7 +52,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT/resume_state.pt")
-    add_axis_argument(parser, defaults.axis)
+    add_axis_argument(parser, defaults.axis, "slice direction of every case; default: each case's own (the axis "
+                                             "it was segmented along, recorded at export), else axial")
     add_window_argument(parser, defaults.window)
     parser.add_argument("--labels", nargs="+", type=int, help="label values to train on (default all)")
     add_decode_window_argument(

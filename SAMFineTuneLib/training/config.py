@@ -67,7 +67,8 @@ class TrainConfig:
     seed: int = 0
     amp: bool = True  # bf16/fp16 autocast, CUDA only
     resume: bool = False
-    axis: str = SEGMENT_DEFAULTS["axis"]
+    # None: each case along the axis it was segmented along (``CaseEntry.slicing_axis``), else axial.
+    axis: Optional[str] = None
     window: str = SEGMENT_DEFAULTS["window"]
     labels: Optional[List[int]] = None  # label values to train on; None = all
     train_cases: Optional[List[str]] = None  # None = the dataset's train split

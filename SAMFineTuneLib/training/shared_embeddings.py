@@ -77,6 +77,6 @@ def keep_for_training(segmenter, config, progress=None, cancel=None) -> int:
     for n, entry in enumerate(cases):
         check_cancel(cancel)
         report(progress, n, len(cases), f"taking the slices segmented here: {entry.case}")
-        written += dataset_from_segmenter(segmenter, read_volume(entry.image), config.axis, config.window,
-                                          cache_dir_for(info.root))
+        written += dataset_from_segmenter(segmenter, read_volume(entry.image), entry.slicing_axis(config.axis),
+                                          config.window, cache_dir_for(info.root))
     return written

@@ -34,9 +34,10 @@ def load_slices(info, cases: List[str], config: TrainConfig, ends: bool) -> list
 
     filled, beyond = [], []
     for case in cases:
-        image, label = load_case(info.case(case))
-        label = np.asarray(label.array)
-        filled += case_samples(case, image, label, config.axis, config.window, config.labels)
+        entry = info.case(case)
+        image, label = load_case(entry)
+        label, axis = np.asarray(label.array), entry.slicing_axis(config.axis)
+        filled += case_samples(case, image, label, axis, config.window, config.labels)
         if ends and config.end_slices:
-            beyond += end_samples(case, image, label, config.axis, config.window, config.end_slices, config.labels)
+            beyond += end_samples(case, image, label, axis, config.window, config.end_slices, config.labels)
     return filled + beyond

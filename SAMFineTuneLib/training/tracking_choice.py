@@ -38,12 +38,10 @@ def choose_tracking(model, decoder, prompt_encoder, info, cases: List[str], conf
     "roi_margin", "structures"}; None when no validation case spans 3 slices along the axis (2D
     images: there is nothing to track). ``decoder`` (and a trained ``prompt_encoder``, or None)
     stand in for the model's own while it runs; the model is left as it was."""
-    from ..dataset import load_case
     from ..evaluate import roi_box
     from ..segmenter import Segmenter
 
-    structures = [(image, mask) for case in cases for image, mask in _structures(load_case(info.case(case)),
-                                                                                 config)]
+    structures = [found for case in cases for found in _structures(info.case(case), config)]
     if not structures:
         return None
     # An adapter trained on loose ROIs answers the ROI with the structure (tracking.TrackingOptions).
@@ -56,14 +54,14 @@ def choose_tracking(model, decoder, prompt_encoder, info, cases: List[str], conf
         dice: Dict[int, List[float]] = {px: [] for px in ADAPTER_TRACKING_MARGINS_PX}
         plain: Dict[int, List[float]] = {px: [] for px in ADAPTER_TRACKING_MARGINS_PX}
         runs, done = len(structures) * len(dice), 0
-        for image, mask in structures:
+        for image, mask, axis in structures:
             box = roi_box(mask, VALIDATION_ROI_MARGIN)
-            segmenter_from_dataset(segmenter, image, config.axis, config.window, box, cache_dir)
+            segmenter_from_dataset(segmenter, image, axis, config.window, box, cache_dir)
             for px in dice:
                 check_cancel(cancel)
                 segmenter.tracking = dataclasses.replace(segmenter.tracking, min_margin_px=px,
                                                          **dict(ruled, smooth_mm=0.0))
-                result = segmenter.segment(image, box, axis=config.axis, window=config.window, box_mode="tracked",
+                result = segmenter.segment(image, box, axis=axis, window=config.window, box_mode="tracked",
                                            multimask=False)
                 plain[px].append(dice_score(result.mask > 0, mask))
                 dice[px].append(_smoothed_dice(result.mask, mask, box, image.spacing, ruled["smooth_mm"]))
@@ -108,15 +106,18 @@ def card_tracking(choice: Dict[str, Any]) -> Dict[str, Any]:
     return {key: choice[key] for key in CHOSEN_OPTIONS}
 
 
-def _structures(case, config):
-    """(image, mask) of each chosen label of a case that spans at least 3 slices along the axis."""
+def _structures(entry, config):
+    """(image, mask, axis) of each chosen label of a case that spans at least 3 slices along the
+    axis the case is sliced along."""
+    from ..dataset import load_case
     from ..imaging import axis_index
 
-    image, label = case
+    image, label = load_case(entry)
     array = np.asarray(label.array)
-    along = axis_index(config.axis)
+    axis = entry.slicing_axis(config.axis)
+    along = axis_index(axis)
     other = tuple(a for a in range(3) if a != along)
     for value in config.labels or [int(v) for v in np.unique(array) if v != 0]:
         mask = array == value
         if mask.any(axis=other).sum() >= 3:
-            yield image, mask
+            yield image, mask, axis
