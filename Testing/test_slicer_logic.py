@@ -199,6 +199,23 @@ def test_clipped_roi_warning_reaches_the_task(scene):
     assert engine.calls[0]["box"][3] == SHAPE[2] - 1
 
 
+def test_an_adapter_that_learned_another_window_is_named_on_the_status_line(scene, tmp_path):
+    import json
+
+    volume, roi = make(scene)
+    adapter = tmp_path / "liver-v1"
+    adapter.mkdir()
+    (adapter / "model_card.json").write_text(json.dumps({"inference": {"window": "auto"}}))
+    logic = SAMFineTuneCoreLogic(inProcess=FakeEngine())
+    task = logic.segment(volume, roi, adapter=str(adapter), window="abdomen")
+    assert task.state == "done" and "liver-v1 was trained with the 'auto' window" in task.warning
+    assert "choose 'auto'" in task.warning
+    assert logic.segment(volume, roi, adapter=str(adapter), window="auto").warning is None
+    assert logic.segment(volume, roi, window="abdomen").warning is None
+    (adapter / "model_card.json").write_text("{not json")  # the engine names a bad card when it loads it
+    assert logic.segment(volume, roi, adapter=str(adapter), window="abdomen").warning is None
+
+
 def test_several_rois_give_several_segments_in_one_segmentation(scene):
     volume, roi = make(scene)
     other = addROI(scene, volume, (1, 1, 0, 6, 6, 2), name="spleen")

@@ -22,7 +22,7 @@ import uuid
 
 from . import geometry, segments
 from .backends import InProcessBackend, WorkerBackend
-from .options import checkOptions
+from .options import adapterWindowWarning, checkOptions
 from .paths import adaptersDirectory
 from .scene import haveApplication
 from .tasks import SegmentTask, Task
@@ -86,7 +86,7 @@ class SAMFineTuneCoreLogic:
         segmentId = segments.ensureSegment(segmentationNode, segmentId, segmentName)
         options = dict(options, axis=geometry.engineAxis(volumeNode, options["axis"]))
         return SegmentTask(self, volumeNode, roiNode, segmentationNode, segmentId, roiBox, options, onFinished,
-                           createdSegment=not existed)
+                           createdSegment=not existed, optionsWarning=adapterWindowWarning(options))
 
     def segment(self, volumeNode, roiNode, segmentationNode=None, segmentId=None, segmentName=None, **kwargs):
         """Segment the structure inside ``roiNode`` on ``volumeNode`` into a segment.

@@ -60,6 +60,28 @@ def checkOptions(options):
     return merged
 
 
+def adapterWindowWarning(options):
+    """A line for the status when the chosen adapter was trained with another intensity window
+    than segmentation will use (None otherwise): an adapter given slices unlike the ones it learned
+    can do worse than none (docs/finetuning.md measures it for another axis). Names are compared:
+    two names may give the same window on a volume ("auto" is the abdomen window on CT). A card
+    that cannot be read is the engine's to report, when it loads the adapter."""
+    if not options.get("adapter"):
+        return None
+    import json
+
+    try:
+        with open(os.path.join(options["adapter"], "model_card.json"), encoding="utf-8") as handle:
+            learned = (json.load(handle).get("inference") or {}).get("window")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not learned or learned == options["window"]:
+        return None
+    return ("Adapter %s was trained with the '%s' window and segmentation uses '%s': where they differ it sees "
+            "slices unlike those it learned; choose '%s' under Preprocessing, or train it again with this window."
+            % (os.path.basename(options["adapter"]), learned, options["window"], learned))
+
+
 def trainingOptions(segmentOptions, epochs, learnClicks):
     """A training run's settings from the panel's segmentation options: the model as segmentation
     loads it, and the window it segments with, so that an adapter learns the slices inference will

@@ -119,10 +119,11 @@ class Task:
 class SegmentTask(Task):
     """One ROI -> one segment. Besides Task's fields: the volume, ROI and segmentation nodes, the
     segment written, ``roiBox`` (geometry.RoiBox, with its clipping warning), the options sent
-    to the engine, and the engine's ``stats`` once done."""
+    to the engine (and ``optionsWarning``, what the user should know about them), and the
+    engine's ``stats`` once done."""
 
     def __init__(self, logic, volumeNode, roiNode, segmentationNode, segmentId, roiBox, options, onFinished=None,
-                 createdSegment=False):
+                 createdSegment=False, optionsWarning=None):
         Task.__init__(self, localJob("segment"), onFinished=onFinished)
         self.createdSegment = createdSegment  # made for this task: removed again if nothing is written
         self.logic = logic
@@ -132,11 +133,13 @@ class SegmentTask(Task):
         self.segmentId = segmentId
         self.roiBox = roiBox
         self.options = options
+        self.optionsWarning = optionsWarning
         self.stats = {}
 
     @property
     def warning(self):
-        return self.roiBox.warning if self.roiBox is not None else None
+        found = [self.roiBox.warning if self.roiBox is not None else None, self.optionsWarning]
+        return "\n".join(text for text in found if text) or None
 
     @property
     def message(self):
