@@ -32,11 +32,12 @@ def export_dataset(cases: Iterable[Tuple[str, Any, Any]], output_dir: str, fmt: 
     ``cases``: (case_id, volume, label volume) with ``volume_io.Volume``-like objects (``array``
     KJI, ``spacing``, ``origin``, ``direction``). ``groups`` maps case id -> patient id so that
     one patient's cases share a split; ``splits`` forces a split per case; ``corrected`` maps case
-    id -> {axis: slice indices a person corrected} (kept in the case's record: training can weigh
-    what a person checked); ``slice_axes`` maps case id -> the axis it was segmented along (its
-    record's ``slice_axis``: training and scoring slice it so, ``CaseEntry.slicing_axis``). The MSD/nnU-Net
-    files are always written (training reads them); ``fmt`` "finetune-sam" or "coco" adds the
-    slice PNGs (along ``axis``, windowed with ``window``) and their CSV or COCO index.
+    id -> {axis: slice indices a person corrected} (kept in the case's record as what a person
+    checked; training samples every slice alike); ``slice_axes`` maps case id -> the axis it was
+    segmented along (its record's ``slice_axis``: training and scoring slice it so,
+    ``CaseEntry.slicing_axis``). The MSD/nnU-Net files are always written (training reads them);
+    ``fmt`` "finetune-sam" or "coco" adds the slice PNGs (along ``axis``, windowed with
+    ``window``) and their CSV or COCO index.
     """
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown format '{fmt}'; choose one of: {', '.join(EXPORT_FORMATS)}")
