@@ -41,7 +41,7 @@ def export_dataset(cases: Iterable[Tuple[str, Any, Any]], output_dir: str, fmt: 
     """
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown format '{fmt}'; choose one of: {', '.join(EXPORT_FORMATS)}")
-    notes = case_notes(corrected or {}, slice_axes or {})
+    notes = _case_notes(corrected or {}, slice_axes or {})
     root = os.path.abspath(str(output_dir))
     created = _make_root(root)
     try:
@@ -54,7 +54,7 @@ def export_dataset(cases: Iterable[Tuple[str, Any, Any]], output_dir: str, fmt: 
                 os.rmdir(root)  # only if nothing was written: a refused export leaves no trace
 
 
-def case_notes(corrected: Dict[str, Dict[str, List[int]]], slice_axes: Dict[str, str]) -> Dict[str, Dict[str, Any]]:
+def _case_notes(corrected: Dict[str, Dict[str, List[int]]], slice_axes: Dict[str, str]) -> Dict[str, Dict[str, Any]]:
     """What a case's record keeps besides its files: the slices a person corrected per axis
     (``corrected_slices``) and the axis it was segmented along (``slice_axis``); a ValueError for
     an axis the engine does not know, before anything is written."""
