@@ -94,8 +94,12 @@ class SmokeRun:
         cases = training.findCases(self.scene, "organ")
         check(len(cases) == 2, "found %d cases of 'organ', expected 2" % len(cases))
         self.dataset = os.path.join(self.workFolder, "dataset")
-        summary = self.logic.exportTrainingSet(cases, self.dataset, "organ", valFraction=0.5)
+        summary = self.logic.exportTrainingSet(cases, self.dataset, "organ", valFraction=0.5, axis="axial")
         check(len(summary["added"]) == 2, "export added %s" % summary["added"])
+        from SAMFineTuneLib.dataset import read_dataset
+
+        axes = [entry.record.get("slice_axis") for entry in read_dataset(self.dataset).cases]
+        check(axes == ["axial", "axial"], "the exported cases record the slicing axes %s, expected axial" % axes)
         self.say("5. exported 2 cases to %s (%d train, %d val)" % (self.dataset, summary["train"], summary["val"]))
 
     def stepTrain(self):
