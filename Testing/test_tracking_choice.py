@@ -164,3 +164,34 @@ def test_smoothing_that_lowers_the_validation_dice_is_not_kept(litemedsam, volum
     choice = choose_tracking(litemedsam, litemedsam.mask_decoder, None, info, ["phantom100"], config, None)
     assert choice["dice_unsmoothed"] == kept["dice_unsmoothed"] and max(choice["dice"].values()) == 0.0
     assert choice["smooth_mm"] == 0.0 and "not smoothed" in smoothing_text(choice)
+
+
+def test_validation_and_roi_scores_segment_each_case_along_the_axis_it_was_segmented_along(litemedsam, tmp_path,
+                                                                                            monkeypatch):
+    import types
+
+    import numpy as np
+
+    from SAMFineTuneLib.evaluate import score_from_roi
+
+    cases = make_cases(2, first_seed=0, slices=6, size=64)
+    root = str(tmp_path / "mixed")
+    export_dataset(cases, root, splits={cases[0][0]: "train", cases[1][0]: "val"}, label_names={1: "organ"},
+                   slice_axes={cases[1][0]: "coronal"})
+    asked = []
+
+    def segment(self, image, box, axis="axial", **options):
+        asked.append(axis)
+        return types.SimpleNamespace(mask=np.zeros(np.asarray(image.array).shape, np.uint8))
+
+    monkeypatch.setattr(Segmenter, "segment", segment)
+    info = read_dataset(root)
+    choose_tracking(litemedsam, litemedsam.mask_decoder, None, info, [cases[1][0]],
+                    TrainConfig(dataset=root, output="unused"), None)
+    assert set(asked) == {"coronal"} and len(asked) == len(ADAPTER_TRACKING_MARGINS_PX)
+    asked.clear()
+    score_from_roi(litemedsam, info, [c[0] for c in cases], {"base": None}, None, "auto", None, 2.0, 4)
+    assert asked == ["axial", "coronal"]
+    asked.clear()
+    score_from_roi(litemedsam, info, [c[0] for c in cases], {"base": None}, "sagittal", "auto", None, 2.0, 4)
+    assert asked == ["sagittal", "sagittal"]
