@@ -57,6 +57,14 @@ def test_find_cases_and_export_keeps_voxels_and_geometry(scene, tmp_path):
                        np.diag([-1, -1, 1]) @ m[:3, :3], atol=1e-4)
     with pytest.raises(ValueError, match="No case to export"):
         logic.exportTrainingSet([], str(tmp_path / "set"), "kidney")
+    before = json.load(open(tmp_path / "set" / "dataset.json"))
+    with pytest.raises(ValueError, match="Unknown slicing axis 'oblique'"):
+        logic.exportTrainingSet(cases, str(tmp_path / "other"), "liver", axis="oblique")
+    assert not (tmp_path / "other").exists() and json.load(open(tmp_path / "set" / "dataset.json")) == before
+    logic.exportTrainingSet(cases, str(tmp_path / "sliced"), "liver", valFraction=0.5, axis="coronal")
+    sliced = read_dataset(str(tmp_path / "sliced"))
+    # both volumes (flipped, and oblique by 25 and 15 degrees) have j closest to A-P: coronal steps along j
+    assert {entry.record["slice_axis"] for entry in sliced.cases} == {"coronal"}
     assert first[0].GetScene() is scene
 
 
