@@ -170,6 +170,7 @@ def score_from_roi(model, info, cases, adapters, axis, window, labels, tolerance
     encoded once for all runs. ``segmenter``: a Segmenter on ``model`` to use (its adapter is
     restored afterwards)."""
     from .dataset import load_case
+    from .imaging import axis_index
     from .metrics import binary_metrics, summarise
     from .progress import check_cancel, report
     from .segmenter import Segmenter
@@ -181,18 +182,18 @@ def score_from_roi(model, info, cases, adapters, axis, window, labels, tolerance
         for n, case in enumerate(cases):
             entry = info.case(case)
             image, label = load_case(entry)
-            array = np.asarray(label.array)
+            array, along = np.asarray(label.array), entry.slicing_axis(axis)
             for value in labels or [int(v) for v in np.unique(array) if v != 0]:
                 mask = array == value
                 if not mask.any():
                     continue
                 box = roi_box(mask, roi_margin)
+                slices = int(np.moveaxis(mask, axis_index(along), 0).any(axis=(1, 2)).sum())
                 for name in runs:
                     check_cancel(cancel)
                     segmenter.set_adapter(adapters[name])
-                    result = segmenter.segment(image, box, axis=entry.slicing_axis(axis), window=window,
-                                               box_mode=box_mode)
-                    runs[name].append(dict(case=case, label=int(value), slices=int(mask.any(axis=(1, 2)).sum()),
+                    result = segmenter.segment(image, box, axis=along, window=window, box_mode=box_mode)
+                    runs[name].append(dict(case=case, label=int(value), slices=slices,
                                            **binary_metrics(result.mask > 0, mask, image.spacing[::-1], tolerance_mm)))
             report(progress, n + 1, len(cases), f"segmented {case} from one ROI")
     finally:

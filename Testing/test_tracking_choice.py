@@ -190,8 +190,11 @@ def test_validation_and_roi_scores_segment_each_case_along_the_axis_it_was_segme
                     TrainConfig(dataset=root, output="unused"), None)
     assert set(asked) == {"coronal"} and len(asked) == len(ADAPTER_TRACKING_MARGINS_PX)
     asked.clear()
-    score_from_roi(litemedsam, info, [c[0] for c in cases], {"base": None}, None, "auto", None, 2.0, 4)
+    rows = score_from_roi(litemedsam, info, [c[0] for c in cases], {"base": None}, None, "auto", None, 2.0,
+                          4)["base"]["cases"]
     assert asked == ["axial", "coronal"]
+    label = np.asarray(cases[1][2].array) == 1
+    assert rows[1]["slices"] == int(label.any(axis=(0, 2)).sum()) != int(label.any(axis=(1, 2)).sum())
     asked.clear()
     score_from_roi(litemedsam, info, [c[0] for c in cases], {"base": None}, "sagittal", "auto", None, 2.0, 4)
     assert asked == ["sagittal", "sagittal"]
