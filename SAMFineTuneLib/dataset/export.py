@@ -11,11 +11,11 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
-from ..catalogue import AXES, EXPORT_FORMATS
+from ..catalogue import EXPORT_FORMATS
 from ..files import WriteError, check_writable_folder, folder_lock, write_json_atomic
 from ..progress import check_cancel, report
 from .checks import check_case, merge_label_names
-from .index import DATASET_JSON, FILE_ENDING, LAYOUT_VERSION, read_dataset
+from .index import DATASET_JSON, FILE_ENDING, LAYOUT_VERSION, check_slice_axis, read_dataset
 from .slice_formats import ensure_slice_index, write_slice_indexes
 from .splits import assign_splits
 
@@ -64,8 +64,7 @@ def _case_notes(corrected: Dict[str, Dict[str, List[int]]], slice_axes: Dict[str
         if slices:
             notes.setdefault(case, {})["corrected_slices"] = slices
     for case, name in slice_axes.items():
-        if name not in AXES:
-            raise ValueError(f"case {case!r}: slicing axis {name!r} is not one of {', '.join(AXES)}")
+        check_slice_axis(case, name)
         notes.setdefault(case, {})["slice_axis"] = name
     return notes
 

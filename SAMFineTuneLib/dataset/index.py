@@ -31,10 +31,14 @@ class CaseEntry:
         scoring slice a case as it was segmented: on a volume acquired in another plane the
         same anatomical axis lies along another array axis."""
         chosen = axis or self.record.get("slice_axis") or SEGMENT_DEFAULTS["axis"]
-        if chosen not in AXES:
-            raise ValueError(f"case {self.case!r}: slicing axis {chosen!r} is not one of {', '.join(AXES)}; fix its "
-                             "slice_axis in dataset.json or export it again")
+        check_slice_axis(self.case, chosen, "; fix its slice_axis in dataset.json or export it again")
         return chosen
+
+
+def check_slice_axis(case: str, axis: str, remedy: str = "") -> None:
+    """A ValueError naming the case when ``axis`` is not one the engine slices along."""
+    if axis not in AXES:
+        raise ValueError(f"case {case!r}: slicing axis {axis!r} is not one of {', '.join(AXES)}{remedy}")
 
 
 @dataclass
