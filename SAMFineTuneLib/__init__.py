@@ -26,7 +26,7 @@ _EXPORTS = {
     "read_volume": "volume_io",
     "write_volume": "volume_io",
     "WINDOW_PRESETS": "catalogue",
-    "window_volume": "imaging",
+    "window_volume": "windows",
     "make_ct_phantom": "phantom",
 }
 

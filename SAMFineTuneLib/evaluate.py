@@ -170,7 +170,7 @@ def score_from_roi(model, info, cases, adapters, axis, window, labels, tolerance
     encoded once for all runs. ``segmenter``: a Segmenter on ``model`` to use (its adapter is
     restored afterwards)."""
     from .dataset import load_case
-    from .imaging import axis_index
+    from .imaging import slices_holding
     from .metrics import binary_metrics, summarise
     from .progress import check_cancel, report
     from .segmenter import Segmenter
@@ -188,7 +188,7 @@ def score_from_roi(model, info, cases, adapters, axis, window, labels, tolerance
                 if not mask.any():
                     continue
                 box = roi_box(mask, roi_margin)
-                slices = int(np.moveaxis(mask, axis_index(along), 0).any(axis=(1, 2)).sum())
+                slices = int(slices_holding(mask, along).size)
                 for name in runs:
                     check_cancel(cancel)
                     segmenter.set_adapter(adapters[name])

@@ -13,71 +13,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .catalogue import AXES, WINDOW_PRESETS, WINDOWS, ModelSpec
+from .catalogue import AXES, ModelSpec
 from .models import normalise_unit_images
-
-PERCENTILES = (0.5, 99.5)
-_PERCENTILE_SAMPLES = 1 << 20
-
-
-def looks_like_ct(array: np.ndarray) -> bool:
-    """CT is stored in Hounsfield units: air near -1000 and nothing far below it."""
-    lo = float(np.min(array))
-    return -1100.0 <= lo <= -500.0
-
-
-def _sample(array: np.ndarray) -> np.ndarray:
-    flat = array.reshape(-1)
-    step = max(1, flat.size // _PERCENTILE_SAMPLES)
-    return flat[::step]
-
-
-def window_range(array: np.ndarray, window: str = "auto") -> Tuple[float, float]:
-    """The (low, high) intensities that map to 0 and 1.
-
-    "auto" picks the abdomen (soft tissue) window on CT and the 0.5-99.5 percentile range on
-    anything else (MRI, ultrasound), as MedSAM's training data was prepared. The range depends
-    on the whole volume, never on the box, so a second box on the same slices reuses the cache.
-    """
-    if not isinstance(window, str) or not window.strip():
-        raise ValueError(f"window must be a preset name or 'W/L', got {window!r}")
-    name = window.strip().lower()
-    if name == "auto":
-        name = "abdomen" if looks_like_ct(array) else "percentile"
-    if name in WINDOW_PRESETS:
-        width, level = WINDOW_PRESETS[name]
-    elif name == "percentile":
-        lo, hi = np.percentile(_sample(array).astype(np.float64), PERCENTILES)
-        return (float(lo), float(hi) if hi > lo else float(lo) + 1.0)
-    else:
-        width, level = parse_window(window)
-    return (level - width / 2.0, level + width / 2.0)
-
-
-def parse_window(text: str) -> Tuple[float, float]:
-    """'400/40' -> (width, level)."""
-    parts = str(text).split("/")
-    try:
-        width, level = (float(p) for p in parts)
-    except ValueError:
-        raise ValueError(
-            f"unknown window '{text}': use one of {', '.join(WINDOWS)} or width/level numbers such as 400/40"
-        ) from None
-    if not width > 0:
-        raise ValueError(f"window width must be positive, got {width:g} in '{text}'")
-    return width, level
-
-
-def apply_window(array: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    out = (np.asarray(array, dtype=np.float32) - np.float32(lo)) / np.float32(hi - lo)
-    return np.clip(out, 0.0, 1.0, out=out)
-
-
-def window_volume(array: np.ndarray, window: str = "auto") -> np.ndarray:
-    """Whole volume scaled to [0,1] float32 with the chosen window."""
-    lo, hi = window_range(array, window)
-    return apply_window(array, lo, hi)
-
 
 # ---------------------------------------------------------------- slices and boxes
 
@@ -90,6 +27,12 @@ def axis_index(axis: str) -> int:
 
 def extract_slice(array: np.ndarray, axis: str, index: int) -> np.ndarray:
     return np.take(array, int(index), axis=axis_index(axis))
+
+
+def slices_holding(mask: np.ndarray, axis: str) -> np.ndarray:
+    """The indices of the slices along ``axis`` on which a [k,j,i] ``mask`` holds any voxel."""
+    along = axis_index(axis)
+    return np.flatnonzero(np.asarray(mask).any(axis=tuple(a for a in range(3) if a != along)))
 
 
 def slice_pixel_spacing(spacing_xyz: Sequence[float], axis: str) -> Tuple[float, float]:

@@ -15,7 +15,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from . import imaging
+from . import imaging, windows
 from .imaging import SliceGeometry
 
 Region = Tuple[int, int, int, int]  # rows r0:r1, columns c0:c1 of a slice (half-open)
@@ -66,7 +66,7 @@ class SliceSource:
         self.volume = volume
         self.axis = axis
         self.model = model
-        self.low, self.high = imaging.window_range(volume.array, window)
+        self.low, self.high = windows.window_range(volume.array, window)
         rows, cols = [s for n, s in enumerate(volume.array.shape) if n != imaging.axis_index(axis)]
         spacing = imaging.slice_pixel_spacing(volume.spacing, axis)
         self.shape = (rows, cols)
@@ -90,8 +90,8 @@ class SliceSource:
 
     def windowed(self, index: int) -> np.ndarray:
         """The whole slice in window units (what the tracking rules compare)."""
-        return imaging.apply_window(self.plane(index), self.low, self.high)
+        return windows.apply_window(self.plane(index), self.low, self.high)
 
     def model_input(self, index: int) -> torch.Tensor:
-        crop = imaging.apply_window(self._crop(index), self.low, self.high)
+        crop = windows.apply_window(self._crop(index), self.low, self.high)
         return imaging.to_model_input(crop, self.geometry, self.model.spec, self.model.device)

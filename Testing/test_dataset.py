@@ -66,7 +66,7 @@ def test_round_trip_keeps_geometry_labels_and_slices(tmp_path):
             np.testing.assert_allclose(vol.origin, image.origin, atol=1e-6)
             np.testing.assert_allclose(vol.direction, image.direction, atol=1e-6)
     # per-slice samples: one per (slice, label), mask == label slice, geometry carried along
-    from SAMFineTuneLib.imaging import window_volume
+    from SAMFineTuneLib.windows import window_volume
 
     samples = ds.load_samples(info, cases=["case01"])
     assert [(s.index, s.label) for s in samples] == [(1, 1), (2, 1), (2, 2), (3, 2)]

@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from SAMFineTuneLib import imaging
-from SAMFineTuneLib.imaging import SliceGeometry, WINDOW_PRESETS
+from SAMFineTuneLib import imaging, windows
+from SAMFineTuneLib.catalogue import WINDOW_PRESETS
+from SAMFineTuneLib.imaging import SliceGeometry
 from SAMFineTuneLib.models import MODEL_SPECS
 
 
@@ -12,35 +13,45 @@ from SAMFineTuneLib.models import MODEL_SPECS
 def test_each_preset_maps_its_width_and_level(name):
     width, level = WINDOW_PRESETS[name]
     ct = np.array([level - width, level - width / 2, level, level + width / 4, level + width], dtype=np.float32)
-    lo, hi = imaging.window_range(ct.reshape(1, 1, -1), name)
-    out = imaging.apply_window(ct, lo, hi)
+    lo, hi = windows.window_range(ct.reshape(1, 1, -1), name)
+    out = windows.apply_window(ct, lo, hi)
     np.testing.assert_allclose(out, [0.0, 0.0, 0.5, 0.75, 1.0], atol=1e-3)
 
 
 def test_width_level_numbers_and_bad_windows():
-    assert imaging.window_range(np.zeros((1, 1, 2)), "400/40") == (-160.0, 240.0)
+    assert windows.window_range(np.zeros((1, 1, 2)), "400/40") == (-160.0, 240.0)
     with pytest.raises(ValueError, match="unknown window 'lungs'"):
-        imaging.window_range(np.zeros((1, 1, 2)), "lungs")
+        windows.window_range(np.zeros((1, 1, 2)), "lungs")
     with pytest.raises(ValueError, match="width must be positive"):
-        imaging.window_range(np.zeros((1, 1, 2)), "0/40")
+        windows.window_range(np.zeros((1, 1, 2)), "0/40")
 
 
 def test_auto_window_is_soft_tissue_on_ct_and_percentiles_on_mri():
     rng = np.random.default_rng(0)
     ct = rng.integers(-1024, 1500, size=(4, 32, 32)).astype(np.int16)
-    assert imaging.window_range(ct, "auto") == imaging.window_range(ct, "abdomen")
+    assert windows.window_range(ct, "auto") == windows.window_range(ct, "abdomen")
     mri = rng.gamma(2.0, 100.0, size=(4, 64, 64)).astype(np.float32)
     mri[0, 0, 0] = 1e6  # one hot voxel must not squash the contrast
-    lo, hi = imaging.window_range(mri, "auto")
+    lo, hi = windows.window_range(mri, "auto")
     assert lo == pytest.approx(np.percentile(mri, 0.5), rel=0.05)
     assert hi == pytest.approx(np.percentile(mri, 99.5), rel=0.05)
     assert hi < 1e5
 
 
+def test_two_names_for_one_window_are_one_setting():
+    ct, mri = np.full((2, 4, 4), -1000.0), np.full((2, 4, 4), 5.0)
+    assert windows.window_setting(ct, "auto") == windows.window_setting(ct, "abdomen") == (400.0, 40.0)
+    assert windows.window_setting(mri, " 400/40 ") == windows.window_setting(mri, "Abdomen")
+    assert windows.window_setting(mri, "auto") == windows.window_setting(mri, "percentile") == "percentile"
+    assert windows.window_setting(ct, "auto") != windows.window_setting(ct, "lung")
+    with pytest.raises(ValueError, match="unknown window 'soft'"):
+        windows.window_setting(mri, "soft")
+
+
 def test_percentile_of_a_constant_volume_does_not_divide_by_zero():
-    lo, hi = imaging.window_range(np.full((2, 4, 4), 7.0), "percentile")
+    lo, hi = windows.window_range(np.full((2, 4, 4), 7.0), "percentile")
     assert hi > lo
-    assert np.all(np.isfinite(imaging.apply_window(np.full((4, 4), 7.0), lo, hi)))
+    assert np.all(np.isfinite(windows.apply_window(np.full((4, 4), 7.0), lo, hi)))
 
 
 @pytest.mark.parametrize("name", ["litemedsam", "sam_vit_b", "medsam"])

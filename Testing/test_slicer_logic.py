@@ -202,7 +202,7 @@ def test_clipped_roi_warning_reaches_the_task(scene):
 def test_an_adapter_that_learned_another_window_is_named_on_the_status_line(scene, tmp_path):
     import json
 
-    volume, roi = make(scene)
+    volume, roi = make(scene)  # zeros: not CT, so "auto" is the percentile window on it
     adapter = tmp_path / "liver-v1"
     adapter.mkdir()
     (adapter / "model_card.json").write_text(json.dumps({"inference": {"window": "auto"}}))
@@ -211,9 +211,29 @@ def test_an_adapter_that_learned_another_window_is_named_on_the_status_line(scen
     assert task.state == "done" and "liver-v1 was trained with the 'auto' window" in task.warning
     assert "choose 'auto'" in task.warning
     assert logic.segment(volume, roi, adapter=str(adapter), window="auto").warning is None
+    assert logic.segment(volume, roi, adapter=str(adapter), window="percentile").warning is None
     assert logic.segment(volume, roi, window="abdomen").warning is None
+    (adapter / "model_card.json").write_text(json.dumps({"inference": {"window": "400/40"}}))
+    assert logic.segment(volume, roi, adapter=str(adapter), window="abdomen").warning is None
     (adapter / "model_card.json").write_text("{not json")  # the engine names a bad card when it loads it
     assert logic.segment(volume, roi, adapter=str(adapter), window="abdomen").warning is None
+
+
+def test_on_ct_the_auto_window_is_the_abdomen_window_an_adapter_learned(scene, tmp_path):
+    import json
+
+    ct = np.full(SHAPE, -1000, np.int16)
+    volume = addVolume(ct, ijkToRAS((1.0, 1.0, 3.0)), "CT")
+    roi = addROI(scene, volume, (4, 5, 1, 15, 14, 4), name="liver")
+    adapter = tmp_path / "liver-v1"
+    adapter.mkdir()
+    (adapter / "model_card.json").write_text(json.dumps({"inference": {"window": "abdomen"}}))
+    logic = SAMFineTuneCoreLogic(inProcess=FakeEngine())
+    assert logic.segment(volume, roi, adapter=str(adapter), window="auto").warning is None
+    assert "trained with the 'abdomen' window" in logic.segment(volume, roi, adapter=str(adapter),
+                                                               window="lung").warning
+    assert "segmentation uses 'percentile'" in logic.segment(volume, roi, adapter=str(adapter),
+                                                            window="percentile").warning
 
 
 def test_several_rois_give_several_segments_in_one_segmentation(scene):

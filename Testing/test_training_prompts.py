@@ -8,7 +8,7 @@ import torch
 
 from SAMFineTuneLib.catalogue import get_spec
 from SAMFineTuneLib.dataset import case_samples
-from SAMFineTuneLib.imaging import window_volume
+from SAMFineTuneLib.windows import window_volume
 from SAMFineTuneLib.phantom_lowcontrast import make_case
 from SAMFineTuneLib.training import TrainConfig, prepare
 from SAMFineTuneLib.training.optimisation import loss_function

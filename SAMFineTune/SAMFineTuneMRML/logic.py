@@ -20,6 +20,8 @@ parts are imported on first use, in whichever process runs them.
 import os
 import uuid
 
+import slicer
+
 from . import geometry, segments
 from .backends import InProcessBackend, WorkerBackend
 from .options import adapterWindowWarning, checkOptions
@@ -86,7 +88,8 @@ class SAMFineTuneCoreLogic:
         segmentId = segments.ensureSegment(segmentationNode, segmentId, segmentName)
         options = dict(options, axis=geometry.engineAxis(volumeNode, options["axis"]))
         return SegmentTask(self, volumeNode, roiNode, segmentationNode, segmentId, roiBox, options, onFinished,
-                           createdSegment=not existed, optionsWarning=adapterWindowWarning(options))
+                           createdSegment=not existed,
+                           optionsWarning=adapterWindowWarning(options, slicer.util.arrayFromVolume(volumeNode)))
 
     def segment(self, volumeNode, roiNode, segmentationNode=None, segmentId=None, segmentName=None, **kwargs):
         """Segment the structure inside ``roiNode`` on ``volumeNode`` into a segment.

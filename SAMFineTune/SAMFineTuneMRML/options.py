@@ -12,6 +12,7 @@ ensureLibraryImportable()
 from SAMFineTuneLib.catalogue import (AXES, BACKENDS, BOX_MODES, CLICK_TRAINING_SHARE, DEVICES,  # noqa: E402,F401
                                       MODEL_KEYS, MODEL_SPECS, PRECISIONS, PROMPT_OPTIONS, SEGMENT_DEFAULTS, WINDOWS)
 from SAMFineTuneLib.cli_args import BACKEND_HELP, PRECISION_HELP  # noqa: E402,F401  (the panel's tooltips)
+from SAMFineTuneLib.windows import window_setting  # noqa: E402
 
 #: (engine name, label) pairs for the panel's combo boxes.
 MODEL_CHOICES = tuple((name, spec.title) for name, spec in MODEL_SPECS.items())
@@ -60,12 +61,13 @@ def checkOptions(options):
     return merged
 
 
-def adapterWindowWarning(options):
+def adapterWindowWarning(options, volumeArray):
     """A line for the status when the chosen adapter was trained with another intensity window
-    than segmentation will use (None otherwise): an adapter given slices unlike the ones it learned
-    can do worse than none (docs/finetuning.md measures it for another axis). Names are compared:
-    two names may give the same window on a volume ("auto" is the abdomen window on CT). A card
-    that cannot be read is the engine's to report, when it loads the adapter."""
+    than segmentation will use on this volume (None otherwise): an adapter given slices unlike the
+    ones it learned can do worse than none (docs/finetuning.md measures it for another axis). Two
+    names for one window are the same window ("auto" is the abdomen window on CT). A card that
+    cannot be read, or names no window the engine knows, is the engine's to report when it loads
+    the adapter."""
     if not options.get("adapter"):
         return None
     import json
@@ -75,7 +77,12 @@ def adapterWindowWarning(options):
             learned = (json.load(handle).get("inference") or {}).get("window")
     except (OSError, ValueError, AttributeError):
         return None
-    if not learned or learned == options["window"]:
+    if not learned:
+        return None
+    try:
+        if window_setting(volumeArray, learned) == window_setting(volumeArray, options["window"]):
+            return None
+    except ValueError:
         return None
     return ("Adapter %s was trained with the '%s' window and segmentation uses '%s': where they differ it sees "
             "slices unlike those it learned; choose '%s' under Preprocessing, or train it again with this window."

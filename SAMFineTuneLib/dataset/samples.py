@@ -38,17 +38,16 @@ def load_case(entry: CaseEntry):
 def case_samples(case_id: str, image, label: np.ndarray, axis: str = "axial", window: str = "auto",
                  labels: Optional[Sequence[int]] = None) -> List[SliceSample]:
     """Every slice along ``axis`` where a label is present, one sample per (slice, label value)."""
-    from ..imaging import axis_index, extract_slice, slice_pixel_spacing, window_volume
+    from ..imaging import axis_index, extract_slice, slice_pixel_spacing, slices_holding
+    from ..windows import window_volume
 
     scaled = window_volume(np.asarray(image.array), window)
     spacing = slice_pixel_spacing(image.spacing, axis)
     thickness = float(image.spacing[2 - axis_index(axis)])
     values = labels if labels is not None else [int(v) for v in np.unique(label) if v != 0]
-    other = tuple(a for a in range(3) if a != axis_index(axis))
     out = []
     for value in values:
-        present = (label == value).any(axis=other)
-        for index in np.flatnonzero(present):
+        for index in slices_holding(label == value, axis):
             out.append(SliceSample(case_id, axis, int(index), int(value), extract_slice(scaled, axis, index),
                                    extract_slice(label, axis, index) == value, spacing, thickness))
     return out

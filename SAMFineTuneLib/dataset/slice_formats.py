@@ -41,7 +41,8 @@ def rle_decode(rle: Dict[str, Any]) -> np.ndarray:
 
 def ensure_slice_index(root: str, record: Dict[str, Any], axis: str, window: str) -> None:
     """Write a case's slice PNGs and its small JSON index once (a later export reuses them)."""
-    from ..imaging import axis_index, extract_slice, window_volume
+    from ..imaging import extract_slice, slices_holding
+    from ..windows import window_volume
     from ..volume_io import read_volume
 
     index_path = os.path.join(root, "slices", record["case"] + ".json")
@@ -52,9 +53,8 @@ def ensure_slice_index(root: str, record: Dict[str, Any], axis: str, window: str
     image = read_volume(os.path.join(root, record["image"]))
     label = read_volume(os.path.join(root, record["label"])).array
     scaled = (window_volume(image.array, window) * 255.0 + 0.5).astype(np.uint8)
-    other = tuple(a for a in range(3) if a != axis_index(axis))
     entries = []
-    for index in np.flatnonzero(label.any(axis=other)):
+    for index in slices_holding(label, axis):
         stem = f"{record['case']}_{axis}{int(index):04d}"
         plane = extract_slice(label, axis, index)
         image_rel, mask_rel = f"slices/images/{stem}.png", f"slices/masks/{stem}.png"

@@ -39,7 +39,8 @@ def end_samples(case_id: str, image, label: np.ndarray, axis: str, window: str, 
     """Slices just past each end of every label along ``axis`` (``depth`` on each side, inside
     the volume), as samples with an empty mask: where the structure has ended."""
     from ..dataset import SliceSample
-    from ..imaging import apply_window, axis_index, extract_slice, slice_pixel_spacing, window_range
+    from ..imaging import axis_index, extract_slice, slice_pixel_spacing, slices_holding
+    from ..windows import apply_window, window_range
 
     along = axis_index(axis)
     array = np.asarray(image.array)
@@ -47,10 +48,9 @@ def end_samples(case_id: str, image, label: np.ndarray, axis: str, window: str, 
     spacing = slice_pixel_spacing(image.spacing, axis)
     thickness = float(image.spacing[2 - along])
     values = labels if labels is not None else [int(v) for v in np.unique(label) if v != 0]
-    other = tuple(a for a in range(3) if a != along)
     out = []
     for value in values:
-        present = np.flatnonzero((label == value).any(axis=other))
+        present = slices_holding(label == value, axis)
         if present.size == 0:
             continue
         beyond = [present[0] - d for d in range(1, depth + 1)] + [present[-1] + d for d in range(1, depth + 1)]

@@ -110,14 +110,12 @@ def _structures(entry, config):
     """(image, mask, axis) of each chosen label of a case that spans at least 3 slices along the
     axis the case is sliced along."""
     from ..dataset import load_case
-    from ..imaging import axis_index
+    from ..imaging import slices_holding
 
     image, label = load_case(entry)
     array = np.asarray(label.array)
     axis = entry.slicing_axis(config.axis)
-    along = axis_index(axis)
-    other = tuple(a for a in range(3) if a != along)
     for value in config.labels or [int(v) for v in np.unique(array) if v != 0]:
         mask = array == value
-        if mask.any(axis=other).sum() >= 3:
+        if slices_holding(mask, axis).size >= 3:
             yield image, mask, axis

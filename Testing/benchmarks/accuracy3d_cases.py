@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from SAMFineTuneLib.cache import EmbeddingCache
-from SAMFineTuneLib.imaging import looks_like_ct
+from SAMFineTuneLib.windows import looks_like_ct
 from SAMFineTuneLib.phantom import make_ct_phantom
 from SAMFineTuneLib.volume_io import Volume, read_volume
 

@@ -35,7 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)), HERE]
 
 from accuracy3d_cases import DiskEmbeddingCache, dataset_cases, phantom_cases  # noqa: E402
-from SAMFineTuneLib import imaging, postprocess  # noqa: E402
+from SAMFineTuneLib import imaging, postprocess, windows  # noqa: E402
 from SAMFineTuneLib.catalogue import AXES, BACKENDS, ENGINE_DEFAULTS, PRECISIONS, SEGMENT_DEFAULTS  # noqa: E402
 from SAMFineTuneLib.metrics import dice_score  # noqa: E402
 from SAMFineTuneLib.phantom import bounding_box  # noqa: E402
@@ -76,7 +76,7 @@ def roi_box(reference: np.ndarray, margin: int, axis: str):
 
 def oracle_boxes(reference: np.ndarray, axis: str) -> Dict[int, tuple]:
     boxes = {}
-    for index in np.flatnonzero(np.moveaxis(reference, AXES[axis], 0).any(axis=(1, 2))):
+    for index in imaging.slices_holding(reference, axis):
         boxes[int(index)] = imaging.mask_box(imaging.extract_slice(reference, axis, index))
     return boxes
 
@@ -87,7 +87,7 @@ def worst_slice(case, reference: np.ndarray, ours: np.ndarray, oracle: np.ndarra
     index = int(wrong.argmax())
     lo, hi = window
     take = lambda array: imaging.extract_slice(array, axis, index)  # noqa: E731
-    return {"index": index, "image": imaging.apply_window(take(case.image.array), lo, hi),
+    return {"index": index, "image": windows.apply_window(take(case.image.array), lo, hi),
             "reference": take(reference), "ours": take(ours), "oracle": take(oracle),
             "spacing": imaging.slice_pixel_spacing(case.image.spacing, axis)}
 
@@ -120,7 +120,7 @@ def score_structure(segmenter, case, structure, axis: str, args, options: Dict[s
             if mode == "tracked" and margin == middle:
                 run.post = {name: dice_score(mask, reference) for name, mask in variants.items()}
                 run.worst = worst_slice(case, reference, chosen, oracle, axis,
-                                        imaging.window_range(case.image.array, window))
+                                        windows.window_range(case.image.array, window))
     return run
 
 

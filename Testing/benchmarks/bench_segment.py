@@ -30,7 +30,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from SAMFineTuneLib import imaging  # noqa: E402
+from SAMFineTuneLib import imaging, windows  # noqa: E402
 from SAMFineTuneLib.catalogue import ENGINE_DEFAULTS  # noqa: E402
 from SAMFineTuneLib.cli_args import (add_axis_argument, add_engine_arguments, add_model_arguments,  # noqa: E402
                                      add_window_argument)
@@ -108,7 +108,7 @@ def _per_slice_loop(model, volume, box, axis, window, warm_up: bool = False) -> 
     Like ``SamPredictor.set_image`` + ``predict``, it runs the encoder in float32 on every device
     (the engine's bf16 autocast on CUDA is one of the things being compared).
     """
-    lo, hi = imaging.window_range(volume.array, window)
+    lo, hi = windows.window_range(volume.array, window)
     slices, box2d = imaging.box_to_slices(box, axis)
     rows_cols = [s for n, s in enumerate(volume.array.shape) if n != imaging.axis_index(axis)]
     geometry = imaging.SliceGeometry(tuple(rows_cols), imaging.slice_pixel_spacing(volume.spacing, axis),
@@ -116,7 +116,7 @@ def _per_slice_loop(model, volume, box, axis, window, warm_up: bool = False) -> 
     started = time.perf_counter()
     with torch.inference_mode():
         for index in slices[:1] if warm_up else slices:
-            plane = imaging.apply_window(imaging.extract_slice(volume.array, axis, index), lo, hi)
+            plane = windows.apply_window(imaging.extract_slice(volume.array, axis, index), lo, hi)
             embedding = model.image_encoder(imaging.to_model_input(plane, geometry, model.spec)[None].to(model.device))
             low_res, _ = model.decode(embedding, torch.tensor([geometry.box_to_model(box2d)]))
             geometry.logits_to_slice(model.upscale_logits(low_res)[0, 0])

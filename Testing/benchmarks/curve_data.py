@@ -94,10 +94,10 @@ class DiskEncoder:
 
 def roi_slices(label, axis, margin):
     """The slice indices of the structure's 3D box grown by ``margin`` voxels, inside the volume."""
-    from SAMFineTuneLib.imaging import axis_index
+    from SAMFineTuneLib.imaging import axis_index, slices_holding
 
     along = axis_index(axis)
-    present = np.flatnonzero(np.asarray(label).any(axis=tuple(a for a in range(3) if a != along)))
+    present = slices_holding(label, axis)
     return range(max(0, present[0] - margin), min(label.shape[along] - 1, present[-1] + margin) + 1)
 
 
@@ -107,8 +107,8 @@ def prefill(model, root, cases, axis="axial", window="auto", margin=3, progress=
     import torch
 
     from SAMFineTuneLib.dataset import load_case
-    from SAMFineTuneLib.imaging import (SliceGeometry, apply_window, extract_slice, slice_pixel_spacing,
-                                        to_model_input, window_range)
+    from SAMFineTuneLib.imaging import SliceGeometry, extract_slice, slice_pixel_spacing, to_model_input
+    from SAMFineTuneLib.windows import apply_window, window_range
     from SAMFineTuneLib.training import cache_dir_for
 
     info = read_dataset(root)
