@@ -255,7 +255,7 @@ def test_resume_after_cancel_matches_an_uninterrupted_run(litemedsam, phantom_da
     with pytest.raises(ValueError, match="settings changed"):
         train(TrainConfig(dataset=phantom_dataset, output=str(tmp_path / "b"), resume=True,
                           **dict(subset, lr=1e-4)), model=litemedsam)
-    with pytest.raises(ValueError, match="settings changed.*window_margin 4 -> None"):
+    with pytest.raises(ValueError, match="settings changed.*window_margin 4 -> None; give the saved values again"):
         train(TrainConfig(dataset=phantom_dataset, output=str(tmp_path / "b"), resume=True, window_margin=None,
                           **subset), model=litemedsam)
     resumed = train(TrainConfig(dataset=phantom_dataset, output=str(tmp_path / "b"), resume=True, **subset),

@@ -119,4 +119,5 @@ def check_resume(saved: Dict[str, Any], config: TrainConfig, path: str) -> None:
     changed = [k for k in RESUME_KEYS if k != "epochs" and saved.get(k) != now.get(k)]
     if changed:
         raise ValueError(f"cannot resume from {path}: settings changed since it was written: " +
-                         ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in changed))
+                         ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in changed) +
+                         "; give the saved values again, or train without resuming")
