@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="demo_output", help="folder for the volume, mask, dataset, adapter, PNGs")
     add_device_argument(parser)
     parser.add_argument("--train-cases", type=int, default=8, help="phantom cases for fine-tuning (2 held out)")
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=2, help="each at least 36 steps (--min-epoch-steps of train)")
 
 
 def save_overlay(image: np.ndarray, mask: np.ndarray, reference: np.ndarray, path: str, title: str) -> None:

@@ -34,8 +34,10 @@ N_TRAIN, N_VAL = 8, 6
 # for numeric drift.
 MIN_GAIN = 0.10
 MIN_ADAPTED_DICE = 0.75
-# Reference boxes only: the margins above were measured so (the prompt mix has its own test).
-FAST = dict(batch_size=4, lr=3e-3, lora_dropout=0.0, patience=0, tracked_prompts=0.0, roi_prompts=0.0, end_slices=0)
+# Reference boxes only, one pass per epoch: the margins above were measured so (the prompt mix and
+# the epoch's floor of steps have their own tests).
+FAST = dict(batch_size=4, lr=3e-3, lora_dropout=0.0, patience=0, tracked_prompts=0.0, roi_prompts=0.0, end_slices=0,
+            min_epoch_steps=0)
 
 
 @pytest.fixture(scope="module")
@@ -291,6 +293,32 @@ def test_the_adapter_written_is_the_mean_of_the_last_epochs_weights(litemedsam, 
         assert torch.allclose(tensor, (recent[0]["lora"][name] + recent[1]["lora"][name]) / 2, atol=1e-7), name
     with pytest.raises(ValueError, match="average_last must be >= 1"):
         check_config(TrainConfig(dataset=phantom_dataset, output=str(tmp_path), average_last=0))
+
+
+def test_a_few_cases_are_trained_on_for_the_epochs_floor_of_steps(litemedsam, phantom_dataset, tmp_path):
+    from SAMFineTuneLib.training.trainer import Trainer
+
+    few = dict(FAST, train_cases=["phantom000", "phantom001", "phantom002"], val_cases=["phantom100"], epochs=1,
+               final_scores=False, choose_tracking=False)
+    card = train(TrainConfig(dataset=phantom_dataset, output=str(tmp_path / "one"), **few), model=litemedsam)
+    assert card["history"][0]["steps"] == 1  # 3 slices, batches of 4: one pass is one step
+    config = TrainConfig(dataset=phantom_dataset, output=str(tmp_path / "floor"), **dict(few, min_epoch_steps=5))
+    card = train(config, model=litemedsam)
+    assert card["history"][0]["steps"] == 5
+    trainer = Trainer(dataclasses.replace(config, output=str(tmp_path / "order")), model=litemedsam)
+    try:
+        order = trainer.epoch_order()
+        counts = np.bincount(order.numpy(), minlength=3)
+        assert len(order) == 20 and counts.min() >= 6 and counts.max() <= 7  # every slice in every pass
+        assert sorted(order[:3].tolist()) == [0, 1, 2]
+        trainer.epoch_samples = 3  # at or above the floor an epoch is one pass, in the order it always had
+        generator = torch.Generator().manual_seed(7)
+        trainer.generator = torch.Generator().manual_seed(7)
+        assert trainer.epoch_order().tolist() == torch.randperm(3, generator=generator).tolist()
+    finally:
+        trainer.close()
+    with pytest.raises(ValueError, match="min_epoch_steps must be >= 0"):
+        check_config(dataclasses.replace(config, min_epoch_steps=-1))
 
 
 def test_options_prompt_encoder_points_focal_and_iou_loss(litemedsam, phantom_dataset, tmp_path):

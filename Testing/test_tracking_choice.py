@@ -14,7 +14,8 @@ from SAMFineTuneLib.segmenter import Segmenter
 from SAMFineTuneLib.training import TrainConfig, cache_dir_for, train
 from SAMFineTuneLib.training.tracking_choice import choose_tracking
 
-FAST = dict(batch_size=4, lr=3e-3, lora_dropout=0.0, patience=0, select_best=False, final_scores=False)
+FAST = dict(batch_size=4, lr=3e-3, lora_dropout=0.0, patience=0, select_best=False, final_scores=False,
+            min_epoch_steps=0)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,9 @@ def add_arguments(parser) -> None:
     add_model_arguments(parser)
     add_encoder_arguments(parser)
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--min-epoch-steps", type=int, default=defaults.min_epoch_steps,
+                        help="an epoch is every training slice once or this many steps, whichever is more, so "
+                             "that a few cases are learnt as long as ten (0: one pass)")
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
@@ -65,7 +68,7 @@ def add_arguments(parser) -> None:
 def config_from_args(args) -> TrainConfig:
     return TrainConfig(dataset=args.dataset, output=args.output, model=args.model, checkpoint=args.checkpoint,
                        device=args.device, precision=args.precision, backend=args.backend, epochs=args.epochs,
-                       lr=args.lr, weight_decay=args.weight_decay,
+                       min_epoch_steps=args.min_epoch_steps, lr=args.lr, weight_decay=args.weight_decay,
                        batch_size=args.batch_size, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                        lora_dropout=args.lora_dropout, targets=tuple(args.targets),
                        train_prompt_encoder=args.train_prompt_encoder, loss=args.loss,

@@ -14,7 +14,7 @@ RESUME_FILE = "resume_state.pt"
 RESUME_KEYS = ("dataset", "model", "checkpoint", "lr", "weight_decay", "batch_size", "lora_rank", "lora_alpha",
                "lora_dropout", "targets", "train_prompt_encoder", "loss", "iou_loss_weight", "box_jitter",
                "point_prompts", "click_prompts", "tracked_prompts", "roi_prompts", "roi_margin", "end_slices",
-               "seed", "axis", "window", "labels", "train_cases", "val_cases", "epochs",
+               "seed", "axis", "window", "labels", "train_cases", "val_cases", "epochs", "min_epoch_steps",
                "select_best", "keep_within", "average_last", "window_margin")
 
 
@@ -28,6 +28,9 @@ class TrainConfig:
     precision: str = ENGINE_DEFAULTS["precision"]  # the image encoder's, for the embedding step
     backend: str = ENGINE_DEFAULTS["backend"]  # who runs the image encoder (auto: OpenVINO on a CPU)
     epochs: int = TRAINING_DEFAULTS["epochs"]
+    # An epoch is every training slice once, or this many steps when that is more (the slices
+    # again in a new order): a few cases get as many steps as ten would.
+    min_epoch_steps: int = TRAINING_DEFAULTS["min_epoch_steps"]
     lr: float = TRAINING_DEFAULTS["lr"]
     weight_decay: float = 0.01
     batch_size: int = 8
@@ -106,6 +109,8 @@ def check_config(config: TrainConfig) -> None:
                          f"{config.tracked_prompts} + {config.roi_prompts}")
     if config.keep_within < 0:
         raise ValueError(f"keep_within must be >= 0, got {config.keep_within}")
+    if config.min_epoch_steps < 0:
+        raise ValueError(f"min_epoch_steps must be >= 0, got {config.min_epoch_steps}")
     if config.roi_margin < 0 or config.end_slices < 0:
         raise ValueError(f"roi_margin and end_slices must be >= 0, got {config.roi_margin} and {config.end_slices}")
     from ..decoding import check_window_margin

@@ -4,14 +4,15 @@ LoRA (peft) wraps the decoder's attention projections and MLPs; the loss is mona
 (or DiceFocal) with an optional IoU-head term; every slice is prompted as inference will prompt
 it (``prompts``: jittered reference boxes, tracking's boxes, loose ROI rectangles, and empty
 targets just past the structure's ends, where tracking must stop); a positive point can be
-added to the box. Training and validation decode as the
-Segmenter does at inference (``window_margin``: on a CPU only the image tokens near each box,
-which makes an epoch several times faster; on CUDA the whole slice) from embeddings cached on
-disk (``samples``). Each epoch ends with the validation Dice on the held-out cases: the best
-adapter is kept, training stops when it has not improved for ``patience`` epochs; the output
-folder is replaced as a whole after every epoch, under a lock (``folders``). Linear warmup
-then cosine decay; bf16 autocast on CUDA only; seeded runs reproduce. A run resumes after a
-crash or a cancel (``state``) and spreads over GPUs under torchrun (``distributed``).
+added to the box. Training and validation decode as the Segmenter does at inference
+(``window_margin``: on a CPU only the image tokens near each box, which makes an epoch several
+times faster; on CUDA the whole slice) from embeddings cached on disk (``samples``). An epoch is
+every training slice once, or ``min_epoch_steps`` when that is more. Each epoch ends with the
+validation Dice on the held-out cases: the best adapter is kept, training stops when it has not
+improved for ``patience`` epochs; the output folder is replaced as a whole after every epoch,
+under a lock (``folders``). Linear warmup then cosine decay; bf16 autocast on CUDA only; seeded
+runs reproduce. A run resumes after a crash or a cancel (``state``) and spreads over GPUs under
+torchrun (``distributed``).
 """
 from __future__ import annotations
 
@@ -158,7 +159,8 @@ class Trainer:
     def _build_optimiser(self) -> None:
         config, device = self.config, self.device
         self.optimizer = torch.optim.AdamW(self.trainable, lr=config.lr, weight_decay=config.weight_decay)
-        self.per_rank = math.ceil(len(self.train_set) / self.world)
+        self.epoch_samples = max(len(self.train_set), config.min_epoch_steps * config.batch_size)
+        self.per_rank = math.ceil(self.epoch_samples / self.world)
         self.steps_per_epoch = math.ceil(self.per_rank / config.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(self.total_steps,
@@ -213,13 +215,12 @@ class Trainer:
         self.say(f"resuming after epoch {saved['epoch']} from {path}")
 
     def run_epoch(self, epoch: int) -> Dict[str, Any]:
-        """Every training slice once (this process's shard under torchrun), then validation:
-        the epoch's entry of the history."""
+        """The epoch's training slices (``epoch_order``; this process's shard under torchrun), then
+        validation: the epoch's entry of the history."""
         config = self.config
         epoch_start = time.monotonic()
         self.step_module.train()
-        order = distributed.shard(torch.randperm(len(self.train_set), generator=self.generator), self.rank,
-                                  self.world, self.per_rank)
+        order = distributed.shard(self.epoch_order(), self.rank, self.world, self.per_rank)
         losses = []
         steps_start = time.monotonic()
         for step in range(self.steps_per_epoch):
@@ -232,7 +233,14 @@ class Trainer:
         train_seconds = time.monotonic() - steps_start
         return {"epoch": epoch, "loss": float(np.mean(losses)), "val_dice": self._val_dice(),
                 "lr": float(self.scheduler.get_last_lr()[0]), "seconds": round(time.monotonic() - epoch_start, 3),
-                "train_seconds": round(train_seconds, 3)}
+                "train_seconds": round(train_seconds, 3), "steps": len(losses)}
+
+    def epoch_order(self) -> torch.Tensor:
+        """The training slices of one epoch: a random order of all of them, followed by further
+        orders while the epoch holds fewer than ``epoch_samples``, cut there."""
+        passes = math.ceil(self.epoch_samples / len(self.train_set))
+        orders = [torch.randperm(len(self.train_set), generator=self.generator) for _ in range(passes)]
+        return torch.cat(orders)[:self.epoch_samples]
 
     def _val_dice(self) -> float:
         """Mean Dice of the validation slices, each prompted with its reference box."""
