@@ -1,4 +1,4 @@
-"""Intensities, slices and coordinates: everything between a volume and a model's input.
+"""Slices and coordinates: everything between a windowed volume (``windows``) and a model's input.
 
 Conventions: a volume array is indexed [k, j, i] (SimpleITK/Slicer KJI order); a 3D box is
 (i0, j0, k0, i1, j1, k1) in inclusive voxel indices; a 2D box is (x0, y0, x1, y1) in inclusive
