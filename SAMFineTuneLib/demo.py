@@ -34,7 +34,9 @@ def save_overlay(image: np.ndarray, mask: np.ndarray, reference: np.ndarray, pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    present = np.flatnonzero(reference.any(axis=(1, 2)))
+    from .imaging import slices_holding
+
+    present = slices_holding(reference, "axial")
     picks = [present[len(present) // 6], present[len(present) // 2], present[(5 * len(present)) // 6]]
     figure, axes = plt.subplots(1, 3, figsize=(10, 3.8))
     for ax, k in zip(axes, picks):

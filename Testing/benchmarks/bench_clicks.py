@@ -189,7 +189,7 @@ def main(argv=None) -> int:
             if n >= args.max_cases:
                 break
             array = (label.array > 0).astype(np.uint8) if args.merge_labels else label.array
-            for value in _structures(array, None, args.max_structures, 3, 0):
+            for value in _structures(array, None, args.max_structures, 3, "axial"):
                 mask = array == value
                 name = "all labels" if args.merge_labels else names.get(value, str(value))
                 rows += [((case, name), variant, row) for variant, row in measure(args, segmenter, volume, mask)]

@@ -81,14 +81,13 @@ def _cases(dataset: Optional[str]):
                read_volume(os.path.join(dataset, "masks", name)), names)
 
 
-def _structures(label: np.ndarray, wanted: Optional[Sequence[int]], limit: int, min_slices: int, axis: int):
+def _structures(label: np.ndarray, wanted: Optional[Sequence[int]], limit: int, min_slices: int, axis: str):
     values, counts = np.unique(label[label > 0], return_counts=True)
     order = [int(v) for _, v in sorted(zip(counts, values), reverse=True)]
     chosen = [v for v in order if wanted is None or v in wanted]
     kept = []
     for value in chosen:
-        present = np.flatnonzero(np.moveaxis(label == value, axis, 0).any(axis=(1, 2)))
-        if present.size >= min_slices:
+        if imaging.slices_holding(label == value, axis).size >= min_slices:
             kept.append(value)
         if len(kept) >= limit:
             break
@@ -259,7 +258,6 @@ def _speed_table(args, segmenters, baseline, volume, label, loads) -> List[str]:
 
 def _accuracy_table(args, segmenter, cases) -> None:
     """Dice per structure, fixed ROI vs tracked boxes (and whole-slice decoding when windowed)."""
-    axis_number = {"axial": 0, "coronal": 1, "sagittal": 2}[args.axis]
     # Windowed decoding is compared with whole-slice decoding on the same cached embeddings.
     columns = [("fixed ROI", "fixed", segmenter.window_margin), ("tracked", "tracked", segmenter.window_margin)]
     if segmenter.window_margin is not None:
@@ -272,7 +270,7 @@ def _accuracy_table(args, segmenter, cases) -> None:
     scores = {title: [] for title, _, _ in columns}
     margin = segmenter.window_margin
     for case, volume, label, names in cases:
-        for value in _structures(label.array, args.labels, args.max_structures, args.min_slices, axis_number):
+        for value in _structures(label.array, args.labels, args.max_structures, args.min_slices, args.axis):
             reference = (label.array == value).astype(np.uint8)
             box = _roi_box(reference, args.margin, args.axis)
             row = []
@@ -282,7 +280,7 @@ def _accuracy_table(args, segmenter, cases) -> None:
                 scores[title].append(dice(result.mask, reference))
                 row.append(f"{scores[title][-1]:.3f}")
             segmenter.window_margin = margin
-            span = int(np.moveaxis(reference, axis_number, 0).any(axis=(1, 2)).sum())
+            span = int(imaging.slices_holding(reference, args.axis).size)
             print(f"| {case} | {names.get(value, value)} | {span} | " + " | ".join(row) + " |", flush=True)
     count = len(scores[columns[0][0]])
     if count:
@@ -330,7 +328,7 @@ def run(args: argparse.Namespace) -> int:
         cases = list(_cases(args.dataset))
         if not args.skip_speed:
             _, volume, label, _ = cases[0]
-            biggest = _structures(label.array, args.labels, 1, 1, 0)
+            biggest = _structures(label.array, args.labels, 1, 1, "axial")
             target = label.with_array((label.array == biggest[0]).astype(np.uint8))
             print("\n".join(_speed_table(args, segmenters, baseline, volume, target, loads)), flush=True)
         if not args.skip_accuracy:
