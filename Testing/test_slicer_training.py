@@ -168,6 +168,12 @@ def test_adapter_scores_become_a_table_and_a_case_is_compared_with_and_without_i
     assert comparison.trackingSummary(card).endswith(
         "grown by 2 px. Its result is smoothed in 3D by 1 mm. From one ROI it scored 3D Dice 0.781 on 5 validation "
         "structures.")
+    card["epoch_choice"] = {"tracked_dice": {"3": 0.699, "6": 0.784}, "by_validation_dice": 3, "kept": 3}
+    assert comparison.trackingSummary(card).endswith("on 5 validation structures.")  # the epoch chosen by Dice
+    card["epoch_choice"]["kept"] = 6
+    assert comparison.trackingSummary(card).endswith(
+        "on 5 validation structures. Epoch 6 is kept, not epoch 3 (best Dice with reference boxes): from one ROI it "
+        "scored 0.784 against 0.699.")
 
     client = TrainClient()
     logic = SAMFineTuneCoreLogic(worker=WorkerBackend(client=client))

@@ -3,6 +3,7 @@ the end of training, written into its card, and honoured by the Segmenter (train
 import json
 
 import pytest
+import torch
 
 from SAMFineTuneLib import adapters, tracking
 from SAMFineTuneLib.catalogue import (ADAPTER_ROI_TRACKING, ADAPTER_TRACKING_MARGINS_PX,
@@ -199,3 +200,61 @@ def test_validation_and_roi_scores_segment_each_case_along_the_axis_it_was_segme
     asked.clear()
     score_from_roi(litemedsam, info, [c[0] for c in cases], {"base": None}, "sagittal", "auto", None, 2.0, 4)
     assert asked == ["sagittal", "sagittal"]
+
+
+@pytest.mark.parametrize("lifted", [0, 1])
+def test_of_the_epoch_kept_and_the_last_the_better_tracker_is_kept(litemedsam, volumes, tmp_path, monkeypatch, lifted):
+    """Epoch 1 leads on the validation Dice with reference boxes (scripted: base 0.5, epochs 0.9
+    and 0.8), so it is kept through training; at the end both it and the last epoch are segmented
+    from one ROI on the validation cases, and the one tracking better (``lifted``: its scores
+    raised by 0.5 here) is written, with its own tracking choice and the record of both."""
+    from safetensors.torch import load_file
+
+    from SAMFineTuneLib.training import trainer as trainer_module
+
+    scripted = iter([0.5, 0.9, 0.8])
+    monkeypatch.setattr(trainer_module, "mean_dice", lambda samples, masks: next(scripted))
+    real, calls = trainer_module.choose_tracking, []
+
+    def choose_lifting_one(*args, **kwargs):
+        choice = real(*args, **kwargs)
+        if len(calls) == lifted:
+            choice["dice"] = {px: dice + 0.5 for px, dice in choice["dice"].items()}
+        calls.append(choice)
+        return choice
+
+    monkeypatch.setattr(trainer_module, "choose_tracking", choose_lifting_one)
+    logs = []
+    card = train(TrainConfig(dataset=volumes, output=str(tmp_path), epochs=2, **dict(FAST, select_best=True)),
+                 model=litemedsam, log=logs.append)
+    kept = 1 + lifted
+    assert len(calls) == 2 and card["best_epoch"] == kept and card["best_val_dice"] == [0.9, 0.8][lifted]
+    tracked = {str(epoch): choice["dice"][str(choice["min_margin_px"])] for epoch, choice in zip((1, 2), calls)}
+    assert card["epoch_choice"] == {"tracked_dice": tracked, "by_validation_dice": 1, "kept": kept}
+    assert card["tracking_choice"] is calls[lifted]
+    assert any(line.startswith(f"epoch {kept} kept: it tracks the validation cases") for line in logs)
+    saved = torch.load(tmp_path / "resume_state.pt", weights_only=True)
+    assert saved["best_epoch"] == 1  # what training kept, before the end
+    written = load_file(str(tmp_path / adapters.ADAPTER_FILE))
+    for state, expected in ((saved["lora"], lifted == 1), (saved["best_lora"], lifted == 0)):
+        assert all(torch.equal(written[key], value) for key, value in state.items()) == expected
+
+
+def test_the_last_epoch_is_weighed_only_when_it_is_another_that_beats_the_base_model(tmp_path):
+    from SAMFineTuneLib.training import epoch_choice
+
+    config = TrainConfig(dataset=str(tmp_path), output=str(tmp_path / "out"))
+    kept, last = {"epoch": 2, "dice": 0.8, "lora": "kept"}, {"lora": "last"}
+    history = [{"epoch": 1, "val_dice": 0.7}, {"epoch": 2, "val_dice": 0.8}, {"epoch": 3, "val_dice": 0.78}]
+    assert epoch_choice.candidates(history, kept, last, 0.6, config) == [kept, {"lora": "last", "epoch": 3,
+                                                                             "dice": 0.78}]
+    assert epoch_choice.candidates(history[:2], kept, last, 0.6, config) == [kept]  # the last is the one kept
+    assert epoch_choice.candidates(history, kept, last, 0.78, config) == [kept]  # the last does not beat the base
+    choice = {"min_margin_px": 3, "dice": {"2": 0.9, "3": 0.7}}
+    assert epoch_choice.tracked_dice(choice) == 0.7
+    lower = {"min_margin_px": 3, "dice": {"3": 0.695}}
+    # the later is kept within 0.01 of the earlier, as the validation Dice keeps epochs
+    assert epoch_choice.better_tracker([choice, lower], 0.01) == 1
+    assert epoch_choice.better_tracker([choice, lower], 0.0) == 0
+    assert epoch_choice.better_tracker([lower, choice], 0.0) == 1
+    assert epoch_choice.better_tracker([None, None], 0.01) == 0

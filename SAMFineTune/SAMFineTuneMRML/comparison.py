@@ -58,8 +58,20 @@ def trackingSummary(card):
                  else "")
     smoothMm = chosen.get("smooth_mm", 0)
     smooths = " Its result is smoothed in 3D by %g mm." % smoothMm if smoothMm > 0 else ""
-    return "It tracks with a %d px margin and seeds by %s%s.%s%s%s" % (chosen["min_margin_px"], seed, fallsBack,
-                                                                    redecodes, smooths, measured)
+    return "It tracks with a %d px margin and seeds by %s%s.%s%s%s%s" % (chosen["min_margin_px"], seed, fallsBack,
+                                                                      redecodes, smooths, measured, epochChoice(card))
+
+
+def epochChoice(card):
+    """Why the adapter holds another epoch than the one the validation Dice with reference boxes
+    chose (``training.epoch_choice``), with both epochs' 3D Dice from one ROI; empty otherwise."""
+    record = (card or {}).get("epoch_choice") or {}
+    if not record or record["kept"] == record["by_validation_dice"]:
+        return ""
+    tracked = record["tracked_dice"]
+    return (" Epoch %d is kept, not epoch %d (best Dice with reference boxes): from one ROI it scored %.3f"
+            " against %.3f." % (record["kept"], record["by_validation_dice"], tracked[str(record["kept"])],
+                                tracked[str(record["by_validation_dice"])]))
 
 
 def roiBoxAroundLabel(label, axis, margin=ROI_MARGIN):

@@ -67,3 +67,20 @@ def as_points(clicks: List[List[Point]], input_size: int, device) -> Optional[Tu
             coords[n, k] = click_to_model(x, y, scale, scale)
             labels[n, k] = int(positive)
     return torch.from_numpy(coords).to(device), torch.from_numpy(labels).to(device)
+
+
+def simulated_user(runner, embeddings: torch.Tensor, boxes: torch.Tensor, target: torch.Tensor, generator,
+                   input_size: int, window_margin, amp_dtype, use_amp: bool):
+    """A simulated user's clicks on a training batch: 1 to ``MAX_CLICKS`` rounds, each decoded by
+    ``runner`` (the trainer's decoder step) without gradients from the last; the prompts (box,
+    points, mask prompt) of the decode that trains."""
+    rounds = int(torch.randint(1, MAX_CLICKS + 1, (1,), generator=generator))
+    made: List[List[Point]] = [[] for _ in range(len(boxes))]
+    points, prompt_boxes, logits = None, boxes, None
+    with torch.no_grad(), torch.autocast("cuda", dtype=amp_dtype, enabled=use_amp):
+        for _ in range(rounds):
+            logits = runner(embeddings, prompt_boxes, points, window_margin=window_margin, masks=logits)[0].float()
+            made = next_clicks(logits, target, made)
+            prompt_boxes = clicked_boxes(logits, boxes, made, input_size).to(boxes.device)
+            points = as_points(made, input_size, boxes.device)
+    return prompt_boxes, points, logits

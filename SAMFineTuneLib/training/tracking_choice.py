@@ -101,6 +101,13 @@ def smoothing_text(choice: Dict[str, Any]) -> str:
     return f"; {verdict} (3D Dice {smoothed:.3f} smoothed, {unsmoothed:.3f} as decoded)"
 
 
+def choice_text(choice: Dict[str, Any]) -> str:
+    """The training log's line for a choice."""
+    scores = ", ".join(f"{px} px {dice:.3f}" for px, dice in choice["dice"].items())
+    return (f"tracking margin for this adapter, chosen from one ROI on the validation cases: "
+            f"{choice['min_margin_px']} px (3D Dice {scores})" + smoothing_text(choice))
+
+
 def card_tracking(choice: Dict[str, Any]) -> Dict[str, Any]:
     """The card's ``inference.tracking`` for a choice: the options it decided, nothing of its record."""
     return {key: choice[key] for key in CHOSEN_OPTIONS}

@@ -30,7 +30,7 @@ import torch
 from .. import adapters
 from ..metrics import mean_dice
 from ..progress import check_cancel, report
-from . import clicks, distributed
+from . import clicks, distributed, epoch_choice
 from .boxes import random_points
 from .card import model_card, per_case_scores
 from .config import RESUME_FILE, TrainConfig, check_config
@@ -43,7 +43,7 @@ from .prompts import PromptSampler
 from .samples import batch_embeddings, cache_dir_for, prepare
 from .slices import load_slices, split_cases
 from .state import best_from, load_weights, mean_state, read_resume, resume_state, state_copy, write_output
-from .tracking_choice import card_tracking, choose_tracking, smoothing_text
+from .tracking_choice import card_tracking, choice_text, choose_tracking
 
 
 def train(config: TrainConfig, progress=None, cancel=None, log=None, model=None) -> Dict[str, Any]:
@@ -258,7 +258,9 @@ class Trainer:
             coords, labels = random_points(data.targets[index], self.generator, self.model.spec.input_size)
             points = (coords.to(device), labels.to(device))
         elif config.click_prompts > 0 and float(torch.rand(1, generator=self.generator)) < config.click_prompts:
-            boxes, points, masks = self._clicks(embeddings, boxes, target)
+            boxes, points, masks = clicks.simulated_user(self.runner, embeddings, boxes, target, self.generator,
+                                                         self.model.spec.input_size, self.margin, self.amp_dtype,
+                                                         self.use_amp)
         with torch.autocast("cuda", dtype=self.amp_dtype, enabled=self.use_amp):
             logits, iou = self.runner(embeddings, boxes, points, window_margin=self.margin, masks=masks)
         logits, iou = logits.float(), iou.float()
@@ -271,23 +273,6 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         return float(loss.detach())
-
-    def _clicks(self, embeddings, boxes, target):
-        """A simulated user's clicks on the batch (``clicks``): 1 to MAX_CLICKS rounds, each decoded
-        without gradients from the last; the prompts (box, points, mask prompt) of the decode
-        that trains."""
-        size = self.model.spec.input_size
-        rounds = int(torch.randint(1, clicks.MAX_CLICKS + 1, (1,), generator=self.generator))
-        made = [[] for _ in range(len(boxes))]
-        points, prompt_boxes, logits = None, boxes, None
-        with torch.no_grad(), torch.autocast("cuda", dtype=self.amp_dtype, enabled=self.use_amp):
-            for _ in range(rounds):
-                logits = self.runner(embeddings, prompt_boxes, points, window_margin=self.margin,
-                                     masks=logits)[0].float()
-                made = clicks.next_clicks(logits, target, made)
-                prompt_boxes = clicks.clicked_boxes(logits, boxes, made, size).to(boxes.device)
-                points = clicks.as_points(made, size, boxes.device)
-        return prompt_boxes, points, logits
 
     def checkpoint(self, entry: Dict[str, Any]) -> None:
         """Record an epoch: keep its adapter when ``keeps_epoch`` says so, replace the output folder
@@ -313,22 +298,26 @@ class Trainer:
                  f"({entry['seconds']:.1f}s){self._eta(done)}")
 
     def finish(self) -> Dict[str, Any]:
-        """Back to the kept epoch's adapter; its scores (per validation case, base and adapted)
-        and the run's statistics in the card, which is written with the adapter (rank 0) and
-        returned."""
+        """Back to the kept epoch's adapter (``epoch_choice``); its scores (per validation case, base
+        and adapted), its tracking choice and the run's statistics in the card, which is written
+        with the adapter (rank 0) and returned."""
+        last = self._weights()
         self._judge_average()
-        config, best, card = self.config, self.best, self.card
+        config, stats = self.config, self._stats()  # the training's time, not the tracking choice's
+        choice = self._choose_epoch(last) if config.choose_tracking and self.main_rank and self.best["epoch"] else None
+        best, card = self.best, self.card
         if best["epoch"] == 0 and self.history:
             self.say(f"warning: no epoch beat the base model's validation Dice {self.base_dice:.4f} (best "
                      f"{max(h['val_dice'] for h in self.history):.4f}): the adapter written leaves the base model "
                      "as it is; train on more cases")
         load_weights(self.peft_decoder, self.prompt_encoder, best, "kept epoch")
-        card["stats"] = self._stats()
+        card["stats"] = stats
         if config.final_scores and self.main_rank:
             card["scores"] = dict(split="val", cases=self.val_ids, window_margin=self.margin,
                                   **per_case_scores(self.model, self.val_set, self.step_module, self.margin))
-        if config.choose_tracking and self.main_rank and best["epoch"]:
-            self._choose_tracking(card)
+        if choice is not None:
+            card["inference"]["tracking"] = card_tracking(choice)
+            card["tracking_choice"] = choice
         if self.main_rank:
             write_output(config.output, self.lock, self.peft_decoder, self.prompt_encoder, best, card,
                          self.resume_saved)
@@ -357,20 +346,31 @@ class Trainer:
         """A copy of what trains now: the LoRA tensors and the prompt encoder's state (or None)."""
         return {"lora": adapters.lora_state(self.peft_decoder), "prompt": state_copy(self.prompt_encoder)}
 
-    def _choose_tracking(self, card: Dict[str, Any]) -> None:
-        """The tracking margin this adapter segments with, chosen on the validation cases
-        (``tracking_choice``), into the card."""
+    def _choose_epoch(self, last: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        """The tracking choice of the adapter kept: the epoch kept so far or the ``last`` epoch's
+        weights, whichever tracks the validation cases better (``epoch_choice``)."""
+        weighed = epoch_choice.candidates(self.history, self.best, last, self.base_dice, self.config)
+        choices = [self._tracking_choice(weights) for weights in weighed]
+        pick = epoch_choice.better_tracker(choices, self.config.keep_within)
+        if len(weighed) > 1 and choices[pick] is not None:
+            self.best = weighed[pick]
+            self.card = dict(self._card(), epoch_choice=epoch_choice.record(weighed, choices, pick))
+            self.say(epoch_choice.record_text(self.card["epoch_choice"]))
+        choice = choices[pick]
+        if choice is not None:
+            self.say(choice_text(choice))
+        return choice
+
+    def _tracking_choice(self, weights: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        """``tracking_choice.choose_tracking`` for the adapter holding ``weights`` (its progress
+        messages name the epoch, since two may be weighed)."""
+        epoch, progress = weights["epoch"], self.progress
+        load_weights(self.peft_decoder, self.prompt_encoder, weights, f"epoch {epoch}")
         decoder = copy.deepcopy(self.peft_decoder).merge_and_unload().eval()
-        choice = choose_tracking(self.model, decoder, self.prompt_encoder, self.info, self.val_ids, self.config,
-                                 cache_dir_for(self.info.root), self.progress, self.cancel)
-        if choice is None:
-            return
-        card["inference"]["tracking"] = card_tracking(choice)
-        card["tracking_choice"] = choice
-        self.say("tracking margin for this adapter, chosen from one ROI on the validation cases: "
-                 f"{choice['min_margin_px']} px (3D Dice " + ", ".join(f"{px} px {dice:.3f}" for px, dice
-                                                                    in choice["dice"].items()) + ")"
-                 + smoothing_text(choice))
+        named = None if progress is None else (lambda done, total, text: progress(done, total,
+                                                                                  f"epoch {epoch}: {text}"))
+        return choose_tracking(self.model, decoder, self.prompt_encoder, self.info, self.val_ids, self.config,
+                               cache_dir_for(self.info.root), named, self.cancel)
 
     # ------------------------------------------------------------ reporting
 
