@@ -58,8 +58,9 @@ class TrainConfig:
     warmup: float = 0.1  # share of all steps with linear warmup
     patience: int = 5  # epochs without a better validation Dice before stopping (0 = never stop early)
     # Keep the latest epoch whose validation Dice is within keep_within of the best so far and
-    # beats the base model's (epoch 0; training/optimisation.keeps_epoch); False: the last epoch
-    # (or the mean of the last ``average_last``).
+    # beats the base model's (epoch 0; training/optimisation.keeps_epoch), and at the end the last
+    # epoch over it unless it tracks the validation cases better by more than keep_within
+    # (training/epoch_choice.py); False: the last epoch (or the mean of the last ``average_last``).
     select_best: bool = True
     keep_within: float = TRAINING_DEFAULTS["keep_within"]
     # The mean LoRA weights of the last ``average_last`` epochs run, judged by the same rule as one

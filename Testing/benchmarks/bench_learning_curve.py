@@ -154,6 +154,7 @@ class Bench:
                 "box_cases": box["cases"], "roi_cases": roi["cases"], "wall_seconds": wall,
                 "seconds_prepare": card["stats"]["seconds_prepare"], "seconds_train": card["stats"]["seconds_train"],
                 "best_epoch": card["best_epoch"], "epochs_run": len(card["history"]),
+                "epoch_choice": card.get("epoch_choice"),
                 "val_dice": card["base_val_dice"] if card["best_val_dice"] is None else card["best_val_dice"],
                 "overrides": {k: list(v) if isinstance(v, tuple) else v
                               for k, v in dict(overrides, full_decoder=full).items()}}
