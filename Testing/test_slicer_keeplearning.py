@@ -13,20 +13,26 @@ from SAMFineTuneMRML.logic import SAMFineTuneCoreLogic
 
 
 class LearningClient(FakeWorkerClient):
-    """Trains by writing an adapter folder whose card has ``new`` Dice; scores the adapter in use
-    at ``current`` Dice; ``fail`` makes training fail."""
+    """Trains by writing an adapter folder whose card has ``new`` validation Dice (reference
+    boxes) and, with ``fromRoi`` ({"in use": Dice, "candidate": Dice}), a tracking choice; scores
+    the adapter in use at ``current`` with boxes and each adapter at its ``fromRoi`` Dice from one
+    ROI; ``fail`` makes training fail."""
 
-    def __init__(self, new=0.8, current=0.7, fail=False):
+    def __init__(self, new=0.8, current=0.7, fail=False, fromRoi=None):
         FakeWorkerClient.__init__(self)
-        self.new, self.current, self.fail = new, current, fail
+        self.new, self.current, self.fail, self.fromRoi = new, current, fail, fromRoi
 
     def answer(self, job):
-        if job.command != "train":
-            job.state, job.result = "done", {"report": {"mean": {"adapted": {"dice": self.current}}}}
+        if job.command == "evaluate":
+            which = "candidate" if job.params["adapter"].endswith(".candidate") else "in use"
+            dice = self.fromRoi[which] if "roi_margin" in job.params else self.current
+            job.state, job.result = "done", {"report": {"mean": {"adapted": {"dice": dice}}}}
         elif self.fail:
             job.state, job.error = "error", "ValueError: the dataset has no validation case"
         else:
             card = {"scores": {"adapted": {"dice": self.new}}}
+            if self.fromRoi is not None:
+                card["tracking_choice"] = {"min_margin_px": 2, "dice": {"2": self.fromRoi["candidate"]}}
             os.makedirs(job.params["output"])
             with open(os.path.join(job.params["output"], "model_card.json"), "w") as handle:
                 json.dump(card, handle)
@@ -67,6 +73,25 @@ def test_a_new_adapter_replaces_the_one_in_use_only_when_it_scores_better(tmp_pa
     assert not os.path.exists(adapter + ".candidate") and not os.path.exists(adapter + ".retired")
     if current is not None:
         assert client.jobs[1].params["adapter"] == adapter
+
+
+@pytest.mark.parametrize("fromRoi,state", [({"in use": 0.75, "candidate": 0.7}, "discarded"),
+                                           ({"in use": 0.6, "candidate": 0.7}, "kept")])
+def test_adapters_of_tracked_structures_are_compared_from_one_roi(tmp_path, fromRoi, state):
+    """The candidate scores higher with reference boxes (0.8 against 0.7) in both runs; from one
+    ROI, as users segment, it is worse in one and better in the other, which decides."""
+    adapter = str(tmp_path / "liver")
+    adapter_in_use(adapter, 0.7)
+    client = LearningClient(new=0.8, current=0.7, fromRoi=fromRoi)
+    learning = KeepLearning(SAMFineTuneCoreLogic(worker=WorkerBackend(client=client)), every=1)
+    run = finish(learning.exported(1, str(tmp_path / "set"), adapter, model="litemedsam"))
+    assert run.state == state and "from one ROI" in run.message, run.message
+    assert [job.command for job in client.jobs] == ["train", "evaluate", "evaluate"]
+    scored = [job.params for job in client.jobs[1:]]
+    assert [params["adapter"] for params in scored] == [adapter, adapter + ".candidate"]
+    assert all(params["roi_margin"] == 3 and params["dataset"] == str(tmp_path / "set") for params in scored)
+    assert ("tracking_choice" in card_of(adapter)) == (state == "kept")
+    assert not os.path.exists(adapter + ".candidate")
 
 
 def test_a_failed_retraining_leaves_the_adapter_in_use_and_one_run_at_a_time(tmp_path):

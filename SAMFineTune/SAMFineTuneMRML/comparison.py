@@ -12,11 +12,12 @@ import slicer
 
 from . import geometry, segments, storage
 from .library import ensureLibraryImportable
-from .options import checkOptions
+from .options import VALIDATION_ROI_MARGIN, checkOptions
 
 ensureLibraryImportable()
-#: In-plane margin, in voxels, of the ROI around the reference (one slice along the slicing axis).
-ROI_MARGIN = 3
+#: In-plane margin, in voxels, of the ROI around the reference (one slice along the slicing axis):
+#: the one adapters are judged from.
+ROI_MARGIN = VALIDATION_ROI_MARGIN
 SCORE_COLUMNS = ("case", "base Dice", "adapted Dice")
 
 

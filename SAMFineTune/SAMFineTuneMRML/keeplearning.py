@@ -3,14 +3,17 @@ the adapter in use until a new one scores better on the validation cases.
 
 Retraining on every submitted case is what users of other tools complain about (the GPU busy,
 results changing under them), so it runs only after ``every`` new cases, one run at a time.
-A run trains a candidate beside the adapter in use, scores the adapter in use on the same
-validation cases, and swaps the candidate in only when its validation Dice is higher.
+A run trains a candidate beside the adapter in use, scores both on the same validation cases,
+and swaps the candidate in only when its validation Dice is higher. Structures of 3D cases are
+scored as a user starts, from one ROI through the tracked mode: the validation Dice with the
+reference's box on every slice says little about how an adapter tracks (docs/finetuning.md,
+"Which epoch is kept"); 2D images, where nothing is tracked, with the reference's box.
 """
 
 import os
 import shutil
 
-from .options import MODEL_KEYS
+from .options import MODEL_KEYS, VALIDATION_ROI_MARGIN
 from .tasks import Task
 
 #: A candidate replaces the adapter in use only when its validation Dice is higher by at least this.
@@ -34,9 +37,9 @@ def swapInto(candidate, target):
 
 
 class LearningRun:
-    """One retraining: train the candidate, score the adapter in use, keep the better one.
-    ``state``: "training", "scoring", then "kept" (the candidate replaced it), "discarded" or "failed";
-    ``message`` says what happened."""
+    """One retraining: train the candidate, score the adapter in use and the candidate, keep the
+    better one. ``state``: "training", "scoring", then "kept" (the candidate replaced it),
+    "discarded" or "failed"; ``message`` says what happened."""
 
     def __init__(self, logic, dataset, adapter, config):
         self.logic, self.dataset, self.adapter, self.config = logic, dataset, adapter, dict(config)
@@ -44,6 +47,7 @@ class LearningRun:
         shutil.rmtree(self.candidate, ignore_errors=True)
         self.task = logic.train(dataset, output=self.candidate, waitForCompletion=False, **self.config)
         self.state, self.message, self.card = "training", "training a candidate adapter", None
+        self.scores, self.prompt = [], None
 
     @property
     def finished(self):
@@ -56,22 +60,34 @@ class LearningRun:
         if self.task.state != "done":
             return self.end("failed", "retraining %s: %s" % (self.task.state, self.task.error or ""))
         if self.state == "training":
-            self.card = (self.task.result or {}).get("card")
+            self.card = (self.task.result or {}).get("card") or {}
             if not os.path.isfile(os.path.join(self.adapter, "model_card.json")):
                 return self.keep("no adapter in use yet")
-            self.state, self.message = "scoring", "scoring the adapter in use on the validation cases"
-            params = {k: v for k, v in self.config.items() if k in MODEL_KEYS}
-            request = dict(params, dataset=self.dataset, adapter=self.adapter)
-            self.task = Task(self.logic.worker.submit("evaluate", request), self.logic.worker.client)
-            return True
-        current = (((self.task.result or {}).get("report") or {}).get("mean") or {}).get("adapted", {}).get("dice")
-        new = validationDice(self.card)
+            # the tracking choice ran: the validation cases hold structures tracking follows
+            self.prompt = "one ROI" if self.card.get("tracking_choice") else "reference boxes"
+            self.state = "scoring"
+            return self.score(self.adapter, "the adapter in use")
+        self.scores.append((((self.task.result or {}).get("report") or {}).get("mean") or {}).get("adapted", {})
+                           .get("dice"))
+        if len(self.scores) == 1 and self.prompt == "one ROI":
+            return self.score(self.candidate, "the new adapter")
+        current = self.scores[0]
+        new = self.scores[1] if len(self.scores) > 1 else validationDice(self.card)
         if new is not None and (current is None or new > current + MIN_GAIN):
-            return self.keep("validation Dice %.3f, the adapter in use %s" % (new, "%.3f" % current
-                                                                            if current is not None else "unscored"))
+            return self.keep("validation Dice from %s %.3f, the adapter in use %s" % (self.prompt, new, _text(current)))
         shutil.rmtree(self.candidate, ignore_errors=True)
-        return self.end("discarded", "kept the adapter in use (validation Dice %s) over the new one (%s)"
-                        % (_text(current), _text(new)))
+        return self.end("discarded", "kept the adapter in use (validation Dice from %s %s) over the new one (%s)"
+                        % (self.prompt, _text(current), _text(new)))
+
+    def score(self, adapter, which):
+        """Evaluate ``adapter`` on the validation cases as ``prompt`` says, in the worker."""
+        self.message = "scoring %s on the validation cases from %s" % (which, self.prompt)
+        params = {k: v for k, v in self.config.items() if k in MODEL_KEYS}
+        request = dict(params, dataset=self.dataset, adapter=adapter)
+        if self.prompt == "one ROI":
+            request["roi_margin"] = VALIDATION_ROI_MARGIN
+        self.task = Task(self.logic.worker.submit("evaluate", request), self.logic.worker.client)
+        return True
 
     def keep(self, why):
         swapInto(self.candidate, self.adapter)
