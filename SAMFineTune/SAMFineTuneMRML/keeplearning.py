@@ -47,7 +47,7 @@ class LearningRun:
         shutil.rmtree(self.candidate, ignore_errors=True)
         self.task = logic.train(dataset, output=self.candidate, waitForCompletion=False, **self.config)
         self.state, self.message, self.card = "training", "training a candidate adapter", None
-        self.scores, self.prompt = [], None
+        self.scores, self.fromRoi = [], False
 
     @property
     def finished(self):
@@ -64,27 +64,32 @@ class LearningRun:
             if not os.path.isfile(os.path.join(self.adapter, "model_card.json")):
                 return self.keep("no adapter in use yet")
             # the tracking choice ran: the validation cases hold structures tracking follows
-            self.prompt = "one ROI" if self.card.get("tracking_choice") else "reference boxes"
+            self.fromRoi = bool(self.card.get("tracking_choice"))
             self.state = "scoring"
             return self.score(self.adapter, "the adapter in use")
         self.scores.append((((self.task.result or {}).get("report") or {}).get("mean") or {}).get("adapted", {})
                            .get("dice"))
-        if len(self.scores) == 1 and self.prompt == "one ROI":
+        if len(self.scores) == 1 and self.fromRoi:
             return self.score(self.candidate, "the new adapter")
         current = self.scores[0]
         new = self.scores[1] if len(self.scores) > 1 else validationDice(self.card)
         if new is not None and (current is None or new > current + MIN_GAIN):
-            return self.keep("validation Dice from %s %.3f, the adapter in use %s" % (self.prompt, new, _text(current)))
+            return self.keep("validation Dice from %s %.3f, the adapter in use %s" % (self.prompt, new,
+                                                                                     _text(current)))
         shutil.rmtree(self.candidate, ignore_errors=True)
         return self.end("discarded", "kept the adapter in use (validation Dice from %s %s) over the new one (%s)"
                         % (self.prompt, _text(current), _text(new)))
 
+    @property
+    def prompt(self):
+        return "one ROI" if self.fromRoi else "reference boxes"
+
     def score(self, adapter, which):
-        """Evaluate ``adapter`` on the validation cases as ``prompt`` says, in the worker."""
+        """Evaluate ``adapter`` on the validation cases in the worker, from one ROI or with boxes."""
         self.message = "scoring %s on the validation cases from %s" % (which, self.prompt)
         params = {k: v for k, v in self.config.items() if k in MODEL_KEYS}
         request = dict(params, dataset=self.dataset, adapter=adapter)
-        if self.prompt == "one ROI":
+        if self.fromRoi:
             request["roi_margin"] = VALIDATION_ROI_MARGIN
         self.task = Task(self.logic.worker.submit("evaluate", request), self.logic.worker.client)
         return True
