@@ -8,7 +8,7 @@ before torch is installed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 
 @dataclass(frozen=True)
@@ -176,6 +176,15 @@ ADAPTER_ROI_TRACKING: Dict[str, float] = {"seed_area_weight": 1.0, "fixed_fallba
 #: Voxels between a structure and the ROI it is segmented from when an adapter is judged from
 #: one ROI (a user draws it a little loose): the benchmarks' default and the tracking choice's.
 VALIDATION_ROI_MARGIN = 3
+
+
+def comparison_roi_margin(card: Dict[str, Any]) -> Optional[int]:
+    """How a retrained adapter is weighed against the one in use on its validation cases (its
+    model ``card``): from one ROI (this margin), as inference starts, where its run chose a
+    tracking margin, so those cases hold structures tracking follows; None, the reference box on
+    every slice, where it did not (2D images)."""
+    return VALIDATION_ROI_MARGIN if card.get("tracking_choice") else None
+
 
 #: The options that identify a loaded model: a change among them means loading another one (the
 #: encoder's precision and backend are part of the loaded model).

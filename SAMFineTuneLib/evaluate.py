@@ -16,7 +16,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .catalogue import DEFAULT_MODEL, ENGINE_DEFAULTS, SEGMENT_DEFAULTS, SPLITS, VALIDATION_ROI_MARGIN
+from .catalogue import (DEFAULT_MODEL, ENGINE_DEFAULTS, SEGMENT_DEFAULTS, SPLITS, VALIDATION_ROI_MARGIN,
+                        comparison_roi_margin)
 from .cli_args import (add_axis_argument, add_decode_window_argument, add_encoder_arguments, add_model_arguments,
                        add_window_argument)
 from .metrics import DEFAULT_TOLERANCE_MM, METRIC_NAMES, paired_cases
@@ -114,17 +115,18 @@ def score_from_boxes(model, info, cases, adapters, axis, window, labels, toleran
 
 
 def compare_adapters(dataset, candidate: str, current: Optional[str] = None, model=None,
-                     cases: Optional[Sequence[str]] = None, roi_margin: Optional[int] = None, min_gain: float = 0.0,
-                     progress=None, cancel=None) -> Dict[str, Any]:
+                     cases: Optional[Sequence[str]] = None, roi_margin: Union[int, None, str] = "card",
+                     min_gain: float = 0.0, progress=None, cancel=None) -> Dict[str, Any]:
     """Whether a newly trained adapter (``candidate``) beats the one in use (``current``; None: the
     base model) on the same cases: by default the candidate's validation cases (its model card).
     For "keep learning": retrain in the background, keep the current adapter unless this says so.
 
-    Both decode as at inference: one reference box per slice, or with ``roi_margin`` each
-    structure from one ROI through the tracked Segmenter. ``model``: a loaded model (default:
-    the candidate's base model on the CPU). Returns {"cases", "current": means, "candidate":
-    means, "per_case": rows, "gain": candidate - current mean Dice, "candidate_better": gain >
-    ``min_gain``}."""
+    Both decode as at inference: one reference box per slice (``roi_margin`` None), or each
+    structure from one ROI that many voxels loose through the tracked Segmenter; "card": as the
+    candidate's card says (``catalogue.comparison_roi_margin``, as "keep learning" weighs them).
+    ``model``: a loaded model (default: the candidate's base model on the CPU). Returns {"cases",
+    "prompt": "box" or "roi", "current": means, "candidate": means, "per_case": rows, "gain":
+    candidate - current mean Dice, "candidate_better": gain > ``min_gain``}."""
     from . import adapters
     from .dataset import read_dataset
     from .models import load_model
@@ -134,6 +136,8 @@ def compare_adapters(dataset, candidate: str, current: Optional[str] = None, mod
         adapters.read_model_card(current)  # a bad folder is named before any work
     info = read_dataset(dataset)
     cases = list(cases) if cases is not None else list(card["dataset"]["val_cases"])
+    if roi_margin == "card":
+        roi_margin = comparison_roi_margin(card)
     missing = sorted(set(cases) - {c.case for c in info.cases})
     if missing:
         raise ValueError(f"cases {', '.join(missing[:3])} are not in dataset {info.root}")

@@ -510,6 +510,7 @@ def test_compare_adapters_decides_on_the_same_validation_cases(trained):
     model, output, card = trained["model"], trained["output"], trained["card"]
     against_base = compare_adapters(trained["dataset"], candidate=output, model=model)
     assert against_base["cases"] == card["dataset"]["val_cases"] and against_base["candidate_better"]
+    assert against_base["prompt"] == "box" and "tracking_choice" not in card  # 2D slices: nothing to track
     assert against_base["gain"] == pytest.approx(card["scores"]["adapted"]["dice"] - card["scores"]["base"]["dice"],
                                                  abs=1e-9)
     itself = compare_adapters(trained["dataset"], candidate=output, current=output, model=model,

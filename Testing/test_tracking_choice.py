@@ -56,6 +56,19 @@ def test_training_chooses_the_best_margin_on_the_validation_cases_and_the_card_c
     assert any("tracking margin for this adapter" in line for line in adapted["logs"])
 
 
+def test_compare_adapters_weighs_adapters_of_tracked_structures_from_one_roi(litemedsam, volumes, adapted):
+    """The candidate's card decides the prompt (``catalogue.comparison_roi_margin``, as "keep
+    learning" weighs them): its run chose a tracking margin, so both are scored from one ROI, as
+    ``evaluate`` scores them with that margin."""
+    from SAMFineTuneLib.evaluate import compare_adapters, evaluate
+
+    compared = compare_adapters(volumes, candidate=adapted["output"], model=litemedsam)
+    assert compared["prompt"] == "roi" and compared["cases"] == adapted["card"]["dataset"]["val_cases"]
+    report = evaluate(volumes, model=litemedsam, adapter=adapted["output"], roi_margin=VALIDATION_ROI_MARGIN)
+    assert compared["candidate"]["dice"] == pytest.approx(report["mean"]["adapted"]["dice"], abs=1e-9)
+    assert compared["current"]["dice"] == pytest.approx(report["mean"]["base"]["dice"], abs=1e-9)
+
+
 def test_the_best_margin_wins_the_default_wins_ties_and_the_model_is_left_as_it_was(litemedsam, volumes):
     """Whatever the scores, the choice is the best margin, the default among equals; the model's
     own decoder is back afterwards, also when the user cancels."""

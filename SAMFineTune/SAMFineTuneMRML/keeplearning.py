@@ -13,7 +13,7 @@ reference's box on every slice says little about how an adapter tracks (docs/fin
 import os
 import shutil
 
-from .options import MODEL_KEYS, VALIDATION_ROI_MARGIN
+from .options import MODEL_KEYS, comparison_roi_margin
 from .tasks import Task
 
 #: A candidate replaces the adapter in use only when its validation Dice is higher by at least this.
@@ -47,7 +47,7 @@ class LearningRun:
         shutil.rmtree(self.candidate, ignore_errors=True)
         self.task = logic.train(dataset, output=self.candidate, waitForCompletion=False, **self.config)
         self.state, self.message, self.card = "training", "training a candidate adapter", None
-        self.scores, self.fromRoi = [], False
+        self.scores, self.roiMargin = [], None
 
     @property
     def finished(self):
@@ -63,8 +63,7 @@ class LearningRun:
             self.card = (self.task.result or {}).get("card") or {}
             if not os.path.isfile(os.path.join(self.adapter, "model_card.json")):
                 return self.keep("no adapter in use yet")
-            # the tracking choice ran: the validation cases hold structures tracking follows
-            self.fromRoi = bool(self.card.get("tracking_choice"))
+            self.roiMargin = comparison_roi_margin(self.card)
             self.state = "scoring"
             return self.score(self.adapter, "the adapter in use")
         self.scores.append((((self.task.result or {}).get("report") or {}).get("mean") or {}).get("adapted", {})
@@ -81,6 +80,11 @@ class LearningRun:
                         % (self.prompt, _text(current), _text(new)))
 
     @property
+    def fromRoi(self):
+        """Whether the adapters are weighed from one ROI (else with the reference box on every slice)."""
+        return self.roiMargin is not None
+
+    @property
     def prompt(self):
         return "one ROI" if self.fromRoi else "reference boxes"
 
@@ -90,7 +94,7 @@ class LearningRun:
         params = {k: v for k, v in self.config.items() if k in MODEL_KEYS}
         request = dict(params, dataset=self.dataset, adapter=adapter)
         if self.fromRoi:
-            request["roi_margin"] = VALIDATION_ROI_MARGIN
+            request["roi_margin"] = self.roiMargin
         self.task = Task(self.logic.worker.submit("evaluate", request), self.logic.worker.client)
         return True
 

@@ -11,7 +11,7 @@ from .library import ensureLibraryImportable
 ensureLibraryImportable()
 from SAMFineTuneLib.catalogue import (AXES, BACKENDS, BOX_MODES, CLICK_TRAINING_SHARE, DEVICES,  # noqa: E402,F401
                                       MODEL_KEYS, MODEL_SPECS, PRECISIONS, PROMPT_OPTIONS, SEGMENT_DEFAULTS,
-                                      VALIDATION_ROI_MARGIN, WINDOWS)
+                                      VALIDATION_ROI_MARGIN, WINDOWS, comparison_roi_margin)
 from SAMFineTuneLib.cli_args import BACKEND_HELP, PRECISION_HELP  # noqa: E402,F401  (the panel's tooltips)
 from SAMFineTuneLib.windows import window_setting  # noqa: E402
 
