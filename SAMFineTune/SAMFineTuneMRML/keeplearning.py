@@ -4,10 +4,10 @@ the adapter in use until a new one scores better on the validation cases.
 Retraining on every submitted case is what users of other tools complain about (the GPU busy,
 results changing under them), so it runs only after ``every`` new cases, one run at a time.
 A run trains a candidate beside the adapter in use, scores both on the same validation cases,
-and swaps the candidate in only when its validation Dice is higher. Structures of 3D cases are
-scored as a user starts, from one ROI through the tracked mode: the validation Dice with the
-reference's box on every slice says little about how an adapter tracks (docs/finetuning.md,
-"Which epoch is kept"); 2D images, where nothing is tracked, with the reference's box.
+and swaps the candidate in only when its validation Dice is higher, scored as
+``comparison_roi_margin`` says (from one ROI where the cases hold structures tracking follows):
+the validation Dice with the reference's box on every slice says little about how an adapter
+tracks (docs/finetuning.md, "Which epoch is kept").
 """
 
 import os
