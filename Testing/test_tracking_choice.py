@@ -271,3 +271,21 @@ def test_the_last_epoch_is_weighed_only_when_it_is_another_that_beats_the_base_m
     assert epoch_choice.better_tracker([choice, lower], 0.0) == 0
     assert epoch_choice.better_tracker([lower, choice], 0.0) == 1
     assert epoch_choice.better_tracker([None, None], 0.01) == 0
+
+
+def test_the_epochs_after_the_first_are_not_weighed_when_there_is_nothing_to_track():
+    from SAMFineTuneLib.training import epoch_choice
+
+    asked = []
+
+    def track(weights):
+        asked.append(weights["epoch"])
+        return None if weights.get("flat") else {"min_margin_px": 2, "dice": {"2": weights["tracks"]}}
+
+    weighed = [{"epoch": 3, "tracks": 0.70}, {"epoch": 6, "tracks": 0.78}]
+    assert epoch_choice.weigh(weighed, track, 0.01) == (1, [{"min_margin_px": 2, "dice": {"2": 0.70}},
+                                                             {"min_margin_px": 2, "dice": {"2": 0.78}}])
+    assert asked == [3, 6]
+    asked.clear()
+    assert epoch_choice.weigh([dict(w, flat=True) for w in weighed], track, 0.01) == (0, [None])
+    assert asked == [3]  # a 2D run's last epoch is not segmented again for nothing

@@ -12,7 +12,7 @@ tolerance the validation Dice is weighed with (docs/finetuning.md, "Which epoch 
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .config import TrainConfig
 
@@ -43,6 +43,17 @@ def better_tracker(choices: Sequence[Optional[Dict[str, Any]]], within: float) -
     if any(score is None for score in scores):
         return 0
     return max(n for n, score in enumerate(scores) if score >= max(scores) - within)
+
+
+def weigh(weighed: Sequence[Dict[str, Any]], track: Callable[[Dict[str, Any]], Optional[Dict[str, Any]]],
+          within: float) -> Tuple[int, List[Optional[Dict[str, Any]]]]:
+    """The index of the adapter kept among ``weighed`` and the tracking choices (``track`` of each
+    one's weights) it was judged by. Where the first has none (2D images: nothing to track), no
+    other would have one, so they are not run."""
+    choices = [track(weighed[0])]
+    if choices[0] is not None:
+        choices += [track(weights) for weights in weighed[1:]]
+    return better_tracker(choices, within), choices
 
 
 def record(weighed: Sequence[Dict[str, Any]], choices: Sequence[Optional[Dict[str, Any]]], pick: int) -> Dict[str, Any]:

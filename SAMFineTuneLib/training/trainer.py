@@ -350,9 +350,8 @@ class Trainer:
         """The tracking choice of the adapter kept: the epoch kept so far or the ``last`` epoch's
         weights, whichever tracks the validation cases better (``epoch_choice``)."""
         weighed = epoch_choice.candidates(self.history, self.best, last, self.base_dice, self.config)
-        choices = [self._tracking_choice(weights) for weights in weighed]
-        pick = epoch_choice.better_tracker(choices, self.config.keep_within)
-        if len(weighed) > 1 and choices[pick] is not None:
+        pick, choices = epoch_choice.weigh(weighed, self._tracking_choice, self.config.keep_within)
+        if len(choices) > 1:
             self.best = weighed[pick]
             self.card = dict(self._card(), epoch_choice=epoch_choice.record(weighed, choices, pick))
             self.say(epoch_choice.record_text(self.card["epoch_choice"]))
