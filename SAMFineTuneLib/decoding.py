@@ -51,13 +51,6 @@ class Decoded:
     low_res: Optional[torch.Tensor] = None
 
 
-def chosen_token(iou: torch.Tensor, multimask: bool) -> torch.Tensor:
-    """The mask token each image keeps: the single-mask one (0), or the most confident of three."""
-    if not multimask:
-        return torch.zeros(iou.shape[0], dtype=torch.long, device=iou.device)
-    return iou[:, 1:].argmax(dim=1) + 1
-
-
 def decode_with_masks(model, embeddings: torch.Tensor, boxes: torch.Tensor, mask_inputs: torch.Tensor,
                       multimask: bool, window_margin: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
     """A box and a mask prompt (low-res logits [B,1,256,256]) per image -> (low-res logits
@@ -69,7 +62,7 @@ def decode_with_masks(model, embeddings: torch.Tensor, boxes: torch.Tensor, mask
     decoder = model.mask_decoder
     hs, image_tokens, iou = models.run_transformer(decoder, embeddings.to(device), model.dense_pe(), sparse, dense,
                                                    windows)
-    token = chosen_token(iou, multimask)
+    token = models.chosen_token(iou, multimask)
     masks = models.upscale_masks(decoder, hs, image_tokens, token)
     iou = iou.gather(1, token[:, None])[:, 0]
     return (masks if windows is None else models.paste_windows(masks, windows)), iou

@@ -97,6 +97,14 @@ def run_transformer(
     return hs, src.transpose(1, 2).reshape(b, c, h, w), decoder.iou_prediction_head(hs[:, 0, :])
 
 
+def chosen_token(iou: torch.Tensor, multimask: bool) -> torch.Tensor:
+    """Which mask token each image keeps: the single-mask one (0), or the most confident of
+    SAM's three multimask outputs (1-3)."""
+    if not multimask:
+        return torch.zeros(iou.shape[0], dtype=torch.long, device=iou.device)
+    return iou[:, 1:].argmax(dim=1) + 1
+
+
 def upscale_masks(decoder: MaskDecoder, hs: torch.Tensor, image_tokens: torch.Tensor,
                   token: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mask logits [B,M,4h,4w] from ``run_transformer``'s outputs: every mask token (M=4), or

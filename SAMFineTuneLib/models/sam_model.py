@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..catalogue import BACKENDS, PRECISIONS, ModelSpec
-from .decoding import CPU_DECODE_TOKENS, paste_windows, run_transformer, token_windows, upscale_masks
+from .decoding import CPU_DECODE_TOKENS, chosen_token, paste_windows, run_transformer, token_windows, upscale_masks
 from .registry import EMBED_SIZE, build_image_encoder, build_mask_decoder, build_prompt_encoder
 
 
@@ -178,14 +178,6 @@ class SamModel(nn.Module):
         hs, image_tokens, iou = parts[0] if len(parts) == 1 else (torch.cat(outputs) for outputs in zip(*parts))
         return decoder, hs, image_tokens, iou, windows
 
-    @staticmethod
-    def _chosen_token(iou: torch.Tensor, multimask: bool) -> torch.Tensor:
-        """Which mask token each image keeps: the single-mask one (0), or the most confident of
-        SAM's three multimask outputs (1-3)."""
-        if not multimask:
-            return torch.zeros(iou.shape[0], dtype=torch.long, device=iou.device)
-        return iou[:, 1:].argmax(dim=1) + 1
-
     def decode(
         self,
         embeddings: torch.Tensor,
@@ -205,7 +197,7 @@ class SamModel(nn.Module):
         background.
         """
         decoder, hs, image_tokens, iou, windows = self._decode_tokens(embeddings, boxes, decoder, window_margin)
-        token = self._chosen_token(iou, multimask)
+        token = chosen_token(iou, multimask)
         masks = upscale_masks(decoder, hs, image_tokens, token)
         iou = iou.gather(1, token[:, None])[:, 0]
         return (masks if windows is None else paste_windows(masks, windows)), iou
@@ -228,7 +220,7 @@ class SamModel(nn.Module):
         if boxes.reshape(-1, 4).shape[0] % group:
             raise ValueError(f"{boxes.reshape(-1, 4).shape[0]} boxes do not split into groups of {group}")
         decoder, hs, image_tokens, iou, windows = self._decode_tokens(embeddings, boxes, None, window_margin)
-        token = self._chosen_token(iou, multimask)
+        token = chosen_token(iou, multimask)
         score = iou.gather(1, token[:, None])[:, 0]
         place = score.reshape(-1, group).argmax(dim=1)
         rows = torch.arange(place.shape[0], device=place.device) * group + place
@@ -263,7 +255,7 @@ class SamModel(nn.Module):
                                                             EMBED_SIZE // 8)
         decoder = self.mask_decoder
         hs, image_tokens, iou = run_transformer(decoder, embedding.to(device), self.dense_pe(), sparse, dense, windows)
-        token = self._chosen_token(iou, multimask)
+        token = chosen_token(iou, multimask)
         masks = upscale_masks(decoder, hs, image_tokens, token)
         iou = iou.gather(1, token[:, None])[:, 0]
         return (masks if windows is None else paste_windows(masks, windows)), iou
