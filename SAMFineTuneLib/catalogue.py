@@ -156,9 +156,10 @@ CLICK_TRAINING_SHARE = 0.5
 #: Dice instead of the best gained 0.013 from one ROI over 6 trainings (the last epoch in all). An
 #: epoch of at least 36 steps (10 hippocampus cases give 37-38), so that a few cases are learnt as
 #: long as ten: one ROI rose in every draw, 0.341 -> 0.594 on 1 case, 0.572 -> 0.745 on 3, 0.726 -> 0.751 on 5.
+#: An adapter that lowers a validation case by more than 0.05 is not written (``training.harm_check``).
 TRAINING_DEFAULTS: Dict[str, Any] = {"epochs": 6, "lr": 3e-3, "lora_dropout": 0.0, "tracked_prompts": 0.3,
-                                     "roi_prompts": 0.45, "end_slices": 2, "keep_within": 0.01, "average_last": 1,
-                                     "min_epoch_steps": 36}
+                                     "roi_prompts": 0.45, "end_slices": 2, "keep_within": 0.01, "max_case_drop": 0.05,
+                                     "average_last": 1, "min_epoch_steps": 36}
 #: The tracking margins (``TrackingOptions.min_margin_px``) tried for a trained adapter on its
 #: validation cases, the default first (``training.tracking_choice``; docs/finetuning.md).
 ADAPTER_TRACKING_MARGINS_PX: Tuple[int, ...] = (TRACKING_DEFAULTS["min_margin_px"], 3, 4, 6)

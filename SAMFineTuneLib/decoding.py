@@ -62,10 +62,7 @@ def decode_with_masks(model, embeddings: torch.Tensor, boxes: torch.Tensor, mask
     decoder = model.mask_decoder
     hs, image_tokens, iou = models.run_transformer(decoder, embeddings.to(device), model.dense_pe(), sparse, dense,
                                                    windows)
-    token = models.chosen_token(iou, multimask)
-    masks = models.upscale_masks(decoder, hs, image_tokens, token)
-    iou = iou.gather(1, token[:, None])[:, 0]
-    return (masks if windows is None else models.paste_windows(masks, windows)), iou
+    return models.chosen_masks(decoder, hs, image_tokens, iou, multimask, windows)
 
 
 @dataclass

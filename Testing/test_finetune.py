@@ -397,6 +397,58 @@ def test_an_adapter_no_epoch_of_which_beats_the_base_model_leaves_the_base_model
     assert any("no epoch beat the base model" in line for line in logs)
 
 
+def test_an_adapter_that_lowers_a_validation_case_too_far_is_not_written(litemedsam, phantom_dataset, tmp_path,
+                                                                        monkeypatch):
+    """The last check: the kept epoch's adapter, scored on each validation case against the base
+    model, is refused when one case falls by more than max_case_drop (here the first case's
+    adapted Dice is lowered by 0.2 in its scores); the base model is written, the card and the
+    log say why, and its scores are then the base model's."""
+    from safetensors.torch import load_file
+    from SAMFineTuneLib.training import kept_adapter
+    from SAMFineTuneLib.training.card import kept_text
+
+    real, calls = kept_adapter.per_case_scores, []
+
+    def harmed_first_case(*args, **kwargs):
+        scores = real(*args, **kwargs)
+        if not calls:
+            scores["per_case"][0]["adapted"]["dice"] = scores["per_case"][0]["base"]["dice"] - 0.2
+        calls.append(scores)
+        return scores
+
+    monkeypatch.setattr(kept_adapter, "per_case_scores", harmed_first_case)
+    logs = []
+    card = train(TrainConfig(dataset=phantom_dataset, output=str(tmp_path), epochs=2, choose_tracking=False,
+                             train_cases=["phantom000", "phantom001"], val_cases=["phantom100", "phantom101"],
+                             **FAST), model=litemedsam, log=logs.append)
+    assert max(h["val_dice"] for h in card["history"]) > card["base_val_dice"]  # an epoch was kept, then refused
+    refused = card["harm_check"]
+    assert refused["case"] == "phantom100" and refused["epoch_refused"] >= 1 and refused["max_case_drop"] == 0.05
+    assert refused["base_dice"] - refused["adapted_dice"] == pytest.approx(0.2)
+    assert card["best_epoch"] == 0 and len(calls) == 2
+    for row in card["scores"]["per_case"]:
+        assert row["adapted"]["dice"] == pytest.approx(row["base"]["dice"], abs=1e-6)
+    saved = load_file(str(tmp_path / adapters.ADAPTER_FILE))
+    assert any("lora_B" in k for k in saved) and all(not v.any() for k, v in saved.items() if "lora_B" in k)
+    assert any("lowers validation case phantom100" in line and "leaves the base model" in line for line in logs)
+    assert kept_text(card).startswith("the base model (epoch") and "phantom100" in kept_text(card)
+    with pytest.raises(ValueError, match="max_case_drop must be >= 0"):
+        check_config(TrainConfig(dataset=phantom_dataset, output=str(tmp_path), max_case_drop=-0.1))
+
+
+def test_harm_check_finds_the_validation_case_that_falls_furthest():
+    from SAMFineTuneLib.training.harm_check import worst_case
+
+    def row(case, base, adapted):
+        return {"case": case, "label": 1, "base": {"dice": base}, "adapted": {"dice": adapted}}
+
+    rows = [row("a", 0.95, 0.906), row("b", 0.75, 0.93), row("c", 0.918, 0.824), row("d", None, 0.5),
+            row("e", float("nan"), 0.1)]
+    assert worst_case(rows, 0.05)["case"] == "c"  # 0.094 below; "a" falls 0.044, within
+    assert worst_case(rows, 0.1) is None
+    assert worst_case(rows[:2], 0.05) is None and worst_case(rows[3:], 0.0) is None
+
+
 def test_the_epoch_kept_is_the_latest_near_the_best_that_beats_the_base_model(tmp_path):
     config = TrainConfig(dataset=str(tmp_path), output=str(tmp_path / "out"), keep_within=0.01)
     base = 0.70

@@ -223,11 +223,11 @@ def test_of_the_epoch_kept_and_the_last_the_better_tracker_is_kept(litemedsam, v
     raised by 0.5 here) is written, with its own tracking choice and the record of both."""
     from safetensors.torch import load_file
 
-    from SAMFineTuneLib.training import trainer as trainer_module
+    from SAMFineTuneLib.training import kept_adapter, trainer as trainer_module
 
     scripted = iter([0.5, 0.9, 0.8])
     monkeypatch.setattr(trainer_module, "mean_dice", lambda samples, masks: next(scripted))
-    real, calls = trainer_module.choose_tracking, []
+    real, calls = kept_adapter.choose_tracking, []
 
     def choose_lifting_one(*args, **kwargs):
         choice = real(*args, **kwargs)
@@ -236,7 +236,7 @@ def test_of_the_epoch_kept_and_the_last_the_better_tracker_is_kept(litemedsam, v
         calls.append(choice)
         return choice
 
-    monkeypatch.setattr(trainer_module, "choose_tracking", choose_lifting_one)
+    monkeypatch.setattr(kept_adapter, "choose_tracking", choose_lifting_one)
     logs = []
     card = train(TrainConfig(dataset=volumes, output=str(tmp_path), epochs=2, **dict(FAST, select_best=True)),
                  model=litemedsam, log=logs.append)

@@ -105,6 +105,16 @@ def chosen_token(iou: torch.Tensor, multimask: bool) -> torch.Tensor:
     return iou[:, 1:].argmax(dim=1) + 1
 
 
+
+def chosen_masks(decoder: MaskDecoder, hs: torch.Tensor, image_tokens: torch.Tensor, iou: torch.Tensor,
+                 multimask: bool, windows: Optional[List[Window]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``run_transformer``'s outputs -> the kept mask token's low-res logits [B,1,4h,4w] (pasted
+    into the whole frame when decoded in ``windows``) and its predicted IoU [B]."""
+    token = chosen_token(iou, multimask)
+    masks = upscale_masks(decoder, hs, image_tokens, token)
+    return (masks if windows is None else paste_windows(masks, windows)), iou.gather(1, token[:, None])[:, 0]
+
+
 def upscale_masks(decoder: MaskDecoder, hs: torch.Tensor, image_tokens: torch.Tensor,
                   token: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mask logits [B,M,4h,4w] from ``run_transformer``'s outputs: every mask token (M=4), or

@@ -9,7 +9,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..catalogue import BACKENDS, PRECISIONS, ModelSpec
-from .decoding import CPU_DECODE_TOKENS, chosen_token, paste_windows, run_transformer, token_windows, upscale_masks
+from .decoding import (CPU_DECODE_TOKENS, chosen_masks, chosen_token, paste_windows, run_transformer, token_windows,
+                       upscale_masks)
 from .registry import EMBED_SIZE, build_image_encoder, build_mask_decoder, build_prompt_encoder
 
 
@@ -197,10 +198,7 @@ class SamModel(nn.Module):
         background.
         """
         decoder, hs, image_tokens, iou, windows = self._decode_tokens(embeddings, boxes, decoder, window_margin)
-        token = chosen_token(iou, multimask)
-        masks = upscale_masks(decoder, hs, image_tokens, token)
-        iou = iou.gather(1, token[:, None])[:, 0]
-        return (masks if windows is None else paste_windows(masks, windows)), iou
+        return chosen_masks(decoder, hs, image_tokens, iou, multimask, windows)
 
     def decode_best(
         self,
@@ -255,10 +253,7 @@ class SamModel(nn.Module):
                                                             EMBED_SIZE // 8)
         decoder = self.mask_decoder
         hs, image_tokens, iou = run_transformer(decoder, embedding.to(device), self.dense_pe(), sparse, dense, windows)
-        token = chosen_token(iou, multimask)
-        masks = upscale_masks(decoder, hs, image_tokens, token)
-        iou = iou.gather(1, token[:, None])[:, 0]
-        return (masks if windows is None else paste_windows(masks, windows)), iou
+        return chosen_masks(decoder, hs, image_tokens, iou, multimask, windows)
 
     def upscale_logits(self, low_res: torch.Tensor) -> torch.Tensor:
         """Low-res decoder logits -> logits at the model's padded input size."""

@@ -39,6 +39,9 @@ def model_card(config: TrainConfig, model, dataset: Dict[str, Any], history: Lis
 
 def kept_text(card: Dict[str, Any]) -> str:
     """What the adapter in a card holds: "epoch N", "the mean of epochs A-B", or the base model."""
+    refused = card.get("harm_check")
+    if refused:
+        return f"the base model (epoch {refused['epoch_refused']} lowered validation case {refused['case']} too far)"
     averaged = card.get("averaged") or {}
     if averaged.get("kept"):
         return f"the mean of epochs {averaged['epochs'][0]}-{averaged['epochs'][-1]}"

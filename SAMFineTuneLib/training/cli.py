@@ -50,6 +50,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--average-last", type=int, default=defaults.average_last,
                         help="the adapter is the mean weights of the last N epochs when they validate as well "
                              "as an epoch would be kept (1: the kept epoch alone)")
+    parser.add_argument("--max-case-drop", type=float, default=defaults.max_case_drop,
+                        help="the adapter is written only if no validation case's Dice falls more than this below "
+                             "the base model's; else the base model is")
     parser.add_argument("--warmup", type=float, default=defaults.warmup, help="share of steps with linear warmup")
     parser.add_argument("--patience", type=int, default=defaults.patience, help="early stopping (0 = off)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -77,6 +80,7 @@ def config_from_args(args) -> TrainConfig:
                        tracked_prompts=args.tracked_prompts,
                        roi_prompts=args.roi_prompts, roi_margin=args.roi_margin, end_slices=args.end_slices,
                        warmup=args.warmup, patience=args.patience, seed=args.seed, average_last=args.average_last,
+                       max_case_drop=args.max_case_drop,
                        amp=not args.no_amp, resume=args.resume, axis=args.axis, window=args.window,
                        labels=args.labels, window_margin=args.decode_window,
                        choose_tracking=not args.no_tracking_choice)

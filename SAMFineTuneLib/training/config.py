@@ -63,6 +63,10 @@ class TrainConfig:
     # (training/epoch_choice.py); False: the last epoch (or the mean of the last ``average_last``).
     select_best: bool = True
     keep_within: float = TRAINING_DEFAULTS["keep_within"]
+    # The adapter kept is written only if no validation case's Dice falls more than this below the
+    # base model's; else the base model is (training/harm_check.py; with ``select_best`` and
+    # ``final_scores``).
+    max_case_drop: float = TRAINING_DEFAULTS["max_case_drop"]
     # The mean LoRA weights of the last ``average_last`` epochs run, judged by the same rule as one
     # more epoch after the last (1: no average). On hippocampus (docs/finetuning.md) the mean of
     # the last three lifted the weakest training's one-ROI Dice and lowered the best ones': opt-in.
@@ -110,6 +114,8 @@ def check_config(config: TrainConfig) -> None:
                          f"{config.tracked_prompts} + {config.roi_prompts}")
     if config.keep_within < 0:
         raise ValueError(f"keep_within must be >= 0, got {config.keep_within}")
+    if config.max_case_drop < 0:
+        raise ValueError(f"max_case_drop must be >= 0, got {config.max_case_drop}")
     if config.min_epoch_steps < 0:
         raise ValueError(f"min_epoch_steps must be >= 0, got {config.min_epoch_steps}")
     if config.roi_margin < 0 or config.end_slices < 0:

@@ -30,20 +30,21 @@ import torch
 from .. import adapters
 from ..metrics import mean_dice
 from ..progress import check_cancel, report
-from . import clicks, distributed, epoch_choice
+from . import clicks, distributed
 from .boxes import random_points
-from .card import model_card, per_case_scores
+from .card import model_card
 from .config import RESUME_FILE, TrainConfig, check_config
 from .decoder_step import DecoderStep
 from .eta import Eta
 from .folders import FolderLock, check_output_folder, settle
+from .kept_adapter import KeptAdapter
 from .optimisation import epochs_since_best, iou_head_loss, keeps_epoch, loss_function, lr_schedule
 from .prediction import predict_masks
 from .prompts import PromptSampler
 from .samples import batch_embeddings, cache_dir_for, prepare
 from .slices import load_slices, split_cases
-from .state import best_from, load_weights, mean_state, read_resume, resume_state, state_copy, write_output
-from .tracking_choice import card_tracking, choice_text, choose_tracking
+from .state import best_from, load_weights, read_resume, resume_state, state_copy, write_output
+from .tracking_choice import card_tracking
 
 
 def train(config: TrainConfig, progress=None, cancel=None, log=None, model=None) -> Dict[str, Any]:
@@ -57,7 +58,7 @@ def train(config: TrainConfig, progress=None, cancel=None, log=None, model=None)
     return Trainer(config, model=model, progress=progress, cancel=cancel, log=log).fit()
 
 
-class Trainer:
+class Trainer(KeptAdapter):
     """One fine-tuning run in the steps ``fit`` takes: set-up (the constructor: data, slices,
     LoRA, optimiser), ``resume``, then per epoch ``run_epoch`` and ``checkpoint``, and ``finish``.
 
@@ -113,7 +114,8 @@ class Trainer:
                                    predict_masks(self.model, self.val_set, window_margin=self.margin))
         # Epoch 0 is the base model (LoRA starts as the identity): an epoch is kept only if it
         # beats it on the validation cases, so a run on too few cases cannot leave a harmful adapter.
-        self.best = dict(self._weights(), epoch=0, dice=self.base_dice if config.select_best else -1.0)
+        self.base_weights = self._weights()
+        self.best = dict(self.base_weights, epoch=0, dice=self.base_dice if config.select_best else -1.0)
 
     def close(self) -> None:
         """Release the output folder (``fit`` does when it ends, however it ends)."""
@@ -298,9 +300,10 @@ class Trainer:
                  f"({entry['seconds']:.1f}s){self._eta(done)}")
 
     def finish(self) -> Dict[str, Any]:
-        """Back to the kept epoch's adapter (``epoch_choice``); its scores (per validation case, base
+        """Back to the kept epoch's adapter (``kept_adapter``); its scores (per validation case, base
         and adapted), its tracking choice and the run's statistics in the card, which is written
-        with the adapter (rank 0) and returned."""
+        with the adapter (rank 0) and returned; the base model instead if the adapter would lower a
+        validation case too far (``harm_check``)."""
         last = self._weights()
         self._judge_average()
         config, stats = self.config, self._stats()  # the training's time, not the tracking choice's
@@ -313,8 +316,8 @@ class Trainer:
         load_weights(self.peft_decoder, self.prompt_encoder, best, "kept epoch")
         card["stats"] = stats
         if config.final_scores and self.main_rank:
-            card["scores"] = dict(split="val", cases=self.val_ids, window_margin=self.margin,
-                                  **per_case_scores(self.model, self.val_set, self.step_module, self.margin))
+            card["scores"] = self._scores()
+            best, card, choice = self._unless_harmful(best, card, choice, stats)
         if choice is not None:
             card["inference"]["tracking"] = card_tracking(choice)
             card["tracking_choice"] = choice
@@ -324,52 +327,9 @@ class Trainer:
         distributed.stop(self.world, self._started_group)
         return card
 
-    def _judge_average(self) -> None:
-        """The mean weights of the last ``average_last`` epochs, kept by ``keeps_epoch`` as if they
-        were one more epoch after the last (so never unless they beat the base model)."""
-        if len(self.recent) < 2:
-            return
-        epochs = [h["epoch"] for h in self.history[-len(self.recent):]]
-        averaged = {"lora": mean_state([s["lora"] for s in self.recent]),
-                    "prompt": mean_state([s["prompt"] for s in self.recent])}
-        load_weights(self.peft_decoder, self.prompt_encoder, averaged, "averaged epochs")
-        val = self._val_dice()
-        kept, _ = keeps_epoch(val, [h["val_dice"] for h in self.history], self.base_dice, self.config)
-        self.averaged = {"epochs": epochs, "val_dice": val, "kept": kept}
-        if kept:
-            self.best = dict(averaged, epoch=epochs[-1], dice=val)
-        self.card = self._card()
-        self.say(f"mean of epochs {epochs[0]}-{epochs[-1]}: val Dice {val:.4f}, "
-                 + ("kept" if kept else f"not kept (epoch {self.best['epoch']} is)"))
-
     def _weights(self) -> Dict[str, Any]:
         """A copy of what trains now: the LoRA tensors and the prompt encoder's state (or None)."""
         return {"lora": adapters.lora_state(self.peft_decoder), "prompt": state_copy(self.prompt_encoder)}
-
-    def _choose_epoch(self, last: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-        """The tracking choice of the adapter kept: the epoch kept so far or the ``last`` epoch's
-        weights, whichever tracks the validation cases better (``epoch_choice``)."""
-        weighed = epoch_choice.candidates(self.history, self.best, last, self.base_dice, self.config)
-        pick, choices = epoch_choice.weigh(weighed, self._tracking_choice, self.config.keep_within)
-        if len(choices) > 1:
-            self.best = weighed[pick]
-            self.card = dict(self._card(), epoch_choice=epoch_choice.record(weighed, choices, pick))
-            self.say(epoch_choice.record_text(self.card["epoch_choice"]))
-        choice = choices[pick]
-        if choice is not None:
-            self.say(choice_text(choice))
-        return choice
-
-    def _tracking_choice(self, weights: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-        """``tracking_choice.choose_tracking`` for the adapter holding ``weights`` (its progress
-        messages name the epoch, since two may be weighed)."""
-        epoch, progress = weights["epoch"], self.progress
-        load_weights(self.peft_decoder, self.prompt_encoder, weights, f"epoch {epoch}")
-        decoder = copy.deepcopy(self.peft_decoder).merge_and_unload().eval()
-        named = None if progress is None else (lambda done, total, text: progress(done, total,
-                                                                                  f"epoch {epoch}: {text}"))
-        return choose_tracking(self.model, decoder, self.prompt_encoder, self.info, self.val_ids, self.config,
-                               cache_dir_for(self.info.root), named, self.cancel)
 
     # ------------------------------------------------------------ reporting
 

@@ -1,0 +1,86 @@
+"""How a run ends: which of its adapters is written (a mixin of ``trainer.Trainer``).
+
+The epoch the validation Dice kept, the mean of the last epochs' weights (``average_last``), the
+last epoch when it tracks the validation cases better from one ROI (``epoch_choice``), and the
+base model when the adapter kept would lower a validation case too far (``harm_check``).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict, Optional
+
+from . import epoch_choice, harm_check
+from .card import per_case_scores
+from .optimisation import keeps_epoch
+from .samples import cache_dir_for
+from .state import load_weights, mean_state
+from .tracking_choice import choice_text, choose_tracking
+
+
+class KeptAdapter:
+    """The end-of-run decisions of ``Trainer``, which holds the state they read and set (``best``,
+    ``history``, ``recent``, the LoRA-wrapped decoder, the validation slices)."""
+
+    def _scores(self) -> Dict[str, Any]:
+        """The card's scores: base model and adapter on each validation case, reference boxes."""
+        return dict(split="val", cases=self.val_ids, window_margin=self.margin,
+                    **per_case_scores(self.model, self.val_set, self.step_module, self.margin))
+
+    def _unless_harmful(self, best: Dict[str, Any], card: Dict[str, Any], choice: Optional[Dict[str, Any]],
+                        stats: Dict[str, Any]):
+        """(best, card, tracking choice) as they are, or the base model's where ``harm_check``
+        refuses the adapter kept (``card`` holds its scores against the base model's)."""
+        config = self.config
+        if not (best["epoch"] and config.select_best):  # select_best off: the last epoch, whatever it scores
+            return best, card, choice
+        harmed = harm_check.worst_case(card["scores"]["per_case"], config.max_case_drop)
+        if harmed is None:
+            return best, card, choice
+        refused = harm_check.record(harmed, best["epoch"], config.max_case_drop)
+        self.say(harm_check.record_text(refused))
+        self.best = dict(self.base_weights, epoch=0, dice=self.base_dice)
+        load_weights(self.peft_decoder, self.prompt_encoder, self.best, "the base model")
+        return self.best, dict(self._card(), stats=stats, harm_check=refused, scores=self._scores()), None
+
+    def _judge_average(self) -> None:
+        """The mean weights of the last ``average_last`` epochs, kept by ``keeps_epoch`` as if they
+        were one more epoch after the last (so never unless they beat the base model)."""
+        if len(self.recent) < 2:
+            return
+        epochs = [h["epoch"] for h in self.history[-len(self.recent):]]
+        averaged = {"lora": mean_state([s["lora"] for s in self.recent]),
+                    "prompt": mean_state([s["prompt"] for s in self.recent])}
+        load_weights(self.peft_decoder, self.prompt_encoder, averaged, "averaged epochs")
+        val = self._val_dice()
+        kept, _ = keeps_epoch(val, [h["val_dice"] for h in self.history], self.base_dice, self.config)
+        self.averaged = {"epochs": epochs, "val_dice": val, "kept": kept}
+        if kept:
+            self.best = dict(averaged, epoch=epochs[-1], dice=val)
+        self.card = self._card()
+        self.say(f"mean of epochs {epochs[0]}-{epochs[-1]}: val Dice {val:.4f}, "
+                 + ("kept" if kept else f"not kept (epoch {self.best['epoch']} is)"))
+
+    def _choose_epoch(self, last: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        """The tracking choice of the adapter kept: the epoch kept so far or the ``last`` epoch's
+        weights, whichever tracks the validation cases better (``epoch_choice``)."""
+        weighed = epoch_choice.candidates(self.history, self.best, last, self.base_dice, self.config)
+        pick, choices = epoch_choice.weigh(weighed, self._tracking_choice, self.config.keep_within)
+        if len(choices) > 1:
+            self.best = weighed[pick]
+            self.card = dict(self._card(), epoch_choice=epoch_choice.record(weighed, choices, pick))
+            self.say(epoch_choice.record_text(self.card["epoch_choice"]))
+        choice = choices[pick]
+        if choice is not None:
+            self.say(choice_text(choice))
+        return choice
+
+    def _tracking_choice(self, weights: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        """``tracking_choice.choose_tracking`` for the adapter holding ``weights`` (its progress
+        messages name the epoch, since two may be weighed)."""
+        epoch, progress = weights["epoch"], self.progress
+        load_weights(self.peft_decoder, self.prompt_encoder, weights, f"epoch {epoch}")
+        decoder = copy.deepcopy(self.peft_decoder).merge_and_unload().eval()
+        named = None if progress is None else (lambda done, total, text: progress(done, total,
+                                                                                  f"epoch {epoch}: {text}"))
+        return choose_tracking(self.model, decoder, self.prompt_encoder, self.info, self.val_ids, self.config,
+                               cache_dir_for(self.info.root), named, self.cancel)
