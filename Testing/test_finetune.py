@@ -402,7 +402,7 @@ def test_an_adapter_that_lowers_a_validation_case_too_far_is_not_written(litemed
     """The last check: the kept epoch's adapter, scored on each validation case against the base
     model, is refused when one case falls by more than max_case_drop (here the first case's
     adapted Dice is lowered by 0.2 in its scores); the base model is written, the card and the
-    log say why, and its scores are then the base model's."""
+    log say why, and its scores are then the base model's, taken from that one scoring."""
     from safetensors.torch import load_file
     from SAMFineTuneLib.training import kept_adapter
     from SAMFineTuneLib.training.card import kept_text
@@ -425,9 +425,10 @@ def test_an_adapter_that_lowers_a_validation_case_too_far_is_not_written(litemed
     refused = card["harm_check"]
     assert refused["case"] == "phantom100" and refused["epoch_refused"] >= 1 and refused["max_case_drop"] == 0.05
     assert refused["base_dice"] - refused["adapted_dice"] == pytest.approx(0.2)
-    assert card["best_epoch"] == 0 and len(calls) == 2
+    assert card["best_epoch"] == 0 and len(calls) == 1
     for row in card["scores"]["per_case"]:
-        assert row["adapted"]["dice"] == pytest.approx(row["base"]["dice"], abs=1e-6)
+        assert row["adapted"] == row["base"]
+    assert card["scores"]["adapted"] == card["scores"]["base"]
     saved = load_file(str(tmp_path / adapters.ADAPTER_FILE))
     assert any("lora_B" in k for k in saved) and all(not v.any() for k, v in saved.items() if "lora_B" in k)
     assert any("lowers validation case phantom100" in line and "leaves the base model" in line for line in logs)

@@ -40,7 +40,10 @@ class KeptAdapter:
         self.say(harm_check.record_text(refused))
         self.best = dict(self.base_weights, epoch=0, dice=self.base_dice)
         load_weights(self.peft_decoder, self.prompt_encoder, self.best, "the base model")
-        return self.best, dict(self._card(), stats=stats, harm_check=refused, scores=self._scores()), None
+        scores = card["scores"]  # what is written now scores as the base model did
+        scores = dict(scores, adapted=scores["base"],
+                      per_case=[dict(row, adapted=row["base"]) for row in scores["per_case"]])
+        return self.best, dict(self._card(), stats=stats, harm_check=refused, scores=scores), None
 
     def _judge_average(self) -> None:
         """The mean weights of the last ``average_last`` epochs, kept by ``keeps_epoch`` as if they
