@@ -54,9 +54,10 @@ def add_decode_window_argument(parser: argparse.ArgumentParser, help: str) -> No
 #: What --backend and --precision choose, with the measured trade-off (also the panel's tooltips).
 BACKEND_HELP = ("who runs the image encoder: auto = OpenVINO on a CPU where it is installed, PyTorch on a GPU; "
                 "openvino (CPU only) gives PyTorch's embeddings to 2e-6 and encodes 1.9-3.5x faster (a cold "
-                "LiteMedSAM slice: 0.4 s against 1.0 s on two Xeon cores, 0.7-1.0 s against 1.3-1.8 s on two AVX2-only "
-                "EPYC cores); its first use on a machine converts the model (6-9 s for LiteMedSAM), later ones "
-                "read the conversion from the cache folder; torch is the reference")
+                "LiteMedSAM slice: 0.4 s against 1.0 s on two Xeon cores, 0.25 s against 0.85 s on two Zen 5 EPYC "
+                "cores, 0.7-1.0 s against 1.3-1.8 s on two AVX2-only EPYC cores); its first use on a machine "
+                "converts the model (6-9 s for LiteMedSAM), later ones read the conversion from the cache folder; "
+                "torch is the reference")
 PRECISION_HELP = ("the image encoder's number format: auto = bf16 on CUDA, float32 on a CPU; bf16 on a CPU with "
                   "native bf16 (AVX512-BF16, AMX; without them OpenVINO runs it as float32 and PyTorch emulates "
                   "it, slowly) encodes about 2x faster (OpenVINO bf16: 6x the per-slice loop) but moved boundaries "
