@@ -253,6 +253,64 @@ def test_of_the_epoch_kept_and_the_last_the_better_tracker_is_kept(litemedsam, v
         assert all(torch.equal(written[key], value) for key, value in state.items()) == expected
 
 
+@pytest.mark.parametrize("harmful", [1, 2])
+def test_a_better_tracker_that_harms_a_validation_case_gives_way_to_the_other_epoch_weighed(
+        litemedsam, volumes, tmp_path, monkeypatch, harmful):
+    """The last epoch tracks better (its tracked scores raised by 0.5) and is chosen, but its
+    scores per validation case lower the first case by 0.2 (scripted; no other case lower than the
+    base model's): the harm check refuses it, and the epoch the validation Dice kept (epoch 1,
+    scripted) is scored and written with its own tracking choice when it passes (``harmful`` = 1);
+    when it is refused too (2), the base model is."""
+    from safetensors.torch import load_file
+
+    from SAMFineTuneLib.training import kept_adapter, trainer as trainer_module
+    from SAMFineTuneLib.training.card import kept_text
+
+    scripted = iter([0.5, 0.9, 0.8])
+    monkeypatch.setattr(trainer_module, "mean_dice", lambda samples, masks: next(scripted))
+    real_choice, choices = kept_adapter.choose_tracking, []
+
+    def choose_lifting_the_last(*args, **kwargs):
+        choice = real_choice(*args, **kwargs)
+        if choices:
+            choice["dice"] = {px: dice + 0.5 for px, dice in choice["dice"].items()}
+        choices.append(choice)
+        return choice
+
+    real_scores, scored = kept_adapter.per_case_scores, []
+
+    def harming_the_first_case(*args, **kwargs):
+        scores = real_scores(*args, **kwargs)
+        for row in scores["per_case"]:  # harmless, unless scripted otherwise
+            row["adapted"]["dice"] = max(row["adapted"]["dice"], row["base"]["dice"])
+        if len(scored) < harmful:
+            scores["per_case"][0]["adapted"]["dice"] = scores["per_case"][0]["base"]["dice"] - 0.2
+        scored.append(scores)
+        return scores
+
+    monkeypatch.setattr(kept_adapter, "choose_tracking", choose_lifting_the_last)
+    monkeypatch.setattr(kept_adapter, "per_case_scores", harming_the_first_case)
+    logs = []
+    card = train(TrainConfig(dataset=volumes, output=str(tmp_path), epochs=2,
+                             **dict(FAST, select_best=True, final_scores=True)), model=litemedsam, log=logs.append)
+    assert len(choices) == 2 and len(scored) == 2
+    refused = card["harm_check"]
+    assert refused["epoch_refused"] == 2 and refused["base_dice"] - refused["adapted_dice"] == pytest.approx(0.2)
+    written = load_file(str(tmp_path / adapters.ADAPTER_FILE))
+    saved = torch.load(tmp_path / "resume_state.pt", weights_only=True)
+    if harmful == 1:
+        assert refused["written"] == 1 and card["best_epoch"] == 1 and card["best_val_dice"] == 0.9
+        assert card["epoch_choice"]["kept"] == 1 and card["tracking_choice"] is choices[0]
+        assert card["scores"]["per_case"] == scored[1]["per_case"]
+        assert all(torch.equal(written[key], value) for key, value in saved["best_lora"].items())
+        assert any("epoch 1's adapter, which does not, is written instead" in line for line in logs)
+        assert kept_text(card).startswith("epoch 1 (epoch 2 lowered validation case")
+    else:
+        assert "written" not in refused and card["best_epoch"] == 0 and "tracking_choice" not in card
+        assert all(not v.any() for k, v in written.items() if "lora_B" in k)
+        assert kept_text(card).startswith("the base model (epoch 2 lowered")
+
+
 def test_the_last_epoch_is_weighed_only_when_it_is_another_that_beats_the_base_model(tmp_path):
     from SAMFineTuneLib.training import epoch_choice
 

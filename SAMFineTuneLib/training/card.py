@@ -41,7 +41,8 @@ def kept_text(card: Dict[str, Any]) -> str:
     """What the adapter in a card holds: "epoch N", "the mean of epochs A-B", or the base model."""
     refused = card.get("harm_check")
     if refused:
-        return f"the base model (epoch {refused['epoch_refused']} lowered validation case {refused['case']} too far)"
+        why = f"epoch {refused['epoch_refused']} lowered validation case {refused['case']} too far"
+        return f"epoch {refused['written']} ({why})" if refused.get("written") else f"the base model ({why})"
     averaged = card.get("averaged") or {}
     if averaged.get("kept"):
         return f"the mean of epochs {averaged['epochs'][0]}-{averaged['epochs'][-1]}"

@@ -52,7 +52,8 @@ def add_arguments(parser) -> None:
                              "as an epoch would be kept (1: the kept epoch alone)")
     parser.add_argument("--max-case-drop", type=float, default=defaults.max_case_drop,
                         help="the adapter is written only if no validation case's Dice falls more than this below "
-                             "the base model's; else the base model is")
+                             "the base model's; else the other epoch the tracking choice weighed, if it "
+                             "passes, or the base model is")
     parser.add_argument("--warmup", type=float, default=defaults.warmup, help="share of steps with linear warmup")
     parser.add_argument("--patience", type=int, default=defaults.patience, help="early stopping (0 = off)")
     parser.add_argument("--seed", type=int, default=defaults.seed)

@@ -64,8 +64,8 @@ class TrainConfig:
     select_best: bool = True
     keep_within: float = TRAINING_DEFAULTS["keep_within"]
     # The adapter kept is written only if no validation case's Dice falls more than this below the
-    # base model's; else the base model is (training/harm_check.py; with ``select_best`` and
-    # ``final_scores``).
+    # base model's; else the other epoch the tracking choice weighed, if it passes, or the base
+    # model is (training/harm_check.py; with ``select_best`` and ``final_scores``).
     max_case_drop: float = TRAINING_DEFAULTS["max_case_drop"]
     # The mean LoRA weights of the last ``average_last`` epochs run, judged by the same rule as one
     # more epoch after the last (1: no average). On hippocampus (docs/finetuning.md) the mean of

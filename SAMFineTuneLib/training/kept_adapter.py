@@ -1,13 +1,14 @@
 """How a run ends: which of its adapters is written (a mixin of ``trainer.Trainer``).
 
 The epoch the validation Dice kept, the mean of the last epochs' weights (``average_last``), the
-last epoch when it tracks the validation cases better from one ROI (``epoch_choice``), and the
-base model when the adapter kept would lower a validation case too far (``harm_check``).
+last epoch when it tracks the validation cases better from one ROI (``epoch_choice``), and, when
+the adapter kept would lower a validation case too far (``harm_check``), the other epoch weighed
+if it would not, else the base model.
 """
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 from . import epoch_choice, harm_check
 from .card import per_case_scores
@@ -27,9 +28,11 @@ class KeptAdapter:
                     **per_case_scores(self.model, self.val_set, self.step_module, self.margin))
 
     def _unless_harmful(self, best: Dict[str, Any], card: Dict[str, Any], choice: Optional[Dict[str, Any]],
-                        stats: Dict[str, Any]):
-        """(best, card, tracking choice) as they are, or the base model's where ``harm_check``
-        refuses the adapter kept (``card`` holds its scores against the base model's)."""
+                        stats: Dict[str, Any], others: Sequence[Tuple[Dict[str, Any], Any]] = ()):
+        """(best, card, tracking choice) as they are, or, where ``harm_check`` refuses the adapter
+        kept (``card`` holds its scores against the base model's), those of the first of ``others``
+        (the epochs the tracking choice passed over, with their choices) it does not refuse, else
+        the base model's."""
         config = self.config
         if not (best["epoch"] and config.select_best):  # select_best off: the last epoch, whatever it scores
             return best, card, choice
@@ -37,6 +40,14 @@ class KeptAdapter:
         if harmed is None:
             return best, card, choice
         refused = harm_check.record(harmed, best["epoch"], config.max_case_drop)
+        other = self._first_harmless(others)
+        if other is not None:
+            weights, other_choice, scores = other
+            refused["written"] = weights["epoch"]
+            self.say(harm_check.record_text(refused))
+            self.best = weights
+            return self.best, dict(self._card(), stats=stats, harm_check=refused, scores=scores,
+                                   epoch_choice=dict(card["epoch_choice"], kept=weights["epoch"])), other_choice
         self.say(harm_check.record_text(refused))
         self.best = dict(self.base_weights, epoch=0, dice=self.base_dice)
         load_weights(self.peft_decoder, self.prompt_encoder, self.best, "the base model")
@@ -44,6 +55,16 @@ class KeptAdapter:
         scores = dict(scores, adapted=scores["base"],
                       per_case=[dict(row, adapted=row["base"]) for row in scores["per_case"]])
         return self.best, dict(self._card(), stats=stats, harm_check=refused, scores=scores), None
+
+    def _first_harmless(self, others: Sequence[Tuple[Dict[str, Any], Any]]):
+        """(weights, tracking choice, scores) of the first of ``others`` that ``harm_check``
+        passes, loaded into the decoder; None when it refuses them all (or there are none)."""
+        for weights, choice in others:
+            load_weights(self.peft_decoder, self.prompt_encoder, weights, f"epoch {weights['epoch']}")
+            scores = self._scores()
+            if harm_check.worst_case(scores["per_case"], self.config.max_case_drop) is None:
+                return weights, choice, scores
+        return None
 
     def _judge_average(self) -> None:
         """The mean weights of the last ``average_last`` epochs, kept by ``keeps_epoch`` as if they
@@ -63,9 +84,10 @@ class KeptAdapter:
         self.say(f"mean of epochs {epochs[0]}-{epochs[-1]}: val Dice {val:.4f}, "
                  + ("kept" if kept else f"not kept (epoch {self.best['epoch']} is)"))
 
-    def _choose_epoch(self, last: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-        """The tracking choice of the adapter kept: the epoch kept so far or the ``last`` epoch's
-        weights, whichever tracks the validation cases better (``epoch_choice``)."""
+    def _choose_epoch(self, last: Dict[str, Any]):
+        """(the tracking choice of the adapter kept, [(weights, tracking choice) of each adapter
+        weighed and passed over]): the epoch kept so far or the ``last`` epoch's weights,
+        whichever tracks the validation cases better (``epoch_choice``)."""
         weighed = epoch_choice.candidates(self.history, self.best, last, self.base_dice, self.config)
         pick, choices = epoch_choice.weigh(weighed, self._tracking_choice, self.config.keep_within)
         if len(choices) > 1:
@@ -75,7 +97,7 @@ class KeptAdapter:
         choice = choices[pick]
         if choice is not None:
             self.say(choice_text(choice))
-        return choice
+        return choice, [(w, c) for n, (w, c) in enumerate(zip(weighed, choices)) if n != pick]
 
     def _tracking_choice(self, weights: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         """``tracking_choice.choose_tracking`` for the adapter holding ``weights`` (its progress

@@ -302,12 +302,13 @@ class Trainer(KeptAdapter):
     def finish(self) -> Dict[str, Any]:
         """Back to the kept epoch's adapter (``kept_adapter``); its scores (per validation case, base
         and adapted), its tracking choice and the run's statistics in the card, which is written
-        with the adapter (rank 0) and returned; the base model instead if the adapter would lower a
-        validation case too far (``harm_check``)."""
+        with the adapter (rank 0) and returned; where the adapter would lower a validation case too
+        far (``harm_check``), the other epoch weighed if it would not, else the base model."""
         last = self._weights()
         self._judge_average()
         config, stats = self.config, self._stats()  # the training's time, not the tracking choice's
-        choice = self._choose_epoch(last) if config.choose_tracking and self.main_rank and self.best["epoch"] else None
+        weighing = config.choose_tracking and self.main_rank and self.best["epoch"]
+        choice, others = self._choose_epoch(last) if weighing else (None, [])
         best, card = self.best, self.card
         if best["epoch"] == 0 and self.history:
             self.say(f"warning: no epoch beat the base model's validation Dice {self.base_dice:.4f} (best "
@@ -317,7 +318,7 @@ class Trainer(KeptAdapter):
         card["stats"] = stats
         if config.final_scores and self.main_rank:
             card["scores"] = self._scores()
-            best, card, choice = self._unless_harmful(best, card, choice, stats)
+            best, card, choice = self._unless_harmful(best, card, choice, stats, others)
         if choice is not None:
             card["inference"]["tracking"] = card_tracking(choice)
             card["tracking_choice"] = choice
