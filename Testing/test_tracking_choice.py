@@ -260,10 +260,11 @@ def test_a_better_tracker_that_harms_a_validation_case_gives_way_to_the_other_ep
     scores per validation case lower the first case by 0.2 (scripted; no other case lower than the
     base model's): the harm check refuses it, and the epoch the validation Dice kept (epoch 1,
     scripted) is scored and written with its own tracking choice when it passes (``harmful`` = 1);
-    when it is refused too (2), the base model is."""
+    when it is refused too (2), the base model is. The base model is scored once: the other epoch's
+    scores take its rows from the first scoring."""
     from safetensors.torch import load_file
 
-    from SAMFineTuneLib.training import kept_adapter, trainer as trainer_module
+    from SAMFineTuneLib.training import card as card_module, kept_adapter, trainer as trainer_module
     from SAMFineTuneLib.training.card import kept_text
 
     scripted = iter([0.5, 0.9, 0.8])
@@ -290,10 +291,15 @@ def test_a_better_tracker_that_harms_a_validation_case_gives_way_to_the_other_ep
 
     monkeypatch.setattr(kept_adapter, "choose_tracking", choose_lifting_the_last)
     monkeypatch.setattr(kept_adapter, "per_case_scores", harming_the_first_case)
+    real_run, steps = card_module.score_prepared, []
+    monkeypatch.setattr(card_module, "score_prepared",
+                        lambda *args, **kwargs: steps.append(args[2:3]) or real_run(*args, **kwargs))
     logs = []
     card = train(TrainConfig(dataset=volumes, output=str(tmp_path), epochs=2,
                              **dict(FAST, select_best=True, final_scores=True)), model=litemedsam, log=logs.append)
     assert len(choices) == 2 and len(scored) == 2
+    assert len(steps) == 3 and steps.count(()) == 1  # the base model's run: no decoder step given
+    assert [row["base"] for row in scored[1]["per_case"]] == [row["base"] for row in scored[0]["per_case"]]
     refused = card["harm_check"]
     assert refused["epoch_refused"] == 2 and refused["base_dice"] - refused["adapted_dice"] == pytest.approx(0.2)
     written = load_file(str(tmp_path / adapters.ADAPTER_FILE))

@@ -58,10 +58,17 @@ def _version(name: str) -> Optional[str]:
         return None
 
 
-def per_case_scores(model, prepared, step, window_margin) -> Dict[str, Any]:
+def per_case_scores(model, prepared, step, window_margin, base: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Base and adapted (``step``) scores of the validation slices, each prompted with its
     reference box: {"base": means, "adapted": means, "per_case": [{"case", "label", "slices",
-    "base": {dice, iou, hd95, nsd}, "adapted": {...}}]}, the rows the panel's table shows."""
-    runs = {"base": score_prepared(model, prepared, window_margin=window_margin),
+    "base": {dice, iou, hd95, nsd}, "adapted": {...}}]}, the rows the panel's table shows. The
+    base model's are taken from ``base`` (earlier such scores of the same slices) where given."""
+    runs = {"base": _base_run(base) if base else score_prepared(model, prepared, window_margin=window_margin),
             "adapted": score_prepared(model, prepared, step, window_margin=window_margin)}
     return {"base": runs["base"]["mean"], "adapted": runs["adapted"]["mean"], "per_case": paired_cases(runs)}
+
+
+def _base_run(scores: Dict[str, Any]) -> Dict[str, Any]:
+    """The base model's run (as ``score_prepared`` returns it) inside ``per_case_scores``' scores."""
+    return {"mean": scores["base"], "cases": [dict(row["base"], case=row["case"], label=row["label"],
+                                                   slices=row["slices"]) for row in scores["per_case"]]}

@@ -22,10 +22,11 @@ class KeptAdapter:
     """The end-of-run decisions of ``Trainer``, which holds the state they read and set (``best``,
     ``history``, ``recent``, the LoRA-wrapped decoder, the validation slices)."""
 
-    def _scores(self) -> Dict[str, Any]:
-        """The card's scores: base model and adapter on each validation case, reference boxes."""
+    def _scores(self, base: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """The card's scores: base model and adapter on each validation case, reference boxes (the
+        base model's taken from ``base``, earlier such scores, where given)."""
         return dict(split="val", cases=self.val_ids, window_margin=self.margin,
-                    **per_case_scores(self.model, self.val_set, self.step_module, self.margin))
+                    **per_case_scores(self.model, self.val_set, self.step_module, self.margin, base))
 
     def _unless_harmful(self, best: Dict[str, Any], card: Dict[str, Any], choice: Optional[Dict[str, Any]],
                         stats: Dict[str, Any], others: Sequence[Tuple[Dict[str, Any], Any]] = ()):
@@ -40,7 +41,7 @@ class KeptAdapter:
         if harmed is None:
             return best, card, choice
         refused = harm_check.record(harmed, best["epoch"], config.max_case_drop)
-        other = self._first_harmless(others)
+        other = self._first_harmless(others, card["scores"])
         if other is not None:
             weights, other_choice, scores = other
             refused["written"] = weights["epoch"]
@@ -56,12 +57,13 @@ class KeptAdapter:
                       per_case=[dict(row, adapted=row["base"]) for row in scores["per_case"]])
         return self.best, dict(self._card(), stats=stats, harm_check=refused, scores=scores), None
 
-    def _first_harmless(self, others: Sequence[Tuple[Dict[str, Any], Any]]):
+    def _first_harmless(self, others: Sequence[Tuple[Dict[str, Any], Any]], scored: Dict[str, Any]):
         """(weights, tracking choice, scores) of the first of ``others`` that ``harm_check``
-        passes, loaded into the decoder; None when it refuses them all (or there are none)."""
+        passes, loaded into the decoder; None when it refuses them all (or there are none).
+        ``scored`` holds the base model's scores already."""
         for weights, choice in others:
             load_weights(self.peft_decoder, self.prompt_encoder, weights, f"epoch {weights['epoch']}")
-            scores = self._scores()
+            scores = self._scores(scored)
             if harm_check.worst_case(scores["per_case"], self.config.max_case_drop) is None:
                 return weights, choice, scores
         return None
