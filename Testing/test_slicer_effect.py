@@ -206,6 +206,57 @@ def test_the_effect_file_maps_mouse_and_keys_to_prompts(monkeypatch):
                         ((5, 6), (5, 6), False, True), ((1, 1), (40, 30), False, False)]
     effect.prompts.add("axial", 1, point=(1, 1))
     effect.statusLabel = types.SimpleNamespace(text="")
-    assert effect.processInteractionEvents(Interactor((0, 0), key="Escape"), vtk.vtkCommand.KeyPressEvent, view)
+    # Escape is the Segment Editor's own shortcut (it leaves the effect): the effect forgets with x
+    assert not effect.processInteractionEvents(Interactor((0, 0), key="Escape"), vtk.vtkCommand.KeyPressEvent, view)
+    assert effect.prompts.slice == ("axial", 1)
+    assert effect.processInteractionEvents(Interactor((0, 0), key="x"), vtk.vtkCommand.KeyPressEvent, view)
     assert effect.prompts.slice is None and "forgotten" in effect.statusLabel.text
     assert not effect.processInteractionEvents(Interactor((0, 0)), vtk.vtkCommand.MouseMoveEvent, view)
+
+
+class Selection:
+    """The Segment Editor's parameter set node, as far as the effect reads it."""
+
+    def __init__(self, segmentationID, segmentID):
+        self.segmentation = types.SimpleNamespace(GetID=lambda: segmentationID)
+        self.segmentID = segmentID
+
+    def GetSegmentationNode(self):
+        return self.segmentation
+
+    def GetSelectedSegmentID(self):
+        return self.segmentID
+
+
+def test_a_result_is_written_only_into_the_segment_it_was_asked_for(monkeypatch):
+    module = load_effect(monkeypatch)
+    saved = []
+    selection = Selection("vtkMRMLSegmentationNode1", "liver")
+    effect = module.SegmentEditorEffect(types.SimpleNamespace(parameterSetNode=lambda: selection,
+                                                              saveStateForUndo=lambda: saved.append(1)))
+    effect.statusLabel = types.SimpleNamespace(text="")
+    asked = effect.selectedTarget()
+    assert asked == ("vtkMRMLSegmentationNode1", "liver")
+    selection.segmentID = "spleen"  # the user picked another segment while the worker decoded
+    effect.applySlices(asked, "axial", {3: np.ones((4, 4), bool)}, corrected=True)
+    assert not saved and "nothing written" in effect.statusLabel.text
+    selection.segmentID = "liver"  # the same segment ID in another segmentation
+    selection.segmentation = types.SimpleNamespace(GetID=lambda: "vtkMRMLSegmentationNode2")
+    effect.applySlices(asked, "axial", {3: np.ones((4, 4), bool)})
+    assert not saved
+
+
+def test_leaving_or_deleting_the_effect_cancels_its_jobs_and_lets_go_of_its_timer(monkeypatch):
+    module = load_effect(monkeypatch)
+    effect = module.SegmentEditorEffect(types.SimpleNamespace())
+    cancelled, events = [], []
+    effect.tasks = [types.SimpleNamespace(cancel=lambda n=n: cancelled.append(n)) for n in range(2)]
+    effect.timer = types.SimpleNamespace(stop=lambda: events.append("stop"),
+                                         timeout=types.SimpleNamespace(disconnect=lambda slot: events.append(slot)))
+    effect.prompts.add("axial", 2, point=(1, 1))
+    effect.deactivate()
+    assert cancelled == [0, 1] and effect.tasks == [] and events == ["stop"] and effect.prompts.slice is None
+    timer = effect.timer
+    effect.cleanup()
+    assert effect.timer is None and events[-1] == effect.poll and timer is not None
+

@@ -17,11 +17,16 @@ from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
 from SAMFineTuneMRML import geometry, interactive, segments, slices
 
+#: The key that forgets the slice's prompts: Escape, Space, z, y, i, q, w and the digits are the
+#: Segment Editor's own shortcuts, and x is what Slicer's Draw effect uses to take back its points.
+FORGET_KEY = "x"
+
 HELP = """<html>Correct the selected segment with Segment Anything, one slice at a time.<p><ul style="margin: 0">
 <li><b>Left click:</b> add a positive point (this is part of the structure).</li>
 <li><b>Shift + left click</b> or <b>right click:</b> add a negative point (this is not).</li>
 <li><b>Left drag:</b> draw a box around the structure on this slice.</li>
-<li><b>Escape:</b> forget this slice's points and box (the segment stays as it is).</li>
+<li><b>x:</b> forget this slice's points and box (the segment stays as it is). <b>Escape</b> leaves the effect;
+a click or propagation still running then stops and writes nothing.</li>
 <li><b>Propagate:</b> track the structure from the slice you corrected last through the volume, in both
 directions, without touching the slices you corrected; inside the ROI the segment was made from, when that
 slice lies in it.</li>
@@ -84,6 +89,20 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def deactivate(self):
         self.prompts.clear()
+        self.dropTasks()
+
+    def cleanup(self):
+        """Called by Slicer before the effect is deleted: a connected timer would keep it alive."""
+        self.dropTasks()
+        if self.timer is not None:
+            self.timer.timeout.disconnect(self.poll)
+            self.timer = None
+
+    def dropTasks(self):
+        """Stop following the running jobs, and cancel them: their results are not written."""
+        for task in self.tasks:
+            task.cancel()
+        self.tasks = []
         if self.timer is not None:
             self.timer.stop()
 
@@ -122,7 +141,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if eventId == vtk.vtkCommand.RightButtonPressEvent and not other:
             self.onGesture(viewWidget, xy, xy, shift, right=True)
             return True
-        if eventId == vtk.vtkCommand.KeyPressEvent and callerInteractor.GetKeySym() == "Escape":
+        if eventId == vtk.vtkCommand.KeyPressEvent and callerInteractor.GetKeySym() == FORGET_KEY:
             self.prompts.clear()
             self.setStatus("Points and box of this slice forgotten.")
             return True
@@ -157,9 +176,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             current = self.currentSlice(axis, index)
             start = current if current.any() else None
         self.setStatus("SAM: slice %d (%s)..." % (index, axis))
+        target = self.selectedTarget()
         task = session.refine(axis, index, self.prompts.points, self.prompts.box, startMask=start, reset=fresh,
                               options=self.options(),
-                              onMask=lambda mask, result: self.applySlices(axis, {index: mask}, corrected=True))
+                              onMask=lambda mask, result: self.applySlices(target, axis, {index: mask}, corrected=True))
         self.follow(task)
         self.lastSlice = (axis, index)
 
@@ -174,10 +194,11 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             locked = interactive.correctedSlices(segment).get(axis, set()) - {index}
             roiNode = segments.sourceRoi(segment, slicer.mrmlScene)
             roiBox = None if roiNode is None else geometry.roiToIJKBox(roiNode, session.volumeNode).box
+            target = self.selectedTarget()
             task = session.propagate(axis, index, self.currentSlice(axis, index), locked=locked,
                                      box=interactive.propagationBox(roiBox, axis, index), options=self.options(),
                                      onMask=lambda mask, result: self.applySlices(
-                                         axis, {i: mask.take(i, axis=slices.arrayAxis(axis))
+                                         target, axis, {i: mask.take(i, axis=slices.arrayAxis(axis))
                                                 for i in result.get("slices", []) if i not in locked}))
         except ValueError as exc:
             self.setStatus(str(exc))
@@ -204,6 +225,12 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     # ------------------------------------------------------------ writing
 
+    def selectedTarget(self):
+        """(segmentation node ID, segment ID) selected now: a result is written only where it was asked for."""
+        parameters = self.scriptedEffect.parameterSetNode()
+        segmentation = parameters.GetSegmentationNode()
+        return (segmentation.GetID() if segmentation is not None else None, parameters.GetSelectedSegmentID())
+
     def selectedSegment(self):
         parameters = self.scriptedEffect.parameterSetNode()
         return parameters.GetSegmentationNode().GetSegmentation().GetSegment(parameters.GetSelectedSegmentID())
@@ -212,8 +239,12 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         """``slices.writeSlices``'s writer: the editor's own modification (masking, overwrite mode)."""
         self.scriptedEffect.modifySelectedSegmentByLabelmap(labelmap, mode)
 
-    def applySlices(self, axis, planes, corrected=False):
-        """Write the slices (one undo step), honouring the editor's masking settings."""
+    def applySlices(self, target, axis, planes, corrected=False):
+        """Write the slices (one undo step) into the segment they were asked for (``target``, from
+        ``selectedTarget``), honouring the editor's masking settings."""
+        if target != self.selectedTarget():
+            self.setStatus("Another segment was selected while SAM worked: nothing written. Click again.")
+            return
         if not planes:
             self.setStatus("Nothing to change: the structure was not found beyond the corrected slices.")
             return
