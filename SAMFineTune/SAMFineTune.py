@@ -51,7 +51,7 @@ class SAMFineTune(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = "SAM Fine-Tune"
         self.parent.categories = ["Segmentation"]
-        self.parent.dependencies = []
+        self.parent.dependencies = ["Segmentations"]  # the SAM effect is a Segment Editor effect
         self.parent.contributors = ["SAMFineTune developers"]
         self.parent.helpText = (
             ("<b>%s</b><br>" % UNSUPPORTED if UNSUPPORTED else "")
@@ -215,6 +215,7 @@ class SAMFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self):
+        self.setParameterNode(None)
         self.removeObservers()
         if self.timer is not None:
             self.timer.stop()
@@ -246,7 +247,7 @@ class SAMFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def setParameterNode(self, inputParameterNode):
         if self.parameters:
-            if self._parameterNodeGuiTag:
+            if self._parameterNodeGuiTag is not None:  # the first binding's tag is 0
                 self.parameters.disconnectGui(self._parameterNodeGuiTag)
                 self._parameterNodeGuiTag = None
             self.removeObserver(self.parameters, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)

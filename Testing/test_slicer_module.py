@@ -224,6 +224,35 @@ def test_module_imports_without_torch_and_without_a_gui():
     assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr
 
 
+def test_the_panel_lets_go_of_every_parameter_binding_it_made():
+    """Slicer's parameter-node wrapper numbers a wrapper's GUI bindings from 0, and the panel wraps
+    the node anew on each entry: a binding left connected would keep writing into the widgets."""
+    out = run_python('''
+        import SAMFineTune
+        widget = SAMFineTune.SAMFineTuneWidget.__new__(SAMFineTune.SAMFineTuneWidget)
+        widget.parameters, widget._parameterNodeGuiTag = None, None
+        widget.ui = type("Widgets", (), {"__getattr__": lambda self, name: name})()
+        widget.addObserver = widget.removeObserver = widget.updateGUIFromParameterNode = lambda *a: None
+        class Wrapper:
+            def __init__(self):
+                self.live, self.next = set(), 0
+            def connectParametersToGui(self, mapping):
+                self.live.add(self.next)
+                self.next += 1
+                return self.next - 1
+            def disconnectGui(self, tag):
+                self.live.discard(tag)
+        first, second = Wrapper(), Wrapper()
+        widget.setParameterNode(first)
+        widget.setParameterNode(second)
+        assert not first.live and second.live == {0}, (first.live, second.live)
+        widget.setParameterNode(None)
+        assert not second.live and widget._parameterNodeGuiTag is None
+        print("OK")
+    ''')
+    assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr
+
+
 @pytest.mark.skipif(not os.path.exists("/root/.pyenv/versions/3.9.18/bin/python"), reason="no Python 3.9 here")
 def test_an_older_slicer_loads_the_module_and_is_told_which_slicer_it_needs():
     """Slicer 5.8 ships Python 3.9: the module loads and says what to install, instead of failing."""
@@ -354,3 +383,49 @@ def test_the_panels_defaults_are_the_engines():
     engine = {"boxMode": "box_mode", "keepLargest": "keep_largest", "fillHoles": "fill_holes"}
     for name, value in panel.items():
         assert value == SEGMENT_DEFAULTS[engine.get(name, name)], name
+
+
+class Combo:
+    """A QComboBox as far as ``SAMFineTuneGUI.combos`` uses one; counts how often it was cleared."""
+
+    def __init__(self):
+        self.items, self.currentIndex, self.clears = [], -1, 0
+
+    @property
+    def count(self):
+        return len(self.items)
+
+    def itemData(self, index):
+        return self.items[index][0]
+
+    def itemText(self, index):
+        return self.items[index][1]
+
+    def clear(self):
+        self.items, self.currentIndex, self.clears = [], -1, self.clears + 1
+
+    def addItem(self, text, value):
+        self.items.append((value, text))
+        self.currentIndex = max(self.currentIndex, 0)
+
+    def findData(self, value):
+        return next((n for n, (data, _) in enumerate(self.items) if data == value), -1)
+
+    def setCurrentIndex(self, index):
+        self.currentIndex = index
+
+    def blockSignals(self, block):
+        return False
+
+
+def test_a_combo_refreshed_while_a_job_runs_keeps_its_items_and_says_when_its_value_is_gone():
+    sys.path.insert(0, MODULE_DIR)
+    from SAMFineTuneGUI.combos import refillCombo
+
+    combo = Combo()
+    choices = [("", "(new segment)"), ("Segment_1", "liver"), ("Segment_2", "spleen")]
+    assert refillCombo(combo, choices, "Segment_2") and combo.currentIndex == 2 and combo.clears == 1
+    assert refillCombo(combo, list(choices), "Segment_2") and combo.clears == 1  # unchanged: an open list stays
+    assert not refillCombo(combo, choices[:2], "Segment_2")  # the segment was deleted
+    assert combo.clears == 2 and combo.currentIndex == 0
+

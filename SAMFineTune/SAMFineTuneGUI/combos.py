@@ -15,8 +15,16 @@ def selectData(combo, value):
 
 
 def refillCombo(combo, choices, value):
-    """New items, the current value kept, without announcing the change."""
+    """The items made ``choices`` and ``value`` selected, without announcing the change; the items
+    are replaced only when they differ (the panel refreshes while a job runs, and replacing them
+    closes a list the user has open). Returns whether ``value`` is among them; if not, the first
+    item is selected."""
     wasBlocked = combo.blockSignals(True)
-    fillCombo(combo, choices)
-    selectData(combo, value)
-    combo.blockSignals(wasBlocked)
+    try:
+        if [(combo.itemData(index), combo.itemText(index)) for index in range(combo.count)] != list(choices):
+            fillCombo(combo, choices)
+        found = combo.findData(value) >= 0
+        selectData(combo, value if found or not choices else choices[0][0])
+    finally:
+        combo.blockSignals(wasBlocked)
+    return found

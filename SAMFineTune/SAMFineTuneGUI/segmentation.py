@@ -51,7 +51,8 @@ class SegmentationSection:
             for index in range(segmentation.GetNumberOfSegments()):
                 segmentId = segmentation.GetNthSegmentID(index)
                 choices.append((segmentId, segmentation.GetSegment(segmentId).GetName()))
-        refillCombo(self.ui.targetSegmentComboBox, choices, p.targetSegment if p else "")
+        if not refillCombo(self.ui.targetSegmentComboBox, choices, p.targetSegment if p else "") and p:
+            p.targetSegment = ""  # the segment is gone: the list shows a new segment, and so does the setting
 
     # ------------------------------------------------------------ ROIs
 
