@@ -55,6 +55,21 @@ def test_roi_pairing_rules():
     assert batch.uniqueOutput("/o", "ct", used) == "/o/ct_2.seg.nrrd"
 
 
+def test_a_failed_save_keeps_the_file_there_and_a_failed_load_leaves_no_nodes(scene, tmp_path):
+    target = tmp_path / "ct.nrrd"
+    storage.saveVolume(addVolume(np.ones((2, 3, 4), np.int16)), str(target))
+    saved = target.read_bytes()
+    empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "no voxels")  # nothing to write
+    with pytest.raises(OSError, match="no voxels"):
+        storage.saveVolume(empty, str(target))
+    assert target.read_bytes() == saved and sorted(os.listdir(tmp_path)) == ["ct.nrrd"]
+    (tmp_path / "broken.nrrd").write_text("NRRD0004\nnot a header\n")
+    nodes = scene.GetNumberOfNodes()
+    with pytest.raises(ValueError, match="broken.nrrd"):
+        storage.loadVolume(str(tmp_path / "broken.nrrd"))
+    assert scene.GetNumberOfNodes() == nodes  # neither the volume nor its storage node stays
+
+
 @pytest.fixture
 def case(scene, tmp_path):
     """A phantom CT (organ on 2 slices) as .nrrd, an ROI around the organ and one partly outside."""
@@ -107,3 +122,23 @@ def test_batch_failures_give_a_non_zero_exit_and_a_message(case, tmp_path):
     assert bad.returncode == 2 and "3 volumes but 2" in bad.stdout
     usage = run_batch(["--rois", "r1"], tmp_path)
     assert usage.returncode == 2 and "--volumes" in usage.stderr
+
+
+def test_an_unexpected_error_still_quits_slicer_with_a_failing_status(tmp_path):
+    """Slicer quits after ``--python-script`` only when the script calls ``slicer.util.exit``: an
+    error outside the per-volume handling (here the output folder is a file) must still reach it."""
+    blocked = tmp_path / "out"
+    blocked.write_text("a file where the output folder should go")
+    args = ["--", "--volumes", "ct.nrrd", "--rois", "roi.mrk.json", "--output", str(blocked)]
+    code = ("import sys, slicer; slicer.app = object(); "
+            "slicer.util.exit = lambda status: print('slicer.util.exit(%%d)' %% status, flush=True); "
+            "sys.argv = [%r] + %r; exec(open(%r).read(), {'__name__': '__main__', '__file__': %r})"
+            % (BATCH, args, BATCH, BATCH))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (os.path.dirname(MODULE_DIR),
+                                                                   os.environ.get("PYTHONPATH")) if p))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=str(tmp_path), env=env)
+    assert "slicer.util.exit(1)" in done.stdout, done.stdout + done.stderr
+    assert "error: " in done.stdout and str(blocked) in done.stdout
+    assert blocked.read_text().startswith("a file")
+

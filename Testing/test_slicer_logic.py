@@ -377,6 +377,17 @@ def test_a_bad_roi_among_several_leaves_the_scene_as_it_was(scene):
     assert node.GetSegmentation().GetNumberOfSegments() == 0
 
 
+def test_a_segmentation_kept_as_surfaces_is_refused_before_anything_runs(scene):
+    volume, roi = make(scene)
+    engine = FakeEngine()
+    logic = SAMFineTuneCoreLogic(inProcess=engine)
+    node = logic.createSegmentation(volume)
+    node.GetSegmentation().SetSourceRepresentationName("Closed surface")  # as a segmentation imported from a model
+    with pytest.raises(ValueError, match="keeps its segments as 'Closed surface'.*Binary labelmap"):
+        logic.segment(volume, roi, node)
+    assert engine.calls == [] and node.GetSegmentation().GetNumberOfSegments() == 0
+
+
 def test_a_failed_result_keeps_a_segment_that_was_there(scene):
     volume, roi = make(scene)
     logic = SAMFineTuneCoreLogic(inProcess=FakeEngine(fail=RuntimeError("boom")))

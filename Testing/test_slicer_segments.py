@@ -84,6 +84,20 @@ def test_segmentation_under_a_different_transform_than_the_volume(scene):
     assert np.array_equal(segments.segmentToArray(node, target, volume), mask)
 
 
+def test_the_undo_history_of_a_deleted_segmentation_is_let_go(scene):
+    from SAMFineTuneMRML.scene import removeNodes
+
+    volume, node, target, other, before, spleen = setup_scene(scene, GEOMETRIES["flipped"])
+    history = segments.UndoHistory()
+    segments.writeMaskToSegment(before, volume, node, target, BOX, history=history.forNode(node))
+    segmentation = node.GetSegmentation()
+    removeNodes(node)
+    del node
+    held = segmentation.GetReferenceCount()
+    history.forNode(scene.AddNewNodeByClass("vtkMRMLSegmentationNode"))
+    assert segmentation.GetReferenceCount() < held
+
+
 def test_one_undo_restores_the_segment_and_leaves_the_others(scene):
     volume, node, target, other, before, spleen = setup_scene(scene, GEOMETRIES["flipped"])
     history = segments.UndoHistory()

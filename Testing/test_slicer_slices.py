@@ -109,6 +109,37 @@ def test_a_slice_result_stays_inside_the_editable_area(scene):
     assert np.array_equal(np.delete(after, 3, axis=0), np.delete(before, 3, axis=0) > 0)
 
 
+def oversampled(node):
+    """Give the segmentation a grid twice as fine as its volume's (Segment Editor, "Specify geometry")."""
+    converter = slicer.vtkSegmentationConverter
+    segmentation = node.GetSegmentation()
+    image = slicer.vtkOrientedImageData()
+    converter.DeserializeImageGeometry(segmentation.GetConversionParameter(
+        converter.GetReferenceImageGeometryParameterName()), image, False)
+    spacing, extent = image.GetSpacing(), image.GetExtent()
+    image.SetSpacing(*(value / 2 for value in spacing))
+    image.SetExtent(0, 2 * extent[1] + 1, 0, 2 * extent[3] + 1, 0, 2 * extent[5] + 1)
+    segmentation.SetConversionParameter(converter.GetReferenceImageGeometryParameterName(),
+                                        converter.SerializeImageGeometry(image))
+
+
+def test_a_slice_result_lands_on_an_oversampled_segmentation_within_the_intensity_range(scene):
+    intensities = np.zeros(SHAPE, np.float32)
+    intensities[:, :, 12:] = 100
+    volume = addVolume(intensities, GEOMETRIES["identity"], name="CT")
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
+    segments.prepareSegmentation(node, volume)
+    oversampled(node)
+    target = segments.ensureSegment(node, segmentName="liver")
+    modify = slices.EditorModifier(scene, node, volume, target)
+    modify.editorNode.SetSourceVolumeIntensityMask(True)
+    modify.editorNode.SetSourceVolumeIntensityMaskRange(50, 150)
+    mask = np.ones(slices.sliceShape(volume, "axial"), np.uint8)
+    slices.writeSlice(modify, mask, volume, node, "axial", 2, reference=modify.defaultModifierLabelmap())
+    written = segments.segmentToArray(node, target, volume)
+    assert np.array_equal(written[2], intensities[2] > 50) and not np.delete(written, 2, axis=0).any()
+
+
 def test_a_result_of_the_wrong_size_is_refused_before_anything_is_written(scene):
     volume, node, target, neighbour, before, kidney = setup(scene)
     modify = slices.EditorModifier(scene, node, volume, target)

@@ -68,6 +68,16 @@ def test_find_cases_and_export_keeps_voxels_and_geometry(scene, tmp_path):
     assert first[0].GetScene() is scene
 
 
+def test_finding_cases_holds_on_to_no_segmentation(scene):
+    """A segmentation the user deletes after an export must be freed, labelmaps and all."""
+    logic = SAMFineTuneCoreLogic()
+    _, node, _ = add_case(logic, "CT 1", GEOMETRIES["identity"])
+    held = node.GetReferenceCount()
+    for _ in range(3):
+        assert len(training.findCases(scene, "liver")) == 1
+    assert node.GetReferenceCount() == held
+
+
 def test_training_curve_table_and_plot_from_trainer_messages(scene):
     curve = training.TrainingCurve(scene, "run")
     assert curve.addFromMessage("epoch 1: loss 0.5000 val Dice 0.7000 lr 1.00e-03 (2.0s)")

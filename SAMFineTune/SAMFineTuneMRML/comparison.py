@@ -13,6 +13,7 @@ import slicer
 from . import geometry, segments, storage
 from .library import ensureLibraryImportable
 from .options import VALIDATION_ROI_MARGIN, checkOptions
+from .scene import removeNodes
 
 ensureLibraryImportable()
 #: In-plane margin, in voxels, of the ROI around the reference (one slice along the slicing axis):
@@ -97,7 +98,7 @@ def loadCase(dataset, caseId):
     try:
         label = np.asarray(slicer.util.arrayFromVolume(labelNode)) > 0
     finally:
-        labelNode.GetScene().RemoveNode(labelNode)
+        removeNodes(labelNode)
     return volume, label
 
 

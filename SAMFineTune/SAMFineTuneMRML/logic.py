@@ -26,7 +26,7 @@ from . import geometry, segments
 from .backends import InProcessBackend, WorkerBackend
 from .options import adapterWindowWarning, checkOptions
 from .paths import adaptersDirectory
-from .scene import haveApplication
+from .scene import haveApplication, removeNodes
 from .tasks import SegmentTask, Task
 
 #: Where blocking work runs: the background worker, or this process.
@@ -82,6 +82,7 @@ class SAMFineTuneCoreLogic:
         """Check everything about one ROI and make its task; nothing runs yet."""
         options = checkOptions(options)
         roiBox = geometry.roiToIJKBox(roiNode, volumeNode)
+        segments.checkLabelmapSource(segmentationNode)
         segments.prepareSegmentation(segmentationNode, volumeNode)
         segmentName = segmentName or roiNode.GetName()
         existed = bool(segmentId or segmentationNode.GetSegmentation().GetSegmentIdBySegmentName(segmentName))
@@ -148,7 +149,7 @@ class SAMFineTuneCoreLogic:
                 if not task.finished:
                     task.abandon()
             if created and segmentationNode.GetSegmentation().GetNumberOfSegments() == 0:
-                volumeNode.GetScene().RemoveNode(segmentationNode)
+                removeNodes(segmentationNode)
             raise
         return tasks
 

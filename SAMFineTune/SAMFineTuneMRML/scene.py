@@ -71,3 +71,22 @@ def reset_scene():
     scene = ensure_scene()
     scene.Clear(0)
     return scene
+
+
+def removeNodes(*nodes):
+    """Remove each node with its display and storage nodes, which ``vtkMRMLScene.RemoveNode``
+    leaves behind; None and nodes already out of a scene are skipped."""
+    for node in nodes:
+        scene = None if node is None else node.GetScene()
+        if scene is None:
+            continue
+        helpers = []
+        if node.IsA("vtkMRMLDisplayableNode"):
+            helpers += [node.GetNthDisplayNode(n) for n in range(node.GetNumberOfDisplayNodes())]
+        if node.IsA("vtkMRMLStorableNode"):
+            helpers += [node.GetNthStorageNode(n) for n in range(node.GetNumberOfStorageNodes())]
+        scene.RemoveNode(node)
+        for helper in helpers:
+            if helper is not None and helper.GetScene() is scene:
+                scene.RemoveNode(helper)
+

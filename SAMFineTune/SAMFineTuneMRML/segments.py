@@ -72,6 +72,17 @@ def prepareSegmentation(segmentationNode, volumeNode):
         segmentationNode.CreateDefaultDisplayNodes()
 
 
+def checkLabelmapSource(segmentationNode):
+    """Results are written as labelmaps: a ValueError naming a segmentation whose segments are kept
+    as another representation (a closed surface imported from a model), which would refuse them."""
+    source = segmentationNode.GetSegmentation().GetSourceRepresentationName()
+    labelmap = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
+    if source != labelmap:
+        raise ValueError("'%s' keeps its segments as '%s': make '%s' its source representation (Segmentations "
+                         "module, Representations) or choose another segmentation."
+                         % (nodeName(segmentationNode), source, labelmap))
+
+
 def writeMaskToSegment(mask, volumeNode, segmentationNode, segmentId, box=None, history=None):
     """Replace ``segmentId``'s content inside ``box`` (inclusive IJK ``(i0, j0, k0, i1, j1, k1)``
     of ``volumeNode``; None = the whole volume) by ``mask`` (KJI array shaped like the volume).
@@ -119,6 +130,7 @@ class UndoHistory:
         self._histories = {}
 
     def forNode(self, segmentationNode):
+        self._forgetRemoved(segmentationNode.GetScene())
         key = segmentationNode.GetID()
         entry = self._histories.get(key)
         if entry is None or entry[0] is not segmentationNode.GetSegmentation():
@@ -128,6 +140,16 @@ class UndoHistory:
             entry = (segmentationNode.GetSegmentation(), history)
             self._histories[key] = entry
         return entry[1]
+
+    def _forgetRemoved(self, scene):
+        """Drop the histories of segmentations no longer in the scene: their saved states hold
+        labelmaps."""
+        if scene is None:
+            return
+        for key, (segmentation, _) in list(self._histories.items()):
+            node = scene.GetNodeByID(key)
+            if node is None or node.GetSegmentation() is not segmentation:
+                del self._histories[key]
 
     def undo(self, segmentationNode):
         """Restore the state before the last write; False when there is nothing to undo."""

@@ -8,9 +8,10 @@ the volume's IJK axes.
 
 Writing goes through a ``modify(labelmap, mode, extent)`` callable: inside Slicer the effect's
 ``modifySelectedSegmentByLabelmap``, elsewhere ``EditorModifier`` around Slicer's
-``vtkSlicerSegmentEditorLogic`` (the code that effect calls, Slicer 5.10 and 5.12). Both honour
-the Segment Editor's masking settings: the editable area, the intensity range and whether other
-segments may be overwritten.
+``vtkSlicerSegmentEditorLogic`` (the code that effect calls, Slicer 5.10 and 5.12), each with its
+``defaultModifierLabelmap`` as the grid the result is resampled onto. Both honour the Segment
+Editor's masking settings: the editable area, the intensity range and whether other segments may
+be overwritten.
 """
 
 import numpy as np
@@ -155,6 +156,15 @@ class EditorModifier:
         else:
             self.logic.ModifySegmentByLabelmap(self.segmentationNode, self.segmentId, labelmap, mode, extent, True,
                                                False)
+
+    def defaultModifierLabelmap(self):
+        """The editor's empty modifier labelmap in the segmentation's geometry, as the effect's
+        ``defaultModifierLabelmap`` gives it: pass it to ``writeSlices`` as ``reference``. A result
+        on the volume's own grid is dropped without a word where the two grids differ (an
+        oversampled segmentation) and the intensity range is on."""
+        if not self.logic.ResetModifierLabelmapToDefault():
+            raise ValueError("The Segment Editor could not make a labelmap for '%s'." % nodeName(self.segmentationNode))
+        return self.logic.GetModifierLabelmap()
 
     def saveStateForUndo(self):
         return self.logic.SaveStateForUndo()

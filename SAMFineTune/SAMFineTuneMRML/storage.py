@@ -8,6 +8,8 @@ Python with slicer-core.
 import os
 
 from .geometry import nodeName
+from .library import ensureLibraryImportable
+from .scene import removeNodes
 
 
 def _scene():
@@ -28,6 +30,11 @@ def _read(node, storageClass, path, what):
 
 
 def _write(node, storageClass, path):
+    """Written beside ``path`` and renamed onto it (``SAMFineTuneLib.files.atomic_write``): a
+    failed or cut-short write leaves the file that was there. Single-file formats only."""
+    ensureLibraryImportable()
+    from SAMFineTuneLib.files import WriteError, atomic_write
+
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise FileNotFoundError("Output folder does not exist: %s" % folder)
@@ -35,9 +42,20 @@ def _write(node, storageClass, path):
     if storage is None or not storage.IsA(storageClass):
         storage = node.GetScene().AddNewNodeByClass(storageClass)
         node.SetAndObserveStorageNodeID(storage.GetID())
-    storage.SetFileName(path)
-    if not storage.WriteData(node):
-        raise OSError("Could not write '%s' to %s." % (nodeName(node), path))
+
+    def write(temp):
+        storage.SetFileName(temp)
+        if not storage.WriteData(node):
+            raise OSError("Could not write '%s' to %s." % (nodeName(node), path))
+
+    def verify(temp):  # a node with nothing in it is written as nothing, and reported written
+        if not os.path.isfile(temp) or os.path.getsize(temp) == 0:
+            raise WriteError("'%s' holds nothing to write; %s was left as it was." % (nodeName(node), path))
+
+    try:
+        atomic_write(path, write, verify)
+    finally:
+        storage.SetFileName(path)
     return path
 
 
@@ -55,7 +73,7 @@ def loadVolume(path, name=None):
     try:
         _read(node, "vtkMRMLVolumeArchetypeStorageNode", os.path.abspath(path), "volume")
     except Exception:
-        node.GetScene().RemoveNode(node)
+        removeNodes(node)
         raise
     node.CreateDefaultDisplayNodes()
     return node
@@ -67,10 +85,10 @@ def loadROI(path):
     try:
         _read(node, "vtkMRMLMarkupsROIJsonStorageNode", os.path.abspath(path), "ROI")
     except Exception:
-        node.GetScene().RemoveNode(node)
+        removeNodes(node)
         raise
     if node.GetNumberOfControlPoints() == 0 or max(node.GetSize()) <= 0:
-        node.GetScene().RemoveNode(node)
+        removeNodes(node)
         raise ValueError("%s holds no ROI (is it a Markups ROI saved by Slicer 5?)." % path)
     return node
 

@@ -39,9 +39,10 @@ def findCases(scene, structureName):
     """[(volumeNode, segmentationNode, segmentId)] for every segmentation with a source volume
     and a non-empty segment named ``structureName``."""
     cases = []
-    nodes = scene.GetNodesByClass("vtkMRMLSegmentationNode")
-    for index in range(nodes.GetNumberOfItems()):
-        node = nodes.GetItemAsObject(index)
+    # GetNthNodeByClass, not GetNodesByClass: the collection that returns is the caller's to delete
+    # and Python's reference would keep it, and every segmentation in it, alive.
+    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")):
+        node = scene.GetNthNodeByClass(index, "vtkMRMLSegmentationNode")
         volume = sourceVolume(node)
         segmentId = node.GetSegmentation().GetSegmentIdBySegmentName(structureName)
         if volume is None or not volume.IsA("vtkMRMLScalarVolumeNode") or not segmentId:

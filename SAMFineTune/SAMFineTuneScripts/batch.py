@@ -80,9 +80,9 @@ def uniqueOutput(folder, stem, used):
 
 def segmentOne(logic, volumePath, roiPaths, outputPath, options, runIn, say):
     from SAMFineTuneMRML import storage
+    from SAMFineTuneMRML.scene import removeNodes
 
     volume = storage.loadVolume(volumePath)
-    scene = volume.GetScene()
     rois, segmentation = [], None
     try:
         rois = [storage.loadROI(path) for path in roiPaths]
@@ -102,9 +102,7 @@ def segmentOne(logic, volumePath, roiPaths, outputPath, options, runIn, say):
         storage.saveSegmentation(segmentation, outputPath)
         say("  wrote " + outputPath)
     finally:
-        for node in [segmentation, volume] + rois:
-            if node is not None and node.GetScene() is not None:
-                scene.RemoveNode(node)
+        removeNodes(segmentation, volume, *rois)
 
 
 def main(argv=None):
@@ -156,9 +154,24 @@ def main(argv=None):
     return 1 if failures else 0
 
 
-def _exit(status):
-    import slicer
+def run():
+    """``main``'s exit status, and 1 for anything it did not expect: ``--python-script`` does not
+    quit Slicer on its own, so a run that raised would leave a hidden Slicer running."""
+    try:
+        return main()
+    except Exception as exc:
+        import traceback
 
+        traceback.print_exc()
+        print("error: %s" % exc, flush=True)
+        return 1
+
+
+def _exit(status):
+    try:
+        import slicer
+    except ImportError:
+        slicer = None
     if hasattr(slicer, "app"):
         slicer.util.exit(status)
     else:
@@ -166,4 +179,4 @@ def _exit(status):
 
 
 if __name__ == "__main__":
-    _exit(main())
+    _exit(run())
