@@ -10,6 +10,7 @@ Slicer (5.8 ships Python 3.9) shows why the module cannot run instead of failing
 import os
 import pathlib
 import sys
+import unittest
 from typing import Annotated
 
 import qt
@@ -362,8 +363,12 @@ class SAMFineTuneTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        """Reload and Test calls this outside a test runner, where a skip would read as a failure."""
         self.setUp()
-        self.test_smoke()
+        try:
+            self.test_smoke()
+        except unittest.SkipTest as skipped:
+            slicer.util.infoDisplay("SAM Fine-Tune's self-test was skipped: %s" % skipped, windowTitle="SAM Fine-Tune")
 
     def test_smoke(self):
         if UNSUPPORTED:

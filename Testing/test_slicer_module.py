@@ -253,6 +253,24 @@ def test_the_panel_lets_go_of_every_parameter_binding_it_made():
     assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr
 
 
+def test_reload_and_test_without_the_engines_packages_says_skipped_and_what_to_do():
+    """Slicer's Reload and Test calls ``runTest`` outside a test runner and reports any exception
+    as a failure; a missing install is a skip, and the user is told how to install."""
+    out = run_python('''
+        import unittest
+        slm.ScriptedLoadableModuleTest = type("ScriptedLoadableModuleTest", (unittest.TestCase,), {})
+        import SAMFineTune
+        shown = []
+        slicer.util.infoDisplay = lambda text, **kwargs: shown.append(text)
+        slicer.mrmlScene = types.SimpleNamespace(Clear=lambda: None)
+        SAMFineTune.deps.describeMissing = lambda: "torch, openvino"
+        SAMFineTune.SAMFineTuneTest().runTest()
+        assert len(shown) == 1 and "skipped" in shown[0] and "Install dependencies" in shown[0], shown
+        print("OK")
+    ''')
+    assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr
+
+
 @pytest.mark.skipif(not os.path.exists("/root/.pyenv/versions/3.9.18/bin/python"), reason="no Python 3.9 here")
 def test_an_older_slicer_loads_the_module_and_is_told_which_slicer_it_needs():
     """Slicer 5.8 ships Python 3.9: the module loads and says what to install, instead of failing."""
