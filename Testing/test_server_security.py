@@ -4,10 +4,13 @@ must let nobody in without its token, hand out no files, and keep one client's p
 from the next (PROTOCOL.md, "TCP mode and security")."""
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -17,7 +20,15 @@ import pytest
 from SAMFineTuneLib import protocol
 from SAMFineTuneLib.client import BOOT, JobError, WorkerClient
 from SAMFineTuneLib.volume_io import Volume, write_volume
+from SAMFineTuneLib.worker import jobs
+from SAMFineTuneLib.worker import server as server_module
+from SAMFineTuneLib.worker import session as session_module
+from SAMFineTuneLib.worker.access import PathAccess
+from SAMFineTuneLib.worker.core import WorkerCore
+from SAMFineTuneLib.worker.session import Session
 from worker_servers import LIB, Raw, start_server, stop_server
+
+TOKEN = "in-process-token-0123456789"
 
 
 @pytest.fixture
@@ -35,10 +46,49 @@ def wait_gone(proc, seconds=20.0) -> bool:
         return False
 
 
-def serve_refused(*args):
+def serve_refused(*args, env_token=None):
     env = {k: v for k, v in os.environ.items() if k != "SAMFINETUNE_TOKEN"}
+    if env_token is not None:
+        env["SAMFINETUNE_TOKEN"] = env_token
     return subprocess.run([sys.executable, "-c", BOOT, "serve", "--port", "0", *args], capture_output=True, text=True,
                           timeout=30, cwd=str(LIB.parent), env=env)
+
+
+def token_file(folder, text, mode=0o600, name="token"):
+    path = folder / name
+    path.write_text(text + "\n")
+    os.chmod(path, mode)
+    return str(path)
+
+
+@pytest.fixture
+def in_process(tmp_path):
+    """start(auth_deadline) -> the port of a server in this process (a test may swap a job handler or a constant)."""
+    servers = []
+
+    def start(auth_deadline=30.0):
+        listener = socket.create_server(("127.0.0.1", 0))
+        servers.append(server_module.Server(listener, WorkerCore(str(tmp_path / "w.log")), TOKEN, PathAccess(),
+                                            1 << 20, auth_deadline))
+        threading.Thread(target=servers[-1].run, daemon=True).start()
+        return listener.getsockname()[1]
+
+    yield start
+    for srv in servers:
+        srv.stop.set()
+
+
+def hello(token=TOKEN):
+    return protocol.request("h", "hello", {"token": token})
+
+
+def login(port):
+    """The answer to 'hello' on a new raw connection (None: closed before it came)."""
+    raw = Raw(port, timeout=10)
+    raw.send(hello())
+    answer = raw.answer("h")
+    raw.close()
+    return answer
 
 
 # --- nobody in without the token ---------------------------------------------------------------
@@ -52,9 +102,29 @@ def test_serve_always_has_a_token_and_refuses_short_ones(server, tmp_path):
             client.ping(timeout=30)
     with WorkerClient(address=("127.0.0.1", port), token=token) as client:
         assert client.ping(timeout=30)["pong"] is True
-    for args in (("--token", "x"), ("--host", "0.0.0.0", "--token", "x")):
-        out = serve_refused(*args, "--log", str(tmp_path / "r.log"))
+    short = token_file(tmp_path, "x")
+    for args, env_token in ((("--token-file", short), None), (("--host", "0.0.0.0", "--token-file", short), None),
+                            ((), "x")):
+        out = serve_refused(*args, "--log", str(tmp_path / "r.log"), env_token=env_token)
         assert out.returncode == 2 and "use at least 16" in out.stderr and "listening" not in out.stdout
+
+
+def test_the_token_never_travels_on_the_command_line(tmp_path):
+    secret = "from-a-file-0123456789"
+    for args, message in ((("--token", secret), "--token puts the token in the process list"),
+                          (("--token-file", token_file(tmp_path, secret, 0o644, "shared")), "chmod 600"),
+                          (("--token-file", str(tmp_path / "missing")), "cannot read --token-file"),
+                          (("--token-file", token_file(tmp_path, "", name="empty")), "is empty")):
+        out = serve_refused(*args, "--log", str(tmp_path / "r.log"))
+        assert out.returncode == 2 and message in out.stderr and "listening" not in out.stdout
+        assert len(out.stderr.strip().splitlines()) == 1
+    proc, _, port, printed = start_server(tmp_path, "--token-file", token_file(tmp_path, secret))
+    try:
+        assert printed is None and secret not in " ".join(psutil.Process(proc.pid).cmdline())
+        with WorkerClient(address=("127.0.0.1", port), token=secret) as client:
+            assert client.ping(timeout=30)["pong"] is True
+    finally:
+        stop_server(proc)
 
 
 def test_only_the_authenticated_owner_stops_the_server(server):
@@ -81,10 +151,98 @@ def test_a_silent_connection_blocks_nobody_and_is_cut_at_the_deadline(server):
     with WorkerClient(address=("127.0.0.1", port), token=token) as client:
         assert client.ping(timeout=30)["pong"] is True
     assert time.monotonic() - started < 3.0  # not the 5 s 'busy' wait: the silent one holds no lock
-    error = silent.read()
-    assert error["event"] == "error" and "no 'hello' with the token within 3 s" in error["error"]
     assert silent.read() is None and time.monotonic() - started < 10.0
     silent.close()
+
+
+def test_any_message_but_a_good_hello_gets_one_error_and_the_connection_closes(in_process):
+    port = in_process()
+    surrogate = protocol.encode(hello("x")).replace(b'"x"', b'"\\ud800x"')  # JSON for what UTF-8 cannot encode
+    ping, wrong = protocol.encode(protocol.request("p", "ping")), protocol.encode(hello("wrong-token-0123456789"))
+    for first, kind in ((b"{}\n" * 1000, "ProtocolError"), (ping, "ProtocolError"), (surrogate, "PermissionError"),
+                        (wrong, "PermissionError")):
+        raw = Raw(port, timeout=10)
+        raw.send(first + protocol.encode(hello()))  # a second try with the right token comes too late
+        messages = iter(raw.read, None)
+        assert [(m["event"], m.get("kind")) for m in messages] == [("error", kind)]
+        raw.close()
+    assert login(port)["event"] == "result"
+
+
+def test_connections_that_never_read_lock_nobody_out(in_process):
+    port = in_process()  # a login deadline far beyond this test
+    stalled = [socket.create_connection(("127.0.0.1", port), timeout=10)
+               for _ in range(server_module.MAX_UNAUTHENTICATED)]
+    for sock in stalled:
+        with contextlib.suppress(OSError):  # the server may already have closed it
+            sock.sendall(b"{}\n" * 2000)  # parses, fails check_request; never reads a reply
+    admitted, deadline = None, time.monotonic() + 5.0
+    while admitted is None and time.monotonic() < deadline:
+        with contextlib.suppress(OSError):  # while every place is taken, a new connection is closed at once
+            admitted = login(port)
+        time.sleep(0.05)
+    assert admitted is not None and admitted["event"] == "result"
+    for sock in stalled:
+        sock.close()
+
+
+def test_the_login_deadline_cuts_a_connection_whose_writes_are_stuck():
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        session = Session(WorkerCore(), ours.makefile("rb"), ours.makefile("wb"), files=False, need_hello=True)
+        with session.write_lock:  # a write blocked on a peer that reads nothing holds it
+            expire = threading.Thread(target=server_module._expire, args=(session, ours, 1.0), daemon=True)
+            expire.start()
+            expire.join(5)
+            assert not expire.is_alive()
+        peer.settimeout(5)
+        assert peer.recv(10) == b""  # shut down
+
+
+def test_writes_time_out_until_login_and_silent_peers_are_probed(in_process, monkeypatch):
+    accepted = []
+    keep_alive = server_module._keep_alive
+    monkeypatch.setattr(server_module, "_keep_alive", lambda conn: (accepted.append(conn), keep_alive(conn)))
+    port = in_process(auth_deadline=7.0)
+    raw = Raw(port, timeout=10)
+    assert len(accepted) == 1 and accepted[0].gettimeout() == 7.0
+    assert accepted[0].getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+    if hasattr(socket, "TCP_KEEPIDLE"):
+        assert accepted[0].getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == server_module.KEEPALIVE_IDLE_S
+    raw.send(hello())
+    assert raw.answer("h")["event"] == "result"
+    assert accepted[0].gettimeout() is None  # a logged-in client may read late
+    raw.close()
+
+
+def test_the_next_client_waits_until_the_previous_clients_job_has_ended(in_process, monkeypatch):
+    release, started = threading.Event(), threading.Event()
+
+    def stubborn(core, job):  # a step that never asks whether it was cancelled
+        started.set()
+        release.wait(30)
+        return {}, None
+
+    monkeypatch.setitem(jobs.HANDLERS, "echo", stubborn)
+    monkeypatch.setattr(session_module, "JOB_STOP_WAIT_S", 0.2)
+    monkeypatch.setattr(server_module, "BUSY_WAIT_S", 0.2)
+    port = in_process()
+    try:
+        first = Raw(port, timeout=10)
+        first.send(protocol.encode(hello()) + protocol.encode(protocol.request("job", "echo")))
+        assert first.answer("h")["event"] == "result"
+        assert started.wait(10)
+        first.close()
+        for _ in range(5):  # well past the ending conversation's wait for its job
+            time.sleep(0.3)
+            answer = login(port)
+            assert answer["event"] == "error" and "server busy" in answer["error"]
+    finally:
+        release.set()
+    for _ in range(50):  # the lock is free once the job's thread has ended
+        if (answer := login(port))["event"] == "result":
+            break
+    assert answer["event"] == "result"
 
 
 def test_no_attachment_before_authentication_and_a_cap_after(tmp_path):

@@ -2,7 +2,8 @@
 
 ``python -m SAMFineTuneLib worker`` speaks the protocol (``PROTOCOL.md``) on its stdin/stdout;
 ``python -m SAMFineTuneLib serve --port N`` speaks it on a TCP socket (loopback by default,
-always with a token; any other address needs ``--token``). The worker keeps one Segmenter
+always with a token: ``$SAMFINETUNE_TOKEN``, a ``--token-file`` only its owner can read, or on
+loopback a fresh one it prints; any other address needs one of the first two). The worker keeps one Segmenter
 (model + embedding cache) warm between jobs and connections, runs one job at a time on a job
 thread and keeps reading requests on the main thread, so ``cancel`` and ``ping`` are answered
 while a job runs.

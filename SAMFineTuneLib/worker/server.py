@@ -2,9 +2,10 @@
 the model kept warm in between (for a GPU box reached through an SSH tunnel).
 
 Every other user of the machine can reach a port, 127.0.0.1 included, so a server always has a
-token: ``--token`` (or ``$SAMFINETUNE_TOKEN``, at least ``MIN_TOKEN_LENGTH`` characters) or one
-generated at start and printed once. A connection must send ``hello`` with it within
-``AUTH_DEADLINE_S``; until then it may send one short line and no arrays, and it does not hold
+token: ``$SAMFINETUNE_TOKEN`` or ``--token-file`` (at least ``MIN_TOKEN_LENGTH`` characters; never
+a command-line argument, which every user can read in the process list) or one generated at
+start and printed once. A connection must send ``hello`` with it within ``AUTH_DEADLINE_S``;
+until then it may send one short line and no arrays, its writes time out, and it does not hold
 the one-client lock, so a silent or hostile connection blocks nobody. Clients name no files on
 the server unless its operator gives ``--data-root`` (``access.PathAccess``); what one client
 sent (volumes, embeddings) is gone before the next one is let in.
@@ -19,7 +20,7 @@ import secrets
 import socket
 import sys
 import threading
-from typing import Optional, Tuple
+from typing import Mapping, Optional, Tuple
 
 from .. import protocol
 from ..protocol import TOKEN_ENV, ProtocolError
@@ -34,6 +35,9 @@ MIN_TOKEN_LENGTH = 16
 BUSY_WAIT_S = 5.0  # an authenticated client waits this long for the previous one to leave
 AUTH_DEADLINE_S = 10.0  # a connection that has not authenticated by then is closed
 MAX_UNAUTHENTICATED = 16  # connections waiting to authenticate at once; more are closed at once
+# TCP keepalive: a client whose machine or network vanished is noticed after ~2 minutes of silence
+# instead of holding the one-client lock for ever (the OS default waits 2 hours).
+KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_PROBES = 60, 15, 4
 
 
 def is_loopback(host: str) -> bool:
@@ -52,10 +56,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, required=True,
                         help="TCP port (0: any free port; the chosen one is printed)")
     parser.add_argument("--host", default="127.0.0.1",
-                        help="address to bind; anything but loopback needs --token")
-    parser.add_argument("--token", default=None,
-                        help=f"shared secret clients must send, at least {MIN_TOKEN_LENGTH} characters (or set "
-                             f"${TOKEN_ENV}); without one a token is generated and printed once")
+                        help=f"address to bind; anything but loopback needs a token (${TOKEN_ENV} or --token-file)")
+    parser.add_argument("--token-file", default=None, metavar="PATH",
+                        help=f"file holding the shared secret clients must send, at least {MIN_TOKEN_LENGTH} "
+                             f"characters, readable by its owner only (chmod 600); or set ${TOKEN_ENV}; without "
+                             "either a token is generated and printed once")
+    parser.add_argument("--token", default=None, help=argparse.SUPPRESS)  # refused with a pointer to the above
     parser.add_argument("--data-root", default=None,
                         help="folder whose files clients may name (datasets, adapters, checkpoints); without it "
                              "clients name no files on this machine and send arrays only")
@@ -64,6 +70,29 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--auth-deadline", type=float, default=AUTH_DEADLINE_S,
                         help="seconds a new connection has to send 'hello' with the token")
     add_worker_arguments(parser)
+
+
+def given_token(token_file: Optional[str], refused_arg: Optional[str], environ: Mapping[str, str]) -> Optional[str]:
+    """The operator's token: the file's first line, else ``$SAMFINETUNE_TOKEN``, else None; a ValueError
+    saying what to do for a token on the command line or a file other users can read."""
+    if refused_arg is not None:
+        raise ValueError(f"--token puts the token in the process list, where every user of this machine can read "
+                         f"it; set ${TOKEN_ENV} or use --token-file PATH (chmod 600) instead")
+    if token_file is None:
+        return environ.get(TOKEN_ENV) or None
+    try:
+        with open(token_file, "rb") as stream:
+            mode = os.fstat(stream.fileno()).st_mode
+            if os.name != "nt" and mode & 0o077:
+                raise ValueError(f"--token-file {token_file} can be read or changed by other users; run "
+                                 f"chmod 600 {token_file}")
+            text = stream.read(4096).decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read --token-file {token_file}: {exc}") from None
+    lines = text.splitlines()
+    if not lines or not lines[0].strip():
+        raise ValueError(f"--token-file {token_file} is empty; put the token on its first line")
+    return lines[0].strip()
 
 
 def choose_token(given: Optional[str], host: str) -> Tuple[str, bool]:
@@ -76,14 +105,14 @@ def choose_token(given: Optional[str], host: str) -> Tuple[str, bool]:
         return given, False
     if not is_loopback(host):
         raise ValueError(f"refusing to listen on {host} without a token: anyone who can reach it could run jobs. "
-                         f"Use --token SECRET (or ${TOKEN_ENV}), or bind 127.0.0.1 and use an SSH tunnel.")
+                         f"Set ${TOKEN_ENV} or use --token-file PATH, or bind 127.0.0.1 and use an SSH tunnel.")
     return secrets.token_urlsafe(24), True
 
 
 def serve_main(args: argparse.Namespace) -> int:
     """Serve clients on a TCP socket, one connection at a time, keeping the model warm in between."""
     try:
-        token, generated = choose_token(args.token or os.environ.get(TOKEN_ENV), args.host)
+        token, generated = choose_token(given_token(args.token_file, args.token, os.environ), args.host)
         if args.data_root and not os.path.isdir(args.data_root):
             raise ValueError(f"--data-root {args.data_root} is not a folder")
         if args.max_upload_mb < 1 or not args.auth_deadline > 0:
@@ -140,40 +169,54 @@ class Server:
                     log.warning("too many connections waiting to authenticate; closed one from %s", address)
                     conn.close()
                     continue
-                conn.settimeout(None)
+                conn.settimeout(self.auth_deadline)  # until it logs in, a peer that reads nothing stalls no write
+                _keep_alive(conn)
                 threading.Thread(target=self._serve, args=(conn, address), daemon=True).start()
 
     def _serve(self, conn: socket.socket, address) -> None:
         log.info("connection from %s", address)
         slot = _Once(self.waiting.release)
-        with conn, conn.makefile("rb") as reader, conn.makefile("wb") as writer:
-            admitted = []
+        admitted = []
+        try:
+            with conn, conn.makefile("rb") as reader, conn.makefile("wb") as writer:
 
-            def admit() -> None:  # the token checked out
-                deadline.cancel()
-                slot()
-                if not self.busy.acquire(timeout=BUSY_WAIT_S):  # a client that just left may still be closing
-                    raise ProtocolError("server busy: another client is connected; try again later")
-                admitted.append(True)
+                def admit() -> None:  # the token checked out
+                    deadline.cancel()
+                    slot()
+                    if not self.busy.acquire(timeout=BUSY_WAIT_S):  # a client that just left may still be closing
+                        raise ProtocolError("server busy: another client is connected; try again later")
+                    admitted.append(True)
+                    conn.settimeout(None)  # a logged-in client may read its events late (a long job, a busy UI)
 
-            session = Session(self.core, reader, writer, files=False, token=self.token, need_hello=True,
-                              access=self.access, admit=admit, max_attachment_bytes=self.max_upload_bytes)
-            deadline = threading.Timer(self.auth_deadline, _expire, (session, conn, self.auth_deadline))
-            deadline.daemon = True
-            deadline.start()
-            try:
-                session.send(protocol.event(None, "hello", protocol=protocol.PROTOCOL_VERSION, mode="tcp", auth=True))
-                session.serve()
-            finally:
-                deadline.cancel()
-                slot()
-                if admitted:
-                    self.core.forget_embeddings()
-                    self.busy.release()
-            _close_gently(conn)
+                session = Session(self.core, reader, writer, files=False, token=self.token, need_hello=True,
+                                  access=self.access, admit=admit, max_attachment_bytes=self.max_upload_bytes)
+                deadline = threading.Timer(self.auth_deadline, _expire, (session, conn, self.auth_deadline))
+                deadline.daemon = True
+                deadline.start()
+                try:
+                    session.send(protocol.event(None, "hello", protocol=protocol.PROTOCOL_VERSION, mode="tcp",
+                                                auth=True))
+                    session.serve()
+                finally:
+                    deadline.cancel()
+                    slot()
+                _close_gently(conn)
+        except OSError as exc:  # flushing the last words to a peer that stopped reading: nothing left to tell it
+            log.info("connection from %s ended: %s", address, exc)
+        finally:
+            slot()
+            if admitted:
+                self._hand_over(session)
         log.info("connection from %s closed", address)
+
+    def _hand_over(self, session: Session) -> None:
+        """The admitted client left: stop the server if it asked, else free the one-client lock, but
+        only once its job has ended, so no job of one client runs on beside the next client."""
         if session.stop_server:
             self.stop.set()
+        session.wait_for_job()
+        self.core.forget_embeddings()
+        self.busy.release()
 
 
 class _Once:
@@ -190,14 +233,30 @@ class _Once:
 
 
 def _expire(session: Session, conn: socket.socket, seconds: float) -> None:
-    """The authentication deadline passed: say so and cut the connection."""
+    """The authentication deadline passed: cut the connection. Shutting the socket down takes no lock,
+    so a write stuck on a peer that reads nothing cannot hold it up; the blocked reader and writer
+    wake up and the connection's thread frees its place."""
     if session.authenticated:
         return
-    session.send_error(None, ProtocolError(f"no 'hello' with the token within {seconds:g} s; closing"))
+    log.info("no 'hello' with the token within %g s; closing the connection", seconds)
     try:
         conn.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
+
+
+def _keep_alive(conn: socket.socket) -> None:
+    """Ask the kernel to probe a silent peer (``KEEPALIVE_*``), where the platform lets us set it."""
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    idle = getattr(socket, "TCP_KEEPIDLE", getattr(socket, "TCP_KEEPALIVE", None))  # macOS: TCP_KEEPALIVE
+    options = ((idle, KEEPALIVE_IDLE_S), (getattr(socket, "TCP_KEEPINTVL", None), KEEPALIVE_INTERVAL_S),
+               (getattr(socket, "TCP_KEEPCNT", None), KEEPALIVE_PROBES))
+    for option, value in options:
+        if option is not None:
+            try:
+                conn.setsockopt(socket.IPPROTO_TCP, option, value)
+            except OSError:  # an old kernel or Windows build without it: the OS default applies
+                pass
 
 
 def _close_gently(conn: socket.socket, drain_bytes: int = 1 << 20) -> None:

@@ -6,8 +6,10 @@ at a time (``jobs.HANDLERS``) and sends their events. Each conversation has its 
 (``core.VolumeStore``) and its own access to the worker's files (``access.PathAccess``).
 
 A conversation that must authenticate (TCP) reads nothing but a short ``hello`` line until the
-token checks out: no attachments, no second try. Request text is never logged (a malformed
-``hello`` holds the token); only the request id, when it is a plain name, and the error kind.
+token checks out: no attachments, no second try; any message that does not authenticate it gets
+one error and ends it, so an unknown peer can neither flood the log nor keep a reply stream going.
+Request text is never logged (a malformed ``hello`` holds the token); only the request id, when
+it is a plain name, and the error kind.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from .core import VolumeStore, WorkerCore
 log = logging.getLogger("SAMFineTuneLib.worker")
 
 PROGRESS_INTERVAL_S = 0.05  # at most ~20 progress events a second (first and last always sent)
+JOB_STOP_WAIT_S = 10.0  # how long an ending conversation waits for its cancelled job before saying it still runs
 # Failures that are the request's fault (bad input, a missing or refused file, a full disk): their
 # message says what to do; a traceback would only hide it. Anything else is a bug: traceback.
 EXPECTED_ERRORS = (ValueError, OSError)
@@ -124,17 +127,19 @@ class Session:
         self.stopping = False
         self.stop_server = False
         self.scratch: Optional[str] = None
+        self.job_thread: Optional[threading.Thread] = None
 
     # --- output ---------------------------------------------------------------------------
 
     def send(self, message: Dict[str, Any], arrays: Optional[Dict[str, np.ndarray]] = None,
              folder: Optional[str] = None) -> None:
-        """Write one event. A client that went away is logged (the read loop sees it end); any other
-        failure (a bad array, a full disk while writing one) is raised to the caller."""
+        """Write one event. A client that went away or stopped reading (a write past the socket's
+        timeout) is logged (the read loop sees it end); any other failure (a bad array, a full disk
+        while writing one) is raised to the caller."""
         with self.write_lock:
             try:
                 protocol.write_message(self.writer, message, arrays, folder=folder, crop_masks=True)
-            except (ConnectionError, ValueError) as exc:  # ValueError: write to a closed stream
+            except (ConnectionError, TimeoutError, ValueError) as exc:  # ValueError: write to a closed stream
                 if isinstance(exc, ProtocolError):
                     raise
                 log.warning("cannot send %s for %s: %s", message.get("event"), message.get("id"), exc)
@@ -184,6 +189,8 @@ class Session:
                 if message is None:
                     break
                 self._handle(message)
+                if not self.authenticated:  # whatever the first message was, it did not log in: no second try
+                    break
         finally:
             self._stop(thread)
 
@@ -203,7 +210,6 @@ class Session:
         if not self.authenticated and command != "hello":
             self.send_error(job_id, ProtocolError("not authenticated: the first request must be 'hello' with the "
                                                   "token"))
-            self.stopping = True
             return
         handler = getattr(self, "_now_" + command, None)
         if handler is not None:
@@ -222,16 +228,13 @@ class Session:
             return {"protocol": protocol.PROTOCOL_VERSION, "pid": os.getpid()}
         if self.token is not None:
             given = params.get("token")
-            if not isinstance(given, str) or not hmac.compare_digest(given.encode(), self.token.encode()):
-                self.stopping = True
+            # surrogatepass: JSON can carry a lone surrogate, which plain UTF-8 refuses to encode
+            if not isinstance(given, str) or not hmac.compare_digest(given.encode("utf-8", "surrogatepass"),
+                                                                     self.token.encode("utf-8", "surrogatepass")):
                 raise PermissionError("authentication failed: wrong or missing token; pass the token the server "
                                       f"printed at start (WorkerClient(token=...) or ${protocol.TOKEN_ENV})")
         if self.admit is not None:
-            try:
-                self.admit()
-            except BaseException:
-                self.stopping = True
-                raise
+            self.admit()
         self.authenticated = True
         return {"protocol": protocol.PROTOCOL_VERSION, "pid": os.getpid(), "paths": self.access.describe()}
 
@@ -270,9 +273,21 @@ class Session:
             self.cond.notify_all()
         for job in dropped:
             self.send(protocol.event(job.id, "cancelled"))
-        thread.join(timeout=10.0)
+        self.job_thread = thread
+        thread.join(timeout=JOB_STOP_WAIT_S)
         if self.scratch:
             shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def wait_for_job(self) -> None:
+        """Block until the job thread of this ended conversation has ended. A job that ignores its
+        cancel still uses the shared core, so a server admits nobody else until then."""
+        thread = self.job_thread
+        if thread is None or not thread.is_alive():
+            return
+        log.warning("a job of a client that left is still running %g s after its cancel; the next client waits "
+                    "until it ends (or restart the server)", JOB_STOP_WAIT_S)
+        thread.join()
+        log.info("the job of the client that left has ended")
 
     # --- the job thread ---------------------------------------------------------------------
 
