@@ -7,25 +7,42 @@ thread only runs while the main thread executes Python, so progress would lag).
 
 The decoder holds at most one message line; a line over the limit is reported once and skipped
 to its end, so its tail is never read as a message. An attachment's announced size is checked
-(allowed at all, under the limit, matching its dtype and shape) before anything is allocated.
+(allowed at all, under the limit, matching its dtype and shape) before it is read, and the reader
+holds only the bytes that arrived, so a peer cannot make it allocate memory it never sends.
+Whatever the bytes, the decoder answers with messages and ``ProtocolError`` only: a reader that
+catches ``ProtocolError`` never dies of a peer's bad message.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 
-from .protocol import MAX_ATTACHMENT_BYTES, MAX_LINE_BYTES, ProtocolError, array_dtype_shape, decode
+from .protocol import MAX_ATTACHMENT_BYTES, MAX_LINE_BYTES, ProtocolError, array_dtype_shape, decode, one_line
 
 Item = Union[Dict[str, Any], ProtocolError]
 
 
 class _Attachment:
-    """One announced attachment being read: its reference, and a buffer (None: skipped)."""
+    """One announced attachment being read: its reference, and the pieces that arrived (None: skipped)."""
 
     def __init__(self, name: str, ref: Dict[str, Any], nbytes: int, keep: bool):
         self.name, self.ref, self.nbytes, self.filled = name, ref, nbytes, 0
-        self.buffer: Optional[bytearray] = bytearray(nbytes) if keep else None
+        self.pieces: Optional[List[bytes]] = [] if keep else None
+
+    def array(self) -> np.ndarray:
+        """The pieces copied into one array of exactly the announced size, each freed once copied,
+        so the peak is about one array rather than two (``np.empty`` takes pages as they are written)."""
+        dtype, shape = array_dtype_shape(self.name, self.ref)
+        flat = np.empty(self.nbytes, np.uint8)
+        position, pieces, self.pieces = 0, self.pieces or [], None
+        pieces.reverse()
+        while pieces:
+            piece = pieces.pop()
+            flat[position:position + len(piece)] = np.frombuffer(piece, np.uint8)
+            position += len(piece)
+        return flat.view(dtype).reshape(shape)
 
 
 class MessageDecoder:
@@ -61,11 +78,16 @@ class MessageDecoder:
     def feed(self, data: bytes) -> List[Item]:
         out: List[Item] = []
         position = 0
-        while position < len(data) and not self.broken:
-            if self._pending:
-                position = self._fill(data, position, out)
-            else:
-                position = self._take_line(data, position, out)
+        try:
+            while position < len(data) and not self.broken:
+                if self._pending:
+                    position = self._fill(data, position, out)
+                else:
+                    position = self._take_line(data, position, out)
+        except Exception as exc:  # a case the checks below missed: the stream can no longer be followed
+            self.broken = True
+            out.append(ProtocolError(f"unreadable data from the peer ({one_line(exc)}); the connection must close",
+                                     fatal=True))
         return out
 
     def finish(self) -> List[Item]:
@@ -150,8 +172,8 @@ class MessageDecoder:
     def _fill(self, data: bytes, position: int, out: List[Item]) -> int:
         item = self._pending[0]
         take = min(item.nbytes - item.filled, len(data) - position)
-        if item.buffer is not None:
-            item.buffer[item.filled:item.filled + take] = data[position:position + take]
+        if item.pieces is not None:
+            item.pieces.append(bytes(data[position:position + take]))  # a whole bytes chunk is kept, not copied
         item.filled += take
         self._advance(out)
         return position + take
@@ -160,9 +182,11 @@ class MessageDecoder:
         """Finish the attachments that are complete; the message, once all of them are."""
         while self._pending and self._pending[0].filled == self._pending[0].nbytes:
             item = self._pending.pop(0)
-            if item.buffer is not None:
-                dtype, shape = array_dtype_shape(item.name, item.ref)
-                item.ref["data"] = np.frombuffer(item.buffer, dtype=dtype).reshape(shape)
+            if item.pieces is not None:
+                try:
+                    item.ref["data"] = item.array()
+                except Exception as exc:  # its bytes are read, so the stream is still in step
+                    self._error = self._error or ProtocolError(f"array {item.name!r}: cannot be made ({one_line(exc)})")
         if not self._pending and self._message is not None:
             out.append(self._error or self._message)
             self._message, self._error = None, None
@@ -174,6 +198,6 @@ def _mismatch(name: str, ref: Dict[str, Any]) -> Optional[str]:
         dtype, shape = array_dtype_shape(name, ref)
     except ProtocolError as exc:
         return str(exc)
-    if any(n < 0 for n in shape) or dtype.itemsize * int(np.prod(shape, dtype=np.int64)) != ref["nbytes"]:
+    if dtype.itemsize * math.prod(shape) != ref["nbytes"]:  # Python ints: no overflow
         return f"array {name!r}: {ref['nbytes']} bytes do not make shape {list(shape)} of {dtype}"
     return None

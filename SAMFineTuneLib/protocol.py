@@ -26,6 +26,8 @@ from typing import Any, BinaryIO, Dict, Optional, Tuple
 
 import numpy as np
 
+from .files import atomic_write
+
 PROTOCOL_VERSION = 4
 
 # Longest message line accepted (arrays are never inline, so a message is small).
@@ -51,6 +53,10 @@ EVENTS = ("hello", "accepted", "started", "progress", "log", "result", "error", 
 FINAL_EVENTS = ("result", "error", "cancelled")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
+# Array dtypes that travel: bool and plain numbers (no strings, records, objects, subarrays).
+_ARRAY_KINDS = "biufc"
+# Most dimensions of an array that travels: every numpy version makes 32 (numpy 2 makes 64).
+_MAX_DIMS = 32
 
 
 class ProtocolError(ValueError):
@@ -62,6 +68,14 @@ class ProtocolError(ValueError):
     def __init__(self, message: str, fatal: bool = False):
         super().__init__(message)
         self.fatal = fatal
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message``, short: how an unexpected error of a peer's data is named.
+    Python's advice to this process's programmer ("; use sys.set_int_max_str_digits()...") is cut:
+    it is not for whoever sent the data."""
+    text = (str(exc).splitlines() or [""])[0].split("; use ")[0]
+    return f"{type(exc).__name__}: {text[:limit]}"
 
 
 def _json_default(value: Any) -> Any:
@@ -116,6 +130,10 @@ def decode(line: "bytes | str") -> Dict[str, Any]:
         message = json.loads(line)
     except json.JSONDecodeError as exc:  # the line itself is never quoted: it may hold a token
         raise ProtocolError(f"malformed message (not JSON: {exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise ProtocolError("malformed message: JSON nested too deeply; send flatter params") from None
+    except Exception as exc:  # e.g. an integer of more digits than Python converts: the reader goes on
+        raise ProtocolError(f"malformed message ({one_line(exc)})") from None
     if not isinstance(message, dict):
         raise ProtocolError(f"malformed message: expected a JSON object, got {type(message).__name__}")
     return message
@@ -185,21 +203,35 @@ def crop_to_content(array: np.ndarray) -> Tuple[np.ndarray, Optional[Dict[str, A
     return block, {"offset": starts, "shape": list(array.shape)}
 
 
-def _uncrop(block: np.ndarray, crop: Dict[str, Any]) -> np.ndarray:
-    offset, shape = list(crop["offset"]), tuple(crop["shape"])
-    if len(offset) != block.ndim or len(shape) != block.ndim:
-        raise ProtocolError(f"crop {crop} does not fit an array of {block.ndim} dimensions")
-    full = np.zeros(shape, dtype=block.dtype)
+def _uncrop(name: str, block: np.ndarray, crop: Any) -> np.ndarray:
+    """The whole array a cropped block stands for; the crop must hold the block inside its shape,
+    and the whole may be no larger than an array sent uncropped could be."""
+    offset = crop.get("offset") if isinstance(crop, dict) else None
+    shape = crop.get("shape") if isinstance(crop, dict) else None
+    if not (_counts(offset, block.ndim) and _counts(shape, block.ndim)):
+        raise ProtocolError(f"array {name!r}: crop must be {{'offset': [..], 'shape': [..]}} with "
+                            f"{block.ndim} non-negative integers each")
+    if any(o + n > m for o, n, m in zip(offset, block.shape, shape)):
+        raise ProtocolError(f"array {name!r}: block {list(block.shape)} at offset {offset} does not fit "
+                            f"crop shape {shape}")
+    if block.dtype.itemsize * math.prod(max(n, 1) for n in shape) > MAX_ATTACHMENT_BYTES:
+        raise ProtocolError(f"array {name!r}: crop shape {shape} is over the {MAX_ATTACHMENT_BYTES} byte limit")
+    full = np.zeros(tuple(shape), dtype=block.dtype)
     full[tuple(slice(o, o + n) for o, n in zip(offset, block.shape))] = block
     return full
+
+
+def _counts(values: Any, length: int) -> bool:
+    """Whether ``values`` is a list of ``length`` integers, each from 0 to the largest numpy index."""
+    return (isinstance(values, list) and len(values) == length
+            and all(type(n) is int and 0 <= n <= np.iinfo(np.intp).max for n in values))
 
 
 def _as_sendable(arrays: Dict[str, Any], crop: bool) -> Dict[str, Tuple[np.ndarray, Optional[Dict[str, Any]]]]:
     out = {}
     for name, array in arrays.items():
         array = np.ascontiguousarray(array)
-        if array.dtype == object:
-            raise ProtocolError(f"array {name!r} has dtype object, which cannot be sent")
+        _check_dtype(name, array.dtype)
         croppable = crop and array.dtype in (np.uint8, np.bool_)
         out[_check_name(name)] = crop_to_content(array) if croppable else (array, None)
     return out
@@ -225,7 +257,7 @@ def write_message(
                 ref["crop"] = crop
             if folder is not None:
                 path = os.path.join(os.fspath(folder), name + ".npy")
-                np.save(path, array, allow_pickle=False)
+                atomic_write(path, lambda temp, array=array: _save_npy(temp, array))
                 ref["path"] = os.path.abspath(path)
             else:
                 ref["nbytes"] = int(array.nbytes)
@@ -236,6 +268,11 @@ def write_message(
     for array in payloads:
         stream.write(memoryview(array.reshape(-1)).cast("B"))
     stream.flush()
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+    with open(path, "wb") as stream:  # a file object: np.save would add ".npy" to a name without it
+        np.save(stream, array, allow_pickle=False)
 
 
 def read_message(stream: BinaryIO, max_line: int = MAX_LINE_BYTES,
@@ -268,24 +305,38 @@ def read_message(stream: BinaryIO, max_line: int = MAX_LINE_BYTES,
             return None
 
 
+def _check_dtype(name: str, dtype: np.dtype) -> None:
+    if dtype.kind not in _ARRAY_KINDS or dtype.fields is not None or dtype.subdtype is not None or dtype.itemsize < 1:
+        raise ProtocolError(f"array {name!r}: dtype {dtype.str!r} cannot travel; use bool, integer, float or "
+                            "complex arrays")
+
+
 def array_dtype_shape(name: str, ref: Dict[str, Any]) -> Tuple[np.dtype, Tuple[int, ...]]:
+    """The dtype and shape a reference names, checked so that numpy can make the array."""
+    dtype_text, shape = ref.get("dtype"), ref.get("shape")
+    if not isinstance(dtype_text, str) or not isinstance(shape, list) or len(shape) > _MAX_DIMS:
+        raise ProtocolError(f"array {name!r}: a reference needs 'dtype' (a string) and 'shape' (a list of at most "
+                            f"{_MAX_DIMS} integers)")
     try:
-        dtype = np.dtype(ref["dtype"])
-        shape = tuple(int(n) for n in ref["shape"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ProtocolError(f"array {name!r}: bad reference {ref!r} ({exc})") from None
-    if dtype.hasobject:
-        raise ProtocolError(f"array {name!r}: dtype {dtype} is not allowed")
-    return dtype, shape
+        dtype = np.dtype(dtype_text)
+    except Exception as exc:  # numpy's parser raises TypeError, ValueError, SyntaxError...
+        raise ProtocolError(f"array {name!r}: unknown dtype {dtype_text[:40]!r} ({type(exc).__name__})") from None
+    _check_dtype(name, dtype)
+    if not _counts(shape, len(shape)) or math.prod(n for n in shape if n) > np.iinfo(np.intp).max // dtype.itemsize:
+        raise ProtocolError(f"array {name!r}: shape {str(shape)[:100]} is not one numpy can make (non-negative "
+                            "integers, not too many elements)")
+    return dtype, tuple(shape)
 
 
 def load_arrays(refs: Optional[Dict[str, Any]], allow_files: bool = True) -> Dict[str, np.ndarray]:
     """The arrays a message names, read into memory (files are read whole, then may be deleted)."""
+    if not isinstance(refs or {}, dict):
+        raise ProtocolError("'arrays' must be a JSON object of array references")
     arrays = {}
     for name, ref in (refs or {}).items():
         if not isinstance(ref, dict):
             raise ProtocolError(f"array {name!r}: reference must be an object")
-        if "data" in ref:
+        if isinstance(ref.get("data"), np.ndarray):  # an attachment the decoder read
             array = ref["data"]
         elif "path" in ref:
             if not allow_files:
@@ -294,7 +345,7 @@ def load_arrays(refs: Optional[Dict[str, Any]], allow_files: bool = True) -> Dic
         else:
             raise ProtocolError(f"array {name!r}: reference has neither 'path' nor 'nbytes'")
         if ref.get("crop"):
-            array = _uncrop(array, ref["crop"])
+            array = _uncrop(name, array, ref["crop"])
         arrays[name] = array
     return arrays
 
@@ -303,11 +354,14 @@ def _load_file(name: str, ref: Dict[str, Any]) -> np.ndarray:
     path = ref["path"]
     if not isinstance(path, str) or not os.path.isfile(path):
         raise ProtocolError(f"array {name!r}: file not found: {path}")
+    dtype, shape = array_dtype_shape(name, ref)
     try:
         array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # OSError, ValueError, EOFError (an empty file)...
         raise ProtocolError(f"array {name!r}: cannot read {path}: {exc}") from None
-    dtype, shape = array_dtype_shape(name, ref)
+    if not isinstance(array, np.ndarray):  # an .npz archive
+        array.close()
+        raise ProtocolError(f"array {name!r}: {path} is not a .npy file")
     if array.dtype != dtype or array.shape != shape:
         raise ProtocolError(f"array {name!r}: file holds {array.dtype}{array.shape}, message says {dtype}{shape}")
     return array

@@ -4,17 +4,21 @@ as with one, and the incremental decoder under it gives the same messages howeve
 are split."""
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
+import socket
 import threading
 import time
+import tracemalloc
 
 import numpy as np
 import pytest
 
 from SAMFineTuneLib import protocol
 from SAMFineTuneLib.client import JobCancelled, WorkerClient, WorkerCrashed
+from SAMFineTuneLib.client import connections
 from SAMFineTuneLib.message_decoder import MessageDecoder
 from SAMFineTuneLib.protocol import ProtocolError
 from worker_servers import ENV, start_server, stop_server
@@ -84,6 +88,109 @@ def test_decoder_skips_an_over_long_line_whole_and_refuses_attachments_it_may_no
     items = wrong.feed(protocol.encode({"id": "e", "arrays": {"a": {"dtype": "<f4", "shape": [3], "nbytes": 8}}})
                        + b"\0" * 8 + protocol.encode(protocol.request("p", "ping")))
     assert "8 bytes do not make shape [3]" in str(items[0]) and not items[0].fatal and items[1]["id"] == "p"
+
+
+def test_decoder_reports_a_bad_line_and_gives_the_rest_of_the_chunk():
+    ping = protocol.encode(protocol.request("p", "ping"))
+    bad = {"dtype": "|u1", "shape": [2**32, 2**32], "nbytes": 0}
+    for first in (b"[" * 20000 + b"\n", protocol.encode({"id": "a", "arrays": {"x": bad}})):
+        items = MessageDecoder().feed(first + ping)
+        assert len(items) == 2 and isinstance(items[0], ProtocolError) and items[1]["id"] == "p"
+
+
+def test_decoder_holds_only_the_attachment_bytes_that_arrived():
+    announced = 64 << 20
+    header = protocol.encode({"id": "a", "arrays": {"x": {"dtype": "|u1", "shape": [announced], "nbytes": announced}}})
+    decoder = MessageDecoder()
+    tracemalloc.start()
+    try:
+        assert decoder.feed(header + b"\1" * 1000) == [] and decoder.wants == announced - 1000
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20  # not the 64 MiB the header announced
+    piece = b"\2" * (1 << 20)
+    items = []
+    while decoder.wants:
+        items += decoder.feed(piece[:decoder.wants])
+    data = items[0]["arrays"]["x"]["data"]
+    assert data.shape == (announced,) and data[999] == 1 and data[1000] == 2 and data[-1] == 2
+
+
+# --- a worker that sends what it should not ----------------------------------------------------
+
+
+def _fake_server(send):
+    """A TCP 'worker' that says hello, answers the client's hello, reads one request and then
+    sends ``send`` (bytes) before closing; returns its port."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        conn, _ = listener.accept()
+        lines = conn.makefile("rb")
+        with contextlib.suppress(OSError):  # the client may hang up first
+            conn.sendall(protocol.encode(protocol.event(None, "hello", protocol=protocol.PROTOCOL_VERSION, auth=True)))
+            lines.readline()
+            conn.sendall(protocol.encode(protocol.event("j1", "result", result={})))
+            lines.readline()
+            conn.sendall(send)
+            time.sleep(0.3)
+            conn.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        listener.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener.getsockname()[1]
+
+
+def _job_against(send, reader, seconds=10.0):
+    client = WorkerClient(address=("127.0.0.1", _fake_server(send)), token="t" * 20, reader=reader)
+    try:
+        client.start(timeout=10)
+        job = client.submit("ping")
+        deadline = time.monotonic() + seconds
+        while not job.done and time.monotonic() < deadline:
+            client.poll(0.05)
+        return job
+    finally:
+        client.shutdown()
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_bad_messages_from_the_worker_never_leave_a_job_waiting(reader):
+    late = protocol.encode(protocol.event("j2", "progress", done=2, total=4))
+    bad = [b"[" * 20000 + b"\n", b'{"v":4,"id":"j2","event":"log","x":' + b"1" * 5000 + b"}\n",
+           protocol.encode(protocol.event(["j2"], "progress")),
+           protocol.encode(protocol.event("j2", "progress", done="x", total=1e300)),
+           protocol.encode(protocol.event("j2", "result", arrays={"x": {"dtype": "|V0", "shape": [4], "nbytes": 0}}))]
+    job = _job_against(b"".join(bad) + late, reader)
+    assert job.state == "error" and job.step == (2, 4)  # the lines after the bad ones were read
+    job = _job_against(b"[" * 20000 + b"\n", reader)  # then the server went away
+    assert job.state == "error" and isinstance(job.exception, WorkerCrashed)
+
+
+def test_the_reader_thread_always_ends_the_connection(monkeypatch):
+    def broken_reader(stream, **limits):
+        raise RuntimeError("something unforeseen")
+
+    monkeypatch.setattr(connections.protocol, "read_message", broken_reader)
+    client = WorkerClient(address=("127.0.0.1", _fake_server(b"")), token="t" * 20)
+    with pytest.raises(WorkerCrashed, match="cannot follow .*RuntimeError: something unforeseen"):
+        client.start(timeout=10)
+    assert not client.connected
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_a_tcp_worker_cannot_make_the_client_read_local_files(tmp_path, reader):
+    secret = tmp_path / "secret.npy"
+    np.save(secret, np.arange(4))
+    ref = {"dtype": "<i8", "shape": [4], "path": str(secret)}
+    job = _job_against(protocol.encode(protocol.event("j2", "result", result={}, arrays={"x": ref})), reader)
+    assert job.state == "error" and "file references are refused" in job.error and not job.arrays
+    crop = {"dtype": "|u1", "shape": [2], "nbytes": 2, "crop": {"offset": [5], "shape": [4]}}
+    job = _job_against(protocol.encode(protocol.event("j2", "result", result={}, arrays={"x": crop})) + b"\1\1",
+                       reader)
+    assert job.state == "error" and "does not fit" in job.error
 
 
 # --- thread and poll give the same events ---------------------------------------------------

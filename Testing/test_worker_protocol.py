@@ -118,6 +118,91 @@ def test_truncated_attachment_is_a_protocol_error():
         protocol.read_message(stream)
 
 
+_BAD_LINES = {
+    "nested JSON": b"[" * 60000 + b"\n",
+    "an integer of 5000 digits": b'{"v":4,"id":"a","command":"ping","params":{"x":' + b"1" * 5000 + b"}}\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(_BAD_LINES))
+def test_any_unreadable_line_is_a_one_line_protocol_error_and_the_reader_goes_on(name):
+    line = _BAD_LINES[name]
+    with pytest.raises(ProtocolError, match="malformed message") as caught:
+        protocol.decode(line)
+    assert "\n" not in str(caught.value) and not caught.value.fatal
+    stream = io.BytesIO(line + protocol.encode(protocol.request("p", "ping")))
+    with pytest.raises(ProtocolError):
+        protocol.read_message(stream, max_line=protocol.HELLO_MAX_BYTES, attachments=False)
+    assert protocol.read_message(stream)["id"] == "p"
+
+
+_BAD_REFS = {
+    "a shape whose int64 byte count overflows to 0": ({"dtype": "|u1", "shape": [2**32, 2**32]}, 0),
+    "a shape element over int64": ({"dtype": "|u1", "shape": [2**64]}, 0),
+    "a huge element beside a zero": ({"dtype": "|u1", "shape": [2**62, 2**62, 0]}, 0),
+    "a zero-itemsize dtype": ({"dtype": "|V0", "shape": [4]}, 0),
+    "a subarray dtype": ({"dtype": "(2,)<f4", "shape": [1]}, 8),
+    "a record dtype": ({"dtype": [["a", "<f4"]], "shape": [2]}, 8),
+    "a string dtype": ({"dtype": "<U2", "shape": [1]}, 8),
+    "an unparsable dtype": ({"dtype": "(((", "shape": [1]}, 1),
+    "too many dimensions": ({"dtype": "|u1", "shape": [1] * 70}, 1),
+    "a float shape": ({"dtype": "|u1", "shape": [1.5]}, 1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_BAD_REFS))
+def test_an_attachment_numpy_cannot_make_is_a_protocol_error_and_the_stream_stays_in_step(name):
+    ref, nbytes = _BAD_REFS[name]
+    line = protocol.encode({"id": "a", "arrays": {"x": dict(ref, nbytes=nbytes)}})
+    stream = io.BytesIO(line + b"\0" * nbytes + protocol.encode(protocol.request("p", "ping")))
+    with pytest.raises(ProtocolError, match="array 'x'") as caught:
+        protocol.read_message(stream)
+    assert not caught.value.fatal and "\n" not in str(caught.value)
+    assert protocol.read_message(stream)["id"] == "p"
+
+
+def test_arrays_that_cannot_travel_are_refused_when_sent():
+    with pytest.raises(ProtocolError, match="cannot travel"):
+        protocol.write_message(io.BytesIO(), protocol.event("j", "result"), {"names": np.array(["a", "b"])})
+
+
+def test_arrays_written_to_a_folder_replace_their_file_whole(tmp_path, monkeypatch):
+    old = np.arange(5)
+    np.save(tmp_path / "mask.npy", old)
+
+    def full_disk(file, array, allow_pickle=True):  # writes a little, then the disk is full
+        with open(file, "wb") if isinstance(file, (str, os.PathLike)) else contextlib.nullcontext(file) as out:
+            out.write(b"\x93NUMPY")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "save", full_disk)
+    with pytest.raises(OSError, match="could not write .*mask.npy"):
+        protocol.write_message(io.BytesIO(), protocol.event("j", "result"), {"mask": np.ones(3)}, folder=tmp_path)
+    monkeypatch.undo()
+    assert np.array_equal(np.load(tmp_path / "mask.npy"), old) and os.listdir(tmp_path) == ["mask.npy"]
+
+
+@pytest.mark.parametrize("crop, why", [
+    ({"offset": [3, 0], "shape": [4, 4]}, "does not fit"),
+    ({"offset": [-1, 0], "shape": [4, 4]}, "non-negative integers"),
+    ({"offset": [0], "shape": [4]}, "2 non-negative integers"),
+    ({"offset": [0, 0], "shape": [10**6, 10**6]}, "byte limit"),
+    ({"offset": [0, 0], "shape": [2**70, 0]}, "non-negative integers"),
+    ([0, 0], "crop must be"),
+])
+def test_a_crop_must_hold_its_block_and_stay_in_bounds(crop, why):
+    block = np.ones((2, 2), np.uint8)
+    with pytest.raises(ProtocolError, match=why):
+        protocol.load_arrays({"m": {"data": block, "crop": crop}})
+
+
+def test_array_data_comes_only_from_attachments_or_files():
+    with pytest.raises(ProtocolError, match="neither 'path' nor 'nbytes'"):
+        protocol.load_arrays({"m": {"dtype": "<f4", "shape": [2], "data": [1.0, 2.0]}})
+    with pytest.raises(ProtocolError, match="must be a JSON object"):
+        protocol.load_arrays([{"data": 1}])
+
+
 def test_lib_files_parse_as_python_310_and_client_needs_no_torch():
     for path in LIB.rglob("*.py"):
         ast.parse(path.read_text(), filename=str(path), feature_version=(3, 10))
@@ -431,7 +516,10 @@ def test_tcp_refuses_non_loopback_without_token(tmp_path):
 
 
 def test_tcp_rejects_wrong_token_and_accepts_right_one(tmp_path):
-    proc, host, port, printed = start_server(tmp_path, "--host", "0.0.0.0", "--token", "s3cret-s3cret-s3cret")
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-s3cret-s3cret\n")
+    token_file.chmod(0o600)
+    proc, host, port, printed = start_server(tmp_path, "--host", "0.0.0.0", "--token-file", str(token_file))
     try:
         assert host == "0.0.0.0" and printed is None  # allowed off loopback because a token is set; never printed
         for token in ("wrong", None):

@@ -50,7 +50,10 @@ class Connection:
             self._start_polling()
 
     def _read_loop(self) -> None:
+        """Whatever the worker sends, this thread ends by queueing "eof" (with why, when it is not
+        the stream's end), so the client ends the open jobs instead of waiting for them forever."""
         while True:
+            reason = None
             try:
                 message = protocol.read_message(self.reader)
             except ProtocolError as exc:
@@ -58,10 +61,12 @@ class Connection:
                 if not exc.fatal:
                     continue
                 message = None
-            except (OSError, ValueError):
+            except (OSError, ValueError):  # the stream closed: describe_end says how
                 message = None
+            except Exception as exc:  # anything else ends the connection too, never just this thread
+                message, reason = None, _unfollowable(exc)
             if message is None:
-                self.events.put((self, "eof", None))
+                self.events.put((self, "eof", reason))
                 return
             self.events.put((self, "msg", message))
 
@@ -87,7 +92,7 @@ class Connection:
         while taken < PUMP_BYTES:
             try:
                 data = self._read_available()
-            except (OSError, ValueError):
+            except Exception:  # a closed or broken pipe or socket: the end of the stream
                 data = b""
             if data is None:
                 left = deadline - time.monotonic()
@@ -95,7 +100,7 @@ class Connection:
                     return
                 self._wait_readable(left)
                 continue
-            items = self.decoder.feed(data) if data else self.decoder.finish()
+            items = self.decoder.feed(data) if data else self.decoder.finish()  # it raises nothing else
             for item in items:
                 self.events.put((self, "bad", item) if isinstance(item, ProtocolError) else (self, "msg", item))
             if not data or self.decoder.broken:
@@ -228,6 +233,11 @@ class SocketConnection(Connection):
 
     def kill(self) -> None:
         self.close()
+
+
+def _unfollowable(exc: BaseException) -> str:
+    """Why a connection ends on data the client cannot read (the worker may still be running)."""
+    return f"the worker sent data this client cannot follow ({protocol.one_line(exc)}); the connection was closed"
 
 
 def _tail(path: str, nbytes: int = 3000) -> str:

@@ -236,7 +236,7 @@ class WorkerClient:
         if conn is not self._res.conn:
             return 0  # from a worker we already gave up on
         if kind == "eof":
-            self._lost(conn)
+            self._lost(conn, payload)  # payload: why, when the connection ended on unreadable data
         elif kind == "bad":
             log.warning("unreadable message from the worker: %s", payload)
         else:
@@ -244,7 +244,8 @@ class WorkerClient:
         return 1
 
     def _on_message(self, conn: Connection, message: Dict[str, Any]) -> None:
-        name, job = message.get("event"), self._jobs.get(message.get("id"))
+        job_id = message.get("id")
+        name, job = message.get("event"), self._jobs.get(job_id) if isinstance(job_id, str) else None
         if message.get("v") != PROTOCOL_VERSION or (name == "hello" and message.get("protocol") != PROTOCOL_VERSION):
             worker_version = message.get("protocol", message.get("v"))
             self._lost(conn, f"protocol version mismatch: the worker speaks v{worker_version}, this client "
@@ -261,7 +262,7 @@ class WorkerClient:
         if name == "started":
             job.state = "running"
         elif name == "progress":
-            done, total = int(message.get("done", 0)), int(message.get("total", 0))
+            done, total = _count(message.get("done")), _count(message.get("total"))
             job.step, job.progress = (done, total), (done / total if total else 0.0)
             if not job.cancel_requested:  # keep showing "cancelling"
                 job.message = str(message.get("message", ""))
@@ -271,9 +272,9 @@ class WorkerClient:
             if job.cancel_requested:
                 self._finish(job, "cancelled")  # a late result of a cancelled job is dropped
             else:
-                try:
-                    arrays = protocol.load_arrays(message.get("arrays"))
-                except ProtocolError as exc:
+                try:  # files only from the child worker (conn.files): a server must not make Slicer read them
+                    arrays = protocol.load_arrays(message.get("arrays"), allow_files=conn.files)
+                except (ProtocolError, MemoryError) as exc:
                     self._finish(job, "error", error=f"ProtocolError: {exc}")
                 else:
                     self._finish(job, "done", result=message.get("result") or {}, arrays=arrays)
@@ -382,3 +383,8 @@ class WorkerClient:
 
     def __exit__(self, *exc_info) -> None:
         self.shutdown()
+
+
+def _count(value: Any) -> int:
+    """A step count from a progress event; anything but a non-negative integer counts as 0."""
+    return value if type(value) is int and value >= 0 else 0
