@@ -132,10 +132,17 @@ def _card_bytes(adapter_dir: str) -> bytes:
 
 
 def _parse_card(data: bytes, adapter_dir: str) -> Dict[str, Any]:
-    card = json.loads(data.decode("utf-8"))
+    path = os.path.join(str(adapter_dir), CARD_FILE)
+    try:
+        card = json.loads(data.decode("utf-8"))  # UnicodeDecodeError is a ValueError too
+    except ValueError as error:
+        raise ValueError(f"{path} is not a readable model card ({str(error).splitlines()[0]}); train the adapter "
+                         "again or choose another adapter") from None
+    if not isinstance(card, dict):
+        raise ValueError(f"{path} is not a model card (it holds a JSON {type(card).__name__}, not an object); "
+                         "train the adapter again or choose another adapter")
     if card.get("format") != CARD_FORMAT:
-        raise ValueError(f"{os.path.join(str(adapter_dir), CARD_FILE)}: unknown adapter format "
-                         f"{card.get('format')!r} (expected {CARD_FORMAT})")
+        raise ValueError(f"{path}: unknown adapter format {card.get('format')!r} (expected {CARD_FORMAT})")
     return card
 
 

@@ -16,13 +16,20 @@ import contextlib
 import errno
 import json
 import os
+import secrets
 import shutil
 import socket
+import stat
 import tempfile
 import time
 from typing import Any, Callable, Iterator, Optional
 
+from .progress import Cancelled
+
 LOCK_FILE = ".samfinetune.lock"
+#: A lock file whose record is still unreadable after this long was left by a process that died
+#: between creating it and writing its record; a younger one belongs to a holder still writing it.
+UNREADABLE_LOCK_STALE_S = 10.0
 
 
 class WriteError(OSError):
@@ -48,9 +55,35 @@ def atomic_target(path: str) -> str:
     folder = os.path.dirname(os.path.abspath(path)) or "."
     name = os.path.basename(path)
     suffix = ".nii.gz" if name.endswith(".nii.gz") else os.path.splitext(name)[1]
-    handle, temp = tempfile.mkstemp(prefix="." + name + ".", suffix=".part" + suffix, dir=folder)
-    os.close(handle)
-    return temp
+    return _create_beside(folder, "." + name + ".", ".part" + suffix, _new_file)
+
+
+def _new_file(path: str) -> None:
+    # Mode 0o666 as open() asks: the kernel applies the umask (or the folder's default ACL) itself,
+    # so the umask is never read (os.umask sets it too, process-wide, racing other threads).
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666))
+
+
+def _create_beside(folder: str, prefix: str, suffix: str, create: Callable[[str], None]) -> str:
+    """``create`` a new, unused name in ``folder``. tempfile's mkstemp/mkdtemp would make it
+    private (0600/0700), and the rename would carry that onto files others must read."""
+    for _ in range(100):
+        path = os.path.join(folder, prefix + secrets.token_hex(4) + suffix)
+        try:
+            create(path)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no unused temporary name", folder)
+
+
+def _keep_mode(temp: str, path: str) -> None:
+    """Give ``temp`` the mode of the file it replaces (a group-shared dataset stays shared)."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return  # nothing there yet: the mode the temp file was created with stands
+    os.chmod(temp, mode)
 
 
 def atomic_write(path: str, write: Callable[[str], Any], verify: Optional[Callable[[str], None]] = None) -> None:
@@ -67,17 +100,27 @@ def atomic_write(path: str, write: Callable[[str], Any], verify: Optional[Callab
         _flush_to_disk(temp)
         if verify is not None:
             verify(temp)
+        _keep_mode(temp, path)
         os.replace(temp, path)
     except BaseException as exc:
         error = None  # judged before the temp file goes, while a full disk is still full
-        if isinstance(exc, (OSError, ValueError)) and not isinstance(exc, (WriteError, FileNotFoundError)):
+        if _is_write_failure(exc):
             error = _write_error(path, exc)
         with contextlib.suppress(OSError):
             os.unlink(temp)
         if error is not None:
-            raise error from None
+            # A writer's own exception (torch, safetensors) keeps its traceback as the cause.
+            raise error from (None if isinstance(exc, (OSError, ValueError)) else exc)
         raise
     _sync_folder(os.path.dirname(os.path.abspath(path)))
+
+
+def _is_write_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` from a writer means the file did not land. Writers report a full disk or a
+    file-size limit in their own ways (torch: RuntimeError, safetensors: SafetensorError), so any
+    Exception counts, except a cancel, a lack of memory, this module's own errors and a missing
+    input (FileNotFoundError), which keep their own meaning."""
+    return isinstance(exc, Exception) and not isinstance(exc, (WriteError, FileNotFoundError, Cancelled, MemoryError))
 
 
 def _write_error(path: str, exc: BaseException) -> WriteError:
@@ -86,7 +129,8 @@ def _write_error(path: str, exc: BaseException) -> WriteError:
     if isinstance(exc, OSError):
         reason, code = exc.strerror or str(exc), exc.errno or errno.EIO
     else:
-        reason, code = f"the file came out incomplete ({exc})", errno.EIO
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        reason, code = f"the file came out incomplete ({first_line})", errno.EIO
     if code == errno.EIO:
         code = _likely_cause(os.path.dirname(os.path.abspath(path)))
     hint = {errno.ENOSPC: "the disk is full: free some space", errno.EFBIG: "the file is over this process's "
@@ -146,7 +190,7 @@ def atomic_folder(path: str, write: Callable[[str], Any]) -> None:
     already at ``path`` is kept: another process wrote it first (remove it to replace it)."""
     parent = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(parent, exist_ok=True)
-    temp = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", suffix=".part", dir=parent)
+    temp = _create_beside(parent, "." + os.path.basename(path) + ".", ".part", lambda name: os.mkdir(name, 0o777))
     try:
         write(temp)
         try:
@@ -250,12 +294,15 @@ def folder_lock(folder: str, purpose: str) -> Iterator[str]:
     ``FolderBusy`` error naming that process. A lock left by a process that died is taken over.
     Yields the lock file's path."""
     path = os.path.join(os.path.abspath(folder), LOCK_FILE)
-    record = {"pid": os.getpid(), "host": socket.gethostname(), "purpose": purpose, "time": time.time()}
+    record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "purpose": purpose, "time": time.time()})
     for _ in range(3):
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
             holder = _lock_holder(path)
+            if holder is None and _written_lately(path):
+                raise FolderBusy(f"{folder} is being written by another process (it is taking the lock {path}); "
+                                 f"wait for it to finish, or delete {path} if no process is writing there") from None
             if holder is not None and _holder_alive(holder):
                 raise FolderBusy(_busy_message(folder, path, holder)) from None
             if holder != {}:  # {}: released meanwhile; else the holder died and its lock is stale
@@ -264,16 +311,40 @@ def folder_lock(folder: str, purpose: str) -> Iterator[str]:
         except OSError as exc:
             raise WriteError(f"cannot write in {folder}: {exc.strerror or exc}; choose a folder you can write to",
                              exc.errno or errno.EACCES) from None
+        identity = _identity(os.fstat(fd))
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(record, handle)
+            handle.write(record)
         break
     else:
         raise FolderBusy(f"could not take the lock {path}: other processes keep taking it; try again")
     try:
         yield path
     finally:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+        _release_own_lock(path, identity, record)
+
+
+def _identity(info: os.stat_result) -> tuple:
+    return info.st_dev, info.st_ino
+
+
+def _written_lately(path: str) -> bool:
+    """Whether ``path`` was written less than ``UNREADABLE_LOCK_STALE_S`` ago (False once it is gone)."""
+    try:
+        return time.time() - os.stat(path).st_mtime < UNREADABLE_LOCK_STALE_S
+    except OSError:
+        return False
+
+
+def _release_own_lock(path: str, identity: tuple, record: str) -> None:
+    """Delete the lock file only while it is still this holder's (same file, same record): another
+    process that took it over (judging this one dead) keeps its lock."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            if _identity(os.fstat(handle.fileno())) != identity or handle.read() != record:
+                return
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _lock_holder(path: str) -> Optional[dict]:

@@ -128,3 +128,73 @@ def test_a_damaged_tensor_file_is_a_clear_error(tmp_path, lora_decoder):
         handle.truncate(os.path.getsize(path) // 2)
     with pytest.raises(ValueError, match=f"{path} is not a readable safetensors file .*train the adapter again"):
         adapters.read_adapter(folder)
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="no symbolic links")
+def test_a_symlinked_output_folder_is_replaced_at_its_target_run_after_run(tmp_path, lora_decoder):
+    (tmp_path / "adapters" / "v3").mkdir(parents=True)
+    link = tmp_path / "current"
+    os.symlink(tmp_path / "adapters" / "v3", link)
+    for version in (1, 2):  # the first run into the link, and the next one
+        settle(str(link))
+        check_output_folder(str(link), adapters.ADAPTER_FILES)
+        with FolderLock(str(link)) as lock:
+            write_version(str(link), lora_decoder, version, lock)
+            write_version(str(link), lora_decoder, version, lock)  # a run rewrites its folder every epoch
+        assert os.path.islink(link) and read_version(str(link)) == version
+        assert sorted(os.listdir(tmp_path)) == ["adapters", "current"]
+        assert os.listdir(tmp_path / "adapters") == ["v3"]
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="no symbolic links")
+def test_a_link_left_beside_the_folder_is_unlinked_and_its_target_kept(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    os.symlink(tmp_path / "mine", sibling(str(tmp_path / "adapter"), "new"))
+    with FolderLock(str(tmp_path / "adapter")) as lock:
+        replace_folder(str(tmp_path / "adapter"), lambda staging: None, lock)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    assert sorted(os.listdir(tmp_path)) == ["adapter", "mine"]
+
+
+def test_reading_a_mistyped_adapter_path_creates_nothing(tmp_path):
+    typo = tmp_path / "no such" / "dir" / "my adapter"
+    with pytest.raises(ValueError, match="not a SAMFineTune adapter"):
+        adapters.read_model_card(str(typo))
+    with pytest.raises(ValueError, match="not a SAMFineTune adapter"):
+        adapters.read_adapter(str(typo), attempts=1)
+    settle(str(tmp_path / "never"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_released_lock_leaves_no_file_and_no_folder_it_made(tmp_path):
+    folder = str(tmp_path / "typo" / "adapters" / "new")
+    first = FolderLock(folder).acquire()
+    second = FolderLock(folder)
+    assert not second.try_acquire()
+    first.release()
+    assert os.listdir(tmp_path) == []  # a run that failed before writing leaves nothing
+    assert second.try_acquire()  # the lock is free again, on a new file
+    assert not FolderLock(folder).try_acquire()
+    os.makedirs(folder)  # the run wrote its folder: the folders stay
+    second.release()
+    assert os.listdir(tmp_path / "typo" / "adapters") == ["new"]
+
+
+def test_a_damaged_model_card_is_a_clear_error(tmp_path):
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    card = folder / adapters.CARD_FILE
+    for text in ('{"format": "samfinetune-lora-de', "[1, 2]", "\udcff"):
+        card.write_bytes(text.encode("utf-8", "surrogateescape"))
+        with pytest.raises(ValueError, match=f"{card} is not a (readable )?model card .*train the adapter again or "
+                                             "choose another adapter$"):
+            adapters.read_model_card(str(folder))
+
+
+def test_a_replaced_adapter_folder_keeps_its_mode(tmp_path, lora_decoder):
+    folder = str(tmp_path / "adapter")
+    write_version(folder, lora_decoder, 1)
+    os.chmod(folder, 0o2770)  # shared with the lab's group
+    write_version(folder, lora_decoder, 2)
+    assert os.stat(folder).st_mode & 0o7777 == 0o2770 and read_version(folder) == 2

@@ -239,3 +239,95 @@ def test_two_exports_never_write_one_folder_at_once(tmp_path):
     ds.export_dataset([make_case(30)], root)  # the dead process's lock is taken over
     assert [c.case for c in ds.read_dataset(root).cases] == ["case00", "case01", "case30"]
     assert not os.path.exists(root / files.LOCK_FILE)
+
+
+def test_a_released_lock_is_deleted_and_a_lock_taken_over_meanwhile_is_kept(tmp_path):
+    path = tmp_path / files.LOCK_FILE
+    with files.folder_lock(str(tmp_path), "export"):
+        assert path.exists()
+    assert not path.exists()
+    with files.folder_lock(str(tmp_path), "export"):
+        # another process judged this holder dead and took the lock over: it keeps its lock
+        path.unlink()
+        path.write_text(json.dumps({"pid": 1, "host": "elsewhere", "purpose": "export", "time": 0.0}))
+    assert json.loads(path.read_text())["host"] == "elsewhere"
+
+
+def test_a_lock_whose_record_is_not_written_yet_is_busy_until_it_is_old(tmp_path):
+    path = tmp_path / files.LOCK_FILE
+    path.write_text("")  # its holder created it and has not written its record yet
+    with pytest.raises(files.FolderBusy, match=f"being written by another process .*taking the lock {path}"):
+        with files.folder_lock(str(tmp_path), "export"):
+            pass
+    assert path.read_text() == ""
+    old = os.stat(path).st_mtime - 2 * files.UNREADABLE_LOCK_STALE_S
+    os.utime(path, (old, old))  # its holder died before writing it: taken over
+    with files.folder_lock(str(tmp_path), "export"):
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+    assert not path.exists()
+
+
+# --- modes and writers' own errors -------------------------------------------------------------
+
+
+def test_written_files_follow_the_umask_and_keep_a_replaced_files_mode(tmp_path):
+    mode = lambda path: os.stat(path).st_mode & 0o777
+    previous = os.umask(0o002)  # a lab that shares its datasets with the group
+    try:
+        files.write_text_atomic(str(tmp_path / "new.json"), "{}")
+        files.atomic_folder(str(tmp_path / "model"), lambda temp: None)
+    finally:
+        os.umask(previous)
+    assert mode(tmp_path / "new.json") == 0o664 and mode(tmp_path / "model") == 0o775
+    (tmp_path / "shared.json").write_text("{}")
+    os.chmod(tmp_path / "shared.json", 0o640)
+    files.write_json_atomic(str(tmp_path / "shared.json"), {"a": 1})
+    assert mode(tmp_path / "shared.json") == 0o640 and json.loads((tmp_path / "shared.json").read_text()) == {"a": 1}
+
+
+class LibraryError(Exception):
+    """A writer library's own error type (safetensors raises SafetensorError, an Exception)."""
+
+
+def test_any_writer_error_is_a_one_line_write_error_but_a_cancel_passes_through(tmp_path):
+    from SAMFineTuneLib.progress import Cancelled
+
+    target = tmp_path / "state.pt"
+    target.write_bytes(b"the previous state")
+    for error in (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 832 vs 726\nframe #0"),
+                  LibraryError("Error while serializing: I/O error: No space left on device (os error 28)")):
+        def write(temp, error=error):
+            open(temp, "wb").write(b"half")
+            raise error
+
+        with pytest.raises(files.WriteError) as caught:
+            files.atomic_write(str(target), write)
+        message = str(caught.value)
+        assert message.startswith(f"could not write {target}: the file came out incomplete (") and "\n" not in message
+        assert str(error).splitlines()[0] in message
+    for error in (Cancelled("cancelled by the user"), KeyboardInterrupt()):
+        with pytest.raises(type(error)):
+            files.atomic_write(str(target), lambda temp, error=error: (_ for _ in ()).throw(error))
+    assert target.read_bytes() == b"the previous state" and os.listdir(tmp_path) == ["state.pt"]
+
+
+def test_torch_and_safetensors_under_a_file_size_limit_give_write_errors(tmp_path):
+    code = f"""
+        import torch
+        from safetensors.torch import save_file
+        from SAMFineTuneLib.files import atomic_write
+        tensors = {{"w": torch.zeros(200_000)}}
+        for name, write in (("state.pt", lambda temp: torch.save(tensors, temp)),
+                            ("adapter.safetensors", lambda temp: save_file(tensors, temp))):
+            try:
+                atomic_write({str(tmp_path)!r} + "/" + name, write)
+            except Exception as error:
+                print(type(error).__name__ + ":", str(error).replace(chr(10), " | "))
+    """
+    done = limited([sys.executable, "-c", textwrap.dedent(code)], 100_000)
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 2, done
+    for line, name in zip(lines, ("state.pt", "adapter.safetensors")):
+        assert line.startswith(f"WriteError: could not write {tmp_path}/{name}: "), line
+        assert "file-size limit" in line and "|" not in line, line
+    assert os.listdir(tmp_path) == []

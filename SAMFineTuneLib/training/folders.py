@@ -16,23 +16,34 @@ one), so a reader sees the old adapter or the new one, never a mix. A lock file 
 (``.NAME.lock``, held with an OS file lock that ends with its process, so a crash leaves nothing
 stale) stops two trainings writing one folder at once; the loser's error names the holder.
 
+A NAME that is a symbolic link (``current`` -> ``adapters/v3``) is swapped at its target: the
+link stays a link, and the steps above never rename the link itself.
+
 Torch-free: readers import it before any model loads.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
+import stat
 import time
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, List, Optional
 
 #: Written last into every complete adapter folder (``adapters.CARD_FILE``).
 COMPLETE_MARK = "model_card.json"
 
 
+def resolved(folder: str) -> str:
+    """``folder`` with symbolic links followed: the folder the swap replaces (renaming a link
+    would move the link aside and leave the user's folder behind a hidden name)."""
+    return os.path.realpath(os.path.abspath(folder))
+
+
 def sibling(folder: str, kind: str) -> str:
-    """``.NAME.<kind>`` beside ``folder``: "new", "old" or "lock"."""
-    folder = os.path.abspath(folder)
+    """``.NAME.<kind>`` beside ``folder`` (links followed): "new", "old" or "lock"."""
+    folder = resolved(folder)
     return os.path.join(os.path.dirname(folder), f".{os.path.basename(folder)}.{kind}")
 
 
@@ -41,7 +52,9 @@ def _complete(folder: str) -> bool:
 
 
 def _remove(folder: str) -> None:
-    if os.path.isdir(folder):
+    if os.path.islink(folder):  # a link's target is not ours to delete
+        os.unlink(folder)
+    elif os.path.isdir(folder):
         shutil.rmtree(folder)
 
 
@@ -54,13 +67,19 @@ class FolderLock:
         self.path = sibling(self.folder, "lock")
         self.purpose = purpose
         self.handle = None
+        self.created: List[str] = []  # folders made for the lock file, removed with it if still empty
 
     def try_acquire(self) -> bool:
+        created = _missing_folders(os.path.dirname(self.path))
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        handle = open(self.path, "a+", encoding="utf-8")
-        if not _lock_file(handle):
-            handle.close()
+        try:
+            handle = open(self.path, "a+", encoding="utf-8")
+        except FileNotFoundError:  # a holder releasing the lock removed the folder just made: look again
             return False
+        if not _lock_file(handle) or not _same_file(handle, self.path):
+            handle.close()  # held, or a file its holder deleted on release (the lock lives on a new one)
+            return False
+        self.created = created
         handle.seek(0)
         handle.truncate()
         handle.write(f"{self.purpose} by process {os.getpid()} on {socket.gethostname()}, since "
@@ -87,16 +106,52 @@ class FolderLock:
         return self
 
     def release(self) -> None:
-        if self.handle is not None:
-            _unlock_file(self.handle)
-            self.handle.close()
-            self.handle = None
+        """Unlock and delete the lock file (and the folders made for it, if nothing else went
+        there): a run that wrote nothing leaves nothing. Waiting processes check that the file
+        they lock is still the one at the path, so deleting it cannot hand the lock to two."""
+        if self.handle is None:
+            return
+        mine = _same_file(self.handle, self.path)
+        if mine and os.name != "nt":  # POSIX: delete while holding; Windows cannot delete an open file
+            _unlink(self.path)
+        _unlock_file(self.handle)
+        self.handle.close()
+        self.handle = None
+        if mine and os.name == "nt":
+            _unlink(self.path)
+        for folder in reversed(self.created):
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)  # fails, as meant, once anything is in it
+        self.created = []
 
     def __enter__(self) -> "FolderLock":
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _missing_folders(folder: str) -> List[str]:
+    """The folders that ``os.makedirs(folder)`` would create, outermost first."""
+    missing = []
+    while folder and not os.path.exists(folder):
+        missing.insert(0, folder)
+        parent = os.path.dirname(folder)
+        folder = parent if parent != folder else ""
+    return missing
+
+
+def _same_file(handle, path: str) -> bool:
+    try:
+        here, there = os.fstat(handle.fileno()), os.stat(path)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 def _lock_file(handle) -> bool:
@@ -144,13 +199,15 @@ def check_output_folder(folder: str, allowed: Iterable[str]) -> None:
 def settle(folder: str, wait_s: float = 2.0) -> None:
     """Finish a swap that a killed writer left half done: with no ``folder`` but a complete
     ``.new`` (else ``.old``) beside it, move that one into place. A live writer (holding the
-    lock) is mid-swap: wait up to ``wait_s`` for its folder to appear instead."""
-    folder = os.path.abspath(folder)
-    if os.path.isdir(folder):
+    lock) is mid-swap: wait up to ``wait_s`` for its folder to appear instead. With neither
+    beside it there is nothing to finish, and nothing is created (readers call this with paths
+    that may be mistyped)."""
+    folder = resolved(folder)
+    if os.path.isdir(folder) or not any(os.path.lexists(sibling(folder, kind)) for kind in ("new", "old")):
         return
     lock = FolderLock(folder, "settling an interrupted write")
     deadline = time.monotonic() + wait_s
-    while not lock.try_acquire():
+    while not _try_acquire_quietly(lock):
         if os.path.isdir(folder) or time.monotonic() >= deadline:
             return
         time.sleep(0.02)
@@ -158,6 +215,15 @@ def settle(folder: str, wait_s: float = 2.0) -> None:
         _settle_locked(folder)
     finally:
         lock.release()
+
+
+def _try_acquire_quietly(lock: FolderLock) -> bool:
+    """``lock.try_acquire()``, False where the lock file cannot be created (a read-only library):
+    the reader then reads what is there."""
+    try:
+        return lock.try_acquire()
+    except OSError:
+        return False
 
 
 def _settle_locked(folder: str) -> None:
@@ -174,7 +240,7 @@ def replace_folder(folder: str, fill: Callable[[str], None], lock: Optional[Fold
     folder replaces ``folder`` (steps in the module docstring). The caller holds ``lock``."""
     if lock is not None and lock.handle is None:
         raise RuntimeError(f"replace_folder needs the lock of {folder} held")
-    folder = os.path.abspath(folder)
+    folder = resolved(folder)
     new, old = sibling(folder, "new"), sibling(folder, "old")
     _settle_locked(folder)
     _remove(new)
@@ -182,6 +248,7 @@ def replace_folder(folder: str, fill: Callable[[str], None], lock: Optional[Fold
     os.makedirs(new)
     fill(new)
     if os.path.isdir(folder):
+        os.chmod(new, stat.S_IMODE(os.stat(folder).st_mode))  # a folder shared with a group stays shared
         os.replace(folder, old)
     os.replace(new, folder)
     _remove(old)
