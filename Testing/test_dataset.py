@@ -177,7 +177,7 @@ def test_interrupted_export_leaves_previous_dataset_valid(tmp_path):
     assert [c.case for c in info.cases] == ["case00", "case01", "case02"]
     assert all(before[p] == h for p, h in tree_digest(root).items() if p in before)
     assert not [f for f in os.listdir(root / "imagesTr") if ".part" in f]
-    # the same cases export fine afterwards (left-over files are overwritten)
+    assert tree_digest(root) == before  # the failed export took away the files it added
     ds.export_dataset([make_case(s) for s in range(10, 15)], root)
     assert len(ds.read_dataset(root).cases) == 8
 
@@ -317,3 +317,121 @@ def test_a_second_demo_run_replaces_only_the_demos_own_dataset(tmp_path):
         _clear_earlier_demo_dataset(str(theirs))
     assert tree_digest(theirs) == before
     _clear_earlier_demo_dataset(str(tmp_path / "none"))  # nothing there: nothing to do
+
+
+def coco_images(root):
+    return [image for split in ("train", "val")
+            for image in json.loads((root / f"coco_{split}.json").read_text())["images"]]
+
+
+def test_slice_pngs_follow_the_axis_and_the_files_they_were_made_from(tmp_path):
+    import SimpleITK as sitk
+    from SAMFineTuneLib.volume_io import write_volume
+
+    root = tmp_path / "d"
+    ds.export_dataset([make_case(0), make_case(1)], root, fmt="coco")
+    kept = (root / "slices" / "case00.json").read_bytes()
+    ds.export_dataset([make_case(2)], root, fmt="coco")  # nothing changed: case00's slices are reused
+    assert (root / "slices" / "case00.json").read_bytes() == kept
+    # a label map edited by hand: its case's slices are made again from it
+    label_path = root / "labelsTr" / "case01.nii.gz"
+    edited = read_volume(str(label_path))
+    edited.array[:] = 0
+    edited.array[0, 2:4, 2:4] = 1
+    write_volume(edited, str(label_path))
+    os.utime(label_path, ns=(1, 1))
+    ds.export_dataset([make_case(3)], root, fmt="coco")
+    assert [(i["slice"]) for i in coco_images(root) if i["case"] == "case01"] == [0]
+    mask = next(i for i in coco_images(root) if i["case"] == "case01")["file_name"].replace("images", "masks")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(root / mask))), edited.array[0])
+    # another axis on append: every case is sliced along it, no PNG of the old axis is left
+    ds.export_dataset([make_case(4)], root, fmt="coco", axis="sagittal")
+    assert json.loads((root / "dataset.json").read_text())["samfinetune"]["slice_axis"] == "sagittal"
+    assert {i["file_name"].split("_")[-1][:-8] for i in coco_images(root)} == {"sagittal"}
+    assert {i["case"] for i in coco_images(root)} == {f"case0{n}" for n in range(5)}
+    assert not [f for f in os.listdir(root / "slices" / "images") if "axial" in f]
+
+
+def test_a_failed_export_leaves_no_slices_for_a_later_case_of_the_same_id(tmp_path, monkeypatch):
+    from SAMFineTuneLib.dataset import export as export_module
+
+    root = tmp_path / "d"
+    ds.export_dataset([make_case(0), make_case(1)], root, fmt="coco")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(export_module, "write_slice_indexes", full_disk)
+        with pytest.raises(OSError, match="No space"):
+            ds.export_dataset([make_case(2)], root, fmt="coco")
+    assert [c.case for c in ds.read_dataset(root).cases] == ["case00", "case01"]
+    assert not (root / "imagesTr" / "case02_0000.nii.gz").exists()
+    # the same id again with a corrected label: the structure on slice 0 only
+    cid, image, label = make_case(2)
+    label.array[:] = 0
+    label.array[0, 3:9, 4:10] = 1
+    ds.export_dataset([(cid, image, label)], root, fmt="coco")
+    index = json.loads((root / "slices" / "case02.json").read_text())
+    assert [s["slice"] for s in index["slices"]] == [0]
+    assert sorted(i["slice"] for i in coco_images(root) if i["case"] == "case02") == [0]
+    # a slice index of a case dataset.json does not list is removed with its PNGs
+    stray = root / "slices" / "images" / "ghost_axial0001.png"
+    stray.write_bytes(b"png")
+    (root / "slices" / "ghost.json").write_text(json.dumps({"case": "ghost", "slices": [
+        {"slice": 1, "image": "slices/images/ghost_axial0001.png", "mask": "slices/masks/none.png"}]}))
+    ds.export_dataset([make_case(3)], root, fmt="coco")
+    assert not stray.exists() and not (root / "slices" / "ghost.json").exists()
+
+
+def test_every_slice_format_of_the_dataset_is_kept_up_to_date(tmp_path):
+    root = tmp_path / "d"
+    ds.export_dataset([make_case(0), make_case(1)], root, fmt="coco", axis="coronal")
+    ds.export_dataset([make_case(2)], root, fmt="finetune-sam")
+    ds.export_dataset([make_case(3), make_case(4)], root)  # MSD only
+    meta = json.loads((root / "dataset.json").read_text())["samfinetune"]
+    assert meta["formats"] == ["coco", "finetune-sam", "msd"]
+    assert {i["case"] for i in coco_images(root)} == {f"case0{n}" for n in range(5)}
+    assert meta["slice_axis"] == "coronal"  # the dataset's axis, as none was asked for
+    assert {i["file_name"].split("_")[-1][:-8] for i in coco_images(root)} == {"coronal"}
+    rows = [row for split in ("train", "val") for row in csv.reader(open(root / f"{split}.csv"))]
+    assert len(rows) == len(coco_images(root)) and {os.path.basename(r[0]).split("_")[0] for r in rows} == {
+        f"case0{n}" for n in range(5)}
+
+
+def test_an_export_never_writes_over_files_it_did_not_write(tmp_path):
+    from SAMFineTuneLib.volume_io import write_volume
+
+    # a folder with the user's own files and no dataset.json
+    theirs = tmp_path / "theirs"
+    (theirs / "imagesTr").mkdir(parents=True)
+    write_volume(Volume(np.full((4, 4, 4), 7, np.int16)), str(theirs / "imagesTr" / "case00_0000.nii.gz"))
+    before = tree_digest(theirs)
+    with pytest.raises(ValueError, match=f"^{theirs} is not empty .* export into an empty folder or an existing"):
+        ds.export_dataset([make_case(0), make_case(1)], theirs)
+    assert tree_digest(theirs) == before and sorted(os.listdir(theirs)) == ["imagesTr"]
+    # an existing dataset with a file it does not list, where a new case would go
+    root = tmp_path / "d"
+    ds.export_dataset([make_case(0), make_case(1)], root)
+    write_volume(Volume(np.full((4, 4, 4), 7, np.int16)), str(root / "labelsTr" / "case02.nii.gz"))
+    (root / "coco_val.json").write_text("{}")
+    before = tree_digest(root)
+    with pytest.raises(ValueError, match="already holds labelsTr/case02.nii.gz, which dataset.json does not list"):
+        ds.export_dataset([make_case(2)], root)
+    with pytest.raises(ValueError, match="already holds coco_val.json, which dataset.json does not list"):
+        ds.export_dataset([make_case(3)], root, fmt="coco")
+    assert tree_digest(root) == before
+    # a first export that fails leaves an empty folder, so it can simply be run again
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / ".DS_Store").write_bytes(b"")  # what a file browser leaves does not make a folder not empty
+
+    def crash(done, total, message):
+        if message.startswith("slices of"):
+            raise RuntimeError("power cut")
+
+    with pytest.raises(RuntimeError):
+        ds.export_dataset([make_case(0), make_case(1)], fresh, fmt="coco", progress=crash)
+    assert os.listdir(fresh) == [".DS_Store"]
+    ds.export_dataset([make_case(0), make_case(1)], fresh, fmt="coco")
+    assert len(coco_images(fresh)) == 6

@@ -16,11 +16,16 @@ The on-disk layout is the one nnU-Net, MONAI and the Medical Segmentation Decath
 and a ``samfinetune`` section with one record per case (split, group, shape, spacing).
 
 Rules: splits are by case or by group (patient), never by slice; exporting into an existing
-dataset appends and never rewrites or drops a case; every file is written to a temporary name
-and renamed, and ``dataset.json`` is replaced last, so a crash or cancel mid-export leaves the
-previous dataset exactly as it was (at most some unreferenced files that the next export
-overwrites). Geometry mismatches and unknown label values are errors; an empty label map is
-skipped with a warning (returned in the summary and issued through ``warnings``).
+dataset appends and never rewrites or drops a case; an export goes only into an empty folder or
+a SAMFineTune dataset and never writes over a file that ``dataset.json`` does not list; every
+file is written to a temporary name and renamed, and ``dataset.json`` is replaced last, so a
+crash or cancel mid-export leaves the previous dataset as it was (a failed export removes the
+case files it added; a killed one may leave some, which the next export names instead of
+overwriting). The CSV and COCO files of every format the dataset holds are written again for all
+its cases on each export; a case's slice PNGs are reused only while its index records the same
+axis, window and files (``slice_formats.ensure_slice_index``). Geometry mismatches and unknown
+label values are errors; an empty label map is skipped with a warning (returned in the summary and
+issued through ``warnings``).
 
 Modules: ``index`` (reading ``dataset.json``), ``checks`` and ``splits`` (what an export
 checks and decides), ``export``, ``slice_formats`` (CSV and COCO slices, RLE), ``samples``

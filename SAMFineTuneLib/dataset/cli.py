@@ -46,8 +46,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--groups", nargs="+", help="patient id per case, so one patient stays on one side")
     parser.add_argument("--label-names", help="1=spleen,2=liver or JSON; default label_<value>")
     parser.add_argument("--modality", help="channel name in dataset.json (CT, MRI, US...)")
-    add_axis_argument(parser, help="slice direction of the slice PNGs of csv/coco formats")
-    add_window_argument(parser, help="window for the slice PNGs of csv/coco formats")
+    add_axis_argument(parser, default=None,
+                      help="slice direction of the slice PNGs of csv/coco formats (default: the dataset's, else axial)")
+    add_window_argument(parser, default=None,
+                        help="window for the slice PNGs of csv/coco formats (default: the dataset's, else auto)")
 
 
 def main(args) -> int:

@@ -11,20 +11,26 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
-from ..catalogue import EXPORT_FORMATS
-from ..files import WriteError, check_writable_folder, folder_lock, write_json_atomic
+from ..catalogue import EXPORT_FORMATS, SEGMENT_DEFAULTS
+from ..files import LOCK_FILE, WriteError, check_writable_folder, folder_lock, write_json_atomic
 from ..progress import check_cancel, report
 from .checks import check_case, merge_label_names
-from .index import DATASET_JSON, FILE_ENDING, LAYOUT_VERSION, check_slice_axis, read_dataset
-from .slice_formats import ensure_slice_index, write_slice_indexes
+from .index import DATASET_JSON, FILE_ENDING, LAYOUT_VERSION, DatasetInfo, check_slice_axis, read_dataset
+from .slice_formats import (ensure_slice_index, remove_slice_index, remove_unlisted_slice_indexes, slice_outputs,
+                            write_slice_indexes)
 from .splits import assign_splits
+
+SLICE_FORMATS = tuple(f for f in EXPORT_FORMATS if f != "msd")
+# What a folder may hold and still count as empty: this export's own lock, and what file browsers
+# leave in any folder they show.
+NOT_CONTENT = frozenset({LOCK_FILE, ".DS_Store", "Thumbs.db", "desktop.ini"})
 
 
 def export_dataset(cases: Iterable[Tuple[str, Any, Any]], output_dir: str, fmt: str = "msd",
                    val_fraction: float = 0.2, seed: int = 0, label_names: Optional[Dict[int, str]] = None,
                    progress=None, cancel=None, groups: Optional[Dict[str, str]] = None,
                    splits: Optional[Dict[str, str]] = None, modality: Optional[str] = None,
-                   name: Optional[str] = None, axis: str = "axial", window: str = "auto",
+                   name: Optional[str] = None, axis: Optional[str] = None, window: Optional[str] = None,
                    corrected: Optional[Dict[str, Dict[str, List[int]]]] = None,
                    slice_axes: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
     """Write (or append) cases to a dataset; returns a summary dict.
@@ -37,7 +43,13 @@ def export_dataset(cases: Iterable[Tuple[str, Any, Any]], output_dir: str, fmt: 
     segmented along (its record's ``slice_axis``: training and scoring slice it so,
     ``CaseEntry.slicing_axis``). The MSD/nnU-Net files are always written (training reads them);
     ``fmt`` "finetune-sam" or "coco" adds the slice PNGs (along ``axis``, windowed with
-    ``window``) and their CSV or COCO index.
+    ``window``; by default those the dataset records, else axial and "auto") and their CSV or
+    COCO index. Every slice format the dataset holds is written again for all its cases, so its
+    CSV and COCO files never miss a case or mix axes.
+
+    The folder must be empty or hold a SAMFineTune dataset, and no file the export adds may be
+    there already: it never overwrites what it did not write. A failed export removes the case files
+    it added, so the same case ids can be exported again.
     """
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown format '{fmt}'; choose one of: {', '.join(EXPORT_FORMATS)}")
@@ -90,13 +102,12 @@ def _make_root(root: str) -> bool:
 
 def _export(cases: List[Tuple[str, Any, Any]], root: str, fmt: str, val_fraction: float, seed: int,
             label_names: Optional[Dict[int, str]], progress, cancel, groups: Optional[Dict[str, str]],
-            splits: Optional[Dict[str, str]], modality: Optional[str], name: Optional[str], axis: str,
-            window: str, notes: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+            splits: Optional[Dict[str, str]], modality: Optional[str], name: Optional[str], axis: Optional[str],
+            window: Optional[str], notes: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
     """``export_dataset`` with the folder created and locked."""
-    old = read_dataset(root) if os.path.isfile(os.path.join(root, DATASET_JSON)) else None
+    old = _old_dataset(root)
     existing = old.cases if old else []
-    if old is not None and "samfinetune" not in old.meta:
-        raise ValueError(f"{root} holds a dataset not written by SAMFineTune; export into a new folder")
+    old_section = old.meta["samfinetune"] if old else {}
     label_names = merge_label_names(old.labels if old else {}, label_names)
     groups = dict(groups or {})
     summary: Dict[str, Any] = {"dataset": root, "format": fmt, "added": [], "skipped": [], "warnings": []}
@@ -105,24 +116,22 @@ def _export(cases: List[Tuple[str, Any, Any]], root: str, fmt: str, val_fraction
         label_names = {v: f"label_{v}" for _, _, _, _, present in checked for v in present}
     split_of = assign_splits([(c[0], str(groups.get(c[0], c[0]))) for c in checked], existing,
                              val_fraction, seed, splits)
-    for folder in ("imagesTr", "labelsTr") + (("slices",) if fmt != "msd" else ()):
-        os.makedirs(os.path.join(root, folder), exist_ok=True)
-    records = [dict(e.record) for e in existing]
-    written = _write_cases(root, checked, split_of, groups, summary, progress, cancel)
-    for record in written:
-        record.update(notes.get(record["case"], {}))
-    records += written
-    check_cancel(cancel)
-    if fmt != "msd":
-        for record in records:
-            report(progress, len(checked), len(checked), f"slices of {record['case']}")
-            ensure_slice_index(root, record, axis, window)
-        write_slice_indexes(root, records, label_names, fmt)
-    old_modality = old.meta.get("channel_names", {}).get("0") if old else None
-    meta = _dataset_json(records, label_names, modality or old_modality,
-                         name or (old.meta.get("name") if old else None) or os.path.basename(root),
-                         old.meta["samfinetune"] if old else {}, fmt, axis, window)
-    write_json_atomic(os.path.join(root, DATASET_JSON), meta)
+    old_formats = list(old_section.get("formats", ["msd"]))
+    formats = sorted(set(old_formats) | {fmt})
+    new_files = _new_files(root, checked, [f for f in formats if f not in old_formats])
+    slicing = (axis or old_section.get("slice_axis") or SEGMENT_DEFAULTS["axis"],
+               window or old_section.get("slice_window") or SEGMENT_DEFAULTS["window"])
+    try:
+        records = _write_all(root, checked, split_of, groups, summary, progress, cancel, notes,
+                             [dict(e.record) for e in existing], label_names, formats, slicing)
+        old_modality = old.meta.get("channel_names", {}).get("0") if old else None
+        meta = _dataset_json(records, label_names, modality or old_modality,
+                             name or (old.meta.get("name") if old else None) or os.path.basename(root),
+                             formats, *slicing)
+        write_json_atomic(os.path.join(root, DATASET_JSON), meta)
+    except BaseException:
+        _remove_new_files(root, new_files, [c[0] for c in checked] if old is None else [])
+        raise
     report(progress, len(checked), len(checked), "done")
     summary.update(cases=len(records), train=sum(r["split"] == "train" for r in records),
                    val=sum(r["split"] == "val" for r in records), labels={str(k): v for k, v in label_names.items()})
@@ -131,6 +140,76 @@ def _export(cases: List[Tuple[str, Any, Any]], root: str, fmt: str, val_fraction
                        "needs at least one validation case to choose its best epoch; export at least one more case "
                        "(of another patient)")
     return summary
+
+
+def _old_dataset(root: str) -> Optional[DatasetInfo]:
+    """The dataset already in ``root`` (None if there is none); a ValueError, before anything is
+    written, for a folder the export does not own: another tool's dataset, or a folder with
+    files but no ``dataset.json`` (whatever is there could be overwritten)."""
+    if not os.path.isfile(os.path.join(root, DATASET_JSON)):
+        found = sorted(set(os.listdir(root)) - NOT_CONTENT)
+        if found:
+            raise ValueError(f"{root} is not empty ({found[0]}{', ...' if len(found) > 1 else ''}) and holds no "
+                             f"{DATASET_JSON}; export into an empty folder or an existing SAMFineTune dataset")
+        return None
+    old = read_dataset(root)
+    if "samfinetune" not in old.meta:
+        raise ValueError(f"{root} holds a dataset not written by SAMFineTune; export into a new folder")
+    return old
+
+
+def _new_files(root: str, checked: List[tuple], added_formats: List[str]) -> List[str]:
+    """The files this export adds (each case's volume and label map, the index files of a format
+    the dataset gains); a ValueError naming those already there, which ``dataset.json`` does not
+    list and an export must not overwrite."""
+    new = [rel for c in checked for rel in _case_files(c[0])]
+    new += [rel for f in added_formats if f != "msd" for rel in slice_outputs(f)]
+    there = [rel for rel in new if os.path.lexists(os.path.join(root, rel))]
+    if there:
+        raise ValueError(f"{root} already holds {', '.join(there[:3])}{', ...' if len(there) > 3 else ''}, which "
+                         f"{DATASET_JSON} does not list; move them away (an interrupted export may have left them) "
+                         "or choose other case ids")
+    return new
+
+
+def _remove_new_files(root: str, new_files: List[str], case_ids: List[str]) -> None:
+    """After a failed export: remove the files it added, and the slice indexes of ``case_ids``
+    with the layout folders left empty when it was the folder's first export, which can then
+    simply be run again. An append keeps its new cases' slice PNGs: CSV or COCO files it wrote
+    before failing list them, and the next export removes them (``remove_unlisted_slice_indexes``)."""
+    for rel in new_files:
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(root, rel))
+    for case_id in case_ids:
+        remove_slice_index(root, case_id)
+    for folder in ("slices/images", "slices/masks", "slices", "imagesTr", "labelsTr"):
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.join(root, folder))
+
+
+def _write_all(root: str, checked: List[tuple], split_of: Dict[str, str], groups: Dict[str, str],
+               summary: Dict[str, Any], progress, cancel, notes: Dict[str, Dict[str, Any]],
+               records: List[Dict[str, Any]], label_names: Dict[int, str], formats: List[str],
+               slicing: Tuple[str, str]) -> List[Dict[str, Any]]:
+    """Write the new cases, then every slice format the dataset records (old cases included, so
+    its CSV and COCO files list every case); all records."""
+    slice_formats = [f for f in formats if f in SLICE_FORMATS]
+    for folder in ("imagesTr", "labelsTr") + (("slices",) if slice_formats else ()):
+        os.makedirs(os.path.join(root, folder), exist_ok=True)
+    listed = [r["case"] for r in records]
+    written = _write_cases(root, checked, split_of, groups, summary, progress, cancel)
+    for record in written:
+        record.update(notes.get(record["case"], {}))
+    records = records + written
+    check_cancel(cancel)
+    if slice_formats:
+        remove_unlisted_slice_indexes(root, listed)
+        for record in records:
+            report(progress, len(checked), len(checked), f"slices of {record['case']}")
+            ensure_slice_index(root, record, *slicing)
+        for slice_format in slice_formats:
+            write_slice_indexes(root, records, label_names, slice_format)
+    return records
 
 
 def _warn(summary: Dict[str, Any], message: str) -> None:
@@ -166,8 +245,7 @@ def _write_cases(root: str, checked: List[tuple], split_of: Dict[str, str], grou
     for n, (case_id, image, label, array, present) in enumerate(checked):
         check_cancel(cancel)
         report(progress, n, len(checked), f"writing case {case_id}")
-        image_rel = f"imagesTr/{case_id}_0000{FILE_ENDING}"
-        label_rel = f"labelsTr/{case_id}{FILE_ENDING}"
+        image_rel, label_rel = _case_files(case_id)
         write_volume(Volume(np.asarray(image.array), tuple(image.spacing), tuple(image.origin),
                             tuple(image.direction)), os.path.join(root, image_rel))
         write_volume(Volume(array, tuple(image.spacing), tuple(image.origin), tuple(image.direction)),
@@ -179,12 +257,16 @@ def _write_cases(root: str, checked: List[tuple], split_of: Dict[str, str], grou
     return records
 
 
+def _case_files(case_id: str) -> Tuple[str, str]:
+    """A case's volume and label map, relative to the dataset folder."""
+    return f"imagesTr/{case_id}_0000{FILE_ENDING}", f"labelsTr/{case_id}{FILE_ENDING}"
+
+
 def _dataset_json(records: List[Dict[str, Any]], label_names: Dict[int, str], modality: Optional[str], name: str,
-                  old_section: Dict[str, Any], fmt: str, axis: str, window: str) -> Dict[str, Any]:
+                  formats: List[str], axis: str, window: str) -> Dict[str, Any]:
     def listing(split: str) -> List[Dict[str, str]]:
         return [{"image": "./" + r["image"], "label": "./" + r["label"]} for r in records if r["split"] == split]
 
-    formats = sorted(set(old_section.get("formats", ["msd"])) | {fmt})
     return {
         "name": name,
         "description": "exported by SAMFineTune",
