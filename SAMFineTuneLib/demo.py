@@ -78,14 +78,15 @@ def segment_part(args, output: str) -> None:
           f"{fixed.stats['encoded']} newly encoded")
 
 
-def _clear_earlier_demo_dataset(dataset: str) -> None:
-    """An export appends and never rewrites a case, so a second demo run starts its dataset anew;
-    a folder there that is not a demo's dataset is left alone, and the demo stops before any work."""
+def _clear_earlier_demo_dataset(dataset: str) -> bool:
+    """An export appends and never rewrites a case, so a second demo run starts its dataset anew
+    (True: an earlier demo's, whose adapter beside it the demo may replace); a folder there that
+    is not a demo's dataset is left alone, and the demo stops before any work."""
     import json
     import shutil
 
     if not os.path.exists(dataset):
-        return
+        return False
     try:
         with open(os.path.join(dataset, "dataset.json")) as handle:
             ours = json.load(handle).get("name") == DEMO_DATASET
@@ -94,9 +95,10 @@ def _clear_earlier_demo_dataset(dataset: str) -> None:
     if not ours:
         raise ValueError(f"{dataset} exists and is not a dataset the demo wrote; choose another --output")
     shutil.rmtree(dataset)
+    return True
 
 
-def finetune_part(args, output: str) -> None:
+def finetune_part(args, output: str, overwrite: bool = False) -> None:
     from .dataset import export_dataset
     from .evaluate import evaluate, format_table
     from .training import TrainConfig, train
@@ -114,7 +116,8 @@ def finetune_part(args, output: str) -> None:
     # The held-out cases are scored with the reference box on every slice, so training asks that
     # prompt alone; the default mix trains for tracking from one ROI (docs/finetuning.md).
     card = train(TrainConfig(dataset=dataset, output=adapter, model="litemedsam", device=args.device,
-                             epochs=args.epochs, patience=0, tracked_prompts=0.0, roi_prompts=0.0, end_slices=0),
+                             epochs=args.epochs, patience=0, tracked_prompts=0.0, roi_prompts=0.0, end_slices=0,
+                             overwrite=overwrite),
                  progress=StderrBar())
     report = evaluate(dataset, model="litemedsam", adapter=adapter, split="val", device=args.device,
                       plot_path=os.path.join(output, "finetune_scores.png"))
@@ -125,8 +128,8 @@ def finetune_part(args, output: str) -> None:
 def main(args: argparse.Namespace) -> int:
     output = os.path.abspath(args.output)
     os.makedirs(output, exist_ok=True)
-    _clear_earlier_demo_dataset(os.path.join(output, "dataset"))
+    again = _clear_earlier_demo_dataset(os.path.join(output, "dataset"))
     segment_part(args, output)
-    finetune_part(args, output)
+    finetune_part(args, output, overwrite=again)
     print(f"\nwrote everything under {output}")
     return 0

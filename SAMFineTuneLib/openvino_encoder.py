@@ -131,9 +131,12 @@ def _convert(encoder: nn.Module, input_size: int, config: dict):
 
 
 def _read_entry(folder: str, key: dict, config: dict):
-    """The compiled model in ``folder``, or None when there is none; a ValueError when it is damaged."""
-    if not os.path.isdir(folder):
+    """The compiled model in ``folder``, or None when there is none; a ValueError when it is damaged,
+    a file in the folder's place included (it would stop every later process keeping its conversion)."""
+    if not os.path.lexists(folder):
         return None
+    if not os.path.isdir(folder):
+        raise ValueError("a file stands where its folder belongs")
     try:
         with open(os.path.join(folder, _ENTRY), encoding="utf-8") as handle:
             entry = json.load(handle)
@@ -141,6 +144,8 @@ def _read_entry(folder: str, key: dict, config: dict):
             blob = handle.read()
     except (OSError, ValueError) as exc:
         raise ValueError(f"unreadable ({exc})") from None
+    if not isinstance(entry, dict):
+        raise ValueError(f"{_ENTRY} holds no entry")
     if entry.get("key") != key:
         raise ValueError("written for another model, precision or OpenVINO")
     if hashlib.sha256(blob).hexdigest() != entry.get("sha256"):
@@ -149,6 +154,18 @@ def _read_entry(folder: str, key: dict, config: dict):
         return _core().import_model(io.BytesIO(blob), "CPU", config)
     except RuntimeError as exc:
         raise ValueError(f"OpenVINO could not import it ({str(exc).splitlines()[-1]})") from None
+
+
+def _discard(folder: str) -> None:
+    """Remove a damaged entry, whether a folder or a file (or link) in its place; what cannot be
+    removed costs a conversion, nothing more."""
+    if os.path.isdir(folder) and not os.path.islink(folder):
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    try:
+        os.remove(folder)
+    except OSError:
+        pass
 
 
 def _write_entry(folder: str, key: dict, compiled) -> None:
@@ -191,7 +208,7 @@ class OpenVinoEncoder:
                 self.compiled = _read_entry(folder, key, config)
             except ValueError as exc:
                 log.warning("the converted encoder in %s is damaged: %s; converting it again", folder, exc)
-                shutil.rmtree(folder, ignore_errors=True)
+                _discard(folder)
         self.from_cache = self.compiled is not None
         if self.from_cache:
             log.info("read the image encoder's OpenVINO conversion back from %s", folder)

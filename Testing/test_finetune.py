@@ -621,7 +621,9 @@ def test_two_trainings_into_one_folder_and_foreign_folders(litemedsam, phantom_d
         release.set()
         thread.join()
     assert "error" not in results and [h["epoch"] for h in results["card"]["history"]] == [1]
-    card = train(TrainConfig(dataset=phantom_dataset, output=output, **subset), model=litemedsam)  # free again
+    with pytest.raises(ValueError, match="already holds an adapter"):  # free again, but a finished adapter is there
+        train(TrainConfig(dataset=phantom_dataset, output=output, **subset), model=litemedsam)
+    card = train(TrainConfig(dataset=phantom_dataset, output=output, overwrite=True, **subset), model=litemedsam)
     assert card["history"][0]["epoch"] == 1
     mine = tmp_path / "documents"
     mine.mkdir()

@@ -3,6 +3,7 @@ conversions kept on disk and rebuilt when damaged, silent, and clear errors."""
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -184,12 +185,22 @@ def _flip_a_byte(folder):
     blob.write_bytes(bytes(data))
 
 
+def _file_in_its_place(folder):
+    shutil.rmtree(folder)
+    folder.write_bytes(b"")
+
+
 @needs_openvino
 @pytest.mark.parametrize("damage", [
     _truncate, _flip_a_byte, lambda folder: (folder / "entry.json").unlink(),
     lambda folder: (folder / "entry.json").write_text("{not json"),
     lambda folder: (folder / "encoder.blob").unlink(),
-], ids=["truncated", "flipped byte", "no description", "bad description", "no model"])
+    lambda folder: (folder / "entry.json").write_text("[]"),
+    lambda folder: (folder / "entry.json").write_text("null"),
+    lambda folder: (folder / "entry.json").write_text('"x"'),
+    _file_in_its_place,
+], ids=["truncated", "flipped byte", "no description", "bad description", "no model", "description a list",
+        "description null", "description a string", "a file in its place"])
 def test_a_damaged_conversion_is_made_again_with_a_warning(tiny_net, cache, damage, caplog):
     OpenVinoEncoder(tiny_net, 16, fingerprint="tiny:1")
     (entry,) = entries(cache)

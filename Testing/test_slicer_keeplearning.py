@@ -69,6 +69,7 @@ def test_a_new_adapter_replaces_the_one_in_use_only_when_it_scores_better(tmp_pa
     commands = [job.command for job in client.jobs]
     assert commands == (["train", "evaluate"] if current is not None else ["train"])
     assert client.jobs[0].params["output"] == adapter + ".candidate"
+    assert client.jobs[0].params["overwrite"]  # the candidate folder is the run's own, whatever a killed run left
     assert card_of(adapter)["scores"]["adapted"]["dice"] == (new if state == "kept" else current)
     assert not os.path.exists(adapter + ".candidate") and not os.path.exists(adapter + ".retired")
     if current is not None:

@@ -84,6 +84,12 @@ class FineTuningSection:
         if not dependencies.ensure(self.ui):
             return
         p = self.panel.parameters
+        overwrite = p.adapterName in dict(self.panel.logic.listAdapters())
+        if overwrite and not slicer.util.confirmYesNoDisplay(
+                "An adapter named '%s' exists. Train a new one in its place? It is replaced when the first "
+                "epoch is written; to keep it, choose No and give another name." % p.adapterName,
+                windowTitle="Replace the adapter?"):
+            return
         curve = self.curve = training.TrainingCurve(slicer.mrmlScene, "SAMFineTune " + p.adapterName)
         self.ui.trainingTableView.setMRMLTableNode(curve.table)
         slicer.modules.plots.logic().ShowChartInLayout(curve.chart)
@@ -91,7 +97,7 @@ class FineTuningSection:
             self.task = self.panel.logic.train(
                 options.optionalPath(p.datasetDir), name=p.adapterName, waitForCompletion=False,
                 onEvent=lambda message: curve.addFromMessage(str(message.get("message", ""))),
-                onFinished=self.onFinished, **self.trainConfig())
+                onFinished=self.onFinished, overwrite=overwrite, **self.trainConfig())
         except Exception as exc:
             slicer.util.errorDisplay("Cannot start training: %s" % exc)
             return

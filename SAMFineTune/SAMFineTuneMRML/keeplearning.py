@@ -45,7 +45,8 @@ class LearningRun:
         self.logic, self.dataset, self.adapter, self.config = logic, dataset, adapter, dict(config)
         self.candidate = adapter + ".candidate"
         shutil.rmtree(self.candidate, ignore_errors=True)
-        self.task = logic.train(dataset, output=self.candidate, waitForCompletion=False, **self.config)
+        # The candidate folder is this run's own: one a killed earlier run left is replaced, not refused.
+        self.task = logic.train(dataset, output=self.candidate, waitForCompletion=False, overwrite=True, **self.config)
         self.state, self.message, self.card = "training", "training a candidate adapter", None
         self.scores, self.roiMargin = [], None
 

@@ -59,6 +59,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT/resume_state.pt")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the adapter OUTPUT already holds (a new run refuses such a folder otherwise)")
     add_axis_argument(parser, defaults.axis, "slice direction of every case; default: each case's own (the axis "
                                              "it was segmented along, recorded at export), else axial")
     add_window_argument(parser, defaults.window)
@@ -82,7 +84,8 @@ def config_from_args(args) -> TrainConfig:
                        roi_prompts=args.roi_prompts, roi_margin=args.roi_margin, end_slices=args.end_slices,
                        warmup=args.warmup, patience=args.patience, seed=args.seed, average_last=args.average_last,
                        max_case_drop=args.max_case_drop,
-                       amp=not args.no_amp, resume=args.resume, axis=args.axis, window=args.window,
+                       amp=not args.no_amp, resume=args.resume, overwrite=args.overwrite, axis=args.axis,
+                       window=args.window,
                        labels=args.labels, window_margin=args.decode_window,
                        choose_tracking=not args.no_tracking_choice)
 

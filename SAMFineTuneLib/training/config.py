@@ -75,6 +75,9 @@ class TrainConfig:
     seed: int = 0
     amp: bool = True  # bf16/fp16 autocast, CUDA only
     resume: bool = False
+    # A run that does not resume refuses an output folder that already holds an adapter (a user's
+    # finished one would be replaced by the first epoch's) unless told to replace it.
+    overwrite: bool = False
     # None: each case along the axis it was segmented along (``CaseEntry.slicing_axis``), else axial.
     axis: Optional[str] = None
     window: str = SEGMENT_DEFAULTS["window"]
@@ -132,4 +135,4 @@ def check_resume(saved: Dict[str, Any], config: TrainConfig, path: str) -> None:
     if changed:
         raise ValueError(f"cannot resume from {path}: settings changed since it was written: " +
                          ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in changed) +
-                         "; give the saved values again, or train without resuming")
+                         "; give the saved values again, or start a new run (without --resume, with --overwrite)")

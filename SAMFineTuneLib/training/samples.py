@@ -117,12 +117,25 @@ def embedding_file(cache_dir: str, key: str) -> str:
 
 
 def read_embedding(cache_dir: str, key: str) -> Optional[torch.Tensor]:
-    """The cached embedding of ``key`` (float16), or None when there is none or it is damaged
-    (the caller then encodes the slice again)."""
+    """The cached embedding of ``key`` (float16 [256,64,64]), or None when there is none. A damaged
+    entry (one that does not read back, or of another shape or type, which would fail only later,
+    when the batch is stacked) is deleted and also gives None: the caller encodes the slice again."""
+    from ..models.registry import EMBED_DIM, EMBED_SIZE
+
+    path = embedding_file(cache_dir, key)
     try:
-        return torch.from_numpy(np.load(embedding_file(cache_dir, key)))
-    except (ValueError, OSError):
+        array = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
         return None
+    except Exception:  # each kind of damage fails differently: EOFError (empty), ValueError, OSError, ...
+        array = None
+    if isinstance(array, np.ndarray) and array.dtype == np.float16 and array.shape == (EMBED_DIM,) + (EMBED_SIZE,) * 2:
+        return torch.from_numpy(array)
+    try:
+        os.remove(path)
+    except OSError:  # a read-only cache keeps it; the slice is encoded again all the same
+        pass
+    return None
 
 
 def _keys(model, model_input) -> list:

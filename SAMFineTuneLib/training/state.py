@@ -1,7 +1,8 @@
 """What a run leaves on disk while it trains: after every epoch one folder (replaced as a whole,
 ``folders.replace_folder``) with the kept epoch's adapter, its model card, and
 ``OUTPUT/resume_state.pt``, everything needed to continue (LoRA and optimiser state, scheduler,
-random generators, history), which ``resume=True`` picks up after a crash or a cancel."""
+random generators, history, the cases it trains and validates on), which ``resume=True`` picks up
+after a crash or a cancel. ``run_start`` checks what a run would start from before any slow work."""
 from __future__ import annotations
 
 import json
@@ -13,7 +14,7 @@ import torch
 from .. import adapters
 from ..files import atomic_write
 from .config import RESUME_FILE, TrainConfig, check_resume
-from .folders import replace_folder
+from .folders import COMPLETE_MARK, replace_folder
 
 
 def state_copy(module) -> Optional[Dict[str, Any]]:
@@ -54,11 +55,13 @@ def write_output(output: str, lock, peft_decoder, prompt_encoder, best: Dict[str
         load_weights(peft_decoder, prompt_encoder, current, "current epoch")
 
 
-def resume_state(config: TrainConfig, epoch: int, peft_decoder, prompt_encoder, optimizer, scheduler, generator,
-                 history, best, recent) -> Dict[str, Any]:
+def resume_state(config: TrainConfig, cases: Dict[str, List[str]], epoch: int, peft_decoder, prompt_encoder,
+                 optimizer, scheduler, generator, history, best, recent) -> Dict[str, Any]:
     """Everything a resumed run needs after ``epoch`` (tensors and strings only: weights_only loads),
+    ``cases`` the training and validation cases the run resolved ({"train": [...], "val": [...]}),
     ``recent`` the last epochs' weights the final average takes."""
-    state = {"config": json.dumps(config.to_dict()), "epoch": epoch, "lora": adapters.lora_state(peft_decoder),
+    state = {"config": json.dumps(config.to_dict()), "cases": json.dumps(cases), "epoch": epoch,
+             "lora": adapters.lora_state(peft_decoder),
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": json.dumps(history),
              "best_epoch": best["epoch"], "best_dice": best["dice"], "best_lora": best["lora"], "recent": recent}
@@ -69,11 +72,49 @@ def resume_state(config: TrainConfig, epoch: int, peft_decoder, prompt_encoder, 
     return state
 
 
-def read_resume(path: str, config: TrainConfig) -> Dict[str, Any]:
-    """The state saved at ``path`` (tensors only), or a ValueError if the run's settings changed."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    check_resume(json.loads(saved["config"]), config, path)
+def run_start(config: TrainConfig, cases: Dict[str, List[str]]) -> Optional[Dict[str, Any]]:
+    """The resume state a run continues from (None: it starts at epoch 1), checked before any slow
+    work so that a refused run leaves the folder as it was: a ValueError when the state cannot be
+    continued (``read_resume``), or when the folder holds an adapter that a new run would replace
+    with its first epoch and ``overwrite`` was not asked for."""
+    path = os.path.join(config.output, RESUME_FILE)
+    if config.resume and os.path.isfile(path):
+        return read_resume(path, config, cases)
+    if config.overwrite or not os.path.isfile(os.path.join(config.output, COMPLETE_MARK)):
+        return None
+    if config.resume:
+        raise ValueError(f"{config.output} holds an adapter but no {RESUME_FILE} to continue its run: give another "
+                         "output, or --overwrite to replace it")
+    raise ValueError(f"{config.output} already holds an adapter: give another output, --resume to continue its run, "
+                     "or --overwrite to replace it")
+
+
+def read_resume(path: str, config: TrainConfig, cases: Dict[str, List[str]]) -> Dict[str, Any]:
+    """The state saved at ``path`` (tensors only), or a ValueError if it does not read back, the
+    run's settings changed or it trained and validated on other ``cases`` (its best Dice would be
+    another validation set's)."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        settings = json.loads(saved["config"])
+        recorded = json.loads(saved["cases"]) if "cases" in saved else None
+    except Exception as exc:  # a damaged file fails in the zip, pickle or JSON reader, each with its own error
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"cannot resume from {path}: it does not read back ({reason}); start the run again "
+                         "without --resume (with --overwrite), or give another output") from None
+    check_resume(settings, config, path)
+    if recorded != cases:
+        raise ValueError(f"cannot resume from {path}: the dataset changed since that run "
+                         f"({_cases_change(recorded, cases)}); start a new run (without --resume, with --overwrite) "
+                         "or give another output")
     return saved
+
+
+def _cases_change(recorded: Optional[Dict[str, Any]], cases: Dict[str, List[str]]) -> str:
+    """Which case lists differ, with their sizes (the lists themselves may be long)."""
+    if not isinstance(recorded, dict):
+        return "the state records no case lists"
+    return ", ".join(f"{name} cases changed ({len(recorded.get(key) or [])} -> {len(cases[key])})"
+                     for key, name in (("train", "training"), ("val", "validation")) if recorded.get(key) != cases[key])
 
 
 def best_from(saved: Dict[str, Any]) -> Dict[str, Any]:

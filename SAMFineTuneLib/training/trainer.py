@@ -22,7 +22,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -43,7 +43,7 @@ from .prediction import predict_masks
 from .prompts import PromptSampler
 from .samples import batch_embeddings, cache_dir_for, prepare
 from .slices import load_slices, split_cases
-from .state import best_from, load_weights, read_resume, resume_state, state_copy, write_output
+from .state import best_from, load_weights, resume_state, run_start, state_copy, write_output
 from .tracking_choice import card_tracking
 
 
@@ -56,6 +56,30 @@ def train(config: TrainConfig, progress=None, cancel=None, log=None, model=None)
     last finished epoch stays resumable).
     """
     return Trainer(config, model=model, progress=progress, cancel=cancel, log=log).fit()
+
+
+def check_start(config: TrainConfig, device=None) -> Tuple[Any, List[str], List[str], Any, Optional[Dict[str, Any]]]:
+    """What a run of ``config`` starts from, all known before the model loads: the dataset, its
+    training and validation cases, the decode window on ``device`` (the model's; default
+    ``config.device``) and the resume state it continues (None: epoch 1). Or its refusal, a
+    ValueError (``state.run_start``), which a caller that loads the model first (the worker) can
+    give at once; a refused run leaves the output folder as it was."""
+    from ..dataset import read_dataset
+    from ..decoding import resolve_window_margin
+    from ..models.loader import resolve_device
+
+    check_config(config)
+    info = read_dataset(config.dataset)
+    train_ids, val_ids = split_cases(config, info)
+    margin = resolve_window_margin(config.window_margin, device if device is not None else
+                                   resolve_device(config.device))
+    saved = run_start(dataclasses.replace(config, window_margin=margin), _cases(train_ids, val_ids))
+    return info, train_ids, val_ids, margin, saved
+
+
+def _cases(train_ids: List[str], val_ids: List[str]) -> Dict[str, List[str]]:
+    """The cases a run trains and validates on, as its resume state records them."""
+    return {"train": list(train_ids), "val": list(val_ids)}
 
 
 class Trainer(KeptAdapter):
@@ -85,20 +109,18 @@ class Trainer(KeptAdapter):
             raise
 
     def _set_up(self, config: TrainConfig, model) -> None:
-        from ..dataset import read_dataset
         from ..models import load_model
-        from ..decoding import resolve_window_margin
 
-        self.info = read_dataset(config.dataset)
-        self.train_ids, self.val_ids = split_cases(config, self.info)
+        # checked before the slow part (under the folder's lock): a refused run leaves the folder as it was
+        self.info, self.train_ids, self.val_ids, margin, self.resume_from = check_start(
+            config, model.device if model is not None else None)
         self.model = model if model is not None else load_model(config.model, checkpoint=config.checkpoint,
                                                                 device=config.device, precision=config.precision,
                                                                 backend=config.backend)
         self.device = self.model.device
         adapters.check_targets(self.model.mask_decoder, config.targets)  # before the slow part
-        # From here on the config holds the margin and precision really used (card, resume state, resume check).
-        self.config = dataclasses.replace(config, precision=self.model.precision,
-                                          window_margin=resolve_window_margin(config.window_margin, self.device))
+        # From here on the config holds the margin and precision really used (card, resume state).
+        self.config = dataclasses.replace(config, precision=self.model.precision, window_margin=margin)
         self.margin = self.config.window_margin
         torch.manual_seed(config.seed)
         self._prepare_slices()
@@ -197,14 +219,14 @@ class Trainer(KeptAdapter):
             self.close()
 
     def resume(self) -> None:
-        """With ``resume``, continue from the state the last finished epoch saved, if any."""
-        config, path = self.config, self.state_path
+        """With ``resume``, continue from the state the last finished epoch saved (read and checked
+        by the set-up), if any."""
+        config, path, saved = self.config, self.state_path, self.resume_from
         if not config.resume:
             return
-        if not os.path.isfile(path):
+        if saved is None:
             self.say(f"nothing to resume in {config.output}: starting from epoch 1")
             return
-        saved = read_resume(path, config)
         load_weights(self.peft_decoder, self.prompt_encoder, saved, path)
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
@@ -289,8 +311,9 @@ class Trainer(KeptAdapter):
             self.best = dict(weights, epoch=epoch, dice=entry["val_dice"])
         self.card = self._card()
         if self.main_rank:
-            self.resume_saved = resume_state(config, epoch, self.peft_decoder, self.prompt_encoder, self.optimizer,
-                                             self.scheduler, self.generator, self.history, self.best, self.recent)
+            self.resume_saved = resume_state(config, _cases(self.train_ids, self.val_ids), epoch, self.peft_decoder,
+                                             self.prompt_encoder, self.optimizer, self.scheduler, self.generator,
+                                             self.history, self.best, self.recent)
             write_output(config.output, self.lock, self.peft_decoder, self.prompt_encoder, self.best, self.card,
                          self.resume_saved)
         done = epoch * self.steps_per_epoch

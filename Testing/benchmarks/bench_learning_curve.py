@@ -131,8 +131,9 @@ class Bench:
         overrides = dict(overrides)
         full = bool(overrides.pop("full_decoder", False))
         output = os.path.join(self.args.work, "adapters", f"{self.name}_{tag}")
+        # an adapter of an earlier bench run there, not reused, is trained again in its place
         config = TrainConfig(dataset=self.root, output=output, train_cases=train_ids, val_cases=self.val_ids,
-                             seed=self.args.seed, device=self.args.device, **overrides)
+                             seed=self.args.seed, device=self.args.device, overwrite=True, **overrides)
         started = time.monotonic()
         card = self.trained_card(config) if self.args.reuse and not full else None
         wall = None  # a reused adapter's training time is in its first run's JSON, not here
@@ -169,7 +170,9 @@ class Bench:
             return None
         settings = json.loads(json.dumps(config.to_dict()))
         # "auto" settings are written into the card as the trainer resolved them on its machine
-        if any(card["hyperparameters"].get(key) != value for key, value in settings.items() if value != "auto"):
+        # "overwrite" says what a run may do with its folder, not how the adapter was trained
+        if any(card["hyperparameters"].get(key) != value for key, value in settings.items()
+               if value != "auto" and key != "overwrite"):
             return None
         print(f"  reusing {config.output} (trained before, epoch {card['best_epoch']} kept)", file=sys.stderr)
         return card
