@@ -52,10 +52,9 @@ def evaluate(dataset, model=DEFAULT_MODEL, checkpoint: Optional[str] = None, ada
     from . import adapters
     from .dataset import read_dataset
     from .models import load_model
-    from .decoding import check_window_margin, resolve_window_margin
+    from .decoding import resolve_window_margin
 
-    check_window_margin(window_margin)  # before loading anything
-    _check_roi_margin(roi_margin)
+    _check_before_loading(window_margin, roi_margin, plot_path)
     card = adapters.read_model_card(adapter) if adapter else None
     hints = card["inference"] if card else {}
     axis = axis or hints.get("axis")
@@ -85,7 +84,13 @@ def evaluate(dataset, model=DEFAULT_MODEL, checkpoint: Optional[str] = None, ada
     return report
 
 
-def _check_roi_margin(roi_margin) -> None:
+def _check_before_loading(window_margin, roi_margin, plot_path: Optional[str]) -> None:
+    """The options that can be refused before any model or case is read."""
+    from .decoding import check_window_margin
+
+    check_window_margin(window_margin)
+    if plot_path:
+        plot_format(plot_path)
     if roi_margin is not None and (isinstance(roi_margin, bool) or not isinstance(roi_margin, int) or roi_margin < 0):
         raise ValueError(f"roi_margin is a whole number of voxels >= 0, got {roi_margin!r}")
 
@@ -219,8 +224,25 @@ def write_csv(report: Dict[str, Any], path: str) -> None:
     write_text_atomic(path, buffer.getvalue())
 
 
+def plot_format(path: str) -> str:
+    """The image format of a plot file, from its extension (PNG when it has none); one matplotlib
+    cannot write is a ValueError, so a caller can refuse it before any slow work."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    supported = FigureCanvasBase.get_supported_filetypes()
+    extension = os.path.splitext(os.fspath(path))[1][1:].lower() or "png"
+    if extension not in supported:
+        raise ValueError(f"cannot write a plot to {path}: '.{extension}' is not an image format matplotlib writes; "
+                         f"end the name with .png (or {', '.join('.' + name for name in sorted(supported))})")
+    return extension
+
+
 def write_plot(report: Dict[str, Any], path: str) -> None:
-    """Per-case Dice, base vs adapted, as a bar chart (PNG)."""
+    """Per-case Dice, base vs adapted, as a bar chart (PNG, or the format the extension names),
+    written beside ``path`` and renamed onto it (``files.atomic_write``)."""
+    from .files import atomic_write
+
+    form = plot_format(path)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -241,8 +263,10 @@ def write_plot(report: Dict[str, Any], path: str) -> None:
     ax.set_title(f"{os.path.basename(report['dataset'])} ({report['split']})")
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:  # the temporary name ends in .part + the extension: the format is given, not guessed from it
+        atomic_write(path, lambda temp: fig.savefig(temp, dpi=120, format=form))
+    finally:
+        plt.close(fig)
 
 
 def _row_name(row: Dict[str, Any], report: Dict[str, Any]) -> str:

@@ -90,7 +90,7 @@ class Segmenter:
     the whole slice on CUDA; None: always the whole slice). ``compile``: torch.compile the
     encoder, for long-lived use: 20-30 s once on CUDA, then about 2x faster encoding; about a
     minute once on a CPU (a C++ compiler is needed). ``precision`` and ``backend`` (for a model
-    given by name): see ``models.load_model``.
+    given by name): see ``models.load_model``, which asks ``cancel()`` between its loading steps.
     """
 
     def __init__(
@@ -105,9 +105,10 @@ class Segmenter:
         compile: bool = False,
         precision: str = "auto",
         backend: str = "torch",
+        cancel: Optional[CancelFn] = None,
     ):
         if isinstance(model, str):
-            model = load_model(model, checkpoint, device, precision=precision, backend=backend)
+            model = load_model(model, checkpoint, device, precision=precision, backend=backend, cancel=cancel)
         else:
             asked = [f"{name} '{value}'" for name, value, default in
                      (("precision", precision, "auto"), ("backend", backend, "torch")) if value != default]
@@ -125,6 +126,7 @@ class Segmenter:
         # Batching pays on a GPU; on a CPU one image at a time measured faster (1.59 vs 1.83 s/slice).
         self.batch_size = batch_size or (8 if on_gpu else 1)
         if compile:
+            check_cancel(cancel)
             self.model.compile_encoder(self.batch_size)
         self.tracking = tracking or TrackingOptions()
         # Windowed decoding (SamModel.decode) brings a fixed-box CPU re-prompt from 54 to 15 ms per

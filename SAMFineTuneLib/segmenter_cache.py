@@ -14,6 +14,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 from .catalogue import DEFAULT_MODEL, MODEL_KEYS, SEGMENT_DEFAULTS
 from .files import existing_path
+from .progress import CancelFn, check_cancel
 
 log = logging.getLogger(__name__)
 
@@ -33,26 +34,37 @@ class SegmenterCache:
 
     def get(self, model: str = DEFAULT_MODEL, checkpoint: Optional[str] = None,
             device: Optional[str] = SEGMENT_DEFAULTS["device"], precision: str = SEGMENT_DEFAULTS["precision"],
-            backend: str = SEGMENT_DEFAULTS["backend"], adapter: Optional[str] = None):
+            backend: str = SEGMENT_DEFAULTS["backend"], adapter: Optional[str] = None,
+            cancel: Optional[CancelFn] = None):
         """The segmenter for these options, loading it (and swapping its adapter) when needed.
-        Missing files are a FileNotFoundError before anything loads."""
+        Missing files are a FileNotFoundError before anything loads. ``cancel()`` is asked before and
+        after a load and before an adapter swap (``Cancelled``): a cancel before the load keeps the old
+        model; one during it keeps nothing (the old model was let go before loading)."""
         options = _model_options(model, existing_path(checkpoint, "checkpoint file"), device, precision, backend)
         adapter = existing_path(adapter, "adapter folder", folder=True)
         key = tuple(options.values())
         if self.segmenter is None or key != self.key:
-            from .segmenter import Segmenter
-
-            self.clear()  # free the old model first
-            log.info("loading model %(model)s (checkpoint %(checkpoint)s) on %(device)s, encoder precision "
-                     "%(precision)s, backend %(backend)s", options)
-            self.segmenter = Segmenter(**options)
-            self.key = key
-            if self.on_load is not None:
-                self.on_load(self.segmenter)
+            self._load(options, cancel)
         if adapter != self.adapter:
+            check_cancel(cancel)
             self.segmenter.set_adapter(adapter)
             self.adapter = adapter
         return self.segmenter
+
+    def _load(self, options: Dict[str, Optional[str]], cancel: Optional[CancelFn]) -> None:
+        """Replace the segmenter with a new one for ``options``; it is kept only once loaded, not
+        cancelled, and hooked (``on_load``), so a later job never gets a half-set-up one."""
+        from .segmenter import Segmenter
+
+        check_cancel(cancel)
+        self.clear()  # free the old model first
+        log.info("loading model %(model)s (checkpoint %(checkpoint)s) on %(device)s, encoder precision "
+                 "%(precision)s, backend %(backend)s", options)
+        segmenter = Segmenter(**options, cancel=cancel)
+        check_cancel(cancel)
+        if self.on_load is not None:
+            self.on_load(segmenter)
+        self.segmenter, self.key = segmenter, tuple(options.values())
 
     def loaded_model(self, model: str, checkpoint: Optional[str], device: Optional[str],
                      precision: str = SEGMENT_DEFAULTS["precision"], backend: str = SEGMENT_DEFAULTS["backend"]):

@@ -10,7 +10,7 @@ from SAMFineTuneLib.segmenter_cache import SegmenterCache
 class FakeSegmenter:
     created = []
 
-    def __init__(self, model, checkpoint, device, precision, backend, cache=None):
+    def __init__(self, model, checkpoint, device, precision, backend, cache=None, cancel=None):
         self.key = (model, checkpoint, device)
         self.encoder = (precision, backend)
         self.model = object()
@@ -92,8 +92,8 @@ def test_a_train_job_reuses_the_warm_model_only_for_the_encoder_it_asks_for(cach
         return {}
 
     lazy = jobs._lazy
-    monkeypatch.setattr(jobs, "_lazy", lambda module, name, command: fake_train if name == "train" else
-                        lazy(module, name, command))
+    stand_ins = {"train": fake_train, "check_start": lambda config: None}  # no dataset here
+    monkeypatch.setattr(jobs, "_lazy", lambda module, name, command: stand_ins.get(name) or lazy(module, name, command))
     warm = cache.get("litemedsam", device="cpu")
     core = types.SimpleNamespace(loaded_model=lambda *key: cache.loaded_model(*key),
                                  segmenters=types.SimpleNamespace(segmenter=None))

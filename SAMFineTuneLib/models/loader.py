@@ -10,6 +10,7 @@ from typing import Callable, Optional
 import torch
 
 from ..catalogue import DEFAULT_MODEL, ENGINE_DEFAULTS, get_spec
+from ..progress import CancelFn, check_cancel
 from .checkpoints import file_sha256, litemedsam_weights, load_state_strict, read_state_dict
 from .sam_model import RANDOM_WEIGHTS, SamModel, check_encoder_options
 
@@ -79,6 +80,7 @@ def load_model(
     pretrained: bool = True,
     precision: str = ENGINE_DEFAULTS["precision"],
     backend: str = ENGINE_DEFAULTS["backend"],
+    cancel: Optional[CancelFn] = None,
 ) -> SamModel:
     """Build a model by name, load its weights from local disk only, and set up its encoder.
 
@@ -87,14 +89,17 @@ def load_model(
     (PRECISIONS); bf16 on a CPU is about 2x faster where the CPU has native bf16, and moves some
     results (acceleration). ``backend`` (BACKENDS) runs the encoder on PyTorch or OpenVINO (CPU
     only, the ``openvino`` package; ``openvino_encoder``); "auto" picks (``resolve_backend``).
-    ``pretrained``: see ``build_model``.
+    ``pretrained``: see ``build_model``. ``cancel()`` is asked before the weights are read and
+    before the encoder is converted (OpenVINO's conversion alone takes seconds): ``Cancelled``.
     """
     get_spec(name)
     target = resolve_device(device)
     check_encoder_options(precision, backend, target)  # before reading any weights
     chosen = resolve_backend(backend, target)
+    check_cancel(cancel)
     model = build_model(name, checkpoint, device, pretrained)
     model.accelerate()
+    check_cancel(cancel)
     try:
         model.configure_encoder(precision, chosen)
     except Exception as exc:  # noqa: BLE001 - "auto" must never do worse than PyTorch

@@ -8,12 +8,13 @@ import collections
 import os
 import platform
 import sys
-from typing import Any, Callable, Dict, Optional
+import threading
+from typing import Any, Dict, Optional
 
 import numpy as np
 
 from .. import protocol
-from ..progress import Cancelled
+from ..progress import CancelFn, Cancelled
 from ..segmenter_cache import SegmenterCache
 
 
@@ -51,20 +52,35 @@ class VolumeStore:
 
 
 class WorkerCore:
-    """The segmenter (``SegmenterCache``) and the running job's cancel check."""
+    """The segmenter (``SegmenterCache``) and each running job's cancel check.
+
+    ``job_cancelled`` is the cancel() of the job running on the calling thread: each conversation
+    runs its jobs on its own thread, and a job that outlives its conversation still runs beside
+    the next one's on the shared segmenter, so ending one job must never switch off another's check.
+    """
 
     def __init__(self, log_path: Optional[str] = None):
         self.log_path = log_path
         self.segmenters = SegmenterCache(on_load=self._stop_encoder_on_cancel)
-        self.job_cancelled: Optional[Callable[[], bool]] = None  # the running job's cancel(), for encoder hooks
+        self._job = threading.local()
+
+    @property
+    def job_cancelled(self) -> Optional[CancelFn]:
+        """The cancel() of the job on this thread (None when none runs here), for the encoder hooks."""
+        return getattr(self._job, "cancelled", None)
+
+    @job_cancelled.setter
+    def job_cancelled(self, cancelled: Optional[CancelFn]) -> None:
+        self._job.cancelled = cancelled
 
     @property
     def adapter(self) -> Optional[str]:
         return self.segmenters.adapter
 
-    def get_segmenter(self, **options: Any):
-        """The warm segmenter for these options (``SegmenterCache.get``: model, checkpoint, device, adapter)."""
-        return self.segmenters.get(**options)
+    def get_segmenter(self, cancel: Optional[CancelFn] = None, **options: Any):
+        """The warm segmenter for these options (``SegmenterCache.get``: model, checkpoint, device, adapter);
+        ``cancel()`` is asked around a load, which keeps nothing when cancelled."""
+        return self.segmenters.get(cancel=cancel, **options)
 
     def loaded_model(self, model: str, checkpoint: Optional[str], device: Optional[str], precision: str,
                      backend: str):

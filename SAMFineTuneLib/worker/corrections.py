@@ -62,7 +62,7 @@ def refine(core, job) -> Result:
     key, stored, volume, index = _stored(job, params, arrays)
     slot = (params["axis"], index, params["window"])
     previous = None if params["reset"] else stored.refined.get(slot)
-    segmenter = core.get_segmenter(**{name: params[name] for name in SEGMENTER_KEYS})
+    segmenter = core.get_segmenter(cancel=job.cancelled, **{name: params[name] for name in SEGMENTER_KEYS})
     refined = refine_slice(segmenter, volume, params["axis"], index, params["points"], params["box"],
                            previous=previous, start_mask=arrays.get("mask"), window=params["window"])
     stored.refined[slot] = refined
@@ -76,7 +76,7 @@ def propagate(core, job) -> Result:
     if "mask" not in arrays:
         raise ValueError("propagate needs an array named 'mask': the corrected slice (rows x columns)")
     key, stored, volume, index = _stored(job, params, arrays)
-    segmenter = core.get_segmenter(**{name: params[name] for name in SEGMENTER_KEYS})
+    segmenter = core.get_segmenter(cancel=job.cancelled, **{name: params[name] for name in SEGMENTER_KEYS})
     result = segmenter.propagate(volume, params["axis"], index, arrays["mask"], locked=params["locked"],
                                  first=params["first"], last=params["last"], box=params["box"],
                                  window=params["window"], progress=job.progress, cancel=job.cancelled)

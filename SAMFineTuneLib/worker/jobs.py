@@ -81,7 +81,7 @@ def echo(core, job) -> Result:
 def load_model(core, job) -> Result:
     params = job.take_params({key: SEGMENT_PARAMS[key] for key in SEGMENTER_KEYS})
     started = time.perf_counter()
-    segmenter = core.get_segmenter(**params)
+    segmenter = core.get_segmenter(cancel=job.cancelled, **params)
     model = getattr(segmenter, "model", None)
     return {"model": params["model"], "fingerprint": getattr(model, "fingerprint", None),
             "device": str(getattr(model, "device", params["device"])), "adapter": core.adapter,
@@ -129,7 +129,7 @@ def _checked_input(job, array: np.ndarray, params: Dict[str, Any]):
 
 def _segment(core, job, checked, params: Dict[str, Any], key: str) -> Result:
     volume, box, warnings = checked
-    segmenter = core.get_segmenter(**{name: params.pop(name) for name in SEGMENTER_KEYS})
+    segmenter = core.get_segmenter(cancel=job.cancelled, **{name: params.pop(name) for name in SEGMENTER_KEYS})
     res = segmenter.segment(volume, box=box, progress=job.progress, cancel=job.cancelled, **params)
     mask = np.asarray(res.mask, dtype=np.uint8)
     return {"volume_key": key, "slices": [int(s) for s in res.slices], "stats": dict(res.stats or {}),
@@ -177,6 +177,7 @@ def train(core, job) -> Result:
         config = config_class(**job.params)
     except TypeError as exc:
         raise ValueError(f"bad train parameters: {exc}") from None
+    _lazy("training.trainer", "check_start", "train")(config)  # a refused run: before the model or embeddings
     model = core.loaded_model(config.model, config.checkpoint, config.device, config.precision, config.backend)
     extra = {"model": model} if model is not None and "model" in inspect.signature(run).parameters else {}
     if core.segmenters.segmenter is not None:  # slices the user segmented here are not encoded again
