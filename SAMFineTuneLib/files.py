@@ -27,6 +27,8 @@ from typing import Any, Callable, Iterator, Optional
 from .progress import Cancelled
 
 LOCK_FILE = ".samfinetune.lock"
+#: What file browsers leave in any folder they show: never a user's work.
+BROWSER_FILES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
 #: A lock file whose record is still unreadable after this long was left by a process that died
 #: between creating it and writing its record; a younger one belongs to a holder still writing it.
 UNREADABLE_LOCK_STALE_S = 10.0

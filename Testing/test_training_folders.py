@@ -104,6 +104,7 @@ def test_output_folders_holding_other_files_are_refused(tmp_path):
     check_output_folder(str(tmp_path / "missing"), adapters.ADAPTER_FILES)
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / adapters.CARD_FILE).write_text("{}")
+    (tmp_path / "adapter" / ".DS_Store").write_text("a file browser's")  # not the user's work
     check_output_folder(str(tmp_path / "adapter"), adapters.ADAPTER_FILES)
     (tmp_path / "adapter" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match=r"holds files that are not an adapter's \(notes.txt\)"):

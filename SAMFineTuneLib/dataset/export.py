@@ -12,7 +12,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import numpy as np
 
 from ..catalogue import EXPORT_FORMATS, SEGMENT_DEFAULTS
-from ..files import LOCK_FILE, WriteError, check_writable_folder, folder_lock, write_json_atomic
+from ..files import BROWSER_FILES, LOCK_FILE, WriteError, check_writable_folder, folder_lock, write_json_atomic
 from ..progress import check_cancel, report
 from .checks import check_case, merge_label_names
 from .index import DATASET_JSON, FILE_ENDING, LAYOUT_VERSION, DatasetInfo, check_slice_axis, read_dataset
@@ -21,9 +21,8 @@ from .slice_formats import (ensure_slice_index, remove_slice_index, remove_unlis
 from .splits import assign_splits
 
 SLICE_FORMATS = tuple(f for f in EXPORT_FORMATS if f != "msd")
-# What a folder may hold and still count as empty: this export's own lock, and what file browsers
-# leave in any folder they show.
-NOT_CONTENT = frozenset({LOCK_FILE, ".DS_Store", "Thumbs.db", "desktop.ini"})
+# What a folder may hold and still count as empty: this export's own lock, and what file browsers leave.
+NOT_CONTENT = BROWSER_FILES | {LOCK_FILE}
 
 
 def export_dataset(cases: Iterable[Tuple[str, Any, Any]], output_dir: str, fmt: str = "msd",

@@ -190,7 +190,9 @@ def check_output_folder(folder: str, allowed: Iterable[str]) -> None:
         raise ValueError(f"output {folder} is a file; give a folder for the adapter")
     if not os.path.isdir(folder):
         return
-    foreign = sorted(set(os.listdir(folder)) - set(allowed))
+    from ..files import BROWSER_FILES
+
+    foreign = sorted(set(os.listdir(folder)) - set(allowed) - BROWSER_FILES)
     if foreign:
         raise ValueError(f"output folder {folder} holds files that are not an adapter's ({', '.join(foreign[:3])}"
                          f"{', ...' if len(foreign) > 3 else ''}); train into an empty folder or an adapter folder")
