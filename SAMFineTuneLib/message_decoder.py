@@ -152,7 +152,7 @@ class MessageDecoder:
                 raise ProtocolError(f"array {name!r}: 'nbytes' must be a non-negative integer", fatal=True)
             total += nbytes
         if announced and not self.attachments:
-            raise ProtocolError("arrays are refused before authentication: send 'hello' with the token first",
+            raise ProtocolError("arrays are refused before authentication: log in first (PROTOCOL.md, TCP mode)",
                                 fatal=True)
         if total > self.max_attachment_bytes:
             raise ProtocolError(f"the message announces {total} bytes of arrays, over this connection's limit of "

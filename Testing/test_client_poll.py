@@ -21,9 +21,10 @@ from SAMFineTuneLib.client import JobCancelled, WorkerClient, WorkerCrashed
 from SAMFineTuneLib.client import connections
 from SAMFineTuneLib.message_decoder import MessageDecoder
 from SAMFineTuneLib.protocol import ProtocolError
-from worker_servers import ENV, start_server, stop_server
+from worker_servers import ENV, fake_login, start_server, stop_server
 
 READERS = ("thread", "poll")
+FAKE_TOKEN = "t" * 20
 
 
 # --- the decoder -------------------------------------------------------------------------------
@@ -121,17 +122,15 @@ def test_decoder_holds_only_the_attachment_bytes_that_arrived():
 
 
 def _fake_server(send):
-    """A TCP 'worker' that says hello, answers the client's hello, reads one request and then
-    sends ``send`` (bytes) before closing; returns its port."""
+    """A TCP 'worker' that logs the client in, reads one request and then sends ``send`` (bytes)
+    before closing; returns its port."""
     listener = socket.create_server(("127.0.0.1", 0))
 
     def serve():
         conn, _ = listener.accept()
         lines = conn.makefile("rb")
         with contextlib.suppress(OSError):  # the client may hang up first
-            conn.sendall(protocol.encode(protocol.event(None, "hello", protocol=protocol.PROTOCOL_VERSION, auth=True)))
-            lines.readline()
-            conn.sendall(protocol.encode(protocol.event("j1", "result", result={})))
+            fake_login(conn, lines, FAKE_TOKEN)
             lines.readline()
             conn.sendall(send)
             time.sleep(0.3)
@@ -144,7 +143,7 @@ def _fake_server(send):
 
 
 def _job_against(send, reader, seconds=10.0):
-    client = WorkerClient(address=("127.0.0.1", _fake_server(send)), token="t" * 20, reader=reader)
+    client = WorkerClient(address=("127.0.0.1", _fake_server(send)), token=FAKE_TOKEN, reader=reader)
     try:
         client.start(timeout=10)
         job = client.submit("ping")
@@ -158,11 +157,12 @@ def _job_against(send, reader, seconds=10.0):
 
 @pytest.mark.parametrize("reader", READERS)
 def test_bad_messages_from_the_worker_never_leave_a_job_waiting(reader):
-    late = protocol.encode(protocol.event("j2", "progress", done=2, total=4))
-    bad = [b"[" * 20000 + b"\n", b'{"v":4,"id":"j2","event":"log","x":' + b"1" * 5000 + b"}\n",
-           protocol.encode(protocol.event(["j2"], "progress")),
-           protocol.encode(protocol.event("j2", "progress", done="x", total=1e300)),
-           protocol.encode(protocol.event("j2", "result", arrays={"x": {"dtype": "|V0", "shape": [4], "nbytes": 0}}))]
+    late = protocol.encode(protocol.event("j1", "progress", done=2, total=4))
+    bad = [b"[" * 20000 + b"\n", b'{"v":%d,"id":"j1","event":"log","x":' % protocol.PROTOCOL_VERSION + b"1" * 5000
+           + b"}\n",
+           protocol.encode(protocol.event(["j1"], "progress")),
+           protocol.encode(protocol.event("j1", "progress", done="x", total=1e300)),
+           protocol.encode(protocol.event("j1", "result", arrays={"x": {"dtype": "|V0", "shape": [4], "nbytes": 0}}))]
     job = _job_against(b"".join(bad) + late, reader)
     assert job.state == "error" and job.step == (2, 4)  # the lines after the bad ones were read
     job = _job_against(b"[" * 20000 + b"\n", reader)  # then the server went away
@@ -174,9 +174,9 @@ def test_the_reader_thread_always_ends_the_connection(monkeypatch):
         raise RuntimeError("something unforeseen")
 
     monkeypatch.setattr(connections.protocol, "read_message", broken_reader)
-    client = WorkerClient(address=("127.0.0.1", _fake_server(b"")), token="t" * 20)
+    client = WorkerClient(address=("127.0.0.1", _fake_server(b"")), token=FAKE_TOKEN)
     with pytest.raises(WorkerCrashed, match="cannot follow .*RuntimeError: something unforeseen"):
-        client.start(timeout=10)
+        client.ping(timeout=10)
     assert not client.connected
 
 
@@ -185,10 +185,10 @@ def test_a_tcp_worker_cannot_make_the_client_read_local_files(tmp_path, reader):
     secret = tmp_path / "secret.npy"
     np.save(secret, np.arange(4))
     ref = {"dtype": "<i8", "shape": [4], "path": str(secret)}
-    job = _job_against(protocol.encode(protocol.event("j2", "result", result={}, arrays={"x": ref})), reader)
+    job = _job_against(protocol.encode(protocol.event("j1", "result", result={}, arrays={"x": ref})), reader)
     assert job.state == "error" and "file references are refused" in job.error and not job.arrays
     crop = {"dtype": "|u1", "shape": [2], "nbytes": 2, "crop": {"offset": [5], "shape": [4]}}
-    job = _job_against(protocol.encode(protocol.event("j2", "result", result={}, arrays={"x": crop})) + b"\1\1",
+    job = _job_against(protocol.encode(protocol.event("j1", "result", result={}, arrays={"x": crop})) + b"\1\1",
                        reader)
     assert job.state == "error" and "does not fit" in job.error
 

@@ -78,15 +78,10 @@ def in_process(tmp_path):
         srv.stop.set()
 
 
-def hello(token=TOKEN):
-    return protocol.request("h", "hello", {"token": token})
-
-
 def login(port):
-    """The answer to 'hello' on a new raw connection (None: closed before it came)."""
+    """The answer to the login on a new raw connection (None: closed before it came)."""
     raw = Raw(port, timeout=10)
-    raw.send(hello())
-    answer = raw.answer("h")
+    answer = raw.log_in(TOKEN)
     raw.close()
     return answer
 
@@ -156,13 +151,13 @@ def test_a_silent_connection_blocks_nobody_and_is_cut_at_the_deadline(server):
 
 
 def test_any_message_but_a_good_hello_gets_one_error_and_the_connection_closes(in_process):
-    port = in_process()
-    surrogate = protocol.encode(hello("x")).replace(b'"x"', b'"\\ud800x"')  # JSON for what UTF-8 cannot encode
-    ping, wrong = protocol.encode(protocol.request("p", "ping")), protocol.encode(hello("wrong-token-0123456789"))
-    for first, kind in ((b"{}\n" * 1000, "ProtocolError"), (ping, "ProtocolError"), (surrogate, "PermissionError"),
-                        (wrong, "PermissionError")):
+    port = in_process()  # the second login step's failures: test_server_login.py
+    ping = protocol.encode(protocol.request("p", "ping"))
+    token = protocol.encode(protocol.request("h", "hello", {"token": TOKEN}))
+    good = protocol.encode(protocol.request("h1", "hello", {"nonce": protocol.new_nonce()}))
+    for first, kind in ((b"{}\n" * 1000, "ProtocolError"), (ping, "ProtocolError"), (token, "ProtocolError")):
         raw = Raw(port, timeout=10)
-        raw.send(first + protocol.encode(hello()))  # a second try with the right token comes too late
+        raw.send(first + good)  # a second try comes too late; the token itself logs nobody in
         messages = iter(raw.read, None)
         assert [(m["event"], m.get("kind")) for m in messages] == [("error", kind)]
         raw.close()
@@ -209,8 +204,7 @@ def test_writes_time_out_until_login_and_silent_peers_are_probed(in_process, mon
     assert accepted[0].getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
     if hasattr(socket, "TCP_KEEPIDLE"):
         assert accepted[0].getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == server_module.KEEPALIVE_IDLE_S
-    raw.send(hello())
-    assert raw.answer("h")["event"] == "result"
+    assert raw.log_in(TOKEN)["event"] == "result"
     assert accepted[0].gettimeout() is None  # a logged-in client may read late
     raw.close()
 
@@ -229,8 +223,8 @@ def test_the_next_client_waits_until_the_previous_clients_job_has_ended(in_proce
     port = in_process()
     try:
         first = Raw(port, timeout=10)
-        first.send(protocol.encode(hello()) + protocol.encode(protocol.request("job", "echo")))
-        assert first.answer("h")["event"] == "result"
+        assert first.log_in(TOKEN)["event"] == "result"
+        first.send(protocol.request("job", "echo"))
         assert started.wait(10)
         first.close()
         for _ in range(5):  # well past the ending conversation's wait for its job
@@ -258,8 +252,7 @@ def test_no_attachment_before_authentication_and_a_cap_after(tmp_path):
         assert psutil.Process(proc.pid).memory_info().rss - rss < 200 << 20
         raw.close()
         raw = Raw(port, timeout=10)
-        raw.send(protocol.request("h", "hello", {"token": token}))
-        assert raw.answer("h")["event"] == "result"
+        assert raw.log_in(token)["event"] == "result"
         two_mb = {"a": {"dtype": "|u1", "shape": [2 << 20], "nbytes": 2 << 20}}
         raw.send(dict(protocol.request("e", "echo"), arrays=two_mb))
         answer = raw.answer(None)

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from SAMFineTuneLib import protocol
 from SAMFineTuneLib.client import BOOT, JobCancelled, JobError, WorkerClient, WorkerCrashed
 from SAMFineTuneLib.protocol import PROTOCOL_VERSION, ProtocolError
 from SAMFineTuneLib.worker import is_loopback
-from worker_servers import ENV, LIB, start_server, stop_server
+from worker_servers import ENV, LIB, Raw, start_server, stop_server
 
 
 
@@ -493,16 +492,13 @@ def test_tcp_binds_loopback_by_default_and_serves_arrays(tmp_path):
             assert np.array_equal(arrays["mask"], mask) and np.array_equal(arrays["f"], np.eye(3))
             assert client.info()["pid"] == proc.pid
         # A file reference would let a remote client read the server's files: refused.
-        with socket.create_connection(("127.0.0.1", port), timeout=20) as sock, sock.makefile("rwb") as stream:
-            assert protocol.read_message(stream)["event"] == "hello"
-            outside = {"a": {"dtype": "<f4", "shape": [1], "path": "/etc/passwd"}}
-            for message in (protocol.request("h", "hello", {"token": token}),
-                            dict(protocol.request("e", "echo"), arrays=outside)):
-                stream.write(protocol.encode(message))
-                stream.flush()
-            answers = [protocol.read_message(stream) for _ in range(4)]
-            error = [a for a in answers if a["event"] == "error"][0]
-            assert error["id"] == "e" and "file references are refused" in error["error"]
+        raw = Raw(port)
+        assert raw.hello["event"] == "hello" and raw.log_in(token)["event"] == "result"
+        outside = {"a": {"dtype": "<f4", "shape": [1], "path": "/etc/passwd"}}
+        raw.send(dict(protocol.request("e", "echo"), arrays=outside))
+        error = raw.answer("e")
+        assert error["event"] == "error" and "file references are refused" in error["error"]
+        raw.close()
     finally:
         stop_server(proc)
 

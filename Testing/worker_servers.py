@@ -62,6 +62,18 @@ class Raw:
         except (ConnectionError, OSError):
             return None
 
+    def log_in(self, token, job_id="h"):
+        """Both login steps with ``token`` (requests ``h1``, ``h2``): the answer to the second, or the
+        first's when it was not a challenge."""
+        nonce = protocol.new_nonce()
+        self.send(protocol.request(job_id + "1", "hello", {"nonce": nonce}))
+        challenge = self.answer(job_id + "1")
+        if challenge is None or challenge["event"] != "result":
+            return challenge
+        proof = protocol.login_proof(token, protocol.CLIENT_PROOF_LABEL, nonce, challenge["result"]["nonce"])
+        self.send(protocol.request(job_id + "2", "hello", {"proof": proof}))
+        return self.answer(job_id + "2")
+
     def answer(self, job_id):
         """The final event for ``job_id`` (None if the connection closed first)."""
         while True:
@@ -75,3 +87,16 @@ class Raw:
             self.sock.close()
         except OSError:
             pass
+
+
+def fake_login(conn, lines, token):
+    """The server's side of the login on an accepted socket, for fake servers: hello, the challenge
+    (with a true proof of ``token``), then the client's proof accepted unchecked."""
+    conn.sendall(protocol.encode(protocol.event(None, "hello", protocol=protocol.PROTOCOL_VERSION, mode="tcp",
+                                                auth=True)))
+    first = lines.readline()
+    nonce, server_nonce = protocol.decode(first)["params"]["nonce"], protocol.new_nonce()
+    proof = protocol.login_proof(token, protocol.SERVER_PROOF_LABEL, nonce, server_nonce)
+    conn.sendall(protocol.encode(protocol.event("h1", "result", result={"nonce": server_nonce, "proof": proof})))
+    lines.readline()
+    conn.sendall(protocol.encode(protocol.event("h2", "result", result={"protocol": protocol.PROTOCOL_VERSION})))

@@ -22,6 +22,7 @@ from .. import protocol
 from ..message_decoder import MessageDecoder
 from ..paths import open_private_log
 from ..protocol import ProtocolError
+from .login import check_token, log_in
 
 READERS = ("thread", "poll")
 # Most bytes one pump reads, so a poll from Slicer's timer returns even while a large array arrives.
@@ -201,13 +202,24 @@ class ProcessConnection(Connection):
 
 
 class SocketConnection(Connection):
+    """A ``serve`` endpoint, logged in (``login.log_in``) before the reader starts; ``login``: the
+    server's answer to it (``protocol``, ``pid``, ``paths``)."""
+
     files = False
 
-    def __init__(self, host: str, port: int, events: "queue.Queue", timeout: float, mode: str = "thread"):
+    def __init__(self, host: str, port: int, events: "queue.Queue", timeout: float, mode: str = "thread",
+                 token: Optional[str] = None):
         self.address = f"{host}:{port}"
+        token = check_token(token, self.address)
         self.sock = socket.create_connection((host, port), timeout=timeout)
-        self.sock.settimeout(None)  # blocking writes; poll mode reads only what select says is there
-        super().__init__(self.sock.makefile("rb"), self.sock.makefile("wb"), events, mode)
+        try:
+            hello, self.login = log_in(self.sock, self.address, token, timeout)
+            self.sock.settimeout(None)  # blocking writes; poll mode reads only what select says is there
+            super().__init__(self.sock.makefile("rb"), self.sock.makefile("wb"), events, mode)
+        except BaseException:
+            self.sock.close()
+            raise
+        self.hello = hello
 
     def _read_available(self) -> Optional[bytes]:
         if not select.select([self.sock], [], [], 0)[0]:

@@ -18,6 +18,7 @@ from ..paths import default_log_path, make_private_dir, new_job_folder
 from ..protocol import PROTOCOL_VERSION, TOKEN_ENV, ProtocolError
 from .connections import READERS, Connection, ProcessConnection, SocketConnection, parse_address
 from .jobs import Job, JobCancelled, JobError, JobTimeout, WorkerCrashed
+from .login import version_mismatch
 
 log = logging.getLogger("SAMFineTuneLib.client")
 
@@ -56,7 +57,7 @@ class WorkerClient:
         log_path: the worker's log (default: logs/worker.log in the user's cache folder).
         env: extra environment variables for the worker (e.g. OMP_NUM_THREADS, CUDA_VISIBLE_DEVICES).
         address/token: use a running ``serve`` endpoint instead of a child process (token default:
-        ``$SAMFINETUNE_TOKEN``).
+        ``$SAMFINETUNE_TOKEN``; it never travels: client and server prove to each other that they know it).
         command: the full command that starts a worker (overrides python; it must speak on stdin/stdout).
         cancel_grace: a cancelled job still running after this many seconds gets its worker restarted.
         reader: "thread" (a reader thread follows the worker) or "poll" (no thread: ``poll`` reads
@@ -100,9 +101,8 @@ class WorkerClient:
             return self._res.conn
         if self.address is not None:
             conn: Connection = SocketConnection(self.address[0], self.address[1], self._events, self.connect_timeout,
-                                                self.reader)
+                                                self.reader, token=self.token)
             self._res.conn = conn
-            self._send_request(self._new_job("hello", {"token": self.token}))
         else:
             make_private_dir(os.path.dirname(self.log_path))
             try:
@@ -148,8 +148,8 @@ class WorkerClient:
             elif job.cancel_requested:
                 self._finish(job, "cancelled")
             else:
-                what = f"job {job.id} ({job.command}) did not finish: " if job.command != "hello" else ""
-                self._finish(job, "error", error=f"{prefix}{what}{text}", kind=kind)
+                self._finish(job, "error", error=f"{prefix}job {job.id} ({job.command}) did not finish: {text}",
+                             kind=kind)
         conn.kill()
 
     # --- jobs -------------------------------------------------------------------------------
@@ -246,17 +246,15 @@ class WorkerClient:
     def _on_message(self, conn: Connection, message: Dict[str, Any]) -> None:
         job_id = message.get("id")
         name, job = message.get("event"), self._jobs.get(job_id) if isinstance(job_id, str) else None
-        if message.get("v") != PROTOCOL_VERSION or (name == "hello" and message.get("protocol") != PROTOCOL_VERSION):
-            worker_version = message.get("protocol", message.get("v"))
-            self._lost(conn, f"protocol version mismatch: the worker speaks v{worker_version}, this client "
-                             f"v{PROTOCOL_VERSION}; use the same SAMFineTune version in Slicer and in the worker",
-                       kind=JobError)
+        mismatch = version_mismatch(message)
+        if mismatch:
+            self._lost(conn, mismatch, kind=JobError)
             return
         if name == "hello":
             conn.hello = message
             return
         if job is None:
-            if name == "error" and message.get("id") is None:  # about the connection itself (e.g. busy)
+            if name == "error" and message.get("id") is None:  # about the connection itself (e.g. an unreadable line)
                 self._lost(conn, f"the worker refused: {message.get('error')}", kind=JobError)
             return
         if name == "started":
@@ -281,8 +279,6 @@ class WorkerClient:
         elif name == "error":
             job.traceback = message.get("traceback")
             self._finish(job, "error", error=str(message.get("error")))
-            if job.command == "hello":  # authentication refused: nothing else will run
-                self._lost(conn, f"the worker refused the connection: {job.error}", kind=JobError)
         elif name == "cancelled":
             self._finish(job, "cancelled")
         if job.on_event is not None and not job.done:

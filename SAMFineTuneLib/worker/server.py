@@ -4,9 +4,10 @@ the model kept warm in between (for a GPU box reached through an SSH tunnel).
 Every other user of the machine can reach a port, 127.0.0.1 included, so a server always has a
 token: ``$SAMFINETUNE_TOKEN`` or ``--token-file`` (at least ``MIN_TOKEN_LENGTH`` characters; never
 a command-line argument, which every user can read in the process list) or one generated at
-start and printed once. A connection must send ``hello`` with it within ``AUTH_DEADLINE_S``;
-until then it may send one short line and no arrays, its writes time out, and it does not hold
-the one-client lock, so a silent or hostile connection blocks nobody. Clients name no files on
+start and printed once. The token never travels: a connection logs in within ``AUTH_DEADLINE_S``
+by a challenge and response in which each side proves it knows the token (``session.Session``,
+PROTOCOL.md); until then it may send two short lines and no arrays, its writes time out, and it
+does not hold the one-client lock, so a silent or hostile connection blocks nobody. Clients name no files on
 the server unless its operator gives ``--data-root`` (``access.PathAccess``); what one client
 sent (volumes, embeddings) is gone before the next one is let in.
 """
@@ -58,7 +59,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1",
                         help=f"address to bind; anything but loopback needs a token (${TOKEN_ENV} or --token-file)")
     parser.add_argument("--token-file", default=None, metavar="PATH",
-                        help=f"file holding the shared secret clients must send, at least {MIN_TOKEN_LENGTH} "
+                        help=f"file holding the shared secret clients must know (it never travels: each side "
+                             f"proves it knows it), at least {MIN_TOKEN_LENGTH} "
                              f"characters, readable by its owner only (chmod 600); or set ${TOKEN_ENV}; without "
                              "either a token is generated and printed once")
     parser.add_argument("--token", default=None, help=argparse.SUPPRESS)  # refused with a pointer to the above
@@ -68,7 +70,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-upload-mb", type=int, default=protocol.MAX_ATTACHMENT_BYTES >> 20,
                         help="most megabytes of arrays one request may carry")
     parser.add_argument("--auth-deadline", type=float, default=AUTH_DEADLINE_S,
-                        help="seconds a new connection has to send 'hello' with the token")
+                        help="seconds a new connection has to log in (prove it knows the token)")
     add_worker_arguments(parser)
 
 
@@ -180,7 +182,7 @@ class Server:
         try:
             with conn, conn.makefile("rb") as reader, conn.makefile("wb") as writer:
 
-                def admit() -> None:  # the token checked out
+                def admit() -> None:  # the client proved it knows the token
                     deadline.cancel()
                     slot()
                     if not self.busy.acquire(timeout=BUSY_WAIT_S):  # a client that just left may still be closing
@@ -238,7 +240,7 @@ def _expire(session: Session, conn: socket.socket, seconds: float) -> None:
     wake up and the connection's thread frees its place."""
     if session.authenticated:
         return
-    log.info("no 'hello' with the token within %g s; closing the connection", seconds)
+    log.info("no login within %g s; closing the connection", seconds)
     try:
         conn.shutdown(socket.SHUT_RDWR)
     except OSError:

@@ -5,16 +5,17 @@ shutdown) at once, also while a job runs; jobs queue for the job thread, which r
 at a time (``jobs.HANDLERS``) and sends their events. Each conversation has its own volumes
 (``core.VolumeStore``) and its own access to the worker's files (``access.PathAccess``).
 
-A conversation that must authenticate (TCP) reads nothing but a short ``hello`` line until the
-token checks out: no attachments, no second try; any message that does not authenticate it gets
-one error and ends it, so an unknown peer can neither flood the log nor keep a reply stream going.
-Request text is never logged (a malformed ``hello`` holds the token); only the request id, when
-it is a plain name, and the error kind.
+A conversation that must authenticate (TCP) reads nothing but two short ``hello`` lines until the
+client has proved it knows the token: the first carries the client's nonce and gets this side's
+nonce and proof, the second carries the client's proof (``protocol.login_proof``; the token never
+travels). No attachments, no second try: any message that does not lead to login gets one error
+and ends the conversation, so an unknown peer can neither flood the log nor keep a reply stream
+going. Request text is never logged (a client of another protocol version may send the token);
+only the request id, when it is a plain name, and the error kind.
 """
 from __future__ import annotations
 
 import collections
-import hmac
 import logging
 import os
 import re
@@ -107,15 +108,16 @@ class Session:
                  admit: Optional[Callable[[], None]] = None,
                  max_attachment_bytes: int = protocol.MAX_ATTACHMENT_BYTES):
         """files: arrays by file (local, trusted parent) or attached to the stream (TCP).
-        token / need_hello: the first request must be 'hello' with this token.
+        token / need_hello: the client must log in first, proving it knows this token (two 'hello's).
         access: which of the worker's files requests may name (default: any, as for a local worker).
-        admit(): called once the token checks out (the server takes its one-client lock there);
+        admit(): called once the client's proof checks out (the server takes its one-client lock there);
         raises ProtocolError to turn the client away."""
         self.core = core
         self.reader, self.writer = reader, writer
         self.files = files
         self.token = token
         self.authenticated = not need_hello
+        self.challenge: Optional[Tuple[str, str]] = None  # (client nonce, server nonce) once the first hello came
         self.access = access or PathAccess(any_path=True)
         self.admit = admit
         self.max_attachment_bytes = max_attachment_bytes
@@ -188,8 +190,11 @@ class Session:
                     break
                 if message is None:
                     break
+                challenged = self.challenge is not None
                 self._handle(message)
-                if not self.authenticated:  # whatever the first message was, it did not log in: no second try
+                # Before login only a first hello that got a challenge is followed by a second message;
+                # whatever answers the challenge either logs in or ends the conversation: no second try.
+                if not self.authenticated and (challenged or self.challenge is None):
                     break
         finally:
             self._stop(thread)
@@ -208,8 +213,8 @@ class Session:
             return
         command = message["command"]
         if not self.authenticated and command != "hello":
-            self.send_error(job_id, ProtocolError("not authenticated: the first request must be 'hello' with the "
-                                                  "token"))
+            self.send_error(job_id, ProtocolError("not authenticated: log in first ('hello' with a nonce, then "
+                                                  "'hello' with the proof; PROTOCOL.md, TCP mode)"))
             return
         handler = getattr(self, "_now_" + command, None)
         if handler is not None:
@@ -227,16 +232,33 @@ class Session:
         if self.authenticated:
             return {"protocol": protocol.PROTOCOL_VERSION, "pid": os.getpid()}
         if self.token is not None:
-            given = params.get("token")
-            # surrogatepass: JSON can carry a lone surrogate, which plain UTF-8 refuses to encode
-            if not isinstance(given, str) or not hmac.compare_digest(given.encode("utf-8", "surrogatepass"),
-                                                                     self.token.encode("utf-8", "surrogatepass")):
-                raise PermissionError("authentication failed: wrong or missing token; pass the token the server "
-                                      f"printed at start (WorkerClient(token=...) or ${protocol.TOKEN_ENV})")
+            if self.challenge is None:
+                return self._challenge(params)
+            self._check_proof(params)
         if self.admit is not None:
             self.admit()
         self.authenticated = True
         return {"protocol": protocol.PROTOCOL_VERSION, "pid": os.getpid(), "paths": self.access.describe()}
+
+    def _challenge(self, params: Dict[str, Any]) -> Dict[str, Any]:
+        """Login, first step: this side's nonce and its proof over both nonces. The client checks the
+        proof before it sends its own, so a program squatting on the port learns nothing of the token."""
+        client_nonce = params.get("nonce")
+        if not protocol.is_nonce(client_nonce):
+            raise ProtocolError(f"login: the first 'hello' must carry 'nonce', {2 * protocol.LOGIN_NONCE_BYTES} "
+                                "lowercase hex digits from a random source (the token itself is never sent)")
+        server_nonce = protocol.new_nonce()
+        self.challenge = (client_nonce, server_nonce)
+        return {"nonce": server_nonce,
+                "proof": protocol.login_proof(self.token, protocol.SERVER_PROOF_LABEL, client_nonce, server_nonce)}
+
+    def _check_proof(self, params: Dict[str, Any]) -> None:
+        """Login, second step: the client's proof over this conversation's nonces (so an answer seen on
+        another connection, or this side's own proof, does not log anyone in)."""
+        expected = protocol.login_proof(self.token, protocol.CLIENT_PROOF_LABEL, *self.challenge)
+        if not protocol.proof_matches(params.get("proof"), expected):
+            raise PermissionError("authentication failed: wrong or missing proof of the token; pass the token the "
+                                  f"server printed at start (WorkerClient(token=...) or ${protocol.TOKEN_ENV})")
 
     def _now_ping(self, params: Dict[str, Any]) -> Dict[str, Any]:
         with self.cond:
