@@ -11,10 +11,7 @@ import pytest
 
 from SAMFineTuneLib import protocol
 from SAMFineTuneLib.client import JobError, WorkerClient
-from SAMFineTuneLib.worker import server as server_module
-from SAMFineTuneLib.worker.access import PathAccess
-from SAMFineTuneLib.worker.core import WorkerCore
-from worker_servers import Raw
+from worker_servers import Raw, in_process_servers
 
 TOKEN = "login-test-token-0123456789"
 READERS = ("thread", "poll")
@@ -22,19 +19,8 @@ READERS = ("thread", "poll")
 
 @pytest.fixture
 def in_process(tmp_path):
-    """start(auth_deadline) -> the port of a server in this process that knows ``TOKEN``."""
-    servers = []
-
-    def start(auth_deadline=30.0):
-        listener = socket.create_server(("127.0.0.1", 0))
-        servers.append(server_module.Server(listener, WorkerCore(str(tmp_path / "w.log")), TOKEN, PathAccess(),
-                                            1 << 20, auth_deadline))
-        threading.Thread(target=servers[-1].run, daemon=True).start()
-        return listener.getsockname()[1]
-
-    yield start
-    for srv in servers:
-        srv.stop.set()
+    with in_process_servers(tmp_path, TOKEN) as start:
+        yield start
 
 
 class Squatter:

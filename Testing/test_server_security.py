@@ -23,10 +23,9 @@ from SAMFineTuneLib.volume_io import Volume, write_volume
 from SAMFineTuneLib.worker import jobs
 from SAMFineTuneLib.worker import server as server_module
 from SAMFineTuneLib.worker import session as session_module
-from SAMFineTuneLib.worker.access import PathAccess
 from SAMFineTuneLib.worker.core import WorkerCore
 from SAMFineTuneLib.worker.session import Session
-from worker_servers import LIB, Raw, start_server, stop_server
+from worker_servers import LIB, Raw, in_process_servers, start_server, stop_server
 
 TOKEN = "in-process-token-0123456789"
 
@@ -63,19 +62,8 @@ def token_file(folder, text, mode=0o600, name="token"):
 
 @pytest.fixture
 def in_process(tmp_path):
-    """start(auth_deadline) -> the port of a server in this process (a test may swap a job handler or a constant)."""
-    servers = []
-
-    def start(auth_deadline=30.0):
-        listener = socket.create_server(("127.0.0.1", 0))
-        servers.append(server_module.Server(listener, WorkerCore(str(tmp_path / "w.log")), TOKEN, PathAccess(),
-                                            1 << 20, auth_deadline))
-        threading.Thread(target=servers[-1].run, daemon=True).start()
-        return listener.getsockname()[1]
-
-    yield start
-    for srv in servers:
-        srv.stop.set()
+    with in_process_servers(tmp_path, TOKEN) as start:
+        yield start
 
 
 def login(port):

@@ -2,10 +2,12 @@
 would send, byte for byte)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from SAMFineTuneLib import protocol
@@ -13,6 +15,30 @@ from SAMFineTuneLib.client import BOOT
 
 LIB = Path(__file__).resolve().parents[1] / "SAMFineTuneLib"
 ENV = {"OMP_NUM_THREADS": "1"}
+
+
+@contextlib.contextmanager
+def in_process_servers(tmp_path, token):
+    """start(auth_deadline) -> the port of a server in this process that knows ``token`` (a test
+    may swap a job handler or a constant); all of them stopped at the end."""
+    from SAMFineTuneLib.worker import server as server_module
+    from SAMFineTuneLib.worker.access import PathAccess
+    from SAMFineTuneLib.worker.core import WorkerCore
+
+    servers = []
+
+    def start(auth_deadline=30.0):
+        listener = socket.create_server(("127.0.0.1", 0))
+        servers.append(server_module.Server(listener, WorkerCore(str(tmp_path / "w.log")), token, PathAccess(),
+                                            1 << 20, auth_deadline))
+        threading.Thread(target=servers[-1].run, daemon=True).start()
+        return listener.getsockname()[1]
+
+    try:
+        yield start
+    finally:
+        for srv in servers:
+            srv.stop.set()
 
 
 def start_server(tmp_path, *extra, log_name="s.log"):
