@@ -19,7 +19,6 @@ import os
 import secrets
 import shutil
 import socket
-import stat
 import tempfile
 import time
 from typing import Any, Callable, Iterator, Optional
@@ -79,13 +78,11 @@ def _create_beside(folder: str, prefix: str, suffix: str, create: Callable[[str]
     raise FileExistsError(errno.EEXIST, "no unused temporary name", folder)
 
 
-def _keep_mode(temp: str, path: str) -> None:
-    """Give ``temp`` the mode of the file it replaces (a group-shared dataset stays shared)."""
-    try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
-    except OSError:
-        return  # nothing there yet: the mode the temp file was created with stands
-    os.chmod(temp, mode)
+def keep_mode(temp: str, path: str) -> None:
+    """Give ``temp`` (a file or folder) the mode of the one it replaces (a group-shared dataset
+    stays shared); nothing there yet: the mode ``temp`` was created with stands."""
+    if os.path.exists(path):
+        shutil.copymode(path, temp)
 
 
 def atomic_write(path: str, write: Callable[[str], Any], verify: Optional[Callable[[str], None]] = None) -> None:
@@ -102,7 +99,7 @@ def atomic_write(path: str, write: Callable[[str], Any], verify: Optional[Callab
         _flush_to_disk(temp)
         if verify is not None:
             verify(temp)
-        _keep_mode(temp, path)
+        keep_mode(temp, path)
         os.replace(temp, path)
     except BaseException as exc:
         error = None  # judged before the temp file goes, while a full disk is still full
@@ -119,10 +116,12 @@ def atomic_write(path: str, write: Callable[[str], Any], verify: Optional[Callab
 
 def _is_write_failure(exc: BaseException) -> bool:
     """Whether ``exc`` from a writer means the file did not land. Writers report a full disk or a
-    file-size limit in their own ways (torch: RuntimeError, safetensors: SafetensorError), so any
-    Exception counts, except a cancel, a lack of memory, this module's own errors and a missing
-    input (FileNotFoundError), which keep their own meaning."""
-    return isinstance(exc, Exception) and not isinstance(exc, (WriteError, FileNotFoundError, Cancelled, MemoryError))
+    file-size limit in their own ways (torch: RuntimeError, safetensors: SafetensorError, a plain
+    Exception named so); any other error is a bug and keeps its own type and traceback, as do a
+    cancel, this module's own errors and a missing input (FileNotFoundError)."""
+    if isinstance(exc, (WriteError, FileNotFoundError, Cancelled)):
+        return False
+    return isinstance(exc, (OSError, ValueError, RuntimeError)) or type(exc).__name__ == "SafetensorError"
 
 
 def _write_error(path: str, exc: BaseException) -> WriteError:

@@ -29,7 +29,6 @@ from typing import Any, BinaryIO, Dict, Optional, Tuple
 
 import numpy as np
 
-from .files import atomic_write
 
 PROTOCOL_VERSION = 5
 
@@ -235,9 +234,9 @@ def crop_to_content(array: np.ndarray) -> Tuple[np.ndarray, Optional[Dict[str, A
     return block, {"offset": starts, "shape": list(array.shape)}
 
 
-def _uncrop(name: str, block: np.ndarray, crop: Any) -> np.ndarray:
+def _uncrop(name: str, block: np.ndarray, crop: Any, max_bytes: int) -> np.ndarray:
     """The whole array a cropped block stands for; the crop must hold the block inside its shape,
-    and the whole may be no larger than an array sent uncropped could be."""
+    and the whole may be no larger than ``max_bytes`` (the connection's limit uncropped)."""
     offset = crop.get("offset") if isinstance(crop, dict) else None
     shape = crop.get("shape") if isinstance(crop, dict) else None
     if not (_counts(offset, block.ndim) and _counts(shape, block.ndim)):
@@ -246,8 +245,8 @@ def _uncrop(name: str, block: np.ndarray, crop: Any) -> np.ndarray:
     if any(o + n > m for o, n, m in zip(offset, block.shape, shape)):
         raise ProtocolError(f"array {name!r}: block {list(block.shape)} at offset {offset} does not fit "
                             f"crop shape {shape}")
-    if block.dtype.itemsize * math.prod(max(n, 1) for n in shape) > MAX_ATTACHMENT_BYTES:
-        raise ProtocolError(f"array {name!r}: crop shape {shape} is over the {MAX_ATTACHMENT_BYTES} byte limit")
+    if block.dtype.itemsize * math.prod(max(n, 1) for n in shape) > max_bytes:
+        raise ProtocolError(f"array {name!r}: crop shape {shape} is over this connection's {max_bytes} byte limit")
     full = np.zeros(tuple(shape), dtype=block.dtype)
     full[tuple(slice(o, o + n) for o, n in zip(offset, block.shape))] = block
     return full
@@ -288,8 +287,9 @@ def write_message(
             if crop:
                 ref["crop"] = crop
             if folder is not None:
+                # a job's own folder, read once this line names the file: a failed write sends no line
                 path = os.path.join(os.fspath(folder), name + ".npy")
-                atomic_write(path, lambda temp, array=array: _save_npy(temp, array))
+                _save_npy(path, array)
                 ref["path"] = os.path.abspath(path)
             else:
                 ref["nbytes"] = int(array.nbytes)
@@ -360,8 +360,9 @@ def array_dtype_shape(name: str, ref: Dict[str, Any]) -> Tuple[np.dtype, Tuple[i
     return dtype, tuple(shape)
 
 
-def load_arrays(refs: Optional[Dict[str, Any]], allow_files: bool = True) -> Dict[str, np.ndarray]:
-    """The arrays a message names, read into memory (files are read whole, then may be deleted)."""
+def load_arrays(refs: Optional[Dict[str, Any]], allow_files: bool = True,
+                max_bytes: int = MAX_ATTACHMENT_BYTES) -> Dict[str, np.ndarray]:
+    """The arrays a message names, in memory (files read whole); crops rebuilt up to ``max_bytes``."""
     if not isinstance(refs or {}, dict):
         raise ProtocolError("'arrays' must be a JSON object of array references")
     arrays = {}
@@ -377,7 +378,7 @@ def load_arrays(refs: Optional[Dict[str, Any]], allow_files: bool = True) -> Dic
         else:
             raise ProtocolError(f"array {name!r}: reference has neither 'path' nor 'nbytes'")
         if ref.get("crop"):
-            array = _uncrop(name, array, ref["crop"])
+            array = _uncrop(name, array, ref["crop"], max_bytes)
         arrays[name] = array
     return arrays
 

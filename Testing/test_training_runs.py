@@ -80,6 +80,7 @@ def test_a_new_run_refuses_a_folder_holding_an_adapter_unless_told_to_replace_it
     assert _files(run.output) == before
     card = train(TrainConfig(**dict(vars(run.config), overwrite=True, epochs=1, seed=3)), model=litemedsam)
     assert card["hyperparameters"]["seed"] == 3 and [h["epoch"] for h in card["history"]] == [1]
+    assert not {"overwrite", "resume"} & set(card["hyperparameters"])  # about the folder, not the adapter
 
 
 def test_overwrite_on_the_command_line():

@@ -165,22 +165,6 @@ def test_arrays_that_cannot_travel_are_refused_when_sent():
         protocol.write_message(io.BytesIO(), protocol.event("j", "result"), {"names": np.array(["a", "b"])})
 
 
-def test_arrays_written_to_a_folder_replace_their_file_whole(tmp_path, monkeypatch):
-    old = np.arange(5)
-    np.save(tmp_path / "mask.npy", old)
-
-    def full_disk(file, array, allow_pickle=True):  # writes a little, then the disk is full
-        with open(file, "wb") if isinstance(file, (str, os.PathLike)) else contextlib.nullcontext(file) as out:
-            out.write(b"\x93NUMPY")
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(np, "save", full_disk)
-    with pytest.raises(OSError, match="could not write .*mask.npy"):
-        protocol.write_message(io.BytesIO(), protocol.event("j", "result"), {"mask": np.ones(3)}, folder=tmp_path)
-    monkeypatch.undo()
-    assert np.array_equal(np.load(tmp_path / "mask.npy"), old) and os.listdir(tmp_path) == ["mask.npy"]
-
-
 @pytest.mark.parametrize("crop, why", [
     ({"offset": [3, 0], "shape": [4, 4]}, "does not fit"),
     ({"offset": [-1, 0], "shape": [4, 4]}, "non-negative integers"),
@@ -193,6 +177,14 @@ def test_a_crop_must_hold_its_block_and_stay_in_bounds(crop, why):
     block = np.ones((2, 2), np.uint8)
     with pytest.raises(ProtocolError, match=why):
         protocol.load_arrays({"m": {"data": block, "crop": crop}})
+
+
+def test_a_crop_is_bounded_by_the_connections_own_limit():
+    """A 4-byte block may not stand for an array larger than the connection would accept uncropped."""
+    block, crop = np.ones((2, 2), np.uint8), {"offset": [0, 0], "shape": [1024, 1024]}
+    assert protocol.load_arrays({"m": {"data": block, "crop": crop}}, max_bytes=1 << 20)["m"].shape == (1024, 1024)
+    with pytest.raises(ProtocolError, match="this connection's 1048575 byte limit"):
+        protocol.load_arrays({"m": {"data": block, "crop": crop}}, max_bytes=(1 << 20) - 1)
 
 
 def test_array_data_comes_only_from_attachments_or_files():

@@ -285,17 +285,17 @@ def test_written_files_follow_the_umask_and_keep_a_replaced_files_mode(tmp_path)
     assert mode(tmp_path / "shared.json") == 0o640 and json.loads((tmp_path / "shared.json").read_text()) == {"a": 1}
 
 
-class LibraryError(Exception):
-    """A writer library's own error type (safetensors raises SafetensorError, an Exception)."""
+class SafetensorError(Exception):
+    """safetensors' own error type, a plain Exception under that name."""
 
 
-def test_any_writer_error_is_a_one_line_write_error_but_a_cancel_passes_through(tmp_path):
+def test_a_writers_io_error_is_a_one_line_write_error_but_a_cancel_or_a_bug_passes_through(tmp_path):
     from SAMFineTuneLib.progress import Cancelled
 
     target = tmp_path / "state.pt"
     target.write_bytes(b"the previous state")
     for error in (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 832 vs 726\nframe #0"),
-                  LibraryError("Error while serializing: I/O error: No space left on device (os error 28)")):
+                  SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")):
         def write(temp, error=error):
             open(temp, "wb").write(b"half")
             raise error
@@ -305,7 +305,7 @@ def test_any_writer_error_is_a_one_line_write_error_but_a_cancel_passes_through(
         message = str(caught.value)
         assert message.startswith(f"could not write {target}: the file came out incomplete (") and "\n" not in message
         assert str(error).splitlines()[0] in message
-    for error in (Cancelled("cancelled by the user"), KeyboardInterrupt()):
+    for error in (Cancelled("cancelled by the user"), KeyboardInterrupt(), KeyError("a bug in the writer")):
         with pytest.raises(type(error)):
             files.atomic_write(str(target), lambda temp, error=error: (_ for _ in ()).throw(error))
     assert target.read_bytes() == b"the previous state" and os.listdir(tmp_path) == ["state.pt"]

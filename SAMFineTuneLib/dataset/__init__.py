@@ -19,9 +19,10 @@ Rules: splits are by case or by group (patient), never by slice; exporting into 
 dataset appends and never rewrites or drops a case; an export goes only into an empty folder or
 a SAMFineTune dataset and never writes over a file that ``dataset.json`` does not list; every
 file is written to a temporary name and renamed, and ``dataset.json`` is replaced last, so a
-crash or cancel mid-export leaves the previous dataset as it was (a failed export removes the
-case files it added; a killed one may leave some, which the next export names instead of
-overwriting). The CSV and COCO files of every format the dataset holds are written again for all
+crash or cancel mid-export leaves the previous dataset's cases and index as they were (a failed
+export removes the case files it added; a killed one may leave some, which the next export names
+instead of overwriting; CSV and COCO files already rewritten may list the new cases until the next
+export). The CSV and COCO files of every format the dataset holds are written again for all
 its cases on each export; a case's slice PNGs are reused only while its index records the same
 axis, window and files (``slice_formats.ensure_slice_index``). Geometry mismatches and unknown
 label values are errors; an empty label map is skipped with a warning (returned in the summary and

@@ -162,7 +162,7 @@ def _new_files(root: str, checked: List[tuple], added_formats: List[str]) -> Lis
     the dataset gains); a ValueError naming those already there, which ``dataset.json`` does not
     list and an export must not overwrite."""
     new = [rel for c in checked for rel in _case_files(c[0])]
-    new += [rel for f in added_formats if f != "msd" for rel in slice_outputs(f)]
+    new += [rel for f in added_formats if f in SLICE_FORMATS for rel in slice_outputs(f)]
     there = [rel for rel in new if os.path.lexists(os.path.join(root, rel))]
     if there:
         raise ValueError(f"{root} already holds {', '.join(there[:3])}{', ...' if len(there) > 3 else ''}, which "

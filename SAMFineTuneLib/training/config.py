@@ -10,6 +10,8 @@ from ..adapters import DEFAULT_TARGETS
 from ..catalogue import DEFAULT_MODEL, ENGINE_DEFAULTS, LOSSES, SEGMENT_DEFAULTS, TRAINING_DEFAULTS
 
 RESUME_FILE = "resume_state.pt"
+#: Settings about the output folder, not the adapter (left out of ``TrainConfig.to_dict``).
+RUN_CONTROL = ("resume", "overwrite")
 # Settings that must not change between a run and its resumption.
 RESUME_KEYS = ("dataset", "model", "checkpoint", "lr", "weight_decay", "batch_size", "lora_rank", "lora_alpha",
                "lora_dropout", "targets", "train_prompt_encoder", "loss", "iou_loss_weight", "box_jitter",
@@ -95,7 +97,9 @@ class TrainConfig:
     window_margin: Union[int, None, str] = ENGINE_DEFAULTS["window_margin"]
 
     def to_dict(self) -> Dict[str, Any]:
-        out = dataclasses.asdict(self)
+        """How the run trains (its model card's hyperparameters): without ``resume`` and
+        ``overwrite``, which say what a run may do with its folder."""
+        out = {key: value for key, value in dataclasses.asdict(self).items() if key not in RUN_CONTROL}
         out["targets"] = list(self.targets)
         return out
 

@@ -27,9 +27,10 @@ import contextlib
 import os
 import shutil
 import socket
-import stat
 import time
 from typing import Callable, Iterable, List, Optional
+
+from ..files import BROWSER_FILES, keep_mode
 
 #: Written last into every complete adapter folder (``adapters.CARD_FILE``).
 COMPLETE_MARK = "model_card.json"
@@ -47,7 +48,8 @@ def sibling(folder: str, kind: str) -> str:
     return os.path.join(os.path.dirname(folder), f".{os.path.basename(folder)}.{kind}")
 
 
-def _complete(folder: str) -> bool:
+def holds_adapter(folder: str) -> bool:
+    """Whether ``folder`` holds a complete adapter (its model card is written last)."""
     return os.path.isfile(os.path.join(folder, COMPLETE_MARK))
 
 
@@ -190,8 +192,6 @@ def check_output_folder(folder: str, allowed: Iterable[str]) -> None:
         raise ValueError(f"output {folder} is a file; give a folder for the adapter")
     if not os.path.isdir(folder):
         return
-    from ..files import BROWSER_FILES
-
     foreign = sorted(set(os.listdir(folder)) - set(allowed) - BROWSER_FILES)
     if foreign:
         raise ValueError(f"output folder {folder} holds files that are not an adapter's ({', '.join(foreign[:3])}"
@@ -232,7 +232,7 @@ def _settle_locked(folder: str) -> None:
     if os.path.isdir(folder):
         return
     for candidate in (sibling(folder, "new"), sibling(folder, "old")):
-        if _complete(candidate):
+        if holds_adapter(candidate):
             os.replace(candidate, folder)
             return
 
@@ -250,7 +250,7 @@ def replace_folder(folder: str, fill: Callable[[str], None], lock: Optional[Fold
     os.makedirs(new)
     fill(new)
     if os.path.isdir(folder):
-        os.chmod(new, stat.S_IMODE(os.stat(folder).st_mode))  # a folder shared with a group stays shared
+        keep_mode(new, folder)
         os.replace(folder, old)
     os.replace(new, folder)
     _remove(old)

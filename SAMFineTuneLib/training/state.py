@@ -14,7 +14,7 @@ import torch
 from .. import adapters
 from ..files import atomic_write
 from .config import RESUME_FILE, TrainConfig, check_resume
-from .folders import COMPLETE_MARK, replace_folder
+from .folders import holds_adapter, replace_folder
 
 
 def state_copy(module) -> Optional[Dict[str, Any]]:
@@ -80,7 +80,7 @@ def run_start(config: TrainConfig, cases: Dict[str, List[str]]) -> Optional[Dict
     path = os.path.join(config.output, RESUME_FILE)
     if config.resume and os.path.isfile(path):
         return read_resume(path, config, cases)
-    if config.overwrite or not os.path.isfile(os.path.join(config.output, COMPLETE_MARK)):
+    if config.overwrite or not holds_adapter(config.output):
         return None
     if config.resume:
         raise ValueError(f"{config.output} holds an adapter but no {RESUME_FILE} to continue its run: give another "

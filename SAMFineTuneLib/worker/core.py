@@ -55,8 +55,8 @@ class WorkerCore:
     """The segmenter (``SegmenterCache``) and each running job's cancel check.
 
     ``job_cancelled`` is the cancel() of the job running on the calling thread: each conversation
-    runs its jobs on its own thread, and a job that outlives its conversation still runs beside
-    the next one's on the shared segmenter, so ending one job must never switch off another's check.
+    runs its jobs on its own thread, so ending one job can never switch off another's check, even
+    should two ever overlap (the server admits a next client only once the last one's job ended).
     """
 
     def __init__(self, log_path: Optional[str] = None):

@@ -79,7 +79,8 @@ class RunningJob:
         self.session.send(protocol.event(self.id, "log", level=level, message=str(message)))
 
     def arrays(self) -> Dict[str, np.ndarray]:
-        return protocol.load_arrays(self.refs, allow_files=self.session.files)
+        return protocol.load_arrays(self.refs, allow_files=self.session.files,
+                                    max_bytes=self.session.max_attachment_bytes)
 
     def resolve_paths(self, names) -> None:
         """The parameters that name files on the worker's machine, as this conversation may use them

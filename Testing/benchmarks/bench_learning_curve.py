@@ -170,9 +170,7 @@ class Bench:
             return None
         settings = json.loads(json.dumps(config.to_dict()))
         # "auto" settings are written into the card as the trainer resolved them on its machine
-        # "overwrite" says what a run may do with its folder, not how the adapter was trained
-        if any(card["hyperparameters"].get(key) != value for key, value in settings.items()
-               if value != "auto" and key != "overwrite"):
+        if any(card["hyperparameters"].get(key) != value for key, value in settings.items() if value != "auto"):
             return None
         print(f"  reusing {config.output} (trained before, epoch {card['best_epoch']} kept)", file=sys.stderr)
         return card
