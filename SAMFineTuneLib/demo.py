@@ -78,15 +78,14 @@ def segment_part(args, output: str) -> None:
           f"{fixed.stats['encoded']} newly encoded")
 
 
-def _clear_earlier_demo_dataset(dataset: str) -> bool:
-    """An export appends and never rewrites a case, so a second demo run starts its dataset anew
-    (True: an earlier demo's, whose adapter beside it the demo may replace); a folder there that
-    is not a demo's dataset is left alone, and the demo stops before any work."""
+def _clear_earlier_demo_dataset(dataset: str) -> None:
+    """An export appends and never rewrites a case, so a second demo run starts its dataset anew;
+    a folder there that is not a demo's dataset is left alone, and the demo stops before any work."""
     import json
     import shutil
 
     if not os.path.exists(dataset):
-        return False
+        return
     try:
         with open(os.path.join(dataset, "dataset.json")) as handle:
             ours = json.load(handle).get("name") == DEMO_DATASET
@@ -95,6 +94,24 @@ def _clear_earlier_demo_dataset(dataset: str) -> bool:
     if not ours:
         raise ValueError(f"{dataset} exists and is not a dataset the demo wrote; choose another --output")
     shutil.rmtree(dataset)
+
+
+def _earlier_demo_adapter(adapter: str, dataset: str) -> bool:
+    """Whether ``adapter`` holds an earlier demo run's adapter (its card names the demo's dataset),
+    which this run replaces; an adapter of anything else there stops the demo before any work."""
+    import json
+
+    from .training.folders import COMPLETE_MARK, holds_adapter
+
+    if not holds_adapter(adapter):
+        return False
+    try:
+        with open(os.path.join(adapter, COMPLETE_MARK)) as handle:
+            ours = json.load(handle)["dataset"]["path"] == os.path.abspath(dataset)
+    except (OSError, ValueError, KeyError, TypeError):
+        ours = False
+    if not ours:
+        raise ValueError(f"{adapter} holds an adapter the demo did not train; choose another --output")
     return True
 
 
@@ -128,7 +145,9 @@ def finetune_part(args, output: str, overwrite: bool = False) -> None:
 def main(args: argparse.Namespace) -> int:
     output = os.path.abspath(args.output)
     os.makedirs(output, exist_ok=True)
-    again = _clear_earlier_demo_dataset(os.path.join(output, "dataset"))
+    dataset = os.path.join(output, "dataset")
+    again = _earlier_demo_adapter(os.path.join(output, "adapter"), dataset)
+    _clear_earlier_demo_dataset(dataset)
     segment_part(args, output)
     finetune_part(args, output, overwrite=again)
     print(f"\nwrote everything under {output}")

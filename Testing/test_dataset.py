@@ -319,6 +319,20 @@ def test_a_second_demo_run_replaces_only_the_demos_own_dataset(tmp_path):
     _clear_earlier_demo_dataset(str(tmp_path / "none"))  # nothing there: nothing to do
 
 
+def test_a_second_demo_run_replaces_only_the_demos_own_adapter(tmp_path):
+    """Decided from the adapter's card, before any work: the demo's dataset may be gone meanwhile."""
+    from SAMFineTuneLib.demo import _earlier_demo_adapter
+
+    adapter, dataset = tmp_path / "adapter", tmp_path / "dataset"
+    assert not _earlier_demo_adapter(str(adapter), str(dataset))  # nothing there yet
+    adapter.mkdir()
+    (adapter / "model_card.json").write_text(json.dumps({"dataset": {"path": str(dataset)}}))
+    assert _earlier_demo_adapter(str(adapter), str(dataset))
+    (adapter / "model_card.json").write_text(json.dumps({"dataset": {"path": "/a/users/set"}}))
+    with pytest.raises(ValueError, match="holds an adapter the demo did not train; choose another --output"):
+        _earlier_demo_adapter(str(adapter), str(dataset))
+
+
 def coco_images(root):
     return [image for split in ("train", "val")
             for image in json.loads((root / f"coco_{split}.json").read_text())["images"]]
