@@ -169,6 +169,14 @@ def test_bad_messages_from_the_worker_never_leave_a_job_waiting(reader):
     assert job.state == "error" and isinstance(job.exception, WorkerCrashed)
 
 
+@pytest.mark.parametrize("reader", READERS)
+def test_a_message_that_ends_the_connection_says_why(reader):
+    huge = {"x": {"dtype": "|u1", "shape": [5 << 30], "nbytes": 5 << 30}}  # over the client's 4 GiB limit
+    job = _job_against(protocol.encode(protocol.event("j1", "result", result={}, arrays=huge)), reader)
+    assert job.state == "error" and isinstance(job.exception, WorkerCrashed)
+    assert "cannot follow" in job.error and "limit" in job.error, job.error
+
+
 def test_the_reader_thread_always_ends_the_connection(monkeypatch):
     def broken_reader(stream, **limits):
         raise RuntimeError("something unforeseen")

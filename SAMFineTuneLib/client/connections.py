@@ -61,7 +61,7 @@ class Connection:
                 self.events.put((self, "bad", exc))
                 if not exc.fatal:
                     continue
-                message = None
+                message, reason = None, _unfollowable(exc)
             except (OSError, ValueError):  # the stream closed: describe_end says how
                 message = None
             except Exception as exc:  # anything else ends the connection too, never just this thread
@@ -105,8 +105,9 @@ class Connection:
             for item in items:
                 self.events.put((self, "bad", item) if isinstance(item, ProtocolError) else (self, "msg", item))
             if not data or self.decoder.broken:
+                fatal = [item for item in items if isinstance(item, ProtocolError) and item.fatal]
                 self.ended = True
-                self.events.put((self, "eof", None))
+                self.events.put((self, "eof", _unfollowable(fatal[-1]) if fatal else None))
                 return
             taken += len(data)
 
