@@ -89,4 +89,3 @@ def removeNodes(*nodes):
         for helper in helpers:
             if helper is not None and helper.GetScene() is scene:
                 scene.RemoveNode(helper)
-
