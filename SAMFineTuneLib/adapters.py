@@ -2,7 +2,7 @@
 
 An adapter folder holds three files (plus a training run's ``resume_state.pt``), written
 atomically with the model card last into a sibling folder that then replaces the adapter folder
-as a whole (``training.folders``), so a reader sees one run's state, never a mix::
+as a whole (``adapter_folders``), so a reader sees one run's state, never a mix::
 
     adapter_model.safetensors   the LoRA tensors (peft's names), plus prompt_encoder.* when
                                 the prompt encoder was trained too
@@ -124,7 +124,7 @@ def _digest(data: bytes) -> str:
 
 
 def _card_bytes(adapter_dir: str) -> bytes:
-    from .training.folders import settle
+    from .adapter_folders import settle
 
     settle(str(adapter_dir))  # a training killed mid-swap left the folder beside its name
     with open(os.path.join(str(adapter_dir), CARD_FILE), "rb") as handle:  # FileNotFoundError: no card

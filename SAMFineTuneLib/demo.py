@@ -101,7 +101,7 @@ def _earlier_demo_adapter(adapter: str, dataset: str) -> bool:
     which this run replaces; an adapter of anything else there stops the demo before any work."""
     import json
 
-    from .training.folders import COMPLETE_MARK, holds_adapter
+    from .adapter_folders import COMPLETE_MARK, holds_adapter
 
     if not holds_adapter(adapter):
         return False

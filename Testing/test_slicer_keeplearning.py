@@ -68,10 +68,10 @@ def test_a_new_adapter_replaces_the_one_in_use_only_when_it_scores_better(tmp_pa
     assert run.state == state, run.message
     commands = [job.command for job in client.jobs]
     assert commands == (["train", "evaluate"] if current is not None else ["train"])
-    assert client.jobs[0].params["output"] == adapter + ".candidate"
+    assert client.jobs[0].params["output"] == str(tmp_path / ".liver.candidate")  # hidden from the adapter list
     assert client.jobs[0].params["overwrite"]  # the candidate folder is the run's own, whatever a killed run left
     assert card_of(adapter)["scores"]["adapted"]["dice"] == (new if state == "kept" else current)
-    assert not os.path.exists(adapter + ".candidate") and not os.path.exists(adapter + ".retired")
+    assert os.listdir(tmp_path) == ["liver"]
     if current is not None:
         assert client.jobs[1].params["adapter"] == adapter
 
@@ -89,10 +89,10 @@ def test_adapters_of_tracked_structures_are_compared_from_one_roi(tmp_path, from
     assert run.state == state and "from one ROI" in run.message, run.message
     assert [job.command for job in client.jobs] == ["train", "evaluate", "evaluate"]
     scored = [job.params for job in client.jobs[1:]]
-    assert [params["adapter"] for params in scored] == [adapter, adapter + ".candidate"]
+    assert [params["adapter"] for params in scored] == [adapter, str(tmp_path / ".liver.candidate")]
     assert all(params["roi_margin"] == 3 and params["dataset"] == str(tmp_path / "set") for params in scored)
     assert ("tracking_choice" in card_of(adapter)) == (state == "kept")
-    assert not os.path.exists(adapter + ".candidate")
+    assert os.listdir(tmp_path) == ["liver"]
 
 
 def test_a_failed_retraining_leaves_the_adapter_in_use_and_one_run_at_a_time(tmp_path):
@@ -106,3 +106,31 @@ def test_a_failed_retraining_leaves_the_adapter_in_use_and_one_run_at_a_time(tmp
     assert run.state == "failed" and "no validation case" in run.message
     assert card_of(adapter)["mark"] == "in use"
     assert learning.exported(1, str(tmp_path / "set"), adapter) is not None  # the next export starts again
+
+
+def test_a_better_candidate_waits_while_a_training_writes_the_adapter_in_use(tmp_path):
+    """A training into the adapter's folder (a manual Train) holds its lock: keep learning must not
+    swap under it; the run says so and the candidate stays whole for the user."""
+    from SAMFineTuneLib.adapter_folders import FolderLock
+
+    adapter = str(tmp_path / "liver")
+    adapter_in_use(adapter, 0.7)
+    learning = KeepLearning(SAMFineTuneCoreLogic(worker=WorkerBackend(client=LearningClient(new=0.8))), every=1)
+    with FolderLock(adapter, "training"):
+        run = finish(learning.exported(1, str(tmp_path / "set"), adapter, model="litemedsam"))
+    assert run.state == "failed" and "being written by another run (training by process" in run.message, run.message
+    assert card_of(adapter)["mark"] == "in use"
+    assert card_of(str(tmp_path / ".liver.candidate"))["scores"]["adapted"]["dice"] == 0.8
+
+
+def test_a_linked_adapter_folder_stays_a_link_to_the_new_adapter(tmp_path):
+    library = tmp_path / "library"
+    os.makedirs(library / "versions")
+    adapter_in_use(str(library / "versions" / "v1"), 0.7)
+    os.symlink(library / "versions" / "v1", library / "current")
+    learning = KeepLearning(SAMFineTuneCoreLogic(worker=WorkerBackend(client=LearningClient(new=0.8))), every=1)
+    run = finish(learning.exported(1, str(tmp_path / "set"), str(library / "current"), model="litemedsam"))
+    assert run.state == "kept", run.message
+    assert os.path.islink(library / "current") and card_of(str(library / "versions" / "v1"))["scores"]["adapted"][
+        "dice"] == 0.8
+    assert sorted(os.listdir(library)) == ["current", "versions"] and os.listdir(library / "versions") == ["v1"]

@@ -131,8 +131,10 @@ def test_non_blocking_training_feeds_the_curve_and_reports_the_adapter(scene, tm
         pass
     assert task.state == "done" and finished == [task] and task.result["card"]["best_epoch"] == 2
     assert [row[0] for row in curve.rows()] == [1.0, 2.0]
-    os.makedirs(task.output)
-    open(os.path.join(task.output, "model_card.json"), "w").write("{}")
+    for name in ("liver-v1", ".liver-v1.old", ".liver-v2.candidate"):  # the hidden ones are a swap's, keep learning's
+        os.makedirs(tmp_path / "adapters" / name)
+        open(tmp_path / "adapters" / name / "model_card.json", "w").write("{}")
+    os.makedirs(tmp_path / "adapters" / "unfinished")
     assert logic.listAdapters() == [("liver-v1", task.output)]
     with pytest.raises(ValueError, match="name"):
         logic.train(str(tmp_path / "set"), waitForCompletion=False)

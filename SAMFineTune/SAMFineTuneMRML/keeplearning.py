@@ -10,8 +10,9 @@ the validation Dice with the reference's box on every slice says little about ho
 tracks (docs/finetuning.md, "Which epoch is kept").
 """
 
-import os
 import shutil
+
+from SAMFineTuneLib.adapter_folders import holds_adapter, sibling, swap_in
 
 from .options import MODEL_KEYS, comparison_roi_margin
 from .tasks import Task
@@ -25,17 +26,6 @@ def validationDice(card):
     return ((card or {}).get("scores") or {}).get("adapted", {}).get("dice")
 
 
-def swapInto(candidate, target):
-    """Put the finished candidate folder where the adapter in use is; the old one is removed only
-    after the candidate is in place, so a crash leaves one of them whole."""
-    retired = target + ".retired"
-    shutil.rmtree(retired, ignore_errors=True)
-    if os.path.isdir(target):
-        os.replace(target, retired)
-    os.replace(candidate, target)
-    shutil.rmtree(retired, ignore_errors=True)
-
-
 class LearningRun:
     """One retraining: train the candidate, score the adapter in use and the candidate, keep the
     better one. ``state``: "training", "scoring", then "kept" (the candidate replaced it),
@@ -43,9 +33,10 @@ class LearningRun:
 
     def __init__(self, logic, dataset, adapter, config):
         self.logic, self.dataset, self.adapter, self.config = logic, dataset, adapter, dict(config)
-        self.candidate = adapter + ".candidate"
+        # A hidden sibling, so the adapter list never offers a half-trained candidate; it is this
+        # run's own: one a killed earlier run left is replaced, not refused.
+        self.candidate = sibling(adapter, "candidate")
         shutil.rmtree(self.candidate, ignore_errors=True)
-        # The candidate folder is this run's own: one a killed earlier run left is replaced, not refused.
         self.task = logic.train(dataset, output=self.candidate, waitForCompletion=False, overwrite=True, **self.config)
         self.state, self.message, self.card = "training", "training a candidate adapter", None
         self.scores, self.roiMargin = [], None
@@ -62,7 +53,7 @@ class LearningRun:
             return self.end("failed", "retraining %s: %s" % (self.task.state, self.task.error or ""))
         if self.state == "training":
             self.card = (self.task.result or {}).get("card") or {}
-            if not os.path.isfile(os.path.join(self.adapter, "model_card.json")):
+            if not holds_adapter(self.adapter):
                 return self.keep("no adapter in use yet")
             self.roiMargin = comparison_roi_margin(self.card)
             self.state = "scoring"
@@ -100,7 +91,11 @@ class LearningRun:
         return True
 
     def keep(self, why):
-        swapInto(self.candidate, self.adapter)
+        try:
+            swap_in(self.adapter, self.candidate)
+        except (OSError, ValueError) as exc:  # a training into the adapter's folder holds its lock, a full disk
+            return self.end("failed", "the new adapter (%s) could not replace %s: %s" % (self.candidate, self.adapter,
+                                                                                        exc))
         return self.end("kept", "new adapter in use: " + why)
 
     def end(self, state, message):

@@ -229,13 +229,16 @@ class SAMFineTuneCoreLogic:
         return Task(self.worker.submit("info", {}), self.worker.client, onFinished)
 
     def listAdapters(self, folder=None):
-        """[(name, path)] of fine-tuned adapters in the library (folders with a model card)."""
+        """[(name, path)] of fine-tuned adapters in the library (folders with a model card); hidden
+        folders are the engine's own (a swap's halves, keep learning's candidate)."""
+        from SAMFineTuneLib.adapter_folders import holds_adapter
+
         folder = folder or adaptersDirectory()
         found = []
         if os.path.isdir(folder):
             for name in sorted(os.listdir(folder)):
                 path = os.path.join(folder, name)
-                if os.path.isfile(os.path.join(path, "model_card.json")):
+                if not name.startswith(".") and holds_adapter(path):
                     found.append((name, path))
         return found
 

@@ -9,6 +9,7 @@ import os
 from .library import ensureLibraryImportable
 
 ensureLibraryImportable()
+from SAMFineTuneLib.adapter_folders import COMPLETE_MARK, holds_adapter  # noqa: E402
 from SAMFineTuneLib.catalogue import (AXES, BACKENDS, BOX_MODES, CLICK_TRAINING_SHARE, DEVICES,  # noqa: E402,F401
                                       MODEL_KEYS, MODEL_SPECS, PRECISIONS, PROMPT_OPTIONS, SEGMENT_DEFAULTS,
                                       VALIDATION_ROI_MARGIN, WINDOWS, comparison_roi_margin)
@@ -56,9 +57,9 @@ def checkOptions(options):
                          "ships with its weights)." % merged["model"])
     if merged["checkpoint"] and not os.path.isfile(merged["checkpoint"]):
         raise ValueError("Checkpoint file not found: %s. Choose an existing .pth file." % merged["checkpoint"])
-    if merged["adapter"] and not os.path.isfile(os.path.join(merged["adapter"], "model_card.json")):
-        raise ValueError("Adapter folder %s holds no model_card.json: choose an adapter trained by SAM Fine-Tune."
-                         % merged["adapter"])
+    if merged["adapter"] and not holds_adapter(merged["adapter"]):
+        raise ValueError("Adapter folder %s holds no %s: choose an adapter trained by SAM Fine-Tune."
+                         % (merged["adapter"], COMPLETE_MARK))
     return merged
 
 
@@ -74,7 +75,7 @@ def adapterWindowWarning(options, volumeArray):
     import json
 
     try:
-        with open(os.path.join(options["adapter"], "model_card.json"), encoding="utf-8") as handle:
+        with open(os.path.join(options["adapter"], COMPLETE_MARK), encoding="utf-8") as handle:
             learned = (json.load(handle).get("inference") or {}).get("window")
     except (OSError, ValueError, AttributeError):
         return None

@@ -12,9 +12,9 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from .. import adapters
+from ..adapter_folders import holds_adapter, replace_folder
 from ..files import atomic_write
 from .config import RESUME_FILE, TrainConfig, check_resume
-from .folders import holds_adapter, replace_folder
 
 
 def state_copy(module) -> Optional[Dict[str, Any]]:

@@ -10,9 +10,9 @@ times faster; on CUDA the whole slice) from embeddings cached on disk (``samples
 every training slice once, or ``min_epoch_steps`` when that is more. Each epoch ends with the
 validation Dice on the held-out cases: the best adapter is kept, training stops when it has not
 improved for ``patience`` epochs; the output folder is replaced as a whole after every epoch,
-under a lock (``folders``). Linear warmup then cosine decay; bf16 autocast on CUDA only; seeded
-runs reproduce. A run resumes after a crash or a cancel (``state``) and spreads over GPUs under
-torchrun (``distributed``).
+under a lock (``adapter_folders``). Linear warmup then cosine decay; bf16 autocast on CUDA only;
+seeded runs reproduce. A run resumes after a crash or a cancel (``state``) and spreads over GPUs
+under torchrun (``distributed``).
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .. import adapters
+from ..adapter_folders import FolderLock, check_output_folder, settle
 from ..metrics import mean_dice
 from ..progress import check_cancel, report
 from . import clicks, distributed
@@ -36,7 +37,6 @@ from .card import model_card
 from .config import RESUME_FILE, TrainConfig, check_config
 from .decoder_step import DecoderStep
 from .eta import Eta
-from .folders import FolderLock, check_output_folder, settle
 from .kept_adapter import KeptAdapter
 from .optimisation import epochs_since_best, iou_head_loss, keeps_epoch, loss_function, lr_schedule
 from .prediction import predict_masks

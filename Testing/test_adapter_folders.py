@@ -1,5 +1,5 @@
 """An adapter folder is replaced as a whole, readers never mix two writes, and one run at a time
-writes a folder (training/folders.py, adapters.read_adapter); no model weights needed."""
+writes a folder (adapter_folders.py, adapters.read_adapter); no model weights needed."""
 import os
 import signal
 import threading
@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from SAMFineTuneLib import adapters
-from SAMFineTuneLib.training.folders import FolderLock, check_output_folder, replace_folder, settle, sibling
+from SAMFineTuneLib.adapter_folders import FolderLock, check_output_folder, replace_folder, settle, sibling, swap_in
 
 posix_only = pytest.mark.skipif(os.name != "posix", reason="kills a forked writer")
 
@@ -199,3 +199,18 @@ def test_a_replaced_adapter_folder_keeps_its_mode(tmp_path, lora_decoder):
     os.chmod(folder, 0o2770)  # shared with the lab's group
     write_version(folder, lora_decoder, 2)
     assert os.stat(folder).st_mode & 0o7777 == 0o2770 and read_version(folder) == 2
+
+
+def test_a_candidate_is_swapped_in_whole_and_an_unfinished_one_is_refused(tmp_path, lora_decoder):
+    adapter, candidate = str(tmp_path / "liver"), sibling(str(tmp_path / "liver"), "candidate")
+    write_version(adapter, lora_decoder, 1)
+    os.makedirs(candidate)
+    open(os.path.join(candidate, "adapter_model.safetensors"), "wb").write(b"half written")
+    with pytest.raises(ValueError, match="no complete adapter"):
+        swap_in(adapter, candidate)
+    assert adapters.read_adapter(adapter)[0]["version"] == 1
+    write_version(candidate, lora_decoder, 2)
+    swap_in(adapter, candidate)
+    card, state = adapters.read_adapter(adapter)
+    assert card["version"] == 2 and all(float(t.flatten()[0]) == 2.0 for t in state.values())
+    assert sorted(os.listdir(tmp_path)) == ["liver"]  # no candidate, lock or staging folder left

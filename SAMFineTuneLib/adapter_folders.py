@@ -19,7 +19,8 @@ stale) stops two trainings writing one folder at once; the loser's error names t
 A NAME that is a symbolic link (``current`` -> ``adapters/v3``) is swapped at its target: the
 link stays a link, and the steps above never rename the link itself.
 
-Torch-free: readers import it before any model loads.
+Torch-free: readers, and the Slicer side (its adapter list, keep learning), import it before any model
+loads.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import socket
 import time
 from typing import Callable, Iterable, List, Optional
 
-from ..files import BROWSER_FILES, keep_mode
+from .files import BROWSER_FILES, keep_mode
 
 #: Written last into every complete adapter folder (``adapters.CARD_FILE``).
 COMPLETE_MARK = "model_card.json"
@@ -254,3 +255,26 @@ def replace_folder(folder: str, fill: Callable[[str], None], lock: Optional[Fold
         os.replace(folder, old)
     os.replace(new, folder)
     _remove(old)
+
+
+def swap_in(folder: str, complete: str) -> None:
+    """Put the complete adapter folder ``complete`` (a candidate trained beside the adapter in
+    use) where ``folder`` is, under ``folder``'s lock and by ``replace_folder``'s steps, then remove
+    ``complete``: a training into ``folder`` at the same time is refused (ValueError naming it), and
+    a crash leaves the old adapter or the new one. The files are copied, not renamed, so a
+    ``folder`` that links to another disk is swapped all the same."""
+    if not holds_adapter(complete):
+        raise ValueError(f"{complete} holds no complete adapter ({COMPLETE_MARK} missing); train it again")
+    with FolderLock(folder, "replacing the adapter") as lock:
+        replace_folder(folder, lambda staging: _copy_adapter(complete, staging), lock)
+    _remove(complete)
+
+
+def _copy_adapter(source: str, target: str) -> None:
+    """The files of the adapter folder ``source`` into ``target``, its model card last."""
+    for name in sorted(os.listdir(source), key=lambda name: name == COMPLETE_MARK):
+        path = os.path.join(source, name)
+        if os.path.isdir(path):
+            shutil.copytree(path, os.path.join(target, name))
+        else:
+            shutil.copy2(path, os.path.join(target, name))
