@@ -8,7 +8,6 @@ Slicer (5.8 ships Python 3.9) shows why the module cannot run instead of failing
 """
 
 import os
-import pathlib
 import sys
 import unittest
 from typing import Annotated
@@ -86,16 +85,14 @@ def registerEditorEffect():
 
 @parameterNodeWrapper
 class SAMFineTuneParameterNode:
-    """Everything the panel remembers; saved with the scene. Paths are ``pathlib.Path``: the
-    parameter-node GUI connectors bind a ctkPathLineEdit to nothing else (Slicer 5.10/5.12,
-    ``Base/Python/slicer/parameterNodeWrapper/guiConnectors.py``); an empty path reads as '.'."""
+    """Everything the panel remembers; saved with the scene."""
 
     inputVolume: slicer.vtkMRMLScalarVolumeNode
     segmentation: slicer.vtkMRMLSegmentationNode
     targetSegment: str = ""  # segment ID, "" = a new segment named after the ROI
     rois: list[slicer.vtkMRMLMarkupsROINode]
     model: str = "litemedsam"
-    checkpoint: pathlib.Path
+    checkpoint: str = ""  # "" = none, as is "." (how a pathlib parameter stores an empty path)
     adapter: str = ""  # adapter folder, "" = none
     device: str = "auto"
     backend: str = "auto"
@@ -109,7 +106,7 @@ class SAMFineTuneParameterNode:
     zoom: bool = False
     triplanar: bool = False
     structureName: str = ""
-    datasetDir: pathlib.Path
+    datasetDir: str = ""
     epochs: Annotated[int, WithinRange(1, 1000)] = 6  # the engine's (catalogue.TRAINING_DEFAULTS), checked by a test
     adapterName: str = ""
     keepLearning: bool = False  # opt-in: retrain after every keepLearningEvery exported cases
@@ -121,14 +118,12 @@ class SAMFineTuneParameterNode:
 GUI_BINDINGS = {
     "inputVolume": "inputVolumeSelector",
     "segmentation": "segmentationSelector",
-    "checkpoint": "checkpointPathLineEdit",
     "customWindow": "customWindowLineEdit",
     "keepLargest": "keepLargestCheckBox",
     "fillHoles": "fillHolesCheckBox",
     "zoom": "zoomCheckBox",
     "triplanar": "triplanarCheckBox",
     "structureName": "structureNameLineEdit",
-    "datasetDir": "datasetPathLineEdit",
     "epochs": "epochsSpinBox",
     "adapterName": "adapterNameLineEdit",
     "keepLearning": "keepLearningCheckBox",
@@ -140,6 +135,9 @@ COMBO_BINDINGS = {"model": "modelComboBox", "adapter": "adapterComboBox", "devic
                   "backend": "backendComboBox", "precision": "precisionComboBox",
                   "window": "windowComboBox", "axis": "axisComboBox", "boxMode": "boxModeComboBox",
                   "targetSegment": "targetSegmentComboBox"}
+#: Path parameters, text bound by the panel: Slicer's connectors bind a ctkPathLineEdit only to a
+#: pathlib type (Slicer 5.10/5.12 ``parameterNodeWrapper/guiConnectors.py``), whose unset value shows '.'.
+PATH_BINDINGS = {"checkpoint": "checkpointPathLineEdit", "datasetDir": "datasetPathLineEdit"}
 
 
 def segmentOptions(p):
@@ -203,7 +201,10 @@ class SAMFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         for name, comboName in COMBO_BINDINGS.items():
-            getattr(self.ui, comboName).currentIndexChanged.connect(lambda index, name=name: self.onComboChanged(name))
+            combo = getattr(self.ui, comboName)
+            combo.currentIndexChanged.connect(lambda _, name=name, combo=combo: self.onEdited(name, combo.currentData))
+        for name, editName in PATH_BINDINGS.items():
+            getattr(self.ui, editName).currentPathChanged.connect(lambda path, name=name: self.onEdited(name, path))
         self.ui.roiSelector.checkedNodesChanged.connect(self.onRoisChanged)
         self.ui.refreshAdaptersButton.clicked.connect(self.refreshAdapters)
         self.ui.checkDeviceButton.clicked.connect(self.onCheckDevice)
@@ -244,7 +245,7 @@ class SAMFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if volume:
                 self.parameters.inputVolume = volume
         if not options.optionalPath(self.parameters.datasetDir):
-            self.parameters.datasetDir = pathlib.Path(cacheDirectory(), "datasets")
+            self.parameters.datasetDir = os.path.join(cacheDirectory(), "datasets")
 
     def setParameterNode(self, inputParameterNode):
         if self.parameters:
@@ -261,11 +262,10 @@ class SAMFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------ GUI <-> parameter node
 
-    def onComboChanged(self, name):
-        if self._updatingGUI or not self.parameters:
-            return
-        value = getattr(self.ui, COMBO_BINDINGS[name]).currentData
-        setattr(self.parameters, name, value if value is not None else "")
+    def onEdited(self, name, value):
+        """A combo box or path edited by hand: into the parameter node (None, no item, as "")."""
+        if not self._updatingGUI and self.parameters:
+            setattr(self.parameters, name, value if value is not None else "")
 
     def onRoisChanged(self):
         if not self._updatingGUI and self.parameters:
@@ -273,6 +273,7 @@ class SAMFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def updateGUIFromParameterNode(self, caller=None, event=None):
         from SAMFineTuneGUI.combos import selectData
+        from SAMFineTuneGUI.pathedits import showPath
 
         if not self.parameters or self._updatingGUI:
             return
@@ -283,6 +284,8 @@ class SAMFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 section.updateGUI(p)
             for name, comboName in COMBO_BINDINGS.items():
                 selectData(getattr(self.ui, comboName), getattr(p, name))
+            for name, editName in PATH_BINDINGS.items():
+                showPath(getattr(self.ui, editName), getattr(p, name))
             self.showCheckedRois(p.rois)
             self.ui.checkpointPathLineEdit.enabled = options.MODEL_SPECS[p.model].needs_checkpoint
             self.ui.customWindowLineEdit.enabled = p.window == options.CUSTOM_WINDOW
@@ -377,6 +380,7 @@ class SAMFineTuneTest(ScriptedLoadableModuleTest):
         if missing:
             self.skipTest("SAM Fine-Tune's Python packages are not installed (%s): open the module and press "
                           "'Install dependencies', then run the test again." % missing)
+        from SAMFineTuneGUI.selftest import fillPanel
         from SAMFineTuneMRML.smoke import SmokeRun
 
         logic = SAMFineTuneLogic()
@@ -385,15 +389,3 @@ class SAMFineTuneTest(ScriptedLoadableModuleTest):
         finally:
             logic.shutdown()
 
-
-def fillPanel(volumeNode, roiNode):
-    """Open the module panel and fill its parameter node (used by the smoke test)."""
-    slicer.util.selectModule("SAMFineTune")
-    widget = slicer.util.getModuleWidget("SAMFineTune")
-    parameters = widget.logic.getParameterNode()
-    parameters.inputVolume = volumeNode
-    parameters.rois = [roiNode]
-    parameters.window = "auto"
-    slicer.app.processEvents()
-    if not widget.ui.segmentButton.enabled:
-        raise AssertionError("the panel's Segment button stays disabled with a volume and an ROI chosen")

@@ -28,6 +28,7 @@ def main():
     if SAMFineTune.UNSUPPORTED:
         say(SAMFineTune.UNSUPPORTED)
         return 2
+    from SAMFineTuneGUI.selftest import fillPanel
     from SAMFineTuneMRML import deps
     from SAMFineTuneMRML.smoke import SmokeRun
 
@@ -39,7 +40,7 @@ def main():
     slicer.mrmlScene.Clear()
     logic = SAMFineTune.SAMFineTuneLogic()
     try:
-        SmokeRun(logic, slicer.mrmlScene, say=say, fillPanel=SAMFineTune.fillPanel).run()
+        SmokeRun(logic, slicer.mrmlScene, say=say, fillPanel=fillPanel).run()
     except Exception as exc:
         say("FAILED: %s" % exc)
         traceback.print_exc()

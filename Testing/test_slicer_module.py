@@ -447,3 +447,38 @@ def test_a_combo_refreshed_while_a_job_runs_keeps_its_items_and_says_when_its_va
     assert not refillCombo(combo, choices[:2], "Segment_2")  # the segment was deleted
     assert combo.clears == 2 and combo.currentIndex == 0
 
+
+
+class PathEdit:
+    """A ctkPathLineEdit as far as ``SAMFineTuneGUI.pathedits`` uses one; counts the text it was given."""
+
+    def __init__(self, path=""):
+        self._path, self.sets = path, 0
+
+    @property
+    def currentPath(self):
+        return self._path
+
+    @currentPath.setter
+    def currentPath(self, path):
+        self._path, self.sets = path, self.sets + 1
+
+
+def test_an_unset_path_shows_empty_not_the_working_folder(ui):
+    """Slicer binds a ctkPathLineEdit only to a pathlib parameter, whose unset value shows '.' (and a
+    browse dialog opened there starts in Slicer's working folder): the panel binds its paths as text."""
+    sys.path.insert(0, MODULE_DIR)
+    from SAMFineTuneGUI.pathedits import showPath
+
+    paths = module_tables()["PATH_BINDINGS"]
+    assert set(paths) == {"checkpoint", "datasetDir"} and not set(paths) & set(module_tables()["GUI_BINDINGS"])
+    assert all(widgets(ui)[name].get("class") == "ctkPathLineEdit" for name in paths.values())
+    types = parameter_types()
+    assert all(types[name] == ("builtins", "str") for name in paths)
+    edit = PathEdit("/old/sam.pth")
+    for saved, shown in ((".", ""), ("", ""), ("/data/sam_vit_b.pth", "/data/sam_vit_b.pth")):
+        showPath(edit, saved)
+        assert edit.currentPath == shown, saved
+    sets = edit.sets
+    showPath(edit, "/data/sam_vit_b.pth")  # unchanged: left alone while the user types
+    assert edit.sets == sets
