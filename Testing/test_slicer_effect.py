@@ -199,6 +199,7 @@ def test_the_effect_file_maps_mouse_and_keys_to_prompts(monkeypatch):
               (vtk.vtkCommand.LeftButtonPressEvent, Interactor((10, 10), shift=True)),
               (vtk.vtkCommand.LeftButtonReleaseEvent, Interactor((10, 10))),
               (vtk.vtkCommand.RightButtonPressEvent, Interactor((5, 6))),
+              (vtk.vtkCommand.RightButtonReleaseEvent, Interactor((5, 6))),
               (vtk.vtkCommand.LeftButtonPressEvent, Interactor((1, 1))),
               (vtk.vtkCommand.LeftButtonReleaseEvent, Interactor((40, 30)))]
     assert all(effect.processInteractionEvents(interactor, event, view) for event, interactor in events)
@@ -212,6 +213,8 @@ def test_the_effect_file_maps_mouse_and_keys_to_prompts(monkeypatch):
     assert effect.processInteractionEvents(Interactor((0, 0), key="x"), vtk.vtkCommand.KeyPressEvent, view)
     assert effect.prompts.slice is None and "forgotten" in effect.statusLabel.text
     assert not effect.processInteractionEvents(Interactor((0, 0)), vtk.vtkCommand.MouseMoveEvent, view)
+    # a right release whose press the effect did not take (Ctrl+right: the view's zoom) is the view's
+    assert not effect.processInteractionEvents(Interactor((0, 0)), vtk.vtkCommand.RightButtonReleaseEvent, view)
 
 
 class Selection:

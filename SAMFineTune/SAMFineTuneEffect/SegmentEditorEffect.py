@@ -48,6 +48,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.lastSlice = None
         self.tasks = []
         self.press = None  # (view widget, press xy, shift) while the left button is down
+        # A right press the effect took: its release is taken too, or the view would see a
+        # right click (its context menu) whenever the mouse had not moved since an earlier press.
+        self.rightPressed = False
         self.timer = None
 
     def clone(self):
@@ -139,7 +142,11 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                 self.onGesture(viewWidget, pressXY, xy, pressShift, right=False)
             return True
         if eventId == vtk.vtkCommand.RightButtonPressEvent and not other:
+            self.rightPressed = True
             self.onGesture(viewWidget, xy, xy, shift, right=True)
+            return True
+        if eventId == vtk.vtkCommand.RightButtonReleaseEvent and self.rightPressed:
+            self.rightPressed = False
             return True
         if eventId == vtk.vtkCommand.KeyPressEvent and callerInteractor.GetKeySym() == FORGET_KEY:
             self.prompts.clear()
