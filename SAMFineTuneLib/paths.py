@@ -1,12 +1,14 @@
 """Where the engine keeps files of its own: the user's cache folder (never the install folder),
-the worker's log, and the temporary job folders that carry patient arrays between the client
-and the worker. Logs and job folders are private to the user (0600 files, 0700 folders): a
-log can hold file names and errors about patient data, and a job folder holds the voxels.
+the worker's log, the embeddings of datasets it cannot write into, and the temporary job folders
+that carry patient arrays between the client and the worker. Logs and job folders are private to
+the user (0600 files, 0700 folders), as are the folders of those embeddings: a log can hold file
+names and errors about patient data, a job folder holds the voxels, an embedding is made of them.
 
 Standard library only, so the Slicer side can ask before torch is installed.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -32,6 +34,14 @@ def user_cache_dir() -> str:
     else:
         base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
     return os.path.join(base, "SAMFineTune")
+
+
+def dataset_fallback_dir(dataset_root: str) -> str:
+    """The user's stand-in for the cache folder of a dataset that cannot be written (a read-only
+    share): one per dataset, named by a hash of its real path, so two datasets never share entries
+    and every path to one dataset (a link, a relative path) finds the same entries."""
+    digest = hashlib.sha256(os.fsencode(os.path.realpath(dataset_root))).hexdigest()[:16]
+    return os.path.join(user_cache_dir(), "embeddings", digest)
 
 
 def default_log_path() -> str:

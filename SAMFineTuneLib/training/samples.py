@@ -4,23 +4,31 @@ The image encoder stays frozen, so every slice is encoded once and its embedding
 in the dataset (``DATASET/.embeddings/<key>.npy``, float16, key = SHA-256 of the model
 fingerprint, the encoder's precision when it is not float32, and the preprocessed input, as in
 the inference cache); every epoch after that only runs the prompt encoder and the mask decoder.
+A dataset that cannot be written (a read-only share, a colleague's folder) keeps its embeddings
+in a per-user folder instead (``paths.dataset_fallback_dir``), read after the dataset's own.
 """
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
-from ..files import atomic_write
+from ..files import atomic_write, check_writable_folder
+from ..paths import dataset_fallback_dir, make_private_dir
 from ..progress import check_cancel, report
 from .eta import Eta
 
 LOW_RES = 256  # the decoder's low-res mask frame
+log = logging.getLogger(__name__)
+#: The per-user folders ``cache_dir_for`` chose in this process, each with the dataset's own cache
+#: it stands in for: whoever is handed the per-user folder still reads what the dataset's owner cached.
+_STANDS_IN_FOR: Dict[str, str] = {}
 
 
 @dataclass
@@ -59,10 +67,35 @@ def embedding_key(fingerprint: str, model_input) -> str:
 
 
 def cache_dir_for(dataset_root: str) -> str:
-    """The embedding cache of a dataset folder."""
+    """The folder a dataset's embeddings are written to: its own ``.embeddings`` when that can be
+    created and written (tried, since permission bits say nothing for root, ACLs or read-only
+    mounts), else the user's folder for that dataset (``paths.dataset_fallback_dir``)."""
     from ..dataset import EMBEDDING_DIR
 
-    return os.path.join(dataset_root, EMBEDDING_DIR)
+    if not os.path.isdir(dataset_root):
+        raise FileNotFoundError(f"dataset folder not found: {dataset_root}")
+    own = os.path.join(dataset_root, EMBEDDING_DIR)
+    try:
+        os.makedirs(own, exist_ok=True)
+        check_writable_folder(own, "the embedding cache")
+        return own
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    fallback = make_private_dir(dataset_fallback_dir(dataset_root))
+    if fallback not in _STANDS_IN_FOR:  # one line per dataset and process
+        log.info("the dataset folder %s is read-only here (%s): its embeddings are cached in %s", dataset_root,
+                 reason, fallback)
+    _STANDS_IN_FOR[fallback] = own
+    return fallback
+
+
+def cache_dirs(cache_dir: Optional[str]) -> Tuple[str, ...]:
+    """The folders an embedding cache is read from, in order; the last, ``cache_dir``, is the one
+    written. A per-user folder from ``cache_dir_for`` reads its dataset's own cache first."""
+    if not cache_dir:
+        return ()
+    own = _STANDS_IN_FOR.get(cache_dir)
+    return (own, cache_dir) if own and os.path.isdir(own) else (cache_dir,)
 
 
 def lowres_target(mask: np.ndarray, geometry, input_size: int) -> torch.Tensor:
@@ -78,14 +111,16 @@ def lowres_target(mask: np.ndarray, geometry, input_size: int) -> torch.Tensor:
 
 def prepare(model, samples: Sequence, cache_dir: Optional[str], encode: bool = True, progress=None, cancel=None,
             write_cache: bool = True) -> Prepared:
-    """Geometry, boxes and targets of each sample, plus its embedding (from ``cache_dir`` when
-    there, else from the encoder, then stored) or, with ``encode=False``, its encoder input."""
+    """Geometry, boxes and targets of each sample, plus its embedding (from ``cache_dir``, or the
+    dataset cache a per-user one stands in for (``cache_dirs``), when there, else from the encoder,
+    then stored in ``cache_dir``) or, with ``encode=False``, its encoder input."""
     from ..imaging import SliceGeometry, to_model_input
 
     size = model.spec.input_size
     geometries, boxes, targets, embeddings, inputs = [], [], [], [], []
     stats = {"encoder_calls": 0, "cache_hits": 0}
     memo: Dict[str, Any] = {}
+    folders = cache_dirs(cache_dir)
     if cache_dir and write_cache:
         os.makedirs(cache_dir, exist_ok=True)
     eta = Eta(len(samples))
@@ -103,7 +138,7 @@ def prepare(model, samples: Sequence, cache_dir: Optional[str], encode: bool = T
             continue
         keys = _keys(model, x)
         if keys[-1] not in memo:
-            memo[keys[-1]] = _cached_embedding(model, x, keys, cache_dir, stats, write_cache)
+            memo[keys[-1]] = _cached_embedding(model, x, keys, folders, stats, write_cache)
         embeddings.append(memo[keys[-1]])
     report(progress, len(samples), len(samples), "slices ready")
     return Prepared(list(samples), geometries, torch.tensor(boxes, dtype=torch.float32),
@@ -138,6 +173,15 @@ def read_embedding(cache_dir: str, key: str) -> Optional[torch.Tensor]:
     return None
 
 
+def read_first(folders: Sequence[str], key: str) -> Optional[torch.Tensor]:
+    """``read_embedding`` from the first of ``folders`` (``cache_dirs``) that holds ``key``."""
+    for folder in folders:
+        cached = read_embedding(folder, key)
+        if cached is not None:
+            return cached
+    return None
+
+
 def _keys(model, model_input) -> list:
     """The cache keys a slice's embedding may be read from, the model's own last (the one written):
     a bf16 encoder reads a float32 embedding when there is one (segmented in the worker, or
@@ -147,17 +191,19 @@ def _keys(model, model_input) -> list:
     return [own] if own == float32 else [float32, own]
 
 
-def _cached_embedding(model, x, keys, cache_dir: Optional[str], stats: Dict[str, int], write_cache: bool):
-    for key in keys if cache_dir else ():
-        cached = read_embedding(cache_dir, key)
+def _cached_embedding(model, x, keys, folders: Tuple[str, ...], stats: Dict[str, int], write_cache: bool):
+    """``x``'s embedding from the first of ``folders`` (``cache_dirs``) that holds it, else encoded
+    and written to the last."""
+    for key in keys:
+        cached = read_first(folders, key)
         if cached is not None:
             stats["cache_hits"] += 1
             return cached
     with torch.no_grad():
         embedding = model.encode(x[None])[0].to("cpu", torch.float16)
     stats["encoder_calls"] += 1
-    if cache_dir and write_cache:
-        write_embedding(cache_dir, keys[-1], embedding)
+    if folders and write_cache:
+        write_embedding(folders[-1], keys[-1], embedding)
     return embedding
 
 

@@ -17,7 +17,8 @@ from typing import Optional, Sequence
 import torch
 
 from ..progress import check_cancel, report
-from .samples import cache_dir_for, cache_fingerprint, embedding_file, embedding_key, read_embedding, write_embedding
+from .samples import (cache_dir_for, cache_dirs, cache_fingerprint, embedding_file, embedding_key, read_first,
+                      write_embedding)
 
 
 def segmenter_from_dataset(segmenter, image, axis: str, window: str, box: Sequence[int],
@@ -27,20 +28,21 @@ def segmenter_from_dataset(segmenter, image, axis: str, window: str, box: Sequen
     from ..imaging import axis_index
     from ..zoom import SliceSource
 
-    if not cache_dir or not os.path.isdir(cache_dir):
+    folders = [folder for folder in cache_dirs(cache_dir) if os.path.isdir(folder)]
+    if not folders:
         return
     source = SliceSource(image, axis, window, segmenter.model)
     along = 2 - axis_index(axis)  # the ROI box is (i0, j0, k0, i1, j1, k1)
     for index in range(box[along], box[along + 3] + 1):
         key = embedding_key(cache_fingerprint(segmenter.model), source.model_input(index))
-        embedding = read_embedding(cache_dir, key)
+        embedding = read_first(folders, key)
         if embedding is not None:  # None: not encoded by training (past the structure's ends), or damaged
             segmenter.cache.put(source.key(index), embedding.to(segmenter.cache_device, torch.float32))
 
 
 def dataset_from_segmenter(segmenter, image, axis: str, window: str, cache_dir: str) -> int:
     """Write the slices of ``image`` the segmenter holds encoded into a dataset's embedding cache
-    (those not there yet); the number written."""
+    ``cache_dir`` (those not there yet, nor in the dataset cache it stands in for); the number written."""
     from ..imaging import axis_index
     from ..zoom import SliceSource
 
@@ -53,7 +55,7 @@ def dataset_from_segmenter(segmenter, image, axis: str, window: str, cache_dir: 
         if embedding is None:
             continue
         key = embedding_key(cache_fingerprint(segmenter.model), source.model_input(index))
-        if not os.path.isfile(embedding_file(cache_dir, key)):
+        if not any(os.path.isfile(embedding_file(folder, key)) for folder in cache_dirs(cache_dir)):
             os.makedirs(cache_dir, exist_ok=True)
             write_embedding(cache_dir, key, embedding)
             written += 1
@@ -73,10 +75,10 @@ def keep_for_training(segmenter, config, progress=None, cancel=None) -> int:
     info = read_dataset(config.dataset)
     wanted = set().union(*split_cases(config, info))
     cases = [entry for entry in info.cases if entry.case in wanted]
-    written = 0
+    written, cache_dir = 0, cache_dir_for(info.root)
     for n, entry in enumerate(cases):
         check_cancel(cancel)
         report(progress, n, len(cases), f"taking the slices segmented here: {entry.case}")
         written += dataset_from_segmenter(segmenter, read_volume(entry.image), entry.slicing_axis(config.axis),
-                                          config.window, cache_dir_for(info.root))
+                                          config.window, cache_dir)
     return written

@@ -1,0 +1,154 @@
+"""A dataset the user cannot write (a curated set on a read-only share, a colleague's folder) still
+trains: its embeddings go to a per-user folder of that dataset, its own files stay as they are, and
+what its owner already cached in its ``.embeddings`` is read. Tests run as root, where permission
+bits stop nothing, so the dataset's cache is made unwritable by a file in its place or by a probe
+write that fails."""
+import errno
+import logging
+import os
+import types
+
+import pytest
+import torch
+
+from SAMFineTuneLib.dataset import EMBEDDING_DIR, export_dataset, read_dataset
+from SAMFineTuneLib.files import WriteError, check_writable_folder
+from SAMFineTuneLib.paths import dataset_fallback_dir
+from SAMFineTuneLib.phantom_lowcontrast import make_cases
+from SAMFineTuneLib.training import TrainConfig, prepare, train
+from SAMFineTuneLib.training import samples as training_samples
+from SAMFineTuneLib.training.samples import cache_dir_for
+from SAMFineTuneLib.training.shared_embeddings import keep_for_training
+
+FAST = dict(batch_size=2, lr=3e-3, lora_dropout=0.0, patience=0, tracked_prompts=0.0, roi_prompts=0.0, end_slices=0,
+            min_epoch_steps=0, final_scores=False, choose_tracking=False, epochs=1)
+
+
+@pytest.fixture
+def user_cache(tmp_path, monkeypatch):
+    """The engine's user cache folder, in this test's own folder."""
+    folder = tmp_path / "user cache"
+    monkeypatch.setenv("SAMFINETUNE_CACHE", str(folder))
+    return folder
+
+
+def _dataset(folder) -> str:
+    """2 training and 1 validation case of one phantom slice each."""
+    train_cases, val_cases = make_cases(2, first_seed=0, slices=1), make_cases(1, first_seed=100, slices=1)
+    export_dataset(train_cases + val_cases, str(folder), label_names={1: "organ"},
+                   splits={**{c[0]: "train" for c in train_cases}, **{c[0]: "val" for c in val_cases}})
+    return str(folder)
+
+
+def _files(folder) -> dict:
+    """Every file under ``folder`` and its bytes."""
+    found = {}
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(parent, name)
+            with open(path, "rb") as handle:
+                found[os.path.relpath(path, folder)] = handle.read()
+    return found
+
+
+def _npy(folder) -> list:
+    return sorted(name for name in os.listdir(folder) if name.endswith(".npy")) if os.path.isdir(folder) else []
+
+
+def _unwritable(monkeypatch, dataset: str) -> None:
+    """The probe write into the dataset's cache fails, as on a read-only share."""
+    def refuse(folder, what):
+        if os.path.abspath(folder).startswith(os.path.abspath(dataset) + os.sep):
+            raise WriteError(f"cannot write {what} in {folder}: Permission denied", errno.EACCES)
+        check_writable_folder(folder, what)
+
+    monkeypatch.setattr(training_samples, "check_writable_folder", refuse, raising=False)
+
+
+def _fake_model(fingerprint: str, value: float):
+    from SAMFineTuneLib.catalogue import get_spec
+
+    return types.SimpleNamespace(spec=get_spec("litemedsam"), fingerprint=fingerprint, precision="float32",
+                                 device="cpu", encode=lambda x: torch.full((x.shape[0], 256, 64, 64), value))
+
+
+def _slices(dataset: str):
+    from SAMFineTuneLib.dataset import load_samples
+
+    return load_samples(read_dataset(dataset), axis="axial", window="auto")
+
+
+def test_training_a_dataset_whose_cache_cannot_be_created_caches_per_user(litemedsam, tmp_path, user_cache,
+                                                                          caplog):
+    dataset = _dataset(tmp_path / "shared set")
+    open(os.path.join(dataset, EMBEDDING_DIR), "wb").write(b"not a folder")  # makedirs fails: an OSError
+    before = _files(dataset)
+    with caplog.at_level(logging.INFO, logger="SAMFineTuneLib.training.samples"):
+        train(TrainConfig(dataset=dataset, output=str(tmp_path / "adapter"), **FAST), model=litemedsam)
+    assert os.path.isfile(os.path.join(tmp_path, "adapter", "adapter_config.json"))
+    assert _files(dataset) == before
+    fallback = dataset_fallback_dir(dataset)
+    assert fallback.startswith(str(user_cache) + os.sep) and len(_npy(fallback)) == 3  # one per slice
+    (line,) = [r.getMessage() for r in caplog.records if "read-only" in r.getMessage()]
+    assert dataset in line and fallback in line and "\n" not in line
+
+
+def test_a_read_only_dataset_reads_its_owners_cache_and_writes_per_user(tmp_path, user_cache, monkeypatch):
+    dataset = _dataset(tmp_path / "colleague's set")
+    samples = _slices(dataset)
+    own = os.path.join(dataset, EMBEDDING_DIR)
+    assert cache_dir_for(dataset) == own  # writable: the dataset's own cache, as ever
+    prepare(_fake_model("fake:1", 1.0), samples, own)  # what the dataset's owner cached
+    _unwritable(monkeypatch, dataset)
+    before = _files(dataset)
+    fallback = cache_dir_for(dataset)
+    assert fallback == dataset_fallback_dir(dataset)
+    read = prepare(_fake_model("fake:1", 2.0), samples, fallback)
+    assert read.stats == {"encoder_calls": 0, "cache_hits": len(samples)} and float(read.embeddings.max()) == 1.0
+    assert _npy(fallback) == []
+    other = prepare(_fake_model("fake:2", 3.0), samples, fallback)  # a model the owner did not cache for
+    assert other.stats == {"encoder_calls": len(samples), "cache_hits": 0} and len(_npy(fallback)) == len(samples)
+    again = prepare(_fake_model("fake:2", 4.0), samples, cache_dir_for(dataset))
+    assert again.stats == {"encoder_calls": 0, "cache_hits": len(samples)} and float(again.embeddings.max()) == 3.0
+    assert _files(dataset) == before
+
+
+class _Held:
+    """A worker's segmenter cache that holds every slice encoded."""
+
+    def __len__(self):
+        return 1
+
+    def peek(self, key):
+        return torch.ones(256, 64, 64)
+
+
+def test_the_worker_hands_its_slices_to_the_per_user_cache_of_a_read_only_dataset(tmp_path, user_cache,
+                                                                                  monkeypatch):
+    dataset = _dataset(tmp_path / "shared set")
+    _unwritable(monkeypatch, dataset)
+    before = _files(dataset)
+    segmenter = types.SimpleNamespace(model=_fake_model("fake:1", 1.0), cache=_Held())
+    config = TrainConfig(dataset=dataset, output=str(tmp_path / "adapter"), **FAST)
+    assert keep_for_training(segmenter, config) == 3  # one slice in each of the 3 cases
+    assert len(_npy(dataset_fallback_dir(dataset))) == 3 and _files(dataset) == before
+
+
+def test_each_dataset_has_its_own_per_user_cache_folder(tmp_path, user_cache):
+    first, second = tmp_path / "a" / "set", tmp_path / "b" / "set"
+    first.mkdir(parents=True)
+    second.mkdir(parents=True)
+    os.symlink(first, tmp_path / "link")
+    assert dataset_fallback_dir(str(first)) != dataset_fallback_dir(str(second))
+    assert dataset_fallback_dir(str(tmp_path / "link")) == dataset_fallback_dir(str(first))  # one dataset, one folder
+    assert os.path.dirname(dataset_fallback_dir(str(first))).startswith(str(user_cache))
+
+
+def test_a_dataset_folder_that_does_not_exist_is_an_error_not_a_fallback(tmp_path, user_cache):
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="dataset folder not found"):
+        cache_dir_for(missing)
+    assert not os.path.exists(missing) and not user_cache.exists()
+    with pytest.raises(ValueError, match="is not a dataset"):
+        train(TrainConfig(dataset=missing, output=str(tmp_path / "adapter"), **FAST))
+    assert not os.path.exists(missing) and not user_cache.exists()
