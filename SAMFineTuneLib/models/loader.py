@@ -10,7 +10,7 @@ from typing import Callable, Optional
 import torch
 
 from ..catalogue import DEFAULT_MODEL, ENGINE_DEFAULTS, get_spec
-from ..progress import CancelFn, check_cancel
+from ..progress import CancelFn, Cancelled, check_cancel
 from .checkpoints import file_sha256, litemedsam_weights, load_state_strict, read_state_dict
 from .sam_model import RANDOM_WEIGHTS, SamModel, check_encoder_options
 
@@ -90,7 +90,7 @@ def load_model(
     results (acceleration). ``backend`` (BACKENDS) runs the encoder on PyTorch or OpenVINO (CPU
     only, the ``openvino`` package; ``openvino_encoder``); "auto" picks (``resolve_backend``).
     ``pretrained``: see ``build_model``. ``cancel()`` is asked before the weights are read and
-    before the encoder is converted (OpenVINO's conversion alone takes seconds): ``Cancelled``.
+    while the encoder is converted (OpenVINO's conversion alone takes seconds): ``Cancelled``.
     """
     get_spec(name)
     target = resolve_device(device)
@@ -101,9 +101,9 @@ def load_model(
     model.accelerate()
     check_cancel(cancel)
     try:
-        model.configure_encoder(precision, chosen)
+        model.configure_encoder(precision, chosen, cancel)
     except Exception as exc:  # noqa: BLE001 - "auto" must never do worse than PyTorch
-        if backend != "auto" or chosen == "torch":
+        if backend != "auto" or chosen == "torch" or isinstance(exc, Cancelled):
             raise
         log.warning("the image encoder runs on PyTorch: converting it to OpenVINO failed (%s: %s)",
                     type(exc).__name__, exc)

@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..catalogue import BACKENDS, PRECISIONS, ModelSpec
+from ..progress import CancelFn
 from .decoding import (CPU_DECODE_TOKENS, chosen_masks, chosen_token, paste_windows, run_transformer, token_windows,
                        upscale_masks)
 from .registry import EMBED_SIZE, build_image_encoder, build_mask_decoder, build_prompt_encoder
@@ -75,11 +76,13 @@ class SamModel(nn.Module):
             acceleration.prepare_for_cuda(self.image_encoder)
             self.channels_last = True
 
-    def configure_encoder(self, precision: str = "auto", backend: str = "torch") -> None:
+    def configure_encoder(self, precision: str = "auto", backend: str = "torch",
+                          cancel: Optional[CancelFn] = None) -> None:
         """The encoder's number format (PRECISIONS: auto = bf16 on CUDA, float32 on a CPU) and who
         runs it ("torch" or "openvino"; ``loader.resolve_backend`` picks for "auto"). bf16 is autocast
         on CUDA, bf16 weights in channels-last memory on a CPU; ``openvino`` converts the encoder for
-        this CPU, or reads the conversion back from the user's cache folder (``openvino_encoder``)."""
+        this CPU, or reads the conversion back from the user's cache folder (``openvino_encoder``);
+        ``cancel()`` is asked while it converts."""
         check_encoder_options(precision, backend, self.device)
         if backend == "auto":
             raise ValueError("configure_encoder takes the backend to use; loader.resolve_backend picks one for 'auto'")
@@ -91,7 +94,7 @@ class SamModel(nn.Module):
 
             weights = None if self.fingerprint.split(":", 1)[-1].startswith(RANDOM_WEIGHTS) else self.fingerprint
             self.openvino_encoder = OpenVinoEncoder(self.image_encoder, self.spec.input_size, self.precision,
-                                                    fingerprint=weights)
+                                                    fingerprint=weights, cancel=cancel)
         elif on_cpu and self.precision == "bf16":
             from ..acceleration import prepare_for_cpu
 
