@@ -17,20 +17,17 @@ at ``offset`` of an otherwise zero array of ``shape`` (masks travel as their bou
 """
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import math
 import os
 import re
-import secrets
 from pathlib import Path
 from typing import Any, BinaryIO, Dict, Optional, Tuple
 
 import numpy as np
 
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 
 # Longest message line accepted (arrays are never inline, so a message is small).
 MAX_LINE_BYTES = 16 << 20
@@ -43,13 +40,6 @@ CHUNK_BYTES = 1 << 20
 
 # Environment variable with the token of a TCP server (read by ``serve`` and by ``WorkerClient``).
 TOKEN_ENV = "SAMFINETUNE_TOKEN"
-# TCP login (PROTOCOL.md, "TCP mode and security"): whatever listens on a port may be another user's
-# program, so the token never travels; each side sends an HMAC-SHA256 over both sides' fresh nonces.
-# The labels differ, so one side's proof can never stand in for the other's.
-LOGIN_NONCE_BYTES = 32
-SERVER_PROOF_LABEL = b"SAMFineTune login: server proof"
-CLIENT_PROOF_LABEL = b"SAMFineTune login: client proof"
-_NONCE_RE = re.compile(r"[0-9a-f]{%d}" % (2 * LOGIN_NONCE_BYTES))
 
 # Requests the worker answers at once on its reading thread, even while a job runs.
 IMMEDIATE_COMMANDS = ("hello", "ping", "info", "cancel", "shutdown")
@@ -170,28 +160,6 @@ def check_request(message: Dict[str, Any]) -> None:
     for key in ("params", "arrays"):
         if not isinstance(message.get(key, {}), dict):
             raise ProtocolError(f"request '{key}' must be a JSON object")
-
-
-def new_nonce() -> str:
-    """A login nonce: fresh random bytes as lowercase hex."""
-    return secrets.token_hex(LOGIN_NONCE_BYTES)
-
-
-def is_nonce(value: Any) -> bool:
-    return isinstance(value, str) and _NONCE_RE.fullmatch(value) is not None
-
-
-def login_proof(token: str, label: bytes, client_nonce: str, server_nonce: str) -> str:
-    """HMAC-SHA256 (hex) keyed by the token over the label and both nonces (``is_nonce`` checked)."""
-    message = b"\n".join((label, client_nonce.encode("ascii"), server_nonce.encode("ascii")))
-    # surrogatepass: a token given in Python may hold a lone surrogate, which plain UTF-8 refuses
-    return hmac.new(token.encode("utf-8", "surrogatepass"), message, hashlib.sha256).hexdigest()
-
-
-def proof_matches(given: Any, expected: str) -> bool:
-    """Whether the peer's proof (any JSON value, lone surrogates included) is ``expected``, in constant time."""
-    return isinstance(given, str) and hmac.compare_digest(given.encode("utf-8", "surrogatepass"),
-                                                          expected.encode("ascii"))
 
 
 def request(job_id: str, command: str, params: Optional[Dict[str, Any]] = None, **extra: Any) -> Dict[str, Any]:

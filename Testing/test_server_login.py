@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from SAMFineTuneLib import protocol
+from SAMFineTuneLib import login_proofs, protocol
 from SAMFineTuneLib.client import JobError, WorkerClient
 from worker_servers import Raw, in_process_servers
 
@@ -58,14 +58,16 @@ class Squatter:
         return bytes(self.received)
 
 
-def challenge(token=TOKEN, label=protocol.SERVER_PROOF_LABEL, proof=True):
-    """answer(): the first login step's result, its proof made with ``token`` and ``label``."""
+def challenge(token=TOKEN, label=login_proofs.SERVER_PROOF_LABEL, proof=True, salt=None):
+    """answer(): the first login step's result, its proof made with ``token``, ``label`` and ``salt``
+    (default: a fresh one, sent with it)."""
 
     def answer(request):
-        nonce, server_nonce = (request.get("params") or {}).get("nonce", ""), protocol.new_nonce()
-        result = {"nonce": server_nonce}
+        nonce, server_nonce = (request.get("params") or {}).get("nonce", ""), login_proofs.new_nonce()
+        result = {"nonce": server_nonce, "salt": salt or login_proofs.new_salt()}
         if proof:
-            result["proof"] = protocol.login_proof(token, label, nonce, server_nonce)
+            key = login_proofs.login_key(token, salt or result["salt"])
+            result["proof"] = login_proofs.login_proof(key, label, nonce, server_nonce)
         return protocol.event(request.get("id"), "result", result=result)
 
     return answer
@@ -93,7 +95,7 @@ def test_the_token_never_leaves_the_client(reader):
 
 
 @pytest.mark.parametrize("answer", [challenge(token="another-token-0123456789"), challenge(proof=False),
-                                    challenge(label=protocol.CLIENT_PROOF_LABEL)],
+                                    challenge(label=login_proofs.CLIENT_PROOF_LABEL)],
                          ids=["wrong token", "no proof", "the client's label"])
 def test_a_server_that_cannot_prove_the_token_is_refused_before_the_client_proves_anything(answer):
     squatter = Squatter(answer)
@@ -105,6 +107,60 @@ def test_a_server_that_cannot_prove_the_token_is_refused_before_the_client_prove
     assert not client.connected
     sent = squatter.sent_by(client)
     assert sent.count(b"\n") == 1 and b"proof" not in sent and TOKEN.encode() not in sent  # the nonce only
+
+
+@pytest.mark.parametrize("salt", [None, "", "00" * 15, "AB" * 16, 7], ids=["none", "empty", "short", "upper", "number"])
+def test_a_challenge_without_a_good_salt_is_refused_before_any_stretching(salt, monkeypatch):
+    stretched = []
+    monkeypatch.setattr(login_proofs.hashlib, "scrypt", lambda *a, **k: stretched.append(1) or b"k" * 32)
+
+    def answer(request):
+        result = {"nonce": login_proofs.new_nonce(), "proof": "0" * 64}
+        if salt is not None:
+            result["salt"] = salt
+        return protocol.event(request.get("id"), "result", result=result)
+
+    squatter = Squatter(answer)
+    client = WorkerClient(address=("127.0.0.1", squatter.port), token=TOKEN + "-unseen")
+    with pytest.raises(JobError, match="does not know this token"):
+        client.start(timeout=10)
+    assert stretched == [] and b"proof" not in squatter.sent_by(client)
+
+
+def test_a_server_proof_can_be_tested_only_against_the_stretched_token():
+    """Anyone who reaches the port gets a server proof: a guess of the token is tested against it
+    only through scrypt under that server's salt, so a plain HMAC of the guess never matches, and a
+    key stretched for one server does not serve against another."""
+    import hashlib
+    import hmac
+
+    first, second = login_proofs.ServerKey(TOKEN), login_proofs.ServerKey(TOKEN)
+    assert login_proofs.is_salt(first.salt) and first.salt != second.salt and first.key != second.key
+    assert first.key == hashlib.scrypt(TOKEN.encode(), salt=bytes.fromhex(first.salt), dklen=32, maxmem=64 << 20,
+                                       **login_proofs.SCRYPT_COST)
+    assert login_proofs.SCRYPT_COST["n"] >= 1 << 15 and login_proofs.SCRYPT_COST["r"] >= 8
+    nonces = login_proofs.new_nonce(), login_proofs.new_nonce()
+    proof = login_proofs.login_proof(first.key, login_proofs.SERVER_PROOF_LABEL, *nonces)
+    message = b"\n".join((login_proofs.SERVER_PROOF_LABEL, *(n.encode() for n in nonces)))
+    assert proof != hmac.new(TOKEN.encode(), message, hashlib.sha256).hexdigest()
+    assert proof != login_proofs.login_proof(second.key, login_proofs.SERVER_PROOF_LABEL, *nonces)
+
+
+def test_the_server_stretches_the_token_once_not_per_connection(tmp_path, monkeypatch):
+    """A connection costs the server no scrypt: otherwise anyone who reaches the port could keep its
+    cores and memory busy without knowing the token."""
+    real, calls = login_proofs.hashlib.scrypt, []
+    monkeypatch.setattr(login_proofs.hashlib, "scrypt", lambda *a, **k: calls.append(k["salt"]) or real(*a, **k))
+    login_proofs.login_key.cache_clear()
+    with in_process_servers(tmp_path, TOKEN + "-once") as start:
+        port = start()
+        for _ in range(3):
+            raw = Raw(port, timeout=10)
+            assert raw.log_in(TOKEN + "-once")["event"] == "result"
+            raw.close()
+        for _ in range(3):
+            assert after_challenge(port, lambda nonce, ch: proof("0" * 64)) == [("h2", "error", "PermissionError")]
+    assert len(calls) == 1  # the server's one key (this client, in the same process, finds it kept)
 
 
 def test_a_server_of_another_version_hears_nothing_from_the_client():
@@ -122,10 +178,10 @@ def after_challenge(port, second, nonce=None):
     """What the server says, until it closes the connection, when ``second(client_nonce, challenge)``
     (a message) follows its challenge."""
     raw = Raw(port, timeout=10)
-    nonce = nonce or protocol.new_nonce()
+    nonce = nonce or login_proofs.new_nonce()
     raw.send(protocol.request("h1", "hello", {"nonce": nonce}))
     first = raw.read()
-    assert (first["id"], first["event"]) == ("h1", "result") and protocol.is_nonce(first["result"]["nonce"])
+    assert (first["id"], first["event"]) == ("h1", "result") and login_proofs.is_nonce(first["result"]["nonce"])
     raw.send(second(nonce, first["result"]))
     messages = [(message["id"], message["event"], message.get("kind")) for message in iter(raw.read, None)]
     raw.close()
@@ -137,7 +193,8 @@ def proof(value):
 
 
 def client_proof(token, nonce, challenge):
-    return proof(protocol.login_proof(token, protocol.CLIENT_PROOF_LABEL, nonce, challenge["nonce"]))
+    key = login_proofs.login_key(token, challenge["salt"])
+    return proof(login_proofs.login_proof(key, login_proofs.CLIENT_PROOF_LABEL, nonce, challenge["nonce"]))
 
 
 SECOND_STEPS = {  # what follows the challenge -> the error kind it gets
@@ -145,7 +202,7 @@ SECOND_STEPS = {  # what follows the challenge -> the error kind it gets
     "the server's own proof": (lambda nonce, ch: proof(ch["proof"]), "PermissionError"),
     "a lone surrogate": (lambda nonce, ch: proof("\ud800x"), "PermissionError"),
     "a number": (lambda nonce, ch: proof(12345), "PermissionError"),
-    "another nonce": (lambda nonce, ch: protocol.request("h2", "hello", {"nonce": protocol.new_nonce()}),
+    "another nonce": (lambda nonce, ch: protocol.request("h2", "hello", {"nonce": login_proofs.new_nonce()}),
                       "PermissionError"),
     "a ping": (lambda nonce, ch: protocol.request("h2", "ping"), "ProtocolError"),
     "an attachment": (lambda nonce, ch: dict(protocol.request("h2", "echo"),
@@ -183,7 +240,7 @@ def test_the_server_refuses_a_wrong_token_and_admits_the_right_one(in_process, r
 
 def test_a_replayed_proof_logs_nobody_in(in_process):
     port = in_process()
-    raw, nonce = Raw(port, timeout=10), protocol.new_nonce()
+    raw, nonce = Raw(port, timeout=10), login_proofs.new_nonce()
     raw.send(protocol.request("h1", "hello", {"nonce": nonce}))
     seen = client_proof(TOKEN, nonce, raw.answer("h1")["result"])  # what an onlooker of this login saw
     raw.send(seen)
@@ -197,7 +254,7 @@ def test_a_replayed_proof_logs_nobody_in(in_process):
 def test_the_login_deadline_covers_both_steps(in_process):
     port = in_process(auth_deadline=1.0)
     raw = Raw(port, timeout=15)
-    raw.send(protocol.request("h1", "hello", {"nonce": protocol.new_nonce()}))
+    raw.send(protocol.request("h1", "hello", {"nonce": login_proofs.new_nonce()}))
     assert raw.read()["event"] == "result"
     assert raw.stream.read(1) == b""  # closed without a word, not our own timeout
     raw.close()

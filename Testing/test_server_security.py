@@ -17,7 +17,7 @@ import numpy as np
 import psutil
 import pytest
 
-from SAMFineTuneLib import protocol
+from SAMFineTuneLib import login_proofs, protocol
 from SAMFineTuneLib.client import BOOT, JobError, WorkerClient
 from SAMFineTuneLib.volume_io import Volume, write_volume
 from SAMFineTuneLib.worker import jobs
@@ -142,7 +142,7 @@ def test_any_message_but_a_good_hello_gets_one_error_and_the_connection_closes(i
     port = in_process()  # the second login step's failures: test_server_login.py
     ping = protocol.encode(protocol.request("p", "ping"))
     token = protocol.encode(protocol.request("h", "hello", {"token": TOKEN}))
-    good = protocol.encode(protocol.request("h1", "hello", {"nonce": protocol.new_nonce()}))
+    good = protocol.encode(protocol.request("h1", "hello", {"nonce": login_proofs.new_nonce()}))
     for first, kind in ((b"{}\n" * 1000, "ProtocolError"), (ping, "ProtocolError"), (token, "ProtocolError")):
         raw = Raw(port, timeout=10)
         raw.send(first + good)  # a second try comes too late; the token itself logs nobody in

@@ -10,7 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
-from SAMFineTuneLib import protocol
+from SAMFineTuneLib import login_proofs, protocol
 from SAMFineTuneLib.client import BOOT
 
 LIB = Path(__file__).resolve().parents[1] / "SAMFineTuneLib"
@@ -91,12 +91,13 @@ class Raw:
     def log_in(self, token, job_id="h"):
         """Both login steps with ``token`` (requests ``h1``, ``h2``): the answer to the second, or the
         first's when it was not a challenge."""
-        nonce = protocol.new_nonce()
+        nonce = login_proofs.new_nonce()
         self.send(protocol.request(job_id + "1", "hello", {"nonce": nonce}))
         challenge = self.answer(job_id + "1")
         if challenge is None or challenge["event"] != "result":
             return challenge
-        proof = protocol.login_proof(token, protocol.CLIENT_PROOF_LABEL, nonce, challenge["result"]["nonce"])
+        key = login_proofs.login_key(token, challenge["result"]["salt"])
+        proof = login_proofs.login_proof(key, login_proofs.CLIENT_PROOF_LABEL, nonce, challenge["result"]["nonce"])
         self.send(protocol.request(job_id + "2", "hello", {"proof": proof}))
         return self.answer(job_id + "2")
 
@@ -121,8 +122,10 @@ def fake_login(conn, lines, token):
     conn.sendall(protocol.encode(protocol.event(None, "hello", protocol=protocol.PROTOCOL_VERSION, mode="tcp",
                                                 auth=True)))
     first = lines.readline()
-    nonce, server_nonce = protocol.decode(first)["params"]["nonce"], protocol.new_nonce()
-    proof = protocol.login_proof(token, protocol.SERVER_PROOF_LABEL, nonce, server_nonce)
-    conn.sendall(protocol.encode(protocol.event("h1", "result", result={"nonce": server_nonce, "proof": proof})))
+    nonce, server_nonce = protocol.decode(first)["params"]["nonce"], login_proofs.new_nonce()
+    key = login_proofs.ServerKey(token)
+    proof = login_proofs.login_proof(key.key, login_proofs.SERVER_PROOF_LABEL, nonce, server_nonce)
+    conn.sendall(protocol.encode(protocol.event("h1", "result", result={"nonce": server_nonce, "salt": key.salt,
+                                                                        "proof": proof})))
     lines.readline()
     conn.sendall(protocol.encode(protocol.event("h2", "result", result={"protocol": protocol.PROTOCOL_VERSION})))

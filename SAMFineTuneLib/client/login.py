@@ -2,7 +2,7 @@
 
 Whatever listens on the port may not be our server: on a shared machine another user can bind
 127.0.0.1:PORT before an SSH tunnel opens or while the server restarts. So the client sends only a
-fresh nonce, checks the server's proof over both nonces (``protocol.login_proof``) before it sends
+fresh nonce, checks the server's proof over both nonces (``login_proofs``) before it sends
 its own, and refuses a server that cannot prove it knows the token (PROTOCOL.md, "TCP mode and
 security"). The login reads its lines a byte at a time, so nothing after it is taken from the
 socket before the connection's reader (thread or poll) starts.
@@ -13,7 +13,7 @@ import socket
 import time
 from typing import Any, Dict, Optional, Tuple
 
-from .. import protocol
+from .. import login_proofs, protocol
 from ..protocol import PROTOCOL_VERSION, TOKEN_ENV, ProtocolError
 from .jobs import JobError, JobTimeout, WorkerCrashed
 
@@ -43,15 +43,16 @@ def log_in(sock: socket.socket, address: str, token: str, timeout: float) -> Tup
     if hello.get("event") != "hello":
         raise JobError(f"the server at {address} did not start with 'hello' (it sent {hello.get('event')!r}); "
                        "is the address that of a SAMFineTune server?")
-    client_nonce = protocol.new_nonce()
+    client_nonce = login_proofs.new_nonce()
     lines.send(protocol.request("h1", "hello", {"nonce": client_nonce}))
     challenge = lines.answer("h1")
-    server_nonce, server_proof = challenge.get("nonce"), challenge.get("proof")
-    if not (protocol.is_nonce(server_nonce) and protocol.proof_matches(
-            server_proof, protocol.login_proof(token, protocol.SERVER_PROOF_LABEL, client_nonce, server_nonce))):
+    server_nonce, salt, server_proof = challenge.get("nonce"), challenge.get("salt"), challenge.get("proof")
+    key = login_proofs.login_key(token, salt) if login_proofs.is_salt(salt) else None
+    if key is None or not (login_proofs.is_nonce(server_nonce) and login_proofs.proof_matches(
+            server_proof, login_proofs.login_proof(key, login_proofs.SERVER_PROOF_LABEL, client_nonce, server_nonce))):
         raise JobError(f"authentication failed: the server at {address} does not know this token: wrong token or "
                        "not our server")
-    proof = protocol.login_proof(token, protocol.CLIENT_PROOF_LABEL, client_nonce, server_nonce)
+    proof = login_proofs.login_proof(key, login_proofs.CLIENT_PROOF_LABEL, client_nonce, server_nonce)
     lines.send(protocol.request("h2", "hello", {"proof": proof}))
     return hello, lines.answer("h2")
 

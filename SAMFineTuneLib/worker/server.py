@@ -23,7 +23,7 @@ import sys
 import threading
 from typing import Mapping, Optional, Tuple
 
-from .. import protocol
+from .. import login_proofs, protocol
 from ..protocol import TOKEN_ENV, ProtocolError
 from .access import PathAccess
 from .core import WorkerCore
@@ -150,7 +150,8 @@ class Server:
 
     def __init__(self, listener: socket.socket, core: WorkerCore, token: str, access: PathAccess,
                  max_upload_bytes: int, auth_deadline: float = AUTH_DEADLINE_S):
-        self.listener, self.core, self.token, self.access = listener, core, token, access
+        self.listener, self.core, self.access = listener, core, access
+        self.login = login_proofs.ServerKey(token)  # stretched once: a connection costs no scrypt
         self.max_upload_bytes, self.auth_deadline = max_upload_bytes, auth_deadline
         self.busy = threading.Lock()
         self.stop = threading.Event()
@@ -190,7 +191,7 @@ class Server:
                     admitted.append(True)
                     conn.settimeout(None)  # a logged-in client may read its events late (a long job, a busy UI)
 
-                session = Session(self.core, reader, writer, files=False, token=self.token, need_hello=True,
+                session = Session(self.core, reader, writer, files=False, login=self.login, need_hello=True,
                                   access=self.access, admit=admit, max_attachment_bytes=self.max_upload_bytes)
                 deadline = threading.Timer(self.auth_deadline, _expire, (session, conn, self.auth_deadline))
                 deadline.daemon = True

@@ -7,7 +7,7 @@ at a time (``jobs.HANDLERS``) and sends their events. Each conversation has its 
 
 A conversation that must authenticate (TCP) reads nothing but two short ``hello`` lines until the
 client has proved it knows the token: the first carries the client's nonce and gets this side's
-nonce and proof, the second carries the client's proof (``protocol.login_proof``; the token never
+nonce, salt and proof, the second carries the client's proof (``login_proofs``; the token never
 travels). No attachments, no second try: any message that does not lead to login gets one error
 and ends the conversation, so an unknown peer can neither flood the log nor keep a reply stream
 going. Request text is never logged (a client of another protocol version may send the token);
@@ -27,7 +27,7 @@ from typing import Any, BinaryIO, Callable, Dict, Optional, Tuple
 
 import numpy as np
 
-from .. import protocol
+from .. import login_proofs, protocol
 from ..paths import new_job_folder
 from ..protocol import ProtocolError
 from ..progress import Cancelled
@@ -105,18 +105,20 @@ class Session:
     """One conversation: stdin/stdout of a local worker, or one TCP connection to a server."""
 
     def __init__(self, core: WorkerCore, reader: BinaryIO, writer: BinaryIO, files: bool = True,
-                 token: Optional[str] = None, need_hello: bool = False, access: Optional[PathAccess] = None,
+                 login: Optional[login_proofs.ServerKey] = None, need_hello: bool = False,
+                 access: Optional[PathAccess] = None,
                  admit: Optional[Callable[[], None]] = None,
                  max_attachment_bytes: int = protocol.MAX_ATTACHMENT_BYTES):
         """files: arrays by file (local, trusted parent) or attached to the stream (TCP).
-        token / need_hello: the client must log in first, proving it knows this token (two 'hello's).
+        login / need_hello: the client must log in first, proving it knows the token whose key this is
+        (two 'hello's).
         access: which of the worker's files requests may name (default: any, as for a local worker).
         admit(): called once the client's proof checks out (the server takes its one-client lock there);
         raises ProtocolError to turn the client away."""
         self.core = core
         self.reader, self.writer = reader, writer
         self.files = files
-        self.token = token
+        self.login = login
         self.authenticated = not need_hello
         self.challenge: Optional[Tuple[str, str]] = None  # (client nonce, server nonce) once the first hello came
         self.access = access or PathAccess(any_path=True)
@@ -232,7 +234,7 @@ class Session:
     def _now_hello(self, params: Dict[str, Any]) -> Dict[str, Any]:
         if self.authenticated:
             return {"protocol": protocol.PROTOCOL_VERSION, "pid": os.getpid()}
-        if self.token is not None:
+        if self.login is not None:
             if self.challenge is None:
                 return self._challenge(params)
             self._check_proof(params)
@@ -242,22 +244,23 @@ class Session:
         return {"protocol": protocol.PROTOCOL_VERSION, "pid": os.getpid(), "paths": self.access.describe()}
 
     def _challenge(self, params: Dict[str, Any]) -> Dict[str, Any]:
-        """Login, first step: this side's nonce and its proof over both nonces. The client checks the
-        proof before it sends its own, so a program squatting on the port learns nothing of the token."""
+        """Login, first step: this side's nonce, the salt of its key and its proof over both nonces.
+        The client checks the proof before it sends its own, so a program squatting on the port
+        learns nothing of the token."""
         client_nonce = params.get("nonce")
-        if not protocol.is_nonce(client_nonce):
-            raise ProtocolError(f"login: the first 'hello' must carry 'nonce', {2 * protocol.LOGIN_NONCE_BYTES} "
+        if not login_proofs.is_nonce(client_nonce):
+            raise ProtocolError(f"login: the first 'hello' must carry 'nonce', {2 * login_proofs.NONCE_BYTES} "
                                 "lowercase hex digits from a random source (the token itself is never sent)")
-        server_nonce = protocol.new_nonce()
+        server_nonce = login_proofs.new_nonce()
         self.challenge = (client_nonce, server_nonce)
-        return {"nonce": server_nonce,
-                "proof": protocol.login_proof(self.token, protocol.SERVER_PROOF_LABEL, client_nonce, server_nonce)}
+        proof = login_proofs.login_proof(self.login.key, login_proofs.SERVER_PROOF_LABEL, client_nonce, server_nonce)
+        return {"nonce": server_nonce, "salt": self.login.salt, "proof": proof}
 
     def _check_proof(self, params: Dict[str, Any]) -> None:
         """Login, second step: the client's proof over this conversation's nonces (so an answer seen on
         another connection, or this side's own proof, does not log anyone in)."""
-        expected = protocol.login_proof(self.token, protocol.CLIENT_PROOF_LABEL, *self.challenge)
-        if not protocol.proof_matches(params.get("proof"), expected):
+        expected = login_proofs.login_proof(self.login.key, login_proofs.CLIENT_PROOF_LABEL, *self.challenge)
+        if not login_proofs.proof_matches(params.get("proof"), expected):
             raise PermissionError("authentication failed: wrong or missing proof of the token; pass the token the "
                                   f"server printed at start (WorkerClient(token=...) or ${protocol.TOKEN_ENV})")
 
