@@ -27,13 +27,20 @@ COMMANDS = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes as one ``error:`` line (the usage block would bury it), pointing at --help."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
+
+
 def _command_module(name: str):
     module_name = COMMANDS[name][0]
     return importlib.import_module(f"{__package__}.{module_name}")
 
 
 def build_parser(argv: List[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m SAMFineTuneLib",
         description="SAMFineTune: Segment Anything for 3D medical volumes, slice by slice, that learns from you.",
     )

@@ -25,6 +25,20 @@ def window_margin_arg(text: str):
     return int(text)
 
 
+def window_arg(text: str) -> str:
+    """A preset name or width/level (``windows.window_setting``), refused at parse time rather than
+    after the model has loaded; the text is kept as given."""
+    if text.strip().lower() in WINDOWS:
+        return text
+    from .windows import parse_window  # numpy: only for a width/level, never for the defaults
+
+    try:
+        parse_window(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 def device_arg(text: str) -> str:
     """One of the catalogue's devices, or one GPU of several (cuda:1)."""
     if text in DEVICES or _CUDA_INDEX.match(text):
@@ -91,7 +105,7 @@ def add_axis_argument(parser: argparse.ArgumentParser, default=SEGMENT_DEFAULTS[
 
 def add_window_argument(parser: argparse.ArgumentParser, default=SEGMENT_DEFAULTS["window"],
                         help: str = WINDOW_HELP) -> None:
-    parser.add_argument("--window", default=default, help=help)
+    parser.add_argument("--window", default=default, type=window_arg, help=help)
 
 
 def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:

@@ -49,23 +49,23 @@ def evaluate(dataset, model=DEFAULT_MODEL, checkpoint: Optional[str] = None, ada
     its model card), else each case's own axis (``CaseEntry.slicing_axis``) / auto. Returns
     {"cases": [{case, label, base, adapted}], "mean": {"base": {...}, "adapted": {...}}, ...}.
     """
-    from . import adapters
     from .dataset import read_dataset
-    from .models import load_model
     from .decoding import resolve_window_margin
+    from .input_checks import check_adapter
+    from .models import load_model
 
-    _check_before_loading(window_margin, roi_margin, plot_path)
-    card = adapters.read_model_card(adapter) if adapter else None
+    _check_before_loading(window_margin, roi_margin, plot_path, csv_path, tolerance_mm, box_margin)
+    card = check_adapter(adapter, model if isinstance(model, str) else None) if adapter else None
     hints = card["inference"] if card else {}
     axis = axis or hints.get("axis")
     window = window or hints.get("window", SEGMENT_DEFAULTS["window"])
-    if isinstance(model, str):
-        model = load_model(model, checkpoint=checkpoint, device=device, precision=precision, backend=backend)
-    window_margin = resolve_window_margin(window_margin, model.device)
     info = read_dataset(dataset)
     entries = [info.case(c) for c in cases] if cases is not None else info.split(split)
     if not entries:
         raise ValueError(f"dataset {info.root} has no cases in split '{split}'")
+    if isinstance(model, str):
+        model = load_model(model, checkpoint=checkpoint, device=device, precision=precision, backend=backend)
+    window_margin = resolve_window_margin(window_margin, model.device)
     chosen = dict(cases=[e.case for e in entries], adapters={"base": None, **({"adapted": adapter} if adapter else {})},
                   axis=axis, window=window, labels=labels, tolerance_mm=tolerance_mm, window_margin=window_margin,
                   progress=progress, cancel=cancel)
@@ -84,11 +84,20 @@ def evaluate(dataset, model=DEFAULT_MODEL, checkpoint: Optional[str] = None, ada
     return report
 
 
-def _check_before_loading(window_margin, roi_margin, plot_path: Optional[str]) -> None:
-    """The options that can be refused before any model or case is read."""
+def _check_before_loading(window_margin, roi_margin, plot_path: Optional[str], csv_path: Optional[str] = None,
+                          tolerance_mm: float = DEFAULT_TOLERANCE_MM, box_margin: float = 0.0) -> None:
+    """The options that can be refused before any model or case is read (the files come last)."""
     from .decoding import check_window_margin
+    from .files import check_output_file
 
     check_window_margin(window_margin)
+    if not 0 < tolerance_mm < math.inf:
+        raise ValueError(f"the surface Dice tolerance is a distance in mm > 0, got {tolerance_mm!r}")
+    if not 0 <= box_margin < math.inf:
+        raise ValueError(f"box_margin is the share of a box's side each edge grows by, >= 0, got {box_margin!r}")
+    for path, what in ((csv_path, "the CSV file"), (plot_path, "the plot")):
+        if path:
+            check_output_file(path, what)
     if plot_path:
         plot_format(plot_path)
     if roi_margin is not None and (isinstance(roi_margin, bool) or not isinstance(roi_margin, int) or roi_margin < 0):

@@ -15,7 +15,7 @@ import gzip
 import os
 import struct
 import zlib
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -211,6 +211,35 @@ def check_contrast(array: np.ndarray, box: Optional[Sequence[int]] = None, what:
     return []
 
 
+def check_adapter(path: str, model: Optional[str] = None) -> Dict[str, Any]:
+    """The model card of an adapter folder named on the command line, before the model loads: a
+    folder holding a readable card, trained on ``model`` when one is named (the checkpoint's own
+    fingerprint is compared once the model is loaded)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"the adapter {path} is a file; give the adapter folder 'train' wrote (it holds "
+                         "model_card.json)")
+    from .adapters import read_model_card
+
+    card = read_model_card(path)
+    base = card.get("base_model", {}).get("name")
+    if model is not None and base != model:
+        raise ValueError(f"the adapter {path} was trained on {base}, not {model}: give --model {base} (with its "
+                         f"checkpoint), or an adapter trained on {model}")
+    return card
+
+
+def check_float32_range(array: np.ndarray, what: str) -> None:
+    """A ValueError when voxels lie beyond float32's range: the slices are windowed in float32, where
+    they would turn infinite and the whole slice undefined."""
+    array = np.asarray(array)
+    if array.dtype.kind != "f" or array.dtype.itemsize <= 4 or array.size == 0:
+        return
+    limit = float(np.finfo(np.float32).max)
+    if max(abs(float(array.min())), abs(float(array.max()))) > limit:
+        raise ValueError(f"{what} holds values beyond {limit:.3g}, which the engine cannot window (it works in "
+                         "float32); rescale the volume first")
+
+
 def check_segment_input(volume, box: Sequence[int], what: str = "the volume") -> Tuple[Tuple[int, ...], List[str]]:
     """Everything a segmentation checks about its input, before a model loads: finite voxels, a
     3D scalar volume with a valid spacing, a box inside it, contrast inside the box. Returns the
@@ -218,6 +247,7 @@ def check_segment_input(volume, box: Sequence[int], what: str = "the volume") ->
     from .segmenter import validate_box, validate_volume
 
     check_finite(volume.array, what)
+    check_float32_range(volume.array, what)
     validate_volume(volume)
     box = validate_box(box, volume.array.shape)
     return box, check_contrast(volume.array, box, what)

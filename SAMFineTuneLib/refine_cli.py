@@ -59,14 +59,14 @@ def main(args: argparse.Namespace) -> int:
     import numpy as np
 
     from . import imaging
-    from .files import check_output_file
-    from .volume_io import read_volume, write_volume
+    from .input_checks import check_adapter
+    from .volume_io import check_volume_output, read_volume, write_volume
 
-    check_output_file(args.output, "the output mask")
+    check_volume_output(args.output, "the output mask", inputs=[args.volume])  # --mask may be corrected in place
     volume = read_volume(args.volume)
     mask = np.zeros(volume.array.shape, np.uint8)
     if args.mask:
-        start = read_volume(args.mask)
+        start = read_volume(args.mask, "mask")
         if start.array.shape != volume.array.shape:
             raise ValueError(f"the mask {args.mask} is {start.array.shape[::-1]} voxels, the volume "
                              f"{volume.array.shape[::-1]}: give the mask made on this volume")
@@ -86,6 +86,8 @@ def main(args: argparse.Namespace) -> int:
     if roi is not None:
         plane = imaging.extract_slice(mask, args.axis, clicked[-1]).shape
         limits(roi, args.axis, clicked[-1], None, None, volume.array.shape[imaging.axis_index(args.axis)], plane)
+    if args.adapter:
+        check_adapter(args.adapter, args.model)
 
     segmenter = Segmenter(args.model, checkpoint=args.checkpoint, device=args.device,
                           window_margin=args.decode_window, precision=args.precision, backend=args.backend)

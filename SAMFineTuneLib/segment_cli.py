@@ -28,13 +28,14 @@ def add_segment_arguments(parser: argparse.ArgumentParser) -> None:
 def segment_main(args: argparse.Namespace) -> int:
     """Every input is checked (the output's folder, the volume file, its voxels inside the box)
     before the model loads; the mask is read back before it replaces an earlier one."""
-    from .files import check_output_file
-    from .input_checks import check_segment_input
-    from .volume_io import read_volume, write_volume
+    from .input_checks import check_adapter, check_segment_input
+    from .volume_io import check_volume_output, read_volume, write_volume
 
-    check_output_file(args.output, "the output mask")
+    check_volume_output(args.output, "the output mask", inputs=[args.volume])
     volume = read_volume(args.volume)
     box, warnings = check_segment_input(volume, args.box, args.volume)
+    if args.adapter:
+        check_adapter(args.adapter, args.model)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     from .progress import StderrBar

@@ -1,9 +1,9 @@
 """Volumes with their geometry, read and written with SimpleITK.
 
 A ``Volume`` keeps the array in KJI order beside the ITK (LPS) geometry, so a mask written
-from it overlays the source volume in Slicer voxel for voxel. Reading refuses files cut short
-and NaN / infinite voxels (``input_checks``); writing reads the file back before it replaces
-the target (``files.atomic_write``).
+from it overlays the source volume in Slicer voxel for voxel. Reading refuses files cut short,
+NaN / infinite voxels (``input_checks``) and sheared grids (NIfTI cannot store them); writing
+reads the file back before it replaces the target (``files.atomic_write``).
 """
 from __future__ import annotations
 
@@ -15,10 +15,13 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
-from .files import atomic_write
+from .files import atomic_write, check_output_file
 from .input_checks import check_finite, check_image_file, verify_image_file
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+#: Endings of the one-file 3D formats a mask is written in: a two-file format (.mhd, .nhdr, .hdr)
+#: would name its data file after the temporary file that ``atomic_write`` renames.
+MASK_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha")
 
 
 @dataclass
@@ -49,11 +52,15 @@ def _read_image(path: str, what: str):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} file not found: {path}")
     check_image_file(path)
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's multi-line warnings; its errors are reported below
     try:
         return sitk.ReadImage(path)
     except RuntimeError as error:
         raise ValueError(f"could not read {path} as an image ({_itk_reason(error)}); the file may be incomplete "
                          "or in a format SimpleITK does not read") from None
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 def _itk_reason(error: RuntimeError) -> str:
@@ -64,8 +71,9 @@ def _itk_reason(error: RuntimeError) -> str:
     return re.sub(r"^(ITK ERROR: \w+\(0x[0-9a-f]+\): |Reason: )", "", lines[-1])
 
 
-def read_volume(path: str) -> Volume:
-    return _as_3d_volume(_read_image(path, "volume"), path)
+def read_volume(path: str, what: str = "volume") -> Volume:
+    """The 3D scalar volume in ``path``; ``what`` names it in the errors (volume, mask)."""
+    return _as_3d_volume(_read_image(path, what), path)
 
 
 def _as_3d_volume(image, path: str) -> Volume:
@@ -76,6 +84,10 @@ def _as_3d_volume(image, path: str) -> Volume:
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise ValueError(f"{path} has {image.GetNumberOfComponentsPerPixel()} components per voxel (RGB/vector); "
                          "a scalar volume is needed")
+    direction = np.reshape(image.GetDirection(), (3, 3))
+    if not np.allclose(direction @ direction.T, np.eye(3), atol=1e-4):
+        raise ValueError(f"{path} has a non-orthogonal direction matrix (a sheared voxel grid), which the NIfTI "
+                         "files the engine writes cannot keep; resample it onto an orthogonal grid first")
     array = sitk.GetArrayFromImage(image)
     check_finite(array, str(path))
     return Volume(array, image.GetSpacing(), image.GetOrigin(), image.GetDirection())
@@ -99,6 +111,20 @@ def read_image_any(path: str):
     (sx, sy), (ox, oy) = image.GetSpacing(), image.GetOrigin()
     d = image.GetDirection()
     return Volume(array, (sx, sy, 1.0), (ox, oy, 0.0), (d[0], d[1], 0.0, d[2], d[3], 0.0, 0.0, 0.0, 1.0))
+
+
+def check_volume_output(path: str, what: str, inputs: Sequence[str] = ()) -> str:
+    """``files.check_output_file``, and a format ``write_volume`` writes as one 3D file, and none of
+    ``inputs`` (the files the run reads): checked before slow work, as the write comes last."""
+    path = check_output_file(path, what)
+    if not path.endswith(MASK_ENDINGS):
+        raise ValueError(f"cannot write {what} as {os.path.basename(path)}: end its name with "
+                         f"{', '.join(MASK_ENDINGS[:-1])} or {MASK_ENDINGS[-1]}")
+    for given in inputs:
+        if given and os.path.exists(given) and os.path.exists(path) and os.path.samefile(given, path):
+            raise ValueError(f"{what} {path} is the input {given}: writing it would replace that file; "
+                             "give another output name")
+    return path
 
 
 def to_sitk(volume: Volume):

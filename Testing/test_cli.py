@@ -124,3 +124,36 @@ def test_refine_checks_its_clicks_before_the_model_loads(small_ct, tmp_path):
                    "--roi", *roi)
     assert done.returncode == 2 and "propagation from slice 7 between slices 2 and 5 inside the ROI" in done.stderr
     assert not out.exists()
+
+
+# A model that cannot load here: an error about the input proves it was checked before the model.
+UNLOADABLE = ["--model", "medsam", "--checkpoint", "/absent/medsam.pth"]
+
+
+def one_line(done, *words):
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_a_mistyped_option_is_one_line_pointing_at_help(small_ct, tmp_path):
+    path, _ = small_ct
+    done = run_cli("segment", "--volume", path, "--box", "0", "0", "0", "5", "5", "--output", str(tmp_path / "m.nrrd"))
+    one_line(done, "argument --box: expected 6 arguments", "segment --help")
+    done = run_cli("train", "--dataset", str(tmp_path), "--output", str(tmp_path / "a"), "--window", "soft")
+    one_line(done, "argument --window: unknown window 'soft'")
+
+
+def test_the_output_is_checked_before_the_model_loads(small_ct, tmp_path):
+    path, _ = small_ct
+    before = open(path, "rb").read()
+    for command in (["segment", "--box", *["2"] * 3, *["6"] * 3, "--quiet"], ["refine", "--points", "5,5,2,+1"]):
+        done = run_cli(*command, "--volume", path, "--output", path, *UNLOADABLE)
+        one_line(done, "is the input", "give another output name")
+        done = run_cli(*command, "--volume", path, "--output", str(tmp_path / "mask.png"), *UNLOADABLE)
+        one_line(done, "end its name with .nii.gz")
+        done = run_cli(*command, "--volume", path, "--output", str(tmp_path / "m.nii.gz"), "--adapter", path,
+                       *UNLOADABLE)
+        one_line(done, "is a file; give the adapter folder")
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == []

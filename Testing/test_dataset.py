@@ -295,6 +295,27 @@ def test_export_command_line_with_2d_pngs(tmp_path):
     assert len(samples) == 3 and samples[0].mask.sum() == 150 and samples[0].box == (10, 10, 24, 19)
 
 
+def test_export_command_line_mistakes_are_named_before_any_case_is_read(tmp_path):
+    from SAMFineTuneLib.cli import main
+
+    args = ["export", "--volumes", str(tmp_path / "absent.nii.gz"), "--labels", str(tmp_path / "absent.nii.gz"),
+            "--output", str(tmp_path / "d")]
+    with pytest.raises(ValueError, match="--label-names wants 1=spleen,2=liver or JSON"):
+        ds.main(_export_args(args[1:] + ["--label-names", "spleen=1"]))
+    with pytest.raises(ValueError, match="--label-names wants"):
+        ds.main(_export_args(args[1:] + ["--label-names", "{bad json"]))
+    with pytest.raises(ValueError, match="2 volumes but 1 label files: give one label file per volume"):
+        ds.main(_export_args(args[1:3] + args[2:]))
+    assert main(args + ["--case-ids", "a", "b"]) == 2
+    assert os.listdir(tmp_path) == []
+
+
+def _export_args(argv):
+    parser = argparse.ArgumentParser()
+    ds.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
 def test_monai_reads_the_dataset(tmp_path):
     from monai.data import load_decathlon_datalist
 

@@ -1,5 +1,6 @@
 """Metrics (monai Dice, IoU, HD95, surface Dice) and the evaluation report helpers; no model needed."""
 import math
+import os
 
 import numpy as np
 import pytest
@@ -63,3 +64,22 @@ def test_report_table_csv_and_plot(tmp_path):
     assert lines[0].startswith("case,label,slices,base_dice") and lines[1].startswith("a,1,3,0.5,")
     write_plot(report, str(tmp_path / "r.png"))
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_refuses_its_options_and_dataset_before_the_model_loads(tmp_path):
+    """The model named cannot load here: each error proves its check came first."""
+    from SAMFineTuneLib.evaluate import evaluate
+
+    unloadable = dict(model="medsam", checkpoint=str(tmp_path / "absent.pth"), device="cpu")
+    with pytest.raises(ValueError, match="the folder of the CSV file .* does not exist"):
+        evaluate(str(tmp_path), csv_path=str(tmp_path / "absent" / "scores.csv"), **unloadable)
+    with pytest.raises(ValueError, match="surface Dice tolerance is a distance in mm > 0"):
+        evaluate(str(tmp_path), tolerance_mm=-1.0, **unloadable)
+    with pytest.raises(ValueError, match="box_margin .* >= 0"):
+        evaluate(str(tmp_path), box_margin=-0.5, **unloadable)
+    (tmp_path / "card.txt").write_text("not an adapter")
+    with pytest.raises(ValueError, match="is a file; give the adapter folder"):
+        evaluate(str(tmp_path), adapter=str(tmp_path / "card.txt"), **unloadable)
+    with pytest.raises(ValueError, match="is not a dataset"):
+        evaluate(str(tmp_path), **unloadable)
+    assert os.listdir(tmp_path) == ["card.txt"]

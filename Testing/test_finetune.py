@@ -9,6 +9,7 @@ about a minute on 2 CPU cores.
 import argparse
 import dataclasses
 import json
+import math
 import os
 import re
 
@@ -435,6 +436,17 @@ def test_an_adapter_that_lowers_a_validation_case_too_far_is_not_written(litemed
     assert kept_text(card).startswith("the base model (epoch") and "phantom100" in kept_text(card)
     with pytest.raises(ValueError, match="max_case_drop must be >= 0"):
         check_config(TrainConfig(dataset=phantom_dataset, output=str(tmp_path), max_case_drop=-0.1))
+
+
+def test_settings_that_would_fail_or_mislead_a_run_are_refused_before_it_starts():
+    config = TrainConfig(dataset="d", output="o")
+    for name, value, words in (("lr", math.inf, "lr must be a number > 0"), ("lora_dropout", 2.0, "[0, 1)"),
+                               ("lora_alpha", 0.0, "lora_alpha must be a number > 0"),
+                               ("weight_decay", -1.0, ">= 0"), ("patience", -1, ">= 0"), ("box_jitter", -5.0, ">= 0"),
+                               ("iou_loss_weight", -1.0, ">= 0"), ("warmup", 5.0, "share in [0, 1]")):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            check_config(dataclasses.replace(config, **{name: value}))
+    check_config(config)
 
 
 def test_harm_check_finds_the_validation_case_that_falls_furthest():

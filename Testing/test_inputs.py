@@ -119,6 +119,23 @@ def test_a_flat_box_is_an_error_and_a_nearly_flat_one_a_warning(tmp_path):
     assert check_contrast(ct_like().array, (0, 0, 0, 31, 31, 5)) == []
 
 
+def test_a_sheared_grid_and_values_beyond_float32_are_refused(tmp_path):
+    """NIfTI cannot store a sheared grid: the mask would be written rotated off the volume."""
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(ct_like().array)
+    image.SetDirection((1, 0.5, 0, 0, 1, 0, 0, 0, 1))
+    sitk.WriteImage(image, str(tmp_path / "sheared.nrrd"))
+    one_line_error(segment(tmp_path / "sheared.nrrd", tmp_path / "m.nii.gz"), "non-orthogonal direction matrix")
+    write_volume(Volume(ct_like().array * 1e300, (0.7, 0.7, 3.0)), str(tmp_path / "huge.nrrd"))
+    one_line_error(segment(tmp_path / "huge.nrrd", tmp_path / "m.nii.gz"), "beyond 3.4e+38", "rescale")
+    write_volume(ct_like(), str(tmp_path / "ct.nii.gz"))
+    done = run_cli("refine", "--volume", str(tmp_path / "ct.nii.gz"), "--points", "5,5,2,+1", "--mask",
+                   str(tmp_path / "absent.nii.gz"), "--output", str(tmp_path / "m.nii.gz"), *UNLOADABLE[:-1])
+    one_line_error(done, "mask file not found")
+    assert sorted(os.listdir(tmp_path)) == ["ct.nii.gz", "huge.nrrd", "sheared.nrrd"]
+
+
 # --- datasets and checkpoints -----------------------------------------------------------------
 
 

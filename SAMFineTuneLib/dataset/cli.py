@@ -15,15 +15,16 @@ from .export import export_dataset
 def _parse_label_names(text: Optional[str]) -> Optional[Dict[int, str]]:
     if not text:
         return None
-    if text.strip().startswith("{"):
-        return {int(k): str(v) for k, v in json.loads(text).items()}
-    out = {}
-    for part in text.split(","):
-        value, _, name = part.partition("=")
-        if not name:
-            raise ValueError(f"--label-names wants 1=spleen,2=liver (or JSON), got '{part}'")
-        out[int(value)] = name.strip()
-    return out
+    try:
+        if text.strip().startswith("{"):
+            return {int(k): str(v) for k, v in json.loads(text).items()}
+        pairs = [part.partition("=") for part in text.split(",")]
+        if not all(name.strip() for _, _, name in pairs):
+            raise ValueError
+        return {int(value): name.strip() for value, _, name in pairs}
+    except (ValueError, AttributeError):  # JSON errors are ValueErrors; AttributeError: JSON that is no object
+        raise ValueError(f"--label-names wants 1=spleen,2=liver or JSON such as '{{\"1\": \"spleen\"}}' "
+                         f"(whole-number values), got '{text}'") from None
 
 
 def _case_id_from_path(path: str) -> str:
@@ -56,15 +57,17 @@ def main(args) -> int:
     from ..progress import StderrBar
 
     if len(args.volumes) != len(args.labels):
-        raise SystemExit(f"error: {len(args.volumes)} volumes but {len(args.labels)} label files")
+        raise ValueError(f"{len(args.volumes)} volumes but {len(args.labels)} label files: give one label file per "
+                         "volume, in the same order")
     ids = args.case_ids or [_case_id_from_path(p) for p in args.volumes]
     if len(ids) != len(args.volumes) or (args.groups and len(args.groups) != len(ids)):
-        raise SystemExit("error: --case-ids and --groups need one value per volume")
+        raise ValueError("--case-ids and --groups need one value per volume")
+    label_names = _parse_label_names(args.label_names)
     cases = [(cid, read_image_any(v), read_image_any(lab)) for cid, v, lab in zip(ids, args.volumes, args.labels)]
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("ignore")
         summary = export_dataset(cases, args.output, fmt=args.format, val_fraction=args.val_fraction, seed=args.seed,
-                                 label_names=_parse_label_names(args.label_names), progress=StderrBar(),
+                                 label_names=label_names, progress=StderrBar(),
                                  groups=dict(zip(ids, args.groups)) if args.groups else None,
                                  modality=args.modality, axis=args.axis, window=args.window)
     for message in summary["warnings"]:

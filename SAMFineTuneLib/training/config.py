@@ -3,6 +3,7 @@ must share with the run it continues."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -111,9 +112,15 @@ def check_config(config: TrainConfig) -> None:
     for name in ("epochs", "batch_size", "lora_rank", "average_last"):
         if getattr(config, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
-    if not config.lr > 0:
-        raise ValueError(f"learning rate must be > 0, got {config.lr}")
-    for name in ("point_prompts", "click_prompts", "tracked_prompts", "roi_prompts"):
+    for name in ("lr", "lora_alpha"):
+        if not 0 < getattr(config, name) < math.inf:
+            raise ValueError(f"{name} must be a number > 0, got {getattr(config, name)}")
+    for name in ("weight_decay", "box_jitter", "iou_loss_weight", "patience"):
+        if not 0 <= getattr(config, name) < math.inf:
+            raise ValueError(f"{name} must be a number >= 0, got {getattr(config, name)}")
+    if not 0.0 <= config.lora_dropout < 1.0:
+        raise ValueError(f"lora_dropout is a probability in [0, 1), got {config.lora_dropout}")
+    for name in ("warmup", "point_prompts", "click_prompts", "tracked_prompts", "roi_prompts"):
         if not 0.0 <= getattr(config, name) <= 1.0:
             raise ValueError(f"{name} is a share in [0, 1], got {getattr(config, name)}")
     if config.tracked_prompts + config.roi_prompts > 1.0:
