@@ -31,7 +31,7 @@ import socket
 import time
 from typing import Callable, Iterable, List, Optional
 
-from .files import BROWSER_FILES, keep_mode
+from .files import BROWSER_FILES, keep_mode, missing_folders, remove_if_empty
 
 #: Written last into every complete adapter folder (``adapters.CARD_FILE``).
 COMPLETE_MARK = "model_card.json"
@@ -73,7 +73,7 @@ class FolderLock:
         self.created: List[str] = []  # folders made for the lock file, removed with it if still empty
 
     def try_acquire(self) -> bool:
-        created = _missing_folders(os.path.dirname(self.path))
+        created = missing_folders(os.path.dirname(self.path))
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         try:
             handle = open(self.path, "a+", encoding="utf-8")
@@ -122,9 +122,7 @@ class FolderLock:
         self.handle = None
         if mine and os.name == "nt":
             _unlink(self.path)
-        for folder in reversed(self.created):
-            with contextlib.suppress(OSError):
-                os.rmdir(folder)  # fails, as meant, once anything is in it
+        remove_if_empty(self.created)
         self.created = []
 
     def __enter__(self) -> "FolderLock":
@@ -132,16 +130,6 @@ class FolderLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
-
-
-def _missing_folders(folder: str) -> List[str]:
-    """The folders that ``os.makedirs(folder)`` would create, outermost first."""
-    missing = []
-    while folder and not os.path.exists(folder):
-        missing.insert(0, folder)
-        parent = os.path.dirname(folder)
-        folder = parent if parent != folder else ""
-    return missing
 
 
 def _same_file(handle, path: str) -> bool:

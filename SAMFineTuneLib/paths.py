@@ -16,7 +16,7 @@ import sys
 import tempfile
 from typing import List
 
-from .files import process_alive
+from .folder_locks import process_alive
 
 # Job folders are named samft-<kind>-<owner pid>-<random>, so a later worker can tell whose they are.
 JOB_FOLDER_KINDS = ("jobs", "worker")

@@ -231,6 +231,10 @@ def test_bad_inputs_are_clear_errors_or_visible_skips(tmp_path):
     with pytest.raises(ValueError, match="file name"):
         ds.export_dataset([("bad/id", image, label)], tmp_path / "a")
     assert not os.path.exists(tmp_path / "a" / "dataset.json")
+    with pytest.raises(ValueError, match="label shape"):  # into folders that do not exist yet: none is left
+        ds.export_dataset([(cid, image, Volume(label.array[:2], label.spacing, label.origin, label.direction))],
+                          tmp_path / "new" / "sets" / "a")
+    assert not os.path.exists(tmp_path / "new")
     with pytest.warns(UserWarning, match="empty"):
         summary = ds.export_dataset([make_case(0), make_case(1, empty=True)], tmp_path / "b")
     assert summary["added"] == ["case00"] and summary["skipped"] == [{"case": "case01", "reason": "empty label"}]

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from SAMFineTuneLib import dataset as ds
-from SAMFineTuneLib import files
+from SAMFineTuneLib import files, folder_locks
 from SAMFineTuneLib.phantom import bounding_box, make_ct_phantom
 from SAMFineTuneLib.volume_io import Volume, read_volume, write_volume
 
@@ -229,24 +229,25 @@ def test_two_exports_never_write_one_folder_at_once(tmp_path):
     other = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=ENV)
     try:
         assert other.stdout.readline().strip() == "0"  # the other export is writing
-        with pytest.raises(files.FolderBusy, match=rf"being written by another process \(pid {other.pid} .*export"):
+        with pytest.raises(folder_locks.FolderBusy,
+                           match=rf"being written by another process \(pid {other.pid} .*export"):
             ds.export_dataset([make_case(30)], root)
         other.send_signal(signal.SIGKILL)  # it dies holding the lock
     finally:
         other.wait(timeout=60)
         other.stdout.close()
-    assert os.path.exists(root / files.LOCK_FILE)
+    assert os.path.exists(root / folder_locks.LOCK_FILE)
     ds.export_dataset([make_case(30)], root)  # the dead process's lock is taken over
     assert [c.case for c in ds.read_dataset(root).cases] == ["case00", "case01", "case30"]
-    assert not os.path.exists(root / files.LOCK_FILE)
+    assert not os.path.exists(root / folder_locks.LOCK_FILE)
 
 
 def test_a_released_lock_is_deleted_and_a_lock_taken_over_meanwhile_is_kept(tmp_path):
-    path = tmp_path / files.LOCK_FILE
-    with files.folder_lock(str(tmp_path), "export"):
+    path = tmp_path / folder_locks.LOCK_FILE
+    with folder_locks.folder_lock(str(tmp_path), "export"):
         assert path.exists()
     assert not path.exists()
-    with files.folder_lock(str(tmp_path), "export"):
+    with folder_locks.folder_lock(str(tmp_path), "export"):
         # another process judged this holder dead and took the lock over: it keeps its lock
         path.unlink()
         path.write_text(json.dumps({"pid": 1, "host": "elsewhere", "purpose": "export", "time": 0.0}))
@@ -254,15 +255,15 @@ def test_a_released_lock_is_deleted_and_a_lock_taken_over_meanwhile_is_kept(tmp_
 
 
 def test_a_lock_whose_record_is_not_written_yet_is_busy_until_it_is_old(tmp_path):
-    path = tmp_path / files.LOCK_FILE
+    path = tmp_path / folder_locks.LOCK_FILE
     path.write_text("")  # its holder created it and has not written its record yet
-    with pytest.raises(files.FolderBusy, match=f"being written by another process .*taking the lock {path}"):
-        with files.folder_lock(str(tmp_path), "export"):
+    with pytest.raises(folder_locks.FolderBusy, match=f"being written by another process .*taking the lock {path}"):
+        with folder_locks.folder_lock(str(tmp_path), "export"):
             pass
     assert path.read_text() == ""
-    old = os.stat(path).st_mtime - 2 * files.UNREADABLE_LOCK_STALE_S
+    old = os.stat(path).st_mtime - 2 * folder_locks.UNREADABLE_LOCK_STALE_S
     os.utime(path, (old, old))  # its holder died before writing it: taken over
-    with files.folder_lock(str(tmp_path), "export"):
+    with folder_locks.folder_lock(str(tmp_path), "export"):
         assert json.loads(path.read_text())["pid"] == os.getpid()
     assert not path.exists()
 

@@ -1,5 +1,5 @@
 """Writing (or appending) cases to a dataset, ``dataset.json`` last, under the folder's lock
-(``files.folder_lock``): two exports into one folder would each read the old ``dataset.json``
+(``folder_locks.folder_lock``): two exports into one folder would each read the old ``dataset.json``
 and the second would drop the first one's cases."""
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import numpy as np
 
 from ..catalogue import EXPORT_FORMATS, SEGMENT_DEFAULTS
-from ..files import BROWSER_FILES, LOCK_FILE, WriteError, check_writable_folder, folder_lock, write_json_atomic
+from ..files import (BROWSER_FILES, WriteError, check_writable_folder, missing_folders, remove_if_empty,
+                     write_json_atomic)
+from ..folder_locks import LOCK_FILE, folder_lock
 from ..progress import check_cancel, report
 from .checks import check_case, merge_label_names
 from .index import DATASET_JSON, FILE_ENDING, LAYOUT_VERSION, DatasetInfo, check_slice_axis, read_dataset
@@ -60,9 +62,7 @@ def export_dataset(cases: Iterable[Tuple[str, Any, Any]], output_dir: str, fmt: 
             return _export(list(cases), root, fmt, val_fraction, seed, label_names, progress, cancel, groups, splits,
                            modality, name, axis, window, notes)
     finally:
-        if created:
-            with contextlib.suppress(OSError):
-                os.rmdir(root)  # only if nothing was written: a refused export leaves no trace
+        remove_if_empty(created)  # only what nothing was written into: a refused export leaves no trace
 
 
 def _case_notes(corrected: Dict[str, Dict[str, List[int]]], slice_axes: Dict[str, str]) -> Dict[str, Dict[str, Any]]:
@@ -80,23 +80,25 @@ def _case_notes(corrected: Dict[str, Dict[str, List[int]]], slice_axes: Dict[str
     return notes
 
 
-def _make_root(root: str) -> bool:
-    """Create the dataset folder if needed (True if it was created); clear errors for a path that
-    is a file or a folder that takes no files, before any case is read or checked."""
+def _make_root(root: str) -> List[str]:
+    """Create the dataset folder if needed (the folders it made, its parents too); clear errors for a
+    path that is a file or a folder that takes no files, before any case is read or checked."""
     if os.path.exists(root) and not os.path.isdir(root):
         raise ValueError(f"the dataset folder {root} is a file; choose a folder (new or an earlier export)")
     if os.path.isdir(root):
         check_writable_folder(root, "the dataset")
-        return False
+        return []
     parent = os.path.dirname(root)
     if os.path.exists(parent) and not os.path.isdir(parent):
         raise ValueError(f"cannot create the dataset folder {root}: {parent} is a file")
+    created = missing_folders(root)
     try:
         os.makedirs(root)
     except OSError as exc:
+        remove_if_empty(created)
         raise WriteError(f"cannot create the dataset folder {root}: {exc.strerror or exc}; choose a folder you can "
                          "write to", exc.errno or errno.EACCES) from None
-    return True
+    return created
 
 
 def _export(cases: List[Tuple[str, Any, Any]], root: str, fmt: str, val_fraction: float, seed: int,
