@@ -39,6 +39,22 @@ def window_arg(text: str) -> str:
     return text
 
 
+def whole_number(low: int, high: int = 2 ** 63):
+    """An argparse type: a whole number from ``low`` to ``high``, refused while the options are read."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            wanted = f"from {low} to {high}" if high < 2 ** 63 else f">= {low}"
+            raise argparse.ArgumentTypeError(f"expected a whole number {wanted}, got '{text}'")
+        return value
+
+    return parse
+
+
 def device_arg(text: str) -> str:
     """One of the catalogue's devices, or one GPU of several (cuda:1)."""
     if text in DEVICES or _CUDA_INDEX.match(text):

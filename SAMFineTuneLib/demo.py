@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from .cli_args import add_device_argument
+from .cli_args import add_device_argument, whole_number
 from .metrics import dice_score as dice
 
 #: The name the demo's dataset carries in its dataset.json, so a later run knows it may replace it.
@@ -23,8 +23,10 @@ DEMO_DATASET = "SAMFineTune demo (low-contrast phantom)"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="demo_output", help="folder for the volume, mask, dataset, adapter, PNGs")
     add_device_argument(parser)
-    parser.add_argument("--train-cases", type=int, default=8, help="phantom cases for fine-tuning (2 held out)")
-    parser.add_argument("--epochs", type=int, default=2, help="each at least 36 steps (--min-epoch-steps of train)")
+    parser.add_argument("--train-cases", type=whole_number(1), default=8,
+                        help="phantom cases for fine-tuning (2 more are held out)")
+    parser.add_argument("--epochs", type=whole_number(1), default=2,
+                        help="each at least 36 steps (--min-epoch-steps of train)")
 
 
 def save_overlay(image: np.ndarray, mask: np.ndarray, reference: np.ndarray, path: str, title: str) -> None:
@@ -144,6 +146,8 @@ def finetune_part(args, output: str, overwrite: bool = False) -> None:
 
 def main(args: argparse.Namespace) -> int:
     output = os.path.abspath(args.output)
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise ValueError(f"--output {args.output} is a file; give a folder for the demo's files")
     os.makedirs(output, exist_ok=True)
     dataset = os.path.join(output, "dataset")
     again = _earlier_demo_adapter(os.path.join(output, "adapter"), dataset)

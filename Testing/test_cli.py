@@ -157,3 +157,16 @@ def test_the_output_is_checked_before_the_model_loads(small_ct, tmp_path):
                        *UNLOADABLE)
         one_line(done, "is a file; give the adapter folder")
     assert open(path, "rb").read() == before and os.listdir(tmp_path) == []
+
+
+def test_the_server_and_the_demo_refuse_numbers_and_paths_that_cannot_work(tmp_path):
+    """Before any socket, model or case: a port outside 0-65535 was a traceback from bind(); the
+    demo's epochs and cases were refused after seconds of encoding, and a file as its output folder
+    with an errno."""
+    for port in ("-5", "99999", "x"):
+        one_line(run_cli("serve", "--port", port), "argument --port: expected a whole number from 0 to 65535")
+    for option in ("--epochs", "--train-cases"):
+        one_line(run_cli("demo", option, "0", "--output", str(tmp_path / "demo")), f"argument {option}", ">= 1")
+    (tmp_path / "a file").write_text("mine")
+    one_line(run_cli("demo", "--output", str(tmp_path / "a file")), "is a file; give a folder")
+    assert sorted(os.listdir(tmp_path)) == ["a file"] and (tmp_path / "a file").read_text() == "mine"

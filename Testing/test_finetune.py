@@ -449,6 +449,15 @@ def test_settings_that_would_fail_or_mislead_a_run_are_refused_before_it_starts(
     check_config(config)
 
 
+def test_labels_the_dataset_does_not_hold_are_refused_before_the_model_loads(phantom_dataset, tmp_path):
+    from SAMFineTuneLib.training.trainer import check_start
+
+    config = TrainConfig(dataset=phantom_dataset, output=str(tmp_path / "adapter"), labels=[1, 99])
+    with pytest.raises(ValueError, match=r"labels \[99\] are not in dataset .* which holds 1 \(organ\)"):
+        check_start(config)
+    assert check_start(dataclasses.replace(config, labels=[1]))[1] and not os.listdir(tmp_path)
+
+
 def test_harm_check_finds_the_validation_case_that_falls_furthest():
     from SAMFineTuneLib.training.harm_check import worst_case
 

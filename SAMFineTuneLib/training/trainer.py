@@ -70,6 +70,11 @@ def check_start(config: TrainConfig, device=None) -> Tuple[Any, List[str], List[
 
     check_config(config)
     info = read_dataset(config.dataset)
+    unknown = sorted(set(config.labels or ()) - set(info.labels))
+    if unknown:
+        raise ValueError(f"labels {unknown} are not in dataset {info.root}, which holds "
+                         f"{', '.join(f'{value} ({name})' for value, name in sorted(info.labels.items()))}; "
+                         "give labels it holds, or none for all")
     train_ids, val_ids = split_cases(config, info)
     margin = resolve_window_margin(config.window_margin, device if device is not None else
                                    resolve_device(config.device))

@@ -24,6 +24,7 @@ import threading
 from typing import Mapping, Optional, Tuple
 
 from .. import login_proofs, protocol
+from ..cli_args import whole_number
 from ..protocol import TOKEN_ENV, ProtocolError
 from .access import PathAccess
 from .core import WorkerCore
@@ -54,7 +55,7 @@ def is_loopback(host: str) -> bool:
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--port", type=int, required=True,
+    parser.add_argument("--port", type=whole_number(0, 65535), required=True,
                         help="TCP port (0: any free port; the chosen one is printed)")
     parser.add_argument("--host", default="127.0.0.1",
                         help=f"address to bind; anything but loopback needs a token (${TOKEN_ENV} or --token-file)")
