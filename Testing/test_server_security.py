@@ -227,10 +227,23 @@ def test_the_next_client_waits_until_the_previous_clients_job_has_ended(in_proce
     assert answer["event"] == "result"
 
 
+def settled_rss(pid, still_bytes=8 << 20, wait_s=60.0):
+    """The process's resident memory once it stops growing: a server imports the engine (torch) in
+    the background after it starts listening, hundreds of MB that are no attachment's."""
+    deadline, before = time.monotonic() + wait_s, psutil.Process(pid).memory_info().rss
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = psutil.Process(pid).memory_info().rss
+        if abs(now - before) < still_bytes:
+            return now
+        before = now
+    return before
+
+
 def test_no_attachment_before_authentication_and_a_cap_after(tmp_path):
     proc, _, port, token = start_server(tmp_path, "--max-upload-mb", "1")
     try:
-        rss = psutil.Process(proc.pid).memory_info().rss
+        rss = settled_rss(proc.pid)
         raw = Raw(port, timeout=10)
         huge = {"a": {"dtype": "|u1", "shape": [1 << 30], "nbytes": 1 << 30}}
         raw.send(dict(protocol.request("e", "echo"), arrays=huge))
