@@ -15,7 +15,7 @@ import torch
 
 from . import imaging, postprocess, propagation, tracking
 from .cache import EmbeddingCache
-from .catalogue import AXES, BOX_MODES, SEGMENT_DEFAULTS
+from .catalogue import AXES, BOX_MODES, ENGINE_DEFAULTS, SEGMENT_DEFAULTS
 from .decoding import SliceJob, resolve_window_margin
 from .imaging import SliceGeometry
 from .models import SamModel, load_model
@@ -103,15 +103,15 @@ class Segmenter:
         tracking: Optional[TrackingOptions] = None,
         window_margin: Union[int, None, str] = "auto",
         compile: bool = False,
-        precision: str = "auto",
-        backend: str = "torch",
+        precision: str = ENGINE_DEFAULTS["precision"],
+        backend: str = ENGINE_DEFAULTS["backend"],
         cancel: Optional[CancelFn] = None,
     ):
         if isinstance(model, str):
             model = load_model(model, checkpoint, device, precision=precision, backend=backend, cancel=cancel)
         else:
-            asked = [f"{name} '{value}'" for name, value, default in
-                     (("precision", precision, "auto"), ("backend", backend, "torch")) if value != default]
+            asked = [f"{name} '{value}'" for name, value in (("precision", precision), ("backend", backend))
+                     if value != ENGINE_DEFAULTS[name]]
             if asked:
                 raise ValueError(f"{' and '.join(asked)} {'applies' if len(asked) == 1 else 'apply'} to a model given "
                                  f"by name; a loaded model keeps its own ({model.precision}, {model.backend}): load "

@@ -63,9 +63,13 @@ def test_auto_is_the_default_and_part_of_what_picks_a_model():
 
 
 @needs_openvino
-def test_on_a_cpu_the_default_model_runs_its_encoder_on_openvino_in_float32(litemedsam):
+def test_on_a_cpu_the_default_model_runs_its_encoder_on_openvino_in_float32(litemedsam, monkeypatch):
     assert resolve_backend("auto", CPU) == "openvino"
     assert litemedsam.backend == "openvino" and litemedsam.precision == "float32"
+    asked = []  # the Python API's Segmenter, as the command line, the worker and the panel
+    monkeypatch.setattr("SAMFineTuneLib.segmenter.load_model", lambda *a, **k: asked.append(k) or litemedsam)
+    Segmenter("litemedsam", device="cpu")
+    assert (asked[0]["precision"], asked[0]["backend"]) == (ENGINE_DEFAULTS["precision"], ENGINE_DEFAULTS["backend"])
 
 
 def test_without_openvino_auto_runs_torch_and_says_why_once(monkeypatch, caplog):
