@@ -124,6 +124,13 @@ def add_window_argument(parser: argparse.ArgumentParser, default=SEGMENT_DEFAULT
     parser.add_argument("--window", default=default, type=window_arg, help=help)
 
 
+def add_postprocess_arguments(parser: argparse.ArgumentParser) -> None:
+    """--no-largest-component and --no-fill-holes (``postprocess``; both on by default)."""
+    parser.add_argument("--no-largest-component", action="store_true",
+                        help="keep every connected piece instead of only the largest")
+    parser.add_argument("--no-fill-holes", action="store_true", help="leave holes inside the mask")
+
+
 def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
     """--zoom and --triplanar: the prompt options a user may turn on (catalogue.PROMPT_OPTIONS)."""
     for name, help in PROMPT_OPTIONS.items():

@@ -6,7 +6,8 @@ import json
 import os
 import sys
 
-from .cli_args import add_engine_arguments, add_model_arguments, add_prompt_arguments, add_slicing_arguments
+from .cli_args import (add_engine_arguments, add_model_arguments, add_postprocess_arguments, add_prompt_arguments,
+                       add_slicing_arguments)
 
 
 def add_segment_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,9 +20,7 @@ def add_segment_arguments(parser: argparse.ArgumentParser) -> None:
     add_slicing_arguments(parser)
     add_prompt_arguments(parser)
     parser.add_argument("--adapter", help="folder of a fine-tuned LoRA adapter for this model")
-    parser.add_argument("--no-largest-component", action="store_true",
-                        help="keep every connected piece instead of only the largest")
-    parser.add_argument("--no-fill-holes", action="store_true", help="leave holes inside the mask")
+    add_postprocess_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

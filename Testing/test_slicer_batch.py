@@ -142,3 +142,18 @@ def test_an_unexpected_error_still_quits_slicer_with_a_failing_status(tmp_path):
     assert "error: " in done.stdout and str(blocked) in done.stdout
     assert blocked.read_text().startswith("a file")
 
+
+
+def test_batch_takes_the_engines_own_option_names():
+    """A user who learned the options on the command line (``segment``) finds them in the batch script."""
+    import argparse
+
+    from SAMFineTuneLib.segment_cli import add_segment_arguments
+
+    segment = argparse.ArgumentParser()
+    add_segment_arguments(segment)
+    engine = {option for action in segment._actions for option in action.option_strings}
+    ours = {option for action in batch.buildParser()._actions for option in action.option_strings}
+    shared = {"--model", "--checkpoint", "--device", "--adapter", "--axis", "--window", "--box-mode",
+              "--no-largest-component", "--no-fill-holes", "--precision", "--backend"}
+    assert shared <= engine and shared <= ours, sorted(shared - (engine & ours))

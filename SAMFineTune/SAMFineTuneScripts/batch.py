@@ -47,8 +47,7 @@ def buildParser():
     cli_args.add_encoder_arguments(parser)
     cli_args.add_slicing_arguments(parser)
     cli_args.add_prompt_arguments(parser)
-    parser.add_argument("--no-keep-largest", action="store_true", help="keep every connected component")
-    parser.add_argument("--no-fill-holes", action="store_true")
+    cli_args.add_postprocess_arguments(parser)
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--worker", dest="runIn", action="store_const", const="worker",
                        help="run the engine in the background worker process (the default inside Slicer)")
@@ -134,7 +133,7 @@ def main(argv=None):
     options = dict(model=args.model, checkpoint=args.checkpoint, adapter=args.adapter, device=args.device,
                    precision=args.precision, backend=args.backend, axis=args.axis, window=args.window,
                    box_mode=args.box_mode, zoom=args.zoom, triplanar=args.triplanar,
-                   keep_largest=not args.no_keep_largest, fill_holes=not args.no_fill_holes)
+                   keep_largest=not args.no_largest_component, fill_holes=not args.no_fill_holes)
     logic = SAMFineTuneCoreLogic()
     failures, used = 0, set()
     started = time.time()
