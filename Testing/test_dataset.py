@@ -130,6 +130,38 @@ def test_append_keeps_old_cases_and_patients(tmp_path):
     assert tree_digest(root) == now
 
 
+def test_a_case_exported_again_is_replaced_only_when_asked_and_only_if_it_changed(tmp_path):
+    """The same case exported again after more corrections: its label map is written again, its
+    split and patient kept, slice formats follow; unchanged, nothing is written; a case the dataset
+    holds is still refused without ``replace``."""
+    root = tmp_path / "d"
+    cases = [make_case(s) for s in range(4)]
+    ds.export_dataset(cases, root, fmt="finetune-sam", val_fraction=0.25, groups={c[0]: "p%d" % i for i, c in
+                                                                                 enumerate(cases)})
+    before, files = ds.read_dataset(root), tree_digest(root)
+    same = ds.export_dataset([make_case(1)], root, replace=["case01"])
+    assert (same["added"], same["replaced"], same["unchanged"]) == ([], [], ["case01"])
+    assert {p: h for p, h in tree_digest(root).items() if p != "dataset.json"} == {
+        p: h for p, h in files.items() if p != "dataset.json"}
+    cid, image, label = make_case(1)
+    corrected = label.array.copy()
+    corrected[0, 5:12, 6:14] = 1  # one more slice of the structure
+    summary = ds.export_dataset([(cid, image, Volume(corrected, label.spacing, label.origin, label.direction))],
+                                root, replace=["case01"], corrected={"case01": {"axial": [0]}})
+    after = ds.read_dataset(root)
+    assert (summary["added"], summary["replaced"]) == ([], ["case01"]) and len(after.cases) == 4
+    assert [(e.case, e.split, e.group) for e in after.cases] == [(e.case, e.split, e.group) for e in before.cases]
+    np.testing.assert_array_equal(ds.load_case(after.case("case01"))[1].array, corrected)
+    assert after.case("case01").record["corrected_slices"] == {"axial": [0]}
+    rows = [line for line in (root / "train.csv").read_text().splitlines() + (root / "val.csv").read_text()
+            .splitlines() if "case01" in line]
+    assert len(rows) == 4  # the slices holding the label (1-3), and the one the correction added
+    changed = {p for p, h in tree_digest(root).items() if files.get(p) != h}
+    assert "labelsTr/case01.nii.gz" in changed and not any("case00" in p or "case02" in p for p in changed)
+    with pytest.raises(ValueError, match="already in the dataset"):
+        ds.export_dataset([make_case(2)], root)
+
+
 def test_the_slices_a_person_corrected_stay_with_the_case(tmp_path):
     root = tmp_path / "d"
     ds.export_dataset([make_case(0), make_case(1)], root, corrected={"case00": {"axial": [3, 1], "coronal": []}})

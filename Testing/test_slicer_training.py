@@ -68,6 +68,31 @@ def test_find_cases_and_export_keeps_voxels_and_geometry(scene, tmp_path):
     assert first[0].GetScene() is scene
 
 
+def test_exporting_again_updates_the_cases_the_set_holds_and_adds_the_others(scene, tmp_path):
+    """The panel exports every case in the scene: one exported before comes back corrected further
+    (written again), unchanged (left alone), or beside a volume of another patient of the same name
+    (a case of its own), never refused, never taking over another case."""
+    from SAMFineTuneLib.dataset import load_case, read_dataset
+
+    logic = SAMFineTuneCoreLogic()
+    dataset = str(tmp_path / "set")
+    first = add_case(logic, "CT 1", GEOMETRIES["flipped"])
+    summary = logic.exportTrainingSet(training.findCases(scene, "liver"), dataset, "liver", valFraction=0.5)
+    assert summary["added"] == ["CT_1"]
+    again = logic.exportTrainingSet(training.findCases(scene, "liver"), dataset, "liver", valFraction=0.5)
+    assert (again["added"], again["replaced"], again["unchanged"]) == ([], [], ["CT_1"])
+    mask = segments.segmentToArray(first[1], first[2], first[0]).astype(np.uint8)
+    mask[0, 4:10, 5:12] = 1  # the user corrects one more slice
+    segments.writeMaskToSegment(mask, first[0], first[1], first[2])
+    other = add_case(logic, "CT 1", GEOMETRIES["oblique"])  # another patient's series, the same name
+    summary = logic.exportTrainingSet(training.findCases(scene, "liver"), dataset, "liver", valFraction=0.5)
+    assert (summary["added"], summary["replaced"]) == (["CT_1_2"], ["CT_1"])
+    info = read_dataset(dataset)
+    assert np.array_equal(load_case(info.case("CT_1"))[1].array, mask)
+    assert np.array_equal(load_case(info.case("CT_1_2"))[1].array,
+                          segments.segmentToArray(other[1], other[2], other[0]))
+
+
 def test_finding_cases_holds_on_to_no_segmentation(scene):
     """A segmentation the user deletes after an export must be freed, labelmaps and all."""
     logic = SAMFineTuneCoreLogic()

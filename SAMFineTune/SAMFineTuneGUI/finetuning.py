@@ -66,12 +66,13 @@ class FineTuningSection:
         except Exception as exc:
             slicer.util.errorDisplay("Export failed: %s" % exc)
             return
-        text = "Added %d case(s) to %s (%s train, %s val)%s" % (
-            len(summary.get("added", [])), summary.get("dataset"), summary.get("train"), summary.get("val"),
-            "".join("\n" + w for w in summary.get("warnings", [])))
+        added, replaced = len(summary.get("added", [])), len(summary.get("replaced", []))
+        text = "Added %d case(s) to %s, updated %d, unchanged %d (%s train, %s val)%s" % (
+            added, summary.get("dataset"), replaced, len(summary.get("unchanged", [])), summary.get("train"),
+            summary.get("val"), "".join("\n" + w for w in summary.get("warnings", [])))
         if p.keepLearning and p.adapterName:
             self.learning.every = p.keepLearningEvery
-            run = self.learning.exported(len(summary.get("added", [])), dataset,
+            run = self.learning.exported(added + replaced, dataset,  # a corrected case teaches as a new one
                                          os.path.join(adaptersDirectory(), p.adapterName), **self.trainConfig())
             if run is not None:
                 text += "\nKeep learning: %s." % run.message

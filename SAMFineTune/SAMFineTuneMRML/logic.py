@@ -177,7 +177,9 @@ class SAMFineTuneCoreLogic:
     # ------------------------------------------------------------ training sets, fine-tuning, adapters
 
     def exportTrainingSet(self, cases, outputDir, structureName, valFraction=0.2, seed=0, progress=None, axis=None):
-        """Append cases to a training set on disk (MSD/nnU-Net layout, split by case).
+        """Append cases to a training set on disk (MSD/nnU-Net layout, split by case); a case the
+        set holds (the same volume, ``training.casesToExport``) is written again with its label as
+        the scene has it now, or left alone when unchanged.
 
         ``cases``: [(volumeNode, segmentationNode, segmentId)], e.g. from
         ``training.findCases(scene, structureName)``; each becomes one case with label 1 =
@@ -192,16 +194,16 @@ class SAMFineTuneCoreLogic:
             raise ValueError("No case to export: segment '%s' on at least one volume first." % structureName)
         from .interactive import correctedSlices
 
-        used, prepared, corrected, sliceAxes = set(), [], {}, {}
-        for volume, node, segmentId in cases:
-            prepared.append(training.caseFromNodes(volume, node, segmentId, training.caseId(volume, used)))
+        prepared, again = training.casesToExport(cases, outputDir)
+        corrected, sliceAxes = {}, {}
+        for (volume, node, segmentId), (identifier, _, _) in zip(cases, prepared):
             slices = correctedSlices(node.GetSegmentation().GetSegment(segmentId))
-            corrected[prepared[-1][0]] = {name: sorted(indices) for name, indices in slices.items()}
+            corrected[identifier] = {name: sorted(indices) for name, indices in slices.items()}
             if axis is not None:
-                sliceAxes[prepared[-1][0]] = geometry.engineAxis(volume, axis)
+                sliceAxes[identifier] = geometry.engineAxis(volume, axis)
         return export_dataset(prepared, outputDir, val_fraction=valFraction, seed=seed,
                               label_names={1: structureName}, progress=progress, corrected=corrected,
-                              slice_axes=sliceAxes)
+                              slice_axes=sliceAxes, replace=again)
 
     def train(self, dataset, output=None, name=None, waitForCompletion=True, runIn=None, progress=None, cancel=None,
               log=None, onFinished=None, onEvent=None, **config):

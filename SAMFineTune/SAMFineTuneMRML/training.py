@@ -4,10 +4,12 @@
   scene that has a source volume and a non-empty segment with the structure's name;
 - ``caseFromNodes`` turns one into the engine's ``(case_id, Volume, label Volume)`` with the
   volume's geometry (LPS, parent transforms included), for ``dataset.export_dataset``;
+  ``casesToExport`` names them against the dataset they go to (a volume it holds is that case);
 - ``TrainingCurve`` keeps a table node (epoch, loss, validation Dice) and a plot chart of it,
   filled from the trainer's messages while the worker trains.
 """
 
+import os
 import re
 
 import numpy as np
@@ -69,6 +71,40 @@ def caseFromNodes(volumeNode, segmentationNode, segmentId, identifier):
     spacing, origin, direction = volumeGeometryLPS(volumeNode)
     label = segmentToArray(segmentationNode, segmentId, volumeNode).astype(np.uint8)
     return (identifier, Volume(array, spacing, origin, direction), Volume(label, spacing, origin, direction))
+
+
+def casesToExport(cases, datasetDir):
+    """([(case_id, Volume, label Volume)], the ids among them the dataset holds) for ``cases``
+    ((volume, segmentation, segment) triples). A volume the dataset holds (the same voxels and
+    geometry: ``volume_fingerprint``) is that case exported again, corrected further, under its
+    id; any other gets an id of its own after its node's name, never one the dataset holds, so a
+    volume of another patient with the same name never takes over a case."""
+    from SAMFineTuneLib.dataset.checks import volume_fingerprint
+
+    known, used = _exportedCases(datasetDir)
+    again, prepared = set(), []
+    for volumeNode, segmentationNode, segmentId in cases:
+        _, image, label = caseFromNodes(volumeNode, segmentationNode, segmentId, None)
+        identifier = known.get(volume_fingerprint(image.array, image))
+        if identifier is None or identifier in again:  # the same volume segmented twice: the second is a case too
+            identifier = caseId(volumeNode, used)
+        else:
+            again.add(identifier)
+        prepared.append((identifier, image, label))
+    return prepared, again
+
+
+def _exportedCases(datasetDir):
+    """({image fingerprint: case id}, every case id) of the dataset in ``datasetDir`` (none for a
+    new folder)."""
+    from SAMFineTuneLib.dataset import DATASET_JSON, read_dataset
+
+    if not datasetDir or not os.path.isfile(os.path.join(datasetDir, DATASET_JSON)):
+        return {}, set()
+    entries = read_dataset(datasetDir).cases
+    prints = {(entry.record.get("fingerprints") or {}).get("image"): entry.case for entry in entries}
+    prints.pop(None, None)
+    return prints, {entry.case for entry in entries}
 
 
 class TrainingCurve:

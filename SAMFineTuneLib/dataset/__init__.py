@@ -16,7 +16,8 @@ The on-disk layout is the one nnU-Net, MONAI and the Medical Segmentation Decath
 and a ``samfinetune`` section with one record per case (split, group, shape, spacing).
 
 Rules: splits are by case or by group (patient), never by slice; exporting into an existing
-dataset appends and never rewrites or drops a case; an export goes only into an empty folder or
+dataset appends and never drops a case, nor rewrites one unless asked to (``replace``: the same
+case exported again, which keeps its split); an export goes only into an empty folder or
 a SAMFineTune dataset and never writes over a file that ``dataset.json`` does not list; every
 file is written to a temporary name and renamed, and ``dataset.json`` is replaced last, so a
 crash or cancel mid-export leaves the previous dataset's cases and index as they were (a failed

@@ -1,7 +1,10 @@
 """Checks of a case before it is written: usable id, matching geometry, integer labels that the
-dataset knows, and label names that agree with the dataset's."""
+dataset knows, and label names that agree with the dataset's; and the fingerprint that tells a
+case exported again from a new one."""
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -75,3 +78,15 @@ def merge_label_names(existing: Dict[int, str], given: Optional[Dict[int, str]])
     if len(set(names)) != len(names) or "background" in names:
         raise ValueError(f"label names must be unique and not 'background': {merged}")
     return merged
+
+
+def volume_fingerprint(array: np.ndarray, volume) -> str:
+    """SHA-256 of ``array`` (a case's volume or label map) with ``volume``'s geometry: a case
+    exported again carries the same image fingerprint (``export_dataset(replace=)``), and an
+    unchanged label map the same label fingerprint, so it is not written again."""
+    array = np.ascontiguousarray(array)
+    digest = hashlib.sha256(json.dumps([str(array.dtype), list(array.shape), [float(v) for v in volume.spacing],
+                                        [float(v) for v in volume.origin],
+                                        [float(v) for v in volume.direction]]).encode("utf-8"))
+    digest.update(array.reshape(-1).view(np.uint8))
+    return digest.hexdigest()

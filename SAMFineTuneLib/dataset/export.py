@@ -16,7 +16,7 @@ from ..files import (BROWSER_FILES, WriteError, check_writable_folder, missing_f
                      write_json_atomic)
 from ..folder_locks import LOCK_FILE, folder_lock
 from ..progress import check_cancel, report
-from .checks import check_case, merge_label_names
+from .checks import check_case, merge_label_names, volume_fingerprint
 from .index import DATASET_JSON, FILE_ENDING, LAYOUT_VERSION, DatasetInfo, check_slice_axis, read_dataset
 from .slice_formats import (ensure_slice_index, remove_slice_index, remove_unlisted_slice_indexes, slice_outputs,
                             write_slice_indexes)
@@ -33,7 +33,7 @@ def export_dataset(cases: Iterable[Tuple[str, Any, Any]], output_dir: str, fmt: 
                    splits: Optional[Dict[str, str]] = None, modality: Optional[str] = None,
                    name: Optional[str] = None, axis: Optional[str] = None, window: Optional[str] = None,
                    corrected: Optional[Dict[str, Dict[str, List[int]]]] = None,
-                   slice_axes: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+                   slice_axes: Optional[Dict[str, str]] = None, replace: Iterable[str] = ()) -> Dict[str, Any]:
     """Write (or append) cases to a dataset; returns a summary dict.
 
     ``cases``: (case_id, volume, label volume) with ``volume_io.Volume``-like objects (``array``
@@ -50,7 +50,11 @@ def export_dataset(cases: Iterable[Tuple[str, Any, Any]], output_dir: str, fmt: 
 
     The folder must be empty or hold a SAMFineTune dataset, and no file the export adds may be
     there already: it never overwrites what it did not write. A failed export removes the case files
-    it added, so the same case ids can be exported again.
+    it added, so the same case ids can be exported again. A case already in the dataset is refused,
+    unless its id is in ``replace`` (the same case exported again, corrected further): its files
+    are written again, its split and group kept, and it is left alone when its volume and label
+    map are those the dataset holds (``checks.volume_fingerprint``, kept in each record). The
+    summary lists the case ids ``added``, ``replaced``, ``unchanged`` and ``skipped``.
     """
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown format '{fmt}'; choose one of: {', '.join(EXPORT_FORMATS)}")
@@ -60,7 +64,7 @@ def export_dataset(cases: Iterable[Tuple[str, Any, Any]], output_dir: str, fmt: 
     try:
         with folder_lock(root, "export"):
             return _export(list(cases), root, fmt, val_fraction, seed, label_names, progress, cancel, groups, splits,
-                           modality, name, axis, window, notes)
+                           modality, name, axis, window, notes, set(replace))
     finally:
         remove_if_empty(created)  # only what nothing was written into: a refused export leaves no trace
 
@@ -104,22 +108,27 @@ def _make_root(root: str) -> List[str]:
 def _export(cases: List[Tuple[str, Any, Any]], root: str, fmt: str, val_fraction: float, seed: int,
             label_names: Optional[Dict[int, str]], progress, cancel, groups: Optional[Dict[str, str]],
             splits: Optional[Dict[str, str]], modality: Optional[str], name: Optional[str], axis: Optional[str],
-            window: Optional[str], notes: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+            window: Optional[str], notes: Dict[str, Dict[str, Any]], replace: set) -> Dict[str, Any]:
     """``export_dataset`` with the folder created and locked."""
     old = _old_dataset(root)
     existing = old.cases if old else []
+    old_records = {e.case: dict(e.record) for e in existing}
     old_section = old.meta["samfinetune"] if old else {}
     label_names = merge_label_names(old.labels if old else {}, label_names)
-    groups = dict(groups or {})
-    summary: Dict[str, Any] = {"dataset": root, "format": fmt, "added": [], "skipped": [], "warnings": []}
-    checked = _checked_cases(cases, {e.case for e in existing}, label_names, summary)
+    summary: Dict[str, Any] = {"dataset": root, "format": fmt, "added": [], "replaced": [], "unchanged": [],
+                               "skipped": [], "warnings": []}
+    checked = _checked_cases(cases, set(old_records) - replace, label_names, summary)
+    checked = _changed(checked, old_records, summary)
     if label_names is None:
-        label_names = {v: f"label_{v}" for _, _, _, _, present in checked for v in present}
-    split_of = assign_splits([(c[0], str(groups.get(c[0], c[0]))) for c in checked], existing,
+        label_names = {v: f"label_{v}" for *_, present, _ in checked for v in present}
+    fresh = [c for c in checked if c[0] not in old_records]
+    groups = {**dict(groups or {}), **{cid: record.get("group", cid) for cid, record in old_records.items()}}
+    split_of = assign_splits([(c[0], str(groups.get(c[0], c[0]))) for c in fresh], existing,
                              val_fraction, seed, splits)
+    split_of.update({c[0]: old_records[c[0]]["split"] for c in checked if c[0] in old_records})
     old_formats = list(old_section.get("formats", ["msd"]))
     formats = sorted(set(old_formats) | {fmt})
-    new_files = _new_files(root, checked, [f for f in formats if f not in old_formats])
+    new_files = _new_files(root, fresh, [f for f in formats if f not in old_formats])
     slicing = (axis or old_section.get("slice_axis") or SEGMENT_DEFAULTS["axis"],
                window or old_section.get("slice_window") or SEGMENT_DEFAULTS["window"])
     try:
@@ -198,10 +207,11 @@ def _write_all(root: str, checked: List[tuple], split_of: Dict[str, str], groups
     for folder in ("imagesTr", "labelsTr") + (("slices",) if slice_formats else ()):
         os.makedirs(os.path.join(root, folder), exist_ok=True)
     listed = [r["case"] for r in records]
-    written = _write_cases(root, checked, split_of, groups, summary, progress, cancel)
-    for record in written:
+    written = {r["case"]: r for r in _write_cases(root, checked, split_of, groups, summary, progress, cancel,
+                                                  set(listed))}
+    for record in written.values():
         record.update(notes.get(record["case"], {}))
-    records = records + written
+    records = [written.pop(r["case"], r) for r in records] + list(written.values())
     check_cancel(cancel)
     if slice_formats:
         remove_unlisted_slice_indexes(root, listed)
@@ -220,8 +230,8 @@ def _warn(summary: Dict[str, Any], message: str) -> None:
 
 def _checked_cases(cases: List[Tuple[str, Any, Any]], seen: set, label_names: Optional[Dict[int, str]],
                    summary: Dict[str, Any]) -> List[tuple]:
-    """(case_id, image, label, label array, label values) of every case worth writing, all checked
-    before anything is written; an empty label map is skipped with a warning."""
+    """(case_id, image, label, label array, label values, fingerprints) of every case worth writing,
+    all checked before anything is written; an empty label map is skipped with a warning."""
     checked: List[tuple] = []
     for case_id, image, label in cases:
         if case_id in seen:
@@ -233,17 +243,31 @@ def _checked_cases(cases: List[Tuple[str, Any, Any]], seen: set, label_names: Op
             summary["skipped"].append({"case": case_id, "reason": "empty label"})
             _warn(summary, f"case '{case_id}' skipped: its label map is empty (nothing segmented)")
             continue
-        checked.append((case_id, image, label, array, present))
+        prints = {"image": volume_fingerprint(np.asarray(image.array), image),
+                  "label": volume_fingerprint(array, image)}
+        checked.append((case_id, image, label, array, present, prints))
     return checked
 
 
+def _changed(checked: List[tuple], old_records: Dict[str, Dict[str, Any]], summary: Dict[str, Any]) -> List[tuple]:
+    """``checked`` less the cases the dataset holds as they are (the same volume and label map)."""
+    kept = []
+    for case in checked:
+        if old_records.get(case[0], {}).get("fingerprints") == case[-1]:
+            summary["unchanged"].append(case[0])
+        else:
+            kept.append(case)
+    return kept
+
+
 def _write_cases(root: str, checked: List[tuple], split_of: Dict[str, str], groups: Dict[str, str],
-                 summary: Dict[str, Any], progress, cancel) -> List[Dict[str, Any]]:
-    """Write each checked case's volume and label map; their records for ``dataset.json``."""
+                 summary: Dict[str, Any], progress, cancel, replaced: set) -> List[Dict[str, Any]]:
+    """Write each checked case's volume and label map (over its files for a case of ``replaced``);
+    their records for ``dataset.json``."""
     from ..volume_io import Volume, write_volume
 
     records = []
-    for n, (case_id, image, label, array, present) in enumerate(checked):
+    for n, (case_id, image, label, array, present, prints) in enumerate(checked):
         check_cancel(cancel)
         report(progress, n, len(checked), f"writing case {case_id}")
         image_rel, label_rel = _case_files(case_id)
@@ -253,8 +277,8 @@ def _write_cases(root: str, checked: List[tuple], split_of: Dict[str, str], grou
                      os.path.join(root, label_rel))
         records.append({"case": case_id, "image": image_rel, "label": label_rel, "split": split_of[case_id],
                         "group": str(groups.get(case_id, case_id)), "shape_kji": list(array.shape),
-                        "spacing": [float(s) for s in image.spacing], "labels": present})
-        summary["added"].append(case_id)
+                        "spacing": [float(s) for s in image.spacing], "labels": present, "fingerprints": prints})
+        summary["replaced" if case_id in replaced else "added"].append(case_id)
     return records
 
 

@@ -62,7 +62,7 @@ def _read_index(path: str) -> Optional[Dict[str, Any]]:
 def _made_from(root: str, record: Dict[str, Any], axis: str, window: str) -> Dict[str, Any]:
     """What a case's slices are made from. The files are known by size and modification time, not
     by a hash: this is checked for every case on every export, and hashing would read the whole
-    dataset each time; an export never rewrites a listed case's files, so a change means a hand edit."""
+    dataset each time; a listed case's files change only when an export replaces the case, or by hand."""
     def stamp(rel: str) -> List[int]:
         info = os.stat(os.path.join(root, rel))
         return [int(info.st_size), int(info.st_mtime_ns)]
