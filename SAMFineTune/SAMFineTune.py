@@ -32,7 +32,6 @@ UNSUPPORTED = "" if sys.version_info >= (3, 10) else (
 if not UNSUPPORTED:
     from SAMFineTuneMRML import deps, options  # noqa: E402
     from SAMFineTuneMRML.logic import SAMFineTuneCoreLogic, describeDevice  # noqa: E402
-    from SAMFineTuneMRML.paths import cacheDirectory  # noqa: E402
 else:
     SAMFineTuneCoreLogic = object
 
@@ -106,7 +105,7 @@ class SAMFineTuneParameterNode:
     zoom: bool = False
     triplanar: bool = False
     structureName: str = ""
-    datasetDir: str = ""
+    datasetDir: str = ""  # "" = one training set per structure in the cache (paths.trainingSetFolder)
     epochs: Annotated[int, WithinRange(1, 1000)] = 6  # the engine's (catalogue.TRAINING_DEFAULTS), checked by a test
     adapterName: str = ""
     keepLearning: bool = False  # opt-in: retrain after every keepLearningEvery exported cases
@@ -244,8 +243,6 @@ class SAMFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             volume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if volume:
                 self.parameters.inputVolume = volume
-        if not options.optionalPath(self.parameters.datasetDir):
-            self.parameters.datasetDir = os.path.join(cacheDirectory(), "datasets")
 
     def setParameterNode(self, inputParameterNode):
         if self.parameters:

@@ -381,6 +381,11 @@ def test_caches_live_in_the_user_cache_folder_never_the_install_folder(monkeypat
     assert paths.cacheDirectory() == str(tmp_path / "mine") and paths.workerEnvironment() == {
         "SAMFINETUNE_CACHE": str(tmp_path / "mine")}
     assert paths.workerLogPath() == os.path.join(str(tmp_path / "mine"), "logs", "worker.log")
+    # one training set per structure unless the user chose a folder: a set holds one structure (label 1)
+    assert paths.trainingSetFolder("", "liver") == str(tmp_path / "mine" / "datasets" / "liver")
+    assert paths.trainingSetFolder(".", "left kidney/2") == str(tmp_path / "mine" / "datasets" / "left_kidney_2")
+    assert paths.trainingSetFolder(str(tmp_path / "set"), "liver") == str(tmp_path / "set")
+    assert paths.trainingSetFolder("", "") is None and paths.trainingSetFolder("", "***") is None
 
 
 def test_the_panels_defaults_are_the_engines():

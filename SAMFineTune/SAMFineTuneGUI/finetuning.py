@@ -6,7 +6,7 @@ import os
 import slicer
 from SAMFineTuneMRML import comparison, options, training
 from SAMFineTuneMRML.keeplearning import KeepLearning
-from SAMFineTuneMRML.paths import adaptersDirectory
+from SAMFineTuneMRML.paths import adaptersDirectory, trainingSetFolder
 
 from . import dependencies
 from .combos import refillCombo
@@ -31,10 +31,10 @@ class FineTuningSection:
         return self.task is not None and not self.task.finished
 
     def updateGUI(self, p):
-        datasetChosen = bool(options.optionalPath(p.datasetDir))
-        self.ui.trainButton.enabled = datasetChosen and bool(p.adapterName) and not self.busy
+        datasetKnown = bool(p.datasetDir or self.structureName())
+        self.ui.trainButton.enabled = datasetKnown and bool(p.adapterName) and not self.busy
         self.ui.cancelTrainingButton.enabled = self.busy
-        self.ui.exportButton.enabled = datasetChosen
+        self.ui.exportButton.enabled = datasetKnown
         self.ui.compareButton.enabled = self.card is not None and self.ui.compareCaseComboBox.count > 0
         self.ui.keepLearningSpinBox.enabled = p.keepLearning
 
@@ -45,6 +45,9 @@ class FineTuningSection:
         node = p.segmentation
         segment = node.GetSegmentation().GetSegment(p.targetSegment) if node is not None and p.targetSegment else None
         return segment.GetName() if segment is not None else ""
+
+    def trainingSet(self):
+        return trainingSetFolder(self.panel.parameters.datasetDir, self.structureName())
 
     def trainConfig(self):
         p = self.panel.parameters
@@ -58,7 +61,7 @@ class FineTuningSection:
         if not name:
             slicer.util.errorDisplay("Type the structure (segment name) to export.")
             return
-        dataset = options.optionalPath(p.datasetDir)
+        dataset = self.trainingSet()
         try:
             with slicer.util.WaitCursor():
                 cases = training.findCases(slicer.mrmlScene, name)
@@ -96,7 +99,7 @@ class FineTuningSection:
         slicer.modules.plots.logic().ShowChartInLayout(curve.chart)
         try:
             self.task = self.panel.logic.train(
-                options.optionalPath(p.datasetDir), name=p.adapterName, waitForCompletion=False,
+                self.trainingSet(), name=p.adapterName, waitForCompletion=False,
                 onEvent=lambda message: curve.addFromMessage(str(message.get("message", ""))),
                 onFinished=self.onFinished, overwrite=overwrite, **self.trainConfig())
         except Exception as exc:
@@ -128,7 +131,7 @@ class FineTuningSection:
         engine = self.panel.segmentOptions()
         try:
             _, self.comparisons = comparison.compareOnCase(
-                self.panel.logic, options.optionalPath(self.panel.parameters.datasetDir), case,
+                self.panel.logic, self.trainingSet(), case,
                 self.panel.parameters.adapter or None, **{k: v for k, v in engine.items() if k != "adapter"})
         except Exception as exc:
             slicer.util.errorDisplay("Cannot compare: %s" % exc)

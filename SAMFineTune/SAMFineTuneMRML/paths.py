@@ -1,7 +1,7 @@
 """Where SAMFineTune keeps files and which Python runs its worker.
 
 Files live in the user's folders, never in the install folder:
-- cache (worker log, exported training sets by default): ``$SAMFINETUNE_CACHE``, else inside
+- cache (worker log, training sets unless the panel names a folder): ``$SAMFINETUNE_CACHE``, else inside
   Slicer the application's cache folder + ``/SAMFineTune``, else the engine's user cache
   folder. The worker is started with ``SAMFINETUNE_CACHE`` set to the same folder and its log
   is put there, so both sides agree.
@@ -10,6 +10,7 @@ Files live in the user's folders, never in the install folder:
 """
 
 import os
+import re
 import shutil
 import sys
 
@@ -39,6 +40,17 @@ def adaptersDirectory(create=True):
     if create:
         os.makedirs(path, exist_ok=True)
     return path
+
+
+def trainingSetFolder(chosen, structureName):
+    """The training set exports go to and training reads: the folder the user chose, else one per
+    structure in the cache (``<cache>/datasets/<structure>``): a set holds one structure as label
+    1, so a second structure exported into the first one's set would be refused. None when neither
+    is known."""
+    if chosen and str(chosen) not in (".", ""):
+        return os.path.abspath(os.path.expanduser(str(chosen)))
+    name = re.sub(r"[^A-Za-z0-9_-]+", "_", structureName or "").strip("_")
+    return os.path.join(cacheDirectory(), "datasets", name) if name else None
 
 
 def workerLogPath():
