@@ -163,6 +163,10 @@ def test_non_blocking_training_feeds_the_curve_and_reports_the_adapter(scene, tm
     assert logic.listAdapters() == [("liver-v1", task.output)]
     with pytest.raises(ValueError, match="name"):
         logic.train(str(tmp_path / "set"), waitForCompletion=False)
+    for name in ("../outside", "liver/v2", ".hidden", "  "):  # outside the library, or where its list does not look
+        with pytest.raises(ValueError, match="Adapter name|Give the adapter a name"):
+            logic.train(str(tmp_path / "set"), name=name, waitForCompletion=False)
+    assert len(client.submitted) == 1 and not (tmp_path / "outside").exists()
 
 
 def test_device_line_from_worker_info():

@@ -6,7 +6,7 @@ import os
 import slicer
 from SAMFineTuneMRML import comparison, options, training
 from SAMFineTuneMRML.keeplearning import KeepLearning
-from SAMFineTuneMRML.paths import adaptersDirectory, trainingSetFolder
+from SAMFineTuneMRML.paths import adapterFolder, folderName, trainingSetFolder
 
 from . import dependencies
 from .combos import refillCombo
@@ -32,7 +32,7 @@ class FineTuningSection:
 
     def updateGUI(self, p):
         datasetKnown = bool(p.datasetDir or self.structureName())
-        self.ui.trainButton.enabled = datasetKnown and bool(p.adapterName) and not self.busy
+        self.ui.trainButton.enabled = datasetKnown and bool(self.adapterName()) and not self.busy
         self.ui.cancelTrainingButton.enabled = self.busy
         self.ui.exportButton.enabled = datasetKnown
         self.ui.compareButton.enabled = self.card is not None and self.ui.compareCaseComboBox.count > 0
@@ -48,6 +48,10 @@ class FineTuningSection:
 
     def trainingSet(self):
         return trainingSetFolder(self.panel.parameters.datasetDir, self.structureName())
+
+    def adapterName(self):
+        """The name typed, else the structure's: keep learning and Train need one."""
+        return self.panel.parameters.adapterName.strip() or folderName(self.structureName())
 
     def trainConfig(self):
         p = self.panel.parameters
@@ -73,33 +77,48 @@ class FineTuningSection:
         text = "Added %d case(s) to %s, updated %d, unchanged %d (%s train, %s val)%s" % (
             added, summary.get("dataset"), replaced, len(summary.get("unchanged", [])), summary.get("train"),
             summary.get("val"), "".join("\n" + w for w in summary.get("warnings", [])))
-        if p.keepLearning and p.adapterName:
-            self.learning.every = p.keepLearningEvery
-            run = self.learning.exported(added + replaced, dataset,  # a corrected case teaches as a new one
-                                         os.path.join(adaptersDirectory(), p.adapterName), **self.trainConfig())
-            if run is not None:
-                text += "\nKeep learning: %s." % run.message
-                self.panel.startPolling()
+        if p.keepLearning:
+            text += "\nKeep learning: %s" % self.keepLearning(added + replaced, dataset)
         self.ui.trainingStatusLabel.text = text
+
+    def keepLearning(self, count, dataset):
+        """Note ``count`` exported (or updated) cases; what keep learning does about them."""
+        p = self.panel.parameters
+        try:
+            adapter = adapterFolder(self.adapterName())
+        except ValueError as exc:
+            return str(exc)
+        self.learning.every = p.keepLearningEvery
+        run = self.learning.exported(count, dataset, adapter, **self.trainConfig())  # a correction teaches too
+        if run is None:
+            return "%d exported case(s) wait for the next retraining (after every %d)." % (self.learning.pending,
+                                                                                        p.keepLearningEvery)
+        self.panel.startPolling()
+        return run.message + "."
 
     # ------------------------------------------------------------ training
 
     def onTrain(self):
         if not dependencies.ensure(self.ui):
             return
-        p = self.panel.parameters
-        overwrite = p.adapterName in dict(self.panel.logic.listAdapters())
+        name = self.adapterName()
+        try:
+            adapterFolder(name)
+        except ValueError as exc:
+            slicer.util.errorDisplay(str(exc))
+            return
+        overwrite = name in dict(self.panel.logic.listAdapters())
         if overwrite and not slicer.util.confirmYesNoDisplay(
                 "An adapter named '%s' exists. Train a new one in its place? It is replaced when the first "
-                "epoch is written; to keep it, choose No and give another name." % p.adapterName,
+                "epoch is written; to keep it, choose No and give another name." % name,
                 windowTitle="Replace the adapter?"):
             return
-        curve = self.curve = training.TrainingCurve(slicer.mrmlScene, "SAMFineTune " + p.adapterName)
+        curve = self.curve = training.TrainingCurve(slicer.mrmlScene, "SAMFineTune " + name)
         self.ui.trainingTableView.setMRMLTableNode(curve.table)
         slicer.modules.plots.logic().ShowChartInLayout(curve.chart)
         try:
             self.task = self.panel.logic.train(
-                self.trainingSet(), name=p.adapterName, waitForCompletion=False,
+                self.trainingSet(), name=name, waitForCompletion=False,
                 onEvent=lambda message: curve.addFromMessage(str(message.get("message", ""))),
                 onFinished=self.onFinished, overwrite=overwrite, **self.trainConfig())
         except Exception as exc:
@@ -121,7 +140,7 @@ class FineTuningSection:
         cases = [row["case"] for row in (self.card.get("scores") or {}).get("per_case") or []]
         refillCombo(self.ui.compareCaseComboBox, [(case, case) for case in cases], cases[0] if cases else "")
         self.ui.trainingStatusLabel.text = " ".join(filter(None, [
-            "Adapter '%s' ready and selected." % self.panel.parameters.adapterName,
+            "Adapter '%s' ready and selected." % os.path.basename(task.output),
             comparison.trackingSummary(self.card)]))
 
     # ------------------------------------------------------------ comparison

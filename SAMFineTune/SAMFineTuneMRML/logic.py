@@ -25,7 +25,7 @@ import slicer
 from . import geometry, segments
 from .backends import InProcessBackend, WorkerBackend
 from .options import adapterWindowWarning, checkOptions
-from .paths import adaptersDirectory
+from .paths import adapterFolder, adaptersDirectory
 from .scene import haveApplication, removeNodes
 from .tasks import SegmentTask, Task
 
@@ -218,7 +218,7 @@ class SAMFineTuneCoreLogic:
         if output is None:
             if not name:
                 raise ValueError("Give the adapter a name (or an output folder).")
-            output = os.path.join(adaptersDirectory(), name)
+            output = adapterFolder(name)
         params = dict(config, dataset=os.path.abspath(str(dataset)), output=os.path.abspath(str(output)))
         if waitForCompletion:
             return self.runner(runIn).train(params, progress=progress, cancel=cancel, log=log)

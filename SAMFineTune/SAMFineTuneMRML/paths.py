@@ -49,8 +49,24 @@ def trainingSetFolder(chosen, structureName):
     is known."""
     if chosen and str(chosen) not in (".", ""):
         return os.path.abspath(os.path.expanduser(str(chosen)))
-    name = re.sub(r"[^A-Za-z0-9_-]+", "_", structureName or "").strip("_")
+    name = folderName(structureName)
     return os.path.join(cacheDirectory(), "datasets", name) if name else None
+
+
+def folderName(text):
+    """``text`` as a plain folder name (runs of other characters than letters, digits, '-' and '_'
+    become '_'); "" when nothing is left."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", text or "").strip("_")
+
+
+def adapterFolder(name):
+    """The adapters library's folder for the adapter ``name``; a ValueError for a name that is not
+    one visible folder name: a path would write outside the library or where its list does not look."""
+    name = (name or "").strip()
+    if not name or name.startswith(".") or any(sep in name for sep in {"/", os.sep, os.altsep or "/"}):
+        raise ValueError("Adapter name %r: give one folder name, such as liver-ct-v1 (no '/', not starting with '.')."
+                         % name)
+    return os.path.join(adaptersDirectory(), name)
 
 
 def workerLogPath():
