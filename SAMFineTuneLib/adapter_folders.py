@@ -19,8 +19,8 @@ stale) stops two trainings writing one folder at once; the loser's error names t
 A NAME that is a symbolic link (``current`` -> ``adapters/v3``) is swapped at its target: the
 link stays a link, and the steps above never rename the link itself.
 
-Torch-free: readers, and the Slicer side (its adapter list, keep learning), import it before any model
-loads.
+Torch-free: readers, and the Slicer side (its adapter list, keep learning), import it before any
+model loads.
 """
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ def resolved(folder: str) -> str:
 
 
 def sibling(folder: str, kind: str) -> str:
-    """``.NAME.<kind>`` beside ``folder`` (links followed): "new", "old" or "lock"."""
+    """``.NAME.<kind>`` beside ``folder`` (links followed): "new", "old", "lock", or keep learning's
+    "candidate"."""
     folder = resolved(folder)
     return os.path.join(os.path.dirname(folder), f".{os.path.basename(folder)}.{kind}")
 
