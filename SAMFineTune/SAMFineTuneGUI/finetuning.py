@@ -31,7 +31,7 @@ class FineTuningSection:
         return self.task is not None and not self.task.finished
 
     def updateGUI(self, p):
-        datasetKnown = bool(p.datasetDir or self.structureName())
+        datasetKnown = bool(options.optionalPath(p.datasetDir) or folderName(self.structureName()))
         self.ui.trainButton.enabled = datasetKnown and bool(self.adapterName()) and not self.busy
         self.ui.cancelTrainingButton.enabled = self.busy
         self.ui.exportButton.enabled = datasetKnown
