@@ -211,6 +211,28 @@ def check_contrast(array: np.ndarray, box: Optional[Sequence[int]] = None, what:
     return []
 
 
+def check_same_grid(volume, other, what: str) -> None:
+    """A ValueError unless ``other`` (a label map, a mask; named by ``what``) lies on ``volume``'s
+    voxel grid: the same shape, and spacing, origin and direction within what a file's float
+    precision moves. A map on another grid of the same shape would be taken voxel for voxel, off
+    the anatomy it was drawn on."""
+    shape, other_shape = np.shape(volume.array), np.shape(other.array)
+    if other_shape != shape:
+        raise ValueError(f"{what} shape {other_shape} does not match the volume's {shape}; give one made on this "
+                         "volume")
+    spacing = np.asarray(volume.spacing, float)
+    for name, ours, theirs, tol in (("spacing", volume.spacing, other.spacing, 1e-4 * spacing.max()),
+                                    ("origin", volume.origin, other.origin, 1e-3 * spacing.min()),
+                                    ("direction", volume.direction, other.direction, 1e-4)):
+        if not np.allclose(np.asarray(ours, float), np.asarray(theirs, float), rtol=0.0, atol=tol):
+            raise ValueError(f"{what} {name} {_rounded(theirs)} does not match the volume's {_rounded(ours)}; "
+                             "resample it onto the volume first")
+
+
+def _rounded(values: Sequence[float]) -> Tuple[float, ...]:
+    return tuple(round(float(v), 6) for v in values)
+
+
 def check_adapter(path: str, model: Optional[str] = None) -> Dict[str, Any]:
     """The model card of an adapter folder named on the command line, before the model loads: a
     folder holding a readable card, trained on ``model`` when one is named (the checkpoint's own

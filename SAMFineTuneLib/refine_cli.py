@@ -59,7 +59,7 @@ def main(args: argparse.Namespace) -> int:
     import numpy as np
 
     from . import imaging
-    from .input_checks import check_adapter
+    from .input_checks import check_adapter, check_same_grid
     from .volume_io import check_volume_output, read_volume, write_volume
 
     check_volume_output(args.output, "the output mask", inputs=[args.volume])  # --mask may be corrected in place
@@ -67,9 +67,7 @@ def main(args: argparse.Namespace) -> int:
     mask = np.zeros(volume.array.shape, np.uint8)
     if args.mask:
         start = read_volume(args.mask, "mask")
-        if start.array.shape != volume.array.shape:
-            raise ValueError(f"the mask {args.mask} is {start.array.shape[::-1]} voxels, the volume "
-                             f"{volume.array.shape[::-1]}: give the mask made on this volume")
+        check_same_grid(volume, start, f"the mask {args.mask}")
         mask = (start.array > 0).astype(np.uint8)
     for i, j, k, _ in args.points:
         if not all(0 <= v < n for v, n in zip((k, j, i), volume.array.shape)):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from SAMFineTuneLib.phantom import bounding_box, make_ct_phantom
-from SAMFineTuneLib.volume_io import read_volume, write_volume
+from SAMFineTuneLib.volume_io import Volume, read_volume, write_volume
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -123,6 +123,14 @@ def test_refine_checks_its_clicks_before_the_model_loads(small_ct, tmp_path):
     done = run_cli("refine", "--volume", path, "--points", "20,20,7,+1", "--output", str(out), "--propagate",
                    "--roi", *roi)
     assert done.returncode == 2 and "propagation from slice 7 between slices 2 and 5 inside the ROI" in done.stderr
+    ct = read_volume(path)  # a mask of the same shape on another grid would be taken voxel for voxel
+    moved = tuple(value + 3.0 for value in ct.origin)
+    for shifted, what in ((Volume(np.zeros(ct.array.shape, np.uint8), ct.spacing, moved, ct.direction), "origin"),
+                          (Volume(np.zeros((4, 64, 64), np.uint8), ct.spacing, ct.origin, ct.direction), "shape")):
+        write_volume(shifted, str(tmp_path / "mask.nii.gz"))
+        done = run_cli("refine", "--volume", path, "--mask", str(tmp_path / "mask.nii.gz"), "--points", "20,20,3,+1",
+                       "--output", str(out), *UNLOADABLE)
+        one_line(done, f"the mask {tmp_path / 'mask.nii.gz'} {what}", "does not match the volume's")
     assert not out.exists()
 
 

@@ -6,21 +6,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ..input_checks import check_finite
+from ..input_checks import check_finite, check_same_grid
 
 _CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-def _close(a: Sequence[float], b: Sequence[float], tol: float) -> bool:
-    return bool(np.allclose(np.asarray(a, float), np.asarray(b, float), rtol=0.0, atol=tol))
-
-
-def _rounded(values: Sequence[float]) -> Tuple[float, ...]:
-    return tuple(round(float(v), 6) for v in values)
 
 
 def check_case(case_id: str, image, label, label_names: Optional[Dict[int, str]]) -> Tuple[np.ndarray, List[int]]:
@@ -35,15 +27,7 @@ def check_case(case_id: str, image, label, label_names: Optional[Dict[int, str]]
     check_finite(img, f"case '{case_id}': the volume")
     if img.ndim != 3:
         raise ValueError(f"case '{case_id}': the volume is {img.ndim}D (shape {img.shape}); a 3D KJI array is needed")
-    if lab.shape != img.shape:
-        raise ValueError(f"case '{case_id}': label shape {lab.shape} does not match volume shape {img.shape}")
-    spacing = np.asarray(image.spacing, float)
-    for what, a, b, tol in (("spacing", image.spacing, label.spacing, 1e-4 * spacing.max()),
-                            ("origin", image.origin, label.origin, 1e-3 * spacing.min()),
-                            ("direction", image.direction, label.direction, 1e-4)):
-        if not _close(a, b, tol):
-            raise ValueError(f"case '{case_id}': label {what} {_rounded(b)} does not match the volume's "
-                             f"{_rounded(a)}; resample the label onto the volume first")
+    check_same_grid(image, label, f"case '{case_id}': label")
     if not np.issubdtype(lab.dtype, np.integer) and not np.issubdtype(lab.dtype, np.bool_):
         if not np.all(np.isfinite(lab)) or np.any(lab != np.round(lab)):
             raise ValueError(f"case '{case_id}': label map has non-integer values; a label map holds integers")
