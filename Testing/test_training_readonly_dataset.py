@@ -4,8 +4,11 @@ what its owner already cached in its ``.embeddings`` is read. Tests run as root,
 bits stop nothing, so the dataset's cache is made unwritable by a file in its place or by a probe
 write that fails."""
 import errno
+import json
 import logging
 import os
+import subprocess
+import sys
 import types
 
 import pytest
@@ -111,6 +114,12 @@ def test_a_read_only_dataset_reads_its_owners_cache_and_writes_per_user(tmp_path
     again = prepare(_fake_model("fake:2", 4.0), samples, cache_dir_for(dataset))
     assert again.stats == {"encoder_calls": 0, "cache_hits": len(samples)} and float(again.embeddings.max()) == 3.0
     assert _files(dataset) == before
+    # another process handed only the per-user folder (the worker, a later run) reads the owner's cache first
+    code = ("import sys, json; from SAMFineTuneLib.training.samples import cache_dirs; "
+            "print(json.dumps(cache_dirs(sys.argv[1])))")
+    done = subprocess.run([sys.executable, "-c", code, fallback], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert json.loads(done.stdout) == [own, fallback], done.stderr
 
 
 class _Held:

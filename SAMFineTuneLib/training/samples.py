@@ -10,6 +10,7 @@ in a per-user folder instead (``paths.dataset_fallback_dir``), read after the da
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -19,16 +20,17 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from ..files import atomic_write, check_writable_folder
+from ..files import atomic_write, check_writable_folder, write_json_atomic
 from ..paths import dataset_fallback_dir, make_private_dir
 from ..progress import check_cancel, report
 from .eta import Eta
 
 LOW_RES = 256  # the decoder's low-res mask frame
 log = logging.getLogger(__name__)
-#: The per-user folders ``cache_dir_for`` chose in this process, each with the dataset's own cache
-#: it stands in for: whoever is handed the per-user folder still reads what the dataset's owner cached.
-_STANDS_IN_FOR: Dict[str, str] = {}
+#: In a per-user folder of a read-only dataset: the dataset's own cache it stands in for, so whoever
+#: is handed the per-user folder (another process too) still reads what the dataset's owner cached.
+STANDS_IN_FOR = "stands_in_for.json"
+_ANNOUNCED: set = set()  # the per-user folders this process has logged
 
 
 @dataclass
@@ -82,10 +84,12 @@ def cache_dir_for(dataset_root: str) -> str:
     except OSError as exc:
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
     fallback = make_private_dir(dataset_fallback_dir(dataset_root))
-    if fallback not in _STANDS_IN_FOR:  # one line per dataset and process
+    if _stands_in_for(fallback) != own:
+        write_json_atomic(os.path.join(fallback, STANDS_IN_FOR), {"dataset_cache": own})
+    if fallback not in _ANNOUNCED:  # one line per dataset and process
+        _ANNOUNCED.add(fallback)
         log.info("the dataset folder %s is read-only here (%s): its embeddings are cached in %s", dataset_root,
                  reason, fallback)
-    _STANDS_IN_FOR[fallback] = own
     return fallback
 
 
@@ -94,8 +98,18 @@ def cache_dirs(cache_dir: Optional[str]) -> Tuple[str, ...]:
     written. A per-user folder from ``cache_dir_for`` reads its dataset's own cache first."""
     if not cache_dir:
         return ()
-    own = _STANDS_IN_FOR.get(cache_dir)
+    own = _stands_in_for(cache_dir)
     return (own, cache_dir) if own and os.path.isdir(own) else (cache_dir,)
+
+
+def _stands_in_for(folder: str) -> Optional[str]:
+    """The dataset cache a per-user folder stands in for (``STANDS_IN_FOR``), None for any other."""
+    try:
+        with open(os.path.join(folder, STANDS_IN_FOR), encoding="utf-8") as handle:
+            own = json.load(handle).get("dataset_cache")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return own if isinstance(own, str) else None
 
 
 def lowres_target(mask: np.ndarray, geometry, input_size: int) -> torch.Tensor:
