@@ -237,9 +237,11 @@ def check_adapter(path: str, model: Optional[str] = None) -> Dict[str, Any]:
     """The model card of an adapter folder named on the command line, before the model loads: a
     folder holding a readable card, trained on ``model`` when one is named (the checkpoint's own
     fingerprint is compared once the model is loaded)."""
+    from .adapter_folders import COMPLETE_MARK
+
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"the adapter {path} is a file; give the adapter folder 'train' wrote (it holds "
-                         "model_card.json)")
+                         f"{COMPLETE_MARK})")
     from .adapters import read_model_card
 
     card = read_model_card(path)

@@ -103,7 +103,7 @@ class FineTuningSection:
             return
         name = self.adapterName()
         try:
-            adapterFolder(name)
+            output = adapterFolder(name)
         except ValueError as exc:
             slicer.util.errorDisplay(str(exc))
             return
@@ -118,7 +118,7 @@ class FineTuningSection:
         slicer.modules.plots.logic().ShowChartInLayout(curve.chart)
         try:
             self.task = self.panel.logic.train(
-                self.trainingSet(), name=name, waitForCompletion=False,
+                self.trainingSet(), output=output, waitForCompletion=False,
                 onEvent=lambda message: curve.addFromMessage(str(message.get("message", ""))),
                 onFinished=self.onFinished, overwrite=overwrite, **self.trainConfig())
         except Exception as exc:
