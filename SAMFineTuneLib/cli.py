@@ -9,6 +9,8 @@ import importlib
 import sys
 from typing import List, Optional
 
+from .cli_args import OneLineParser
+
 # command -> (module, add-arguments function, main function, one-line help)
 COMMANDS = {
     "segment": ("segment_cli", "add_segment_arguments", "segment_main",
@@ -25,13 +27,6 @@ COMMANDS = {
     "serve": ("worker.server", "add_serve_arguments", "serve_main",
               "run the worker on a loopback TCP port (for a GPU box behind an SSH tunnel)"),
 }
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """Usage mistakes as one ``error:`` line (the usage block would bury it), pointing at --help."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
 
 
 def _command_module(name: str):

@@ -16,6 +16,25 @@ WINDOW_HELP = ("intensity window: auto (abdomen on CT, 0.5-99.5 percentiles othe
 _CUDA_INDEX = re.compile(r"^cuda:\d+$")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes as one ``error:`` line (the usage block would bury it), pointing at --help.
+
+    A word that starts with '-' and then neither a letter nor '-' (``-400/40``, ``-1e-4``, ``-2,5``) is
+    a value, never an option: every option is spelled ``-x`` or ``--name``, so ``--window -400/40``
+    reads as ``--window=-400/40`` and reaches the option's own check. argparse alone takes only
+    plain negative numbers (``-5``) for values and reports anything else as a missing argument.
+    Sub-command parsers are of this class too (``add_subparsers`` makes them so)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
+
+    def _parse_optional(self, arg_string: str):
+        # argparse's one hook that tells an option from a value; None means a value in every Python 3.
+        if len(arg_string) > 1 and arg_string[0] == "-" and arg_string[1] != "-" and not arg_string[1].isalpha():
+            return None
+        return super()._parse_optional(arg_string)
+
+
 def window_margin_arg(text: str):
     """'auto', 'full' (decode the whole slice) or a number of tokens -> Segmenter's window_margin."""
     if text in ("auto", "full"):

@@ -29,8 +29,9 @@ _SAMPLE = 1 << 20
 class NiftiLayout:
     """Where a NIfTI file's voxels are and how many bytes they take, from its header."""
 
-    def __init__(self, offset: int, nbytes: int, dtype: Optional[np.dtype]):
+    def __init__(self, offset: int, nbytes: int, dtype: Optional[np.dtype], sizes: Sequence[int] = ()):
         self.offset, self.nbytes, self.dtype = offset, nbytes, dtype
+        self.sizes = tuple(int(n) for n in sizes)  # voxels along i, j, k (and any further axes)
 
 
 def is_nifti(path: str) -> bool:
@@ -54,9 +55,27 @@ def nifti_layout(head: bytes) -> Optional[NiftiLayout]:
         return None
     if not 1 <= dims[0] <= 7 or bitpix <= 0 or any(n < 0 for n in dims[1:dims[0] + 1]):
         return None
-    voxels = int(np.prod([max(int(n), 1) for n in dims[1:dims[0] + 1]], dtype=np.int64))
+    sizes = dims[1:dims[0] + 1]
+    voxels = int(np.prod([int(n) for n in sizes], dtype=np.int64))
     kind = _NIFTI_FLOATS.get(datatype)
-    return NiftiLayout(max(offset, 348), voxels * bitpix // 8, np.dtype(order + kind) if kind else None)
+    return NiftiLayout(max(offset, 348), voxels * bitpix // 8, np.dtype(order + kind) if kind else None, sizes)
+
+
+def check_sizes(path: str, sizes: Sequence[int]) -> None:
+    """A ValueError naming ``path`` and its empty axis when an image holds no voxels at all (a size
+    of 0 along i, j, k or a further axis): no reader can make a volume of it (SimpleITK reads such
+    a NIfTI as one slice of whatever bytes follow its header)."""
+    for axis, size in enumerate(sizes):
+        if int(size) == 0:
+            raise empty_axis_error(path, axis, sizes)
+
+
+def empty_axis_error(path: str, axis: int, sizes: Sequence[int] = ()) -> ValueError:
+    """The one line for an image whose size along ``axis`` (0 = i) is 0."""
+    name = "ijktuvw"[axis] if 0 <= axis < 7 else str(axis)
+    shape = f" ({' x '.join(str(int(n)) for n in sizes)} voxels)" if sizes else ""
+    return ValueError(f"{path} holds no voxels: its size along axis {name} is 0{shape}, so it was saved from an "
+                      "empty image; save or export the volume again from its source")
 
 
 def check_image_file(path: str, values: bool = True) -> None:
@@ -74,6 +93,7 @@ def check_image_file(path: str, values: bool = True) -> None:
         layout = None  # not even a header: SimpleITK's own error says so
     if layout is None:
         return
+    check_sizes(path, layout.sizes)
     expected = layout.offset + layout.nbytes
     if not values:
         layout.dtype = None
@@ -185,29 +205,31 @@ def verify_image_file(path: str, shape_kji: Sequence[int]) -> None:
         raise ValueError(f"{os.path.getsize(path)} bytes, short of the voxels its header promises") from None
 
 
-def check_contrast(array: np.ndarray, box: Optional[Sequence[int]] = None, what: str = "the volume") -> List[str]:
+def check_contrast(array: np.ndarray, box: Optional[Sequence[int]] = None, what: str = "the volume",
+                   prompt: str = "the box") -> List[str]:
     """A ValueError when every voxel inside ``box`` (inclusive i0, j0, k0, i1, j1, k1; default the
-    whole volume) has the same value, or values too close to tell apart: no segmentation of it can
-    mean anything. Returns warnings (one line each) when nearly all of them share one value."""
+    whole array) has the same value, or values too close to tell apart: no segmentation of it can
+    mean anything. Returns warnings (one line each) when nearly all of them share one value.
+    ``prompt`` names what the user placed there (the box, the ROI, a click)."""
     region = np.asarray(array)
     where = what
     if box is not None:
         i0, j0, k0, i1, j1, k1 = (int(v) for v in box)
         region = region[k0:k1 + 1, j0:j1 + 1, i0:i1 + 1]
-        where = f"the box {list(box)} of {what}"
+        where = f"{prompt} {list(box)} of {what}"
     if region.size == 0:
         return []
     low, high = float(region.min()), float(region.max())
     if high - low <= 1e-6 * max(abs(low), abs(high)):
         spread = f"is {low:g}" if low == high else f"lies between {low:g} and {high:g}"
-        raise ValueError(f"every voxel inside {where} {spread}: there is nothing to segment; check that the box "
+        raise ValueError(f"every voxel inside {where} {spread}: there is nothing to segment; check that {prompt} "
                          "is on the right volume and that the volume loaded completely")
     sample = region.reshape(-1)[:: max(1, region.size // _SAMPLE)]
     p1, p99 = np.percentile(sample, [1, 99])
     if p1 == p99:
         share = 100.0 * np.count_nonzero(sample == p1) / sample.size
         return [f"{share:.1f}% of the voxels inside {where} have the value {p1:g}: the structure may not be "
-                "visible there; check the box and the window"]
+                f"visible there; check {prompt} and the window"]
     return []
 
 
@@ -264,14 +286,22 @@ def check_float32_range(array: np.ndarray, what: str) -> None:
                          "float32); rescale the volume first")
 
 
-def check_segment_input(volume, box: Sequence[int], what: str = "the volume") -> Tuple[Tuple[int, ...], List[str]]:
-    """Everything a segmentation checks about its input, before a model loads: finite voxels, a
-    3D scalar volume with a valid spacing, a box inside it, contrast inside the box. Returns the
-    box as six ints and the warnings."""
-    from .segmenter import validate_box, validate_volume
+def check_volume_input(volume, what: str = "the volume") -> None:
+    """What every command checks about the volume it segments, before a model loads: finite voxels
+    within float32's range, and a 3D scalar volume with a valid spacing."""
+    from .segmenter import validate_volume
 
     check_finite(volume.array, what)
     check_float32_range(volume.array, what)
     validate_volume(volume)
+
+
+def check_segment_input(volume, box: Sequence[int], what: str = "the volume") -> Tuple[Tuple[int, ...], List[str]]:
+    """Everything a segmentation checks about its input, before a model loads: the volume
+    (``check_volume_input``), a box inside it, contrast inside the box. Returns the box as six
+    ints and the warnings."""
+    from .segmenter import validate_box
+
+    check_volume_input(volume, what)
     box = validate_box(box, volume.array.shape)
     return box, check_contrast(volume.array, box, what)

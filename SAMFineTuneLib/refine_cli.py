@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from typing import Dict, List, Tuple
 
 from .cli_args import add_axis_argument, add_engine_arguments, add_model_arguments, add_window_argument
+
 
 def click_arg(text: str) -> Tuple[int, int, int, bool]:
     """``I,J,K,+1`` (positive) or ``I,J,K,-1`` (negative) -> (i, j, k, positive)."""
@@ -54,39 +56,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Inputs are checked (the output's folder, the files, the clicks inside the volume) before the
-    model loads; the mask is read back before it replaces an earlier one."""
+    """Every input is checked before the model loads (``_checked_inputs``); the mask is read back
+    before it replaces an earlier one."""
     import numpy as np
 
     from . import imaging
-    from .input_checks import check_adapter, check_same_grid
-    from .volume_io import check_volume_output, read_volume, write_volume
-
-    check_volume_output(args.output, "the output mask", inputs=[args.volume])  # --mask may be corrected in place
-    volume = read_volume(args.volume)
-    mask = np.zeros(volume.array.shape, np.uint8)
-    if args.mask:
-        start = read_volume(args.mask, "mask")
-        check_same_grid(volume, start, f"the mask {args.mask}")
-        mask = (start.array > 0).astype(np.uint8)
-    for i, j, k, _ in args.points:
-        if not all(0 <= v < n for v, n in zip((k, j, i), volume.array.shape)):
-            raise ValueError(f"the click ({i}, {j}, {k}) lies outside the volume's {volume.array.shape[::-1]} voxels")
-    from .propagation import limits
     from .refinement import refine_slice
-    from .segmenter import Segmenter, validate_box
+    from .segmenter import Segmenter
+    from .volume_io import write_volume
 
-    by_slice = clicks_by_slice(args.points, args.axis)
-    clicked = list(by_slice)
-    if args.roi and not args.propagate:
-        raise ValueError("--roi says where --propagate may carry the slice: add --propagate, or leave --roi out")
-    roi = None if args.roi is None else validate_box(args.roi, volume.array.shape)
-    if roi is not None:
-        plane = imaging.extract_slice(mask, args.axis, clicked[-1]).shape
-        limits(roi, args.axis, clicked[-1], None, None, volume.array.shape[imaging.axis_index(args.axis)], plane)
-    if args.adapter:
-        check_adapter(args.adapter, args.model)
-
+    volume, mask, by_slice, roi = _checked_inputs(args)
     segmenter = Segmenter(args.model, checkpoint=args.checkpoint, device=args.device,
                           window_margin=args.decode_window, precision=args.precision, backend=args.backend)
     if args.adapter:
@@ -109,3 +88,47 @@ def main(args: argparse.Namespace) -> int:
     print(json.dumps({"output": os.path.abspath(args.output), "voxels": int(mask.sum()), "corrected": corrected,
                       "propagated": carried}))
     return 0
+
+
+def _checked_inputs(args: argparse.Namespace):
+    """(volume, starting mask, clicks by slice, ROI or None) once all are known good: the output's
+    folder, the files, the volume as ``segment`` checks it, the clicks inside it, and contrast on
+    every clicked slice and inside the ROI (``input_checks.check_contrast``, as ``segment`` checks
+    its box). Warnings go to stderr."""
+    import numpy as np
+
+    from . import imaging
+    from .input_checks import check_adapter, check_contrast, check_same_grid, check_volume_input
+    from .propagation import limits
+    from .segmenter import validate_box
+    from .volume_io import check_volume_output, read_volume
+
+    check_volume_output(args.output, "the output mask", inputs=[args.volume])  # --mask may be corrected in place
+    volume = read_volume(args.volume)
+    check_volume_input(volume, args.volume)
+    mask = np.zeros(volume.array.shape, np.uint8)
+    if args.mask:
+        start = read_volume(args.mask, "mask")
+        check_same_grid(volume, start, f"the mask {args.mask}")
+        mask = (start.array > 0).astype(np.uint8)
+    for i, j, k, _ in args.points:
+        if not all(0 <= v < n for v, n in zip((k, j, i), volume.array.shape)):
+            raise ValueError(f"the click ({i}, {j}, {k}) lies outside the volume's {volume.array.shape[::-1]} voxels")
+    by_slice = clicks_by_slice(args.points, args.axis)
+    if args.roi and not args.propagate:
+        raise ValueError("--roi says where --propagate may carry the slice: add --propagate, or leave --roi out")
+    roi = None if args.roi is None else validate_box(args.roi, volume.array.shape)
+    if roi is not None:
+        last = list(by_slice)[-1]
+        plane = imaging.extract_slice(mask, args.axis, last).shape
+        limits(roi, args.axis, last, None, None, volume.array.shape[imaging.axis_index(args.axis)], plane)
+    warnings = [warning for index in by_slice
+                for warning in check_contrast(imaging.extract_slice(volume.array, args.axis, index), None,
+                                              f"the clicked {args.axis} slice {index} of {args.volume}", "the click")]
+    if roi is not None:
+        warnings += check_contrast(volume.array, roi, args.volume, "the ROI")
+    if args.adapter:
+        check_adapter(args.adapter, args.model)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return volume, mask, by_slice, roi

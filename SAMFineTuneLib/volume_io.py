@@ -2,8 +2,8 @@
 
 A ``Volume`` keeps the array in KJI order beside the ITK (LPS) geometry, so a mask written
 from it overlays the source volume in Slicer voxel for voxel. Reading refuses files cut short,
-NaN / infinite voxels (``input_checks``) and sheared grids (NIfTI cannot store them); writing
-reads the file back before it replaces the target (``files.atomic_write``).
+an axis of size 0, NaN / infinite voxels (``input_checks``) and sheared grids (NIfTI cannot store
+them); writing reads the file back before it replaces the target (``files.atomic_write``).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 
 from .files import atomic_write, check_output_file
-from .input_checks import check_finite, check_image_file, verify_image_file
+from .input_checks import check_finite, check_image_file, check_sizes, empty_axis_error, verify_image_file
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 #: Endings of the one-file 3D formats a mask is written in: a two-file format (.mhd, .nhdr, .hdr)
@@ -55,12 +55,18 @@ def _read_image(path: str, what: str):
     shown = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's multi-line warnings; its errors are reported below
     try:
-        return sitk.ReadImage(path)
+        image = sitk.ReadImage(path)
     except RuntimeError as error:
-        raise ValueError(f"could not read {path} as an image ({_itk_reason(error)}); the file may be incomplete "
+        reason = _itk_reason(error)
+        empty = re.search(r"axis (\d+) size is zero", reason)  # NRRD's reader names the empty axis itself
+        if empty:
+            raise empty_axis_error(path, int(empty.group(1))) from None
+        raise ValueError(f"could not read {path} as an image ({reason}); the file may be incomplete "
                          "or in a format SimpleITK does not read") from None
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+    check_sizes(path, image.GetSize())  # MetaImage reads an empty axis back as an empty array
+    return image
 
 
 def _itk_reason(error: RuntimeError) -> str:
@@ -114,17 +120,53 @@ def read_image_any(path: str):
 
 
 def check_volume_output(path: str, what: str, inputs: Sequence[str] = ()) -> str:
-    """``files.check_output_file``, and a format ``write_volume`` writes as one 3D file, and none of
-    ``inputs`` (the files the run reads): checked before slow work, as the write comes last."""
+    """``files.check_output_file``, and a format ``write_volume`` writes as one 3D file, and never a
+    name whose write would overwrite one of ``inputs`` (the files the run reads): checked before
+    slow work, as the write comes last."""
     path = check_output_file(path, what)
     if not path.endswith(MASK_ENDINGS):
         raise ValueError(f"cannot write {what} as {os.path.basename(path)}: end its name with "
                          f"{', '.join(MASK_ENDINGS[:-1])} or {MASK_ENDINGS[-1]}")
     for given in inputs:
-        if given and os.path.exists(given) and os.path.exists(path) and os.path.samefile(given, path):
-            raise ValueError(f"{what} {path} is the input {given}: writing it would replace that file; "
+        if not given:
+            continue
+        chain = _entries_read(given)
+        if any(_same_entry(_entry_written(path), entry) for entry in chain):
+            how = "" if _same_entry(_entry_written(path), chain[0]) else ", through a link"
+            raise ValueError(f"{what} {path} is the input {given}{how}: writing it would overwrite the input; "
                              "give another output name")
     return path
+
+
+def _entry_written(path: str) -> str:
+    """The folder entry a write to ``path`` replaces: ``files.atomic_write`` renames its file onto
+    the name itself, so a link there is replaced, never written through (its folder is resolved)."""
+    path = os.path.abspath(path)
+    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+
+
+def _entries_read(path: str) -> list:
+    """The folder entries that reading ``path`` goes through: the name itself, then each link it
+    follows, up to the file. Replacing any of them changes what ``path`` reads."""
+    entries = [_entry_written(path)]
+    while os.path.islink(entries[-1]) and len(entries) < 40:  # 40: the kernel's own limit on links followed
+        target = os.readlink(entries[-1])
+        entry = _entry_written(os.path.join(os.path.dirname(entries[-1]), target))
+        if entry in entries:
+            break
+        entries.append(entry)
+    return entries
+
+
+def _same_entry(one: str, other: str) -> bool:
+    """Whether two paths name the same folder entry (their folders already resolved), also on a
+    file system that ignores case; two hard links to one file are two entries."""
+    try:
+        same_file = os.path.samestat(os.lstat(one), os.lstat(other))
+        return (same_file and os.path.basename(one).casefold() == os.path.basename(other).casefold()
+                and os.path.samefile(os.path.dirname(one), os.path.dirname(other)))
+    except OSError:  # either is missing: nothing there to overwrite
+        return False
 
 
 def to_sitk(volume: Volume):

@@ -1,4 +1,4 @@
-"""The command line, end to end on a small phantom, in a real subprocess."""
+"""The command line, end to end on a small phantom, in a real subprocess (option parsing in this one)."""
 import json
 import os
 import subprocess
@@ -165,6 +165,71 @@ def test_the_output_is_checked_before_the_model_loads(small_ct, tmp_path):
                        *UNLOADABLE)
         one_line(done, "is a file; give the adapter folder")
     assert open(path, "rb").read() == before and os.listdir(tmp_path) == []
+
+
+def cli_in_process(capsys, *args):
+    """``python -m SAMFineTuneLib`` run in this process: the return code and what it printed."""
+    from SAMFineTuneLib.cli import main
+
+    try:
+        code = main(list(args))
+    except SystemExit as exit:
+        code = exit.code
+    printed = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, printed.out, printed.err)
+
+
+def test_a_value_starting_with_a_minus_goes_to_its_option(capsys, tmp_path):
+    """``--window -400/40`` was taken for an unknown option ('expected one argument'); any option's
+    value may start with '-', while a missing value and a mistyped option stay errors."""
+    from SAMFineTuneLib.cli import build_parser
+
+    segment = ["segment", "--volume", str(tmp_path / "ct.nii.gz"), "--box", *["0"] * 6,
+               "--output", str(tmp_path / "m.nii.gz")]
+    for window in (["--window", "-400/40"], ["--window=-400/40"]):
+        one_line(cli_in_process(capsys, *segment, *window),
+                 "argument --window: window width must be positive, got -400 in '-400/40'")
+    one_line(cli_in_process(capsys, "demo", "--epochs", "-1e3"), "argument --epochs: expected a whole number >= 1, "
+                                                                 "got '-1e3'")
+    refine = ["refine", "--volume", "ct.nii.gz", "--output", "m.nii.gz", "--points", "5,5,2,+1", "-4,5,6,-1",
+              "--window", "1500/-600", "--roi", "-1", "0", "0", "9", "9", "9"]
+    args = build_parser(refine).parse_args(refine)
+    assert args.points == [(5, 5, 2, True), (-4, 5, 6, False)] and args.window == "1500/-600"
+    assert args.roi == [-1, 0, 0, 9, 9, 9]
+    one_line(cli_in_process(capsys, *segment, "--window", "--quiet"), "argument --window: expected one argument")
+    one_line(cli_in_process(capsys, *segment, "--wndow", "-400/40"), "unrecognized arguments: --wndow -400/40")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="no symbolic links")
+def test_an_output_is_refused_only_where_writing_it_would_overwrite_the_input(capsys, tmp_path):
+    """A write replaces the name it is given (``files.atomic_write`` renames onto it): a link or a
+    hard link to the input is replaced, the input kept; the input's own name, or a link the input
+    goes through, would change what the input reads."""
+    from SAMFineTuneLib.volume_io import check_volume_output
+
+    ct = tmp_path / "ct.nii.gz"
+    write_volume(Volume(np.arange(4 * 8 * 8, dtype=np.int16).reshape(4, 8, 8)), str(ct))
+    before = ct.read_bytes()
+    os.symlink("ct.nii.gz", tmp_path / "link.nii.gz")
+    os.symlink("link.nii.gz", tmp_path / "link2.nii.gz")
+    os.link(ct, tmp_path / "hard.nii.gz")
+    (tmp_path / "elsewhere.nii.gz").write_bytes(b"another file")
+    os.symlink("elsewhere.nii.gz", tmp_path / "other.nii.gz")
+    for given, output, how in (("ct", "ct", ":"), ("link", "ct", ", through a link:"),
+                               ("link2", "link", ", through a link:"), ("link2", "link2", ":")):
+        done = cli_in_process(capsys, "segment", "--box", *["2"] * 3, *["6"] * 3, "--quiet", "--volume",
+                              str(tmp_path / f"{given}.nii.gz"), "--output", str(tmp_path / f"{output}.nii.gz"),
+                              *UNLOADABLE)
+        one_line(done, f"the output mask {tmp_path / output}.nii.gz is the input {tmp_path / given}.nii.gz{how} "
+                       "writing it would overwrite the input; give another output name")
+    mask = Volume(np.ones((4, 8, 8), np.uint8))
+    for output in ("link", "hard", "other"):
+        path = tmp_path / f"{output}.nii.gz"
+        assert check_volume_output(str(path), "the output mask", inputs=[str(ct)]) == str(path)
+        write_volume(mask, str(path))
+        assert not path.is_symlink() and read_volume(str(path)).array.all()
+    assert ct.read_bytes() == before and (tmp_path / "elsewhere.nii.gz").read_bytes() == b"another file"
 
 
 def test_the_server_and_the_demo_refuse_numbers_and_paths_that_cannot_work(tmp_path):

@@ -73,6 +73,39 @@ def test_a_multi_member_gzip_nifti_reads(tmp_path):
     np.testing.assert_array_equal(read_volume(str(joined)).array, volume.array)
 
 
+def _empty_along_k(tmp_path, name):
+    """A file whose header gives 0 voxels along k (as an empty image's export leaves it)."""
+    import SimpleITK as sitk
+
+    path = tmp_path / name
+    if name.endswith((".nii", ".nii.gz")):
+        sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 8, 8), np.int16)), str(tmp_path / "full.nii"))
+        data = bytearray((tmp_path / "full.nii").read_bytes()[:352])
+        data[46:48] = (0).to_bytes(2, "little")  # dim[3], the size along k
+        path.write_bytes(gzip.compress(bytes(data)) if name.endswith(".gz") else bytes(data))
+    elif name.endswith(".nrrd"):
+        path.write_text("NRRD0004\ntype: short\ndimension: 3\nsizes: 8 8 0\nencoding: raw\nendian: little\n\n")
+    else:
+        path.write_text("ObjectType = Image\nNDims = 3\nDimSize = 8 8 0\nElementType = MET_SHORT\n"
+                        "ElementDataFile = LOCAL\n")
+    return path
+
+
+@pytest.mark.parametrize("name", ["empty.nii", "empty.nii.gz", "empty.nrrd", "empty.mha"])
+def test_a_file_with_an_empty_axis_is_named_with_that_axis_not_as_cut_short(tmp_path, name):
+    """A NIfTI header with a size of 0 was reported as a file cut short (SimpleITK reads it as one
+    slice); the other formats as unreadable or as an empty volume."""
+    path = _empty_along_k(tmp_path, name)
+    for read in (read_volume, read_image_any):
+        with pytest.raises(ValueError) as caught:
+            read(str(path))
+        text = str(caught.value)
+        assert text.startswith(f"{path} holds no voxels: its size along axis k is 0"), text
+        assert "save or export the volume again" in text and "cut short" not in text and "\n" not in text
+    if name == "empty.nii.gz":
+        one_line_error(segment(path, tmp_path / "m.nii.gz"), str(path), "size along axis k is 0")
+
+
 # --- NaN and infinite voxels ------------------------------------------------------------------
 
 
@@ -117,6 +150,22 @@ def test_a_flat_box_is_an_error_and_a_nearly_flat_one_a_warning(tmp_path):
     almost[1, 10, 10] = 100
     assert "of the voxels inside the box" in check_contrast(almost, (0, 0, 0, 31, 31, 3))[0]
     assert check_contrast(ct_like().array, (0, 0, 0, 31, 31, 5)) == []
+
+
+def test_refine_checks_the_contrast_of_its_clicked_slices_as_segment_does_its_box(tmp_path):
+    """Before the model loads; and the volume as segment checks it (values beyond float32)."""
+    volume = ct_like()
+    volume.array[2] = 0
+    write_volume(volume, str(tmp_path / "ct.nii.gz"))
+    done = run_cli("refine", "--volume", str(tmp_path / "ct.nii.gz"), "--points", "5,5,1,+1", "9,9,2,-1",
+                   "--output", str(tmp_path / "m.nii.gz"), *UNLOADABLE[:-1])
+    one_line_error(done, f"every voxel inside the clicked axial slice 2 of {tmp_path / 'ct.nii.gz'} is 0",
+                   "nothing to segment; check that the click is on the right volume")
+    write_volume(Volume(ct_like().array * 1e300, (0.7, 0.7, 3.0)), str(tmp_path / "huge.nrrd"))
+    done = run_cli("refine", "--volume", str(tmp_path / "huge.nrrd"), "--points", "5,5,1,+1",
+                   "--output", str(tmp_path / "m.nii.gz"), *UNLOADABLE[:-1])
+    one_line_error(done, "beyond 3.4e+38", "rescale")
+    assert sorted(os.listdir(tmp_path)) == ["ct.nii.gz", "huge.nrrd"]
 
 
 def test_a_sheared_grid_and_values_beyond_float32_are_refused(tmp_path):

@@ -143,7 +143,6 @@ def test_an_unexpected_error_still_quits_slicer_with_a_failing_status(tmp_path):
     assert blocked.read_text().startswith("a file")
 
 
-
 def test_batch_takes_the_engines_own_option_names():
     """A user who learned the options on the command line (``segment``) finds them in the batch script."""
     import argparse
@@ -157,3 +156,14 @@ def test_batch_takes_the_engines_own_option_names():
     shared = {"--model", "--checkpoint", "--device", "--adapter", "--axis", "--window", "--box-mode",
               "--no-largest-component", "--no-fill-holes", "--precision", "--backend"}
     assert shared <= engine and shared <= ours, sorted(shared - (engine & ours))
+
+
+def test_a_batch_usage_mistake_is_one_line_naming_the_option(capsys):
+    """As on the command line: a window given as ``--window -400/40`` reaches the window's own check
+    (a width must be positive) instead of argparse's 'expected one argument', in one line."""
+    with pytest.raises(SystemExit) as stopped:
+        batch.buildParser().parse_args(["--volumes", "a.nrrd", "--rois", "a.mrk.json", "--output", "out",
+                                        "--window", "-400/40"])
+    assert stopped.value.code == 2
+    said = capsys.readouterr().err.strip()
+    assert "\n" not in said and "--window" in said and "width must be positive" in said, said

@@ -18,7 +18,6 @@ single volume, any number of entries; an entry may list several ROI files separa
 status is 0 when every volume was segmented and written, 1 otherwise, 2 for bad arguments.
 """
 
-import argparse
 import os
 import sys
 import time
@@ -38,7 +37,7 @@ def buildParser():
     ensureLibraryImportable()
     from SAMFineTuneLib import cli_args
 
-    parser = argparse.ArgumentParser(prog="batch.py", description=__doc__.split("\n")[0])
+    parser = cli_args.OneLineParser(prog="batch.py", description=__doc__.split("\n")[0])
     parser.add_argument("--volumes", nargs="+", required=True, help="volume files (.nrrd, .nii.gz, .mha, ...)")
     parser.add_argument("--rois", nargs="+", required=True, help="Markups ROI files (.mrk.json); see above")
     parser.add_argument("--output", required=True, help="folder for the <volume>.seg.nrrd files (created)")
