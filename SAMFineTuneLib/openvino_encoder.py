@@ -11,7 +11,9 @@ Converting traces the encoder (6-9 s for LiteMedSAM on two idle cores), so the c
 exported once into the user's cache folder and imported by every later process (well under a
 second). An entry is keyed by everything its bytes depend on: the weights (the model's
 fingerprint), the input size, the precision, OpenVINO's version and the CPU; an entry that does
-not read back is converted again, with a warning in the log.
+not read back is converted again, with a warning in the log. Keeping a conversion removes the
+entries that only another installation reads (another OpenVINO or traced package version) once
+they have gone unused for a week (``remove_stale_entries``), so upgrades do not pile up.
 
 A conversion runs in a thread of its own, so a cancel ends the job that asked for it at once
 (a job must stop within a second); the conversion goes on, keeps its result on disk, and a load
@@ -27,6 +29,7 @@ import io
 import json
 import logging
 import os
+import secrets
 import shutil
 import sys
 import threading
@@ -34,7 +37,7 @@ import time
 import warnings
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -57,6 +60,13 @@ _IN_FLIGHT: Dict[str, Future] = {}
 _IN_FLIGHT_LOCK = threading.Lock()
 # How often a load waiting for a conversion asks whether its job was cancelled, in seconds.
 _CANCEL_POLL_S = 0.1
+# The parts of an entry's key that the installation sets: an entry that differs in one of them is
+# never read by this installation (the others name weights, sizes, precisions and CPUs it may meet).
+_INSTALLATION = ("format", "openvino", "packages")
+# An entry of another installation is removed once unused for this long: another environment may
+# share the cache folder (Slicer's Python beside a command-line one) and read its own entries on
+# any day of the week; an upgrade's left-overs go after a week instead of staying for good.
+STALE_AFTER_S = 7 * 24 * 3600
 
 
 def available() -> bool:
@@ -150,11 +160,16 @@ def _read_entry(folder: str, key: dict, config: dict):
         return None
     if not os.path.isdir(folder):
         raise ValueError("a file stands where its folder belongs")
+    _mark_used(folder)  # before reading: a cleaner that looks from now on keeps it
     try:
         with open(os.path.join(folder, _ENTRY), encoding="utf-8") as handle:
             entry = json.load(handle)
         with open(os.path.join(folder, _BLOB), "rb") as handle:
             blob = handle.read()
+    except FileNotFoundError as exc:
+        if not os.path.lexists(folder):
+            return None  # another process removed it as stale while this one began to read it: a miss
+        raise ValueError(f"unreadable ({exc})") from None
     except (OSError, ValueError) as exc:
         raise ValueError(f"unreadable ({exc})") from None
     if not isinstance(entry, dict):
@@ -194,6 +209,73 @@ def _write_entry(folder: str, key: dict, compiled) -> None:
         atomic_folder(folder, write)
     except OSError as exc:  # a full disk or a read-only cache costs the next process a conversion, nothing more
         log.warning("could not keep the converted encoder in %s: %s", folder, exc)
+        return
+    removed = remove_stale_entries(key)
+    if removed:
+        log.info("removed %d converted encoder(s) of another OpenVINO or package version from %s", len(removed),
+                 cache_folder())
+
+
+def _mark_used(folder: str) -> None:
+    """Date the entry's last use (its entry.json's modification time), which ``remove_stale_entries``
+    goes by; a cache this process cannot write keeps the date of the entry's writing."""
+    try:
+        os.utime(os.path.join(folder, _ENTRY))
+    except OSError:
+        pass
+
+
+def _last_used(folder: str) -> float:
+    times = []
+    for path in (folder, os.path.join(folder, _ENTRY)):
+        try:
+            times.append(os.stat(path, follow_symlinks=False).st_mtime)
+        except OSError:
+            pass
+    return max(times, default=0.0)
+
+
+def _same_installation(folder: str, key: dict) -> bool:
+    try:
+        with open(os.path.join(folder, _ENTRY), encoding="utf-8") as handle:
+            theirs = json.load(handle)["key"]
+        return all(theirs.get(part) == key.get(part) for part in _INSTALLATION)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False  # unreadable: no installation reads it back
+
+
+def remove_stale_entries(key: dict, now: Optional[float] = None) -> List[str]:
+    """Remove the cache entries no process of this installation (``key``'s OpenVINO, traced packages
+    and cache format) will read, once unused for ``STALE_AFTER_S``, and temporary folders that old
+    (a conversion killed while it wrote). Returns the names removed.
+
+    Safe beside other processes: an entry is written in a hidden temporary folder renamed into
+    place whole (``files.atomic_folder``), so one being written is fresh and hidden, never removed;
+    a reader dates its entry as used before reading it; and an entry goes by one rename aside
+    before it is deleted, so a process sees the whole entry or none (a read it cuts short is a miss,
+    ``_read_entry``). A rename that fails (another cleaner was first, or a file in it is held open
+    where that forbids renaming) leaves the entry be."""
+    root = cache_folder()
+    now = time.time() if now is None else now
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        folder = os.path.join(root, name)
+        if os.path.islink(folder) or not os.path.isdir(folder) or now - _last_used(folder) < STALE_AFTER_S:
+            continue
+        if not name.startswith(".") and _same_installation(folder, key):
+            continue
+        aside = os.path.join(root, f".{name}.{secrets.token_hex(4)}.removing")
+        try:
+            os.rename(folder, aside)
+        except OSError:
+            continue
+        shutil.rmtree(aside, ignore_errors=True)  # what stays (a file held open) is hidden and goes next time
+        removed.append(name)
+    return removed
 
 
 def _converted(encoder: nn.Module, input_size: int, config: dict, key: Optional[dict], folder: Optional[str],
