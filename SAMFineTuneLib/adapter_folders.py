@@ -31,7 +31,7 @@ import socket
 import time
 from typing import Callable, Iterable, List, Optional
 
-from .files import BROWSER_FILES, keep_mode, missing_folders, remove_if_empty
+from .files import BROWSER_FILES, WriteError, keep_mode, missing_folders, remove_if_empty, write_error
 
 #: Written last into every complete adapter folder (``adapters.CARD_FILE``).
 COMPLETE_MARK = "model_card.json"
@@ -229,7 +229,9 @@ def _settle_locked(folder: str) -> None:
 
 def replace_folder(folder: str, fill: Callable[[str], None], lock: Optional[FolderLock] = None) -> None:
     """``fill(staging)`` writes the folder's new contents (the model card last), then the staging
-    folder replaces ``folder`` (steps in the module docstring). The caller holds ``lock``."""
+    folder replaces ``folder`` (steps in the module docstring). The caller holds ``lock``. A step
+    that fails (a full disk) leaves ``folder`` as it was, removes the staging folder and is a
+    ``files.WriteError`` of one line saying what to do."""
     if lock is not None and lock.handle is None:
         raise RuntimeError(f"replace_folder needs the lock of {folder} held")
     folder = resolved(folder)
@@ -237,13 +239,31 @@ def replace_folder(folder: str, fill: Callable[[str], None], lock: Optional[Fold
     _settle_locked(folder)
     _remove(new)
     _remove(old)
-    os.makedirs(new)
-    fill(new)
+    try:
+        os.makedirs(new)
+        fill(new)
+        _swap(folder, new, old)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            _remove(new)
+        if isinstance(exc, OSError) and not isinstance(exc, (WriteError, FileNotFoundError)):
+            raise write_error(folder, exc) from None
+        raise
+    with contextlib.suppress(OSError):  # the new folder is in place; a later writer or settle removes the rest
+        _remove(old)
+
+
+def _swap(folder: str, new: str, old: str) -> None:
+    """Steps 2 and 3: ``folder`` aside to ``old``, ``new`` into place; put back when the second fails."""
     if os.path.isdir(folder):
         keep_mode(new, folder)
         os.replace(folder, old)
-    os.replace(new, folder)
-    _remove(old)
+    try:
+        os.replace(new, folder)
+    except OSError:
+        if os.path.isdir(old) and not os.path.lexists(folder):
+            os.replace(old, folder)
+        raise
 
 
 def swap_in(folder: str, complete: str) -> None:

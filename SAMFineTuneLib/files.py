@@ -80,7 +80,7 @@ def atomic_write(path: str, write: Callable[[str], Any], verify: Optional[Callab
     try:
         temp = atomic_target(path)
     except OSError as exc:
-        raise _write_error(path, exc) from None
+        raise write_error(path, exc) from None
     try:
         write(temp)
         _flush_to_disk(temp)
@@ -91,7 +91,7 @@ def atomic_write(path: str, write: Callable[[str], Any], verify: Optional[Callab
     except BaseException as exc:
         error = None  # judged before the temp file goes, while a full disk is still full
         if _is_write_failure(exc):
-            error = _write_error(path, exc)
+            error = write_error(path, exc)
         with contextlib.suppress(OSError):
             os.unlink(temp)
         if error is not None:
@@ -111,9 +111,10 @@ def _is_write_failure(exc: BaseException) -> bool:
     return isinstance(exc, (OSError, ValueError, RuntimeError)) or type(exc).__name__ == "SafetensorError"
 
 
-def _write_error(path: str, exc: BaseException) -> WriteError:
+def write_error(path: str, exc: BaseException) -> WriteError:
     """One line naming ``path``, what went wrong and what to do. A ValueError is a read-back that
-    found the file short: the writer said nothing, so the likely causes are named here."""
+    found the file short: the writer said nothing, so the likely causes are named here. Also for
+    a write of several files (an adapter folder) that failed on one of them."""
     if isinstance(exc, OSError):
         reason, code = exc.strerror or str(exc), exc.errno or errno.EIO
     else:

@@ -93,6 +93,37 @@ def test_exporting_again_updates_the_cases_the_set_holds_and_adds_the_others(sce
                           segments.segmentToArray(other[1], other[2], other[0]))
 
 
+def test_a_set_written_without_fingerprints_keeps_one_case_per_volume(scene, tmp_path):
+    """A set an earlier version exported (records without fingerprints): its volumes exported again
+    from the panel are those cases, told by their stored images, never second copies (CT_1_2) that
+    could land in the other split; a volume of another patient with the same name is a new case."""
+    from SAMFineTuneLib.dataset import read_dataset
+
+    logic = SAMFineTuneCoreLogic()
+    dataset = tmp_path / "set"
+    first = add_case(logic, "CT 1", GEOMETRIES["flipped"])
+    add_case(logic, "CT 2", GEOMETRIES["oblique"])
+    logic.exportTrainingSet(training.findCases(scene, "liver"), str(dataset), "liver", valFraction=0.5)
+    meta = json.loads((dataset / "dataset.json").read_text())
+    for record in meta["samfinetune"]["cases"]:
+        del record["fingerprints"]
+    (dataset / "dataset.json").write_text(json.dumps(meta))
+    again = logic.exportTrainingSet(training.findCases(scene, "liver"), str(dataset), "liver", valFraction=0.5)
+    assert (again["added"], again["replaced"], sorted(again["unchanged"])) == ([], [], ["CT_1", "CT_2"])
+    assert all(e.record["fingerprints"] for e in read_dataset(str(dataset)).cases)  # written back
+    meta = json.loads((dataset / "dataset.json").read_text())
+    del meta["samfinetune"]["cases"][0]["fingerprints"]  # CT_1 without, CT_2 with
+    (dataset / "dataset.json").write_text(json.dumps(meta))
+    mask = segments.segmentToArray(first[1], first[2], first[0]).astype(np.uint8)
+    mask[0, 4:10, 5:12] = 1  # corrected further
+    segments.writeMaskToSegment(mask, first[0], first[1], first[2])
+    add_case(logic, "CT 1", GEOMETRIES["identity"])  # another series named so: the same voxels, another grid
+    summary = logic.exportTrainingSet(training.findCases(scene, "liver"), str(dataset), "liver", valFraction=0.5)
+    assert (summary["added"], summary["replaced"], summary["unchanged"]) == (["CT_1_2"], ["CT_1"], ["CT_2"])
+    info = read_dataset(str(dataset))
+    assert sorted(e.case for e in info.cases) == ["CT_1", "CT_1_2", "CT_2"]
+    assert info.case("CT_1").split == meta["samfinetune"]["cases"][0]["split"]
+
 def test_finding_cases_holds_on_to_no_segmentation(scene):
     """A segmentation the user deletes after an export must be freed, labelmaps and all."""
     logic = SAMFineTuneCoreLogic()

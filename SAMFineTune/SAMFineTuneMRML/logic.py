@@ -194,7 +194,7 @@ class SAMFineTuneCoreLogic:
             raise ValueError("No case to export: segment '%s' on at least one volume first." % structureName)
         from .interactive import correctedSlices
 
-        prepared, again = training.casesToExport(cases, outputDir)
+        prepared, again, known = training.casesToExport(cases, outputDir)
         corrected, sliceAxes = {}, {}
         for (volume, node, segmentId), (identifier, _, _) in zip(cases, prepared):
             slices = correctedSlices(node.GetSegmentation().GetSegment(segmentId))
@@ -203,7 +203,7 @@ class SAMFineTuneCoreLogic:
                 sliceAxes[identifier] = geometry.engineAxis(volume, axis)
         return export_dataset(prepared, outputDir, val_fraction=valFraction, seed=seed,
                               label_names={1: structureName}, progress=progress, corrected=corrected,
-                              slice_axes=sliceAxes, replace=again)
+                              slice_axes=sliceAxes, replace=again, known=known)
 
     def train(self, dataset, output=None, name=None, waitForCompletion=True, runIn=None, progress=None, cancel=None,
               log=None, onFinished=None, onEvent=None, **config):

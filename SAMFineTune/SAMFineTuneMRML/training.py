@@ -9,7 +9,6 @@
   filled from the trainer's messages while the worker trains.
 """
 
-import os
 import re
 
 import numpy as np
@@ -74,37 +73,28 @@ def caseFromNodes(volumeNode, segmentationNode, segmentId, identifier):
 
 
 def casesToExport(cases, datasetDir):
-    """([(case_id, Volume, label Volume)], the ids among them the dataset holds) for ``cases``
-    ((volume, segmentation, segment) triples). A volume the dataset holds (the same voxels and
-    geometry: ``volume_fingerprint``) is that case exported again, corrected further, under its
-    id; any other gets an id of its own after its node's name, never one the dataset holds, so a
-    volume of another patient with the same name never takes over a case."""
-    from SAMFineTuneLib.dataset.checks import volume_fingerprint
+    """([(case_id, Volume, label Volume)], the ids among them the dataset holds, the dataset's cases
+    as read, for ``export_dataset(known=)``) for ``cases`` ((volume, segmentation, segment) triples).
+    A volume the dataset holds (the same voxels and geometry: ``dataset.checks.KnownCases``, which
+    compares a record written without fingerprints with its stored image) is that case exported
+    again, corrected further, under its id; any other gets an id of its own after its node's name,
+    never one the dataset holds, so a volume of another patient with the same name never takes
+    over a case."""
+    from SAMFineTuneLib.dataset.checks import KnownCases
 
-    known, used = _exportedCases(datasetDir)
+    known = KnownCases.of(datasetDir)
+    used = {entry.case for entry in known.entries}
     again, prepared = set(), []
     for volumeNode, segmentationNode, segmentId in cases:
         _, image, label = caseFromNodes(volumeNode, segmentationNode, segmentId, None)
-        identifier = known.get(volume_fingerprint(image.array, image))
-        if identifier is None or identifier in again:  # the same volume segmented twice: the second is a case too
+        # the same volume segmented twice: the second is another case the dataset holds, or a new one
+        identifier = known.case_of(image, taken=again)
+        if identifier is None:
             identifier = caseId(volumeNode, used)
         else:
             again.add(identifier)
         prepared.append((identifier, image, label))
-    return prepared, again
-
-
-def _exportedCases(datasetDir):
-    """({image fingerprint: case id}, every case id) of the dataset in ``datasetDir`` (none for a
-    new folder)."""
-    from SAMFineTuneLib.dataset import DATASET_JSON, read_dataset
-
-    if not datasetDir or not os.path.isfile(os.path.join(datasetDir, DATASET_JSON)):
-        return {}, set()
-    entries = read_dataset(datasetDir).cases
-    prints = {(entry.record.get("fingerprints") or {}).get("image"): entry.case for entry in entries}
-    prints.pop(None, None)
-    return prints, {entry.case for entry in entries}
+    return prepared, again, known
 
 
 class TrainingCurve:

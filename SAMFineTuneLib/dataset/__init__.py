@@ -21,13 +21,14 @@ case exported again, which keeps its split); an export goes only into an empty f
 a SAMFineTune dataset and never writes over a file that ``dataset.json`` does not list; every
 file is written to a temporary name and renamed, and ``dataset.json`` is replaced last, so a
 crash or cancel mid-export leaves the previous dataset's cases and index as they were (a failed
-export removes the case files it added; a killed one may leave some, which the next export names
-instead of overwriting; CSV and COCO files already rewritten may list the new cases until the next
-export). The CSV and COCO files of every format the dataset holds are written again for all
-its cases on each export; a case's slice PNGs are reused only while its index records the same
-axis, window and files (``slice_formats.ensure_slice_index``). Geometry mismatches and unknown
-label values are errors; an empty label map is skipped with a warning (returned in the summary and
-issued through ``warnings``).
+export removes the case files it added and puts back those of the cases it wrote again; a killed
+one may leave some, which the next export names instead of overwriting; CSV and COCO files already
+rewritten may list the new cases until the next export). The CSV and COCO files of every format
+the dataset holds are written again for all its cases on each export; a case's slice PNGs are
+reused only while its index records the same axis, window and files
+(``slice_formats.ensure_slice_index``). Geometry mismatches and unknown label values are errors;
+an empty label map is skipped with a warning (returned in the summary and issued through
+``warnings``).
 
 Modules: ``index`` (reading ``dataset.json``), ``checks`` and ``splits`` (what an export
 checks and decides), ``export``, ``slice_formats`` (CSV and COCO slices, RLE), ``samples``

@@ -1,16 +1,18 @@
 """Checks of a case before it is written: usable id, matching geometry, integer labels that the
-dataset knows, and label names that agree with the dataset's; and the fingerprint that tells a
-case exported again from a new one."""
+dataset knows, and label names that agree with the dataset's; and what tells a case exported
+again from a new one (``volume_fingerprint``, and ``KnownCases`` for the cases a dataset holds)."""
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
 from ..input_checks import check_finite, check_same_grid
+from .index import DATASET_JSON, read_dataset
 
 _CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -74,3 +76,90 @@ def volume_fingerprint(array: np.ndarray, volume) -> str:
                                         [float(v) for v in volume.direction]]).encode("utf-8"))
     digest.update(array.reshape(-1).view(np.uint8))
     return digest.hexdigest()
+
+
+def stored_as(array: np.ndarray, volume, path: str) -> bool:
+    """Whether the file ``path`` (an image or label map a dataset holds) is ``array`` on ``volume``'s
+    grid as the export wrote it: the same voxels (type, shape, values), and the same grid to the
+    precision a file keeps (``input_checks.check_same_grid``). ``volume_fingerprint`` of the file
+    read back would not tell: NIfTI keeps spacing, origin and direction (as a quaternion) in
+    float32, so they come back rounded (about 1e-7 of their size). Voxels compared exactly, no other
+    patient's volume matches; an unreadable file matches nothing."""
+    from ..volume_io import read_volume
+
+    try:
+        stored = read_volume(path)
+        check_same_grid(volume, stored, path)
+    except (OSError, ValueError):
+        return False
+    return stored.array.dtype == array.dtype and bool(np.array_equal(stored.array, array))
+
+
+class KnownCases:
+    """The cases of a dataset (``index.DatasetInfo``, or None for a new one), told apart by their
+    image: the fingerprints each record keeps, or, for a record without them (datasets written
+    before records kept fingerprints), its stored files (``stored_as``), read only when a volume of
+    its shape and spacing is asked about. Each volume is fingerprinted once however often it is
+    asked about (the panel names its cases by it, then the export checks them: pass ``earlier``)."""
+
+    def __init__(self, info=None, earlier: Optional["KnownCases"] = None):
+        self.info = info
+        self.entries = list(info.cases) if info is not None else []
+        self.signature = _index_signature(info.root) if info is not None else None
+        self._prints = dict(earlier._prints) if earlier is not None else {}  # id(volume): (volume, fingerprint)
+        # case id -> the volume its stored image was found to be; valid only for the index it was found in
+        self._matched = dict(earlier._matched) if earlier is not None and earlier.info is info else {}
+
+    @classmethod
+    def of(cls, folder: Optional[str]) -> "KnownCases":
+        """The cases of the dataset in ``folder`` (none for a new or missing folder)."""
+        if not folder or not os.path.isfile(os.path.join(folder, DATASET_JSON)):
+            return cls(None)
+        return cls(read_dataset(folder))
+
+    def current(self, root: str) -> bool:
+        """Whether this reading of ``root``'s ``dataset.json`` is still the file there (every write
+        replaces it with a new file, so its inode, size and time tell)."""
+        return self.info is not None and self.info.root == root and self.signature == _index_signature(root)
+
+    def image_print(self, image) -> str:
+        """``volume_fingerprint`` of ``image`` (a ``volume_io.Volume``), computed once per volume."""
+        memo = self._prints.get(id(image))
+        if memo is None or memo[0] is not image:
+            memo = self._prints[id(image)] = (image, volume_fingerprint(np.asarray(image.array), image))
+        return memo[1]
+
+    def case_of(self, image, taken: Iterable[str] = ()) -> Optional[str]:
+        """The id of the case (not among ``taken``) whose image is ``image``, or None."""
+        taken = set(taken)
+        entries = [e for e in self.entries if e.case not in taken]
+        image_print = self.image_print(image)
+        for entry in entries:
+            if (entry.record.get("fingerprints") or {}).get("image") == image_print:
+                return entry.case
+        for entry in entries:
+            if not entry.record.get("fingerprints") and self.holds_image(entry, image):
+                return entry.case
+        return None
+
+    def holds_image(self, entry, image) -> bool:
+        """Whether the stored image of ``entry`` (a record without fingerprints) is ``image``."""
+        if self._matched.get(entry.case) is image:
+            return True
+        record, array = entry.record, np.asarray(image.array)
+        if "shape_kji" in record and list(record["shape_kji"]) != list(array.shape):
+            return False
+        if "spacing" in record and not np.allclose(record["spacing"], image.spacing, rtol=1e-4, atol=0.0):
+            return False
+        if not stored_as(array, image, entry.image):
+            return False
+        self._matched[entry.case] = image
+        return True
+
+
+def _index_signature(root: str) -> Optional[Tuple[int, int, int]]:
+    try:
+        found = os.stat(os.path.join(root, DATASET_JSON))
+    except OSError:
+        return None
+    return found.st_ino, found.st_size, found.st_mtime_ns

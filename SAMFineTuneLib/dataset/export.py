@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import warnings
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
@@ -13,10 +14,10 @@ import numpy as np
 
 from ..catalogue import EXPORT_FORMATS, SEGMENT_DEFAULTS
 from ..files import (BROWSER_FILES, WriteError, check_writable_folder, missing_folders, remove_if_empty,
-                     write_json_atomic)
+                     write_error, write_json_atomic)
 from ..folder_locks import LOCK_FILE, folder_lock
 from ..progress import check_cancel, report
-from .checks import check_case, merge_label_names, volume_fingerprint
+from .checks import KnownCases, check_case, merge_label_names, stored_as, volume_fingerprint
 from .index import DATASET_JSON, FILE_ENDING, LAYOUT_VERSION, DatasetInfo, check_slice_axis, read_dataset
 from .slice_formats import (ensure_slice_index, remove_slice_index, remove_unlisted_slice_indexes, slice_outputs,
                             write_slice_indexes)
@@ -33,7 +34,8 @@ def export_dataset(cases: Iterable[Tuple[str, Any, Any]], output_dir: str, fmt: 
                    splits: Optional[Dict[str, str]] = None, modality: Optional[str] = None,
                    name: Optional[str] = None, axis: Optional[str] = None, window: Optional[str] = None,
                    corrected: Optional[Dict[str, Dict[str, List[int]]]] = None,
-                   slice_axes: Optional[Dict[str, str]] = None, replace: Iterable[str] = ()) -> Dict[str, Any]:
+                   slice_axes: Optional[Dict[str, str]] = None, replace: Iterable[str] = (),
+                   known: Optional[KnownCases] = None) -> Dict[str, Any]:
     """Write (or append) cases to a dataset; returns a summary dict.
 
     ``cases``: (case_id, volume, label volume) with ``volume_io.Volume``-like objects (``array``
@@ -53,8 +55,11 @@ def export_dataset(cases: Iterable[Tuple[str, Any, Any]], output_dir: str, fmt: 
     it added, so the same case ids can be exported again. A case already in the dataset is refused,
     unless its id is in ``replace`` (the same case exported again, corrected further): its files
     are written again, its split and group kept, and it is left alone when its volume and label
-    map are those the dataset holds (``checks.volume_fingerprint``, kept in each record). The
-    summary lists the case ids ``added``, ``replaced``, ``unchanged`` and ``skipped``.
+    map are those the dataset holds (``checks.volume_fingerprint``, kept in each record; a record
+    written without fingerprints is compared with its stored files, ``checks.stored_as``, and given
+    the fingerprints when they match). The summary lists the case ids ``added``, ``replaced``,
+    ``unchanged`` and ``skipped``. ``known``: the ``checks.KnownCases`` the caller named its cases
+    with, so that neither ``dataset.json`` (while unchanged) nor a volume is read or hashed again.
     """
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown format '{fmt}'; choose one of: {', '.join(EXPORT_FORMATS)}")
@@ -64,7 +69,7 @@ def export_dataset(cases: Iterable[Tuple[str, Any, Any]], output_dir: str, fmt: 
     try:
         with folder_lock(root, "export"):
             return _export(list(cases), root, fmt, val_fraction, seed, label_names, progress, cancel, groups, splits,
-                           modality, name, axis, window, notes, set(replace))
+                           modality, name, axis, window, notes, set(replace), known)
     finally:
         remove_if_empty(created)  # only what nothing was written into: a refused export leaves no trace
 
@@ -108,17 +113,19 @@ def _make_root(root: str) -> List[str]:
 def _export(cases: List[Tuple[str, Any, Any]], root: str, fmt: str, val_fraction: float, seed: int,
             label_names: Optional[Dict[int, str]], progress, cancel, groups: Optional[Dict[str, str]],
             splits: Optional[Dict[str, str]], modality: Optional[str], name: Optional[str], axis: Optional[str],
-            window: Optional[str], notes: Dict[str, Dict[str, Any]], replace: set) -> Dict[str, Any]:
+            window: Optional[str], notes: Dict[str, Dict[str, Any]], replace: set,
+            known: Optional[KnownCases]) -> Dict[str, Any]:
     """``export_dataset`` with the folder created and locked."""
-    old = _old_dataset(root)
+    old = _old_dataset(root, known)
+    known = KnownCases(old, known)
     existing = old.cases if old else []
     old_records = {e.case: dict(e.record) for e in existing}
     old_section = old.meta["samfinetune"] if old else {}
     label_names = merge_label_names(old.labels if old else {}, label_names)
     summary: Dict[str, Any] = {"dataset": root, "format": fmt, "added": [], "replaced": [], "unchanged": [],
                                "skipped": [], "warnings": []}
-    checked = _checked_cases(cases, set(old_records) - replace, label_names, summary)
-    checked = _changed(checked, old_records, summary)
+    checked = _checked_cases(cases, set(old_records) - replace, label_names, summary, known)
+    checked = _changed(checked, old_records, summary, known)
     if label_names is None:
         label_names = {v: f"label_{v}" for *_, present, _ in checked for v in present}
     fresh = [c for c in checked if c[0] not in old_records]
@@ -131,9 +138,10 @@ def _export(cases: List[Tuple[str, Any, Any]], root: str, fmt: str, val_fraction
     new_files = _new_files(root, fresh, [f for f in formats if f not in old_formats])
     slicing = (axis or old_section.get("slice_axis") or SEGMENT_DEFAULTS["axis"],
                window or old_section.get("slice_window") or SEGMENT_DEFAULTS["window"])
+    previous = _keep_previous(root, [c[0] for c in checked if c[0] in old_records])
     try:
         records = _write_all(root, checked, split_of, groups, summary, progress, cancel, notes,
-                             [dict(e.record) for e in existing], label_names, formats, slicing)
+                             list(old_records.values()), label_names, formats, slicing)
         old_modality = old.meta.get("channel_names", {}).get("0") if old else None
         meta = _dataset_json(records, label_names, modality or old_modality,
                              name or (old.meta.get("name") if old else None) or os.path.basename(root),
@@ -141,7 +149,9 @@ def _export(cases: List[Tuple[str, Any, Any]], root: str, fmt: str, val_fraction
         write_json_atomic(os.path.join(root, DATASET_JSON), meta)
     except BaseException:
         _remove_new_files(root, new_files, [c[0] for c in checked] if old is None else [])
+        _restore(previous, put_back=True)
         raise
+    _restore(previous, put_back=False)
     report(progress, len(checked), len(checked), "done")
     summary.update(cases=len(records), train=sum(r["split"] == "train" for r in records),
                    val=sum(r["split"] == "val" for r in records), labels={str(k): v for k, v in label_names.items()})
@@ -152,17 +162,18 @@ def _export(cases: List[Tuple[str, Any, Any]], root: str, fmt: str, val_fraction
     return summary
 
 
-def _old_dataset(root: str) -> Optional[DatasetInfo]:
-    """The dataset already in ``root`` (None if there is none); a ValueError, before anything is
-    written, for a folder the export does not own: another tool's dataset, or a folder with
-    files but no ``dataset.json`` (whatever is there could be overwritten)."""
+def _old_dataset(root: str, known: Optional[KnownCases]) -> Optional[DatasetInfo]:
+    """The dataset already in ``root`` (None if there is none; ``known``'s reading while its file is
+    still there); a ValueError, before anything is written, for a folder the export does not own:
+    another tool's dataset, or a folder with files but no ``dataset.json`` (whatever is there could
+    be overwritten)."""
     if not os.path.isfile(os.path.join(root, DATASET_JSON)):
         found = sorted(set(os.listdir(root)) - NOT_CONTENT)
         if found:
             raise ValueError(f"{root} is not empty ({found[0]}{', ...' if len(found) > 1 else ''}) and holds no "
                              f"{DATASET_JSON}; export into an empty folder or an existing SAMFineTune dataset")
         return None
-    old = read_dataset(root)
+    old = known.info if known is not None and known.current(root) else read_dataset(root)
     if "samfinetune" not in old.meta:
         raise ValueError(f"{root} holds a dataset not written by SAMFineTune; export into a new folder")
     return old
@@ -197,6 +208,40 @@ def _remove_new_files(root: str, new_files: List[str], case_ids: List[str]) -> N
             os.rmdir(os.path.join(root, folder))
 
 
+def _keep_previous(root: str, case_ids: List[str]) -> List[Tuple[str, str]]:
+    """(file, a second name of it) for each file of the cases about to be written again: a hard
+    link (no space taken; a copy where the file system has none), put back by ``_restore`` when
+    the export fails, so the ``dataset.json`` it leaves describes the files beside it."""
+    kept: List[Tuple[str, str]] = []
+    for path in (os.path.join(root, rel) for case_id in case_ids for rel in _case_files(case_id)):
+        second = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.previous")
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(second)  # a killed export's, of a file still there
+            try:
+                os.link(path, second)
+            except OSError:
+                shutil.copy2(path, second)
+        except OSError as exc:
+            _restore(kept, put_back=False)
+            with contextlib.suppress(OSError):
+                os.remove(second)
+            raise write_error(second, exc) from None
+        kept.append((path, second))
+    return kept
+
+
+def _restore(kept: List[Tuple[str, str]], put_back: bool) -> None:
+    """Put the previous files back (``put_back``), or drop their second names. A file not written
+    again is still the one its second name links to, which a rename onto it would leave in place."""
+    for path, second in kept:
+        with contextlib.suppress(OSError):
+            if put_back and not os.path.samefile(second, path):
+                os.replace(second, path)
+            else:
+                os.remove(second)
+
+
 def _write_all(root: str, checked: List[tuple], split_of: Dict[str, str], groups: Dict[str, str],
                summary: Dict[str, Any], progress, cancel, notes: Dict[str, Dict[str, Any]],
                records: List[Dict[str, Any]], label_names: Dict[int, str], formats: List[str],
@@ -229,7 +274,7 @@ def _warn(summary: Dict[str, Any], message: str) -> None:
 
 
 def _checked_cases(cases: List[Tuple[str, Any, Any]], seen: set, label_names: Optional[Dict[int, str]],
-                   summary: Dict[str, Any]) -> List[tuple]:
+                   summary: Dict[str, Any], known: KnownCases) -> List[tuple]:
     """(case_id, image, label, label array, label values, fingerprints) of every case worth writing,
     all checked before anything is written; an empty label map is skipped with a warning."""
     checked: List[tuple] = []
@@ -243,18 +288,28 @@ def _checked_cases(cases: List[Tuple[str, Any, Any]], seen: set, label_names: Op
             summary["skipped"].append({"case": case_id, "reason": "empty label"})
             _warn(summary, f"case '{case_id}' skipped: its label map is empty (nothing segmented)")
             continue
-        prints = {"image": volume_fingerprint(np.asarray(image.array), image),
-                  "label": volume_fingerprint(array, image)}
+        prints = {"image": known.image_print(image), "label": volume_fingerprint(array, image)}
         checked.append((case_id, image, label, array, present, prints))
     return checked
 
 
-def _changed(checked: List[tuple], old_records: Dict[str, Dict[str, Any]], summary: Dict[str, Any]) -> List[tuple]:
-    """``checked`` less the cases the dataset holds as they are (the same volume and label map)."""
+def _changed(checked: List[tuple], old_records: Dict[str, Dict[str, Any]], summary: Dict[str, Any],
+             known: KnownCases) -> List[tuple]:
+    """``checked`` less the cases the dataset holds as they are (the same volume and label map). A
+    record without fingerprints is compared with its stored files and, when they match, given the
+    case's fingerprints (in ``old_records``), so the next export tells it by them."""
     kept = []
     for case in checked:
-        if old_records.get(case[0], {}).get("fingerprints") == case[-1]:
-            summary["unchanged"].append(case[0])
+        case_id, image, _, array, _, prints = case
+        record = old_records.get(case_id)
+        same = record is not None and record.get("fingerprints") == prints
+        if record is not None and not record.get("fingerprints"):
+            entry = known.info.case(case_id)
+            same = known.holds_image(entry, image) and stored_as(array, image, entry.label)
+            if same:
+                record["fingerprints"] = prints
+        if same:
+            summary["unchanged"].append(case_id)
         else:
             kept.append(case)
     return kept
