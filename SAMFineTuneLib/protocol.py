@@ -204,7 +204,7 @@ def crop_to_content(array: np.ndarray) -> Tuple[np.ndarray, Optional[Dict[str, A
 
 def _uncrop(name: str, block: np.ndarray, crop: Any, max_bytes: int) -> np.ndarray:
     """The whole array a cropped block stands for; the crop must hold the block inside its shape,
-    and the whole may be no larger than ``max_bytes`` (the connection's limit uncropped)."""
+    and the whole may be no larger than ``max_bytes`` (what is left of the message's limit)."""
     offset = crop.get("offset") if isinstance(crop, dict) else None
     shape = crop.get("shape") if isinstance(crop, dict) else None
     if not (_counts(offset, block.ndim) and _counts(shape, block.ndim)):
@@ -214,7 +214,8 @@ def _uncrop(name: str, block: np.ndarray, crop: Any, max_bytes: int) -> np.ndarr
         raise ProtocolError(f"array {name!r}: block {list(block.shape)} at offset {offset} does not fit "
                             f"crop shape {shape}")
     if block.dtype.itemsize * math.prod(max(n, 1) for n in shape) > max_bytes:
-        raise ProtocolError(f"array {name!r}: crop shape {shape} is over this connection's {max_bytes} byte limit")
+        raise ProtocolError(f"array {name!r}: crop shape {shape} is over the {max_bytes} bytes left of this "
+                            "connection's limit for one message's arrays; send smaller arrays")
     full = np.zeros(tuple(shape), dtype=block.dtype)
     full[tuple(slice(o, o + n) for o, n in zip(offset, block.shape))] = block
     return full
@@ -330,10 +331,12 @@ def array_dtype_shape(name: str, ref: Dict[str, Any]) -> Tuple[np.dtype, Tuple[i
 
 def load_arrays(refs: Optional[Dict[str, Any]], allow_files: bool = True,
                 max_bytes: int = MAX_ATTACHMENT_BYTES) -> Dict[str, np.ndarray]:
-    """The arrays a message names, in memory (files read whole); crops rebuilt up to ``max_bytes``."""
+    """The arrays a message names, in memory (files read whole). Its attachments and rebuilt crops
+    together hold at most ``max_bytes``, the limit on what one message announces: tiny blocks cannot
+    stand for many arrays as large as the limit."""
     if not isinstance(refs or {}, dict):
         raise ProtocolError("'arrays' must be a JSON object of array references")
-    arrays = {}
+    arrays, left = {}, max_bytes
     for name, ref in (refs or {}).items():
         if not isinstance(ref, dict):
             raise ProtocolError(f"array {name!r}: reference must be an object")
@@ -346,7 +349,9 @@ def load_arrays(refs: Optional[Dict[str, Any]], allow_files: bool = True,
         else:
             raise ProtocolError(f"array {name!r}: reference has neither 'path' nor 'nbytes'")
         if ref.get("crop"):
-            array = _uncrop(name, array, ref["crop"], max_bytes)
+            array = _uncrop(name, array, ref["crop"], left)
+        if ref.get("crop") or "path" not in ref:
+            left -= array.nbytes
         arrays[name] = array
     return arrays
 

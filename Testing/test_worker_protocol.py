@@ -169,7 +169,7 @@ def test_arrays_that_cannot_travel_are_refused_when_sent():
     ({"offset": [3, 0], "shape": [4, 4]}, "does not fit"),
     ({"offset": [-1, 0], "shape": [4, 4]}, "non-negative integers"),
     ({"offset": [0], "shape": [4]}, "2 non-negative integers"),
-    ({"offset": [0, 0], "shape": [10**6, 10**6]}, "byte limit"),
+    ({"offset": [0, 0], "shape": [10**6, 10**6]}, "bytes left of this connection.s limit"),
     ({"offset": [0, 0], "shape": [2**70, 0]}, "non-negative integers"),
     ([0, 0], "crop must be"),
 ])
@@ -183,7 +183,7 @@ def test_a_crop_is_bounded_by_the_connections_own_limit():
     """A 4-byte block may not stand for an array larger than the connection would accept uncropped."""
     block, crop = np.ones((2, 2), np.uint8), {"offset": [0, 0], "shape": [1024, 1024]}
     assert protocol.load_arrays({"m": {"data": block, "crop": crop}}, max_bytes=1 << 20)["m"].shape == (1024, 1024)
-    with pytest.raises(ProtocolError, match="this connection's 1048575 byte limit"):
+    with pytest.raises(ProtocolError, match="over the 1048575 bytes left of this connection's limit"):
         protocol.load_arrays({"m": {"data": block, "crop": crop}}, max_bytes=(1 << 20) - 1)
 
 

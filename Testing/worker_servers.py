@@ -19,18 +19,18 @@ ENV = {"OMP_NUM_THREADS": "1"}
 
 @contextlib.contextmanager
 def in_process_servers(tmp_path, token):
-    """start(auth_deadline) -> the port of a server in this process that knows ``token`` (a test
-    may swap a job handler or a constant); all of them stopped at the end."""
+    """start(auth_deadline, stall_timeout) -> the port of a server in this process that knows ``token``
+    (a test may swap a job handler or a constant); all of them stopped at the end."""
     from SAMFineTuneLib.worker import server as server_module
     from SAMFineTuneLib.worker.access import PathAccess
     from SAMFineTuneLib.worker.core import WorkerCore
 
     servers = []
 
-    def start(auth_deadline=30.0):
+    def start(auth_deadline=30.0, stall_timeout=server_module.SEND_STALL_S):
         listener = socket.create_server(("127.0.0.1", 0))
         servers.append(server_module.Server(listener, WorkerCore(str(tmp_path / "w.log")), token, PathAccess(),
-                                            1 << 20, auth_deadline))
+                                            1 << 20, auth_deadline, stall_timeout))
         threading.Thread(target=servers[-1].run, daemon=True).start()
         return listener.getsockname()[1]
 

@@ -1,7 +1,12 @@
 """What outlives the worker's jobs: the loaded segmenter (``WorkerCore``, shared by the TCP
 server's connections), and each conversation's recent volumes (``VolumeStore``, one per
 connection), which a re-prompt reuses without sending them again. A later connection never
-sees an earlier one's volumes, and the server clears the embeddings when a connection ends."""
+sees an earlier one's volumes, and the server clears the embeddings when a connection ends.
+
+Whatever a client can make a conversation keep is bounded, so a client that sends faster than
+the worker runs meets an error naming the limit, not the end of the worker's memory: its waiting
+jobs (``JobQueue``), its volumes (``VolumeStore``) and their slices' click results
+(``StoredVolume``)."""
 from __future__ import annotations
 
 import collections
@@ -9,7 +14,7 @@ import os
 import platform
 import sys
 import threading
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -18,15 +23,67 @@ from ..progress import CancelFn, Cancelled
 from ..segmenter_cache import SegmenterCache
 
 
+# Jobs waiting per conversation; more are refused. The panel queues one job per ROI at once (a
+# spine's vertebrae and ribs are 40 and more), so the count stays well above that; the byte limit
+# bounds what they hold.
+MAX_QUEUED_JOBS = 1000
+# A JSON line parsed into Python objects takes up to ~25 times its bytes (a line of empty objects):
+# how much a queued job's line weighs against the queue's byte limit.
+PARSED_LINE_FACTOR = 32
+# Slices whose last click result a volume keeps (each ~0.5 MB: logits and mask); the least recently
+# clicked goes first, and a click there starts again from the mask the client sends.
+MAX_REFINED_SLICES = 256
+
+
+class JobQueue(collections.deque):
+    """A conversation's waiting jobs (each with a ``weight``: what it holds, in bytes): at most
+    ``MAX_QUEUED_JOBS``, together at most ``max_bytes``; a job with none waiting before it always joins."""
+
+    def __init__(self, max_bytes: int):
+        super().__init__()
+        self.max_bytes = max_bytes
+
+    def refusal(self, weight: int) -> Optional[str]:
+        """Why a job of ``weight`` bytes may not join (None: it may); one line for the client."""
+        if not self:
+            return None
+        if len(self) >= MAX_QUEUED_JOBS:
+            return (f"queue full: {len(self)} jobs already wait on this connection, the most it may queue "
+                    f"({MAX_QUEUED_JOBS}); wait for some to end (or cancel them), then send this one again")
+        held = sum(job.weight for job in self)
+        if held + weight > self.max_bytes:
+            return (f"queue full: the jobs waiting on this connection hold about {held} bytes of arrays and "
+                    f"parameters, and this one {weight}, over the {self.max_bytes} byte limit for waiting jobs "
+                    "(the server's --max-upload-mb); wait for them to end, or send a volume once and reuse it "
+                    "by 'volume_key'")
+        return None
+
+
+def request_weight(message: Dict[str, Any], size: int) -> int:
+    """About how much memory a queued request holds: its attachments, and the rest of the ``size``
+    bytes it took on the stream (its line) as parsed objects."""
+    refs = message.get("arrays") or {}
+    attached = sum(ref["data"].nbytes for ref in refs.values()
+                   if isinstance(ref, dict) and isinstance(ref.get("data"), np.ndarray))
+    return attached + PARSED_LINE_FACTOR * max(0, size - attached)
+
+
 class StoredVolume:
     """A volume the client sent, the parameters of its last segmentation, and the last click
     result on each slice (``refinement.Refined`` by (axis, index, window)): the next click's
-    mask prompt."""
+    mask prompt, for the ``MAX_REFINED_SLICES`` slices clicked last."""
 
     def __init__(self, array: np.ndarray, params: Dict[str, Any]):
         self.array = array
         self.params = params
-        self.refined: Dict[tuple, Any] = {}
+        self.refined: "collections.OrderedDict[Tuple[Any, ...], Any]" = collections.OrderedDict()
+
+    def keep_refined(self, slot: Tuple[Any, ...], refined: Any) -> None:
+        """Keep ``refined`` as the last click result of ``slot``, letting the least recently clicked go."""
+        self.refined.pop(slot, None)
+        self.refined[slot] = refined
+        while len(self.refined) > MAX_REFINED_SLICES:
+            self.refined.popitem(last=False)
 
 
 class VolumeStore:

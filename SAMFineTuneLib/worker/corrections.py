@@ -65,7 +65,7 @@ def refine(core, job) -> Result:
     segmenter = core.get_segmenter(cancel=job.cancelled, **{name: params[name] for name in SEGMENTER_KEYS})
     refined = refine_slice(segmenter, volume, params["axis"], index, params["points"], params["box"],
                            previous=previous, start_mask=arrays.get("mask"), window=params["window"])
-    stored.refined[slot] = refined
+    stored.keep_refined(slot, refined)
     return ({"volume_key": key, "axis": params["axis"], "index": index, "iou": round(refined.iou, 4),
              "voxels": int(refined.mask.sum())}, {"mask": refined.mask.astype(np.uint8)})
 

@@ -7,13 +7,16 @@ a command-line argument, which every user can read in the process list) or one g
 start and printed once. The token never travels: a connection logs in within ``AUTH_DEADLINE_S``
 by a challenge and response in which each side proves it knows the token (``session.Session``,
 PROTOCOL.md); until then it may send two short lines and no arrays, its writes time out, and it
-does not hold the one-client lock, so a silent or hostile connection blocks nobody. Clients name no files on
-the server unless its operator gives ``--data-root`` (``access.PathAccess``); what one client
-sent (volumes, embeddings) is gone before the next one is let in.
+does not hold the one-client lock, so a silent or hostile connection blocks nobody. A logged-in
+client may read late, but one that takes none of the server's bytes for ``SEND_STALL_S`` is cut
+off, so a hung client cannot hold the lock (and a job thread stuck writing to it) for ever. Clients
+name no files on the server unless its operator gives ``--data-root`` (``access.PathAccess``); what
+one client sent (volumes, embeddings) is gone before the next one is let in.
 """
 from __future__ import annotations
 
 import argparse
+import io
 import ipaddress
 import logging
 import os
@@ -21,6 +24,7 @@ import secrets
 import socket
 import sys
 import threading
+import time
 from typing import Mapping, Optional, Tuple
 
 from .. import login_proofs, protocol
@@ -29,7 +33,7 @@ from ..protocol import TOKEN_ENV, ProtocolError
 from .access import PathAccess
 from .core import WorkerCore
 from .process import add_worker_arguments, open_log, preload_engine, route_chatter, sweep_in_background
-from .session import Session
+from .session import BEFORE_LOGIN, Session
 
 log = logging.getLogger("SAMFineTuneLib.worker")
 
@@ -37,6 +41,10 @@ MIN_TOKEN_LENGTH = 16
 BUSY_WAIT_S = 5.0  # an authenticated client waits this long for the previous one to leave
 AUTH_DEADLINE_S = 10.0  # a connection that has not authenticated by then is closed
 MAX_UNAUTHENTICATED = 16  # connections waiting to authenticate at once; more are closed at once
+# A logged-in client that takes none of the server's bytes for this long is cut off: long enough for
+# a busy UI (Slicer reads from a timer) to come back, short of holding the server for ever.
+SEND_STALL_S = 300.0
+PRE_LOGIN_LOG_LINES = 100  # log lines a minute about connections that have not logged in; the rest are dropped
 # TCP keepalive: a client whose machine or network vanished is noticed after ~2 minutes of silence
 # instead of holding the one-client lock for ever (the OS default waits 2 hours).
 KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_PROBES = 60, 15, 4
@@ -72,6 +80,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="most megabytes of arrays one request may carry")
     parser.add_argument("--auth-deadline", type=float, default=AUTH_DEADLINE_S,
                         help="seconds a new connection has to log in (prove it knows the token)")
+    parser.add_argument("--stall-timeout", type=float, default=SEND_STALL_S,
+                        help="seconds a logged-in client may leave the server's messages unread before it is "
+                             "disconnected")
     add_worker_arguments(parser)
 
 
@@ -118,8 +129,8 @@ def serve_main(args: argparse.Namespace) -> int:
         token, generated = choose_token(given_token(args.token_file, args.token, os.environ), args.host)
         if args.data_root and not os.path.isdir(args.data_root):
             raise ValueError(f"--data-root {args.data_root} is not a folder")
-        if args.max_upload_mb < 1 or not args.auth_deadline > 0:
-            raise ValueError("--max-upload-mb must be at least 1 and --auth-deadline above 0")
+        if args.max_upload_mb < 1 or not args.auth_deadline > 0 or not args.stall_timeout > 0:
+            raise ValueError("--max-upload-mb must be at least 1, --auth-deadline and --stall-timeout above 0")
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -141,7 +152,8 @@ def serve_main(args: argparse.Namespace) -> int:
     route_chatter(log_stream, also_stderr=False)
     sweep_in_background()
     preload_engine()
-    Server(server, WorkerCore(log_path), token, access, args.max_upload_mb << 20, args.auth_deadline).run()
+    Server(server, WorkerCore(log_path), token, access, args.max_upload_mb << 20, args.auth_deadline,
+           args.stall_timeout).run()
     return 0
 
 
@@ -150,13 +162,15 @@ class Server:
     the places for connections still authenticating."""
 
     def __init__(self, listener: socket.socket, core: WorkerCore, token: str, access: PathAccess,
-                 max_upload_bytes: int, auth_deadline: float = AUTH_DEADLINE_S):
+                 max_upload_bytes: int, auth_deadline: float = AUTH_DEADLINE_S, stall_timeout: float = SEND_STALL_S):
         self.listener, self.core, self.access = listener, core, access
         self.login = login_proofs.ServerKey(token)  # stretched once: a connection costs no scrypt
-        self.max_upload_bytes, self.auth_deadline = max_upload_bytes, auth_deadline
+        self.max_upload_bytes, self.auth_deadline, self.stall_timeout = max_upload_bytes, auth_deadline, stall_timeout
         self.busy = threading.Lock()
         self.stop = threading.Event()
         self.waiting = threading.BoundedSemaphore(MAX_UNAUTHENTICATED)
+        if not any(isinstance(item, PreLoginLogQuota) for item in log.filters):
+            log.addFilter(PreLoginLogQuota())
 
     def run(self) -> None:
         """Take connections until a client asks the server to stop (or the socket fails)."""
@@ -170,7 +184,8 @@ class Server:
                 except (OSError, KeyboardInterrupt):
                     break
                 if not self.waiting.acquire(blocking=False):
-                    log.warning("too many connections waiting to authenticate; closed one from %s", address)
+                    log.warning("too many connections waiting to authenticate; closed one from %s", address,
+                                extra=BEFORE_LOGIN)
                     conn.close()
                     continue
                 conn.settimeout(self.auth_deadline)  # until it logs in, a peer that reads nothing stalls no write
@@ -178,11 +193,11 @@ class Server:
                 threading.Thread(target=self._serve, args=(conn, address), daemon=True).start()
 
     def _serve(self, conn: socket.socket, address) -> None:
-        log.info("connection from %s", address)
+        log.info("connection from %s", address, extra=BEFORE_LOGIN)
         slot = _Once(self.waiting.release)
-        admitted = []
+        admitted, ended, sending = [], threading.Event(), _SocketWriter(conn)
         try:
-            with conn, conn.makefile("rb") as reader, conn.makefile("wb") as writer:
+            with conn, conn.makefile("rb") as reader, io.BufferedWriter(sending) as writer:
 
                 def admit() -> None:  # the client proved it knows the token
                     deadline.cancel()
@@ -191,6 +206,8 @@ class Server:
                         raise ProtocolError("server busy: another client is connected; try again later")
                     admitted.append(True)
                     conn.settimeout(None)  # a logged-in client may read its events late (a long job, a busy UI)
+                    threading.Thread(target=_watch_sends, args=(sending, conn, ended, self.stall_timeout),
+                                     daemon=True).start()
 
                 session = Session(self.core, reader, writer, files=False, login=self.login, need_hello=True,
                                   access=self.access, admit=admit, max_attachment_bytes=self.max_upload_bytes)
@@ -206,12 +223,13 @@ class Server:
                     slot()
                 _close_gently(conn)
         except OSError as exc:  # flushing the last words to a peer that stopped reading: nothing left to tell it
-            log.info("connection from %s ended: %s", address, exc)
+            log.info("connection from %s ended: %s", address, exc, extra=None if admitted else BEFORE_LOGIN)
         finally:
+            ended.set()
             slot()
             if admitted:
                 self._hand_over(session)
-        log.info("connection from %s closed", address)
+        log.info("connection from %s closed", address, extra=None if admitted else BEFORE_LOGIN)
 
     def _hand_over(self, session: Session) -> None:
         """The admitted client left: stop the server if it asked, else free the one-client lock, but
@@ -221,6 +239,28 @@ class Server:
         session.wait_for_job()
         self.core.forget_embeddings()
         self.busy.release()
+
+
+class PreLoginLogQuota(logging.Filter):
+    """Lets through at most ``PRE_LOGIN_LOG_LINES`` a minute of the log lines marked ``BEFORE_LOGIN``,
+    then one saying the rest are left out: anyone who reaches the port can make such lines."""
+
+    def __init__(self):
+        super().__init__()
+        self.lock, self.minute, self.count = threading.Lock(), None, 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(record, "before_login", False):
+            return True
+        with self.lock:
+            minute = int(time.monotonic() // 60)
+            if minute != self.minute:
+                self.minute, self.count = minute, 0
+            self.count += 1
+            if self.count == PRE_LOGIN_LOG_LINES + 1:
+                record.msg, record.args = ("more lines about connections that did not log in are left out of the "
+                                           "log this minute"), ()
+            return self.count <= PRE_LOGIN_LOG_LINES + 1
 
 
 class _Once:
@@ -242,11 +282,44 @@ def _expire(session: Session, conn: socket.socket, seconds: float) -> None:
     wake up and the connection's thread frees its place."""
     if session.authenticated:
         return
-    log.info("no login within %g s; closing the connection", seconds)
+    log.info("no login within %g s; closing the connection", seconds, extra=BEFORE_LOGIN)
     try:
         conn.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
+
+
+class _SocketWriter(io.RawIOBase):
+    """The connection's write side; ``blocked_since``: when the write waiting on the peer began
+    (None while none waits). Each call returns once the kernel took some bytes: the peer read some."""
+
+    def __init__(self, conn: socket.socket):
+        self.conn, self.blocked_since = conn, None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.blocked_since = time.monotonic()
+        try:
+            return self.conn.send(data)
+        finally:
+            self.blocked_since = None
+
+
+def _watch_sends(writer: _SocketWriter, conn: socket.socket, ended: threading.Event, limit: float) -> None:
+    """Until the connection ends: cut it once a write has waited ``limit`` s for the peer to read.
+    Nothing can be told to a peer that reads nothing; the log says why."""
+    while not ended.wait(min(1.0, limit / 4)):
+        since = writer.blocked_since
+        if since is not None and time.monotonic() - since > limit:
+            log.warning("the client read none of the server's messages for %g s; disconnected it (serve "
+                        "--stall-timeout)", limit)
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return
 
 
 def _keep_alive(conn: socket.socket) -> None:

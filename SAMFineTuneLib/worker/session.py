@@ -11,11 +11,11 @@ nonce, salt and proof, the second carries the client's proof (``login_proofs``; 
 travels). No attachments, no second try: any message that does not lead to login gets one error
 and ends the conversation, so an unknown peer can neither flood the log nor keep a reply stream
 going. Request text is never logged (a client of another protocol version may send the token);
-only the request id, when it is a plain name, and the error kind.
+only the request id, when it is a plain name, and the error kind. What waits in the queue is
+bounded (``core.JobQueue``); a job's arrays and result are let go once it is answered.
 """
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import re
@@ -33,7 +33,7 @@ from ..protocol import ProtocolError
 from ..progress import Cancelled
 from . import jobs
 from .access import PathAccess
-from .core import VolumeStore, WorkerCore
+from .core import JobQueue, VolumeStore, WorkerCore, request_weight
 
 log = logging.getLogger("SAMFineTuneLib.worker")
 
@@ -42,6 +42,9 @@ JOB_STOP_WAIT_S = 10.0  # how long an ending conversation waits for its cancelle
 # Failures that are the request's fault (bad input, a missing or refused file, a full disk): their
 # message says what to do; a traceback would only hide it. Anything else is a bug: traceback.
 EXPECTED_ERRORS = (ValueError, OSError)
+# ``extra`` of a log line about a peer that has not logged in: a server lets only so many through
+# (``server.PreLoginLogQuota``), so connecting over and over cannot fill its disk.
+BEFORE_LOGIN = {"before_login": True}
 _PLAIN_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,40}$")
 
 
@@ -52,8 +55,9 @@ def _loggable_id(job_id: Any) -> str:
 class RunningJob:
     """One request being run in the worker: its parameters, arrays, and the hooks engine code calls."""
 
-    def __init__(self, session: "Session", message: Dict[str, Any]):
+    def __init__(self, session: "Session", message: Dict[str, Any], weight: int = 0):
         self.session = session
+        self.weight = weight  # what it holds while queued: its arrays and parsed line (bytes, estimated)
         self.id: str = message["id"]
         self.command: str = message["command"]
         self.params: Dict[str, Any] = message.get("params") or {}
@@ -116,7 +120,7 @@ class Session:
         admit(): called once the client's proof checks out (the server takes its one-client lock there);
         raises ProtocolError to turn the client away."""
         self.core = core
-        self.reader, self.writer = reader, writer
+        self.reader, self.writer = _CountingReader(reader), writer
         self.files = files
         self.login = login
         self.authenticated = not need_hello
@@ -127,7 +131,7 @@ class Session:
         self.volumes = VolumeStore()
         self.write_lock = threading.Lock()
         self.cond = threading.Condition()
-        self.queue: "collections.deque[RunningJob]" = collections.deque()
+        self.queue = JobQueue(max_attachment_bytes)
         self.current: Optional[RunningJob] = None
         self.stopping = False
         self.stop_server = False
@@ -147,7 +151,8 @@ class Session:
             except (ConnectionError, TimeoutError, ValueError) as exc:  # ValueError: write to a closed stream
                 if isinstance(exc, ProtocolError):
                     raise
-                log.warning("cannot send %s for %s: %s", message.get("event"), message.get("id"), exc)
+                log.warning("cannot send %s for %s: %s", message.get("event"), _loggable_id(message.get("id")), exc,
+                            extra=None if self.authenticated else BEFORE_LOGIN)
 
     def error_event(self, job_id: Optional[str], exc: BaseException, with_traceback: bool = False) -> Dict[str, Any]:
         text = str(exc) if isinstance(exc, ProtocolError) else f"{type(exc).__name__}: {exc}"
@@ -158,7 +163,8 @@ class Session:
         elif self.authenticated:
             log.warning("request %s refused: %s", _loggable_id(job_id), text)
         else:  # before authentication the text may echo what an unknown client sent
-            log.warning("request %s refused before authentication (%s)", _loggable_id(job_id), type(exc).__name__)
+            log.warning("request %s refused before authentication (%s)", _loggable_id(job_id), type(exc).__name__,
+                        extra=BEFORE_LOGIN)
         return protocol.event(job_id, "error", **fields)
 
     def send_error(self, job_id: Optional[str], exc: BaseException) -> None:
@@ -183,6 +189,7 @@ class Session:
         try:
             while not self.stopping:
                 try:
+                    start = self.reader.count
                     message = protocol.read_message(self.reader, **self._read_limits())
                 except ProtocolError as exc:
                     self.send_error(None, exc)
@@ -194,7 +201,8 @@ class Session:
                 if message is None:
                     break
                 challenged = self.challenge is not None
-                self._handle(message)
+                self._handle(message, self.reader.count - start)
+                message = None  # its arrays belong to the job: they go when it goes, not at the next read
                 # Before login only a first hello that got a challenge is followed by a second message;
                 # whatever answers the challenge either logs in or ends the conversation: no second try.
                 if not self.authenticated and (challenged or self.challenge is None):
@@ -207,7 +215,8 @@ class Session:
             return {"max_attachment_bytes": self.max_attachment_bytes}
         return {"max_line": protocol.HELLO_MAX_BYTES, "attachments": False, "skip_long_lines": False}
 
-    def _handle(self, message: Dict[str, Any]) -> None:
+    def _handle(self, message: Dict[str, Any], size: int = 0) -> None:
+        """Answer or queue one request; ``size``: the bytes it took on the stream."""
         job_id = message.get("id") if isinstance(message.get("id"), str) else None
         try:
             protocol.check_request(message)
@@ -227,7 +236,12 @@ class Session:
                 self.send_error(job_id, exc)
             return
         with self.cond:  # 'accepted' goes out before the job thread can say 'started'
-            self.queue.append(RunningJob(self, message))
+            job = RunningJob(self, message, request_weight(message, size))
+            refusal = self.queue.refusal(job.weight)
+            if refusal is not None:
+                self.send_error(job_id, ProtocolError(refusal))
+                return
+            self.queue.append(job)
             self.send(protocol.event(job_id, "accepted", position=len(self.queue) + (self.current is not None) - 1))
             self.cond.notify()
 
@@ -293,7 +307,8 @@ class Session:
     def _stop(self, thread: threading.Thread) -> None:
         with self.cond:
             self.stopping = True
-            dropped, self.queue = list(self.queue), collections.deque()
+            dropped = list(self.queue)
+            self.queue.clear()
             if self.current is not None:
                 self.current.cancel_event.set()
             self.cond.notify_all()
@@ -324,16 +339,20 @@ class Session:
                     self.cond.wait()
                 if self.stopping:
                     return
-                job = self.current = self.queue.popleft()
-            try:
-                final, arrays = self._run(job)
-            finally:
-                with self.cond:  # no longer busy: a ping after the final event must not name this job
-                    self.current = None
-            try:
-                self.send(final, arrays, folder=self._result_folder(job) if arrays else None)
-            except Exception as exc:  # noqa: BLE001 - e.g. a full disk while writing the mask
-                self.send_error(job.id, exc)
+                self.current = self.queue.popleft()
+            self._answer(self.current)  # the job, its arrays and its result are let go when this returns
+
+    def _answer(self, job: RunningJob) -> None:
+        """Run ``job`` and send its final event."""
+        try:
+            final, arrays = self._run(job)
+        finally:
+            with self.cond:  # no longer busy: a ping after the final event must not name this job
+                self.current = None
+        try:
+            self.send(final, arrays, folder=self._result_folder(job) if arrays else None)
+        except Exception as exc:  # noqa: BLE001 - e.g. a full disk while writing the mask
+            self.send_error(job.id, exc)
 
     def _run(self, job: RunningJob) -> Tuple[Dict[str, Any], Optional[Dict[str, np.ndarray]]]:
         """Run one job; returns its final event (result, error or cancelled) and result arrays."""
@@ -356,3 +375,20 @@ class Session:
         result = dict(result or {})
         result.setdefault("seconds", round(time.perf_counter() - started, 4))
         return protocol.event(job.id, "result", result=result), arrays or None
+
+
+class _CountingReader:
+    """A binary stream that counts the bytes read from it (what ``protocol.read_message`` calls)."""
+
+    def __init__(self, stream: BinaryIO):
+        self.stream, self.count = stream, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.count += len(data or b"")
+        return data
+
+    def readline(self, size: int = -1) -> bytes:
+        data = self.stream.readline(size)
+        self.count += len(data or b"")
+        return data
