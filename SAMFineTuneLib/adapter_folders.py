@@ -13,8 +13,9 @@ sibling folder and swaps it in (``replace_folder``):
 A writer killed between steps 2 and 3 leaves no NAME but two complete folders beside it:
 ``settle``, run by readers and by the next writer, moves the new one into place (else the old
 one), so a reader sees the old adapter or the new one, never a mix. A lock file beside the folder
-(``.NAME.lock``, held with an OS file lock that ends with its process, so a crash leaves nothing
-stale) stops two trainings writing one folder at once; the loser's error names the holder.
+(``.NAME.lock``, a ``folder_locks.FileLock``: an OS file lock that ends with its process, so a
+crash leaves nothing stale) stops two trainings writing one folder at once; the loser's error
+names the holder.
 
 A NAME that is a symbolic link (``current`` -> ``adapters/v3``) is swapped at its target: the
 link stays a link, and the steps above never rename the link itself.
@@ -27,11 +28,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import time
-from typing import Callable, Iterable, List, Optional
+from typing import Callable, Iterable, Optional
 
-from .files import BROWSER_FILES, WriteError, keep_mode, missing_folders, remove_if_empty, write_error
+from .files import BROWSER_FILES, WriteError, keep_mode, write_error
+from .folder_locks import FileLock
 
 #: Written last into every complete adapter folder (``adapters.CARD_FILE``).
 COMPLETE_MARK = "model_card.json"
@@ -62,117 +63,28 @@ def _remove(folder: str) -> None:
         shutil.rmtree(folder)
 
 
-class FolderLock:
+class FolderLock(FileLock):
     """The lock of one output folder (``.NAME.lock`` beside it). ``acquire`` raises a ValueError
     naming the process that holds it; the lock ends with ``release`` or with the process."""
 
     def __init__(self, folder: str, purpose: str = "training"):
         self.folder = os.path.abspath(folder)
-        self.path = sibling(self.folder, "lock")
-        self.purpose = purpose
-        self.handle = None
-        self.created: List[str] = []  # folders made for the lock file, removed with it if still empty
-
-    def try_acquire(self) -> bool:
-        created = missing_folders(os.path.dirname(self.path))
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        try:
-            handle = open(self.path, "a+", encoding="utf-8")
-        except FileNotFoundError:  # a holder releasing the lock removed the folder just made: look again
-            return False
-        if not _lock_file(handle) or not _same_file(handle, self.path):
-            handle.close()  # held, or a file its holder deleted on release (the lock lives on a new one)
-            return False
-        self.created = created
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{self.purpose} by process {os.getpid()} on {socket.gethostname()}, since "
-                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        handle.flush()
-        self.handle = handle
-        return True
-
-    def holder(self) -> str:
-        try:
-            with open(self.path, encoding="utf-8") as handle:
-                return handle.read().strip() or "an unknown process"
-        except OSError:
-            return "an unknown process"
+        super().__init__(sibling(self.folder, "lock"), purpose)
 
     def acquire(self, wait_s: float = 2.0) -> "FolderLock":
         """Take the lock, waiting up to ``wait_s`` (a reader settling the folder holds it briefly)."""
-        deadline = time.monotonic() + wait_s
-        while not self.try_acquire():
-            if time.monotonic() >= deadline:
-                raise ValueError(f"adapter folder {self.folder} is being written by another run ({self.holder()}); "
-                                 "wait for it to finish, cancel it, or train into another folder")
-            time.sleep(0.05)
-        return self
+        def busy(holder: str) -> ValueError:
+            return ValueError(f"adapter folder {self.folder} is being written by another run ({holder}); "
+                              "wait for it to finish, cancel it, or train into another folder")
 
-    def release(self) -> None:
-        """Unlock and delete the lock file (and the folders made for it, if nothing else went
-        there): a run that wrote nothing leaves nothing. Waiting processes check that the file
-        they lock is still the one at the path, so deleting it cannot hand the lock to two."""
-        if self.handle is None:
-            return
-        mine = _same_file(self.handle, self.path)
-        if mine and os.name != "nt":  # POSIX: delete while holding; Windows cannot delete an open file
-            _unlink(self.path)
-        _unlock_file(self.handle)
-        self.handle.close()
-        self.handle = None
-        if mine and os.name == "nt":
-            _unlink(self.path)
-        remove_if_empty(self.created)
-        self.created = []
+        super().acquire(wait_s, busy)
+        return self
 
     def __enter__(self) -> "FolderLock":
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
-
-
-def _same_file(handle, path: str) -> bool:
-    try:
-        here, there = os.fstat(handle.fileno()), os.stat(path)
-    except OSError:
-        return False
-    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
-
-
-def _unlink(path: str) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(path)
-
-
-def _lock_file(handle) -> bool:
-    """A non-blocking exclusive OS lock on an open file: False when another holder has it."""
-    try:
-        if os.name == "nt":
-            import msvcrt
-
-            handle.seek(1 << 20)  # a byte past the holder's text, which others still read
-            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
-        else:
-            import fcntl
-
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except OSError:
-        return False
-
-
-def _unlock_file(handle) -> None:
-    if os.name == "nt":
-        import msvcrt
-
-        handle.seek(1 << 20)
-        msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
-    else:
-        import fcntl
-
-        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def check_output_folder(folder: str, allowed: Iterable[str]) -> None:

@@ -5,8 +5,8 @@ Every file the engine writes (volumes, datasets, adapters, embeddings, reports) 
 ``atomic_write``: it is written to a temporary name beside its target, flushed to the disk,
 checked (its size, and whatever ``verify`` reads back: SimpleITK, for one, does not raise when
 the disk fills), and only then renamed onto the target. A full disk, a file-size limit or a
-cancel leaves what was there before. Folder locks: ``folder_locks`` (a dataset) and
-``adapter_folders`` (an adapter).
+cancel leaves what was there before. Folder locks: ``folder_locks`` (an OS lock on a file
+naming its holder; a dataset's inside it, an adapter's beside it, ``adapter_folders``).
 
 Standard library only, so the Slicer side can import it before torch is installed.
 """

@@ -1,6 +1,8 @@
-"""One process at a time writes a dataset folder: a lock file inside it records its holder (pid,
-host, purpose, time), so the next writer's error names who holds it, and a lock its holder left
-by dying is taken over (``process_alive``, the record's host and age).
+"""One writer at a time per folder: an exclusive OS lock on a lock file (``FileLock``). The OS
+ends the lock with its holder's process, so a writer that crashed or was killed leaves nothing
+stale to take over; the file names its holder (purpose, process, host, time), so the next
+writer's error says who is writing. A dataset keeps its lock inside its folder (``folder_lock``);
+an adapter folder, which is replaced whole, beside it (``adapter_folders.FolderLock``).
 
 Standard library only, so the Slicer side can import it before torch is installed.
 """
@@ -8,18 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import socket
 import time
-from typing import Iterator, Optional
+from typing import Callable, Iterator, List
 
-from .files import WriteError
+from .files import WriteError, missing_folders, remove_if_empty
 
 LOCK_FILE = ".samfinetune.lock"
-#: A lock file whose record is still unreadable after this long was left by a process that died
-#: between creating it and writing its record; a younger one belongs to a holder still writing it.
-UNREADABLE_LOCK_STALE_S = 10.0
 
 
 class FolderBusy(WriteError):
@@ -29,132 +27,126 @@ class FolderBusy(WriteError):
         super().__init__(message, errno.EBUSY)
 
 
-def process_alive(pid: int, started_before: Optional[float] = None) -> bool:
-    """Whether process ``pid`` runs, and (with psutil, when ``started_before`` is given) is the same
-    process that was there at that time rather than a later one that reused its number."""
-    try:
-        import psutil
-    except ImportError:
-        psutil = None
-    if psutil is not None:
+class FileLock:
+    """The lock file ``path`` (created with the folders it needs), held by ``acquire`` until
+    ``release`` or the end of the process."""
+
+    def __init__(self, path: str, purpose: str):
+        self.path = os.path.abspath(path)
+        self.purpose = purpose
+        self.handle = None
+        self.created: List[str] = []  # folders made for the lock file, removed with it if still empty
+
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free; a ``files.WriteError`` where the lock file cannot be made."""
+        folder = os.path.dirname(self.path)
+        created = missing_folders(folder)
         try:
-            created = psutil.Process(pid).create_time()
-        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            os.makedirs(folder, exist_ok=True)
+            handle = open(self.path, "a+", encoding="utf-8")
+        except FileNotFoundError:  # a holder releasing the lock removed the folder just made: look again
             return False
-        except psutil.AccessDenied:
-            return True
-        return started_before is None or created <= started_before + 1.0
-    if os.name == "nt":
-        return True  # cannot tell without psutil: assume the owner is alive
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-@contextlib.contextmanager
-def folder_lock(folder: str, purpose: str) -> Iterator[str]:
-    """Hold ``folder``'s lock file while writing into it; another process that holds it makes this a
-    ``FolderBusy`` error naming that process. A lock left by a process that died is taken over.
-    Yields the lock file's path."""
-    path = os.path.join(os.path.abspath(folder), LOCK_FILE)
-    record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "purpose": purpose, "time": time.time()})
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            holder = _lock_holder(path)
-            if holder is None and _written_lately(path):
-                raise FolderBusy(f"{folder} is being written by another process (it is taking the lock {path}); "
-                                 f"wait for it to finish, or delete {path} if no process is writing there") from None
-            if holder is not None and _holder_alive(holder):
-                raise FolderBusy(_busy_message(folder, path, holder)) from None
-            if holder != {}:  # {}: released meanwhile; else the holder died and its lock is stale
-                _remove_stale_lock(path, holder)
-            continue
         except OSError as exc:
             raise WriteError(f"cannot write in {folder}: {exc.strerror or exc}; choose a folder you can write to",
                              exc.errno or errno.EACCES) from None
-        identity = _identity(os.fstat(fd))
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(record)
-        break
-    else:
-        raise FolderBusy(f"could not take the lock {path}: other processes keep taking it; try again")
-    try:
-        yield path
-    finally:
-        _release_own_lock(path, identity, record)
+        if not _lock_file(handle) or not _same_file(handle, self.path):
+            handle.close()  # held, or a file its holder deleted on release (the lock lives on a new one)
+            return False
+        self.created = created
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{self.purpose} by process {os.getpid()} on {socket.gethostname()}, since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        self.handle = handle
+        return True
 
-
-def _identity(info: os.stat_result) -> tuple:
-    return info.st_dev, info.st_ino
-
-
-def _written_lately(path: str) -> bool:
-    """Whether ``path`` was written less than ``UNREADABLE_LOCK_STALE_S`` ago (False once it is gone)."""
-    try:
-        return time.time() - os.stat(path).st_mtime < UNREADABLE_LOCK_STALE_S
-    except OSError:
-        return False
-
-
-def _release_own_lock(path: str, identity: tuple, record: str) -> None:
-    """Delete the lock file only while it is still this holder's (same file, same record): another
-    process that took it over (judging this one dead) keeps its lock."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            if _identity(os.fstat(handle.fileno())) != identity or handle.read() != record:
-                return
-        os.unlink(path)
-    except OSError:
-        pass
-
-
-def _lock_holder(path: str) -> Optional[dict]:
-    """The lock's record; None when it is unreadable (a holder that died while writing it)."""
-    for _ in range(5):
+    def holder(self) -> str:
         try:
-            with open(path, encoding="utf-8") as handle:
-                return json.load(handle)
-        except FileNotFoundError:
-            return {}  # released meanwhile: try again
-        except (OSError, ValueError):
-            time.sleep(0.05)  # being written this very moment
-    return None
+            with open(self.path, encoding="utf-8") as handle:
+                return handle.read().strip() or "an unknown process"
+        except OSError:
+            return "an unknown process"
+
+    def acquire(self, wait_s: float, busy: Callable[[str], Exception]) -> "FileLock":
+        """Take the lock, waiting up to ``wait_s`` (a holder may be about to release it); then
+        ``busy(holder)`` is raised."""
+        deadline = time.monotonic() + wait_s
+        while not self.try_acquire():
+            if time.monotonic() >= deadline:
+                raise busy(self.holder())
+            time.sleep(0.05)
+        return self
+
+    def release(self) -> None:
+        """Unlock and delete the lock file (and the folders made for it, if nothing else went
+        there): a writer leaves nothing. Waiting processes check that the file they lock is still
+        the one at the path, so deleting it cannot hand the lock to two."""
+        if self.handle is None:
+            return
+        mine = _same_file(self.handle, self.path)
+        if mine and os.name != "nt":  # POSIX: delete while holding; Windows cannot delete an open file
+            _unlink(self.path)
+        _unlock_file(self.handle)
+        self.handle.close()
+        self.handle = None
+        if mine and os.name == "nt":
+            _unlink(self.path)
+        remove_if_empty(self.created)
+        self.created = []
 
 
-def _remove_stale_lock(path: str, holder: Optional[dict]) -> None:
-    """Move the stale lock aside and delete it, unless it turns out to be another process's fresh
-    lock (taken between our look and the move): that one goes back."""
-    aside = f"{path}.stale-{os.getpid()}"
+@contextlib.contextmanager
+def folder_lock(folder: str, purpose: str, wait_s: float = 0.5) -> Iterator[str]:
+    """Hold ``folder``'s lock file (``LOCK_FILE`` inside it) while writing into it; another process
+    that holds it makes this a ``FolderBusy`` error naming that process. Yields the lock file's path."""
+    def busy(holder: str) -> FolderBusy:
+        return FolderBusy(f"{folder} is being written by another process ({holder}); wait for it to finish")
+
+    lock = FileLock(os.path.join(os.path.abspath(folder), LOCK_FILE), purpose).acquire(wait_s, busy)
     try:
-        os.replace(path, aside)
-    except FileNotFoundError:
-        return
-    if _lock_holder(aside) not in (holder, None):
-        with contextlib.suppress(OSError):
-            os.link(aside, path)  # never replaces a lock taken since
+        yield lock.path
+    finally:
+        lock.release()
+
+
+def _same_file(handle, path: str) -> bool:
+    try:
+        here, there = os.fstat(handle.fileno()), os.stat(path)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _unlink(path: str) -> None:
     with contextlib.suppress(OSError):
-        os.unlink(aside)
+        os.unlink(path)
 
 
-def _holder_alive(holder: dict) -> bool:
-    if not holder:
-        return False
-    if holder.get("host") != socket.gethostname():
-        return True  # another machine (shared folder): cannot tell, so it holds the lock
+def _lock_file(handle) -> bool:
+    """A non-blocking exclusive OS lock on an open file: False when another holder has it."""
     try:
-        return process_alive(int(holder["pid"]), float(holder.get("time", 0.0)) or None)
-    except (KeyError, TypeError, ValueError):
+        if os.name == "nt":
+            import msvcrt
+
+            handle.seek(1 << 20)  # a byte past the holder's text, which others still read
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
         return False
 
 
-def _busy_message(folder: str, path: str, holder: dict) -> str:
-    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder.get("time", 0.0))))
-    return (f"{folder} is being written by another process (pid {holder.get('pid')} on {holder.get('host')}, "
-            f"{holder.get('purpose', 'a write')} since {since}); wait for it to finish, or delete {path} if "
-            "that process is gone")
+def _unlock_file(handle) -> None:
+    if os.name == "nt":
+        import msvcrt
+
+        handle.seek(1 << 20)
+        msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
+    else:
+        import fcntl
+
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

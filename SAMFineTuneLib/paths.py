@@ -14,13 +14,37 @@ import re
 import shutil
 import sys
 import tempfile
-from typing import List
-
-from .folder_locks import process_alive
+from typing import List, Optional
 
 # Job folders are named samft-<kind>-<owner pid>-<random>, so a later worker can tell whose they are.
 JOB_FOLDER_KINDS = ("jobs", "worker")
 _JOB_FOLDER = re.compile(r"^samft-(%s)-(\d+)-" % "|".join(JOB_FOLDER_KINDS))
+
+
+def process_alive(pid: int, started_before: Optional[float] = None) -> bool:
+    """Whether process ``pid`` runs, and (with psutil, when ``started_before`` is given) is the same
+    process that was there at that time rather than a later one that reused its number."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        try:
+            created = psutil.Process(pid).create_time()
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            return False
+        except psutil.AccessDenied:
+            return True
+        return started_before is None or created <= started_before + 1.0
+    if os.name == "nt":
+        return True  # cannot tell without psutil: assume the owner is alive
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def user_cache_dir() -> str:

@@ -230,42 +230,39 @@ def test_two_exports_never_write_one_folder_at_once(tmp_path):
     try:
         assert other.stdout.readline().strip() == "0"  # the other export is writing
         with pytest.raises(folder_locks.FolderBusy,
-                           match=rf"being written by another process \(pid {other.pid} .*export"):
+                           match=rf"being written by another process \(export by process {other.pid} on "):
             ds.export_dataset([make_case(30)], root)
         other.send_signal(signal.SIGKILL)  # it dies holding the lock
     finally:
         other.wait(timeout=60)
         other.stdout.close()
     assert os.path.exists(root / folder_locks.LOCK_FILE)
-    ds.export_dataset([make_case(30)], root)  # the dead process's lock is taken over
+    ds.export_dataset([make_case(30)], root)  # the dead process's lock ended with it
     assert [c.case for c in ds.read_dataset(root).cases] == ["case00", "case01", "case30"]
     assert not os.path.exists(root / folder_locks.LOCK_FILE)
 
 
-def test_a_released_lock_is_deleted_and_a_lock_taken_over_meanwhile_is_kept(tmp_path):
+def test_a_released_lock_is_deleted_and_a_lock_file_nobody_holds_is_no_lock(tmp_path):
     path = tmp_path / folder_locks.LOCK_FILE
     with folder_locks.folder_lock(str(tmp_path), "export"):
         assert path.exists()
+        with pytest.raises(folder_locks.FolderBusy, match=rf"\(export by process {os.getpid()} on .*wait for it"):
+            with folder_locks.folder_lock(str(tmp_path), "another export", wait_s=0.1):
+                pass
     assert not path.exists()
+    path.write_text("export by process 1 on elsewhere, since 2026-01-01 00:00:00\n")  # left by a crash
     with folder_locks.folder_lock(str(tmp_path), "export"):
-        # another process judged this holder dead and took the lock over: it keeps its lock
-        path.unlink()
-        path.write_text(json.dumps({"pid": 1, "host": "elsewhere", "purpose": "export", "time": 0.0}))
-    assert json.loads(path.read_text())["host"] == "elsewhere"
+        assert path.read_text().startswith(f"export by process {os.getpid()} ")
+    assert not path.exists()
 
 
-def test_a_lock_whose_record_is_not_written_yet_is_busy_until_it_is_old(tmp_path):
-    path = tmp_path / folder_locks.LOCK_FILE
-    path.write_text("")  # its holder created it and has not written its record yet
-    with pytest.raises(folder_locks.FolderBusy, match=f"being written by another process .*taking the lock {path}"):
-        with folder_locks.folder_lock(str(tmp_path), "export"):
+def test_a_folder_the_lock_cannot_be_made_in_is_one_line_saying_so(tmp_path):
+    blocked = tmp_path / "a file" / "dataset"  # a file stands where a folder on the way belongs
+    (tmp_path / "a file").write_text("not a folder")
+    with pytest.raises(files.WriteError, match=f"cannot write in {blocked}: .*choose a folder you can write to"):
+        with folder_locks.folder_lock(str(blocked), "export"):
             pass
-    assert path.read_text() == ""
-    old = os.stat(path).st_mtime - 2 * folder_locks.UNREADABLE_LOCK_STALE_S
-    os.utime(path, (old, old))  # its holder died before writing it: taken over
-    with folder_locks.folder_lock(str(tmp_path), "export"):
-        assert json.loads(path.read_text())["pid"] == os.getpid()
-    assert not path.exists()
+    assert (tmp_path / "a file").read_text() == "not a folder"
 
 
 # --- modes and writers' own errors -------------------------------------------------------------
