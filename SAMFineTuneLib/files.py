@@ -19,6 +19,7 @@ import os
 import secrets
 import shutil
 import tempfile
+import time
 from typing import Any, Callable, List, Optional
 
 from .progress import Cancelled
@@ -87,7 +88,7 @@ def atomic_write(path: str, write: Callable[[str], Any], verify: Optional[Callab
         if verify is not None:
             verify(temp)
         keep_mode(temp, path)
-        os.replace(temp, path)
+        replace_path(temp, path)
     except BaseException as exc:
         error = None  # judged before the temp file goes, while a full disk is still full
         if _is_write_failure(exc):
@@ -99,6 +100,25 @@ def atomic_write(path: str, write: Callable[[str], Any], verify: Optional[Callab
             raise error from (None if isinstance(exc, (OSError, ValueError)) else exc)
         raise
     _sync_folder(os.path.dirname(os.path.abspath(path)))
+
+
+#: Waits (s) before each further try of a rename that Windows refused: a virus scanner or search
+#: indexer opens a file just written for a moment, and a file another process has open cannot be
+#: renamed over there. Elsewhere a refused rename is final.
+REPLACE_RETRIES = (0.05, 0.1, 0.2, 0.4, 0.8) if os.name == "nt" else ()
+_HELD_OPEN = (32, 33)  # Windows' sharing and lock violations: another process has the file open
+
+
+def replace_path(source: str, target: str) -> None:
+    """``os.replace``, tried again after each of ``REPLACE_RETRIES`` while it is refused
+    (PermissionError); the last refusal is raised."""
+    for wait in REPLACE_RETRIES:
+        try:
+            os.replace(source, target)
+            return
+        except PermissionError:
+            time.sleep(wait)
+    os.replace(source, target)
 
 
 def _is_write_failure(exc: BaseException) -> bool:
@@ -125,6 +145,8 @@ def write_error(path: str, exc: BaseException) -> WriteError:
     hint = {errno.ENOSPC: "the disk is full: free some space", errno.EFBIG: "the file is over this process's "
             "file-size limit (ulimit -f)", errno.EACCES: "choose a folder you can write to", errno.EROFS: "choose a "
             "folder you can write to", errno.EPERM: "choose a folder you can write to"}.get(code, "check the disk")
+    if getattr(exc, "winerror", None) in _HELD_OPEN:
+        hint = "another program has the file open: close it there (or wait for a virus scan to end) and try again"
     return WriteError(f"could not write {path}: {reason}; {hint} (any previous file there is unchanged)", code)
 
 
@@ -189,6 +211,21 @@ def atomic_folder(path: str, write: Callable[[str], Any]) -> None:
                 raise
     finally:
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def remove_folder_whole(path: str) -> bool:
+    """Remove the cache folder ``path`` as one step for everyone else: it is renamed aside to a
+    hidden name first, so another process sees the whole folder or none (a read it cuts short is a
+    miss), then deleted. False (and the folder left be) where the rename fails: another process
+    removed it first, or a file in it is held open where that forbids renaming (Windows)."""
+    parent, name = os.path.split(os.path.abspath(path))
+    aside = os.path.join(parent, f".{name}.{secrets.token_hex(4)}.removing")
+    try:
+        os.rename(path, aside)
+    except OSError:
+        return False
+    shutil.rmtree(aside, ignore_errors=True)  # what stays (a file held open) is hidden, left to the next sweep
+    return True
 
 
 def write_text_atomic(path: str, text: str) -> None:

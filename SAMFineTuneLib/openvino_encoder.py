@@ -29,7 +29,6 @@ import io
 import json
 import logging
 import os
-import secrets
 import shutil
 import sys
 import threading
@@ -42,7 +41,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from .files import atomic_folder
+from .files import atomic_folder, remove_folder_whole
 from .paths import user_cache_dir
 from .progress import CancelFn, check_cancel
 
@@ -251,10 +250,8 @@ def remove_stale_entries(key: dict, now: Optional[float] = None) -> List[str]:
 
     Safe beside other processes: an entry is written in a hidden temporary folder renamed into
     place whole (``files.atomic_folder``), so one being written is fresh and hidden, never removed;
-    a reader dates its entry as used before reading it; and an entry goes by one rename aside
-    before it is deleted, so a process sees the whole entry or none (a read it cuts short is a miss,
-    ``_read_entry``). A rename that fails (another cleaner was first, or a file in it is held open
-    where that forbids renaming) leaves the entry be."""
+    a reader dates its entry as used before reading it; and an entry goes whole
+    (``files.remove_folder_whole``: a read it cuts short is a miss, ``_read_entry``)."""
     root = cache_folder()
     now = time.time() if now is None else now
     try:
@@ -268,13 +265,8 @@ def remove_stale_entries(key: dict, now: Optional[float] = None) -> List[str]:
             continue
         if not name.startswith(".") and _same_installation(folder, key):
             continue
-        aside = os.path.join(root, f".{name}.{secrets.token_hex(4)}.removing")
-        try:
-            os.rename(folder, aside)
-        except OSError:
-            continue
-        shutil.rmtree(aside, ignore_errors=True)  # what stays (a file held open) is hidden and goes next time
-        removed.append(name)
+        if remove_folder_whole(folder):
+            removed.append(name)
     return removed
 
 

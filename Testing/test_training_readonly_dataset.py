@@ -9,6 +9,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 import types
 
 import pytest
@@ -161,3 +162,30 @@ def test_a_dataset_folder_that_does_not_exist_is_an_error_not_a_fallback(tmp_pat
     with pytest.raises(ValueError, match="is not a dataset"):
         train(TrainConfig(dataset=missing, output=str(tmp_path / "adapter"), **FAST))
     assert not os.path.exists(missing) and not user_cache.exists()
+
+
+def _aged_folder(folder: str, age_s: float) -> None:
+    """A per-user folder last used ``age_s`` ago, standing in for a dataset that is gone."""
+    os.makedirs(folder, exist_ok=True)
+    marker, embedding = os.path.join(folder, training_samples.STANDS_IN_FOR), os.path.join(folder, "slice.npy")
+    with open(marker, "w", encoding="utf-8") as handle:
+        json.dump({"dataset_cache": "/gone/.embeddings"}, handle)
+    open(embedding, "wb").close()
+    when = time.time() - age_s
+    for path in (embedding, marker, folder):
+        os.utime(path, (when, when))
+
+
+def test_choosing_a_per_user_folder_removes_those_unused_for_a_month_and_dates_its_own(tmp_path, user_cache,
+                                                                                      monkeypatch):
+    dataset = _dataset(tmp_path / "shared set")
+    _unwritable(monkeypatch, dataset)
+    mine = dataset_fallback_dir(dataset)
+    root, month = os.path.dirname(mine), training_samples.UNUSED_FALLBACK_S
+    old, recent = os.path.join(root, "0" * 16), os.path.join(root, "1" * 16)
+    for folder, age in ((old, month + 60), (recent, month - 3600), (mine, 2 * month)):
+        _aged_folder(folder, age)
+    assert cache_dir_for(dataset) == mine
+    assert sorted(os.listdir(root)) == sorted(os.path.basename(f) for f in (recent, mine))  # nothing left aside
+    assert time.time() - os.stat(os.path.join(mine, training_samples.STANDS_IN_FOR)).st_mtime < 600
+    assert training_samples.remove_unused_fallbacks(root, keep="") == []  # the one in use is dated now

@@ -5,7 +5,9 @@ in the dataset (``DATASET/.embeddings/<key>.npy``, float16, key = SHA-256 of the
 fingerprint, the encoder's precision when it is not float32, and the preprocessed input, as in
 the inference cache); every epoch after that only runs the prompt encoder and the mask decoder.
 A dataset that cannot be written (a read-only share, a colleague's folder) keeps its embeddings
-in a per-user folder instead (``paths.dataset_fallback_dir``), read after the dataset's own.
+in a per-user folder instead (``paths.dataset_fallback_dir``), read after the dataset's own; such
+a folder left unused for ``UNUSED_FALLBACK_S`` goes when another is chosen (the dataset may be
+gone, and the folder is only a cache: encoding again costs the encoder's time, nothing else).
 """
 from __future__ import annotations
 
@@ -13,14 +15,15 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
-from ..files import atomic_write, check_writable_folder, write_json_atomic
+from ..files import atomic_write, check_writable_folder, remove_folder_whole, write_json_atomic
 from ..paths import dataset_fallback_dir, make_private_dir
 from ..progress import check_cancel, report
 from .eta import Eta
@@ -31,6 +34,7 @@ log = logging.getLogger(__name__)
 #: is handed the per-user folder (another process too) still reads what the dataset's owner cached.
 STANDS_IN_FOR = "stands_in_for.json"
 _ANNOUNCED: set = set()  # the per-user folders this process has logged
+UNUSED_FALLBACK_S = 30 * 24 * 3600  # a per-user folder's use is dated by its STANDS_IN_FOR file
 
 
 @dataclass
@@ -88,6 +92,8 @@ def cache_dir_for(dataset_root: str) -> str:
         write_json_atomic(os.path.join(fallback, STANDS_IN_FOR), {"dataset_cache": own})
     if fallback not in _ANNOUNCED:  # one line per dataset and process
         _ANNOUNCED.add(fallback)
+        _mark_used(fallback)
+        remove_unused_fallbacks(os.path.dirname(fallback), keep=fallback)
         log.info("the dataset folder %s is read-only here (%s): its embeddings are cached in %s", dataset_root,
                  reason, fallback)
     return fallback
@@ -100,6 +106,37 @@ def cache_dirs(cache_dir: Optional[str]) -> Tuple[str, ...]:
         return ()
     own = _stands_in_for(cache_dir)
     return (own, cache_dir) if own and os.path.isdir(own) else (cache_dir,)
+
+
+def _mark_used(folder: str) -> None:
+    try:
+        os.utime(os.path.join(folder, STANDS_IN_FOR))
+    except OSError:
+        pass  # a cache this process cannot date keeps the date of its last write
+
+
+def remove_unused_fallbacks(root: str, keep: str, now: Optional[float] = None) -> List[str]:
+    """Remove the per-user folders under ``root`` (``paths.dataset_fallback_dir``'s parent) but
+    ``keep`` that no process has chosen for ``UNUSED_FALLBACK_S``, and hidden leftovers of a removal
+    that old, each as one step (``files.remove_folder_whole``). Returns the names removed."""
+    now = time.time() if now is None else now
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        folder = os.path.join(root, name)
+        if folder == keep or os.path.islink(folder) or not os.path.isdir(folder):
+            continue
+        try:
+            used = max(os.stat(path).st_mtime for path in (folder, os.path.join(folder, STANDS_IN_FOR))
+                       if os.path.exists(path))
+        except (OSError, ValueError):
+            continue
+        if now - used >= UNUSED_FALLBACK_S and remove_folder_whole(folder):
+            removed.append(name)
+    return removed
 
 
 def _stands_in_for(folder: str) -> Optional[str]:
