@@ -31,7 +31,7 @@ import shutil
 import time
 from typing import Callable, Iterable, Optional
 
-from .files import BROWSER_FILES, WriteError, keep_mode, write_error
+from .files import BROWSER_FILES, WriteError, keep_mode, replace_path, write_error
 from .folder_locks import FileLock
 
 #: Written last into every complete adapter folder (``adapters.CARD_FILE``).
@@ -135,7 +135,7 @@ def _settle_locked(folder: str) -> None:
         return
     for candidate in (sibling(folder, "new"), sibling(folder, "old")):
         if holds_adapter(candidate):
-            os.replace(candidate, folder)
+            replace_path(candidate, folder)
             return
 
 
@@ -169,12 +169,12 @@ def _swap(folder: str, new: str, old: str) -> None:
     """Steps 2 and 3: ``folder`` aside to ``old``, ``new`` into place; put back when the second fails."""
     if os.path.isdir(folder):
         keep_mode(new, folder)
-        os.replace(folder, old)
+        replace_path(folder, old)
     try:
-        os.replace(new, folder)
+        replace_path(new, folder)
     except OSError:
         if os.path.isdir(old) and not os.path.lexists(folder):
-            os.replace(old, folder)
+            replace_path(old, folder)
         raise
 
 

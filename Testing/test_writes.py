@@ -329,3 +329,33 @@ def test_torch_and_safetensors_under_a_file_size_limit_give_write_errors(tmp_pat
         assert line.startswith(f"WriteError: could not write {tmp_path}/{name}: "), line
         assert "file-size limit" in line and "|" not in line, line
     assert os.listdir(tmp_path) == []
+
+
+def test_a_rename_refused_for_a_moment_is_tried_again_and_one_refused_for_good_leaves_the_target(tmp_path,
+                                                                                                monkeypatch):
+    """Windows refuses a rename while a virus scanner or another process has either file open."""
+    target = tmp_path / "dataset.json"
+    target.write_text("old")
+    real, refusals = os.replace, []
+
+    def refused(times):
+        def rename(source, destination):
+            if len(refusals) < times:
+                refusals.append(destination)
+                raise PermissionError(13, "The process cannot access the file because it is being used")
+            real(source, destination)
+        return rename
+
+    monkeypatch.setattr(files, "REPLACE_RETRIES", (0.0, 0.0))
+    monkeypatch.setattr(os, "replace", refused(2))
+    files.write_text_atomic(str(target), "new")
+    assert target.read_text() == "new" and len(refusals) == 2
+    refusals.clear()
+    monkeypatch.setattr(os, "replace", refused(3))
+    with pytest.raises(files.WriteError, match="dataset.json"):
+        files.write_text_atomic(str(target), "newer")
+    assert target.read_text() == "new" and os.listdir(tmp_path) == ["dataset.json"]
+    held = PermissionError(13, "The process cannot access the file because it is being used by another process")
+    held.winerror = 32  # what Windows adds to the refusal
+    said = str(files.write_error(str(target), held))
+    assert "another program has the file open: close it there" in said and "\n" not in said

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..catalogue import EXPORT_FORMATS, SEGMENT_DEFAULTS
 from ..files import (BROWSER_FILES, WriteError, check_writable_folder, missing_folders, remove_if_empty,
-                     write_error, write_json_atomic)
+                     replace_path, write_error, write_json_atomic)
 from ..folder_locks import LOCK_FILE, folder_lock
 from ..progress import check_cancel, report
 from .checks import KnownCases, check_case, merge_label_names, stored_as, volume_fingerprint
@@ -237,7 +237,7 @@ def _restore(kept: List[Tuple[str, str]], put_back: bool) -> None:
     for path, second in kept:
         with contextlib.suppress(OSError):
             if put_back and not os.path.samefile(second, path):
-                os.replace(second, path)
+                replace_path(second, path)
             else:
                 os.remove(second)
 
