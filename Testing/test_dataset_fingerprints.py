@@ -1,6 +1,7 @@
-"""A case exported again is told from a new one by its image, also in datasets whose records keep
-no fingerprints (written by earlier versions): their stored files stand in, read only where a
-volume could match, and the record gains the fingerprints when the dataset is next written."""
+"""A case exported again is told from a new one by its voxels, whatever its grid (a registered
+volume is the same patient), also in datasets whose records keep no fingerprints (written by
+earlier versions): their stored files stand in, read only where a volume of their shape is asked
+about, and the record gains the fingerprints when the dataset is next written."""
 import json
 import math
 
@@ -63,7 +64,8 @@ def test_an_old_records_case_exported_again_is_kept_and_gains_its_fingerprints(t
     found = records(root)
     _, image, label = tilted_case(1)
     assert found["case01"]["fingerprints"] == {"image": checks.volume_fingerprint(image.array, image),
-                                               "label": checks.volume_fingerprint(label.array, image)}
+                                               "label": checks.volume_fingerprint(label.array, image),
+                                               "voxels": checks.voxel_fingerprint(image.array)}
     assert not any("fingerprints" in found[c] for c in ("case00", "case02", "case03"))
     assert len(ds.read_dataset(root).cases) == 4
     # corrected further: written again under its id, split kept
@@ -84,10 +86,10 @@ def test_old_records_name_the_same_volume_and_never_another(tmp_path, monkeypatc
     monkeypatch.setattr(volume_io, "read_volume", lambda path, *a: reads.append(path) or real(path, *a))
     known = checks.KnownCases.of(str(root))
     assert known.case_of(tilted_case(1)[1]) == "case01"
-    assert [p.rsplit("/", 1)[1] for p in reads] == ["case01_0000.nii.gz"]  # only the record of its grid is read
+    assert [p.rsplit("/", 1)[1] for p in reads] == ["case00_0000.nii.gz", "case01_0000.nii.gz"]  # of its shape
     reads.clear()
-    assert known.case_of(make_case(8)[1]) is None  # another patient, same shape and spacing as case00
-    assert [p.rsplit("/", 1)[1] for p in reads] == ["case00_0000.nii.gz"]
+    assert known.case_of(make_case(8)[1]) is None  # another patient, same shape as case00 and case01
+    assert [p.rsplit("/", 1)[1] for p in reads] == ["case00_0000.nii.gz", "case01_0000.nii.gz"]
     reads.clear()
     assert known.case_of(make_case(9, shape=(6, 20, 24))[1]) is None and reads == []  # no record of that shape
     image = make_case(0)[1]
@@ -99,14 +101,35 @@ def test_the_cases_named_by_the_caller_are_not_read_or_hashed_again(tmp_path, mo
     ds.export_dataset([make_case(0), make_case(1)], root)
     hashed, read = [], []
     real_print, real_read = checks.volume_fingerprint, export.read_dataset
-    monkeypatch.setattr(checks, "volume_fingerprint", lambda *a: hashed.append(1) or real_print(*a))
+    monkeypatch.setattr(checks, "volume_fingerprint", lambda *a: hashed.append(a[0].dtype) or real_print(*a))
     monkeypatch.setattr(export, "read_dataset", lambda *a: read.append(1) or real_read(*a))
     known = checks.KnownCases.of(str(root))
     cases = [make_case(1), make_case(2)]
     assert [known.case_of(image) for _, image, _ in cases] == ["case01", None]
     summary = ds.export_dataset(cases, root, replace=["case01"], known=known)
     assert summary["unchanged"] == ["case01"] and summary["added"] == ["case02"]
-    assert len(hashed) == 2 and read == []  # each image hashed once, dataset.json read once
+    assert hashed.count(np.int16) == 2 and read == []  # each image hashed once, dataset.json read once
     (root / "dataset.json").write_text((root / "dataset.json").read_text() + " ")  # changed meanwhile
     ds.export_dataset([make_case(3)], root, known=known)
     assert read == [1]
+
+
+def test_a_moved_volume_is_its_case_written_again_on_its_new_grid(tmp_path):
+    """Registered, or a transform hardened: the same voxels on another grid are the same patient,
+    whether its record keeps fingerprints or not; another patient of that shape is not."""
+    root = tmp_path / "d"
+    ds.export_dataset([make_case(0), make_case(1), make_case(2)], root, val_fraction=0.34)
+    split = records(root)["case01"]["split"]
+    _, image, label = make_case(1)
+    moved = (Volume(image.array, (0.85, 0.9, 3.0), (2.0, -4.0, 31.5), TILTED),
+             Volume(label.array, (0.85, 0.9, 3.0), (2.0, -4.0, 31.5), TILTED))
+    for written_by in ("this version", "an earlier version"):
+        if written_by == "an earlier version":
+            ds.export_dataset([("case01", image, label)], root, replace=["case01"])  # back where it was
+            old_format(root)
+        known = checks.KnownCases.of(str(root))
+        assert known.case_of(moved[0]) == "case01" and known.case_of(make_case(7)[1]) is None, written_by
+        summary = ds.export_dataset([("case01", *moved)], root, replace=["case01"], known=known)
+        assert summary["replaced"] == ["case01"] and len(ds.read_dataset(root).cases) == 3, written_by
+        stored = read_volume(str(root / "imagesTr" / "case01_0000.nii.gz"))
+        assert np.allclose(stored.origin, (2.0, -4.0, 31.5), atol=1e-4) and records(root)["case01"]["split"] == split

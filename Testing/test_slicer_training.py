@@ -1,5 +1,6 @@
 """Fine-tuning from the scene: cases found in segmentations, exported with their geometry,
 the live loss/Dice table, and the non-blocking train job."""
+import itertools
 import json
 import os
 
@@ -15,8 +16,12 @@ from SAMFineTuneMRML.interactive import markCorrected
 from SAMFineTuneMRML.logic import SAMFineTuneCoreLogic, describeDevice
 
 
+SEEDS = itertools.count(1000)
+
+
 def add_case(logic, name, matrix, filled=True, structure="liver"):
-    volume = addVolume(np.random.default_rng(0).integers(-100, 200, (4, 16, 20)).astype(np.int16), matrix, name)
+    """A volume of its own voxels (each scan is its own), segmented."""
+    volume = addVolume(np.random.default_rng(next(SEEDS)).integers(-100, 200, (4, 16, 20)).astype(np.int16), matrix, name)
     node = logic.createSegmentation(volume)
     segmentId = segments.ensureSegment(node, segmentName=structure)
     if filled:
@@ -117,12 +122,33 @@ def test_a_set_written_without_fingerprints_keeps_one_case_per_volume(scene, tmp
     mask = segments.segmentToArray(first[1], first[2], first[0]).astype(np.uint8)
     mask[0, 4:10, 5:12] = 1  # corrected further
     segments.writeMaskToSegment(mask, first[0], first[1], first[2])
-    add_case(logic, "CT 1", GEOMETRIES["identity"])  # another series named so: the same voxels, another grid
+    add_case(logic, "CT 1", GEOMETRIES["identity"])  # another series named so
     summary = logic.exportTrainingSet(training.findCases(scene, "liver"), str(dataset), "liver", valFraction=0.5)
     assert (summary["added"], summary["replaced"], summary["unchanged"]) == (["CT_1_2"], ["CT_1"], ["CT_2"])
     info = read_dataset(str(dataset))
     assert sorted(e.case for e in info.cases) == ["CT_1", "CT_1_2", "CT_2"]
     assert info.case("CT_1").split == meta["samfinetune"]["cases"][0]["split"]
+
+
+def test_a_moved_volume_exported_again_is_its_case_on_its_new_grid(scene, tmp_path):
+    """Registered, or a transform hardened: the same scan on another grid is the case the set
+    holds, written again there, never a second case of the same patient."""
+    from SAMFineTuneLib.dataset import read_dataset
+    from SAMFineTuneLib.volume_io import read_volume
+
+    logic = SAMFineTuneCoreLogic()
+    dataset = tmp_path / "set"
+    volume, node, segmentId = add_case(logic, "CT 1", GEOMETRIES["flipped"])
+    add_case(logic, "CT 2", GEOMETRIES["oblique"])
+    logic.exportTrainingSet(training.findCases(scene, "liver"), str(dataset), "liver", valFraction=0.5)
+    mask = segments.segmentToArray(node, segmentId, volume).astype(np.uint8)
+    volume.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(GEOMETRIES["anisotropic"]))
+    segments.writeMaskToSegment(mask, volume, node, segmentId)  # the segmentation moved with it
+    summary = logic.exportTrainingSet(training.findCases(scene, "liver"), str(dataset), "liver", valFraction=0.5)
+    assert (summary["added"], summary["replaced"], summary["unchanged"]) == ([], ["CT_1"], ["CT_2"])
+    assert sorted(e.case for e in read_dataset(str(dataset)).cases) == ["CT_1", "CT_2"]
+    stored = read_volume(str(dataset / "imagesTr" / "CT_1_0000.nii.gz"))
+    assert np.allclose(stored.spacing, (0.6, 0.9, 5.0), atol=1e-4)
 
 def test_finding_cases_holds_on_to_no_segmentation(scene):
     """A segmentation the user deletes after an export must be freed, labelmaps and all."""

@@ -75,11 +75,11 @@ def caseFromNodes(volumeNode, segmentationNode, segmentId, identifier):
 def casesToExport(cases, datasetDir):
     """([(case_id, Volume, label Volume)], the ids among them the dataset holds, the dataset's cases
     as read, for ``export_dataset(known=)``) for ``cases`` ((volume, segmentation, segment) triples).
-    A volume the dataset holds (the same voxels and geometry: ``dataset.checks.KnownCases``, which
-    compares a record written without fingerprints with its stored image) is that case exported
-    again, corrected further, under its id; any other gets an id of its own after its node's name,
-    never one the dataset holds, so a volume of another patient with the same name never takes
-    over a case."""
+    A volume the dataset holds (the same voxels, whatever its grid: ``dataset.checks.KnownCases``,
+    which compares a record written without fingerprints with its stored image) is that case
+    exported again, corrected further or moved (registered), under its id; any other gets an id of
+    its own after its node's name, never one the dataset holds, so a volume of another patient with
+    the same name never takes over a case, nor one patient's scan becomes two cases."""
     from SAMFineTuneLib.dataset.checks import KnownCases
 
     known = KnownCases.of(datasetDir)

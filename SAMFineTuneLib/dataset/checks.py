@@ -1,6 +1,7 @@
 """Checks of a case before it is written: usable id, matching geometry, integer labels that the
 dataset knows, and label names that agree with the dataset's; and what tells a case exported
-again from a new one (``volume_fingerprint``, and ``KnownCases`` for the cases a dataset holds)."""
+again from a new one (``voxel_fingerprint``, and ``KnownCases`` for the cases a dataset holds)
+and whether it changed (``volume_fingerprint``)."""
 from __future__ import annotations
 
 import hashlib
@@ -68,28 +69,46 @@ def merge_label_names(existing: Dict[int, str], given: Optional[Dict[int, str]])
 
 def volume_fingerprint(array: np.ndarray, volume) -> str:
     """SHA-256 of ``array`` (a case's volume or label map) with ``volume``'s geometry: a case
-    exported again carries the same image fingerprint (``export_dataset(replace=)``), and an
-    unchanged label map the same label fingerprint, so it is not written again."""
-    array = np.ascontiguousarray(array)
-    digest = hashlib.sha256(json.dumps([str(array.dtype), list(array.shape), [float(v) for v in volume.spacing],
-                                        [float(v) for v in volume.origin],
-                                        [float(v) for v in volume.direction]]).encode("utf-8"))
+    exported again unchanged carries the same image and label fingerprints, so it is not written
+    again."""
+    return _digest(np.ascontiguousarray(array), [[float(v) for v in volume.spacing],
+                                                 [float(v) for v in volume.origin],
+                                                 [float(v) for v in volume.direction]])
+
+
+def voxel_fingerprint(array: np.ndarray) -> str:
+    """SHA-256 of a case's voxels alone (type, shape, values): what tells that a volume is a case
+    the dataset holds (``KnownCases``), also once it was moved (registered, a transform hardened),
+    since no two scans share every voxel; its case is then written again on the new grid."""
+    return _digest(np.ascontiguousarray(array), [])
+
+
+def case_fingerprints(image, label: np.ndarray, known: "KnownCases") -> Dict[str, str]:
+    """The fingerprints a record keeps: ``image`` and ``label`` (with the grid: unchanged or not),
+    ``voxels`` (which case it is)."""
+    return {"image": known.image_print(image), "label": volume_fingerprint(label, image),
+            "voxels": known.voxel_print(image)}
+
+
+def _digest(array: np.ndarray, grid: list) -> str:
+    digest = hashlib.sha256(json.dumps([str(array.dtype), list(array.shape), *grid]).encode("utf-8"))
     digest.update(array.reshape(-1).view(np.uint8))
     return digest.hexdigest()
 
 
 def stored_as(array: np.ndarray, volume, path: str) -> bool:
-    """Whether the file ``path`` (an image or label map a dataset holds) is ``array`` on ``volume``'s
-    grid as the export wrote it: the same voxels (type, shape, values), and the same grid to the
-    precision a file keeps (``input_checks.check_same_grid``). ``volume_fingerprint`` of the file
-    read back would not tell: NIfTI keeps spacing, origin and direction (as a quaternion) in
-    float32, so they come back rounded (about 1e-7 of their size). Voxels compared exactly, no other
-    patient's volume matches; an unreadable file matches nothing."""
+    """Whether the file ``path`` (an image or label map a dataset holds) is ``array`` as the export
+    wrote it: the same voxels (type, shape, values), and, unless ``volume`` is None, on
+    ``volume``'s grid to the precision a file keeps (``input_checks.check_same_grid``).
+    ``volume_fingerprint`` of the file read back would not tell: NIfTI keeps spacing, origin and
+    direction (as a quaternion) in float32, so they come back rounded (about 1e-7 of their size).
+    Voxels compared exactly, no other patient's volume matches; an unreadable file matches nothing."""
     from ..volume_io import read_volume
 
     try:
         stored = read_volume(path)
-        check_same_grid(volume, stored, path)
+        if volume is not None:
+            check_same_grid(volume, stored, path)
     except (OSError, ValueError):
         return False
     return stored.array.dtype == array.dtype and bool(np.array_equal(stored.array, array))
@@ -97,17 +116,18 @@ def stored_as(array: np.ndarray, volume, path: str) -> bool:
 
 class KnownCases:
     """The cases of a dataset (``index.DatasetInfo``, or None for a new one), told apart by their
-    image: the fingerprints each record keeps, or, for a record without them (datasets written
-    before records kept fingerprints), its stored files (``stored_as``), read only when a volume of
-    its shape and spacing is asked about. Each volume is fingerprinted once however often it is
-    asked about (the panel names its cases by it, then the export checks them: pass ``earlier``)."""
+    voxels (``voxel_fingerprint``): the fingerprints each record keeps, or, for a record without
+    that one (written before records kept it), its stored image, read only when a volume of its
+    shape is asked about. Each volume is fingerprinted once however often it is asked about (the
+    panel names its cases by it, then the export checks them: pass ``earlier``)."""
 
     def __init__(self, info=None, earlier: Optional["KnownCases"] = None):
         self.info = info
         self.entries = list(info.cases) if info is not None else []
         self.signature = _index_signature(info.root) if info is not None else None
-        self._prints = dict(earlier._prints) if earlier is not None else {}  # id(volume): (volume, fingerprint)
-        # case id -> the volume its stored image was found to be; valid only for the index it was found in
+        # id(volume): (volume, {"image" | "voxels": fingerprint})
+        self._prints = dict(earlier._prints) if earlier is not None else {}
+        # case id -> the volume whose voxels its stored image holds; valid only for the index it was found in
         self._matched = dict(earlier._matched) if earlier is not None and earlier.info is info else {}
 
     @classmethod
@@ -124,34 +144,43 @@ class KnownCases:
 
     def image_print(self, image) -> str:
         """``volume_fingerprint`` of ``image`` (a ``volume_io.Volume``), computed once per volume."""
+        return self._print(image, "image")
+
+    def voxel_print(self, image) -> str:
+        """``voxel_fingerprint`` of ``image``, computed once per volume."""
+        return self._print(image, "voxels")
+
+    def _print(self, image, kind: str) -> str:
         memo = self._prints.get(id(image))
         if memo is None or memo[0] is not image:
-            memo = self._prints[id(image)] = (image, volume_fingerprint(np.asarray(image.array), image))
-        return memo[1]
+            memo = self._prints[id(image)] = (image, {})
+        if kind not in memo[1]:
+            array = np.asarray(image.array)
+            memo[1][kind] = volume_fingerprint(array, image) if kind == "image" else voxel_fingerprint(array)
+        return memo[1][kind]
 
     def case_of(self, image, taken: Iterable[str] = ()) -> Optional[str]:
-        """The id of the case (not among ``taken``) whose image is ``image``, or None."""
+        """The id of the case (not among ``taken``) whose voxels ``image`` holds, or None."""
         taken = set(taken)
         entries = [e for e in self.entries if e.case not in taken]
-        image_print = self.image_print(image)
         for entry in entries:
-            if (entry.record.get("fingerprints") or {}).get("image") == image_print:
+            prints = entry.record.get("fingerprints") or {}
+            if prints.get("voxels") == self.voxel_print(image) or prints.get("image") == self.image_print(image):
                 return entry.case
         for entry in entries:
-            if not entry.record.get("fingerprints") and self.holds_image(entry, image):
+            if "voxels" not in (entry.record.get("fingerprints") or {}) and self.holds_voxels(entry, image):
                 return entry.case
         return None
 
-    def holds_image(self, entry, image) -> bool:
-        """Whether the stored image of ``entry`` (a record without fingerprints) is ``image``."""
+    def holds_voxels(self, entry, image) -> bool:
+        """Whether the stored image of ``entry`` (a record without a voxel fingerprint) holds the
+        voxels of ``image``, whatever its grid."""
         if self._matched.get(entry.case) is image:
             return True
-        record, array = entry.record, np.asarray(image.array)
-        if "shape_kji" in record and list(record["shape_kji"]) != list(array.shape):
+        array = np.asarray(image.array)
+        if "shape_kji" in entry.record and list(entry.record["shape_kji"]) != list(array.shape):
             return False
-        if "spacing" in record and not np.allclose(record["spacing"], image.spacing, rtol=1e-4, atol=0.0):
-            return False
-        if not stored_as(array, image, entry.image):
+        if not stored_as(array, None, entry.image):
             return False
         self._matched[entry.case] = image
         return True

@@ -17,7 +17,7 @@ from ..files import (BROWSER_FILES, WriteError, check_writable_folder, missing_f
                      replace_path, write_error, write_json_atomic)
 from ..folder_locks import LOCK_FILE, folder_lock
 from ..progress import check_cancel, report
-from .checks import KnownCases, check_case, merge_label_names, stored_as, volume_fingerprint
+from .checks import KnownCases, case_fingerprints, check_case, merge_label_names, stored_as
 from .index import DATASET_JSON, FILE_ENDING, LAYOUT_VERSION, DatasetInfo, check_slice_axis, read_dataset
 from .slice_formats import (ensure_slice_index, remove_slice_index, remove_unlisted_slice_indexes, slice_outputs,
                             write_slice_indexes)
@@ -288,27 +288,30 @@ def _checked_cases(cases: List[Tuple[str, Any, Any]], seen: set, label_names: Op
             summary["skipped"].append({"case": case_id, "reason": "empty label"})
             _warn(summary, f"case '{case_id}' skipped: its label map is empty (nothing segmented)")
             continue
-        prints = {"image": known.image_print(image), "label": volume_fingerprint(array, image)}
+        prints = case_fingerprints(image, array, known)
         checked.append((case_id, image, label, array, present, prints))
     return checked
 
 
 def _changed(checked: List[tuple], old_records: Dict[str, Dict[str, Any]], summary: Dict[str, Any],
              known: KnownCases) -> List[tuple]:
-    """``checked`` less the cases the dataset holds as they are (the same volume and label map). A
-    record without fingerprints is compared with its stored files and, when they match, given the
-    case's fingerprints (in ``old_records``), so the next export tells it by them."""
+    """``checked`` less the cases the dataset holds as they are (the same volume on the same grid,
+    the same label map). A record without fingerprints is compared with its stored files; a record
+    of the same case missing some of them is given the case's (in ``old_records``), so the next
+    export tells it by them."""
     kept = []
     for case in checked:
         case_id, image, _, array, _, prints = case
         record = old_records.get(case_id)
-        same = record is not None and record.get("fingerprints") == prints
-        if record is not None and not record.get("fingerprints"):
-            entry = known.info.case(case_id)
-            same = known.holds_image(entry, image) and stored_as(array, image, entry.label)
-            if same:
-                record["fingerprints"] = prints
+        held = (record or {}).get("fingerprints") or {}
+        if held:
+            same = held.get("image") == prints["image"] and held.get("label") == prints["label"]
+        else:
+            entry = known.info.case(case_id) if record is not None else None
+            same = entry is not None and stored_as(np.asarray(image.array), image, entry.image) and stored_as(
+                array, image, entry.label)
         if same:
+            record["fingerprints"] = prints
             summary["unchanged"].append(case_id)
         else:
             kept.append(case)
