@@ -29,3 +29,37 @@ def test_smoke_steps_pass_with_the_real_worker(scene, tmp_path, monkeypatch):
     assert said[-1] == "smoke test passed"
     assert [line.split(".")[0] for line in said[:-1]] == ["1", "2", "3", "4", "5", "6"]
     assert "skipped" in said[1] and "Dice" in said[2]
+
+
+def fake_panel(monkeypatch, mainWindow):
+    """slicer.util as Slicer 5.10 and 5.12 have it (Base/Python/slicer/util.py): selectModule goes
+    through moduleSelector(), which raises without a main window; getModuleWidget builds the panel."""
+    import types
+
+    import slicer
+
+    selected, parameters = [], types.SimpleNamespace()
+    widget = types.SimpleNamespace(logic=types.SimpleNamespace(getParameterNode=lambda: parameters),
+                                   ui=types.SimpleNamespace(segmentButton=types.SimpleNamespace(enabled=True)))
+
+    def selectModule(name):
+        if mainWindow is None:
+            raise RuntimeError("Could not find main window")
+        selected.append(name)
+
+    monkeypatch.setattr(slicer.util, "mainWindow", lambda: mainWindow, raising=False)
+    monkeypatch.setattr(slicer.util, "selectModule", selectModule, raising=False)
+    monkeypatch.setattr(slicer.util, "getModuleWidget", lambda name: widget, raising=False)
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(processEvents=lambda: None), raising=False)
+    return selected, parameters
+
+
+@pytest.mark.parametrize("mainWindow", [None, "main window"])
+def test_the_panel_step_runs_with_and_without_a_main_window(monkeypatch, mainWindow):
+    """Testing/slicer_smoke.py runs with --no-main-window, where Slicer's selectModule raises."""
+    from SAMFineTuneGUI.selftest import fillPanel
+
+    selected, parameters = fake_panel(monkeypatch, mainWindow)
+    fillPanel("volume", "roi")
+    assert parameters.inputVolume == "volume" and parameters.rois == ["roi"] and parameters.window == "auto"
+    assert selected == ([] if mainWindow is None else ["SAMFineTune"])

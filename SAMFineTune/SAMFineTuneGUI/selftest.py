@@ -5,7 +5,10 @@ import slicer
 
 def fillPanel(volumeNode, roiNode):
     """Open the module panel and fill its parameter node (used by the smoke test)."""
-    slicer.util.selectModule("SAMFineTune")
+    if slicer.util.mainWindow() is not None:
+        # selectModule needs the main window's module selector: with --no-main-window (how
+        # Testing/slicer_smoke.py runs) it raises, and getModuleWidget alone builds the panel.
+        slicer.util.selectModule("SAMFineTune")
     widget = slicer.util.getModuleWidget("SAMFineTune")
     parameters = widget.logic.getParameterNode()
     parameters.inputVolume = volumeNode
