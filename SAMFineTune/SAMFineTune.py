@@ -105,7 +105,7 @@ class SAMFineTuneParameterNode:
     zoom: bool = False
     triplanar: bool = False
     structureName: str = ""
-    datasetDir: str = ""  # "" = one training set per structure in the cache (paths.trainingSetFolder)
+    datasetDir: str = ""  # "" = one training set per structure in the user's folder (paths.trainingSetFolder)
     epochs: Annotated[int, WithinRange(1, 1000)] = 6  # the engine's (catalogue.TRAINING_DEFAULTS), checked by a test
     adapterName: str = ""
     keepLearning: bool = False  # opt-in: retrain after every keepLearningEvery exported cases

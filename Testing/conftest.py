@@ -12,6 +12,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 # serves every test that does not name a cache folder of its own.
 os.environ["SAMFINETUNE_CACHE"] = tempfile.mkdtemp(prefix="samfinetune-tests-")
 atexit.register(shutil.rmtree, os.environ["SAMFINETUNE_CACHE"], True)
+os.environ["SAMFINETUNE_DATA"] = tempfile.mkdtemp(prefix="samfinetune-tests-data-")  # never the user's Documents
+atexit.register(shutil.rmtree, os.environ["SAMFINETUNE_DATA"], True)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)

@@ -405,12 +405,15 @@ def test_inside_slicer_blocking_work_runs_in_the_worker(scene, monkeypatch, tmp_
 
     monkeypatch.setattr(slicer, "app", types.SimpleNamespace(cachePath=str(tmp_path / "slicer-cache")), raising=False)
     monkeypatch.delenv("SAMFINETUNE_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
+    monkeypatch.setenv("LOCALAPPDATA", str(tmp_path / "user-cache"))
+    mine = paths.cacheDirectory()
     volume, roi = make(scene)
     engine, client = FakeEngine(), FakeClient()
     logic = SAMFineTuneCoreLogic(inProcess=engine, worker=WorkerBackend(client=client))
     task = logic.segment(volume, roi)
     assert task.state == "done" and engine.calls == [] and [job.command for job in client.jobs] == ["segment"]
-    assert paths.workerLogPath() == str(tmp_path / "slicer-cache" / "SAMFineTune" / "logs" / "worker.log")
+    assert paths.workerLogPath() == os.path.join(mine, "logs", "worker.log")
     monkeypatch.setattr(paths.shutil, "which",
                         lambda name: "/slicer/bin/PythonSlicer" if name == "PythonSlicer" else None)
     monkeypatch.delenv("SAMFINETUNE_WORKER_PYTHON", raising=False)
@@ -420,4 +423,4 @@ def test_inside_slicer_blocking_work_runs_in_the_worker(scene, monkeypatch, tmp_
     client = WorkerBackend().client
     assert client.python == "/envs/gpu/bin/python" and client.log_path == paths.workerLogPath()
     assert client.reader == "poll"  # no reader thread: it would only run while Slicer runs Python
-    assert client.env["SAMFINETUNE_CACHE"] == str(tmp_path / "slicer-cache" / "SAMFineTune")
+    assert client.env["SAMFINETUNE_CACHE"] == mine

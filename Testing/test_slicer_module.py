@@ -371,21 +371,50 @@ def test_caches_live_in_the_user_cache_folder_never_the_install_folder(monkeypat
     from SAMFineTuneMRML import paths
 
     monkeypatch.delenv("SAMFINETUNE_CACHE", raising=False)
-    monkeypatch.delenv("SAMFINETUNE_ADAPTERS", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("LOCALAPPDATA", str(tmp_path / "cache"))
     assert paths.cacheDirectory().startswith(str(tmp_path / "cache"))
     assert not paths.cacheDirectory().startswith(REPO)
-    assert paths.adaptersDirectory() == os.path.join(paths.cacheDirectory(), "adapters")
     monkeypatch.setenv("SAMFINETUNE_CACHE", str(tmp_path / "mine"))
     assert paths.cacheDirectory() == str(tmp_path / "mine") and paths.workerEnvironment() == {
         "SAMFINETUNE_CACHE": str(tmp_path / "mine")}
     assert paths.workerLogPath() == os.path.join(str(tmp_path / "mine"), "logs", "worker.log")
+
+
+def test_what_the_user_keeps_lives_in_their_documents_never_a_cache(monkeypatch, tmp_path):
+    """Adapters and training sets are the user's work: Slicer 5.12 trims its own cache folder to
+    its size limit at every start, whole top-level folders oldest first (Libs/MRML/Core/
+    vtkCacheManager.cxx PruneCache, called from Base/QTGUI/qSlicerApplication.cxx), 5.10's Clear
+    cache removes it all, and a user cache folder is for what may be deleted. They go where Slicer
+    keeps its DICOM database, the user's Documents."""
+    import types
+
+    sys.path.insert(0, MODULE_DIR)
+    import slicer
+    from SAMFineTuneMRML import paths
+
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(cachePath=str(tmp_path / "slicer-cache")), raising=False)
+    for name in ("SAMFINETUNE_CACHE", "SAMFINETUNE_ADAPTERS", "SAMFINETUNE_DATA"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("USERPROFILE", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user cache"))
+    monkeypatch.setenv("LOCALAPPDATA", str(tmp_path / "user cache"))
+    mine = str(tmp_path / "home" / "Documents" / "SAMFineTune")
+    assert paths.dataDirectory() == mine
+    assert paths.adaptersDirectory() == os.path.join(mine, "adapters")
     # one training set per structure unless the user chose a folder: a set holds one structure (label 1)
-    assert paths.trainingSetFolder("", "liver") == str(tmp_path / "mine" / "datasets" / "liver")
-    assert paths.trainingSetFolder(".", "left kidney/2") == str(tmp_path / "mine" / "datasets" / "left_kidney_2")
+    assert paths.trainingSetFolder("", "liver") == os.path.join(mine, "datasets", "liver")
+    assert paths.trainingSetFolder(".", "left kidney/2") == os.path.join(mine, "datasets", "left_kidney_2")
     assert paths.trainingSetFolder(str(tmp_path / "set"), "liver") == str(tmp_path / "set")
     assert paths.trainingSetFolder("", "") is None and paths.trainingSetFolder("", "***") is None
+    for folder in (paths.cacheDirectory(), paths.adaptersDirectory(), paths.trainingSetFolder("", "liver")):
+        assert not folder.startswith(str(tmp_path / "slicer-cache")) and not folder.startswith(REPO)
+    assert not paths.adaptersDirectory().startswith(paths.cacheDirectory())
+    monkeypatch.setenv("SAMFINETUNE_DATA", str(tmp_path / "lab share"))
+    monkeypatch.setenv("SAMFINETUNE_ADAPTERS", str(tmp_path / "adapters"))
+    assert paths.trainingSetFolder("", "liver") == str(tmp_path / "lab share" / "datasets" / "liver")
+    assert paths.adaptersDirectory() == str(tmp_path / "adapters")
 
 
 def test_the_panels_defaults_are_the_engines():

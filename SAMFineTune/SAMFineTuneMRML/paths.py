@@ -1,12 +1,17 @@
 """Where SAMFineTune keeps files and which Python runs its worker.
 
 Files live in the user's folders, never in the install folder:
-- cache (worker log, training sets unless the panel names a folder): ``$SAMFINETUNE_CACHE``, else inside
-  Slicer the application's cache folder + ``/SAMFineTune``, else the engine's user cache
-  folder. The worker is started with ``SAMFINETUNE_CACHE`` set to the same folder and its log
-  is put there, so both sides agree.
-- adapters library (fine-tuned adapters the user keeps): ``$SAMFINETUNE_ADAPTERS``, else
-  ``<cache>/adapters``.
+- the user's own results, which nothing may delete (training sets unless the panel names a
+  folder, the adapters library): ``$SAMFINETUNE_DATA``, else ``SAMFineTune`` in the user's
+  Documents folder, where Slicer keeps its DICOM database; the adapters library may be moved
+  on its own (``$SAMFINETUNE_ADAPTERS``).
+- cache (worker log, embeddings, converted encoders): ``$SAMFINETUNE_CACHE``, else the engine's
+  user cache folder (``SAMFineTuneLib.paths.user_cache_dir``), inside Slicer too. The worker is
+  started with ``SAMFINETUNE_CACHE`` set to the same folder and its log is put there, so both
+  sides agree.
+
+Neither is in Slicer's own cache folder: its "Clear cache" empties it (5.10), and Slicer 5.12 trims
+it to its size limit at every start, whole folders oldest first (vtkCacheManager::PruneCache).
 """
 
 import os
@@ -22,21 +27,34 @@ from .library import ensureLibraryImportable
 def cacheDirectory(create=True):
     path = os.environ.get("SAMFINETUNE_CACHE")
     if not path:
-        root = getattr(getattr(slicer, "app", None), "cachePath", None)
-        if root:
-            path = os.path.join(root, "SAMFineTune")
-        else:
-            ensureLibraryImportable()
-            from SAMFineTuneLib.paths import user_cache_dir
+        ensureLibraryImportable()
+        from SAMFineTuneLib.paths import user_cache_dir
 
-            path = user_cache_dir()
+        path = user_cache_dir()
+    if create:
+        os.makedirs(path, exist_ok=True)
+    return path
+
+
+def dataDirectory(create=True):
+    """The user's SAMFineTune folder for what they keep (module docstring)."""
+    path = os.environ.get("SAMFINETUNE_DATA")
+    if not path:
+        documents = None
+        try:
+            import qt
+
+            documents = qt.QStandardPaths.writableLocation(qt.QStandardPaths.DocumentsLocation)
+        except ImportError:  # Slicer's classes without its Qt (tests, a plain Python)
+            pass
+        path = os.path.join(documents or os.path.join(os.path.expanduser("~"), "Documents"), "SAMFineTune")
     if create:
         os.makedirs(path, exist_ok=True)
     return path
 
 
 def adaptersDirectory(create=True):
-    path = os.environ.get("SAMFINETUNE_ADAPTERS") or os.path.join(cacheDirectory(create), "adapters")
+    path = os.environ.get("SAMFINETUNE_ADAPTERS") or os.path.join(dataDirectory(create), "adapters")
     if create:
         os.makedirs(path, exist_ok=True)
     return path
@@ -44,13 +62,13 @@ def adaptersDirectory(create=True):
 
 def trainingSetFolder(chosen, structureName):
     """The training set exports go to and training reads: the folder the user chose, else one per
-    structure in the cache (``<cache>/datasets/<structure>``): a set holds one structure as label
-    1, so a second structure exported into the first one's set would be refused. None when neither
-    is known."""
+    structure in the user's folder (``<data>/datasets/<structure>``): a set holds one structure as
+    label 1, so a second structure exported into the first one's set would be refused. None when
+    neither is known."""
     if chosen and str(chosen) not in (".", ""):
         return os.path.abspath(os.path.expanduser(str(chosen)))
     name = folderName(structureName)
-    return os.path.join(cacheDirectory(), "datasets", name) if name else None
+    return os.path.join(dataDirectory(), "datasets", name) if name else None
 
 
 def folderName(text):
