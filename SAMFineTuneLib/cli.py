@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import List, Optional
 
@@ -49,8 +50,20 @@ def build_parser(argv: List[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def printable_output() -> None:
+    """Windows: stdout and stderr redirected to a file or pipe write the ANSI code page (cp1252, ...),
+    strictly, so a path it cannot spell would end a finished run in a UnicodeEncodeError; such
+    characters are written as escapes instead. A console (UTF-8) and other systems are left as they are."""
+    if os.name != "nt":
+        return
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure") and getattr(stream, "errors", None) == "strict":
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    printable_output()
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not args.command:

@@ -89,7 +89,7 @@ def _clear_earlier_demo_dataset(dataset: str) -> None:
     if not os.path.exists(dataset):
         return
     try:
-        with open(os.path.join(dataset, "dataset.json")) as handle:
+        with open(os.path.join(dataset, "dataset.json"), encoding="utf-8") as handle:
             ours = json.load(handle).get("name") == DEMO_DATASET
     except (OSError, ValueError):
         ours = False
@@ -108,7 +108,7 @@ def _earlier_demo_adapter(adapter: str, dataset: str) -> bool:
     if not holds_adapter(adapter):
         return False
     try:
-        with open(os.path.join(adapter, COMPLETE_MARK)) as handle:
+        with open(os.path.join(adapter, COMPLETE_MARK), encoding="utf-8") as handle:
             ours = json.load(handle)["dataset"]["path"] == os.path.abspath(dataset)
     except (OSError, ValueError, KeyError, TypeError):
         ours = False

@@ -53,6 +53,8 @@ def test_roi_pairing_rules():
     used = set()
     assert batch.uniqueOutput("/o", "ct", used) == "/o/ct.seg.nrrd"
     assert batch.uniqueOutput("/o", "ct", used) == "/o/ct_2.seg.nrrd"
+    # Windows and macOS file names ignore case: CT.nrrd would overwrite ct.seg.nrrd
+    assert batch.uniqueOutput("/o", "CT", used) == "/o/CT_3.seg.nrrd"
 
 
 def test_a_failed_save_keeps_the_file_there_and_a_failed_load_leaves_no_nodes(scene, tmp_path):

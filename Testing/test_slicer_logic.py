@@ -424,3 +424,18 @@ def test_inside_slicer_blocking_work_runs_in_the_worker(scene, monkeypatch, tmp_
     assert client.python == "/envs/gpu/bin/python" and client.log_path == paths.workerLogPath()
     assert client.reader == "poll"  # no reader thread: it would only run while Slicer runs Python
     assert client.env["SAMFINETUNE_CACHE"] == mine
+
+
+def test_on_windows_an_adapter_name_windows_cannot_make_a_folder_of_is_refused_at_once(monkeypatch, tmp_path):
+    """Else the lock file, then the folder, fail with 'invalid argument' once training starts, or
+    "liver." becomes the folder "liver" (Windows drops a final dot)."""
+    from SAMFineTuneMRML import paths
+
+    monkeypatch.setenv("SAMFINETUNE_ADAPTERS", str(tmp_path))
+    assert paths.adapterFolder("liver: v2") == os.path.join(str(tmp_path), "liver: v2")  # elsewhere a name like any
+    monkeypatch.setattr(paths.os, "name", "nt")
+    for name in ("liver: v2", "liver?", "liver.", "NUL", "com1.old", 'a"b', "a|b", "a<b"):
+        with pytest.raises(ValueError, match="Windows takes no folder named so"):
+            paths.adapterFolder(name)
+    for name in ("liver-ct-v1", "liver v2", "console", "nullify", "liver.v2"):
+        assert paths.adapterFolder(name) == os.path.join(str(tmp_path), name)

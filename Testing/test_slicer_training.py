@@ -21,7 +21,8 @@ SEEDS = itertools.count(1000)
 
 def add_case(logic, name, matrix, filled=True, structure="liver"):
     """A volume of its own voxels (each scan is its own), segmented."""
-    volume = addVolume(np.random.default_rng(next(SEEDS)).integers(-100, 200, (4, 16, 20)).astype(np.int16), matrix, name)
+    voxels = np.random.default_rng(next(SEEDS)).integers(-100, 200, (4, 16, 20)).astype(np.int16)
+    volume = addVolume(voxels, matrix, name)
     node = logic.createSegmentation(volume)
     segmentId = segments.ensureSegment(node, segmentName=structure)
     if filled:
@@ -303,6 +304,14 @@ def test_training_takes_the_panels_model_and_window_not_its_anatomical_axis():
     assert "axis" not in config and config["click_prompts"] == options.CLICK_TRAINING_SHARE
     assert set(options.MODEL_KEYS) <= set(config)
     assert options.trainingOptions(panel, epochs=1, learnClicks=False)["click_prompts"] == 0.0
+
+
+def test_a_case_id_differs_from_the_sets_ids_in_more_than_case(scene):
+    """Windows and macOS file names ignore case: a new case "ct" would write over case "CT"'s files."""
+    used = {"CT"}
+    assert training.caseId(addVolume(np.zeros((2, 3, 4), np.int16), name="ct"), used) == "ct_2"
+    assert training.caseId(addVolume(np.zeros((2, 3, 4), np.int16), name="Ct"), used) == "Ct_3"
+    assert used == {"CT", "ct_2", "Ct_3"}
 
 
 @pytest.mark.slow

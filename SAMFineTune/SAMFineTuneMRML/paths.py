@@ -84,7 +84,21 @@ def adapterFolder(name):
     if not name or name.startswith(".") or any(sep in name for sep in {"/", os.sep, os.altsep or "/"}):
         raise ValueError("Adapter name %r: give one folder name, such as liver-ct-v1 (no '/', not starting with '.')."
                          % name)
+    if os.name == "nt" and not windowsFolderName(name):
+        raise ValueError("Adapter name %r: Windows takes no folder named so (none of < > : \" | ? * \\, no '.' at "
+                         "the end, not CON, NUL, COM1...); give a name such as liver-ct-v1." % name)
     return os.path.join(adaptersDirectory(), name)
+
+
+# Device names Windows reserves, also with an extension ("nul.txt"): a folder so named is the device.
+_WINDOWS_DEVICES = {"CON", "PRN", "AUX", "NUL"} | {"%s%d" % (kind, n) for kind in ("COM", "LPT") for n in range(10)}
+
+
+def windowsFolderName(name):
+    """Whether Windows can create a folder ``name``: it refuses < > : " | ? * \\ and control
+    characters, drops a final '.' or space, and takes CON, NUL, COM1... for devices."""
+    return not (re.search(r'[<>:"|?*\\\x00-\x1f]', name) or name.endswith((".", " "))
+                or name.split(".")[0].strip().upper() in _WINDOWS_DEVICES)
 
 
 def workerLogPath():

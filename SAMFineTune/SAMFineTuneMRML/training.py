@@ -54,9 +54,12 @@ def findCases(scene, structureName):
 
 
 def caseId(volumeNode, used):
+    """An id after the node's name that no id in ``used`` has, ignoring case: Windows and macOS
+    file names ignore it, and "CT" and "ct" would write the same files."""
     base = re.sub(r"[^A-Za-z0-9_-]+", "_", nodeName(volumeNode)).strip("_") or "case"
+    taken = {name.casefold() for name in used}
     name, n = base, 2
-    while name in used:
+    while name.casefold() in taken:
         name, n = "%s_%d" % (base, n), n + 1
     used.add(name)
     return name

@@ -69,10 +69,12 @@ def pairROIs(volumes, rois):
 
 
 def uniqueOutput(folder, stem, used):
+    """``<stem>.seg.nrrd`` in ``folder``, numbered past the names in ``used`` (kept lower case):
+    Windows and macOS file names ignore case, so CT.nrrd and ct.nrrd would write one file."""
     name, n = stem, 2
-    while name in used:
+    while name.casefold() in used:
         name, n = "%s_%d" % (stem, n), n + 1
-    used.add(name)
+    used.add(name.casefold())
     return os.path.join(folder, name + ".seg.nrrd")
 
 

@@ -267,10 +267,7 @@ def kill_process_tree(pid: int, timeout: float = 3.0) -> None:
     try:
         import psutil
     except ImportError:
-        try:
-            os.kill(pid, getattr(signal, "SIGKILL", signal.SIGTERM))
-        except OSError:
-            pass
+        _kill_without_psutil(pid)
         return
     try:
         parent = psutil.Process(pid)
@@ -283,6 +280,24 @@ def kill_process_tree(pid: int, timeout: float = 3.0) -> None:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(procs, timeout=timeout)
+
+
+def _kill_without_psutil(pid: int) -> None:
+    """Windows: taskkill /T ends the whole tree; os.kill there ends only ``pid``, which inside Slicer
+    is PythonSlicer.exe, the launcher, and would leave the Python it started running. Elsewhere
+    only ``pid`` can be named without psutil."""
+    if os.name == "nt":
+        try:
+            subprocess.run(["taskkill", "/F", "/T", "/PID", str(pid)], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10,
+                           creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))
+            return
+        except (OSError, subprocess.SubprocessError):
+            pass
+    try:
+        os.kill(pid, getattr(signal, "SIGKILL", signal.SIGTERM))
+    except OSError:
+        pass
 
 
 def parse_address(address: Union[str, Tuple[str, int]]) -> Tuple[str, int]:

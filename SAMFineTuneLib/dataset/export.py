@@ -135,6 +135,7 @@ def _export(cases: List[Tuple[str, Any, Any]], root: str, fmt: str, val_fraction
     split_of.update({c[0]: old_records[c[0]]["split"] for c in checked if c[0] in old_records})
     old_formats = list(old_section.get("formats", ["msd"]))
     formats = sorted(set(old_formats) | {fmt})
+    _check_case_clash([c[0] for c in fresh], list(old_records))
     new_files = _new_files(root, fresh, [f for f in formats if f not in old_formats])
     slicing = (axis or old_section.get("slice_axis") or SEGMENT_DEFAULTS["axis"],
                window or old_section.get("slice_window") or SEGMENT_DEFAULTS["window"])
@@ -177,6 +178,18 @@ def _old_dataset(root: str, known: Optional[KnownCases]) -> Optional[DatasetInfo
     if "samfinetune" not in old.meta:
         raise ValueError(f"{root} holds a dataset not written by SAMFineTune; export into a new folder")
     return old
+
+
+def _check_case_clash(fresh: List[str], old: List[str]) -> None:
+    """A ValueError for a new case id that differs only in case from another: Windows and macOS
+    file names ignore case, so its files would overwrite the other case's (a dataset may be copied
+    there even when written on Linux)."""
+    seen = {case_id.casefold(): case_id for case_id in old}
+    for case_id in fresh:
+        other = seen.setdefault(case_id.casefold(), case_id)
+        if other != case_id:
+            raise ValueError(f"case '{case_id}' and case '{other}' differ only in upper and lower case, which "
+                             "Windows and macOS file names ignore; give one of them another id")
 
 
 def _new_files(root: str, checked: List[tuple], added_formats: List[str]) -> List[str]:

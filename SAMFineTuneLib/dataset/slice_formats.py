@@ -75,7 +75,8 @@ def remove_slice_index(root: str, case: str) -> None:
     path = _index_path(root, case)
     for entry in (_read_index(path) or {}).get("slices", []):
         for rel in (entry.get(key) for key in ("image", "mask")) if isinstance(entry, dict) else ():
-            if isinstance(rel, str) and rel.startswith("slices/") and ".." not in rel.split("/"):
+            # Windows takes '\\' for a separator too: "slices/..\\x" would leave the dataset there.
+            if isinstance(rel, str) and rel.startswith("slices/") and ".." not in rel.replace("\\", "/").split("/"):
                 with contextlib.suppress(OSError):
                     os.remove(os.path.join(root, rel))
     with contextlib.suppress(OSError):

@@ -26,6 +26,13 @@ def ranks() -> Tuple[int, int, int]:
     return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def backend() -> str:
+    """NCCL on CUDA where torch has it; gloo otherwise (torch's Windows and macOS builds ship no NCCL)."""
+    import torch.distributed as dist
+
+    return "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+
+
 def start(config, world: int, local_rank: int):
     """Join the process group (when not joined yet) and take this process's GPU:
     (config for this process, whether this call started the group)."""
@@ -35,7 +42,7 @@ def start(config, world: int, local_rank: int):
 
     started = False
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend())
         started = True
     if torch.cuda.is_available():
         config = dataclasses.replace(config, device=f"cuda:{local_rank}")

@@ -82,7 +82,7 @@ def worker_main(args: argparse.Namespace) -> int:
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
-    sys.stdin = open(os.devnull)
+    sys.stdin = open(os.devnull, encoding="utf-8")
     log_path, log_stream = open_log(args.log)
     route_chatter(log_stream, also_stderr=True)
     version = protocol.PROTOCOL_VERSION
