@@ -1,5 +1,5 @@
 """Where the engine keeps files of its own: the user's cache folder (never the install folder),
-the worker's log, the embeddings of datasets it cannot write into, and the temporary job folders
+the worker's log, the embeddings of the datasets it trains on, and the temporary job folders
 that carry patient arrays between the client and the worker. Logs and job folders are private to
 the user (0600 files, 0700 folders), as are the folders of those embeddings: a log can hold file
 names and errors about patient data, a job folder holds the voxels, an embedding is made of them.
@@ -60,10 +60,10 @@ def user_cache_dir() -> str:
     return os.path.join(base, "SAMFineTune")
 
 
-def dataset_fallback_dir(dataset_root: str) -> str:
-    """The user's stand-in for the cache folder of a dataset that cannot be written (a read-only
-    share): one per dataset, named by a hash of its real path, so two datasets never share entries
-    and every path to one dataset (a link, a relative path) finds the same entries."""
+def dataset_cache_dir(dataset_root: str) -> str:
+    """The user's embedding cache of a dataset: one per dataset, named by a hash of its real path,
+    so two datasets never share entries and every path to one dataset (a link, a relative path)
+    finds the same entries."""
     digest = hashlib.sha256(os.fsencode(os.path.realpath(dataset_root))).hexdigest()[:16]
     return os.path.join(user_cache_dir(), "embeddings", digest)
 

@@ -20,6 +20,7 @@ import torch
 from SAMFineTuneLib import adapters
 from SAMFineTuneLib.dataset import export_dataset, read_dataset
 from SAMFineTuneLib.evaluate import evaluate
+from SAMFineTuneLib.paths import dataset_cache_dir
 from SAMFineTuneLib.training import RESUME_FILE, TrainConfig, check_config, config_from_args, train
 from SAMFineTuneLib.training.optimisation import epochs_since_best, keeps_epoch
 from SAMFineTuneLib.phantom_lowcontrast import make_cases
@@ -125,7 +126,7 @@ def test_each_slice_is_encoded_once_and_cached_on_disk(trained, litemedsam, tmp_
     # 8 epochs, yet one encoder call per slice: epochs 2..8 use the cached embeddings
     assert trained["calls"] == N_TRAIN + N_VAL
     assert trained["card"]["stats"]["encoder_calls"] == N_TRAIN + N_VAL
-    cache = os.path.join(trained["dataset"], ".embeddings")
+    cache = dataset_cache_dir(trained["dataset"])
     assert len([f for f in os.listdir(cache) if f.endswith(".npy")]) == N_TRAIN + N_VAL
     card = train(TrainConfig(dataset=trained["dataset"], output=str(tmp_path), epochs=1, final_scores=False, **FAST),
                  model=litemedsam)

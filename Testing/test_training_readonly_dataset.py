@@ -1,11 +1,9 @@
-"""A dataset the user cannot write (a curated set on a read-only share, a colleague's folder) still
-trains: its embeddings go to a per-user folder of that dataset, its own files stay as they are, and
-what its owner already cached in its ``.embeddings`` is read. Tests run as root, where permission
-bits stop nothing, so the dataset's cache is made unwritable by a file in its place or by a probe
-write that fails."""
-import errno
+"""Training never writes into its dataset: embeddings go to the user's cache folder of that dataset,
+so a set the user keeps, syncs or shares stays small, and one the user cannot write (a curated set
+on a read-only share, a colleague's folder) trains all the same; what a set carries in its own
+``.embeddings`` is read first. Every test checks the dataset's files byte for byte: nothing is
+written there, so a read-only one trains as any other."""
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -16,8 +14,7 @@ import pytest
 import torch
 
 from SAMFineTuneLib.dataset import EMBEDDING_DIR, export_dataset, read_dataset
-from SAMFineTuneLib.files import WriteError, check_writable_folder
-from SAMFineTuneLib.paths import dataset_fallback_dir
+from SAMFineTuneLib.paths import dataset_cache_dir
 from SAMFineTuneLib.phantom_lowcontrast import make_cases
 from SAMFineTuneLib.training import TrainConfig, prepare, train
 from SAMFineTuneLib.training import samples as training_samples
@@ -59,16 +56,6 @@ def _npy(folder) -> list:
     return sorted(name for name in os.listdir(folder) if name.endswith(".npy")) if os.path.isdir(folder) else []
 
 
-def _unwritable(monkeypatch, dataset: str) -> None:
-    """The probe write into the dataset's cache fails, as on a read-only share."""
-    def refuse(folder, what):
-        if os.path.abspath(folder).startswith(os.path.abspath(dataset) + os.sep):
-            raise WriteError(f"cannot write {what} in {folder}: Permission denied", errno.EACCES)
-        check_writable_folder(folder, what)
-
-    monkeypatch.setattr(training_samples, "check_writable_folder", refuse, raising=False)
-
-
 def _fake_model(fingerprint: str, value: float):
     from SAMFineTuneLib.catalogue import get_spec
 
@@ -82,45 +69,38 @@ def _slices(dataset: str):
     return load_samples(read_dataset(dataset), axis="axial", window="auto")
 
 
-def test_training_a_dataset_whose_cache_cannot_be_created_caches_per_user(litemedsam, tmp_path, user_cache,
-                                                                          caplog):
-    dataset = _dataset(tmp_path / "shared set")
-    open(os.path.join(dataset, EMBEDDING_DIR), "wb").write(b"not a folder")  # makedirs fails: an OSError
+def test_training_writes_nothing_into_its_dataset(litemedsam, tmp_path, user_cache):
+    dataset = _dataset(tmp_path / "my set")
     before = _files(dataset)
-    with caplog.at_level(logging.INFO, logger="SAMFineTuneLib.training.samples"):
-        train(TrainConfig(dataset=dataset, output=str(tmp_path / "adapter"), **FAST), model=litemedsam)
+    train(TrainConfig(dataset=dataset, output=str(tmp_path / "adapter"), **FAST), model=litemedsam)
     assert os.path.isfile(os.path.join(tmp_path, "adapter", "adapter_config.json"))
-    assert _files(dataset) == before
-    fallback = dataset_fallback_dir(dataset)
-    assert fallback.startswith(str(user_cache) + os.sep) and len(_npy(fallback)) == 3  # one per slice
-    (line,) = [r.getMessage() for r in caplog.records if "read-only" in r.getMessage()]
-    assert dataset in line and fallback in line and "\n" not in line
+    assert _files(dataset) == before and not os.path.exists(os.path.join(dataset, EMBEDDING_DIR))
+    cache = dataset_cache_dir(dataset)
+    assert cache.startswith(str(user_cache) + os.sep) and len(_npy(cache)) == 3  # one per slice
 
 
-def test_a_read_only_dataset_reads_its_owners_cache_and_writes_per_user(tmp_path, user_cache, monkeypatch):
+def test_a_dataset_carrying_embeddings_is_read_first_and_left_as_it_is(tmp_path, user_cache):
     dataset = _dataset(tmp_path / "colleague's set")
     samples = _slices(dataset)
     own = os.path.join(dataset, EMBEDDING_DIR)
-    assert cache_dir_for(dataset) == own  # writable: the dataset's own cache, as ever
-    prepare(_fake_model("fake:1", 1.0), samples, own)  # what the dataset's owner cached
-    _unwritable(monkeypatch, dataset)
+    prepare(_fake_model("fake:1", 1.0), samples, own)  # what the set's owner shipped with it
     before = _files(dataset)
-    fallback = cache_dir_for(dataset)
-    assert fallback == dataset_fallback_dir(dataset)
-    read = prepare(_fake_model("fake:1", 2.0), samples, fallback)
+    cache = cache_dir_for(dataset)
+    assert cache == dataset_cache_dir(dataset)
+    read = prepare(_fake_model("fake:1", 2.0), samples, cache)
     assert read.stats == {"encoder_calls": 0, "cache_hits": len(samples)} and float(read.embeddings.max()) == 1.0
-    assert _npy(fallback) == []
-    other = prepare(_fake_model("fake:2", 3.0), samples, fallback)  # a model the owner did not cache for
-    assert other.stats == {"encoder_calls": len(samples), "cache_hits": 0} and len(_npy(fallback)) == len(samples)
+    assert _npy(cache) == []
+    other = prepare(_fake_model("fake:2", 3.0), samples, cache)  # a model the owner did not cache for
+    assert other.stats == {"encoder_calls": len(samples), "cache_hits": 0} and len(_npy(cache)) == len(samples)
     again = prepare(_fake_model("fake:2", 4.0), samples, cache_dir_for(dataset))
     assert again.stats == {"encoder_calls": 0, "cache_hits": len(samples)} and float(again.embeddings.max()) == 3.0
     assert _files(dataset) == before
-    # another process handed only the per-user folder (the worker, a later run) reads the owner's cache first
+    # another process handed only the user's folder (the worker, a later run) reads the set's own first
     code = ("import sys, json; from SAMFineTuneLib.training.samples import cache_dirs; "
             "print(json.dumps(cache_dirs(sys.argv[1])))")
-    done = subprocess.run([sys.executable, "-c", code, fallback], capture_output=True, text=True, timeout=120,
+    done = subprocess.run([sys.executable, "-c", code, cache], capture_output=True, text=True, timeout=120,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert json.loads(done.stdout) == [own, fallback], done.stderr
+    assert json.loads(done.stdout) == [own, cache], done.stderr
 
 
 class _Held:
@@ -133,15 +113,13 @@ class _Held:
         return torch.ones(256, 64, 64)
 
 
-def test_the_worker_hands_its_slices_to_the_per_user_cache_of_a_read_only_dataset(tmp_path, user_cache,
-                                                                                  monkeypatch):
+def test_the_worker_hands_its_slices_to_the_users_cache_of_its_dataset(tmp_path, user_cache):
     dataset = _dataset(tmp_path / "shared set")
-    _unwritable(monkeypatch, dataset)
     before = _files(dataset)
     segmenter = types.SimpleNamespace(model=_fake_model("fake:1", 1.0), cache=_Held())
     config = TrainConfig(dataset=dataset, output=str(tmp_path / "adapter"), **FAST)
     assert keep_for_training(segmenter, config) == 3  # one slice in each of the 3 cases
-    assert len(_npy(dataset_fallback_dir(dataset))) == 3 and _files(dataset) == before
+    assert len(_npy(dataset_cache_dir(dataset))) == 3 and _files(dataset) == before
 
 
 def test_each_dataset_has_its_own_per_user_cache_folder(tmp_path, user_cache):
@@ -149,12 +127,12 @@ def test_each_dataset_has_its_own_per_user_cache_folder(tmp_path, user_cache):
     first.mkdir(parents=True)
     second.mkdir(parents=True)
     os.symlink(first, tmp_path / "link")
-    assert dataset_fallback_dir(str(first)) != dataset_fallback_dir(str(second))
-    assert dataset_fallback_dir(str(tmp_path / "link")) == dataset_fallback_dir(str(first))  # one dataset, one folder
-    assert os.path.dirname(dataset_fallback_dir(str(first))).startswith(str(user_cache))
+    assert dataset_cache_dir(str(first)) != dataset_cache_dir(str(second))
+    assert dataset_cache_dir(str(tmp_path / "link")) == dataset_cache_dir(str(first))  # one dataset, one folder
+    assert os.path.dirname(dataset_cache_dir(str(first))).startswith(str(user_cache))
 
 
-def test_a_dataset_folder_that_does_not_exist_is_an_error_not_a_fallback(tmp_path, user_cache):
+def test_a_dataset_folder_that_does_not_exist_is_an_error_not_a_cache(tmp_path, user_cache):
     missing = str(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="dataset folder not found"):
         cache_dir_for(missing)
@@ -165,7 +143,7 @@ def test_a_dataset_folder_that_does_not_exist_is_an_error_not_a_fallback(tmp_pat
 
 
 def _aged_folder(folder: str, age_s: float) -> None:
-    """A per-user folder last used ``age_s`` ago, standing in for a dataset that is gone."""
+    """A cache folder last used ``age_s`` ago, of a dataset that is gone."""
     os.makedirs(folder, exist_ok=True)
     marker, embedding = os.path.join(folder, training_samples.STANDS_IN_FOR), os.path.join(folder, "slice.npy")
     with open(marker, "w", encoding="utf-8") as handle:
@@ -176,16 +154,14 @@ def _aged_folder(folder: str, age_s: float) -> None:
         os.utime(path, (when, when))
 
 
-def test_choosing_a_per_user_folder_removes_those_unused_for_a_month_and_dates_its_own(tmp_path, user_cache,
-                                                                                      monkeypatch):
+def test_choosing_a_cache_folder_removes_those_unused_for_a_month_and_dates_its_own(tmp_path, user_cache):
     dataset = _dataset(tmp_path / "shared set")
-    _unwritable(monkeypatch, dataset)
-    mine = dataset_fallback_dir(dataset)
-    root, month = os.path.dirname(mine), training_samples.UNUSED_FALLBACK_S
+    mine = dataset_cache_dir(dataset)
+    root, month = os.path.dirname(mine), training_samples.UNUSED_CACHE_S
     old, recent = os.path.join(root, "0" * 16), os.path.join(root, "1" * 16)
     for folder, age in ((old, month + 60), (recent, month - 3600), (mine, 2 * month)):
         _aged_folder(folder, age)
     assert cache_dir_for(dataset) == mine
     assert sorted(os.listdir(root)) == sorted(os.path.basename(f) for f in (recent, mine))  # nothing left aside
     assert time.time() - os.stat(os.path.join(mine, training_samples.STANDS_IN_FOR)).st_mtime < 600
-    assert training_samples.remove_unused_fallbacks(root, keep="") == []  # the one in use is dated now
+    assert training_samples.remove_unused_caches(root, keep="") == []  # the one in use is dated now

@@ -9,7 +9,8 @@ The on-disk layout is the one nnU-Net, MONAI and the Medical Segmentation Decath
       train.csv, val.csv           --format finetune-sam: image,mask slice PNG paths (no header)
       coco_train.json, coco_val.json   --format coco: slice PNGs + RLE masks (finestSAM)
       slices/                      the slice PNGs and one small index per case for those formats
-      .embeddings/                 encoder outputs cached by training and evaluation
+      .embeddings/                 (optional) encoder outputs a shared set carries; training reads them
+                                   first and caches its own in the user's folder (training.samples)
 
 ``dataset.json`` is nnU-Net v2's (``channel_names``, ``labels`` name -> value, ``numTraining``,
 ``file_ending``) plus MONAI's ``training`` / ``validation`` lists (``load_decathlon_datalist``)

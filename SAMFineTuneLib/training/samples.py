@@ -1,19 +1,22 @@
 """Training and evaluation slices as tensors for the decoder, with the embedding disk cache.
 
 The image encoder stays frozen, so every slice is encoded once and its embedding cached on disk
-in the dataset (``DATASET/.embeddings/<key>.npy``, float16, key = SHA-256 of the model
-fingerprint, the encoder's precision when it is not float32, and the preprocessed input, as in
-the inference cache); every epoch after that only runs the prompt encoder and the mask decoder.
-A dataset that cannot be written (a read-only share, a colleague's folder) keeps its embeddings
-in a per-user folder instead (``paths.dataset_fallback_dir``), read after the dataset's own; such
-a folder left unused for ``UNUSED_FALLBACK_S`` goes when another is chosen (the dataset may be
-gone, and the folder is only a cache: encoding again costs the encoder's time, nothing else).
+(``<key>.npy``, float16, key = SHA-256 of the model fingerprint, the encoder's precision when it
+is not float32, and the preprocessed input, as in the inference cache); every epoch after that
+only runs the prompt encoder and the mask decoder.
+
+The cache is the user's, one folder per dataset in the engine's cache folder
+(``paths.dataset_cache_dir``), never the dataset: an embedding takes about 2 MB a slice, four
+times the slice it comes from, and a dataset is what the user keeps, backs up, syncs and shares
+(or cannot write: a read-only share, a colleague's folder). Embeddings a dataset carries in its
+own ``.embeddings`` folder (a set shared with them) are read first. A user's folder left unused
+for ``UNUSED_CACHE_S`` goes when another is chosen: the dataset may be gone, and encoding again
+costs the encoder's time, nothing else.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -23,18 +26,17 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from ..files import atomic_write, check_writable_folder, remove_folder_whole, write_json_atomic
-from ..paths import dataset_fallback_dir, make_private_dir
+from ..files import atomic_write, remove_folder_whole, write_json_atomic
+from ..paths import dataset_cache_dir, make_private_dir
 from ..progress import check_cancel, report
 from .eta import Eta
 
 LOW_RES = 256  # the decoder's low-res mask frame
-log = logging.getLogger(__name__)
-#: In a per-user folder of a read-only dataset: the dataset's own cache it stands in for, so whoever
-#: is handed the per-user folder (another process too) still reads what the dataset's owner cached.
+#: In a user's cache folder of a dataset: the dataset's own ``.embeddings``, so whoever is handed the
+#: folder (another process too) reads what the dataset carries first.
 STANDS_IN_FOR = "stands_in_for.json"
-_ANNOUNCED: set = set()  # the per-user folders this process has logged
-UNUSED_FALLBACK_S = 30 * 24 * 3600  # a per-user folder's use is dated by its STANDS_IN_FOR file
+_CHOSEN: set = set()  # the cache folders this process has dated and swept beside
+UNUSED_CACHE_S = 30 * 24 * 3600  # a cache folder's use is dated by its STANDS_IN_FOR file
 
 
 @dataclass
@@ -73,35 +75,26 @@ def embedding_key(fingerprint: str, model_input) -> str:
 
 
 def cache_dir_for(dataset_root: str) -> str:
-    """The folder a dataset's embeddings are written to: its own ``.embeddings`` when that can be
-    created and written (tried, since permission bits say nothing for root, ACLs or read-only
-    mounts), else the user's folder for that dataset (``paths.dataset_fallback_dir``)."""
+    """The folder a dataset's embeddings are written to: the user's cache folder of that dataset
+    (module docstring), which reads the dataset's own ``.embeddings`` first (``cache_dirs``)."""
     from ..dataset import EMBEDDING_DIR
 
     if not os.path.isdir(dataset_root):
         raise FileNotFoundError(f"dataset folder not found: {dataset_root}")
-    own = os.path.join(dataset_root, EMBEDDING_DIR)
-    try:
-        os.makedirs(own, exist_ok=True)
-        check_writable_folder(own, "the embedding cache")
-        return own
-    except OSError as exc:
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
-    fallback = make_private_dir(dataset_fallback_dir(dataset_root))
-    if _stands_in_for(fallback) != own:
-        write_json_atomic(os.path.join(fallback, STANDS_IN_FOR), {"dataset_cache": own})
-    if fallback not in _ANNOUNCED:  # one line per dataset and process
-        _ANNOUNCED.add(fallback)
-        _mark_used(fallback)
-        remove_unused_fallbacks(os.path.dirname(fallback), keep=fallback)
-        log.info("the dataset folder %s is read-only here (%s): its embeddings are cached in %s", dataset_root,
-                 reason, fallback)
-    return fallback
+    own = os.path.join(os.path.abspath(dataset_root), EMBEDDING_DIR)
+    folder = make_private_dir(dataset_cache_dir(dataset_root))
+    if _stands_in_for(folder) != own:
+        write_json_atomic(os.path.join(folder, STANDS_IN_FOR), {"dataset_cache": own})
+    if folder not in _CHOSEN:
+        _CHOSEN.add(folder)
+        _mark_used(folder)
+        remove_unused_caches(os.path.dirname(folder), keep=folder)
+    return folder
 
 
 def cache_dirs(cache_dir: Optional[str]) -> Tuple[str, ...]:
     """The folders an embedding cache is read from, in order; the last, ``cache_dir``, is the one
-    written. A per-user folder from ``cache_dir_for`` reads its dataset's own cache first."""
+    written. A user's folder from ``cache_dir_for`` reads its dataset's own first."""
     if not cache_dir:
         return ()
     own = _stands_in_for(cache_dir)
@@ -115,9 +108,9 @@ def _mark_used(folder: str) -> None:
         pass  # a cache this process cannot date keeps the date of its last write
 
 
-def remove_unused_fallbacks(root: str, keep: str, now: Optional[float] = None) -> List[str]:
-    """Remove the per-user folders under ``root`` (``paths.dataset_fallback_dir``'s parent) but
-    ``keep`` that no process has chosen for ``UNUSED_FALLBACK_S``, and hidden leftovers of a removal
+def remove_unused_caches(root: str, keep: str, now: Optional[float] = None) -> List[str]:
+    """Remove the cache folders under ``root`` (``paths.dataset_cache_dir``'s parent) but ``keep``
+    that no process has chosen for ``UNUSED_CACHE_S``, and hidden leftovers of a removal
     that old, each as one step (``files.remove_folder_whole``). Returns the names removed."""
     now = time.time() if now is None else now
     try:
@@ -134,7 +127,7 @@ def remove_unused_fallbacks(root: str, keep: str, now: Optional[float] = None) -
                        if os.path.exists(path))
         except (OSError, ValueError):
             continue
-        if now - used >= UNUSED_FALLBACK_S and remove_folder_whole(folder):
+        if now - used >= UNUSED_CACHE_S and remove_folder_whole(folder):
             removed.append(name)
     return removed
 
