@@ -86,8 +86,11 @@ def speed(args, model, seeds_model):
     patients = pick_patients(groups, args.seed)
     train_ids = cases_of(patients[:args.train], groups, cases)
     val_ids = cases_of(patients[args.train:args.train + args.val], groups, cases)
+    # One pass over the training slices per epoch (min_epoch_steps=0): the loops are compared per pass, and
+    # training's 36-step floor would make the re-encoding loop encode each slice many times per epoch.
     common = dict(dataset=root, train_cases=train_ids, val_cases=val_ids, epochs=args.epochs, patience=0,
-                  select_best=False, seed=args.seed, batch_size=args.batch_size, device=args.device)
+                  select_best=False, seed=args.seed, batch_size=args.batch_size, device=args.device,
+                  min_epoch_steps=0)
     out = tempfile.mkdtemp(prefix="samfinetune_bench_speed_")
     arms = [("cached embeddings", "cached", model, {})]  # the engine's default decoding ("auto")
     if not args.skip_whole_slice_cached:
@@ -221,7 +224,8 @@ def main(argv=None):
     parser.add_argument("what", choices=("speed", "cold", "stage"))
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--merge-labels", action="store_true", help="all labels as one structure")
-    parser.add_argument("--work", help="scratch folder for the exported dataset and its embedding cache")
+    parser.add_argument("--work", help="speed: scratch folder for the exported dataset and its embedding cache "
+                        "(cold always exports into a fresh temporary folder, so that nothing is cached)")
     parser.add_argument("--patient-pattern", help="regex whose group 1 is the patient id of a case id")
     parser.add_argument("--model", default="litemedsam")
     parser.add_argument("--checkpoint")

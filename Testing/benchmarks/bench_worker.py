@@ -92,7 +92,8 @@ def main(argv=None) -> int:
     worker_other_warm = statistics.median(outside)
     rows = [
         (f"cold {n}-slice job", local_cold, t_worker_cold, local_other_cold, worker_other_cold),
-        ("warm re-prompt (20 slices)", local_warm, worker_warm, 0.0, worker_other_warm),
+        (f"warm re-prompt ({reprompt_box[5] - reprompt_box[2] + 1} slices)", local_warm, worker_warm, 0.0,
+         worker_other_warm),
     ]
     print()
     print("| case                       | in-process ms | worker ms | raw ratio | in-process extra ms "
