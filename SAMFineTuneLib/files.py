@@ -228,6 +228,34 @@ def remove_folder_whole(path: str) -> bool:
     return True
 
 
+def last_used(folder: str, marker: str) -> float:
+    """When a cache folder was last used: the later modification time of the folder (an entry
+    added) and of its ``marker`` file (dated by each reader); 0 when neither can be read."""
+    times = []
+    for path in (folder, os.path.join(folder, marker)):
+        try:
+            times.append(os.stat(path, follow_symlinks=False).st_mtime)
+        except OSError:
+            pass
+    return max(times, default=0.0)
+
+
+def sweep_folders(root: str, stale: Callable[[str, str], bool]) -> List[str]:
+    """Remove each folder directly under ``root`` (never a link) for which ``stale(name, path)``
+    holds, as one step for everyone else (``remove_folder_whole``). Returns the names removed; a
+    missing ``root`` holds none."""
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        path = os.path.join(root, name)
+        if not os.path.islink(path) and os.path.isdir(path) and stale(name, path) and remove_folder_whole(path):
+            removed.append(name)
+    return removed
+
+
 def write_text_atomic(path: str, text: str) -> None:
     data = text.encode("utf-8")
 

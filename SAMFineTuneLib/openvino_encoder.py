@@ -41,7 +41,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from .files import atomic_folder, remove_folder_whole
+from .files import atomic_folder, last_used, sweep_folders
 from .paths import user_cache_dir
 from .progress import CancelFn, check_cancel
 
@@ -224,16 +224,6 @@ def _mark_used(folder: str) -> None:
         pass
 
 
-def _last_used(folder: str) -> float:
-    times = []
-    for path in (folder, os.path.join(folder, _ENTRY)):
-        try:
-            times.append(os.stat(path, follow_symlinks=False).st_mtime)
-        except OSError:
-            pass
-    return max(times, default=0.0)
-
-
 def _same_installation(folder: str, key: dict) -> bool:
     try:
         with open(os.path.join(folder, _ENTRY), encoding="utf-8") as handle:
@@ -252,22 +242,14 @@ def remove_stale_entries(key: dict, now: Optional[float] = None) -> List[str]:
     place whole (``files.atomic_folder``), so one being written is fresh and hidden, never removed;
     a reader dates its entry as used before reading it; and an entry goes whole
     (``files.remove_folder_whole``: a read it cuts short is a miss, ``_read_entry``)."""
-    root = cache_folder()
     now = time.time() if now is None else now
-    try:
-        names = os.listdir(root)
-    except OSError:
-        return []
-    removed = []
-    for name in names:
-        folder = os.path.join(root, name)
-        if os.path.islink(folder) or not os.path.isdir(folder) or now - _last_used(folder) < STALE_AFTER_S:
-            continue
-        if not name.startswith(".") and _same_installation(folder, key):
-            continue
-        if remove_folder_whole(folder):
-            removed.append(name)
-    return removed
+
+    def stale(name: str, folder: str) -> bool:
+        if now - last_used(folder, _ENTRY) < STALE_AFTER_S:
+            return False
+        return name.startswith(".") or not _same_installation(folder, key)
+
+    return sweep_folders(cache_folder(), stale)
 
 
 def _converted(encoder: nn.Module, input_size: int, config: dict, key: Optional[dict], folder: Optional[str],

@@ -12,22 +12,11 @@ import torch
 from SAMFineTuneLib import openvino_encoder
 from SAMFineTuneLib.openvino_encoder import STALE_AFTER_S, OpenVinoEncoder, available, remove_stale_entries
 
+from test_openvino_encoder import cache, tiny_net  # noqa: F401  (fixtures)
+
 # Never pytest.importorskip("openvino"): importing it bare would start its telemetry in this process.
 pytestmark = pytest.mark.skipif(not available(), reason="openvino is not installed")
 LONG_AGO = time.time() - 2 * STALE_AFTER_S
-
-
-@pytest.fixture
-def tiny_net():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.GELU()).eval()
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    """A conversion cache of this test's own."""
-    monkeypatch.setenv("SAMFINETUNE_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache" / "openvino"
 
 
 def fake_entry(cache, name, key=None, when=LONG_AGO, text=None):

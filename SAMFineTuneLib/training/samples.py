@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from ..files import atomic_write, remove_folder_whole, write_json_atomic
+from ..files import atomic_write, last_used, sweep_folders, write_json_atomic
 from ..paths import dataset_cache_dir, make_private_dir
 from ..progress import check_cancel, report
 from .eta import Eta
@@ -113,23 +113,8 @@ def remove_unused_caches(root: str, keep: str, now: Optional[float] = None) -> L
     that no process has chosen for ``UNUSED_CACHE_S``, and hidden leftovers of a removal
     that old, each as one step (``files.remove_folder_whole``). Returns the names removed."""
     now = time.time() if now is None else now
-    try:
-        names = os.listdir(root)
-    except OSError:
-        return []
-    removed = []
-    for name in names:
-        folder = os.path.join(root, name)
-        if folder == keep or os.path.islink(folder) or not os.path.isdir(folder):
-            continue
-        try:
-            used = max(os.stat(path).st_mtime for path in (folder, os.path.join(folder, STANDS_IN_FOR))
-                       if os.path.exists(path))
-        except (OSError, ValueError):
-            continue
-        if now - used >= UNUSED_CACHE_S and remove_folder_whole(folder):
-            removed.append(name)
-    return removed
+    return sweep_folders(root, lambda name, folder: folder != keep
+                         and now - last_used(folder, STANDS_IN_FOR) >= UNUSED_CACHE_S)
 
 
 def _stands_in_for(folder: str) -> Optional[str]:
