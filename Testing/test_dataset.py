@@ -506,3 +506,22 @@ def test_an_export_never_writes_over_files_it_did_not_write(tmp_path):
     assert os.listdir(fresh) == [".DS_Store"]
     ds.export_dataset([make_case(0), make_case(1)], fresh, fmt="coco")
     assert len(coco_images(fresh)) == 6
+
+
+@pytest.mark.parametrize("field, value", [("case", "../../outside"), ("case", "sub/case"),
+                                          ("image", "../outside_0000.nii.gz"), ("label", "/tmp/elsewhere.nii.gz")])
+def test_a_dataset_naming_files_outside_itself_is_refused_before_anything_is_written(tmp_path, field, value):
+    """A dataset.json from elsewhere (a shared set) must not make an export write, nor training read,
+    outside the dataset's folder: every case's slice index and files are named after its id."""
+    root = tmp_path / "shared" / "set"
+    ds.export_dataset([make_case(0), make_case(1)], root, fmt="finetune-sam")
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["samfinetune"]["cases"][1][field] = value
+    (root / "dataset.json").write_text(json.dumps(meta))
+    before = tree_digest(tmp_path)
+    with pytest.raises(ValueError, match=r"outside the dataset|not a plain file name") as refused:
+        ds.read_dataset(root)
+    assert value in str(refused.value) and "\n" not in str(refused.value)
+    with pytest.raises(ValueError, match=r"outside the dataset|not a plain file name"):
+        ds.export_dataset([make_case(2)], root, fmt="finetune-sam")
+    assert tree_digest(tmp_path) == before

@@ -7,15 +7,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
 from ..input_checks import check_finite, check_same_grid
-from .index import DATASET_JSON, read_dataset
+from .index import CASE_ID, DATASET_JSON, read_dataset
 
-_CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def check_case(case_id: str, image, label, label_names: Optional[Dict[int, str]]) -> Tuple[np.ndarray, List[int]]:
@@ -24,7 +22,7 @@ def check_case(case_id: str, image, label, label_names: Optional[Dict[int, str]]
     Raises ValueError (naming the case and the problem) for a bad id, NaN or infinite voxels, a
     geometry mismatch, a non-integer or negative label, or label values missing from ``label_names``.
     """
-    if not isinstance(case_id, str) or not _CASE_ID.match(case_id):
+    if not isinstance(case_id, str) or not CASE_ID.match(case_id):
         raise ValueError(f"case id {case_id!r} is not usable as a file name: use letters, digits, '_', '-', '.'")
     img, lab = np.asarray(image.array), np.asarray(label.array)
     check_finite(img, f"case '{case_id}': the volume")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -14,6 +15,9 @@ DATASET_JSON = "dataset.json"
 EMBEDDING_DIR = ".embeddings"
 FILE_ENDING = ".nii.gz"
 LAYOUT_VERSION = 1
+#: A case id a dataset holds: a plain file name on every system (its files and slice index are named
+#: after it), never a path.
+CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 @dataclass
@@ -82,8 +86,7 @@ def read_dataset(path: str) -> DatasetInfo:
         labels = _labels_from_json(meta.get("labels", {}))
         ours = meta.get("samfinetune", {}).get("cases")
         if ours is not None:
-            cases = [CaseEntry(r["case"], os.path.join(root, r["image"]), os.path.join(root, r["label"]),
-                               r["split"], r.get("group", r["case"]), r) for r in ours]
+            cases = [_our_case(root, record) for record in ours]
         else:
             cases = _foreign_cases(root, meta)
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
@@ -94,6 +97,24 @@ def read_dataset(path: str) -> DatasetInfo:
             if not os.path.isfile(file):
                 raise ValueError(f"dataset {root} lists {file} for case '{entry.case}', but the file is missing")
     return DatasetInfo(root, labels, cases, meta)
+
+
+def _our_case(root: str, record: Dict[str, Any]) -> CaseEntry:
+    """One record of ours; a ValueError for a case id that is not a plain file name or a file
+    outside the dataset: an export writes every case's slice index and files after its id, so a
+    dataset.json from elsewhere must not make it write (or training read) outside the folder."""
+    case = record["case"]
+    if not isinstance(case, str) or not CASE_ID.match(case):
+        raise ValueError(f"case id {case!r} is not a plain file name")
+    image, label = (_inside(root, record[key], case) for key in ("image", "label"))
+    return CaseEntry(case, image, label, record["split"], record.get("group", case), record)
+
+
+def _inside(root: str, relative: Any, case: str) -> str:
+    path = os.path.normpath(os.path.join(root, relative if isinstance(relative, str) else ""))
+    if not isinstance(relative, str) or os.path.isabs(relative) or os.path.commonpath([root, path]) != root:
+        raise ValueError(f"case {case!r} names the file {relative!r}, which lies outside the dataset")
+    return path
 
 
 def _labels_from_json(labels: Dict[str, Any]) -> Dict[int, str]:
