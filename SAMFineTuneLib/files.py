@@ -228,6 +228,17 @@ def remove_folder_whole(path: str) -> bool:
     return True
 
 
+#: Names Windows keeps for devices, also with an ending ("nul.txt", "COM1.nii.gz"): a file or folder
+#: so named is the device, on any drive, so a dataset or adapter copied there would break.
+WINDOWS_DEVICE_NAMES = frozenset({"CON", "PRN", "AUX", "NUL"} | {f"{kind}{n}" for kind in ("COM", "LPT")
+                                                               for n in range(10)})
+
+
+def windows_device_name(name: str) -> bool:
+    """Whether Windows takes the file or folder name ``name`` for a device (``WINDOWS_DEVICE_NAMES``)."""
+    return name.split(".")[0].strip().upper() in WINDOWS_DEVICE_NAMES
+
+
 def last_used(folder: str, marker: str) -> float:
     """When a cache folder was last used: the later modification time of the folder (an entry
     added) and of its ``marker`` file (dated by each reader); 0 when neither can be read."""

@@ -525,3 +525,12 @@ def test_a_dataset_naming_files_outside_itself_is_refused_before_anything_is_wri
     with pytest.raises(ValueError, match=r"outside the dataset|not a plain file name"):
         ds.export_dataset([make_case(2)], root, fmt="finetune-sam")
     assert tree_digest(tmp_path) == before
+
+
+def test_a_case_id_windows_keeps_for_a_device_is_refused(tmp_path):
+    """labelsTr/CON.nii.gz is the console on Windows, wherever the set is copied."""
+    _, image, label = make_case(0)
+    for case_id in ("CON", "nul", "com1.2", "LPT9"):
+        with pytest.raises(ValueError, match="not usable as a file name.*CON or NUL"):
+            ds.export_dataset([(case_id, image, label)], tmp_path / "d")
+    assert ds.export_dataset([("CONTRAST_1", image, label)], tmp_path / "d")["added"] == ["CONTRAST_1"]

@@ -312,6 +312,7 @@ def test_a_case_id_differs_from_the_sets_ids_in_more_than_case(scene):
     assert training.caseId(addVolume(np.zeros((2, 3, 4), np.int16), name="ct"), used) == "ct_2"
     assert training.caseId(addVolume(np.zeros((2, 3, 4), np.int16), name="Ct"), used) == "Ct_3"
     assert used == {"CT", "ct_2", "Ct_3"}
+    assert training.caseId(addVolume(np.zeros((2, 3, 4), np.int16), name="aux"), used) == "aux_case"
 
 
 @pytest.mark.slow

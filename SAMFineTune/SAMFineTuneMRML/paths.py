@@ -90,15 +90,13 @@ def adapterFolder(name):
     return os.path.join(adaptersDirectory(), name)
 
 
-# Device names Windows reserves, also with an extension ("nul.txt"): a folder so named is the device.
-_WINDOWS_DEVICES = {"CON", "PRN", "AUX", "NUL"} | {"%s%d" % (kind, n) for kind in ("COM", "LPT") for n in range(10)}
-
-
 def windowsFolderName(name):
     """Whether Windows can create a folder ``name``: it refuses < > : " | ? * \\ and control
     characters, drops a final '.' or space, and takes CON, NUL, COM1... for devices."""
-    return not (re.search(r'[<>:"|?*\\\x00-\x1f]', name) or name.endswith((".", " "))
-                or name.split(".")[0].strip().upper() in _WINDOWS_DEVICES)
+    ensureLibraryImportable()
+    from SAMFineTuneLib.files import windows_device_name
+
+    return not (re.search(r'[<>:"|?*\\\x00-\x1f]', name) or name.endswith((".", " ")) or windows_device_name(name))
 
 
 def workerLogPath():

@@ -12,7 +12,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import numpy as np
 
 from ..input_checks import check_finite, check_same_grid
-from .index import CASE_ID, DATASET_JSON, read_dataset
+from .index import DATASET_JSON, plain_case_id, read_dataset
 
 
 
@@ -22,8 +22,9 @@ def check_case(case_id: str, image, label, label_names: Optional[Dict[int, str]]
     Raises ValueError (naming the case and the problem) for a bad id, NaN or infinite voxels, a
     geometry mismatch, a non-integer or negative label, or label values missing from ``label_names``.
     """
-    if not isinstance(case_id, str) or not CASE_ID.match(case_id):
-        raise ValueError(f"case id {case_id!r} is not usable as a file name: use letters, digits, '_', '-', '.'")
+    if not plain_case_id(case_id):
+        raise ValueError(f"case id {case_id!r} is not usable as a file name: use letters, digits, '_', '-', '.' "
+                         "(not a name Windows keeps for a device, such as CON or NUL)")
     img, lab = np.asarray(image.array), np.asarray(label.array)
     check_finite(img, f"case '{case_id}': the volume")
     if img.ndim != 3:

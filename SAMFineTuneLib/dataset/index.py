@@ -10,14 +10,21 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from ..catalogue import AXES, SEGMENT_DEFAULTS, SPLITS
+from ..files import windows_device_name
 
 DATASET_JSON = "dataset.json"
 EMBEDDING_DIR = ".embeddings"
 FILE_ENDING = ".nii.gz"
 LAYOUT_VERSION = 1
 #: A case id a dataset holds: a plain file name on every system (its files and slice index are named
-#: after it), never a path.
+#: after it), never a path (``plain_case_id``).
 CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def plain_case_id(case: Any) -> bool:
+    """Whether ``case`` can name a case's files on every system: ``CASE_ID``, and no name Windows
+    keeps for a device (``files.windows_device_name``: "CON", "nul.1")."""
+    return isinstance(case, str) and bool(CASE_ID.match(case)) and not windows_device_name(case)
 
 
 @dataclass
@@ -104,7 +111,7 @@ def _our_case(root: str, record: Dict[str, Any]) -> CaseEntry:
     outside the dataset: an export writes every case's slice index and files after its id, so a
     dataset.json from elsewhere must not make it write (or training read) outside the folder."""
     case = record["case"]
-    if not isinstance(case, str) or not CASE_ID.match(case):
+    if not plain_case_id(case):
         raise ValueError(f"case id {case!r} is not a plain file name")
     image, label = (_inside(root, record[key], case) for key in ("image", "label"))
     return CaseEntry(case, image, label, record["split"], record.get("group", case), record)
