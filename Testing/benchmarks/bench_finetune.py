@@ -128,13 +128,28 @@ def speed(args, model, seeds_model):
 
 def cold(args, model):
     """A user's first training: ``--train`` + ``--val`` cases never encoded before, default settings
-    (the model's default encoder backend), from the first slice encoded to the adapter written."""
-    root, cases, groups = as_dataset(args.dataset, tempfile.mkdtemp(prefix="samfinetune_cold_"), args.patient_pattern,
-                                     args.merge_labels)
+    (the model's default encoder backend), from the first slice encoded to the adapter written. The
+    fresh dataset, its embeddings in the user's cache and the adapter are removed afterwards."""
+    import shutil
+
+    from SAMFineTuneLib.paths import dataset_cache_dir
+
+    work = tempfile.mkdtemp(prefix="samfinetune_cold_")
+    try:
+        root, cases, groups = as_dataset(args.dataset, work, args.patient_pattern, args.merge_labels)
+        try:
+            cold_run(args, model, root, cases, groups, os.path.join(work, "adapter"))
+        finally:
+            shutil.rmtree(dataset_cache_dir(root), ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def cold_run(args, model, root, cases, groups, output):
     patients = pick_patients(groups, args.seed)
     train_ids = cases_of(patients[:args.train], groups, cases)
     val_ids = cases_of(patients[args.train:args.train + args.val], groups, cases)
-    config = TrainConfig(dataset=root, output=tempfile.mkdtemp(prefix="samfinetune_cold_adapter_"),
+    config = TrainConfig(dataset=root, output=output,
                          train_cases=train_ids, val_cases=val_ids, seed=args.seed, device=args.device)
     if args.segmented_first:
         segmented_first(model, config)
