@@ -239,9 +239,18 @@ def windows_device_name(name: str) -> bool:
     return name.split(".")[0].strip().upper() in WINDOWS_DEVICE_NAMES
 
 
+def mark_used(folder: str, marker: str) -> None:
+    """Date a cache folder's use now (its ``marker`` file's modification time, which ``last_used``
+    reads); a cache this process cannot write keeps the date of its last write."""
+    try:
+        os.utime(os.path.join(folder, marker))
+    except OSError:
+        pass
+
+
 def last_used(folder: str, marker: str) -> float:
     """When a cache folder was last used: the later modification time of the folder (an entry
-    added) and of its ``marker`` file (dated by each reader); 0 when neither can be read."""
+    added) and of its ``marker`` file (``mark_used``); 0 when neither can be read."""
     times = []
     for path in (folder, os.path.join(folder, marker)):
         try:

@@ -41,7 +41,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from .files import atomic_folder, last_used, sweep_folders
+from .files import atomic_folder, last_used, mark_used, sweep_folders
 from .paths import user_cache_dir
 from .progress import CancelFn, check_cancel
 
@@ -159,7 +159,7 @@ def _read_entry(folder: str, key: dict, config: dict):
         return None
     if not os.path.isdir(folder):
         raise ValueError("a file stands where its folder belongs")
-    _mark_used(folder)  # before reading: a cleaner that looks from now on keeps it
+    mark_used(folder, _ENTRY)  # before reading: a cleaner that looks from now on keeps it
     try:
         with open(os.path.join(folder, _ENTRY), encoding="utf-8") as handle:
             entry = json.load(handle)
@@ -213,15 +213,6 @@ def _write_entry(folder: str, key: dict, compiled) -> None:
     if removed:
         log.info("removed %d converted encoder(s) of another OpenVINO or package version from %s", len(removed),
                  cache_folder())
-
-
-def _mark_used(folder: str) -> None:
-    """Date the entry's last use (its entry.json's modification time), which ``remove_stale_entries``
-    goes by; a cache this process cannot write keeps the date of the entry's writing."""
-    try:
-        os.utime(os.path.join(folder, _ENTRY))
-    except OSError:
-        pass
 
 
 def _same_installation(folder: str, key: dict) -> bool:

@@ -73,13 +73,13 @@ def test_an_entry_removed_while_a_process_begins_to_read_it_is_a_miss_not_damage
     """The race a cleaner leaves open: it judged the entry unused just before a reader dated it."""
     OpenVinoEncoder(tiny_net, 16, fingerprint="tiny:1")
     (ours,) = os.listdir(cache)
-    mark_used = openvino_encoder._mark_used
+    mark_used = openvino_encoder.mark_used
 
-    def removed_meanwhile(folder):
-        mark_used(folder)
+    def removed_meanwhile(folder, marker):
+        mark_used(folder, marker)
         os.rename(folder, cache / f".{ours}.0000.removing")  # the cleaner's rename aside, then its delete
 
-    monkeypatch.setattr(openvino_encoder, "_mark_used", removed_meanwhile)
+    monkeypatch.setattr(openvino_encoder, "mark_used", removed_meanwhile)
     with caplog.at_level(logging.WARNING, logger="SAMFineTuneLib.openvino_encoder"):
         again = OpenVinoEncoder(tiny_net, 16, fingerprint="tiny:1")
     assert not again.from_cache and "damaged" not in caplog.text and ours in os.listdir(cache)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from ..files import atomic_write, last_used, sweep_folders, write_json_atomic
+from ..files import atomic_write, last_used, mark_used, sweep_folders, write_json_atomic
 from ..paths import dataset_cache_dir, make_private_dir
 from ..progress import check_cancel, report
 from .eta import Eta
@@ -87,7 +87,7 @@ def cache_dir_for(dataset_root: str) -> str:
         write_json_atomic(os.path.join(folder, STANDS_IN_FOR), {"dataset_cache": own})
     if folder not in _CHOSEN:
         _CHOSEN.add(folder)
-        _mark_used(folder)
+        mark_used(folder, STANDS_IN_FOR)
         remove_unused_caches(os.path.dirname(folder), keep=folder)
     return folder
 
@@ -99,13 +99,6 @@ def cache_dirs(cache_dir: Optional[str]) -> Tuple[str, ...]:
         return ()
     own = _stands_in_for(cache_dir)
     return (own, cache_dir) if own and os.path.isdir(own) else (cache_dir,)
-
-
-def _mark_used(folder: str) -> None:
-    try:
-        os.utime(os.path.join(folder, STANDS_IN_FOR))
-    except OSError:
-        pass  # a cache this process cannot date keeps the date of its last write
 
 
 def remove_unused_caches(root: str, keep: str, now: Optional[float] = None) -> List[str]:
