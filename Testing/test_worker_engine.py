@@ -138,6 +138,8 @@ def test_refine_and_propagate_through_the_worker_equal_in_process(client, phanto
         client.run("refine", dict(base, index=9, box=slice_box), timeout=120)
     with pytest.raises(JobError, match=r"point 1 \(99, 1\) lies outside"):
         client.run("refine", dict(base, points=[[99, 1, 1]]), timeout=120)
+    with pytest.raises(JobError, match=r"^ValueError: 'window' must be text .*got \[400, 40\]$"):
+        client.run("refine", dict(base, window=[400, 40], box=slice_box), timeout=120)
 
 
 def test_cancel_long_segmentation_is_prompt_and_worker_stays_usable(client):

@@ -31,6 +31,9 @@ def _stored(job, params: Dict[str, Any], arrays: Dict[str, np.ndarray]):
     from ..volume_io import as_volume
 
     key = params.pop("volume_key")
+    if not isinstance(params["window"], str):  # it also names the slice's last click result
+        raise ValueError(f"'window' must be text (auto, a named window or width/level such as 400/40), got "
+                         f"{params['window']!r}")
     if "volume" in arrays:
         if not key:
             raise ValueError(f"{job.command} needs 'volume_key' (a name for the volume, to reuse it next time)")
