@@ -16,6 +16,7 @@ import slicer
 import vtk
 
 from .geometry import nodeName, volumeGeometryLPS, volumeToArray
+from .paths import folderName
 from .segments import SOURCE_VOLUME_ROLE, segmentToArray
 
 _EPOCH_RE = re.compile(r"epoch (\d+)(?:/\d+)?: loss ([-+0-9.eE]+|nan),? (?:val|validation) Dice ([-+0-9.eE]+|nan)")
@@ -59,7 +60,7 @@ def caseId(volumeNode, used):
     device ("AUX") gets "_case" after it."""
     from SAMFineTuneLib.files import windows_device_name
 
-    base = re.sub(r"[^A-Za-z0-9_-]+", "_", nodeName(volumeNode)).strip("_") or "case"
+    base = folderName(nodeName(volumeNode)) or "case"
     if windows_device_name(base):
         base += "_case"
     taken = {name.casefold() for name in used}
