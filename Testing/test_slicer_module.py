@@ -408,6 +408,9 @@ def test_what_the_user_keeps_lives_in_their_documents_never_a_cache(monkeypatch,
     assert paths.trainingSetFolder(".", "left kidney/2") == os.path.join(mine, "datasets", "left_kidney_2")
     assert paths.trainingSetFolder(str(tmp_path / "set"), "liver") == str(tmp_path / "set")
     assert paths.trainingSetFolder("", "") is None and paths.trainingSetFolder("", "***") is None
+    # a structure named as Windows names a device gets a folder every system can make
+    assert paths.trainingSetFolder("", "Con") == os.path.join(mine, "datasets", "Con_case")
+    assert paths.folderName("nul ") == "nul_case" and paths.folderName("console") == "console"
     for folder in (paths.cacheDirectory(), paths.adaptersDirectory(), paths.trainingSetFolder("", "liver")):
         assert not folder.startswith(str(tmp_path / "slicer-cache")) and not folder.startswith(REPO)
     assert not paths.adaptersDirectory().startswith(paths.cacheDirectory())

@@ -73,8 +73,13 @@ def trainingSetFolder(chosen, structureName):
 
 def folderName(text):
     """``text`` as a plain folder name (runs of other characters than letters, digits, '-' and '_'
-    become '_'); "" when nothing is left."""
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", text or "").strip("_")
+    become '_'); "" when nothing is left. A name Windows keeps for a device ("CON", "aux") gets
+    "_case" after it, on every system, so that a scene or a set made on one opens on another."""
+    ensureLibraryImportable()
+    from SAMFineTuneLib.files import windows_device_name
+
+    name = re.sub(r"[^A-Za-z0-9_-]+", "_", text or "").strip("_")
+    return name + "_case" if windows_device_name(name) else name
 
 
 def adapterFolder(name):

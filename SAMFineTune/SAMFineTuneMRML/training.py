@@ -55,14 +55,9 @@ def findCases(scene, structureName):
 
 
 def caseId(volumeNode, used):
-    """An id after the node's name that no id in ``used`` has, ignoring case: Windows and macOS
-    file names ignore it, and "CT" and "ct" would write the same files. A name Windows keeps for a
-    device ("AUX") gets "_case" after it."""
-    from SAMFineTuneLib.files import windows_device_name
-
+    """An id after the node's name (``paths.folderName``) that no id in ``used`` has, ignoring case:
+    Windows and macOS file names ignore it, and "CT" and "ct" would write the same files."""
     base = folderName(nodeName(volumeNode)) or "case"
-    if windows_device_name(base):
-        base += "_case"
     taken = {name.casefold() for name in used}
     name, n = base, 2
     while name.casefold() in taken:
