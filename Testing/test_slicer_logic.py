@@ -31,7 +31,8 @@ class FakeEngine:
         self.fail = fail
         self.stats = stats or {"seconds": 0.1}
 
-    def segment(self, array, volumeKey, spacing, box, options, progress=None, cancel=None):
+    def segment(self, volumeKey, voxels, spacing, box, options, progress=None, cancel=None):
+        array = voxels()
         self.calls.append(dict(shape=array.shape, spacing=spacing, box=box, options=options))
         for done in range(3):
             if progress:
@@ -46,18 +47,25 @@ class FakeEngine:
 
 class FakeClient:
     """WorkerClient stand-in with the client's own Job records: each poll moves every job one step
-    through ``script``; ``reprompt`` finds the volume a ``segment`` job left under its key."""
+    through ``script``; ``reprompt`` finds the volume a ``segment`` job left under its key, and
+    fails as the worker does (``UnknownVolume``) when there is none (clear ``volumes`` to act as a
+    worker that restarted or let the volume go)."""
+
+    starts = 1  # how many workers it has started (the backend asks which one holds a volume)
 
     def __init__(self, script=("running", "running", "done"), crash_on_poll=None):
         self.script, self.crash_on_poll, self.jobs, self.polls = list(script), crash_on_poll, [], 0
         self.volumes = {}
 
     def submit(self, command, params, arrays=None):
-        assert command in ("segment", "reprompt")
-        if command == "segment":
-            self.volumes[params["volume_key"]] = arrays["volume"]
+        assert command in ("segment", "reprompt", "refine")
         job = Job("j%d" % len(self.jobs), command, params)
+        job.sent = dict(arrays or {})
+        if "volume" in job.sent:
+            self.volumes[params["volume_key"]] = np.array(job.sent["volume"])
         job.volume, job.steps = self.volumes.get(params.get("volume_key")), list(self.script)
+        if job.volume is None:
+            job.steps = ["unknown volume"]
         self.jobs.append(job)
         return job
 
@@ -90,6 +98,9 @@ class FakeClient:
                 job.arrays = {"mask": box_mask(job.volume.shape, job.params["box"])}
             elif state == "error":
                 job.error = "ValueError: the model exploded"
+            elif state == "unknown volume":
+                job.state = "error"
+                job.error = "UnknownVolume: this worker holds no volume %r" % job.params["volume_key"]
         return 1
 
 
@@ -361,6 +372,63 @@ def test_rois_of_one_volume_send_its_voxels_once(scene):
     for task in tasks:
         assert np.array_equal(logic.segmentArray(task.segmentationNode, task.segmentId, volume),
                               box_mask(SHAPE, task.roiBox.box))
+
+
+def test_a_worker_that_cannot_take_the_voxels_again_leaves_the_scene_as_it_was(scene):
+    volume, roi = make(scene)
+    client = FakeClient()
+    logic = SAMFineTuneCoreLogic(worker=WorkerBackend(client=client))
+    first = logic.segment(volume, roi, runIn="worker")
+    client.volumes.clear()  # the worker let the volume go, and now refuses a new upload
+
+    def refuse(command, params, arrays=None):
+        raise OSError("No space left on device")
+
+    task = logic.segment(volume, roi, segmentationNode=first.segmentationNode, waitForCompletion=False)
+    client.submit = refuse
+    while task.poll():
+        pass
+    assert task.state == "error" and "No space left on device" in task.error
+    assert np.array_equal(logic.segmentArray(first.segmentationNode, first.segmentId, volume),
+                          box_mask(SHAPE, (4, 5, 1, 15, 14, 4)))
+
+
+def test_the_voxels_go_to_the_worker_once_until_they_change(scene):
+    """A 512 x 512 x 600 CT is 300 MB: Segment clicks, other ROIs and the SAM effect's clicks name
+    the copy the worker holds, and send the voxels again only once they change or the worker lost them."""
+    from SAMFineTuneMRML import interactive
+
+    volume, roi = make(scene)
+    client = FakeClient()
+    logic = SAMFineTuneCoreLogic(worker=WorkerBackend(client=client))
+
+    def segmentAndCheck(**kwargs):
+        task = logic.segment(volume, roi, **kwargs)
+        while task.poll():
+            pass
+        assert task.state == "done"
+        assert np.array_equal(logic.segmentArray(task.segmentationNode, task.segmentId, volume),
+                              box_mask(SHAPE, (4, 5, 1, 15, 14, 4)))
+        assert np.array_equal(client.volumes[client.jobs[-1].params["volume_key"]], slicer.util.arrayFromVolume(volume))
+
+    def sent():
+        return [(job.command, "volume" in job.sent) for job in client.jobs]
+
+    segmentAndCheck(waitForCompletion=False)
+    segmentAndCheck(waitForCompletion=False)
+    click = interactive.InteractiveSession(logic, volume).submit("refine", {"axis": "axial", "index": 2})
+    click.state = "cancelled"  # only what it carried matters here
+    assert sent() == [("segment", True), ("reprompt", False), ("refine", False)]
+    assert len({job.params["volume_key"] for job in client.jobs}) == 1
+    slicer.util.arrayFromVolume(volume)[2, 8, 8] = 100  # the user edited the voxels: they go again
+    slicer.util.arrayFromVolumeModified(volume)
+    segmentAndCheck(waitForCompletion=False)
+    assert sent()[-1] == ("segment", True) and len({job.params["volume_key"] for job in client.jobs}) == 2
+    for kwargs in ({"waitForCompletion": False}, {"runIn": "worker"}):
+        client.volumes.clear()  # the worker restarted or let the volume go
+        segmentAndCheck(**kwargs)
+        assert sent()[-2:] == [("reprompt", False), ("segment", True)]
+        assert client.jobs[-2].state == "error" and client.jobs[-2].error.startswith("UnknownVolume")
 
 
 def test_a_bad_roi_among_several_leaves_the_scene_as_it_was(scene):

@@ -178,6 +178,8 @@ def test_training_curve_table_and_plot_from_trainer_messages(scene):
 
 
 class TrainClient:
+    starts = 1  # how many workers it has started (the backend asks which one holds a volume)
+
     def __init__(self):
         self.submitted = []
 

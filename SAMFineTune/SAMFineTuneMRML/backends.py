@@ -4,9 +4,12 @@ Inside the Slicer application the worker is always used, so torch never loads in
 its GUI never waits on the engine. Plain Python and batch runs outside Slicer may run the
 engine in their own process (``InProcessBackend``), which saves starting a worker.
 
-Both backends segment one ROI of a volume given as a KJI array. The worker keeps the last
-volumes it received under a key, so a batch of ROIs on one volume sends the voxels once: the
-first job carries the array, the others name its key.
+Both backends segment one ROI of a volume named by a key (``geometry.volumeKey``: it changes
+whenever the voxels do) and given by ``voxels()``, which returns its KJI array. The worker keeps
+the last volumes it received under their keys, so the voxels travel once per worker, not once per
+Segment click, ROI or click of the SAM effect (a 512 x 512 x 600 CT is 300 MB): a job names the
+key, and one the worker answers with ``UNKNOWN_VOLUME`` (it restarted, or let the volume go) is sent
+again with the voxels.
 """
 
 from .library import ensureLibraryImportable
@@ -16,12 +19,13 @@ ensureLibraryImportable()
 from SAMFineTuneLib.catalogue import MODEL_KEYS  # noqa: E402
 
 
-def segmentParams(spacing, box, options, volumeKey=None):
+#: How a worker's error begins when a job names a volume it does not hold.
+UNKNOWN_VOLUME = "UnknownVolume"
+
+
+def segmentParams(spacing, box, options):
     """The worker's ``segment``/``reprompt`` parameters."""
-    params = dict(options, box=[int(v) for v in box], spacing=[float(s) for s in spacing])
-    if volumeKey:
-        params["volume_key"] = volumeKey
-    return params
+    return dict(options, box=[int(v) for v in box], spacing=[float(s) for s in spacing])
 
 
 class InProcessBackend:
@@ -37,11 +41,11 @@ class InProcessBackend:
         self._segmenters = self._segmenters or SegmenterCache()
         return self._segmenters.get(**{k: options[k] for k in MODEL_KEYS + ("adapter",)})
 
-    def segment(self, array, volumeKey, spacing, box, options, progress=None, cancel=None):
-        """Blocking: (mask, stats). ``volumeKey`` is not needed here: the array is always given."""
+    def segment(self, volumeKey, voxels, spacing, box, options, progress=None, cancel=None):
+        """Blocking: (mask, stats). ``volumeKey`` is not needed here: the engine reads ``voxels()``."""
         engineOptions = {k: v for k, v in options.items() if k not in MODEL_KEYS + ("adapter",)}
-        result = self.segmenter(options).segment(array, box=box, spacing=spacing, progress=progress, cancel=cancel,
-                                                 **engineOptions)
+        result = self.segmenter(options).segment(voxels(), box=box, spacing=spacing, progress=progress,
+                                                 cancel=cancel, **engineOptions)
         return result.mask, dict(result.stats or {})
 
     def train(self, params, progress=None, cancel=None, log=None):
@@ -59,6 +63,7 @@ class WorkerBackend:
 
     def __init__(self, client=None):
         self._client = client
+        self._held = set()  # (volume key, worker start count) of each volume sent to the worker
 
     @property
     def client(self):
@@ -72,18 +77,40 @@ class WorkerBackend:
     def submit(self, command, params, arrays=None):
         return self.client.submit(command, params, arrays)
 
-    def submitSegment(self, array, volumeKey, spacing, box, options):
-        """A ``segment`` job carrying the array, or, with ``array`` None, a ``reprompt`` of the
-        volume the worker holds under ``volumeKey``."""
-        params = segmentParams(spacing, box, options, volumeKey)
-        if array is None:
-            return self.submit("reprompt", params)
-        return self.submit("segment", params, {"volume": array})
+    def holds(self, volumeKey):
+        """Whether the running worker was sent the volume ``volumeKey`` (it may since have let it go)."""
+        return (volumeKey, self.client.starts) in self._held
 
-    def segment(self, array, volumeKey, spacing, box, options, progress=None, cancel=None):
+    def submitWithVolume(self, command, params, volumeKey, voxels, arrays=None, resend=False):
+        """A job naming its volume by ``volumeKey``, carrying the voxels (``voxels()``) when the
+        worker was not sent them or, with ``resend``, said it no longer holds them."""
+        arrays = dict(arrays or {})
+        if resend or not self.holds(volumeKey):
+            arrays["volume"] = voxels()
+        job = self.submit(command, dict(params, volume_key=volumeKey), arrays)
+        if "volume" in arrays:
+            self._held = {held for held in self._held if held[1] == self.client.starts}
+            self._held.add((volumeKey, self.client.starts))
+        return job
+
+    def submitSegment(self, volumeKey, voxels, spacing, box, options, resend=False):
+        """A ``reprompt`` of the volume the worker holds under ``volumeKey``, or a ``segment`` job
+        carrying its voxels."""
+        params = segmentParams(spacing, box, options)
+        if not resend and self.holds(volumeKey):
+            return self.submit("reprompt", dict(params, volume_key=volumeKey))
+        return self.submitWithVolume("segment", params, volumeKey, voxels, resend=True)
+
+    def segment(self, volumeKey, voxels, spacing, box, options, progress=None, cancel=None):
         """Blocking: (mask, stats); raises the job's error (a cancel raises progress.Cancelled)."""
-        job = self.submitSegment(array, volumeKey, spacing, box, options)
-        result, arrays = self.client.wait(job, progress=progress, cancel=cancel)
+        job = self.submitSegment(volumeKey, voxels, spacing, box, options)
+        try:
+            result, arrays = self.client.wait(job, progress=progress, cancel=cancel)
+        except Exception as exc:
+            if not str(exc).startswith(UNKNOWN_VOLUME):
+                raise
+            job = self.submitSegment(volumeKey, voxels, spacing, box, options, resend=True)
+            result, arrays = self.client.wait(job, progress=progress, cancel=cancel)
         return arrays["mask"], dict(result.get("stats") or {})
 
     def train(self, params, progress=None, cancel=None, log=None):
@@ -97,3 +124,4 @@ class WorkerBackend:
         if self._client is not None:
             self._client.shutdown()
             self._client = None
+        self._held = set()  # a new client counts its workers from 0 again

@@ -121,11 +121,21 @@ def checkVolumeNode(volumeNode):
                          "volumes can be segmented." % (nodeName(volumeNode), imageData.GetNumberOfScalarComponents()))
 
 
-def volumeToArray(volumeNode, world=True):
-    """(KJI numpy array copy, 4x4 IJK-to-RAS array) of a scalar volume node."""
+def volumeToArray(volumeNode, world=True, copy=True):
+    """(KJI numpy array, 4x4 IJK-to-RAS array) of a scalar volume node: a copy, or with ``copy``
+    False a view of the node's voxels, for a reader done with them before the node can change
+    (a request to the worker is written before the call returns)."""
     checkVolumeNode(volumeNode)
-    array = np.array(slicer.util.arrayFromVolume(volumeNode), copy=True)
+    array = slicer.util.arrayFromVolume(volumeNode)
+    if copy:
+        array = array.copy()
     return array, volumeIJKToRAS(volumeNode, world=world)
+
+
+def volumeKey(volumeNode):
+    """The name the worker keeps a volume's voxels under: it changes whenever the voxels change
+    (VTK's modification times only grow), so a stale copy is never used."""
+    return "%s:%d" % (volumeNode.GetID(), volumeNode.GetImageData().GetMTime())
 
 
 def volumeSpacing(volumeNode):

@@ -2,10 +2,9 @@
 corrected slice, run by the background worker on the embeddings it keeps.
 
 The worker holds the volume under a key made from the node and the time its voxels last
-changed, so the voxels travel once per worker process; a worker that restarted or let the volume
-go says ``UnknownVolume`` and the request is sent again with the voxels. Each slice the user
-corrects is remembered on the segment (a tag), so an exported case says which slices a person
-checked.
+changed (``geometry.volumeKey``), the key the panel's segmentations use too, so the voxels travel
+once per worker process (``backends.WorkerBackend.submitWithVolume``). Each slice the user corrects
+is remembered on the segment (a tag), so an exported case says which slices a person checked.
 """
 
 import vtk
@@ -18,14 +17,8 @@ from .tasks import Task
 EFFECT_NAME = "SAM"
 #: Segment tag listing the slices corrected by hand or by clicks: "axial:3,4;coronal:12".
 CORRECTED_TAG = "SAMFineTune.CorrectedSlices"
-UNKNOWN_VOLUME = "UnknownVolume"
 #: Options a click or a propagation takes from the panel's settings.
 _ENGINE_OPTIONS = MODEL_KEYS + ("adapter", "window")
-
-
-def volumeKey(volumeNode):
-    """Changes whenever the volume's voxels change, so a stale copy is never used."""
-    return "%s:%d" % (volumeNode.GetID(), volumeNode.GetImageData().GetMTime())
 
 
 def correctedSlices(segment):
@@ -49,21 +42,12 @@ def markCorrected(segment, axis, indices):
 
 
 class ResultTask(Task):
-    """A worker job whose mask goes to ``onMask(mask, result)`` when it succeeds; a job that found
-    no volume in the worker is sent once more with the voxels."""
+    """A worker job whose mask goes to ``onMask(mask, result)`` when it succeeds."""
 
     def __init__(self, session, command, params, arrays, onMask, onFinished=None):
-        self.session, self.command, self.params, self.arrays, self.onMask = session, command, params, arrays, onMask
-        self.retried = False
-        Task.__init__(self, session.submit(command, params, arrays), session.client, onFinished)
-
-    def conclude(self):
-        if self.job.state == "error" and (self.job.error or "").startswith(UNKNOWN_VOLUME) and not self.retried:
-            self.retried = True
-            self.job = self.session.submit(self.command, self.params, self.arrays, resend=True)
-            self.job.on_event = None
-            return
-        Task.conclude(self)
+        self.onMask = onMask
+        Task.__init__(self, session.submit(command, params, arrays), session.client, onFinished,
+                      resend=lambda: session.submit(command, params, arrays, resend=True))
 
     def complete(self, result, arrays):
         self.onMask(arrays["mask"], result)
@@ -76,7 +60,6 @@ class InteractiveSession:
         geometry.checkVolumeNode(volumeNode)
         self.logic = logic
         self.volumeNode = volumeNode
-        self._sent = None  # (volume key, worker start count) of the copy the worker holds
 
     @property
     def client(self):
@@ -84,14 +67,9 @@ class InteractiveSession:
 
     def submit(self, command, params, arrays=None, resend=False):
         """Send a job naming the volume by key; the voxels go along when this worker has not had them."""
-        key = volumeKey(self.volumeNode)
-        arrays = dict(arrays or {})
-        client = self.client
-        if resend or self._sent != (key, client.starts):
-            arrays["volume"], _ = geometry.volumeToArray(self.volumeNode)
-        job = client.submit(command, dict(params, volume_key=key), arrays)
-        self._sent = (key, client.starts)
-        return job
+        return self.logic.worker.submitWithVolume(command, params, geometry.volumeKey(self.volumeNode),
+                                                  lambda: geometry.volumeToArray(self.volumeNode, copy=False)[0],
+                                                  arrays, resend)
 
     def baseParams(self, axis, index, options):
         options = checkOptions({k: v for k, v in options.items() if k in _ENGINE_OPTIONS})

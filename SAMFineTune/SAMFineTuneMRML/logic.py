@@ -17,8 +17,8 @@ Only ``slicer`` core, ``vtk`` and ``numpy`` are imported here; torch and the eng
 parts are imported on first use, in whichever process runs them.
 """
 
+import functools
 import os
-import uuid
 
 import slicer
 
@@ -132,17 +132,20 @@ class SAMFineTuneCoreLogic:
             for roi, segmentId, segmentName in zip(roiNodes, segmentIds, segmentNames):
                 tasks.append(self.prepareTask(volumeNode, roi, segmentationNode, segmentId, segmentName, onFinished,
                                               **options))
-            array, _ = geometry.volumeToArray(volumeNode)
             spacing = geometry.volumeSpacing(volumeNode)
-            volumeKey = uuid.uuid4().hex
-            for n, task in enumerate(tasks):
-                # The worker keeps the volume under its key: only the first job carries the voxels.
-                sent = array if n == 0 or runner is self.inProcess else None
+            volumeKey = geometry.volumeKey(volumeNode)
+
+            def voxels():
+                return geometry.volumeToArray(volumeNode, copy=False)[0]
+
+            for task in tasks:
+                # The worker keeps the volume under its key: the voxels go with the first job it gets.
                 if waitForCompletion:
-                    self._runBlocking(task, runner, sent, volumeKey, spacing, progress, cancel)
+                    self._runBlocking(task, runner, volumeKey, voxels, spacing, progress, cancel)
                 else:
-                    task.attach(runner.submitSegment(sent, volumeKey, spacing, task.roiBox.box, task.options),
-                                runner.client)
+                    submit = functools.partial(runner.submitSegment, volumeKey, voxels, spacing, task.roiBox.box,
+                                               task.options)
+                    task.attach(submit(), runner.client, functools.partial(submit, resend=True))
         except Exception:
             for task in tasks:
                 task.cancel()  # a job already sent stops; nothing of it is written
@@ -153,7 +156,7 @@ class SAMFineTuneCoreLogic:
             raise
         return tasks
 
-    def _runBlocking(self, task, runner, array, volumeKey, spacing, progress, cancel):
+    def _runBlocking(self, task, runner, volumeKey, voxels, spacing, progress, cancel):
         from SAMFineTuneLib.progress import Cancelled
 
         def onProgress(done, total, message=""):
@@ -163,7 +166,7 @@ class SAMFineTuneCoreLogic:
 
         task.reportProgress(0, 1, "starting")
         try:
-            mask, stats = runner.segment(array, volumeKey, spacing, task.roiBox.box, task.options, onProgress, cancel)
+            mask, stats = runner.segment(volumeKey, voxels, spacing, task.roiBox.box, task.options, onProgress, cancel)
         except Cancelled:
             task.finishHere("cancelled")
             return

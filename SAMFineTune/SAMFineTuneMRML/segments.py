@@ -20,17 +20,23 @@ SOURCE_VOLUME_ROLE = "SAMFineTuneSourceVolume"
 SOURCE_ROI_TAG = "SAMFineTune.SourceROI"
 
 
-def orientedImageFromMask(mask, volumeNode, segmentationNode):
-    """vtkOrientedImageData (uint8) holding ``mask`` (KJI, same shape as the volume) with the
-    volume's geometry, expressed in the segmentation node's coordinate frame."""
-    imageData = volumeNode.GetImageData()
-    dims = imageData.GetDimensions()
-    expected = (dims[2], dims[1], dims[0])
+def orientedImageFromMask(mask, volumeNode, segmentationNode, extent=None):
+    """vtkOrientedImageData (uint8) holding ``mask`` with the volume's geometry, expressed in the
+    segmentation node's coordinate frame. ``mask`` is KJI, shaped like the volume or, with
+    ``extent`` (i0, i1, j0, j1, k0, k1, inclusive, within the volume), like that block of it: a
+    result is written through an image of its box only, since a whole CT's worth of labelmap
+    (150 MB at 512 x 512 x 600) per write would cost memory and time for voxels it does not change."""
+    dims = volumeNode.GetImageData().GetDimensions()
+    whole = (0, dims[0] - 1, 0, dims[1] - 1, 0, dims[2] - 1)
+    extent = tuple(int(v) for v in (extent or whole))
+    if any(extent[2 * n] < whole[2 * n] or extent[2 * n + 1] > whole[2 * n + 1] for n in range(3)):
+        raise ValueError("Extent %s lies outside volume '%s' (%s)." % (extent, nodeName(volumeNode), whole))
+    expected = tuple(extent[2 * n + 1] - extent[2 * n] + 1 for n in (2, 1, 0))
     if tuple(mask.shape) != expected:
         raise ValueError("Mask shape %s does not match volume '%s' (%s, KJI)."
                          % (tuple(mask.shape), nodeName(volumeNode), expected))
     image = slicer.vtkOrientedImageData()
-    image.SetExtent(0, dims[0] - 1, 0, dims[1] - 1, 0, dims[2] - 1)
+    image.SetExtent(*extent)
     flat = np.ascontiguousarray(mask, dtype=np.uint8).reshape(-1)
     scalars = numpy_support.numpy_to_vtk(flat, deep=True, array_type=vtk.VTK_UNSIGNED_CHAR)
     image.GetPointData().SetScalars(scalars)
@@ -91,12 +97,18 @@ def writeMaskToSegment(mask, volumeNode, segmentationNode, segmentId, box=None, 
     before the write, which makes the write one undoable step.
     """
     prepareSegmentation(segmentationNode, volumeNode)
-    image = orientedImageFromMask(np.asarray(mask) > 0, volumeNode, segmentationNode)
+    mask = np.asarray(mask)
+    dims = volumeNode.GetImageData().GetDimensions()
+    if tuple(mask.shape) != (dims[2], dims[1], dims[0]):
+        raise ValueError("Mask shape %s does not match volume '%s' (%s, KJI)."
+                         % (tuple(mask.shape), nodeName(volumeNode), (dims[2], dims[1], dims[0])))
     if box is None:
-        extent = image.GetExtent()
+        extent = (0, dims[0] - 1, 0, dims[1] - 1, 0, dims[2] - 1)
     else:
         i0, j0, k0, i1, j1, k1 = (int(v) for v in box)
         extent = (i0, i1, j0, j1, k0, k1)
+    block = mask[extent[4]:extent[5] + 1, extent[2]:extent[3] + 1, extent[0]:extent[1] + 1]
+    image = orientedImageFromMask(block > 0, volumeNode, segmentationNode, extent)
     # The segment is cleared inside the box (minimum with zeros), then the result is masked in
     # with the segment's own label, as the Segment Editor's "add" does (vtkSlicerSegmentEditorLogic,
     # Slicer 5.10): MODE_REPLACE would clear the whole segment when it shares a layer with others,

@@ -76,19 +76,19 @@ def sliceShape(volumeNode, axis):
     return kji[rows], kji[columns]
 
 
-def sliceExtent(volumeNode, axis, index):
-    """VTK extent (i0, i1, j0, j1, k0, k1) of one slice of the volume."""
+def slicesExtent(volumeNode, axis, first, last):
+    """VTK extent (i0, i1, j0, j1, k0, k1) of the volume's slices ``first``..``last`` along ``axis``."""
     dims = volumeNode.GetImageData().GetDimensions()
     extent = [0, dims[0] - 1, 0, dims[1] - 1, 0, dims[2] - 1]
     ijkAxis = 2 - AXES[axis]
-    extent[2 * ijkAxis] = extent[2 * ijkAxis + 1] = int(index)
+    extent[2 * ijkAxis], extent[2 * ijkAxis + 1] = int(first), int(last)
     return extent
 
 
-def sliceModifier(masks, volumeNode, segmentationNode, reference=None):
-    """A labelmap of ``masks`` (KJI, the volume's shape) in the volume's geometry or, with
-    ``reference``, resampled onto that labelmap's geometry (the editor's modifier)."""
-    image = orientedImageFromMask(masks, volumeNode, segmentationNode)
+def sliceModifier(masks, volumeNode, segmentationNode, reference=None, extent=None):
+    """A labelmap of ``masks`` (KJI: the volume's shape, or that of ``extent``) in the volume's
+    geometry or, with ``reference``, resampled onto that labelmap's geometry (the editor's modifier)."""
+    image = orientedImageFromMask(masks, volumeNode, segmentationNode, extent)
     if reference is None:
         return image
     resampled = slicer.vtkOrientedImageData()
@@ -96,39 +96,40 @@ def sliceModifier(masks, volumeNode, segmentationNode, reference=None):
     return resampled
 
 
-def volumeOfSlices(volumeNode, axis, planes):
-    """A KJI uint8 volume holding ``planes`` ({slice index: 2D mask}) and nothing elsewhere; a
-    ValueError names a plane of the wrong size before anything is written."""
+def slicesBlock(volumeNode, axis, planes):
+    """(block, extent): a KJI uint8 block of the volume from the first to the last slice of
+    ``planes`` ({slice index: 2D mask}) holding those planes and nothing elsewhere, and its VTK
+    extent; a ValueError names a plane of the wrong size or place before anything is written."""
     shape = sliceShape(volumeNode, axis)
     dims = volumeNode.GetImageData().GetDimensions()
-    volume = np.zeros((dims[2], dims[1], dims[0]), np.uint8)
-    along = np.moveaxis(volume, AXES[axis], 0)
+    count = (dims[2], dims[1], dims[0])[AXES[axis]]
     for index, plane in planes.items():
-        plane = np.asarray(plane)
-        if plane.shape != shape:
+        if np.shape(plane) != shape:
             raise ValueError("A %s slice of '%s' is %s pixels, the result is %s." % (axis, nodeName(volumeNode), shape,
-                                                                                    plane.shape))
-        if not 0 <= int(index) < along.shape[0]:
+                                                                                    np.shape(plane)))
+        if not 0 <= int(index) < count:
             raise ValueError("Slice %d is outside '%s' (0..%d along %s)." % (index, nodeName(volumeNode),
-                                                                            along.shape[0] - 1, axis))
-        along[int(index)] = plane > 0
-    return volume
+                                                                            count - 1, axis))
+    first, last = min(int(i) for i in planes), max(int(i) for i in planes)
+    along = np.zeros((last - first + 1,) + shape, np.uint8)
+    for index, plane in planes.items():
+        along[int(index) - first] = np.asarray(plane) > 0
+    return np.moveaxis(along, 0, AXES[axis]), slicesExtent(volumeNode, axis, first, last)
 
 
 def writeSlices(modify, planes, volumeNode, segmentationNode, axis, reference=None):
     """Make the given slices of the selected segment ``planes`` ({slice index: 2D mask}): those
     slices are cleared, then the masks added, each through ``modify`` (which applies the editor's
-    masking); other slices are not touched."""
+    masking); other slices are not touched. Only the block from the first to the last of those
+    slices is built, never a volume's worth of labelmap per click."""
     if not planes:
         return
-    result = volumeOfSlices(volumeNode, axis, planes)  # checked before any change
-    whole = volumeOfSlices(volumeNode, axis, {index: np.ones(sliceShape(volumeNode, axis)) for index in planes})
-    extent = None
-    if reference is None:
-        first, last = sliceExtent(volumeNode, axis, min(planes)), sliceExtent(volumeNode, axis, max(planes))
-        extent = [min(a, b) if n % 2 == 0 else max(a, b) for n, (a, b) in enumerate(zip(first, last))]
-    modify(sliceModifier(whole, volumeNode, segmentationNode, reference), REMOVE, extent)
-    modify(sliceModifier(result, volumeNode, segmentationNode, reference), ADD, extent)
+    result, extent = slicesBlock(volumeNode, axis, planes)  # checked before any change
+    whole, _ = slicesBlock(volumeNode, axis, {index: np.ones(sliceShape(volumeNode, axis)) for index in planes})
+    modify(sliceModifier(whole, volumeNode, segmentationNode, reference, extent), REMOVE,
+           None if reference is not None else extent)
+    modify(sliceModifier(result, volumeNode, segmentationNode, reference, extent), ADD,
+           None if reference is not None else extent)
 
 
 def writeSlice(modify, mask2d, volumeNode, segmentationNode, axis, index, reference=None):

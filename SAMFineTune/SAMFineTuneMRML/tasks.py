@@ -4,9 +4,14 @@ A task's state, progress, message and error are its job's (``SAMFineTuneLib.clie
 worker client keeps it up to date, or the logic does for work run in this process); the task
 adds what happens on the Slicer side at the end, such as writing the mask into a segment, and
 an error there overrides the job's success. ``onFinished(task)`` is called once at the end.
+A job the worker refused because it no longer holds the volume (``backends.UNKNOWN_VOLUME``) is
+sent once more with the voxels (``resend``), and the task follows that job instead.
 """
 
+import numpy as np
+
 from . import segments
+from .backends import UNKNOWN_VOLUME
 from .library import ensureLibraryImportable
 
 ensureLibraryImportable()
@@ -19,10 +24,11 @@ def localJob(command, params=None):
 
 
 class Task:
-    def __init__(self, job, client=None, onFinished=None, onEvent=None):
+    def __init__(self, job, client=None, onFinished=None, onEvent=None, resend=None):
         self.job = job
         self.client = client  # None: the logic advances the job itself
         self.onFinished = onFinished
+        self.resend = resend  # () -> the job again with the voxels, once
         self._outcome = None  # (state, message, error) when the Slicer side overrides the job's end
         self._concluded = False  # the job has ended and its Slicer-side completion has run
         if onEvent is not None:
@@ -78,7 +84,18 @@ class Task:
         return not self._concluded  # a task may go on with another job (a retry)
 
     def conclude(self):
-        """The job has ended: run the Slicer-side completion of a success, then ``onFinished``."""
+        """The job has ended: run the Slicer-side completion of a success, then ``onFinished``;
+        or, when the worker no longer held the volume, follow the job sent again with it."""
+        if self.resend is not None and self.job.state == "error" \
+                and (self.job.error or "").startswith(UNKNOWN_VOLUME):
+            resend, self.resend, onEvent = self.resend, None, self.job.on_event
+            try:
+                self.job = resend()
+            except Exception as exc:  # the worker could not be reached again: the scene stays as it was
+                self.fail("The background worker failed: %s" % exc)
+                return
+            self.job.on_event = onEvent
+            return
         self._concluded = True
         if self.job.state == "done":
             try:
@@ -151,10 +168,10 @@ class SegmentTask(Task):
             return done
         return Task.message.fget(self)
 
-    def attach(self, job, client):
-        """Follow a worker job from now on."""
+    def attach(self, job, client, resend=None):
+        """Follow a worker job from now on (``resend``: as for ``Task``)."""
         job.on_event = self.job.on_event
-        self.job, self.client = job, client
+        self.job, self.client, self.resend = job, client, resend
         return self
 
     def complete(self, result, arrays):
@@ -162,7 +179,7 @@ class SegmentTask(Task):
         mask = arrays["mask"]
         self.logic.writeMask(mask, self.volumeNode, self.segmentationNode, self.segmentId, self.roiBox.box)
         segments.rememberSourceRoi(self.segmentationNode, self.segmentId, self.roiNode)
-        self.stats = dict(result.get("stats") or {}, voxels=int((mask > 0).sum()))
+        self.stats = dict(result.get("stats") or {}, voxels=int(np.count_nonzero(mask)))
 
     def abandon(self):
         segmentation = self.segmentationNode.GetSegmentation()

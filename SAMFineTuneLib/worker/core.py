@@ -86,6 +86,11 @@ class StoredVolume:
             self.refined.popitem(last=False)
 
 
+class UnknownVolume(ValueError):
+    """The request names a volume this conversation's worker does not hold: the client sends it
+    again with the voxels (the error text starts with the class name)."""
+
+
 class VolumeStore:
     """One conversation's most recent volumes, with the parameters of their last segmentation."""
 
@@ -103,6 +108,14 @@ class VolumeStore:
 
     def get(self, key: Optional[str]) -> Optional[StoredVolume]:
         return self.items.get(key) if key else None
+
+    def held(self, key: Optional[str], resend: str) -> StoredVolume:
+        """The volume kept under ``key``, else ``UnknownVolume`` saying how to send it (``resend``)."""
+        stored = self.get(key)
+        if stored is None:
+            raise UnknownVolume(f"this worker holds no volume {key!r} for this connection (it restarted, let it go, "
+                                f"or had it from another connection); {resend}")
+        return stored
 
     def keys(self):
         return list(self.items)

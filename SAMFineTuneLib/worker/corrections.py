@@ -21,10 +21,6 @@ REFINE_PARAMS: Dict[str, Any] = dict(_SLICE_PARAMS, points=(), box=None, reset=F
 PROPAGATE_PARAMS: Dict[str, Any] = dict(_SLICE_PARAMS, locked=(), first=None, last=None, box=None)
 
 
-class UnknownVolume(ValueError):
-    """The request names a volume this conversation's worker does not hold."""
-
-
 def _stored(job, params: Dict[str, Any], arrays: Dict[str, np.ndarray]):
     """The request's volume: the voxels sent with it (kept under its key), else the one kept ->
     (key, ``core.StoredVolume``, the volume with its spacing, the slice index)."""
@@ -38,10 +34,7 @@ def _stored(job, params: Dict[str, Any], arrays: Dict[str, np.ndarray]):
         if not key:
             raise ValueError(f"{job.command} needs 'volume_key' (a name for the volume, to reuse it next time)")
         job.volumes.remember(key, arrays["volume"], {"spacing": params["spacing"]})
-    stored = job.volumes.get(key)
-    if stored is None:
-        raise UnknownVolume(f"this worker holds no volume {key!r} (it restarted or let it go); send the request "
-                            "again with the voxels as 'volume'")
+    stored = job.volumes.held(key, "send the request again with the voxels as 'volume'")
     index = _slice_index(params, stored.array.shape)
     spacing = params.pop("spacing") or stored.params.get("spacing")
     return key, stored, as_volume(stored.array, tuple(float(s) for s in spacing) if spacing else None), index

@@ -102,10 +102,7 @@ def segment(core, job) -> Result:
 
 def reprompt(core, job) -> Result:
     key = job.params.get("volume_key") or job.volumes.last_key
-    stored = job.volumes.get(key)
-    if stored is None:
-        raise ValueError(f"this connection's worker holds no volume {key!r} (restarted, evicted, or sent on "
-                         "another connection); send it again with 'segment'")
+    stored = job.volumes.held(key, "send it again with 'segment'")
     params = job.take_params(SEGMENT_PARAMS, **stored.params)
     params.pop("volume_key")
     return _segment(core, job, _checked_input(job, stored.array, params), params, key)
