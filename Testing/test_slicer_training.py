@@ -74,6 +74,34 @@ def test_find_cases_and_export_keeps_voxels_and_geometry(scene, tmp_path):
     assert first[0].GetScene() is scene
 
 
+def test_export_reports_each_case_and_a_cancel_leaves_the_set_as_it_was(scene, tmp_path):
+    """The panel shows a dialog while large CTs are read and written; its Cancel stops between cases."""
+    from SAMFineTuneLib.progress import Cancelled
+
+    logic = SAMFineTuneCoreLogic()
+    cases = [add_case(logic, "CT %d" % n, GEOMETRIES["identity"]) for n in (1, 2, 3)]
+    voxels = slicer.util.arrayFromVolume(cases[0][0]).copy()
+    seen = []
+    logic.exportTrainingSet(cases[:2], str(tmp_path / "set"), "liver", valFraction=0.5,
+                            progress=lambda done, total, message: seen.append((done, total, message)))
+    assert ("reading case CT 1" in [m for _, _, m in seen] and "writing case CT_2" in [m for _, _, m in seen]
+            and all(0 <= done <= total == 2 for done, total, _ in seen))
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "set").rglob("*"))
+    meta = json.load(open(tmp_path / "set" / "dataset.json"))
+    calls = []
+    with pytest.raises(Cancelled):  # while reading the cases
+        logic.exportTrainingSet(cases, str(tmp_path / "set"), "liver", progress=lambda *a: calls.append(a),
+                                cancel=lambda: len(calls) >= 1)
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "set").rglob("*")) == before
+    assert json.load(open(tmp_path / "set" / "dataset.json")) == meta
+    calls = []
+    with pytest.raises(Cancelled):  # after two of three cases were written into a new set
+        logic.exportTrainingSet(cases, str(tmp_path / "new"), "liver", progress=lambda *a: calls.append(a),
+                                cancel=lambda: len(calls) >= 5)
+    assert calls[-1][2] == "writing case CT_2" and not (tmp_path / "new").exists()
+    assert np.array_equal(slicer.util.arrayFromVolume(cases[0][0]), voxels)  # exported from a view, untouched
+
+
 def test_exporting_again_updates_the_cases_the_set_holds_and_adds_the_others(scene, tmp_path):
     """The panel exports every case in the scene: one exported before comes back corrected further
     (written again), unchanged (left alone), or beside a volume of another patient of the same name

@@ -65,14 +65,31 @@ class FineTuningSection:
         if not name:
             slicer.util.errorDisplay("Type the structure (segment name) to export.")
             return
+        from SAMFineTuneLib.progress import Cancelled
+
         dataset = self.trainingSet()
+        # Reading and writing a large CT takes seconds a case: a dialog shows which, and its Cancel
+        # stops between cases, leaving the training set as it was (as DICOMBrowser.py loads series).
+        dialog = slicer.util.createProgressDialog(windowTitle="Export", labelText="Finding the cases")
+
+        def progress(done, total, message=""):
+            dialog.labelText = message
+            dialog.value = int(100 * done / total) if total else 0
+            slicer.app.processEvents()
+
         try:
             with slicer.util.WaitCursor():
                 cases = training.findCases(slicer.mrmlScene, name)
-                summary = self.panel.logic.exportTrainingSet(cases, dataset, name, axis=p.axis)
+                summary = self.panel.logic.exportTrainingSet(cases, dataset, name, axis=p.axis, progress=progress,
+                                                             cancel=lambda: dialog.wasCanceled)
+        except Cancelled:
+            self.ui.trainingStatusLabel.text = "Export cancelled: the training set is as it was."
+            return
         except Exception as exc:
             slicer.util.errorDisplay("Export failed: %s" % exc)
             return
+        finally:
+            dialog.close()
         added, replaced = len(summary.get("added", [])), len(summary.get("replaced", []))
         text = "Added %d case(s) to %s, updated %d, unchanged %d (%s train, %s val)%s" % (
             added, summary.get("dataset"), replaced, len(summary.get("unchanged", [])), summary.get("train"),

@@ -179,7 +179,8 @@ class SAMFineTuneCoreLogic:
 
     # ------------------------------------------------------------ training sets, fine-tuning, adapters
 
-    def exportTrainingSet(self, cases, outputDir, structureName, valFraction=0.2, seed=0, progress=None, axis=None):
+    def exportTrainingSet(self, cases, outputDir, structureName, valFraction=0.2, seed=0, progress=None, axis=None,
+                          cancel=None):
         """Append cases to a training set on disk (MSD/nnU-Net layout, split by case); a case the
         set holds (the same volume, ``training.casesToExport``) is written again with its label as
         the scene has it now, or left alone when unchanged.
@@ -189,7 +190,9 @@ class SAMFineTuneCoreLogic:
         ``structureName``, and the slices corrected on its segment (``interactive.CORRECTED_TAG``)
         go with it. ``axis``: the anatomical axis the cases were segmented along; each case
         records the array axis it lies along on its volume, and training slices the case so.
-        Runs here (it only writes files). Returns the engine's summary."""
+        Runs here (it only writes files). ``progress(done, total, message)`` and ``cancel()`` as in
+        the engine, per case read and per case written; a cancel (``progress.Cancelled``) leaves
+        the dataset as it was. Returns the engine's summary."""
         from . import training
         from SAMFineTuneLib.dataset import export_dataset
 
@@ -197,7 +200,7 @@ class SAMFineTuneCoreLogic:
             raise ValueError("No case to export: segment '%s' on at least one volume first." % structureName)
         from .interactive import correctedSlices
 
-        prepared, again, known = training.casesToExport(cases, outputDir)
+        prepared, again, known = training.casesToExport(cases, outputDir, progress, cancel)
         corrected, sliceAxes = {}, {}
         for (volume, node, segmentId), (identifier, _, _) in zip(cases, prepared):
             slices = correctedSlices(node.GetSegmentation().GetSegment(segmentId))
@@ -205,7 +208,7 @@ class SAMFineTuneCoreLogic:
             if axis is not None:
                 sliceAxes[identifier] = geometry.engineAxis(volume, axis)
         return export_dataset(prepared, outputDir, val_fraction=valFraction, seed=seed,
-                              label_names={1: structureName}, progress=progress, corrected=corrected,
+                              label_names={1: structureName}, progress=progress, cancel=cancel, corrected=corrected,
                               slice_axes=sliceAxes, replace=again, known=known)
 
     def train(self, dataset, output=None, name=None, waitForCompletion=True, runIn=None, progress=None, cancel=None,

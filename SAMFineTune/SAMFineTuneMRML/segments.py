@@ -128,7 +128,7 @@ def writeMaskToSegment(mask, volumeNode, segmentationNode, segmentId, box=None, 
 
 
 def segmentToArray(segmentationNode, segmentId, volumeNode):
-    """Binary KJI uint8 array of a segment resampled to ``volumeNode``'s grid."""
+    """Binary KJI array (bool) of a segment resampled to ``volumeNode``'s grid."""
     return np.asarray(slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode)) > 0
 
 

@@ -67,29 +67,35 @@ def caseId(volumeNode, used):
 
 
 def caseFromNodes(volumeNode, segmentationNode, segmentId, identifier):
-    """(case_id, Volume, label Volume) for ``SAMFineTuneLib.dataset.export_dataset``."""
+    """(case_id, Volume, label Volume) for ``SAMFineTuneLib.dataset.export_dataset``. The image is
+    a view of the node's voxels, not a copy: an export holds every case it writes at once, and ten
+    large CTs are gigabytes; it runs to its end before the scene can change."""
     from SAMFineTuneLib.volume_io import Volume
 
-    array, _ = volumeToArray(volumeNode)
+    array, _ = volumeToArray(volumeNode, copy=False)
     spacing, origin, direction = volumeGeometryLPS(volumeNode)
-    label = segmentToArray(segmentationNode, segmentId, volumeNode).astype(np.uint8)
+    label = segmentToArray(segmentationNode, segmentId, volumeNode).view(np.uint8)
     return (identifier, Volume(array, spacing, origin, direction), Volume(label, spacing, origin, direction))
 
 
-def casesToExport(cases, datasetDir):
+def casesToExport(cases, datasetDir, progress=None, cancel=None):
     """([(case_id, Volume, label Volume)], the ids among them the dataset holds, the dataset's cases
     as read, for ``export_dataset(known=)``) for ``cases`` ((volume, segmentation, segment) triples).
     A volume the dataset holds (the same voxels, whatever its grid: ``dataset.checks.KnownCases``,
     which compares a record written without fingerprints with its stored image) is that case
     exported again, corrected further or moved (registered), under its id; any other gets an id of
     its own after its node's name, never one the dataset holds, so a volume of another patient with
-    the same name never takes over a case, nor one patient's scan becomes two cases."""
+    the same name never takes over a case, nor one patient's scan becomes two cases.
+    ``progress(done, total, message)`` and ``cancel()`` as in the engine, once per case."""
     from SAMFineTuneLib.dataset.checks import KnownCases
+    from SAMFineTuneLib.progress import check_cancel, report
 
     known = KnownCases.of(datasetDir)
     used = {entry.case for entry in known.entries}
     again, prepared = set(), []
-    for volumeNode, segmentationNode, segmentId in cases:
+    for n, (volumeNode, segmentationNode, segmentId) in enumerate(cases):
+        check_cancel(cancel)
+        report(progress, n, len(cases), "reading case %s" % nodeName(volumeNode))
         _, image, label = caseFromNodes(volumeNode, segmentationNode, segmentId, None)
         # the same volume segmented twice: the second is another case the dataset holds, or a new one
         identifier = known.case_of(image, taken=again)
