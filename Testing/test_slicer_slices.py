@@ -64,6 +64,40 @@ def setup(scene, name="oblique"):
     return volume, node, target, neighbour, before, kidney
 
 
+@pytest.mark.parametrize("name", sorted(GEOMETRIES))
+@pytest.mark.parametrize("grid", ["volume", "oversampled", "transformed"])
+def test_one_slice_of_a_segment_read_alone_is_that_slice_of_the_whole(scene, name, grid):
+    """A click reads its slice of the segment; resampling only that slice must give what the whole
+    segment resampled gives there, on any geometry, a finer segmentation grid, under a transform,
+    beside another segment of the same layer, and past the segment's extent."""
+    from slicer_scene import addLinearTransform, rotation
+
+    volume = addVolume(np.zeros(SHAPE, np.float32), GEOMETRIES[name], name="CT")
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
+    if grid == "transformed":
+        move = np.eye(4)
+        move[:3, :3], move[:3, 3] = rotation(2, 20.0), (4.0, 2.0, -3.0)
+        node.SetAndObserveTransformNodeID(addLinearTransform(scene, move).GetID())
+    segments.prepareSegmentation(node, volume)
+    if grid == "oversampled":
+        oversampled(node)
+    liver = np.zeros(SHAPE, np.uint8)
+    liver[1:5, 3:9, 3:9] = 1
+    kidney = np.zeros(SHAPE, np.uint8)
+    kidney[2:4, 10:16, 12:20] = 1
+    target = segments.ensureSegment(node, segmentName="liver")
+    segments.writeMaskToSegment(liver, volume, node, target)
+    segments.writeMaskToSegment(kidney, volume, node, segments.ensureSegment(node, segmentName="kidney"))
+    node.GetSegmentation().CollapseBinaryLabelmaps(False)  # as the Segment Editor keeps them
+    assert node.GetSegmentation().GetNumberOfLayers() == 1  # the two share a layer, by label value
+    whole = segments.segmentToArray(node, target, volume)
+    assert np.array_equal(whole, liver > 0)
+    for axis in ("axial", "coronal", "sagittal"):
+        for index in range(whole.shape[slices.arrayAxis(axis)]):  # slices 0 and 5 lie past the liver
+            alone = slices.segmentSlice(node, target, volume, axis, index)
+            assert np.array_equal(alone, whole.take(index, axis=slices.arrayAxis(axis))), (axis, index)
+
+
 def result_on(axis, index, mask2d):
     out = np.zeros(SHAPE, np.uint8)
     np.moveaxis(out, slices.arrayAxis(axis), 0)[index] = mask2d

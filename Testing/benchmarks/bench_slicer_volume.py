@@ -104,9 +104,14 @@ def click_rows(logic, scene, volume, task, index):
             finish(click)
             slices.writeSlice(modify, answered[0], volume, task.segmentationNode, "axial", index)
 
-        wall, held, grown, click = measured(
-            lambda: session.refine("axial", index, list(points), reset=n == 0, options={"device": "cpu"},
-                                   onMask=lambda mask, result: answered.append(mask)), written)
+        def click():  # a first click on a slice starts from the segment there, as the effect does
+            start = None
+            if n == 0:
+                start = slices.segmentSlice(task.segmentationNode, task.segmentId, volume, "axial", index)
+            return session.refine("axial", index, list(points), startMask=start, reset=n == 0,
+                                  options={"device": "cpu"}, onMask=lambda mask, result: answered.append(mask))
+
+        wall, held, grown, click = measured(click, written)
         rows.append((f"SAM effect, click {n + 1} (refine, write the slice)", wall, click.job.result["seconds"], held,
                      grown))
     return rows
