@@ -63,6 +63,16 @@ def test_a_result_is_written_through_images_of_its_box_only(scene, monkeypatch):
     assert built[1:] == [(0, 23, 7, 9, 0, 5)] * 2  # slices 7..9 along j, whole in-plane
     written = segments.segmentToArray(node, target, volume)
     assert written[:, [7, 9], :].all() and np.array_equal(written[:, 8, :], expected_after(before, mask)[:, 8, :] > 0)
+    # onto the Segment Editor's own grid (the whole volume's), only the part the slice covers
+    seen = []
+
+    def recording(labelmap, mode, extent):
+        seen.append((tuple(labelmap.GetExtent()), tuple(extent)))
+        modify(labelmap, mode, extent)
+
+    slices.writeSlices(recording, {12: 1 - plane}, volume, node, "coronal", reference=modify.defaultModifierLabelmap())
+    assert seen == [((0, 23, 11, 13, 0, 5), (0, 23, 11, 13, 0, 5))] * 2  # slice 12 and one more each side
+    assert not segments.segmentToArray(node, target, volume)[:, 12, :].any()
 
 
 @pytest.mark.parametrize("name", sorted(GEOMETRIES))

@@ -242,9 +242,11 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         parameters = self.scriptedEffect.parameterSetNode()
         return parameters.GetSegmentationNode().GetSegmentation().GetSegment(parameters.GetSelectedSegmentID())
 
-    def modify(self, labelmap, mode, extent=None):
-        """``slices.writeSlices``'s writer: the editor's own modification (masking, overwrite mode)."""
-        self.scriptedEffect.modifySelectedSegmentByLabelmap(labelmap, mode)
+    def modify(self, labelmap, mode, extent):
+        """``slices.writeSlices``'s writer: the editor's own modification (masking, overwrite mode),
+        within ``extent`` (the overload taking a QList<int> of 6, as Slicer's Smoothing effect calls it
+        in 5.10 and 5.12: the editor then masks and writes the clicked slices, not the whole volume)."""
+        self.scriptedEffect.modifySelectedSegmentByLabelmap(labelmap, mode, [int(v) for v in extent])
 
     def applySlices(self, target, axis, planes, corrected=False):
         """Write the slices (one undo step) into the segment they were asked for (``target``, from

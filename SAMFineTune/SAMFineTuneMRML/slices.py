@@ -16,6 +16,7 @@ be overwritten.
 
 import numpy as np
 import slicer
+import vtk
 from vtk.util import numpy_support
 
 from .geometry import ENGINE_AXIS_OF_ARRAY_AXIS, matrixToArray, nodeName, volumeIJKToRAS
@@ -98,14 +99,36 @@ def slicesExtent(volumeNode, axis, first, last):
 
 
 def sliceModifier(masks, volumeNode, segmentationNode, reference=None, extent=None):
-    """A labelmap of ``masks`` (KJI: the volume's shape, or that of ``extent``) in the volume's
-    geometry or, with ``reference``, resampled onto that labelmap's geometry (the editor's modifier)."""
+    """(labelmap, its extent): ``masks`` (KJI: the volume's shape, or that of ``extent``) in the
+    volume's geometry or, with ``reference`` (the editor's modifier labelmap), resampled onto that
+    grid over the part of it the masks cover. The editor's grid spans the whole volume: a click's
+    slice resampled onto all of it cost a second and a gigabyte on a 600-slice CT."""
     image = orientedImageFromMask(masks, volumeNode, segmentationNode, extent)
     if reference is None:
-        return image
+        return image, list(image.GetExtent())
+    covered = slicer.vtkOrientedImageData()
+    toWorld = vtk.vtkMatrix4x4()
+    reference.GetImageToWorldMatrix(toWorld)
+    covered.SetImageToWorldMatrix(toWorld)
+    covered.SetExtent(*coveringExtent(image, reference))
     resampled = slicer.vtkOrientedImageData()
-    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(image, reference, resampled)
-    return resampled
+    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(image, covered, resampled)
+    return resampled, list(resampled.GetExtent())
+
+
+def coveringExtent(image, reference):
+    """The extent of ``reference``'s grid that holds every voxel of ``image`` (its corners mapped,
+    one voxel more on each side), within the reference's own extent."""
+    imageToWorld, referenceToWorld = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(imageToWorld)
+    reference.GetImageToWorldMatrix(referenceToWorld)
+    imageToReference = np.linalg.inv(matrixToArray(referenceToWorld)) @ matrixToArray(imageToWorld)
+    e = image.GetExtent()
+    corners = np.array([[i, j, k, 1.0] for i in e[0:2] for j in e[2:4] for k in e[4:6]]).T
+    ijk = np.round((imageToReference @ corners)[:3], 6)  # 11.9999999 is voxel 12 of the same grid
+    low, high = np.floor(ijk.min(axis=1)) - 1, np.ceil(ijk.max(axis=1)) + 1
+    bounds = reference.GetExtent()
+    return [int(max(low[n // 2], bounds[n])) if n % 2 == 0 else int(min(high[n // 2], bounds[n])) for n in range(6)]
 
 
 def slicesBlock(volumeNode, axis, planes):
@@ -138,10 +161,9 @@ def writeSlices(modify, planes, volumeNode, segmentationNode, axis, reference=No
         return
     result, extent = slicesBlock(volumeNode, axis, planes)  # checked before any change
     whole, _ = slicesBlock(volumeNode, axis, {index: np.ones(sliceShape(volumeNode, axis)) for index in planes})
-    modify(sliceModifier(whole, volumeNode, segmentationNode, reference, extent), REMOVE,
-           None if reference is not None else extent)
-    modify(sliceModifier(result, volumeNode, segmentationNode, reference, extent), ADD,
-           None if reference is not None else extent)
+    for masks, mode in ((whole, REMOVE), (result, ADD)):
+        labelmap, where = sliceModifier(masks, volumeNode, segmentationNode, reference, extent)
+        modify(labelmap, mode, where)
 
 
 def writeSlice(modify, mask2d, volumeNode, segmentationNode, axis, index, reference=None):

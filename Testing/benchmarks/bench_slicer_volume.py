@@ -102,7 +102,8 @@ def click_rows(logic, scene, volume, task, index):
 
         def written(click):
             finish(click)
-            slices.writeSlice(modify, answered[0], volume, task.segmentationNode, "axial", index)
+            slices.writeSlice(modify, answered[0], volume, task.segmentationNode, "axial", index,
+                              reference=modify.defaultModifierLabelmap())  # the effect's own grid
 
         def click():  # a first click on a slice starts from the segment there, as the effect does
             start = None
