@@ -429,6 +429,13 @@ def test_the_voxels_go_to_the_worker_once_until_they_change(scene):
         segmentAndCheck(**kwargs)
         assert sent()[-2:] == [("reprompt", False), ("segment", True)]
         assert client.jobs[-2].state == "error" and client.jobs[-2].error.startswith("UnknownVolume")
+    client.volumes.clear()
+    task = logic.segment(volume, roi, waitForCompletion=False)
+    client.poll()  # the worker answered UnknownVolume; then the user cancelled, before the panel read it
+    task.cancel()
+    while task.poll():
+        pass
+    assert task.state == "error" and sent()[-1] == ("reprompt", False)  # a cancelled job is not sent again
 
 
 def test_a_bad_roi_among_several_leaves_the_scene_as_it_was(scene):

@@ -128,7 +128,8 @@ class Task:
             self.onFinished(self)
 
     def cancel(self):
-        """Ask the job to stop; nothing is written."""
+        """Ask the job to stop; nothing is written, and nothing is sent again."""
+        self.resend = None
         if self.client is not None and not self.finished:
             self.client.cancel(self.job)
 
