@@ -101,8 +101,8 @@ def slicesExtent(volumeNode, axis, first, last):
 def sliceModifier(masks, volumeNode, segmentationNode, reference=None, extent=None):
     """(labelmap, its extent): ``masks`` (KJI: the volume's shape, or that of ``extent``) in the
     volume's geometry or, with ``reference`` (the editor's modifier labelmap), resampled onto that
-    grid over the part of it the masks cover. The editor's grid spans the whole volume: a click's
-    slice resampled onto all of it cost a second and a gigabyte on a 600-slice CT."""
+    grid over the part of it the masks cover. The editor's grid spans the whole volume: resampling a
+    click's slice onto all of it would take a second and a gigabyte on a 600-slice CT."""
     image = orientedImageFromMask(masks, volumeNode, segmentationNode, extent)
     if reference is None:
         return image, list(image.GetExtent())
