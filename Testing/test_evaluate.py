@@ -27,6 +27,27 @@ def test_identical_and_shifted_masks():
     assert dice_score(square((64, 64), 13, 10, 20), ref) == pytest.approx(shifted["dice"])
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # monai's own, about its arguments
+@pytest.mark.parametrize("where", ["inside", "at the border", "apart"])
+def test_scores_from_the_block_around_the_masks_are_those_of_the_whole_volume(where):
+    """The masks are scored in the block that holds them (monai's one-hot tensors of a whole CT
+    take gigabytes); every score must be what the whole arrays give, wherever the masks lie."""
+    from SAMFineTuneLib.metrics import _monai_scores, _one_hot
+
+    rng = np.random.default_rng(3)
+    ref = np.zeros((30, 40, 50), bool)
+    pred = np.zeros_like(ref)
+    ref[10:18, 12:25, 20:33] = True
+    pred[11:19, 13:24, 19:35] = rng.random((8, 11, 16)) < 0.8  # ragged, with holes
+    if where == "at the border":
+        ref, pred = np.roll(ref, (-10, 15, 17), axis=(0, 1, 2)), np.roll(pred, (-10, 15, 17), axis=(0, 1, 2))
+    elif where == "apart":
+        pred = np.roll(pred, 12, axis=0)
+    spacing = (2.5, 0.8, 0.7)
+    whole = _monai_scores(_one_hot(pred), _one_hot(ref), list(spacing), 2.0)
+    assert binary_metrics(pred, ref, spacing) == pytest.approx(whole, abs=1e-6)
+
+
 def test_spacing_is_in_millimetres_and_3d_works():
     ref = square((64, 64), 10, 10, 20)
     pred = square((64, 64), 13, 10, 20)

@@ -321,6 +321,12 @@ def test_adapter_scores_become_a_table_and_a_case_is_compared_with_and_without_i
     reference = segments.segmentToArray(node, node.GetSegmentation().GetSegmentIdBySegmentName("reference"),
                                         tasks[0].volumeNode)
     assert reference.sum() == 2 * 6 * 7
+    half = reference.copy()
+    half[2] = False  # the label's first slice only
+    for task, mask in zip(tasks, (half, reference)):
+        task.finishHere("done", {"stats": {}}, {"mask": mask.astype(np.uint8)})
+    assert comparison.diceAgainstReference(tasks[0]) == pytest.approx(2 * 42 / (84 + 42))
+    assert comparison.diceAgainstReference(tasks[1]) == 1.0
     with pytest.raises(KeyError, match="CT_9"):
         comparison.compareOnCase(logic, str(tmp_path / "set"), "CT_9", None)
 

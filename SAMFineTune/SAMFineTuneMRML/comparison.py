@@ -109,10 +109,11 @@ def compareOnCase(logic, dataset, caseId, adapter, axis="axial", onFinished=None
     volume, label = loadCase(dataset, caseId)
     scene = volume.GetScene()
     roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", caseId + " ROI")
-    geometry.placeRoiAroundBox(roi, volume, roiBoxAroundLabel(label, geometry.engineAxis(volume, axis)))
+    box = roiBoxAroundLabel(label, geometry.engineAxis(volume, axis))
+    geometry.placeRoiAroundBox(roi, volume, box)
     node = logic.createSegmentation(volume, caseId + " comparison")
     reference = segments.ensureSegment(node, segmentName="reference", color=[0.2, 0.8, 0.2])
-    segments.writeMaskToSegment(label, volume, node, reference)
+    segments.writeMaskToSegment(label, volume, node, reference, box)  # the box holds the whole label
     tasks = []
     for name, used in (("base", None), ("adapted", adapter)):
         tasks += logic.segmentROIs(volume, [roi], node, segmentNames=[name], waitForCompletion=False,
@@ -121,10 +122,13 @@ def compareOnCase(logic, dataset, caseId, adapter, axis="axial", onFinished=None
 
 
 def diceAgainstReference(task, referenceName="reference"):
-    """Dice of a finished comparison task's segment against the case's reference segment."""
+    """Dice of a finished comparison task's segment against the case's reference segment, both read
+    inside the ROI's box, which holds the reference and every voxel the task wrote."""
     from SAMFineTuneLib.metrics import dice_score
 
     node = task.segmentationNode
     reference = node.GetSegmentation().GetSegmentIdBySegmentName(referenceName)
-    return dice_score(segments.segmentToArray(node, task.segmentId, task.volumeNode),
-                      segments.segmentToArray(node, reference, task.volumeNode))
+    i0, j0, k0, i1, j1, k1 = task.roiBox.box
+    extent = (i0, i1, j0, j1, k0, k1)
+    return dice_score(segments.segmentBlock(node, task.segmentId, task.volumeNode, extent),
+                      segments.segmentBlock(node, reference, task.volumeNode, extent))

@@ -132,6 +132,22 @@ def segmentToArray(segmentationNode, segmentId, volumeNode):
     return np.asarray(slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode)) > 0
 
 
+def segmentBlock(segmentationNode, segmentId, volumeNode, extent):
+    """Binary KJI array (bool) of a segment on ``extent`` (i0, i1, j0, j1, k0, k1) of ``volumeNode``'s
+    grid: only that block is resampled from the segment's labelmap (a click reads one slice, and the
+    whole segment of a 600-slice CT takes a second). By its label value, in a layer it shares."""
+    segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
+    labelmap = segmentationNode.GetBinaryLabelmapInternalRepresentation(segmentId) if segment is not None else None
+    if labelmap is None:  # another source representation (a closed surface): converted whole
+        i0, i1, j0, j1, k0, k1 = (int(v) for v in extent)
+        return segmentToArray(segmentationNode, segmentId, volumeNode)[k0:k1 + 1, j0:j1 + 1, i0:i1 + 1]
+    shape = tuple(int(extent[2 * n + 1]) - int(extent[2 * n]) + 1 for n in (2, 1, 0))
+    reference = orientedImageFromMask(np.zeros(shape, np.uint8), volumeNode, segmentationNode, extent)
+    resampled = slicer.vtkOrientedImageData()
+    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(labelmap, reference, resampled)
+    return numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars()).reshape(shape) == segment.GetLabelValue()
+
+
 class UndoHistory:
     """One vtkSegmentationHistory per segmentation node, for ``logic.undo(segmentationNode)``
     from the console and the panel's Undo button. (The panel also saves the state in the

@@ -17,11 +17,10 @@ be overwritten.
 import numpy as np
 import slicer
 import vtk
-from vtk.util import numpy_support
 
 from .geometry import ENGINE_AXIS_OF_ARRAY_AXIS, matrixToArray, nodeName, volumeIJKToRAS
 from .options import AXES
-from .segments import orientedImageFromMask, segmentToArray
+from .segments import orientedImageFromMask, segmentBlock
 
 #: A view counts as showing a volume's slices when its normal is this close to an IJK axis.
 ALIGNMENT_DEGREES = 1.0
@@ -67,19 +66,9 @@ def arrayAxis(axis):
 
 
 def segmentSlice(segmentationNode, segmentId, volumeNode, axis, index):
-    """One slice of a segment on the volume's grid (2D bool). Only that slice is resampled from the
-    segment's labelmap: a click reads it, and the whole segment of a 600-slice CT takes a second."""
-    segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
-    labelmap = segmentationNode.GetBinaryLabelmapInternalRepresentation(segmentId) if segment is not None else None
-    if labelmap is None:  # another source representation (a closed surface): converted whole
-        return segmentToArray(segmentationNode, segmentId, volumeNode).take(int(index), axis=arrayAxis(axis))
-    extent = slicesExtent(volumeNode, axis, index, index)
-    shape = tuple(extent[2 * n + 1] - extent[2 * n] + 1 for n in (2, 1, 0))
-    reference = orientedImageFromMask(np.zeros(shape, np.uint8), volumeNode, segmentationNode, extent)
-    resampled = slicer.vtkOrientedImageData()
-    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(labelmap, reference, resampled)
-    values = numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars()).reshape(shape)
-    return (values == segment.GetLabelValue()).take(0, axis=arrayAxis(axis))
+    """One slice of a segment on the volume's grid (2D bool), read alone (``segments.segmentBlock``)."""
+    block = segmentBlock(segmentationNode, segmentId, volumeNode, slicesExtent(volumeNode, axis, index, index))
+    return block.take(0, axis=arrayAxis(axis))
 
 
 def sliceShape(volumeNode, axis):
@@ -160,7 +149,8 @@ def writeSlices(modify, planes, volumeNode, segmentationNode, axis, reference=No
     if not planes:
         return
     result, extent = slicesBlock(volumeNode, axis, planes)  # checked before any change
-    whole, _ = slicesBlock(volumeNode, axis, {index: np.ones(sliceShape(volumeNode, axis)) for index in planes})
+    ones = np.ones(sliceShape(volumeNode, axis), bool)
+    whole, _ = slicesBlock(volumeNode, axis, dict.fromkeys(planes, ones))
     for masks, mode in ((whole, REMOVE), (result, ADD)):
         labelmap, where = sliceModifier(masks, volumeNode, segmentationNode, reference, extent)
         modify(labelmap, mode, where)
