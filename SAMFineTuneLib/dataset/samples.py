@@ -37,18 +37,22 @@ def load_case(entry: CaseEntry):
 
 def case_samples(case_id: str, image, label: np.ndarray, axis: str = "axial", window: str = "auto",
                  labels: Optional[Sequence[int]] = None) -> List[SliceSample]:
-    """Every slice along ``axis`` where a label is present, one sample per (slice, label value)."""
+    """Every slice along ``axis`` where a label is present, one sample per (slice, label value).
+    The window's range comes from the whole volume; only the slices taken are scaled (a float copy
+    of a whole 600-slice CT is 600 MB for the few dozen slices a structure spans)."""
     from ..imaging import axis_index, extract_slice, slice_pixel_spacing, slices_holding
-    from ..windows import window_volume
+    from ..windows import apply_window, window_range
 
-    scaled = window_volume(np.asarray(image.array), window)
+    array = np.asarray(image.array)
+    low, high = window_range(array, window)
     spacing = slice_pixel_spacing(image.spacing, axis)
     thickness = float(image.spacing[2 - axis_index(axis)])
     values = labels if labels is not None else [int(v) for v in np.unique(label) if v != 0]
     out = []
     for value in values:
         for index in slices_holding(label == value, axis):
-            out.append(SliceSample(case_id, axis, int(index), int(value), extract_slice(scaled, axis, index),
+            out.append(SliceSample(case_id, axis, int(index), int(value),
+                                   apply_window(extract_slice(array, axis, index), low, high),
                                    extract_slice(label, axis, index) == value, spacing, thickness))
     return out
 
