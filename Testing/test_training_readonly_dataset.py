@@ -5,11 +5,13 @@ on a read-only share, a colleague's folder) trains all the same; what a set carr
 written there, so a read-only one trains as any other."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -120,6 +122,32 @@ def test_the_worker_hands_its_slices_to_the_users_cache_of_its_dataset(tmp_path,
     config = TrainConfig(dataset=dataset, output=str(tmp_path / "adapter"), **FAST)
     assert keep_for_training(segmenter, config) == 3  # one slice in each of the 3 cases
     assert len(_npy(dataset_cache_dir(dataset))) == 3 and _files(dataset) == before
+
+
+def test_the_worker_hands_over_only_the_slices_training_reads(tmp_path, user_cache):
+    """A case is a whole CT; training reads the structure's slices and a few past each end, so only
+    those are hashed and handed over."""
+    from SAMFineTuneLib.catalogue import VALIDATION_ROI_MARGIN
+    from SAMFineTuneLib.volume_io import Volume
+
+    padded, rng = [], np.random.default_rng(0)
+    for case, image, label in make_cases(3, first_seed=0, slices=4, size=32):
+        grow = ((10, 6), (0, 0), (0, 0))  # 10 slices of other tissue below the structure, 6 above
+        array = rng.normal(0.0, 50.0, (20, 32, 32)).astype(image.array.dtype)
+        array[10:14] = image.array
+        padded.append((case, Volume(array, image.spacing), Volume(np.pad(label.array, grow), label.spacing)))
+    dataset = str(tmp_path / "ct set")
+    export_dataset(padded, dataset, label_names={1: "organ"}, splits={"phantom000": "train", "phantom001": "train",
+                                                                      "phantom002": "val"})
+    segmenter = types.SimpleNamespace(model=_fake_model("fake:1", 1.0), cache=_Held())
+    for end_slices in (1, 5):
+        config = TrainConfig(dataset=dataset, output=str(tmp_path / "adapter"), **dict(FAST, end_slices=end_slices))
+        reach = max(end_slices, VALIDATION_ROI_MARGIN)
+        expected = min(10, reach) + 4 + min(6, reach)  # each case: its 4 slices and what lies past its ends
+        cache = dataset_cache_dir(dataset)
+        shutil.rmtree(cache, ignore_errors=True)
+        assert keep_for_training(segmenter, config) == 3 * expected < 3 * 20
+        assert len(_npy(cache)) == 3 * expected
 
 
 def test_each_dataset_has_its_own_per_user_cache_folder(tmp_path, user_cache):
