@@ -68,8 +68,26 @@ class FineTuningSection:
         from SAMFineTuneLib.progress import Cancelled
 
         dataset = self.trainingSet()
-        # Reading and writing a large CT takes seconds a case: a dialog shows which, and its Cancel
-        # stops between cases, leaving the training set as it was (as DICOMBrowser.py loads series).
+        try:
+            summary = self.exportWithProgress(name, dataset, p.axis)
+        except Cancelled:
+            self.ui.trainingStatusLabel.text = "Export cancelled: the training set is as it was."
+            return
+        except Exception as exc:
+            slicer.util.errorDisplay("Export failed: %s" % exc)
+            return
+        added, replaced = len(summary.get("added", [])), len(summary.get("replaced", []))
+        text = "Added %d case(s) to %s, updated %d, unchanged %d (%s train, %s val)%s" % (
+            added, summary.get("dataset"), replaced, len(summary.get("unchanged", [])), summary.get("train"),
+            summary.get("val"), "".join("\n" + w for w in summary.get("warnings", [])))
+        if p.keepLearning:
+            text += "\nKeep learning: %s" % self.keepLearning(added + replaced, dataset)
+        self.ui.trainingStatusLabel.text = text
+
+    def exportWithProgress(self, name, dataset, axis):
+        """The scene's cases of ``name`` exported into ``dataset`` under a progress dialog: reading and
+        writing a large CT takes seconds a case, and the dialog's Cancel stops between cases, leaving
+        the training set as it was (a progress dialog as Slicer's DICOMBrowser.py loads series)."""
         dialog = slicer.util.createProgressDialog(windowTitle="Export", labelText="Finding the cases")
 
         def progress(done, total, message=""):
@@ -80,23 +98,10 @@ class FineTuningSection:
         try:
             with slicer.util.WaitCursor():
                 cases = training.findCases(slicer.mrmlScene, name)
-                summary = self.panel.logic.exportTrainingSet(cases, dataset, name, axis=p.axis, progress=progress,
-                                                             cancel=lambda: dialog.wasCanceled)
-        except Cancelled:
-            self.ui.trainingStatusLabel.text = "Export cancelled: the training set is as it was."
-            return
-        except Exception as exc:
-            slicer.util.errorDisplay("Export failed: %s" % exc)
-            return
+                return self.panel.logic.exportTrainingSet(cases, dataset, name, axis=axis, progress=progress,
+                                                          cancel=lambda: dialog.wasCanceled)
         finally:
             dialog.close()
-        added, replaced = len(summary.get("added", [])), len(summary.get("replaced", []))
-        text = "Added %d case(s) to %s, updated %d, unchanged %d (%s train, %s val)%s" % (
-            added, summary.get("dataset"), replaced, len(summary.get("unchanged", [])), summary.get("train"),
-            summary.get("val"), "".join("\n" + w for w in summary.get("warnings", [])))
-        if p.keepLearning:
-            text += "\nKeep learning: %s" % self.keepLearning(added + replaced, dataset)
-        self.ui.trainingStatusLabel.text = text
 
     def keepLearning(self, count, dataset):
         """Note ``count`` exported (or updated) cases; what keep learning does about them."""
