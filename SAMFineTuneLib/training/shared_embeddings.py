@@ -42,19 +42,17 @@ def segmenter_from_dataset(segmenter, image, axis: str, window: str, box: Sequen
             segmenter.cache.put(source.key(index), embedding.to(segmenter.cache_device, torch.float32))
 
 
-def dataset_from_segmenter(segmenter, image, axis: str, window: str, cache_dir: str,
-                           indices: Optional[Iterable[int]] = None) -> int:
-    """Write the slices of ``image`` (``indices`` of them, default all) the segmenter holds encoded
-    into a dataset's embedding cache ``cache_dir`` (those not there yet, nor in the dataset cache it
-    stands in for); the number written."""
-    from ..imaging import axis_index
+def dataset_from_segmenter(segmenter, image, axis: str, window: str, cache_dir: str, indices: Iterable[int]) -> int:
+    """Write the slices ``indices`` of ``image`` that the segmenter holds encoded into a dataset's
+    embedding cache ``cache_dir`` (those not there yet, nor in the dataset cache it stands in for);
+    the number written."""
     from ..zoom import SliceSource
 
     if segmenter is None or segmenter.model.precision != "float32" or not len(segmenter.cache):
         return 0
     source = SliceSource(image, axis, window, segmenter.model)
     written = 0
-    for index in range(image.array.shape[axis_index(axis)]) if indices is None else indices:
+    for index in indices:
         embedding = segmenter.cache.peek(source.key(index))
         if embedding is None:
             continue
