@@ -3,6 +3,7 @@ see its scores per validation case, compare one case with and without it, keep l
 
 import os
 
+import qt
 import slicer
 from SAMFineTuneMRML import comparison, options, training
 from SAMFineTuneMRML.keeplearning import KeepLearning
@@ -87,8 +88,15 @@ class FineTuningSection:
     def exportWithProgress(self, name, dataset, axis):
         """The scene's cases of ``name`` exported into ``dataset`` under a progress dialog: reading and
         writing a large CT takes seconds a case, and the dialog's Cancel stops between cases, leaving
-        the training set as it was (a progress dialog as Slicer's DICOMBrowser.py loads series)."""
-        dialog = slicer.util.createProgressDialog(windowTitle="Export", labelText="Finding the cases")
+        the training set as it was (a progress dialog as Slicer's DICOMBrowser.py loads series).
+        The dialog is application-modal, set before it shows (Qt ignores a change while it is
+        visible): the export reads the volumes' own voxels, so nothing may edit or delete a volume
+        while the events the dialog needs are processed."""
+        dialog = qt.QProgressDialog(slicer.util.mainWindow())
+        dialog.setWindowModality(qt.Qt.ApplicationModal)  # as DICOMSendDialog.py sets its own
+        dialog.windowTitle, dialog.labelText = "Export", "Finding the cases"
+        dialog.maximum, dialog.minimumDuration = 100, 0
+        dialog.show()
 
         def progress(done, total, message=""):
             dialog.labelText = message
