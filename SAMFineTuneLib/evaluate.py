@@ -188,7 +188,7 @@ def score_from_roi(model, info, cases, adapters, axis, window, labels, tolerance
     encoded once for all runs. ``segmenter``: a Segmenter on ``model`` to use (its adapter is
     restored afterwards)."""
     from .dataset import load_case
-    from .imaging import slices_holding
+    from .imaging import label_values, slices_holding
     from .metrics import binary_metrics, summarise
     from .progress import check_cancel, report
     from .segmenter import Segmenter
@@ -201,7 +201,7 @@ def score_from_roi(model, info, cases, adapters, axis, window, labels, tolerance
             entry = info.case(case)
             image, label = load_case(entry)
             array, along = np.asarray(label.array), entry.slicing_axis(axis)
-            for value in labels or [int(v) for v in np.unique(array) if v != 0]:
+            for value in labels or label_values(array):
                 mask = array == value
                 if not mask.any():
                     continue

@@ -7,7 +7,7 @@ slice pixels, x along columns and y along rows.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -33,6 +33,11 @@ def slices_holding(mask: np.ndarray, axis: str) -> np.ndarray:
     """The indices of the slices along ``axis`` on which a [k,j,i] ``mask`` holds any voxel."""
     along = axis_index(axis)
     return np.flatnonzero(np.asarray(mask).any(axis=tuple(a for a in range(3) if a != along)))
+
+
+def label_values(label: np.ndarray) -> List[int]:
+    """The values other than 0 a label map holds, ascending: the structures it draws."""
+    return [int(v) for v in np.unique(label) if v != 0]
 
 
 def slice_pixel_spacing(spacing_xyz: Sequence[float], axis: str) -> Tuple[float, float]:

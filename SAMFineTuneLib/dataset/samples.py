@@ -40,14 +40,14 @@ def case_samples(case_id: str, image, label: np.ndarray, axis: str = "axial", wi
     """Every slice along ``axis`` where a label is present, one sample per (slice, label value).
     The window's range comes from the whole volume; only the slices taken are scaled (a float copy
     of a whole 600-slice CT is 600 MB for the few dozen slices a structure spans)."""
-    from ..imaging import axis_index, extract_slice, slice_pixel_spacing, slices_holding
+    from ..imaging import axis_index, extract_slice, label_values, slice_pixel_spacing, slices_holding
     from ..windows import apply_window, window_range
 
     array = np.asarray(image.array)
     low, high = window_range(array, window)
     spacing = slice_pixel_spacing(image.spacing, axis)
     thickness = float(image.spacing[2 - axis_index(axis)])
-    values = labels if labels is not None else [int(v) for v in np.unique(label) if v != 0]
+    values = labels if labels is not None else label_values(label)
     out = []
     for value in values:
         for index in slices_holding(label == value, axis):

@@ -133,7 +133,7 @@ def _write_slices(root: str, record: Dict[str, Any], axis: str, window: str) -> 
 def _write_slice(root: str, case: str, scaled: np.ndarray, label: np.ndarray, axis: str, index: int,
                  made: List[str]) -> Dict[str, Any]:
     """One slice's image and mask PNGs (their paths appended to ``made``) and its index entry."""
-    from ..imaging import extract_slice
+    from ..imaging import extract_slice, label_values
 
     stem = f"{case}_{axis}{index:04d}"
     plane = extract_slice(label, axis, index)
@@ -143,7 +143,7 @@ def _write_slice(root: str, case: str, scaled: np.ndarray, label: np.ndarray, ax
         _write_png_atomic(array, os.path.join(root, rel))
         made.append(os.path.join(root, rel))
     annotations = []
-    for value in (int(v) for v in np.unique(plane) if v != 0):
+    for value in label_values(plane):
         mask = plane == value
         rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
         annotations.append({"category_id": value, "segmentation": rle_encode(mask), "area": int(mask.sum()),

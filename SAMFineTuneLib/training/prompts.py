@@ -39,7 +39,7 @@ def end_samples(case_id: str, image, label: np.ndarray, axis: str, window: str, 
     """Slices just past each end of every label along ``axis`` (``depth`` on each side, inside
     the volume), as samples with an empty mask: where the structure has ended."""
     from ..dataset import SliceSample
-    from ..imaging import axis_index, extract_slice, slice_pixel_spacing, slices_holding
+    from ..imaging import axis_index, extract_slice, label_values, slice_pixel_spacing, slices_holding
     from ..windows import apply_window, window_range
 
     along = axis_index(axis)
@@ -47,7 +47,7 @@ def end_samples(case_id: str, image, label: np.ndarray, axis: str, window: str, 
     low, high = window_range(array, window)
     spacing = slice_pixel_spacing(image.spacing, axis)
     thickness = float(image.spacing[2 - along])
-    values = labels if labels is not None else [int(v) for v in np.unique(label) if v != 0]
+    values = labels if labels is not None else label_values(label)
     out = []
     for value in values:
         present = slices_holding(label == value, axis)

@@ -120,12 +120,12 @@ def _structures(entry, config):
     """(image, mask, axis) of each chosen label of a case that spans at least 3 slices along the
     axis the case is sliced along."""
     from ..dataset import load_case
-    from ..imaging import slices_holding
+    from ..imaging import label_values, slices_holding
 
     image, label = load_case(entry)
     array = np.asarray(label.array)
     axis = entry.slicing_axis(config.axis)
-    for value in config.labels or [int(v) for v in np.unique(array) if v != 0]:
+    for value in config.labels or label_values(array):
         mask = array == value
         if slices_holding(mask, axis).size >= 3:
             yield image, mask, axis
