@@ -59,8 +59,9 @@ def test_a_result_is_written_through_images_of_its_box_only(scene, monkeypatch):
     assert np.array_equal(segments.segmentToArray(node, target, volume), expected_after(before, mask))
     modify = slices.EditorModifier(scene, node, volume, target)
     plane = np.ones(slices.sliceShape(volume, "coronal"), np.uint8)
+    built.clear()  # reading the segment back builds its own (whole) grid
     slices.writeSlices(modify, {7: plane, 9: plane}, volume, node, "coronal")
-    assert built[1:] == [(0, 23, 7, 9, 0, 5)] * 2  # slices 7..9 along j, whole in-plane
+    assert built == [(0, 23, 7, 9, 0, 5)] * 2  # slices 7..9 along j, whole in-plane
     written = segments.segmentToArray(node, target, volume)
     assert written[:, [7, 9], :].all() and np.array_equal(written[:, 8, :], expected_after(before, mask)[:, 8, :] > 0)
     # onto the Segment Editor's own grid (the whole volume's), only the part the slice covers
@@ -169,3 +170,25 @@ def test_new_segments_written_one_after_another_keep_their_own_voxels(scene):
         segments.writeMaskToSegment(masks[name], volume, node, ids[name], box)
     for name in boxes:
         assert np.array_equal(segments.segmentToArray(node, ids[name], volume), masks[name] > 0), name
+
+
+def test_a_segment_held_as_a_closed_surface_is_read_through_slicers_conversion(scene):
+    """No labelmap to resample (a segmentation loaded from a surface model): Slicer converts it."""
+    from SAMFineTuneMRML import slices
+
+    volume = addVolume(np.zeros(SHAPE, np.float32), GEOMETRIES["identity"], name="CT")
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    node.SetSourceRepresentationToClosedSurface()
+    sphere = vtk.vtkSphereSource()
+    sphere.SetCenter(12.0, 10.0, 2.5)
+    sphere.SetRadius(3.0)
+    sphere.SetThetaResolution(30)
+    sphere.SetPhiResolution(30)
+    sphere.Update()
+    ball = node.AddSegmentFromClosedSurfaceRepresentation(sphere.GetOutput(), "ball")
+    assert node.GetBinaryLabelmapInternalRepresentation(ball) is None
+    whole = segments.segmentToArray(node, ball, volume)
+    assert whole.sum() > 50 and np.array_equal(whole, np.asarray(
+        slicer.util.arrayFromSegmentBinaryLabelmap(node, ball, volume)) > 0)
+    assert np.array_equal(slices.segmentSlice(node, ball, volume, "axial", 2), whole[2])

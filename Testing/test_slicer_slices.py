@@ -90,8 +90,8 @@ def test_one_slice_of_a_segment_read_alone_is_that_slice_of_the_whole(scene, nam
     segments.writeMaskToSegment(kidney, volume, node, segments.ensureSegment(node, segmentName="kidney"))
     node.GetSegmentation().CollapseBinaryLabelmaps(False)  # as the Segment Editor keeps them
     assert node.GetSegmentation().GetNumberOfLayers() == 1  # the two share a layer, by label value
-    whole = segments.segmentToArray(node, target, volume)
-    assert np.array_equal(whole, liver > 0)
+    whole = np.asarray(slicer.util.arrayFromSegmentBinaryLabelmap(node, target, volume)) > 0  # Slicer's own reading
+    assert np.array_equal(whole, liver > 0) and np.array_equal(segments.segmentToArray(node, target, volume), whole)
     for axis in ("axial", "coronal", "sagittal"):
         for index in range(whole.shape[slices.arrayAxis(axis)]):  # slices 0 and 5 lie past the liver
             alone = slices.segmentSlice(node, target, volume, axis, index)

@@ -128,24 +128,38 @@ def writeMaskToSegment(mask, volumeNode, segmentationNode, segmentId, box=None, 
 
 
 def segmentToArray(segmentationNode, segmentId, volumeNode):
-    """Binary KJI array (bool) of a segment resampled to ``volumeNode``'s grid."""
-    return np.asarray(slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode)) > 0
+    """Binary KJI array (bool) of a segment on ``volumeNode``'s grid: ``segmentBlock`` over the whole
+    volume, which adds no temporary node to the scene as ``slicer.util.arrayFromSegmentBinaryLabelmap``
+    does (and on a 600-slice CT takes half its time and three quarters of its memory)."""
+    dims = volumeNode.GetImageData().GetDimensions()
+    return segmentBlock(segmentationNode, segmentId, volumeNode, (0, dims[0] - 1, 0, dims[1] - 1, 0, dims[2] - 1))
 
 
 def segmentBlock(segmentationNode, segmentId, volumeNode, extent):
     """Binary KJI array (bool) of a segment on ``extent`` (i0, i1, j0, j1, k0, k1) of ``volumeNode``'s
     grid: only that block is resampled from the segment's labelmap (a click reads one slice, and the
-    whole segment of a 600-slice CT takes a second). By its label value, in a layer it shares."""
+    whole segment of a 600-slice CT takes a second), by its label value in a layer it shares."""
     segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
     labelmap = segmentationNode.GetBinaryLabelmapInternalRepresentation(segmentId) if segment is not None else None
-    if labelmap is None:  # another source representation (a closed surface): converted whole
-        i0, i1, j0, j1, k0, k1 = (int(v) for v in extent)
-        return segmentToArray(segmentationNode, segmentId, volumeNode)[k0:k1 + 1, j0:j1 + 1, i0:i1 + 1]
     shape = tuple(int(extent[2 * n + 1]) - int(extent[2 * n]) + 1 for n in (2, 1, 0))
+    if labelmap is None or not linearBetween(volumeNode, segmentationNode):
+        # a closed surface, or a warped segmentation: Slicer converts the whole segment
+        i0, i1, j0, j1, k0, k1 = (int(v) for v in extent)
+        whole = np.asarray(slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode)) > 0
+        return whole[k0:k1 + 1, j0:j1 + 1, i0:i1 + 1]
     reference = orientedImageFromMask(np.zeros(shape, np.uint8), volumeNode, segmentationNode, extent)
     resampled = slicer.vtkOrientedImageData()
     slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(labelmap, reference, resampled)
     return numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars()).reshape(shape) == segment.GetLabelValue()
+
+
+def linearBetween(volumeNode, segmentationNode):
+    """Whether the transforms between the two nodes are linear (``geometry.linearTransformBetween``)."""
+    try:
+        linearTransformBetween(volumeNode, segmentationNode, "Segmentation")
+    except ValueError:
+        return False
+    return True
 
 
 class UndoHistory:
