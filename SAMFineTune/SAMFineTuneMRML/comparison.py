@@ -128,7 +128,6 @@ def diceAgainstReference(task, referenceName="reference"):
 
     node = task.segmentationNode
     reference = node.GetSegmentation().GetSegmentIdBySegmentName(referenceName)
-    i0, j0, k0, i1, j1, k1 = task.roiBox.box
-    extent = (i0, i1, j0, j1, k0, k1)
+    extent = task.roiBox.extent()
     return dice_score(segments.segmentBlock(node, task.segmentId, task.volumeNode, extent),
                       segments.segmentBlock(node, reference, task.volumeNode, extent))

@@ -34,6 +34,29 @@ ENGINE_AXIS_OF_ARRAY_AXIS = {index: name for name, index in AXES.items()}
 _RAS_NORMAL = {"axial": 2, "coronal": 1, "sagittal": 0}
 
 
+def boxExtent(box):
+    """An inclusive IJK box (i0, j0, k0, i1, j1, k1) in VTK's extent order (i0, i1, j0, j1, k0, k1)."""
+    i0, j0, k0, i1, j1, k1 = (int(v) for v in box)
+    return (i0, i1, j0, j1, k0, k1)
+
+
+def volumeExtent(volumeNode):
+    """The VTK extent of a volume's whole grid."""
+    dims = volumeNode.GetImageData().GetDimensions()
+    return (0, dims[0] - 1, 0, dims[1] - 1, 0, dims[2] - 1)
+
+
+def extentShape(extent):
+    """The KJI array shape of a VTK extent."""
+    return tuple(int(extent[2 * n + 1]) - int(extent[2 * n]) + 1 for n in (2, 1, 0))
+
+
+def extentSlices(extent):
+    """numpy index tuple selecting a VTK extent in a KJI array."""
+    i0, i1, j0, j1, k0, k1 = (int(v) for v in extent)
+    return (slice(k0, k1 + 1), slice(j0, j1 + 1), slice(i0, i1 + 1))
+
+
 class RoiBox:
     """An ROI expressed as an inclusive IJK box in one volume.
 
@@ -52,13 +75,11 @@ class RoiBox:
 
     def extent(self):
         """VTK extent order (i0, i1, j0, j1, k0, k1)."""
-        i0, j0, k0, i1, j1, k1 = self.box
-        return (i0, i1, j0, j1, k0, k1)
+        return boxExtent(self.box)
 
     def slices(self):
         """numpy index tuple selecting the box in a KJI array."""
-        i0, j0, k0, i1, j1, k1 = self.box
-        return (slice(k0, k1 + 1), slice(j0, j1 + 1), slice(i0, i1 + 1))
+        return extentSlices(self.extent())
 
     def __repr__(self):
         return "RoiBox(box=%r, clipped=%r)" % (self.box, self.clipped)

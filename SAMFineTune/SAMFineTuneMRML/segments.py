@@ -11,7 +11,8 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-from .geometry import linearTransformBetween, nodeName, volumeIJKToRAS
+from .geometry import (boxExtent, extentShape, extentSlices, linearTransformBetween, nodeName, volumeExtent,
+                       volumeIJKToRAS)
 
 #: Node reference from a segmentation to the volume it was made on (training cases use it).
 SOURCE_VOLUME_ROLE = "SAMFineTuneSourceVolume"
@@ -26,12 +27,11 @@ def orientedImageFromMask(mask, volumeNode, segmentationNode, extent=None):
     ``extent`` (i0, i1, j0, j1, k0, k1, inclusive, within the volume), like that block of it: a
     result is written through an image of its box only, since a whole CT's worth of labelmap
     (150 MB at 512 x 512 x 600) per write would cost memory and time for voxels it does not change."""
-    dims = volumeNode.GetImageData().GetDimensions()
-    whole = (0, dims[0] - 1, 0, dims[1] - 1, 0, dims[2] - 1)
+    whole = volumeExtent(volumeNode)
     extent = tuple(int(v) for v in (extent or whole))
     if any(extent[2 * n] < whole[2 * n] or extent[2 * n + 1] > whole[2 * n + 1] for n in range(3)):
         raise ValueError("Extent %s lies outside volume '%s' (%s)." % (extent, nodeName(volumeNode), whole))
-    expected = tuple(extent[2 * n + 1] - extent[2 * n] + 1 for n in (2, 1, 0))
+    expected = extentShape(extent)
     if tuple(mask.shape) != expected:
         raise ValueError("Mask shape %s does not match volume '%s' (%s, KJI)."
                          % (tuple(mask.shape), nodeName(volumeNode), expected))
@@ -98,17 +98,12 @@ def writeMaskToSegment(mask, volumeNode, segmentationNode, segmentId, box=None, 
     """
     prepareSegmentation(segmentationNode, volumeNode)
     mask = np.asarray(mask)
-    dims = volumeNode.GetImageData().GetDimensions()
-    if tuple(mask.shape) != (dims[2], dims[1], dims[0]):
+    whole = volumeExtent(volumeNode)
+    if tuple(mask.shape) != extentShape(whole):
         raise ValueError("Mask shape %s does not match volume '%s' (%s, KJI)."
-                         % (tuple(mask.shape), nodeName(volumeNode), (dims[2], dims[1], dims[0])))
-    if box is None:
-        extent = (0, dims[0] - 1, 0, dims[1] - 1, 0, dims[2] - 1)
-    else:
-        i0, j0, k0, i1, j1, k1 = (int(v) for v in box)
-        extent = (i0, i1, j0, j1, k0, k1)
-    block = mask[extent[4]:extent[5] + 1, extent[2]:extent[3] + 1, extent[0]:extent[1] + 1]
-    image = orientedImageFromMask(block > 0, volumeNode, segmentationNode, extent)
+                         % (tuple(mask.shape), nodeName(volumeNode), extentShape(whole)))
+    extent = whole if box is None else boxExtent(box)
+    image = orientedImageFromMask(mask[extentSlices(extent)] > 0, volumeNode, segmentationNode, extent)
     # The segment is cleared inside the box (minimum with zeros), then the result is masked in
     # with the segment's own label, as the Segment Editor's "add" does (vtkSlicerSegmentEditorLogic,
     # Slicer 5.10): MODE_REPLACE would clear the whole segment when it shares a layer with others,
@@ -131,8 +126,7 @@ def segmentToArray(segmentationNode, segmentId, volumeNode):
     """Binary KJI array (bool) of a segment on ``volumeNode``'s grid: ``segmentBlock`` over the whole
     volume, which adds no temporary node to the scene as ``slicer.util.arrayFromSegmentBinaryLabelmap``
     does (and on a 600-slice CT takes half its time and three quarters of its memory)."""
-    dims = volumeNode.GetImageData().GetDimensions()
-    return segmentBlock(segmentationNode, segmentId, volumeNode, (0, dims[0] - 1, 0, dims[1] - 1, 0, dims[2] - 1))
+    return segmentBlock(segmentationNode, segmentId, volumeNode, volumeExtent(volumeNode))
 
 
 def segmentBlock(segmentationNode, segmentId, volumeNode, extent):
@@ -141,12 +135,11 @@ def segmentBlock(segmentationNode, segmentId, volumeNode, extent):
     whole segment of a 600-slice CT takes a second), by its label value in a layer it shares."""
     segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
     labelmap = segmentationNode.GetBinaryLabelmapInternalRepresentation(segmentId) if segment is not None else None
-    shape = tuple(int(extent[2 * n + 1]) - int(extent[2 * n]) + 1 for n in (2, 1, 0))
+    shape = extentShape(extent)
     if labelmap is None or not linearBetween(volumeNode, segmentationNode):
         # a closed surface, or a warped segmentation: Slicer converts the whole segment
-        i0, i1, j0, j1, k0, k1 = (int(v) for v in extent)
         whole = np.asarray(slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode)) > 0
-        return whole[k0:k1 + 1, j0:j1 + 1, i0:i1 + 1]
+        return whole[extentSlices(extent)]
     reference = orientedImageFromMask(np.zeros(shape, np.uint8), volumeNode, segmentationNode, extent)
     resampled = slicer.vtkOrientedImageData()
     slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(labelmap, reference, resampled)

@@ -18,7 +18,7 @@ import numpy as np
 import slicer
 import vtk
 
-from .geometry import ENGINE_AXIS_OF_ARRAY_AXIS, matrixToArray, nodeName, volumeIJKToRAS
+from .geometry import ENGINE_AXIS_OF_ARRAY_AXIS, matrixToArray, nodeName, volumeExtent, volumeIJKToRAS
 from .options import AXES
 from .segments import orientedImageFromMask, segmentBlock
 
@@ -80,8 +80,7 @@ def sliceShape(volumeNode, axis):
 
 def slicesExtent(volumeNode, axis, first, last):
     """VTK extent (i0, i1, j0, j1, k0, k1) of the volume's slices ``first``..``last`` along ``axis``."""
-    dims = volumeNode.GetImageData().GetDimensions()
-    extent = [0, dims[0] - 1, 0, dims[1] - 1, 0, dims[2] - 1]
+    extent = list(volumeExtent(volumeNode))
     ijkAxis = 2 - AXES[axis]
     extent[2 * ijkAxis], extent[2 * ijkAxis + 1] = int(first), int(last)
     return extent
