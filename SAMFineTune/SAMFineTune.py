@@ -99,7 +99,7 @@ class SAMFineTuneParameterNode:
     window: str = "auto"
     customWindow: str = "400/40"
     axis: str = "axial"
-    boxMode: str = "tracked"
+    boxMode: str = "auto"
     keepLargest: bool = True
     fillHoles: bool = True
     zoom: bool = False

@@ -64,10 +64,21 @@ WINDOWS: Dict[str, str] = {
 #: Slicing axis -> the array axis of a KJI volume it steps along.
 AXES: Dict[str, int] = {"axial": 0, "coronal": 1, "sagittal": 2}
 
+#: How one ROI prompts each slice. "auto" is crossed boxes for the base model, which scored highest
+#: on the 3D accuracy benchmark at every ROI margin, and tracked boxes with an adapter, which is
+#: trained on one slicing axis and answered the planes of the other axes poorly (docs/accuracy.md).
 BOX_MODES: Dict[str, str] = {
+    "auto": "auto (crossed; tracked with an adapter)",
     "tracked": "tracked (box follows the structure)",
     "fixed": "fixed (ROI box on every slice)",
+    "crossed": "crossed (boxes from planes across the ROI)",
 }
+
+#: The crossed box mode (``crossing``): where the planes along each other axis cross the ROI, as
+#: fractions of its extent there, put on a grid about ``grid`` times finer than that extent (so a
+#: nudged box reuses them), and how many pixels each slice's box is grown by (chosen on the 3D
+#: accuracy benchmark, docs/accuracy.md).
+CROSSING_DEFAULTS: Dict[str, Any] = {"planes": (1 / 3, 2 / 3), "grid": 6, "grow_px": 2}
 
 DEVICES: Dict[str, str] = {"auto": "auto (GPU when there is one)", "cpu": "CPU", "cuda": "GPU (CUDA)"}
 
@@ -98,7 +109,7 @@ SEGMENT_DEFAULTS: Dict[str, Any] = {
     "backend": ENGINE_DEFAULTS["backend"],
     "axis": "axial",
     "window": "auto",
-    "box_mode": "tracked",
+    "box_mode": "auto",
     "keep_largest": True,
     "fill_holes": True,
     "zoom": False,

@@ -7,7 +7,7 @@ slice pixels, x along columns and y along rows.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -82,6 +82,14 @@ def place_slice(volume: np.ndarray, axis: str, index: int, plane: np.ndarray) ->
     selector = [slice(None)] * 3
     selector[axis_index(axis)] = int(index)
     volume[tuple(selector)] = plane
+
+
+def stacked_slices(shape: Sequence[int], axis: str, masks: Mapping[int, np.ndarray]) -> np.ndarray:
+    """Masks by slice index along ``axis`` -> one uint8 volume of ``shape``."""
+    out = np.zeros(tuple(shape), dtype=np.uint8)
+    for index, plane in masks.items():
+        place_slice(out, axis, index, plane)
+    return out
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
-from . import imaging, postprocess, propagation, tracking
+from . import crossing, imaging, postprocess, propagation, tracking
 from .cache import EmbeddingCache
 from .catalogue import AXES, BOX_MODES, ENGINE_DEFAULTS, SEGMENT_DEFAULTS
 from .decoding import SliceJob, resolve_window_margin
@@ -73,14 +74,6 @@ def validate_box(box: Sequence, shape_kji: Sequence[int]) -> Tuple[int, ...]:
         if lo < 0 or hi >= limits[name]:
             raise ValueError(f"box is outside the volume along {name}: {lo}..{hi}, valid 0..{limits[name] - 1}")
     return (i0, j0, k0, i1, j1, k1)
-
-
-def stacked(shape: Sequence[int], axis: str, masks: Mapping[int, np.ndarray]) -> np.ndarray:
-    """Masks by slice index along ``axis`` -> one uint8 volume of ``shape``."""
-    out = np.zeros(tuple(shape), dtype=np.uint8)
-    for index, plane in masks.items():
-        imaging.place_slice(out, axis, index, plane)
-    return out
 
 
 class Segmenter:
@@ -242,17 +235,23 @@ class Segmenter:
         counter = counter or {"done": 0, "total": total, "cache_hits": 0, "encoded": 0}
         return SliceJob(self._embed, source, multimask, self.window_margin, self.batch_size, progress, cancel, counter)
 
+    def _source(self, volume: Volume, axis: str, window: str, box, zoom: bool) -> SliceSource:
+        """The slices along ``axis``, cropped around the 3D ``box`` when ``zoom``."""
+        return SliceSource(volume, axis, window, self.model, imaging.box_to_slices(box, axis)[1] if zoom else None)
+
     def _segment_along(self, volume: Volume, box, axis: str, window: str, box_mode: str, zoom: bool,
                        job_args: tuple) -> Tuple[np.ndarray, List[int]]:
         """One box mode along one axis -> the slices' masks in one volume (not cleaned up), and
         the slices it decoded and kept."""
         slices, box2d = imaging.box_to_slices(box, axis)
-        job = self._job(SliceSource(volume, axis, window, self.model, zoom_roi=box2d if zoom else None), *job_args)
-        if box_mode == "tracked":
-            masks = tracking.tracked_mode(job, list(slices), box2d, self.tracking_in_use)
+        job = self._job(self._source(volume, axis, window, box, zoom), *job_args)
+        tracked = partial(tracking.tracked_mode, job, list(slices), box2d, self.tracking_in_use)
+        if box_mode == "crossed":
+            plane_job = lambda other: self._job(self._source(volume, other, window, box, zoom), *job_args)  # noqa: E731
+            masks = crossing.crossed_mode(job, plane_job, box, axis, tracked)
         else:
-            masks = job.decode_boxes({index: box2d for index in slices}, box2d)
-        return stacked(volume.array.shape, axis, masks), sorted(masks)
+            masks = tracked() if box_mode == "tracked" else job.decode_boxes({i: box2d for i in slices}, box2d)
+        return imaging.stacked_slices(volume.array.shape, axis, masks), sorted(masks)
 
     # ------------------------------------------------------------ public entry
 
@@ -281,7 +280,8 @@ class Segmenter:
         progress: Optional[ProgressFn] = None,
         cancel: Optional[CancelFn] = None,
     ) -> SegmentationResult:
-        """Segment the structure inside a 3D voxel box, slice by slice along ``axis``.
+        """Segment the structure inside a 3D voxel box, slice by slice along ``axis``, each slice prompted
+        as ``box_mode`` says (``catalogue.BOX_MODES``; "auto": crossed, tracked with an adapter).
 
         ``zoom``: encode a crop around the box on each slice instead of the whole slice (``zoom.py``),
         so a small structure on a large slice reaches the encoder larger. ``triplanar``: segment
@@ -292,11 +292,12 @@ class Segmenter:
         box = validate_box(box, volume.array.shape)
         if box_mode not in BOX_MODES:
             raise ValueError(f"unknown box mode '{box_mode}'; choose one of: {', '.join(BOX_MODES)}")
+        mode = ("tracked" if self.adapter else "crossed") if box_mode == "auto" else box_mode
         axes = list(AXES) if triplanar else [axis]
         counts = [len(imaging.box_to_slices(box, along)[0]) for along in axes]
         counter = {"done": 0, "total": sum(counts), "cache_hits": 0, "encoded": 0}
-        planes = [self._segment_along(volume, box, along, window, box_mode, zoom,
-                                      (multimask, progress, cancel, sum(counts), counter)) for along in axes]
+        planes = [self._segment_along(volume, box, along, window, mode, zoom, (multimask, progress, cancel,
+                                                                              sum(counts), counter)) for along in axes]
         if triplanar:
             out = (sum(votes for votes, _ in planes) >= 2).astype(np.uint8)
             kept = [int(i) for i in imaging.box_to_slices(box, axis)[0] if imaging.extract_slice(out, axis, i).any()]
@@ -333,8 +334,8 @@ class Segmenter:
         job = self._job(SliceSource(volume, axis, window, self.model), multimask, progress, cancel, len(boxes))
         clip = imaging.box_to_slices(box, axis)[1]
         masks = job.decode_boxes({int(i): tuple(int(v) for v in b) for i, b in sorted(boxes.items())}, clip)
-        return self._result(volume, axis, box, stacked(volume.array.shape, axis, masks), sorted(masks), job.counter,
-                            progress, keep_largest, fill_holes, started)
+        return self._result(volume, axis, box, imaging.stacked_slices(volume.array.shape, axis, masks),
+                            sorted(masks), job.counter, progress, keep_largest, fill_holes, started)
 
     def propagate(
         self,
@@ -378,7 +379,7 @@ class Segmenter:
         report(progress, counter["total"], counter["total"], "done")
         stats = {"encoded": counter["encoded"], "cache_hits": counter["cache_hits"], "slices": len(masks),
                  "seconds": time.perf_counter() - started}
-        return SegmentationResult(stacked(volume.array.shape, axis, masks), sorted(masks), stats)
+        return SegmentationResult(imaging.stacked_slices(volume.array.shape, axis, masks), sorted(masks), stats)
 
     @staticmethod
     def _result(volume: Volume, axis: str, box, out: np.ndarray, kept: List[int], counter: Dict[str, float],

@@ -5,6 +5,7 @@ Where this Python has no torch (the Slicer-side run on Python 3.12), the engine 
 background worker under ``$SAMFINETUNE_WORKER_PYTHON``, as it does inside Slicer."""
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -100,7 +101,7 @@ def test_batch_segments_and_writes_seg_nrrd(case, tmp_path, scene, slicer_style)
                         "--output", str(out), "--device", "cpu"] + engine_args(worker=slicer_style),
                        tmp_path, slicer_style)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "[1/1]" in result.stdout and "2/2 organ:" in result.stdout  # progress on stdout
+    assert "[1/1]" in result.stdout and re.search(r" (\d+)/\1 organ:", result.stdout)  # progress on stdout
     assert "warning: ROI 'edge' extends outside" in result.stdout
     written = out / "phantom.seg.nrrd"
     assert written.is_file() and "1 of 1 volumes segmented" in result.stdout

@@ -8,6 +8,7 @@ import pytest
 
 from slicer_scene import GEOMETRIES, addROI, addVolume, dice, ijkToRAS, scene, slicer  # noqa: F401
 from SAMFineTuneMRML import segments
+from SAMFineTuneLib.catalogue import CROSSING_DEFAULTS
 from SAMFineTuneLib.client import Job
 from SAMFineTuneMRML.backends import WorkerBackend
 from SAMFineTuneMRML.logic import SAMFineTuneCoreLogic
@@ -328,7 +329,7 @@ def test_litemedsam_in_process_matches_the_known_label(scene):
     roi = addROI(scene, volume, box, name="organ")
     task = SAMFineTuneCoreLogic().segment(volume, roi, device="cpu")
     result = segments.segmentToArray(task.segmentationNode, task.segmentId, volume)
-    assert task.stats["encoded"] == 4
+    assert task.stats["encoded"] == 4 + 2 * len(CROSSING_DEFAULTS["planes"])  # the default: crossed boxes
     assert dice(result, label.array) > 0.85
 
 

@@ -99,7 +99,7 @@ class SAMFineTuneCoreLogic:
         the ROI's name), created when missing; ``segmentationNode=None`` creates a new
         segmentation. Options (``SAMFineTuneLib.catalogue.SEGMENT_DEFAULTS``): model,
         checkpoint, adapter, device, axis (anatomical: axial/coronal/sagittal), window,
-        box_mode (tracked/fixed), keep_largest, fill_holes. Other keywords as ``segmentROIs``.
+        box_mode (``catalogue.BOX_MODES``), keep_largest, fill_holes. Other keywords as ``segmentROIs``.
         Returns the task (finished when blocking).
         """
         return self.segmentROIs(volumeNode, [roiNode], segmentationNode, segmentIds=[segmentId],

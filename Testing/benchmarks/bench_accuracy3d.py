@@ -3,11 +3,12 @@ r"""3D accuracy from one ROI against a perfect box on every slice (issue 16).
 For each structure of each 3D case, along each axis asked for: the "oracle" (the reference's own
 box on every slice where the structure is present, as published SAM fine-tuning recipes prompt
 it), and what a user gets from one ROI, the reference's 3D box grown by each margin (voxels
-in-plane, plus one slice along the axis for a margin > 0), with tracked boxes and with the fixed
-rectangle. 3D Dice. The auto window, and the lung window for a lung on CT (what a user picks);
-the engine's default post-processing everywhere, the oracle's too, so the gap measures the
-prompts alone. Means per set, per structure class and overall, a post-processing table
-(tracked, middle margin), and a PNG of the worst cases.
+in-plane, plus one slice along the axis for a margin > 0), in each box mode asked for: crossed
+boxes (the default for the base model), tracked boxes, the fixed rectangle. 3D Dice. The auto
+window, and the lung window for a lung on CT (what a user picks); the engine's default
+post-processing everywhere, the oracle's too, so the gap measures the prompts alone. Means per
+set, per structure class and overall, a post-processing table (the first mode, middle margin), a
+PNG of the worst cases, and the slices each mode needs encoded (a cold run's cost on a CPU).
 
   python Testing/benchmarks/bench_accuracy3d.py \
       --dataset ../shared/data/totalseg_examples_silver --dataset ../shared/data/msd_hippocampus_mri_dev \
@@ -36,7 +37,8 @@ sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)), HERE]
 
 from accuracy3d_cases import DiskEmbeddingCache, dataset_cases, phantom_cases  # noqa: E402
 from SAMFineTuneLib import imaging, postprocess, windows  # noqa: E402
-from SAMFineTuneLib.catalogue import AXES, BACKENDS, ENGINE_DEFAULTS, PRECISIONS, SEGMENT_DEFAULTS  # noqa: E402
+from SAMFineTuneLib.catalogue import (AXES, BACKENDS, BOX_MODES, ENGINE_DEFAULTS, PRECISIONS,  # noqa: E402
+                                     SEGMENT_DEFAULTS)
 from SAMFineTuneLib.metrics import dice_score  # noqa: E402
 from SAMFineTuneLib.phantom import bounding_box  # noqa: E402
 
@@ -52,8 +54,9 @@ class Run:
     axis: str
     slices: int
     scores: Dict[str, float] = field(default_factory=dict)
-    post: Dict[str, float] = field(default_factory=dict)  # tracked, middle margin, per clean-up
-    worst: Optional[dict] = None  # the slice where tracked (middle margin) and the reference differ most
+    post: Dict[str, float] = field(default_factory=dict)  # the first mode, middle margin, per clean-up
+    embedded: Dict[str, int] = field(default_factory=dict)  # slices each mode needed encoded (cached or not)
+    worst: Optional[dict] = None  # the slice where the first mode (middle margin) and the reference differ most
 
 
 def parse_options(pairs: List[str]) -> Dict[str, object]:
@@ -107,8 +110,10 @@ def score_structure(segmenter, case, structure, axis: str, args, options: Dict[s
     for mode in args.modes:
         for margin in args.margins:
             box = roi_box(reference, margin, axis)
-            raw = segmenter.segment(case.image, box, axis=axis, window=window, box_mode=mode, keep_largest=False,
-                                    fill_holes=False, **engine).mask
+            result = segmenter.segment(case.image, box, axis=axis, window=window, box_mode=mode, keep_largest=False,
+                                       fill_holes=False, **engine)
+            raw = result.mask
+            run.embedded[f"{mode} +{margin}"] = int(result.stats["encoded"] + result.stats["cache_hits"])
             region = imaging.box_region(box)
             variants = {}
             for name, (largest, fill) in POSTPROCESSING.items():
@@ -117,7 +122,7 @@ def score_structure(segmenter, case, structure, axis: str, args, options: Dict[s
                 variants[name] = mask
             chosen = variants[{v: k for k, v in POSTPROCESSING.items()}[(clean["keep_largest"], clean["fill_holes"])]]
             run.scores[f"{mode} +{margin}"] = dice_score(chosen, reference)
-            if mode == "tracked" and margin == middle:
+            if mode == args.modes[0] and margin == middle:
                 run.post = {name: dice_score(mask, reference) for name, mask in variants.items()}
                 run.worst = worst_slice(case, reference, chosen, oracle, axis,
                                         windows.window_range(case.image.array, window))
@@ -125,6 +130,17 @@ def score_structure(segmenter, case, structure, axis: str, args, options: Dict[s
 
 
 # ---------------------------------------------------------------- tables
+
+
+def encoder_work(runs: List[Run], args) -> str:
+    """What each box mode costs a cold run on a CPU, where the encoder is nearly all the time: the
+    slices it needed encoded, summed over the runs, and against tracked boxes."""
+    totals = {mode: sum(n for r in runs for key, n in r.embedded.items() if key.startswith(mode + " "))
+              for mode in args.modes}
+    tracked = totals.get("tracked")
+    return "slices to encode, all runs: " + ", ".join(
+        f"{mode} {n}" + (f" ({n / tracked:.2f}x tracked)" if tracked and mode != "tracked" else "")
+        for mode, n in totals.items())
 
 
 def columns(args) -> List[str]:
@@ -162,7 +178,7 @@ def summary_tables(runs: List[Run], args) -> List[str]:
 
 def postprocessing_table(runs: List[Run], args) -> List[str]:
     middle = args.margins[len(args.margins) // 2]
-    lines = [f"### Post-processing, tracked +{middle} (largest component / hole filling)", "",
+    lines = [f"### Post-processing, {args.modes[0]} +{middle} (largest component / hole filling)", "",
              "| class | runs | " + " | ".join(POSTPROCESSING) + " |", "|---|---|" + "---|" * len(POSTPROCESSING)]
     for klass in sorted({r.klass for r in runs if r.post}):
         group = [r for r in runs if r.klass == klass and r.post]
@@ -181,13 +197,14 @@ def structure_header(names: List[str]) -> List[str]:
             "|---|---|---|---|---|---|" + "---|" * len(names)]
 
 
-def save_png(runs: List[Run], path: str, count: int, middle: int) -> None:
+def save_png(runs: List[Run], path: str, count: int, name: str) -> None:
+    """The ``count`` runs of the column ``name`` (the first mode, middle margin) furthest below the oracle."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ranked = sorted((r for r in runs if r.worst), key=lambda r: r.scores[f"tracked +{middle}"] - r.scores["oracle"])
+    ranked = sorted((r for r in runs if r.worst), key=lambda r: r.scores[name] - r.scores["oracle"])
     picks = ranked[:count]
     columns_ = min(4, len(picks)) or 1
     rows_ = max(1, -(-len(picks) // columns_))
@@ -203,9 +220,9 @@ def save_png(runs: List[Run], path: str, count: int, middle: int) -> None:
             if mask.any():
                 ax.contour(mask, levels=[0.5], colors=colour, linewidths=1.0, linestyles=style)
         ax.set_title(f"{run.case_id} {run.structure} ({run.axis} {worst['index']})\n"
-                     f"oracle {run.scores['oracle']:.2f}, tracked +{middle} {run.scores[f'tracked +{middle}']:.2f}",
+                     f"oracle {run.scores['oracle']:.2f}, {name} {run.scores[name]:.2f}",
                      fontsize=8)
-    figure.suptitle("worst tracked runs: reference (green), oracle (cyan dotted), tracked one ROI (red dashed)",
+    figure.suptitle(f"worst runs, {name}: reference (green), oracle (cyan dotted), one ROI (red dashed)",
                     fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
@@ -235,7 +252,9 @@ def parse_args(argv=None):
     parser.add_argument("--parts", action="store_true", help="also score merged labels one by one")
     parser.add_argument("--axes", nargs="+", default=["axial", "coronal"], choices=list(AXES))
     parser.add_argument("--margins", nargs="+", type=int, default=[0, 3, 6], help="ROI margins, voxels in-plane")
-    parser.add_argument("--modes", nargs="+", default=["tracked", "fixed"], choices=["tracked", "fixed"])
+    parser.add_argument("--modes", nargs="+", default=["crossed", "tracked", "fixed"], choices=list(BOX_MODES),
+                        help="box modes to score; the first one's runs fill the post-processing table and the PNG "
+                             "(crossed: what the default, auto, runs for the base model)")
     parser.add_argument("--quick", action="store_true", help="2 cases per set, 4 structures per case")
     parser.add_argument("--max-cases", type=int, help="cases per set, spread over the set")
     parser.add_argument("--max-structures", type=int, help="structures per case, spread over their sizes")
@@ -312,11 +331,13 @@ def main(argv=None) -> int:
     cache = segmenter.cache
     header.append(f"{len(runs)} runs in {elapsed / 60:.1f} min; {segmenter.encoder_calls} slices encoded"
                   f"{f', {cache.disk_hits} read from the disk cache' if hasattr(cache, 'disk_hits') else ''}")
-    print("\n" + header[-1] + "\n\n" + "\n".join(summary_tables(runs, args) + [""] + postprocessing_table(runs, args)))
+    header.append(encoder_work(runs, args))
+    tables = summary_tables(runs, args) + [""] + postprocessing_table(runs, args)
+    print("\n" + "\n".join(header[1:]) + "\n\n" + "\n".join(tables))
     if args.markdown:
         write_markdown(args.markdown, runs, args, header)
     if args.png and runs:
-        save_png(runs, args.png, args.worst, args.margins[len(args.margins) // 2])
+        save_png(runs, args.png, args.worst, f"{args.modes[0]} +{args.margins[len(args.margins) // 2]}")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump([{k: v for k, v in vars(r).items() if k != "worst"} for r in runs], handle, indent=1)
