@@ -79,13 +79,16 @@ def crossed_mode(job: SliceJob, plane_job: Callable[[str], SliceJob], box: Seque
     """The crossed box mode: the planes crossing ``box`` along the other two axes decoded with the
     ROI's rectangle there (``plane_job(other)`` serves that axis's slices), then every slice they
     give a box decoded with it. Where they give none (no plane found the structure),
-    ``fallback()``: the structure may lie between the planes, which tracking can still find."""
+    ``fallback()``: the structure may lie between the planes, which tracking can still find; and
+    ``fallback()`` on a ROI too thin along ``axis`` for planes (``CROSSING_DEFAULTS["min_slices"]``)."""
+    slices, roi = imaging.box_to_slices(box, axis)
+    if len(slices) < CROSSING_DEFAULTS["min_slices"]:
+        return fallback()
     crossing = {}
     for other in AXES:
         if other != axis:
             planes, rect = plane_indices(box, other), imaging.box_to_slices(box, other)[1]
             crossing[other] = plane_job(other).decode_again({index: rect for index in planes}, rect)
-    slices, roi = imaging.box_to_slices(box, axis)
     boxes = crossed_boxes(crossing, axis, slices, roi)
     if not boxes:
         return fallback()

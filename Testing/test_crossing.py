@@ -105,3 +105,14 @@ def test_a_box_nudged_by_a_few_voxels_crosses_at_the_same_planes():
         assert len(planes) == 2
         for nudged in ((42, 62, 10, 98, 128, 50), (41, 59, 10, 101, 131, 50)):
             assert crossing.plane_indices(nudged, other) == planes, (other, nudged)
+
+
+def test_a_roi_on_one_or_two_slices_is_tracked_without_planes():
+    """On a 2D image (one slice) or a two-slice ROI a plane across it is a line or two of pixels."""
+    ct = np.full((2, 64, 64), 40.0)
+    ct[:, 20:40, 24:44] = 240.0
+    for roi in ((18, 16, 0, 47, 43, 0), (18, 16, 0, 47, 43, 1)):
+        model = OracleModel()
+        crossed = Segmenter(model).segment(ct, roi, window=WINDOW, box_mode="crossed", spacing=(1, 1, 1))
+        tracked = Segmenter(OracleModel()).segment(ct, roi, window=WINDOW, box_mode="tracked", spacing=(1, 1, 1))
+        assert model.encode_calls == roi[5] + 1 and np.array_equal(crossed.mask, tracked.mask) and crossed.mask.any()
