@@ -59,9 +59,9 @@ class TrackingOptions:
     in a row may fail the rules before tracking gives up (gaps, re-entry). The defaults are the
     catalogue's (``TRACKING_DEFAULTS``).
 
-    One box per slice, grown by 5%, replaced two candidates (the box, and the box grown by 15%,
-    SAM's predicted IoU picking one), which cost twice the decoding; on real CT and MR it scored
-    higher on aggregate (README, "Fixed ROI vs tracked boxes").
+    One box per slice, grown by 5%: two candidates per slice (the box, and the box grown by 15%,
+    SAM's predicted IoU picking one) cost twice the decoding and scored lower on aggregate on real
+    CT and MR.
     """
 
     margin: float = TRACKING_DEFAULTS["margin"]
