@@ -4,11 +4,11 @@ import pytest
 
 from SAMFineTuneLib import crossing, imaging
 from SAMFineTuneLib.catalogue import AXES, CROSSING_DEFAULTS
-from SAMFineTuneLib.phantom import bounding_box, make_ct_phantom
+from SAMFineTuneLib.phantom import bounding_box
 from SAMFineTuneLib.segmenter import Segmenter
 
 from oracle_model import OracleModel
-from test_segmenter import WINDOW, dice
+from test_segmenter import WINDOW, dice, organ_in_a_loose_roi
 
 
 def ellipsoid(shape=(15, 23, 31), centre=(7, 11, 15), radii=(5, 8, 12)):
@@ -50,12 +50,6 @@ def test_a_slice_that_planes_of_one_other_axis_alone_reach_gets_no_box():
     assert crossing.crossed_boxes({"coronal": planes_of(structure, box, "coronal")}, "axial", slices, roi) == {}
     crossed = {"coronal": planes_of(structure, box, "coronal"), "sagittal": {}}
     assert crossing.crossed_boxes(crossed, "axial", slices, roi) == {}
-
-
-def organ_in_a_loose_roi():
-    ct, label = make_ct_phantom(shape_kji=(20, 48, 48), spacing_xyz=(2.0, 2.0, 2.0), noise_hu=3.0, organ_hu=240.0)
-    i0, j0, k0, i1, j1, k1 = bounding_box(label.array)
-    return ct, label, (i0 - 4, j0 - 4, max(0, k0 - 2), i1 + 4, j1 + 4, min(19, k1 + 2))
 
 
 def test_crossed_mode_decodes_the_structures_slices_with_boxes_near_its_own():

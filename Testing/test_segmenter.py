@@ -77,14 +77,18 @@ def test_cache_is_bounded():
     assert len(segmenter.cache) == 3 and segmenter.cache.nbytes <= 3 * one_embedding
 
 
-def test_tracking_shrinks_the_box_towards_the_ends_and_stops():
+def organ_in_a_loose_roi():
+    """(CT, label, ROI): the phantom organ, and a ROI four voxels loose in-plane and two slices
+    longer than the organ at each end (where a box mode must stop)."""
     ct, label = make_ct_phantom(shape_kji=(20, 48, 48), spacing_xyz=(2.0, 2.0, 2.0), noise_hu=3.0, organ_hu=240.0)
+    i0, j0, k0, i1, j1, k1 = bounding_box(label.array)
+    return ct, label, (i0 - 4, j0 - 4, max(0, k0 - 2), i1 + 4, j1 + 4, min(19, k1 + 2))
+
+
+def test_tracking_shrinks_the_box_towards_the_ends_and_stops():
+    ct, label, roi = organ_in_a_loose_roi()
     model = OracleModel()
     segmenter = Segmenter(model, batch_size=1)
-    ref_box = bounding_box(label.array)
-    # ROI two slices longer than the organ on each side: tracking must stop where it ends.
-    roi = (ref_box[0] - 4, ref_box[1] - 4, max(0, ref_box[2] - 2), ref_box[3] + 4, ref_box[4] + 4,
-           min(19, ref_box[5] + 2))
     result = segmenter.segment(ct, roi, window=WINDOW, box_mode="tracked")
     organ_slices = set(np.flatnonzero(label.array.any(axis=(1, 2))))
     assert set(result.slices) == organ_slices

@@ -23,6 +23,12 @@ from SAMFineTuneLib.catalogue import MODEL_KEYS  # noqa: E402
 UNKNOWN_VOLUME = "UnknownVolume"
 
 
+def lostVolume(error):
+    """Whether a job's error (text or exception) says the worker no longer holds its volume, so the
+    job is worth sending once more with the voxels."""
+    return str(error or "").startswith(UNKNOWN_VOLUME)
+
+
 def segmentParams(spacing, box, options):
     """The worker's ``segment``/``reprompt`` parameters."""
     return dict(options, box=[int(v) for v in box], spacing=[float(s) for s in spacing])
@@ -107,7 +113,7 @@ class WorkerBackend:
         try:
             result, arrays = self.client.wait(job, progress=progress, cancel=cancel)
         except Exception as exc:
-            if not str(exc).startswith(UNKNOWN_VOLUME):
+            if not lostVolume(exc):
                 raise
             job = self.submitSegment(volumeKey, voxels, spacing, box, options, resend=True)
             result, arrays = self.client.wait(job, progress=progress, cancel=cancel)

@@ -4,14 +4,14 @@ A task's state, progress, message and error are its job's (``SAMFineTuneLib.clie
 worker client keeps it up to date, or the logic does for work run in this process); the task
 adds what happens on the Slicer side at the end, such as writing the mask into a segment, and
 an error there overrides the job's success. ``onFinished(task)`` is called once at the end.
-A job the worker refused because it no longer holds the volume (``backends.UNKNOWN_VOLUME``) is
+A job the worker refused because it no longer holds the volume (``backends.lostVolume``) is
 sent once more with the voxels (``resend``), and the task follows that job instead.
 """
 
 import numpy as np
 
 from . import segments
-from .backends import UNKNOWN_VOLUME
+from .backends import lostVolume
 from .library import ensureLibraryImportable
 
 ensureLibraryImportable()
@@ -86,8 +86,7 @@ class Task:
     def conclude(self):
         """The job has ended: run the Slicer-side completion of a success, then ``onFinished``;
         or, when the worker no longer held the volume, follow the job sent again with it."""
-        if self.resend is not None and self.job.state == "error" \
-                and (self.job.error or "").startswith(UNKNOWN_VOLUME):
+        if self.resend is not None and self.job.state == "error" and lostVolume(self.job.error):
             resend, self.resend, onEvent = self.resend, None, self.job.on_event
             try:
                 self.job = resend()
