@@ -79,6 +79,13 @@ BOX_MODES: Dict[str, str] = {
 #: nudged box reuses them), how many pixels each slice's box is grown by (chosen on the 3D accuracy
 #: benchmark, docs/accuracy.md), and the fewest slices a ROI must span for planes across it to show
 #: a structure's run (on fewer, such a plane is a line or two of pixels, and the ROI is tracked).
+
+
+def check_box_mode(box_mode: str) -> None:
+    if box_mode not in BOX_MODES:
+        raise ValueError(f"unknown box mode '{box_mode}'; choose one of: {', '.join(BOX_MODES)}")
+
+
 CROSSING_DEFAULTS: Dict[str, Any] = {"planes": (1 / 3, 2 / 3), "grid": 6, "grow_px": 2, "min_slices": 3}
 
 DEVICES: Dict[str, str] = {"auto": "auto (GPU when there is one)", "cpu": "CPU", "cuda": "GPU (CUDA)"}

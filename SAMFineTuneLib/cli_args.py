@@ -160,6 +160,10 @@ def add_slicing_arguments(parser: argparse.ArgumentParser) -> None:
     """--axis, --window and --box-mode: how the volume is cut into slices and prompted."""
     add_axis_argument(parser)
     add_window_argument(parser)
+    add_box_mode_argument(parser, "how one ROI prompts each slice")
+
+
+def add_box_mode_argument(parser: argparse.ArgumentParser, purpose: str) -> None:
+    """--box-mode, one of ``catalogue.BOX_MODES``, the Segmenter's default unless given."""
     parser.add_argument("--box-mode", default=SEGMENT_DEFAULTS["box_mode"], choices=list(BOX_MODES),
-                        help="tracked: each slice's box follows the previous slice's mask and stops where the "
-                             "structure ends; fixed: the ROI's rectangle on every slice")
+                        help=f"{purpose}: " + "; ".join(BOX_MODES.values()))

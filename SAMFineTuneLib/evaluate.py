@@ -16,32 +16,30 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .catalogue import (DEFAULT_MODEL, ENGINE_DEFAULTS, SEGMENT_DEFAULTS, SPLITS, VALIDATION_ROI_MARGIN,
+from .catalogue import (DEFAULT_MODEL, ENGINE_DEFAULTS, SEGMENT_DEFAULTS, SPLITS, VALIDATION_ROI_MARGIN, check_box_mode,
                         comparison_roi_margin)
-from .cli_args import (add_axis_argument, add_decode_window_argument, add_encoder_arguments, add_model_arguments,
-                       add_window_argument)
+from .cli_args import (add_axis_argument, add_box_mode_argument, add_decode_window_argument, add_encoder_arguments,
+                       add_model_arguments, add_window_argument)
 from .metrics import DEFAULT_TOLERANCE_MM, METRIC_NAMES, paired_cases
 
 
 def evaluate(dataset, model=DEFAULT_MODEL, checkpoint: Optional[str] = None, adapter: Optional[str] = None,
              split: str = "val", progress=None, cancel=None, device: str = SEGMENT_DEFAULTS["device"],
-             axis: Optional[str] = None,
-             window: Optional[str] = None, labels: Optional[Sequence[int]] = None,
+             axis: Optional[str] = None, window: Optional[str] = None, labels: Optional[Sequence[int]] = None,
              tolerance_mm: float = DEFAULT_TOLERANCE_MM, csv_path: Optional[str] = None,
-             plot_path: Optional[str] = None, box_margin: float = 0.0,
-             cases: Optional[Sequence[str]] = None,
-             window_margin: Union[int, None, str] = ENGINE_DEFAULTS["window_margin"],
-             roi_margin: Optional[int] = None,
-             precision: str = ENGINE_DEFAULTS["precision"],
-             backend: str = ENGINE_DEFAULTS["backend"]) -> Dict[str, Any]:
+             plot_path: Optional[str] = None, box_margin: float = 0.0, cases: Optional[Sequence[str]] = None,
+             window_margin: Union[int, None, str] = ENGINE_DEFAULTS["window_margin"], roi_margin: Optional[int] = None,
+             precision: str = ENGINE_DEFAULTS["precision"], backend: str = ENGINE_DEFAULTS["backend"],
+             box_mode: str = SEGMENT_DEFAULTS["box_mode"]) -> Dict[str, Any]:
     """Score the base model, and the adapter when given, on one split ('val', 'test', 'train', 'all')
     or on the named ``cases``.
 
     By default every slice holding the structure is prompted with its reference box, grown by
     ``box_margin`` x its side on each edge when > 0 (a user's box is never tight). With
     ``roi_margin`` (voxels) each structure is segmented as a user starts: from one 3D ROI, its
-    reference box grown by that many voxels on every side, through the Segmenter's tracked mode
-    (``score_from_roi``). ``model`` is a model name or an already loaded SamModel.
+    reference box grown by that many voxels on every side, through the Segmenter in ``box_mode``
+    (``score_from_roi``; by default each model as a user gets it: crossed boxes for the base
+    model, tracked with the adapter). ``model`` is a model name or an already loaded SamModel.
     ``window_margin`` is the decode window of both models, as for the Segmenter: "auto" (4
     tokens on a CPU, the whole slice on CUDA), None (the whole slice) or a number of tokens;
     the report holds the margin used. ``precision`` and ``backend``: the image encoder's, for a
@@ -54,7 +52,7 @@ def evaluate(dataset, model=DEFAULT_MODEL, checkpoint: Optional[str] = None, ada
     from .input_checks import check_adapter
     from .models import load_model
 
-    _check_before_loading(window_margin, roi_margin, plot_path, csv_path, tolerance_mm, box_margin)
+    _check_before_loading(window_margin, roi_margin, plot_path, csv_path, tolerance_mm, box_margin, box_mode)
     card = check_adapter(adapter, model if isinstance(model, str) else None) if adapter else None
     hints = card["inference"] if card else {}
     axis = axis or hints.get("axis")
@@ -72,10 +70,11 @@ def evaluate(dataset, model=DEFAULT_MODEL, checkpoint: Optional[str] = None, ada
     if roi_margin is None:
         runs = score_from_boxes(model, info, box_margin=box_margin, **chosen)
     else:
-        runs = score_from_roi(model, info, roi_margin=roi_margin, **chosen)
+        runs = score_from_roi(model, info, roi_margin=roi_margin, box_mode=box_mode, **chosen)
     report = {"dataset": info.root, "split": split, "model": model.spec.name, "adapter": adapter, "axis": axis,
               "window": window, "window_margin": window_margin, "tolerance_mm": tolerance_mm,
               "prompt": "box" if roi_margin is None else "roi", "box_margin": box_margin, "roi_margin": roi_margin,
+              "box_mode": None if roi_margin is None else box_mode,
               "cases": paired_cases(runs), "mean": {name: run["mean"] for name, run in runs.items()}}
     if csv_path:
         write_csv(report, csv_path)
@@ -85,12 +84,14 @@ def evaluate(dataset, model=DEFAULT_MODEL, checkpoint: Optional[str] = None, ada
 
 
 def _check_before_loading(window_margin, roi_margin, plot_path: Optional[str], csv_path: Optional[str] = None,
-                          tolerance_mm: float = DEFAULT_TOLERANCE_MM, box_margin: float = 0.0) -> None:
+                          tolerance_mm: float = DEFAULT_TOLERANCE_MM, box_margin: float = 0.0,
+                          box_mode: str = SEGMENT_DEFAULTS["box_mode"]) -> None:
     """The options that can be refused before any model or case is read (the files come last)."""
     from .decoding import check_window_margin
     from .files import check_output_file
 
     check_window_margin(window_margin)
+    check_box_mode(box_mode)
     if not 0 < tolerance_mm < math.inf:
         raise ValueError(f"the surface Dice tolerance is a distance in mm > 0, got {tolerance_mm!r}")
     if not 0 <= box_margin < math.inf:
@@ -136,7 +137,8 @@ def compare_adapters(dataset, candidate: str, current: Optional[str] = None, mod
     For "keep learning": retrain in the background, keep the current adapter unless this says so.
 
     Both decode as at inference: one reference box per slice (``roi_margin`` None), or each
-    structure from one ROI that many voxels loose through the tracked Segmenter; "card": as the
+    structure from one ROI that many voxels loose through the Segmenter's default box mode, as a
+    user gets each (crossed boxes for the base model, tracked with an adapter); "card": as the
     candidate's card says (``catalogue.comparison_roi_margin``, as "keep learning" weighs them).
     ``model``: a loaded model (default: the candidate's base model on the CPU). Returns {"cases",
     "prompt": "box" or "roi", "current": means, "candidate": means, "per_case": rows, "gain":
@@ -181,10 +183,11 @@ def roi_box(mask: np.ndarray, margin: int) -> Tuple[int, int, int, int, int, int
 
 def score_from_roi(model, info, cases, adapters, axis, window, labels, tolerance_mm, window_margin,
                    roi_margin=VALIDATION_ROI_MARGIN, progress=None, cancel=None,
-                   segmenter=None, box_mode: str = "tracked") -> Dict[str, Dict[str, Any]]:
+                   segmenter=None, box_mode: str = SEGMENT_DEFAULTS["box_mode"]) -> Dict[str, Dict[str, Any]]:
     """Each run's scores (as ``metrics.score_cases``; ``adapters`` as in ``score_from_boxes``):
     each case's structure (per label) segmented from one ROI (``roi_box`` with ``roi_margin``)
-    by the Segmenter in ``box_mode``, scored in 3D against the reference. A case's slices are
+    by the Segmenter in ``box_mode`` (the default "auto" resolves per run: an adapter tracks, the
+    base model crosses), scored in 3D against the reference. A case's slices are
     encoded once for all runs. ``segmenter``: a Segmenter on ``model`` to use (its adapter is
     restored afterwards)."""
     from .dataset import load_case
@@ -311,8 +314,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--box-margin", type=float, default=0.0,
                         help="grow each reference box by this fraction of its side (0.1 = a loose user box)")
     parser.add_argument("--roi-margin", type=int, default=None,
-                        help="segment each structure from one 3D ROI, its reference box grown by N voxels, in tracked "
-                             "mode (as a user starts), instead of one reference box per slice")
+                        help="segment each structure from one 3D ROI, its reference box grown by N voxels (as a "
+                             "user starts), instead of one reference box per slice")
+    add_box_mode_argument(parser, "with --roi-margin, how the ROI prompts each slice")
     add_decode_window_argument(parser, "decode only the image tokens within N tokens of each box, base and "
                                        "adapted alike; full = the whole slice; auto = as the segmenter (4 on "
                                        "CPU, full on CUDA)")
@@ -327,6 +331,6 @@ def main(args) -> int:
                       split=args.split, progress=StderrBar(), device=args.device, axis=args.axis,
                       window=args.window, tolerance_mm=args.tolerance_mm, csv_path=args.csv, plot_path=args.plot,
                       box_margin=args.box_margin, window_margin=args.decode_window, precision=args.precision,
-                      backend=args.backend, roi_margin=args.roi_margin)
+                      backend=args.backend, roi_margin=args.roi_margin, box_mode=args.box_mode)
     print(format_table(report))
     return 0

@@ -16,7 +16,7 @@ import torch
 
 from . import crossing, imaging, postprocess, propagation, tracking
 from .cache import EmbeddingCache
-from .catalogue import AXES, BOX_MODES, ENGINE_DEFAULTS, SEGMENT_DEFAULTS
+from .catalogue import AXES, BOX_MODES, ENGINE_DEFAULTS, SEGMENT_DEFAULTS, check_box_mode
 from .decoding import SliceJob, resolve_window_margin
 from .imaging import SliceGeometry
 from .models import SamModel, load_model
@@ -290,8 +290,7 @@ class Segmenter:
         started = time.perf_counter()
         volume, multimask = self._prepare(volume, spacing, axis, multimask)
         box = validate_box(box, volume.array.shape)
-        if box_mode not in BOX_MODES:
-            raise ValueError(f"unknown box mode '{box_mode}'; choose one of: {', '.join(BOX_MODES)}")
+        check_box_mode(box_mode)
         mode = ("tracked" if self.adapter else "crossed") if box_mode == "auto" else box_mode
         axes = list(AXES) if triplanar else [axis]
         counts = [len(imaging.box_to_slices(box, along)[0]) for along in axes]

@@ -596,14 +596,15 @@ def test_compare_adapters_decides_on_the_same_validation_cases(trained):
 
 
 @pytest.mark.slow
-def test_evaluate_from_one_roi_through_the_tracked_segmenter(trained, tmp_path):
-    """An adapter trained with the ROI and tracking prompts (the defaults) gains from one ROI as
-    one trained on reference boxes alone does with reference boxes."""
+def test_evaluate_from_one_roi_as_a_user_segments(trained, tmp_path):
+    """An adapter trained with the ROI and tracking prompts (the defaults) gains from one ROI, each
+    model in the box mode a user gets from it, as one trained on reference boxes alone does with
+    reference boxes."""
     output = str(tmp_path / "roi_adapter")
     train(TrainConfig(dataset=trained["dataset"], output=output, epochs=8,
                       **dict(FAST, tracked_prompts=0.3, roi_prompts=0.3)), model=trained["model"])
     report = evaluate(trained["dataset"], model=trained["model"], adapter=output, roi_margin=3)
-    assert report["prompt"] == "roi" and report["roi_margin"] == 3
+    assert report["prompt"] == "roi" and report["roi_margin"] == 3 and report["box_mode"] == "auto"
     assert [r["case"] for r in report["cases"]] == [f"phantom{100 + n:03d}" for n in range(N_VAL)]
     print(f"phantom, one ROI +3 px: base {report['mean']['base']['dice']:.4f} -> adapted "
           f"{report['mean']['adapted']['dice']:.4f}")
@@ -611,6 +612,8 @@ def test_evaluate_from_one_roi_through_the_tracked_segmenter(trained, tmp_path):
     assert trained["model"].mask_decoder is not None
     with pytest.raises(ValueError, match="roi_margin is a whole number"):
         evaluate(trained["dataset"], model=trained["model"], roi_margin=-1)
+    with pytest.raises(ValueError, match="unknown box mode 'diagonal'; choose one of: auto, tracked"):
+        evaluate(trained["dataset"], model="no such model", roi_margin=3, box_mode="diagonal")
 
 
 def test_two_trainings_into_one_folder_and_foreign_folders(litemedsam, phantom_dataset, tmp_path):

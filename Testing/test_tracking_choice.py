@@ -145,8 +145,11 @@ def test_a_card_asking_for_what_tracking_does_not_take_is_refused_and_the_adapte
     segmenter.set_adapter(None)
 
 
-def test_scoring_from_one_roi_segments_in_the_box_mode_asked(litemedsam, volumes):
-    """evaluate.score_from_roi scores what the Segmenter gives from that ROI in each box mode."""
+def test_scoring_from_one_roi_segments_in_the_box_mode_asked(litemedsam, volumes, adapted):
+    """evaluate.score_from_roi scores what the Segmenter gives from that ROI in each box mode, and
+    by default what a user gets from each model: crossed boxes from the base model, tracked boxes
+    from an adapter (so "keep learning" and the evaluation weigh an adapter against the base
+    model's default, not against a mode the user does not run)."""
     import numpy as np
 
     from SAMFineTuneLib.evaluate import roi_box, score_from_roi
@@ -155,15 +158,22 @@ def test_scoring_from_one_roi_segments_in_the_box_mode_asked(litemedsam, volumes
     info = read_dataset(volumes)
     image, label = load_case(info.case("phantom100"))
     mask = np.asarray(label.array) == 1
+    box = roi_box(mask, VALIDATION_ROI_MARGIN)
     scores = {}
-    for mode in ("tracked", "fixed"):
-        run = score_from_roi(litemedsam, info, ["phantom100"], {"base": None}, "axial", "auto", None, 2.0, 4,
-                             box_mode=mode)["base"]
-        segmented = Segmenter(litemedsam, window_margin=4).segment(image, roi_box(mask, VALIDATION_ROI_MARGIN),
-                                                                    axis="axial", window="auto", box_mode=mode)
-        scores[mode] = run["cases"][0]["dice"]
-        assert scores[mode] == pytest.approx(dice_score(segmented.mask > 0, mask), abs=1e-6)
-    assert scores["tracked"] != scores["fixed"]
+    for adapter, mode in ((None, "tracked"), (None, "fixed"), (None, "crossed"), (adapted["output"], "tracked")):
+        chosen = {"base": None, "adapted": adapter}
+        run = score_from_roi(litemedsam, info, ["phantom100"], chosen, "axial", "auto", None, 2.0, 4, box_mode=mode)
+        default = score_from_roi(litemedsam, info, ["phantom100"], chosen, "axial", "auto", None, 2.0, 4)
+        segmenter = Segmenter(litemedsam, window_margin=4)
+        segmenter.set_adapter(adapter)
+        segmented = segmenter.segment(image, box, axis="axial", window="auto", box_mode=mode)
+        name = "adapted" if adapter else "base"
+        scores[name, mode] = run[name]["cases"][0]["dice"]
+        assert scores[name, mode] == pytest.approx(dice_score(segmented.mask > 0, mask), abs=1e-6)
+        scores[name, "default"] = default[name]["cases"][0]["dice"]
+    assert len({scores["base", mode] for mode in ("tracked", "fixed", "crossed")}) == 3
+    assert scores["base", "default"] == scores["base", "crossed"]
+    assert scores["adapted", "default"] == scores["adapted", "tracked"] != scores["base", "tracked"]
 
 
 def test_smoothing_that_lowers_the_validation_dice_is_not_kept(litemedsam, volumes, monkeypatch):

@@ -5,7 +5,8 @@ For each training-set size N and each of several random draws, train an adapter 
 
 - "box": every slice holding the structure prompted with its reference box;
 - "ROI": each structure segmented from one 3D ROI, its reference box grown by ``--roi-margin``
-  voxels on every side, through the Segmenter's default tracked mode (``evaluate.score_from_roi``).
+  voxels on every side, through the Segmenter's default box mode (``evaluate.score_from_roi``):
+  crossed boxes for the base model, tracked boxes for an adapter, as a user gets them.
 
 Validation (early stopping, the card's scores) uses ``--val`` fixed pool cases that no draw
 trains on; the test cases are never seen in training or selection. Every slice is encoded once
@@ -37,7 +38,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from curve_data import DiskEncoder, as_dataset, prefill  # noqa: E402
 
 from SAMFineTuneLib.adapters import read_model_card  # noqa: E402
-from SAMFineTuneLib.catalogue import BACKENDS, BOX_MODES, ENGINE_DEFAULTS, VALIDATION_ROI_MARGIN  # noqa: E402
+from SAMFineTuneLib.catalogue import (BACKENDS, BOX_MODES, CROSSING_DEFAULTS, ENGINE_DEFAULTS,  # noqa: E402
+                                      SEGMENT_DEFAULTS, VALIDATION_ROI_MARGIN)
 from SAMFineTuneLib.dataset import read_dataset  # noqa: E402
 from SAMFineTuneLib.evaluate import score_from_boxes, score_from_roi  # noqa: E402
 from SAMFineTuneLib.training import TrainConfig, Trainer, cache_dir_for  # noqa: E402
@@ -107,8 +109,9 @@ class Bench:
         """Base-model box and ROI scores on the test cases (computed once, kept in --work)."""
         import hashlib
 
-        # keyed by tracking's defaults too: the base model's ROI score moves with them
-        settings = " ".join(self.test_ids) + json.dumps(vars(self.segmenter.tracking), sort_keys=True)
+        # keyed by the box mode's defaults too: the base model's ROI score moves with them
+        settings = " ".join(self.test_ids) + json.dumps([vars(self.segmenter.tracking), SEGMENT_DEFAULTS["box_mode"],
+                                                         CROSSING_DEFAULTS], sort_keys=True)
         digest = hashlib.sha256(settings.encode()).hexdigest()[:12]
         path = os.path.join(self.root, f"bench_base_{digest}_{self.args.roi_margin}.json")
         if os.path.isfile(path):
@@ -230,7 +233,7 @@ def curve(bench, args):
 
 def curve_table(bench, base, results, args):
     lines = [f"learning curve: {bench.name}, {len(bench.test_ids)} test cases, {len(bench.val_ids)} validation cases, "
-             f"{args.draws} draws per N, ROI = reference box + {args.roi_margin} voxels, tracked; settings "
+             f"{args.draws} draws per N, ROI = reference box + {args.roi_margin} voxels, default box mode; settings "
              f"{' '.join(args.set) or 'defaults'}",
              "| N training cases | base, box | adapted, box (draws: mean, min-max) | base, one ROI "
              "| adapted, one ROI | training time (prepare + train, s) | whole run (s) |",
@@ -260,7 +263,7 @@ def plot(bench, base, results, args):
 
     fig, ax = plt.subplots(figsize=(5.8, 3.9))
     for key, color, text in (("box", "tab:blue", "reference box per slice"),
-                             ("roi", "tab:green", f"one ROI (+{args.roi_margin} voxels), tracked")):
+                             ("roi", "tab:green", f"one ROI (+{args.roi_margin} voxels)")):
         ax.axhline(base[key]["mean"]["dice"], color=color, linestyle="--", linewidth=1, label=f"zero-shot, {text}")
         ns = sorted({r["n"] for r in results})
         ax.plot(ns, [mean(r[key]["dice"] for r in results if r["n"] == n) for n in ns], "o-", color=color,
@@ -316,7 +319,8 @@ def modes(bench, args):
     print("|---|---|---:|---:|---|")
     for adapter in args.adapter:
         for mode in args.box_modes:
-            val, test = (score_from_roi(bench.model, bench.info, adapters={"adapted": adapter},
+            val, test = (score_from_roi(bench.model, bench.info,
+                                        adapters={"adapted": None if adapter == "base" else adapter},
                                         roi_margin=args.roi_margin, segmenter=bench.segmenter, box_mode=mode,
                                         **dict(bench.scoring, cases=ids))["adapted"]
                          for ids in (bench.val_ids, bench.test_ids))
@@ -350,7 +354,8 @@ def main(argv=None):
                         help="voxels between the structure and its ROI")
     parser.add_argument("--set", nargs="*", default=[], help="TrainConfig overrides key=value for every run")
     parser.add_argument("--arm", nargs="+", action="append", default=[], help="arms: NAME [key=value ...]")
-    parser.add_argument("--adapter", action="append", default=[], help="modes: an adapter folder (repeat)")
+    parser.add_argument("--adapter", action="append", default=[],
+                        help="modes: an adapter folder, or 'base' for none (repeat)")
     parser.add_argument("--box-modes", nargs="+", default=["tracked", "fixed"], choices=list(BOX_MODES),
                         help="modes: the box modes to score")
     parser.add_argument("--reuse", action="store_true",
