@@ -2,21 +2,22 @@ r"""Correcting with clicks, measured the way interactive-segmentation papers do 
 
   python Testing/benchmarks/bench_clicks.py --dataset DIR [--dataset DIR ...] [--max-cases N]
       [--max-structures N] [--slices N] [--device cpu|cuda] [--latency-clicks N]
-      [--merge-labels] [--adapter DIR ...] [--min-area F]
+      [--merge-labels] [--adapter DIR ...] [--min-area F] [--box-mode MODE]
 
 For each structure of each 3D case (images/, masks/, labels.json as in ../shared/data; without
 --dataset the built-in CT phantom) one ROI is drawn 3 voxels loose (1 slice along the axis) and
-segmented in the default tracked mode. Then, on up to --slices slices spread over those where the
+segmented in ``--box-mode`` (default: the Segmenter's, crossed boxes for the base model and
+tracked boxes with an adapter). Then, on up to --slices slices spread over those where the
 structure is present (with ``--min-area``, only those where it covers that fraction of its
 largest slice: a one-pixel end scores all or nothing), a simulated user clicks
 (``refinement.simulated_click``: the centre of the largest error region, positive where missed,
-negative where leaked) and Dice is read after 0 (the tracked result), 1, 3 and 5 clicks, beside
+negative where leaked) and Dice is read after 0 (the ROI's result), 1, 3 and 5 clicks, beside
 SAM's Dice with the reference's own box on that slice (the "oracle" box no user draws).
-Propagation: the slice where tracking got most pixels wrong is replaced by the reference (the
+Propagation: the slice the ROI's result got most pixels wrong is replaced by the reference (the
 user corrected it) and carried on inside the ROI (its slices and rectangle, ``Segmenter.propagate``'s
-``box``); its 3D Dice is compared with the tracked result's, alone (the slices it did not reach
-empty) and as the segment the SAM effect leaves (those slices keep the tracked result). Latency: one click through the
-background worker on a cached slice.
+``box``); its 3D Dice is compared with the ROI's result's, alone (the slices it did not reach
+empty) and as the segment the SAM effect leaves (those slices keep the ROI's result). Latency: one
+click through the background worker on a cached slice.
 
 With ``--adapter`` (repeatable) every structure is also measured with each adapter in place,
 side by side with the base model, on cases none of the adapters trained or validated on (their
@@ -41,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_segment import _cases, _roi_box, _structures  # noqa: E402
 from SAMFineTuneLib import imaging  # noqa: E402
-from SAMFineTuneLib.cli_args import add_engine_arguments, add_model_arguments  # noqa: E402
+from SAMFineTuneLib.cli_args import add_box_mode_argument, add_engine_arguments, add_model_arguments  # noqa: E402
 from SAMFineTuneLib.metrics import dice_score  # noqa: E402
 from SAMFineTuneLib.refinement import refine_slice, simulated_click  # noqa: E402
 from SAMFineTuneLib.segmenter import Segmenter  # noqa: E402
@@ -76,24 +77,24 @@ def click_curve(segmenter, volume, k, start, reference) -> List[float]:
 
 def structure_rows(args, segmenter, volume, label) -> Dict[str, object]:
     roi = _roi_box(label, 3, "axial")
-    tracked = segmenter.segment(volume, roi).mask > 0
+    first = segmenter.segment(volume, roi, box_mode=args.box_mode).mask > 0
     present = [k for k in range(roi[2], roi[5] + 1) if label[k].any()]
     areas = label.sum(axis=(1, 2))
     clicked = [k for k in present if areas[k] >= args.min_area * areas.max()]
     picks = [clicked[int(i)] for i in np.linspace(0, len(clicked) - 1, min(args.slices, len(clicked)))]
-    curves = [click_curve(segmenter, volume, k, tracked[k], label[k]) for k in picks]
+    curves = [click_curve(segmenter, volume, k, first[k], label[k]) for k in picks]
     oracle = [dice(oracle_box_mask(segmenter, volume, k, label[k]), label[k]) for k in picks]
-    # The user corrects the slice where tracking got the most pixels wrong.
-    worst = max(present, key=lambda k: int((tracked[k] != label[k]).sum()))
+    # The user corrects the slice the ROI's result got the most pixels wrong.
+    worst = max(present, key=lambda k: int((first[k] != label[k]).sum()))
     propagated = segmenter.propagate(volume, "axial", worst, label[worst], box=roi)
     carried = propagated.mask > 0
     carried[worst] = label[worst]
-    # The SAM effect writes the slices propagation reached; the others keep the tracked result.
-    segment = tracked.copy()
+    # The SAM effect writes the slices propagation reached; the others keep the ROI's result.
+    segment = first.copy()
     segment[propagated.slices] = carried[propagated.slices]
     segment[worst] = label[worst]
     return {"slices": len(picks), "curve": np.mean(curves, axis=0), "oracle": float(np.mean(oracle)),
-            "tracked3d": dice(tracked, label), "propagated3d": dice(carried, label),
+            "roi3d": dice(first, label), "propagated3d": dice(carried, label),
             "segment3d": dice(segment, label)}
 
 
@@ -132,16 +133,16 @@ def print_tables(rows, latency) -> None:
         mine = [(key, row) for key, name, row in rows if name == variant]
         print(f"\n{variant}:\n")
         print("| case | structure | slices | oracle box | " + " | ".join(f"{n} clicks" for n in CLICKS)
-              + " | tracked 3D | propagated from 1 corrected slice, 3D | the segment after Propagate, 3D |")
+              + " | one ROI, 3D | propagated from 1 corrected slice, 3D | the segment after Propagate, 3D |")
         print("|---" * (len(CLICKS) + 7) + "|")
         for (case, name), row in mine:
             print(f"| {case} | {name} | {row['slices']} | {row['oracle']:.3f} | "
                   + " | ".join(f"{v:.3f}" for v in row["curve"])
-                  + f" | {row['tracked3d']:.3f} | {row['propagated3d']:.3f} | {row['segment3d']:.3f} |")
+                  + f" | {row['roi3d']:.3f} | {row['propagated3d']:.3f} | {row['segment3d']:.3f} |")
         mean = lambda key: float(np.mean([row[key] for _, row in mine]))  # noqa: E731
         curve = np.mean([row["curve"] for _, row in mine], axis=0)
         print(f"| **mean** | {len(mine)} structures | | {mean('oracle'):.3f} | "
-              + " | ".join(f"{v:.3f}" for v in curve) + f" | {mean('tracked3d'):.3f} | {mean('propagated3d'):.3f} | "
+              + " | ".join(f"{v:.3f}" for v in curve) + f" | {mean('roi3d'):.3f} | {mean('propagated3d'):.3f} | "
               f"{mean('segment3d'):.3f} |")
     if latency is not None:
         cold, warm = latency
@@ -184,6 +185,7 @@ def main(argv=None) -> int:
     parser.add_argument("--merge-labels", action="store_true", help="all labels as one structure")
     parser.add_argument("--adapter", action="append", default=[],
                         help="also measure with this adapter folder (side by side with the base model)")
+    add_box_mode_argument(parser, "how the ROI prompts each slice before the clicks")
     add_model_arguments(parser)
     add_engine_arguments(parser)
     args = parser.parse_args(argv)
