@@ -74,18 +74,18 @@ BOX_MODES: Dict[str, str] = {
     "crossed": "crossed (boxes from planes across the ROI)",
 }
 
+
+def check_box_mode(box_mode: str) -> None:
+    """A box mode that is not in ``BOX_MODES`` is refused with the ones there are."""
+    if box_mode not in BOX_MODES:
+        raise ValueError(f"unknown box mode '{box_mode}'; choose one of: {', '.join(BOX_MODES)}")
+
+
 #: The crossed box mode (``crossing``): where the planes along each other axis cross the ROI, as
 #: fractions of its extent there, put on a grid about ``grid`` times finer than that extent (so a
 #: nudged box reuses them), how many pixels each slice's box is grown by (chosen on the 3D accuracy
 #: benchmark, docs/accuracy.md), and the fewest slices a ROI must span for planes across it to show
 #: a structure's run (on fewer, such a plane is a line or two of pixels, and the ROI is tracked).
-
-
-def check_box_mode(box_mode: str) -> None:
-    if box_mode not in BOX_MODES:
-        raise ValueError(f"unknown box mode '{box_mode}'; choose one of: {', '.join(BOX_MODES)}")
-
-
 CROSSING_DEFAULTS: Dict[str, Any] = {"planes": (1 / 3, 2 / 3), "grid": 6, "grow_px": 2, "min_slices": 3}
 
 DEVICES: Dict[str, str] = {"auto": "auto (GPU when there is one)", "cpu": "CPU", "cuda": "GPU (CUDA)"}
