@@ -18,7 +18,6 @@ import numpy as np
 from . import imaging
 from .catalogue import AXES, CROSSING_DEFAULTS
 from .decoding import Box2D, SliceJob
-from .tracking import grown_box
 
 
 def plane_indices(box: Sequence[int], other: str, fractions: Sequence[float] = CROSSING_DEFAULTS["planes"],
@@ -70,7 +69,7 @@ def crossed_boxes(crossing: Mapping[str, Mapping[int, np.ndarray]], axis: str, s
     lowest = np.minimum.reduce([low for low, _ in extents])
     highest = np.maximum.reduce([high for _, high in extents])
     reached = np.logical_and.reduce([high[:, 0] >= 0 for _, high in extents])
-    return {slices[n]: tuple(int(v) for v in grown_box((*lowest[n], *highest[n]), grow, grow, roi))
+    return {slices[n]: tuple(int(v) for v in imaging.grown_box((*lowest[n], *highest[n]), grow, grow, roi))
             for n in np.flatnonzero(reached)}
 
 

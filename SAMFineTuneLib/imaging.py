@@ -155,6 +155,12 @@ def to_model_input(plane: np.ndarray, geometry: SliceGeometry, spec: ModelSpec,
     return normalise_unit_images(images, spec).contiguous()
 
 
+def grown_box(box: Sequence[int], grow_x: int, grow_y: int, roi: Sequence[int]) -> Tuple[int, int, int, int]:
+    """A 2D ``box`` grown by ``grow_x`` and ``grow_y`` pixels per side, kept inside the 2D ``roi``."""
+    x0, y0, x1, y1 = box
+    return (max(roi[0], x0 - grow_x), max(roi[1], y0 - grow_y), min(roi[2], x1 + grow_x), min(roi[3], y1 + grow_y))
+
+
 def mask_box(mask: np.ndarray) -> Optional[Tuple[int, int, int, int]]:
     """Tight inclusive (x0, y0, x1, y1) box of a 2D mask, None when empty."""
     rows = np.flatnonzero(mask.any(axis=1))

@@ -89,19 +89,14 @@ def next_box(previous: np.ndarray, roi: Box2D, options: TrackingOptions) -> Box2
     x0, y0, x1, y1 = imaging.mask_box(previous)
     grow_x = max(options.min_margin_px, int(round(options.margin * (x1 - x0 + 1))))
     grow_y = max(options.min_margin_px, int(round(options.margin * (y1 - y0 + 1))))
-    return grown_box((x0, y0, x1, y1), grow_x, grow_y, roi)
-
-
-def grown_box(box: Box2D, grow_x: int, grow_y: int, roi: Box2D) -> Box2D:
-    """``box`` grown by ``grow_x`` and ``grow_y`` pixels per side, kept inside ``roi``."""
-    x0, y0, x1, y1 = box
-    return (max(roi[0], x0 - grow_x), max(roi[1], y0 - grow_y), min(roi[2], x1 + grow_x), min(roi[3], y1 + grow_y))
+    return imaging.grown_box((x0, y0, x1, y1), grow_x, grow_y, roi)
 
 
 def own_boxes(masks: Dict[int, np.ndarray], roi: Box2D, px: int) -> Dict[int, Box2D]:
     """Each non-empty slice's own mask box grown by ``px`` inside the ROI
     (``TrackingOptions.own_box_px``)."""
-    return {index: grown_box(imaging.mask_box(mask), px, px, roi) for index, mask in masks.items() if mask.any()}
+    return {index: imaging.grown_box(imaging.mask_box(mask), px, px, roi)
+            for index, mask in masks.items() if mask.any()}
 
 
 def keeps_tracking(decoded: Decoded, previous: np.ndarray, seed_area: int, plane: np.ndarray,
