@@ -6,8 +6,7 @@ back zero-filled, NIfTI NaN voxels read back as 0, and it does not raise when a 
 short. So NIfTI files are checked here against their own header (the payload length, and the
 raw float values), other formats by reading them back, and arrays by counting what is not finite.
 
-Imports numpy and the standard library only; SimpleITK and the segmenter's checks are imported
-when a check needs them.
+Imports numpy and the standard library only; SimpleITK is imported when a check needs it.
 """
 from __future__ import annotations
 
@@ -286,11 +285,48 @@ def check_float32_range(array: np.ndarray, what: str) -> None:
                          "float32); rescale the volume first")
 
 
+def validate_volume(volume) -> None:
+    """A ``volume_io.Volume`` the Segmenter can slice: a 3D array of finite real numbers, and a spacing."""
+    array = volume.array
+    if not isinstance(array, np.ndarray):
+        raise ValueError(f"volume must be a numpy array, got {type(array).__name__}")
+    if array.ndim == 4 and array.shape[-1] in (3, 4):
+        raise ValueError(f"volume has shape {array.shape}: RGB/vector volumes are not supported, use a scalar volume")
+    if array.ndim != 3:
+        raise ValueError(f"volume must be 3D (k, j, i); got a {array.ndim}D array of shape {array.shape}")
+    if 0 in array.shape:
+        raise ValueError(f"volume has a zero-size axis: shape {array.shape}")
+    if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool) or np.iscomplexobj(array):
+        raise ValueError(f"volume must hold real numbers, got dtype {array.dtype}")
+    if np.issubdtype(array.dtype, np.floating):
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise ValueError(f"volume contains {bad} NaN or infinite voxels; fill or mask them before segmenting")
+    spacing = np.asarray(volume.spacing, dtype=float)
+    if spacing.shape != (3,) or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise ValueError(f"spacing must be three positive numbers (x, y, z) in mm, got {volume.spacing}")
+
+
+def validate_box(box: Sequence, shape_kji: Sequence[int]) -> Tuple[int, ...]:
+    """Six whole voxel indices (i0, j0, k0, i1, j1, k1) of a non-empty box inside a volume of ``shape_kji``."""
+    values = np.asarray(box, dtype=float).reshape(-1) if box is not None else np.empty(0)
+    if values.size != 6:
+        raise ValueError(f"box must be six voxel indices (i0, j0, k0, i1, j1, k1), got {box!r}")
+    if not np.all(np.isfinite(values)) or np.any(values != np.round(values)):
+        raise ValueError(f"box indices must be whole numbers, got {list(box)}")
+    i0, j0, k0, i1, j1, k1 = (int(v) for v in values)
+    limits = {"i": shape_kji[2], "j": shape_kji[1], "k": shape_kji[0]}
+    for name, lo, hi in (("i", i0, i1), ("j", j0, j1), ("k", k0, k1)):
+        if hi < lo:
+            raise ValueError(f"empty box: {name}1={hi} is before {name}0={lo}")
+        if lo < 0 or hi >= limits[name]:
+            raise ValueError(f"box is outside the volume along {name}: {lo}..{hi}, valid 0..{limits[name] - 1}")
+    return (i0, j0, k0, i1, j1, k1)
+
+
 def check_volume_input(volume, what: str = "the volume") -> None:
     """What every command checks about the volume it segments, before a model loads: finite voxels
     within float32's range, and a 3D scalar volume with a valid spacing."""
-    from .segmenter import validate_volume
-
     check_finite(volume.array, what)
     check_float32_range(volume.array, what)
     validate_volume(volume)
@@ -300,8 +336,6 @@ def check_segment_input(volume, box: Sequence[int], what: str = "the volume") ->
     """Everything a segmentation checks about its input, before a model loads: the volume
     (``check_volume_input``), a box inside it, contrast inside the box. Returns the box as six
     ints and the warnings."""
-    from .segmenter import validate_box
-
     check_volume_input(volume, what)
     box = validate_box(box, volume.array.shape)
     return box, check_contrast(volume.array, box, what)

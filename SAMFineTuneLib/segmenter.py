@@ -19,6 +19,7 @@ from .cache import EmbeddingCache
 from .catalogue import AXES, BOX_MODES, ENGINE_DEFAULTS, SEGMENT_DEFAULTS, check_box_mode
 from .decoding import SliceJob, resolve_window_margin
 from .imaging import SliceGeometry
+from .input_checks import validate_box, validate_volume
 from .models import SamModel, load_model
 from .progress import CancelFn, Cancelled, ProgressFn, check_cancel, report
 from .tracking import TrackingOptions
@@ -34,46 +35,6 @@ class SegmentationResult:
     mask: np.ndarray
     slices: List[int]
     stats: Dict[str, float] = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------- validation
-
-
-def validate_volume(volume: Volume) -> None:
-    array = volume.array
-    if not isinstance(array, np.ndarray):
-        raise ValueError(f"volume must be a numpy array, got {type(array).__name__}")
-    if array.ndim == 4 and array.shape[-1] in (3, 4):
-        raise ValueError(f"volume has shape {array.shape}: RGB/vector volumes are not supported, use a scalar volume")
-    if array.ndim != 3:
-        raise ValueError(f"volume must be 3D (k, j, i); got a {array.ndim}D array of shape {array.shape}")
-    if 0 in array.shape:
-        raise ValueError(f"volume has a zero-size axis: shape {array.shape}")
-    if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool) or np.iscomplexobj(array):
-        raise ValueError(f"volume must hold real numbers, got dtype {array.dtype}")
-    if np.issubdtype(array.dtype, np.floating):
-        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
-        if bad:
-            raise ValueError(f"volume contains {bad} NaN or infinite voxels; fill or mask them before segmenting")
-    spacing = np.asarray(volume.spacing, dtype=float)
-    if spacing.shape != (3,) or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
-        raise ValueError(f"spacing must be three positive numbers (x, y, z) in mm, got {volume.spacing}")
-
-
-def validate_box(box: Sequence, shape_kji: Sequence[int]) -> Tuple[int, ...]:
-    values = np.asarray(box, dtype=float).reshape(-1) if box is not None else np.empty(0)
-    if values.size != 6:
-        raise ValueError(f"box must be six voxel indices (i0, j0, k0, i1, j1, k1), got {box!r}")
-    if not np.all(np.isfinite(values)) or np.any(values != np.round(values)):
-        raise ValueError(f"box indices must be whole numbers, got {list(box)}")
-    i0, j0, k0, i1, j1, k1 = (int(v) for v in values)
-    limits = {"i": shape_kji[2], "j": shape_kji[1], "k": shape_kji[0]}
-    for name, lo, hi in (("i", i0, i1), ("j", j0, j1), ("k", k0, k1)):
-        if hi < lo:
-            raise ValueError(f"empty box: {name}1={hi} is before {name}0={lo}")
-        if lo < 0 or hi >= limits[name]:
-            raise ValueError(f"box is outside the volume along {name}: {lo}..{hi}, valid 0..{limits[name] - 1}")
-    return (i0, j0, k0, i1, j1, k1)
 
 
 class Segmenter:
