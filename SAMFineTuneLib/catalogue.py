@@ -65,8 +65,9 @@ WINDOWS: Dict[str, str] = {
 AXES: Dict[str, int] = {"axial": 0, "coronal": 1, "sagittal": 2}
 
 #: How one ROI prompts each slice. "auto" is crossed boxes for the base model, which scored highest
-#: on the 3D accuracy benchmark at every ROI margin, and tracked boxes with an adapter, which is
-#: trained on one slicing axis and answered the planes of the other axes poorly (docs/accuracy.md).
+#: on the 3D accuracy benchmark at every ROI margin, and tracked boxes with an adapter, which scored
+#: higher than crossed boxes (their planes decoded by the base model) with the hippocampus adapters
+#: of 10 cases (docs/accuracy.md).
 BOX_MODES: Dict[str, str] = {
     "auto": "auto (crossed; tracked with an adapter)",
     "tracked": "tracked (box follows the structure)",

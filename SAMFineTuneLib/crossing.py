@@ -73,11 +73,15 @@ def crossed_boxes(crossing: Mapping[str, Mapping[int, np.ndarray]], axis: str, s
             for n in np.flatnonzero(reached)}
 
 
-def crossed_mode(job: SliceJob, plane_job: Callable[[str], SliceJob], box: Sequence[int], axis: str,
+PlaneDecoder = Callable[[str, Mapping[int, Box2D], Box2D], Dict[int, np.ndarray]]
+
+
+def crossed_mode(job: SliceJob, decode_planes: PlaneDecoder, box: Sequence[int], axis: str,
                  fallback: Callable[[], Dict[int, np.ndarray]]) -> Dict[int, np.ndarray]:
     """The crossed box mode: the planes crossing ``box`` along the other two axes decoded with the
-    ROI's rectangle there (``plane_job(other)`` serves that axis's slices), then every slice they
-    give a box decoded with it. Where they give none (no plane found the structure),
+    ROI's rectangle there (``decode_planes(other, {index: box}, clip)`` decodes that axis's
+    slices), then every slice they give a box decoded with it. Where they give none (no plane
+    found the structure),
     ``fallback()``: the structure may lie between the planes, which tracking can still find; and
     ``fallback()`` on a ROI too thin along ``axis`` for planes (``CROSSING_DEFAULTS["min_slices"]``)."""
     slices, roi = imaging.box_to_slices(box, axis)
@@ -87,7 +91,7 @@ def crossed_mode(job: SliceJob, plane_job: Callable[[str], SliceJob], box: Seque
     for other in AXES:
         if other != axis:
             planes, rect = plane_indices(box, other), imaging.box_to_slices(box, other)[1]
-            crossing[other] = plane_job(other).decode_again({index: rect for index in planes}, rect)
+            crossing[other] = decode_planes(other, {index: rect for index in planes}, rect)
     boxes = crossed_boxes(crossing, axis, slices, roi)
     if not boxes:
         return fallback()

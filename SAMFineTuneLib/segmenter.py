@@ -208,11 +208,28 @@ class Segmenter:
         job = self._job(self._source(volume, axis, window, box, zoom), *job_args)
         tracked = partial(tracking.tracked_mode, job, list(slices), box2d, self.tracking_in_use)
         if box_mode == "crossed":
-            plane_job = lambda other: self._job(self._source(volume, other, window, box, zoom), *job_args)  # noqa: E731
-            masks = crossing.crossed_mode(job, plane_job, box, axis, tracked)
+            masks = crossing.crossed_mode(job, partial(self._decode_planes, volume, window, box, zoom, job_args),
+                                          box, axis, tracked)
         else:
             masks = tracked() if box_mode == "tracked" else job.decode_boxes({i: box2d for i in slices}, box2d)
         return imaging.stacked_slices(volume.array.shape, axis, masks), sorted(masks)
+
+    def _decode_planes(self, volume: Volume, window: str, box, zoom: bool, job_args: tuple, axis: str,
+                       boxes: Mapping[int, Sequence[int]], clip: Sequence[int]) -> Dict[int, np.ndarray]:
+        """Crossed boxes' planes along ``axis``, decoded by the base model even while an adapter is
+        in use: an adapter learns the slices of the axis it was trained along and answers the planes
+        across it poorly (with the base model's planes an adapter scores near its own tracking,
+        with its own far below; docs/accuracy.md)."""
+        if self.adapter is None:
+            return self._job(self._source(volume, axis, window, box, zoom), *job_args).decode_again(boxes, clip)
+        multimask = self.model.spec.multimask_default
+        plane_job = self._job(self._source(volume, axis, window, box, zoom), multimask, *job_args[1:])
+        adapter = self.model.mask_decoder, self.model.prompt_encoder
+        self.model.mask_decoder, self.model.prompt_encoder = self._base_decoder, self._base_prompt_encoder
+        try:
+            return plane_job.decode_again(boxes, clip)
+        finally:
+            self.model.mask_decoder, self.model.prompt_encoder = adapter
 
     # ------------------------------------------------------------ public entry
 

@@ -110,3 +110,35 @@ def test_a_roi_on_one_or_two_slices_is_tracked_without_planes():
         crossed = Segmenter(model).segment(ct, roi, window=WINDOW, box_mode="crossed", spacing=(1, 1, 1))
         tracked = Segmenter(OracleModel()).segment(ct, roi, window=WINDOW, box_mode="tracked", spacing=(1, 1, 1))
         assert model.encode_calls == roi[5] + 1 and np.array_equal(crossed.mask, tracked.mask) and crossed.mask.any()
+
+
+def test_with_an_adapter_the_planes_are_decoded_by_the_base_model():
+    """An adapter learns the slices of its own axis and answers the planes across it poorly, so the
+    planes are decoded by the base model and the slices by the adapter; the adapter is back in place
+    afterwards, also when the user cancels while the planes are decoded."""
+    import torch
+
+    from SAMFineTuneLib.progress import Cancelled
+
+    ct, _, roi = organ_in_a_loose_roi()
+    model = OracleModel()
+    segmenter = Segmenter(model)
+    base = model.mask_decoder
+    adapted = torch.nn.Identity()
+    model.mask_decoder, model.prompt_encoder = adapted, torch.nn.Identity()  # what set_adapter swaps in
+    segmenter.adapter = "an adapter's folder"
+    decode, decoders = model.decode, []
+
+    def recording(*args, **kwargs):
+        decoders.append(model.mask_decoder)
+        return decode(*args, **kwargs)
+
+    model.decode = recording
+    result = segmenter.segment(ct, roi, window=WINDOW, box_mode="crossed")
+    first = decoders.index(adapted)
+    assert first >= 2 and all(d is base for d in decoders[:first])  # the planes, along both other axes
+    assert all(d is adapted for d in decoders[first:]) and len(decoders) - first >= len(result.slices) // 2
+    assert model.mask_decoder is adapted and result.mask.any()
+    with pytest.raises(Cancelled):
+        segmenter.segment(ct, roi, window=WINDOW, box_mode="crossed", cancel=lambda: model.mask_decoder is base)
+    assert model.mask_decoder is adapted and isinstance(model.prompt_encoder, torch.nn.Identity)
