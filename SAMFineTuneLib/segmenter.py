@@ -220,10 +220,10 @@ class Segmenter:
         in use: an adapter learns the slices of the axis it was trained along and answers the planes
         across it poorly (with the base model's planes an adapter scores near its own tracking,
         with its own far below; docs/accuracy.md)."""
-        if self.adapter is None:
-            return self._job(self._source(volume, axis, window, box, zoom), *job_args).decode_again(boxes, clip)
-        multimask = self.model.spec.multimask_default
+        multimask = job_args[0] if self.adapter is None else self.model.spec.multimask_default
         plane_job = self._job(self._source(volume, axis, window, box, zoom), multimask, *job_args[1:])
+        if self.adapter is None:
+            return plane_job.decode_again(boxes, clip)
         adapter = self.model.mask_decoder, self.model.prompt_encoder
         self.model.mask_decoder, self.model.prompt_encoder = self._base_decoder, self._base_prompt_encoder
         try:
