@@ -166,7 +166,10 @@ def test_scoring_from_one_roi_segments_in_the_box_mode_asked(litemedsam, volumes
         default = score_from_roi(litemedsam, info, ["phantom100"], chosen, "axial", "auto", None, 2.0, 4)
         segmenter = Segmenter(litemedsam, window_margin=4)
         segmenter.set_adapter(adapter)
-        segmented = segmenter.segment(image, box, axis="axial", window="auto", box_mode=mode)
+        try:
+            segmented = segmenter.segment(image, box, axis="axial", window="auto", box_mode=mode)
+        finally:
+            segmenter.set_adapter(None)  # the session's model keeps its own decoder for the tests after this one
         name = "adapted" if adapter else "base"
         scores[name, mode] = run[name]["cases"][0]["dice"]
         assert scores[name, mode] == pytest.approx(dice_score(segmented.mask > 0, mask), abs=1e-6)
