@@ -20,7 +20,7 @@ from .catalogue import AXES, BOX_MODES, ENGINE_DEFAULTS, SEGMENT_DEFAULTS, check
 from .decoding import SliceJob, resolve_window_margin
 from .imaging import SliceGeometry
 from .input_checks import validate_box, validate_volume
-from .models import SamModel, load_model
+from .models import SamModel, decoding_with, load_model
 from .progress import CancelFn, Cancelled, ProgressFn, check_cancel, report
 from .tracking import TrackingOptions
 from .volume_io import Volume, as_volume
@@ -224,12 +224,8 @@ class Segmenter:
         plane_job = self._job(self._source(volume, axis, window, box, zoom), multimask, *job_args[1:])
         if self.adapter is None:
             return plane_job.decode_again(boxes, clip)
-        adapter = self.model.mask_decoder, self.model.prompt_encoder
-        self.model.mask_decoder, self.model.prompt_encoder = self._base_decoder, self._base_prompt_encoder
-        try:
+        with decoding_with(self.model, self._base_decoder, self._base_prompt_encoder):
             return plane_job.decode_again(boxes, clip)
-        finally:
-            self.model.mask_decoder, self.model.prompt_encoder = adapter
 
     # ------------------------------------------------------------ public entry
 

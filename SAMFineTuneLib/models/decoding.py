@@ -9,7 +9,8 @@ the slice can decode only the tokens near it (a window); outside, the mask is ba
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from contextlib import contextmanager
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 
@@ -134,3 +135,16 @@ def predict_masks_batched(decoder: MaskDecoder, image_embeddings: torch.Tensor, 
     (``run_transformer``); with ``windows`` the masks cover the windows alone."""
     hs, image_tokens, iou = run_transformer(decoder, image_embeddings, image_pe, sparse, dense, windows)
     return upscale_masks(decoder, hs, image_tokens), iou
+
+
+@contextmanager
+def decoding_with(model, mask_decoder, prompt_encoder) -> Iterator[None]:
+    """``model`` decodes with this mask decoder and prompt encoder inside the block (an adapter's,
+    or the base model's while an adapter is in place), and with its own again after it, also when
+    the block raises or is cancelled."""
+    own = model.mask_decoder, model.prompt_encoder
+    model.mask_decoder, model.prompt_encoder = mask_decoder, prompt_encoder
+    try:
+        yield
+    finally:
+        model.mask_decoder, model.prompt_encoder = own

@@ -40,6 +40,7 @@ def choose_tracking(model, decoder, prompt_encoder, info, cases: List[str], conf
     images: there is nothing to track). ``decoder`` (and a trained ``prompt_encoder``, or None)
     stand in for the model's own while it runs; the model is left as it was."""
     from ..evaluate import roi_box
+    from ..models import decoding_with
     from ..segmenter import Segmenter
 
     structures = [found for case in cases for found in _structures(info.case(case), config)]
@@ -48,9 +49,7 @@ def choose_tracking(model, decoder, prompt_encoder, info, cases: List[str], conf
     # An adapter trained on loose ROIs answers the ROI with the structure (tracking.TrackingOptions).
     answers_roi = config.roi_prompts > 0
     ruled = dict(ADAPTER_ROI_TRACKING) if answers_roi else {key: TRACKING_DEFAULTS[key] for key in ADAPTER_ROI_TRACKING}
-    own = model.mask_decoder, model.prompt_encoder
-    model.mask_decoder, model.prompt_encoder = decoder, prompt_encoder or own[1]
-    try:
+    with decoding_with(model, decoder, prompt_encoder or model.prompt_encoder):
         segmenter = Segmenter(model, window_margin=config.window_margin)
         dice: Dict[int, List[float]] = {px: [] for px in ADAPTER_TRACKING_MARGINS_PX}
         plain: Dict[int, List[float]] = {px: [] for px in ADAPTER_TRACKING_MARGINS_PX}
@@ -70,8 +69,6 @@ def choose_tracking(model, decoder, prompt_encoder, info, cases: List[str], conf
                 done += 1
                 report(progress, done, runs, f"choosing the tracking margin: {done}/{runs} validation runs from one "
                        "ROI")
-    finally:
-        model.mask_decoder, model.prompt_encoder = own
     means = {px: float(np.mean(scores)) for px, scores in dice.items()}
     unsmoothed = {px: float(np.mean(scores)) for px, scores in plain.items()}
     default = TRACKING_DEFAULTS["min_margin_px"]
