@@ -65,11 +65,12 @@ WINDOWS: Dict[str, str] = {
 AXES: Dict[str, int] = {"axial": 0, "coronal": 1, "sagittal": 2}
 
 #: How one ROI prompts each slice. "auto" is crossed boxes for the base model, which scored highest
-#: on the 3D accuracy benchmark at every ROI margin, and tracked boxes with an adapter, which scored
-#: higher than crossed boxes (their planes decoded by the base model) with the hippocampus adapters
-#: of 10 cases (docs/accuracy.md).
+#: on the 3D accuracy benchmark at every ROI margin, and with an adapter the mode its training chose
+#: on its validation cases (``training.box_mode_choice``): tracked boxes scored higher with the
+#: hippocampus adapters of 10 cases, crossed boxes (their planes decoded by the base model) with one
+#: of 1 case (docs/accuracy.md).
 BOX_MODES: Dict[str, str] = {
-    "auto": "auto (crossed; tracked with an adapter)",
+    "auto": "auto (crossed; with an adapter, the one its training chose)",
     "tracked": "tracked (box follows the structure)",
     "fixed": "fixed (ROI box on every slice)",
     "crossed": "crossed (boxes from planes across the ROI)",
@@ -80,6 +81,20 @@ def check_box_mode(box_mode: str) -> None:
     """A box mode that is not in ``BOX_MODES`` is refused with the ones there are."""
     if box_mode not in BOX_MODES:
         raise ValueError(f"unknown box mode '{box_mode}'; choose one of: {', '.join(BOX_MODES)}")
+
+
+#: The box modes training chooses between for an adapter, the first where its card names none.
+ADAPTER_BOX_MODES = ("tracked", "crossed")
+
+
+def card_box_mode(card: Dict, adapter_dir: str) -> str:
+    """The box mode an adapter's card asks "auto" to run (``inference.box_mode``), tracked where it
+    names none; a ValueError naming the adapter for anything else."""
+    asked = card.get("inference", {}).get("box_mode", ADAPTER_BOX_MODES[0])
+    if asked not in ADAPTER_BOX_MODES:
+        raise ValueError(f"adapter {adapter_dir}: its model card sets box mode {asked!r} (inference.box_mode), "
+                         f"which is not one of {', '.join(ADAPTER_BOX_MODES)}; remove it or train the adapter again")
+    return asked
 
 
 #: The crossed box mode (``crossing``): where the planes along each other axis cross the ROI, as

@@ -138,7 +138,7 @@ def compare_adapters(dataset, candidate: str, current: Optional[str] = None, mod
 
     Both decode as at inference: one reference box per slice (``roi_margin`` None), or each
     structure from one ROI that many voxels loose through the Segmenter's default box mode, as a
-    user gets each (crossed boxes for the base model, tracked with an adapter); "card": as the
+    user gets each (crossed boxes for the base model, with an adapter its card's); "card": as the
     candidate's card says (``catalogue.comparison_roi_margin``, as "keep learning" weighs them).
     ``model``: a loaded model (default: the candidate's base model on the CPU). Returns {"cases",
     "prompt": "box" or "roi", "current": means, "candidate": means, "per_case": rows, "gain":

@@ -16,7 +16,7 @@ import torch
 
 from . import crossing, imaging, postprocess, propagation, tracking
 from .cache import EmbeddingCache
-from .catalogue import AXES, BOX_MODES, ENGINE_DEFAULTS, SEGMENT_DEFAULTS, check_box_mode
+from .catalogue import AXES, BOX_MODES, ENGINE_DEFAULTS, SEGMENT_DEFAULTS, card_box_mode, check_box_mode
 from .decoding import SliceJob, resolve_window_margin
 from .imaging import SliceGeometry
 from .input_checks import validate_box, validate_volume
@@ -93,6 +93,7 @@ class Segmenter:
         self._adapter_multimask: Optional[bool] = None
         self._adapter_clicks = False
         self._adapter_tracking: Dict[str, object] = {}
+        self._auto_box_mode = "crossed"
 
     # ------------------------------------------------------------ adapters
 
@@ -112,6 +113,7 @@ class Segmenter:
             try:
                 peft_decoder, prompt_encoder, card = load_adapter(self.model, adapter_dir)
                 adapter_tracking = tracking.card_overrides(card, adapter_dir)
+                adapter_box_mode = card_box_mode(card, adapter_dir)
             except BaseException:
                 self.set_adapter(current)
                 raise
@@ -125,6 +127,8 @@ class Segmenter:
         self._adapter_clicks = adapter_dir is not None and bool(card.get("inference", {}).get("clicks"))
         # The tracking margin chosen for the adapter on its validation cases (training.tracking_choice).
         self._adapter_tracking = {} if adapter_dir is None else adapter_tracking
+        # What "auto" runs: crossed boxes for the base model, the adapter's own choice with one.
+        self._auto_box_mode = "crossed" if adapter_dir is None else adapter_box_mode
 
     @property
     def tracking_in_use(self) -> TrackingOptions:
@@ -219,10 +223,12 @@ class Segmenter:
         """Crossed boxes' planes along ``axis``, decoded by the base model even while an adapter is
         in use: an adapter learns the slices of the axis it was trained along and answers the planes
         across it poorly (with the base model's planes an adapter scores near its own tracking,
-        with its own far below; docs/accuracy.md)."""
-        multimask = job_args[0] if self.adapter is None else self.model.spec.multimask_default
+        with its own far below; docs/accuracy.md). So they are while training's box-mode choice puts
+        the adapter it trains in place (``training.box_mode_choice``)."""
+        base = self.model.mask_decoder is self._base_decoder
+        multimask = job_args[0] if base else self.model.spec.multimask_default
         plane_job = self._job(self._source(volume, axis, window, box, zoom), multimask, *job_args[1:])
-        if self.adapter is None:
+        if base:
             return plane_job.decode_again(boxes, clip)
         with decoding_with(self.model, self._base_decoder, self._base_prompt_encoder):
             return plane_job.decode_again(boxes, clip)
@@ -255,7 +261,8 @@ class Segmenter:
         cancel: Optional[CancelFn] = None,
     ) -> SegmentationResult:
         """Segment the structure inside a 3D voxel box, slice by slice along ``axis``, each slice prompted
-        as ``box_mode`` says (``catalogue.BOX_MODES``; "auto": crossed, tracked with an adapter).
+        as ``box_mode`` says (``catalogue.BOX_MODES``; "auto": crossed, or with an adapter the mode
+        its card names, tracked where it names none).
 
         ``zoom``: encode a crop around the box on each slice instead of the whole slice (``zoom.py``),
         so a small structure on a large slice reaches the encoder larger. ``triplanar``: segment
@@ -265,7 +272,7 @@ class Segmenter:
         volume, multimask = self._prepare(volume, spacing, axis, multimask)
         box = validate_box(box, volume.array.shape)
         check_box_mode(box_mode)
-        mode = ("tracked" if self.adapter else "crossed") if box_mode == "auto" else box_mode
+        mode = self._auto_box_mode if box_mode == "auto" else box_mode
         axes = list(AXES) if triplanar else [axis]
         counts = [len(imaging.box_to_slices(box, along)[0]) for along in axes]
         counter = {"done": 0, "total": sum(counts), "cache_hits": 0, "encoded": 0}

@@ -428,6 +428,7 @@ def test_an_adapter_that_lowers_a_validation_case_too_far_is_not_written(litemed
     assert refused["case"] == "phantom100" and refused["epoch_refused"] >= 1 and refused["max_case_drop"] == 0.05
     assert refused["base_dice"] - refused["adapted_dice"] == pytest.approx(0.2)
     assert card["best_epoch"] == 0 and len(calls) == 1
+    assert card["inference"]["box_mode"] == "crossed"  # the base model's weights segment as the base model does
     for row in card["scores"]["per_case"]:
         assert row["adapted"] == row["base"]
     assert card["scores"]["adapted"] == card["scores"]["base"]

@@ -303,6 +303,14 @@ def test_adapter_scores_become_a_table_and_a_case_is_compared_with_and_without_i
     assert comparison.trackingSummary(card).endswith(
         "on 5 validation structures. Epoch 6 is kept, not epoch 3 (best Dice with reference boxes): from one ROI it "
         "scored 0.784 against 0.699.")
+    card["inference"]["box_mode"] = "crossed"
+    card["tracking_choice"].update(dice_crossed=0.802, dice_tracked=0.784)
+    assert comparison.trackingSummary(card).endswith(
+        "against 0.699. Box mode auto runs crossed boxes with it (3D Dice 0.802 from one ROI, tracked 0.784).")
+    card["inference"]["box_mode"] = "tracked"
+    card["tracking_choice"].update(dice_crossed=0.701)
+    assert comparison.trackingSummary(card).endswith(
+        "Box mode auto runs tracked boxes with it (3D Dice 0.784 from one ROI, crossed 0.701).")
 
     client = TrainClient()
     logic = SAMFineTuneCoreLogic(worker=WorkerBackend(client=client))

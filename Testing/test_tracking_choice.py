@@ -1,9 +1,9 @@
-"""The tracking margin an adapter segments with: chosen on its validation cases from one ROI at
-the end of training, written into its card, and honoured by the Segmenter (training/tracking_choice.py)."""
+"""The tracking margin and the box mode an adapter segments with: chosen on its validation cases
+from one ROI at the end of training, written into its card, and honoured by the Segmenter
+(training/tracking_choice.py, training/box_mode_choice.py)."""
 import json
 
 import pytest
-import torch
 
 from SAMFineTuneLib import adapters, tracking
 from SAMFineTuneLib.catalogue import (ADAPTER_ROI_TRACKING, ADAPTER_TRACKING_MARGINS_PX,
@@ -54,6 +54,9 @@ def test_training_chooses_the_best_margin_on_the_validation_cases_and_the_card_c
     with open(f"{adapted['output']}/model_card.json") as handle:
         assert json.load(handle)["inference"]["tracking"] == chosen
     assert any("tracking margin for this adapter" in line for line in adapted["logs"])
+    assert adapted["card"]["inference"]["box_mode"] == choice["box_mode"] in ("tracked", "crossed")
+    assert any(line.startswith(f"box mode for this adapter, chosen from one ROI on the validation cases: "
+                               f"{choice['box_mode']}") for line in adapted["logs"])
 
 
 def test_compare_adapters_weighs_adapters_of_tracked_structures_from_one_roi(litemedsam, volumes, adapted):
@@ -147,9 +150,9 @@ def test_a_card_asking_for_what_tracking_does_not_take_is_refused_and_the_adapte
 
 def test_scoring_from_one_roi_segments_in_the_box_mode_asked(litemedsam, volumes, adapted):
     """evaluate.score_from_roi scores what the Segmenter gives from that ROI in each box mode, and
-    by default what a user gets from each model: crossed boxes from the base model, tracked boxes
-    from an adapter (so "keep learning" and the evaluation weigh an adapter against the base
-    model's default, not against a mode the user does not run)."""
+    by default what a user gets from each model: crossed boxes from the base model, the box mode
+    its card names from an adapter (so "keep learning" and the evaluation weigh an adapter against
+    the base model's default, not against a mode the user does not run)."""
     import numpy as np
 
     from SAMFineTuneLib.evaluate import roi_box, score_from_roi
@@ -160,7 +163,8 @@ def test_scoring_from_one_roi_segments_in_the_box_mode_asked(litemedsam, volumes
     mask = np.asarray(label.array) == 1
     box = roi_box(mask, VALIDATION_ROI_MARGIN)
     scores = {}
-    for adapter, mode in ((None, "tracked"), (None, "fixed"), (None, "crossed"), (adapted["output"], "tracked")):
+    chosen_mode = adapted["card"]["inference"]["box_mode"]
+    for adapter, mode in ((None, "tracked"), (None, "fixed"), (None, "crossed"), (adapted["output"], chosen_mode)):
         chosen = {"base": None, "adapted": adapter}
         run = score_from_roi(litemedsam, info, ["phantom100"], chosen, "axial", "auto", None, 2.0, 4, box_mode=mode)
         default = score_from_roi(litemedsam, info, ["phantom100"], chosen, "axial", "auto", None, 2.0, 4)
@@ -176,7 +180,7 @@ def test_scoring_from_one_roi_segments_in_the_box_mode_asked(litemedsam, volumes
         scores[name, "default"] = default[name]["cases"][0]["dice"]
     assert len({scores["base", mode] for mode in ("tracked", "fixed", "crossed")}) == 3
     assert scores["base", "default"] == scores["base", "crossed"]
-    assert scores["adapted", "default"] == scores["adapted", "tracked"] != scores["base", "tracked"]
+    assert scores["adapted", "default"] == scores["adapted", chosen_mode] != scores["base", chosen_mode]
 
 
 def test_smoothing_that_lowers_the_validation_dice_is_not_kept(litemedsam, volumes, monkeypatch):
@@ -228,141 +232,86 @@ def test_validation_and_roi_scores_segment_each_case_along_the_axis_it_was_segme
     assert asked == ["sagittal", "sagittal"]
 
 
-@pytest.mark.parametrize("lifted", [0, 1])
-def test_of_the_epoch_kept_and_the_last_the_better_tracker_is_kept(litemedsam, volumes, tmp_path, monkeypatch, lifted):
-    """Epoch 1 leads on the validation Dice with reference boxes (scripted: base 0.5, epochs 0.9
-    and 0.8), so it is kept through training; at the end both it and the last epoch are segmented
-    from one ROI on the validation cases, and the one tracking better (``lifted``: its scores
-    raised by 0.5 here) is written, with its own tracking choice and the record of both."""
-    from safetensors.torch import load_file
+def test_crossed_boxes_are_weighed_as_a_user_of_the_adapter_gets_them(litemedsam, volumes, adapted, monkeypatch):
+    """The box-mode choice scores crossed boxes as the Segmenter gives them with the adapter in
+    place (planes decoded by the base model, slices by the adapter, smoothed as its card says),
+    keeps them only where they beat the chosen tracking, and leaves the model as it was, also on a
+    cancel."""
+    import numpy as np
 
-    from SAMFineTuneLib.training import kept_adapter, trainer as trainer_module
+    from SAMFineTuneLib.evaluate import roi_box
+    from SAMFineTuneLib.metrics import dice_score
+    from SAMFineTuneLib.training.box_mode_choice import choose_box_mode
 
-    scripted = iter([0.5, 0.9, 0.8])
-    monkeypatch.setattr(trainer_module, "mean_dice", lambda samples, masks: next(scripted))
-    real, calls = kept_adapter.choose_tracking, []
-
-    def choose_lifting_one(*args, **kwargs):
-        choice = real(*args, **kwargs)
-        if len(calls) == lifted:
-            choice["dice"] = {px: dice + 0.5 for px, dice in choice["dice"].items()}
-        calls.append(choice)
-        return choice
-
-    monkeypatch.setattr(kept_adapter, "choose_tracking", choose_lifting_one)
-    logs = []
-    card = train(TrainConfig(dataset=volumes, output=str(tmp_path), epochs=2, **dict(FAST, select_best=True)),
-                 model=litemedsam, log=logs.append)
-    kept = 1 + lifted
-    assert len(calls) == 2 and card["best_epoch"] == kept and card["best_val_dice"] == [0.9, 0.8][lifted]
-    tracked = {str(epoch): choice["dice"][str(choice["min_margin_px"])] for epoch, choice in zip((1, 2), calls)}
-    assert card["epoch_choice"] == {"tracked_dice": tracked, "by_validation_dice": 1, "kept": kept}
-    assert card["tracking_choice"] is calls[lifted]
-    assert any(line.startswith(f"epoch {kept} kept: it tracks the validation cases") for line in logs)
-    saved = torch.load(tmp_path / "resume_state.pt", weights_only=True)
-    assert saved["best_epoch"] == 1  # what training kept, before the end
-    written = load_file(str(tmp_path / adapters.ADAPTER_FILE))
-    for state, expected in ((saved["lora"], lifted == 1), (saved["best_lora"], lifted == 0)):
-        assert all(torch.equal(written[key], value) for key, value in state.items()) == expected
-
-
-@pytest.mark.parametrize("harmful", [1, 2])
-def test_a_better_tracker_that_harms_a_validation_case_gives_way_to_the_other_epoch_weighed(
-        litemedsam, volumes, tmp_path, monkeypatch, harmful):
-    """The last epoch tracks better (its tracked scores raised by 0.5) and is chosen, but its
-    scores per validation case lower the first case by 0.2 (scripted; no other case lower than the
-    base model's): the harm check refuses it, and the epoch the validation Dice kept (epoch 1,
-    scripted) is scored and written with its own tracking choice when it passes (``harmful`` = 1);
-    when it is refused too (2), the base model is. The base model is scored once: the other epoch's
-    scores take its rows from the first scoring."""
-    from safetensors.torch import load_file
-
-    from SAMFineTuneLib.training import card as card_module, kept_adapter, trainer as trainer_module
-    from SAMFineTuneLib.training.card import kept_text
-
-    scripted = iter([0.5, 0.9, 0.8])
-    monkeypatch.setattr(trainer_module, "mean_dice", lambda samples, masks: next(scripted))
-    real_choice, choices = kept_adapter.choose_tracking, []
-
-    def choose_lifting_the_last(*args, **kwargs):
-        choice = real_choice(*args, **kwargs)
-        if choices:
-            choice["dice"] = {px: dice + 0.5 for px, dice in choice["dice"].items()}
-        choices.append(choice)
-        return choice
-
-    real_scores, scored = kept_adapter.per_case_scores, []
-
-    def harming_the_first_case(*args, **kwargs):
-        scores = real_scores(*args, **kwargs)
-        for row in scores["per_case"]:  # harmless, unless scripted otherwise
-            row["adapted"]["dice"] = max(row["adapted"]["dice"], row["base"]["dice"])
-        if len(scored) < harmful:
-            scores["per_case"][0]["adapted"]["dice"] = scores["per_case"][0]["base"]["dice"] - 0.2
-        scored.append(scores)
-        return scores
-
-    monkeypatch.setattr(kept_adapter, "choose_tracking", choose_lifting_the_last)
-    monkeypatch.setattr(kept_adapter, "per_case_scores", harming_the_first_case)
-    real_run, steps = card_module.score_prepared, []
-    monkeypatch.setattr(card_module, "score_prepared",
-                        lambda *args, **kwargs: steps.append(args[2:3]) or real_run(*args, **kwargs))
-    logs = []
-    card = train(TrainConfig(dataset=volumes, output=str(tmp_path), epochs=2,
-                             **dict(FAST, select_best=True, final_scores=True)), model=litemedsam, log=logs.append)
-    assert len(choices) == 2 and len(scored) == 2
-    assert len(steps) == 3 and steps.count(()) == 1  # the base model's run: no decoder step given
-    assert [row["base"] for row in scored[1]["per_case"]] == [row["base"] for row in scored[0]["per_case"]]
-    refused = card["harm_check"]
-    assert refused["epoch_refused"] == 2 and refused["base_dice"] - refused["adapted_dice"] == pytest.approx(0.2)
-    written = load_file(str(tmp_path / adapters.ADAPTER_FILE))
-    saved = torch.load(tmp_path / "resume_state.pt", weights_only=True)
-    if harmful == 1:
-        assert refused["written"] == 1 and card["best_epoch"] == 1 and card["best_val_dice"] == 0.9
-        assert card["epoch_choice"]["kept"] == 1 and card["tracking_choice"] is choices[0]
-        assert card["scores"]["per_case"] == scored[1]["per_case"]
-        assert all(torch.equal(written[key], value) for key, value in saved["best_lora"].items())
-        assert any("epoch 1's adapter, which does not, is written instead" in line for line in logs)
-        assert kept_text(card).startswith("epoch 1 (epoch 2 lowered validation case")
-    else:
-        assert "written" not in refused and card["best_epoch"] == 0 and "tracking_choice" not in card
-        assert all(not v.any() for k, v in written.items() if "lora_B" in k)
-        assert kept_text(card).startswith("the base model (epoch 2 lowered")
+    info, cases = read_dataset(volumes), adapted["card"]["dataset"]["val_cases"]
+    config = TrainConfig(dataset=volumes, output="unused", window_margin=4)
+    peft_decoder, prompt_encoder, card = adapters.load_adapter(litemedsam, adapted["output"])
+    decoder = peft_decoder.merge_and_unload().eval()
+    own = litemedsam.mask_decoder, litemedsam.prompt_encoder
+    added = ("box_mode", "dice_crossed", "dice_tracked")
+    tracked = {key: value for key, value in card["tracking_choice"].items() if key not in added}
+    choice = choose_box_mode(litemedsam, decoder, prompt_encoder, info, cases, config, tracked, None)
+    assert (litemedsam.mask_decoder, litemedsam.prompt_encoder) == own
+    px = str(tracked["min_margin_px"])
+    assert choice["dice_tracked"] == (tracked["dice"] if tracked["smooth_mm"] else tracked["dice_unsmoothed"])[px]
+    assert choice["box_mode"] == ("crossed" if choice["dice_crossed"] > choice["dice_tracked"] else "tracked")
+    segmenter = Segmenter(litemedsam, window_margin=4)
+    segmenter.set_adapter(adapted["output"])
+    try:
+        scores = []
+        for case in cases:
+            image, label = load_case(info.case(case))
+            mask = np.asarray(label.array) == 1
+            result = segmenter.segment(image, roi_box(mask, VALIDATION_ROI_MARGIN), box_mode="crossed")
+            scores.append(dice_score(result.mask > 0, mask))
+    finally:
+        segmenter.set_adapter(None)
+    assert choice["dice_crossed"] == pytest.approx(float(np.mean(scores)), abs=1e-6)
+    assert choice["dice_crossed"] == pytest.approx(card["tracking_choice"]["dice_crossed"], abs=0.02)  # training's
+    for tracked_dice, expected in ((1.0, "tracked"), (0.0, "crossed")):
+        scripted = dict(tracked, dice={px: tracked_dice for px in tracked["dice"]},
+                        dice_unsmoothed={px: tracked_dice for px in tracked["dice"]})
+        chosen = choose_box_mode(litemedsam, decoder, prompt_encoder, info, cases, config, scripted, None)
+        assert chosen["box_mode"] == expected
+    with pytest.raises(Cancelled):
+        choose_box_mode(litemedsam, decoder, prompt_encoder, info, cases, config, tracked, None, cancel=lambda: True)
+    assert (litemedsam.mask_decoder, litemedsam.prompt_encoder) == own
 
 
-def test_the_last_epoch_is_weighed_only_when_it_is_another_that_beats_the_base_model(tmp_path):
-    from SAMFineTuneLib.training import epoch_choice
+@pytest.mark.parametrize("named", [None, "tracked", "crossed"])
+def test_auto_runs_the_box_mode_the_adapters_card_names(litemedsam, volumes, adapted, tmp_path, monkeypatch, named):
+    """tracked where the card names none (adapters trained before the choice)."""
+    from SAMFineTuneLib import crossing
 
-    config = TrainConfig(dataset=str(tmp_path), output=str(tmp_path / "out"))
-    kept, last = {"epoch": 2, "dice": 0.8, "lora": "kept"}, {"lora": "last"}
-    history = [{"epoch": 1, "val_dice": 0.7}, {"epoch": 2, "val_dice": 0.8}, {"epoch": 3, "val_dice": 0.78}]
-    assert epoch_choice.candidates(history, kept, last, 0.6, config) == [kept, {"lora": "last", "epoch": 3,
-                                                                             "dice": 0.78}]
-    assert epoch_choice.candidates(history[:2], kept, last, 0.6, config) == [kept]  # the last is the one kept
-    assert epoch_choice.candidates(history, kept, last, 0.78, config) == [kept]  # the last does not beat the base
-    choice = {"min_margin_px": 3, "dice": {"2": 0.9, "3": 0.7}}
-    assert epoch_choice.tracked_dice(choice) == 0.7
-    lower = {"min_margin_px": 3, "dice": {"3": 0.695}}
-    # the later is kept within 0.01 of the earlier, as the validation Dice keeps epochs
-    assert epoch_choice.better_tracker([choice, lower], 0.01) == 1
-    assert epoch_choice.better_tracker([choice, lower], 0.0) == 0
-    assert epoch_choice.better_tracker([lower, choice], 0.0) == 1
-    assert epoch_choice.better_tracker([None, None], 0.01) == 0
+    peft_decoder, prompt_encoder, card = adapters.load_adapter(litemedsam, adapted["output"])
+    card["inference"].pop("box_mode", None)
+    if named:
+        card["inference"]["box_mode"] = named
+    folder = adapters.save_adapter(str(tmp_path / "adapter"), peft_decoder, card, prompt_encoder)
+    modes = []
+    for module, name, mode in ((crossing, "crossed_mode", "crossed"), (tracking, "tracked_mode", "tracked")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *args, _real=real, _mode=mode: modes.append(_mode) or _real(*args))
+    image, _ = load_case(read_dataset(volumes).case("phantom100"))
+    segmenter = Segmenter(litemedsam)
+    segmenter.set_adapter(folder)
+    try:
+        segmenter.segment(image, (10, 10, 0, 50, 50, 5))
+    finally:
+        segmenter.set_adapter(None)
+    segmenter.segment(image, (10, 10, 0, 50, 50, 5))
+    assert modes == [named or "tracked", "crossed"]
 
 
-def test_the_epochs_after_the_first_are_not_weighed_when_there_is_nothing_to_track():
-    from SAMFineTuneLib.training import epoch_choice
-
-    asked = []
-
-    def track(weights):
-        asked.append(weights["epoch"])
-        return None if weights.get("flat") else {"min_margin_px": 2, "dice": {"2": weights["tracks"]}}
-
-    weighed = [{"epoch": 3, "tracks": 0.70}, {"epoch": 6, "tracks": 0.78}]
-    assert epoch_choice.weigh(weighed, track, 0.01) == (1, [{"min_margin_px": 2, "dice": {"2": 0.70}},
-                                                             {"min_margin_px": 2, "dice": {"2": 0.78}}])
-    assert asked == [3, 6]
-    asked.clear()
-    assert epoch_choice.weigh([dict(w, flat=True) for w in weighed], track, 0.01) == (0, [None])
-    assert asked == [3]  # a 2D run's last epoch is not segmented again for nothing
+@pytest.mark.parametrize("named", ["fixed", "auto", 3])
+def test_a_card_naming_a_box_mode_training_does_not_choose_is_refused_and_the_adapter_in_use_stays(
+        litemedsam, adapted, tmp_path, named):
+    peft_decoder, prompt_encoder, card = adapters.load_adapter(litemedsam, adapted["output"])
+    card["inference"]["box_mode"] = named
+    folder = adapters.save_adapter(str(tmp_path / "adapter"), peft_decoder, card, prompt_encoder)
+    segmenter = Segmenter(litemedsam)
+    segmenter.set_adapter(adapted["output"])
+    with pytest.raises(ValueError, match=f"adapter {folder}: its model card sets box mode {named!r}"):
+        segmenter.set_adapter(folder)
+    assert segmenter.adapter == adapted["output"]
+    segmenter.set_adapter(None)

@@ -60,8 +60,8 @@ def trackingSummary(card):
                  else "")
     smoothMm = chosen.get("smooth_mm", 0)
     smooths = " Its result is smoothed in 3D by %g mm." % smoothMm if smoothMm > 0 else ""
-    return "It tracks with a %d px margin and seeds by %s%s.%s%s%s%s" % (chosen["min_margin_px"], seed, fallsBack,
-                                                                      redecodes, smooths, measured, epochChoice(card))
+    return "It tracks with a %d px margin and seeds by %s%s.%s%s%s%s%s" % (
+        chosen["min_margin_px"], seed, fallsBack, redecodes, smooths, measured, epochChoice(card), boxModeChoice(card))
 
 
 def epochChoice(card):
@@ -74,6 +74,18 @@ def epochChoice(card):
     return (" Epoch %d is kept, not epoch %d (best Dice with reference boxes): from one ROI it scored %.3f"
             " against %.3f." % (record["kept"], record["by_validation_dice"], tracked[str(record["kept"])],
                                 tracked[str(record["by_validation_dice"])]))
+
+
+def boxModeChoice(card):
+    """Which box mode "auto" runs with the adapter (``training.box_mode_choice``), with the 3D Dice
+    of both from one ROI on the validation cases; empty where its card chose none."""
+    choice = (card or {}).get("tracking_choice") or {}
+    if "dice_crossed" not in choice:
+        return ""
+    mode = card["inference"]["box_mode"]
+    other = "tracked" if mode == "crossed" else "crossed"
+    return " Box mode auto runs %s boxes with it (3D Dice %.3f from one ROI, %s %.3f)." % (
+        mode, choice["dice_" + mode], other, choice["dice_" + other])
 
 
 def roiBoxAroundLabel(label, axis, margin=ROI_MARGIN):

@@ -3,7 +3,8 @@
 The epoch the validation Dice kept, the mean of the last epochs' weights (``average_last``), the
 last epoch when it tracks the validation cases better from one ROI (``epoch_choice``), and, when
 the adapter kept would lower a validation case too far (``harm_check``), the other epoch weighed
-if it would not, else the base model.
+if it would not, else the base model; and the box mode the adapter kept runs by default
+(``box_mode_choice``).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from .card import per_case_scores
 from .optimisation import keeps_epoch
 from .samples import cache_dir_for
 from .state import load_weights, mean_state
+from .box_mode_choice import choice_text as box_mode_text, choose_box_mode
 from .tracking_choice import choice_text, choose_tracking
 
 
@@ -105,9 +107,20 @@ class KeptAdapter:
         """``tracking_choice.choose_tracking`` for the adapter holding ``weights`` (its progress
         messages name the epoch, since two may be weighed)."""
         epoch, progress = weights["epoch"], self.progress
-        load_weights(self.peft_decoder, self.prompt_encoder, weights, f"epoch {epoch}")
-        decoder = copy.deepcopy(self.peft_decoder).merge_and_unload().eval()
         named = None if progress is None else (lambda done, total, text: progress(done, total,
                                                                                   f"epoch {epoch}: {text}"))
-        return choose_tracking(self.model, decoder, self.prompt_encoder, self.info, self.val_ids, self.config,
-                               cache_dir_for(self.info.root), named, self.cancel)
+        return choose_tracking(self.model, self._merged(weights), self.prompt_encoder, self.info, self.val_ids,
+                               self.config, cache_dir_for(self.info.root), named, self.cancel)
+
+    def _box_mode_choice(self, weights: Dict[str, Any], choice: Dict[str, Any]) -> Dict[str, Any]:
+        """``box_mode_choice.choose_box_mode`` for the adapter holding ``weights``, tracked as
+        ``choice`` (its tracking choice) says; the training log names the mode chosen."""
+        choice = choose_box_mode(self.model, self._merged(weights), self.prompt_encoder, self.info, self.val_ids,
+                                 self.config, choice, cache_dir_for(self.info.root), self.progress, self.cancel)
+        self.say(box_mode_text(choice))
+        return choice
+
+    def _merged(self, weights: Dict[str, Any]):
+        """A copy of the decoder with ``weights`` loaded and merged in (they stay loaded)."""
+        load_weights(self.peft_decoder, self.prompt_encoder, weights, f"epoch {weights['epoch']}")
+        return copy.deepcopy(self.peft_decoder).merge_and_unload().eval()

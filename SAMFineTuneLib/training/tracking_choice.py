@@ -43,7 +43,7 @@ def choose_tracking(model, decoder, prompt_encoder, info, cases: List[str], conf
     from ..models import decoding_with
     from ..segmenter import Segmenter
 
-    structures = [found for case in cases for found in _structures(info.case(case), config)]
+    structures = [found for case in cases for found in tracked_structures(info.case(case), config)]
     if not structures:
         return None
     # An adapter trained on loose ROIs answers the ROI with the structure (tracking.TrackingOptions).
@@ -113,7 +113,7 @@ def card_tracking(choice: Dict[str, Any]) -> Dict[str, Any]:
     return {key: choice[key] for key in CHOSEN_OPTIONS}
 
 
-def _structures(entry, config):
+def tracked_structures(entry, config):
     """(image, mask, axis) of each chosen label of a case that spans at least 3 slices along the
     axis the case is sliced along."""
     from ..dataset import load_case

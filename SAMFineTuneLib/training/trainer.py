@@ -329,7 +329,7 @@ class Trainer(KeptAdapter):
 
     def finish(self) -> Dict[str, Any]:
         """Back to the kept epoch's adapter (``kept_adapter``); its scores (per validation case, base
-        and adapted), its tracking choice and the run's statistics in the card, which is written
+        and adapted), its tracking and box-mode choices and the run's statistics in the card, which is written
         with the adapter (rank 0) and returned; where the adapter would lower a validation case too
         far (``harm_check``), the other epoch weighed if it would not, else the base model."""
         last = self._weights()
@@ -348,8 +348,12 @@ class Trainer(KeptAdapter):
             card["scores"] = self._scores()
             best, card, choice = self._unless_harmful(best, card, choice, stats, others)
         if choice is not None:
+            choice = self._box_mode_choice(best, choice)
             card["inference"]["tracking"] = card_tracking(choice)
+            card["inference"]["box_mode"] = choice["box_mode"]
             card["tracking_choice"] = choice
+        elif best["epoch"] == 0:  # the base model's weights: "auto" runs what it runs for the base model
+            card["inference"]["box_mode"] = "crossed"
         if self.main_rank:
             write_output(config.output, self.lock, self.peft_decoder, self.prompt_encoder, best, card,
                          self.resume_saved)

@@ -6,8 +6,8 @@ r"""Correcting with clicks, measured the way interactive-segmentation papers do 
 
 For each structure of each 3D case (images/, masks/, labels.json as in ../shared/data; without
 --dataset the built-in CT phantom) one ROI is drawn 3 voxels loose (1 slice along the axis) and
-segmented in ``--box-mode`` (default: the Segmenter's, crossed boxes for the base model and
-tracked boxes with an adapter). Then, on up to --slices slices spread over those where the
+segmented in ``--box-mode`` (default: the Segmenter's, crossed boxes for the base model, and with
+an adapter the box mode its card names). Then, on up to --slices slices spread over those where the
 structure is present (with ``--min-area``, only those where it covers that fraction of its
 largest slice: a one-pixel end scores all or nothing), a simulated user clicks
 (``refinement.simulated_click``: the centre of the largest error region, positive where missed,

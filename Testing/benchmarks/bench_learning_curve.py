@@ -6,7 +6,7 @@ For each training-set size N and each of several random draws, train an adapter 
 - "box": every slice holding the structure prompted with its reference box;
 - "ROI": each structure segmented from one 3D ROI, its reference box grown by ``--roi-margin``
   voxels on every side, through the Segmenter's default box mode (``evaluate.score_from_roi``):
-  crossed boxes for the base model, tracked boxes for an adapter, as a user gets them.
+  crossed boxes for the base model, an adapter's own box mode (its card), as a user gets them.
 
 Validation (early stopping, the card's scores) uses ``--val`` fixed pool cases that no draw
 trains on; the test cases are never seen in training or selection. Every slice is encoded once
