@@ -75,6 +75,12 @@ class SegmenterCache:
             return None
         return self.segmenter.model
 
+    def forget_adapter(self) -> None:
+        """The loaded segmenter back to its base model (a no-op without an adapter)."""
+        if self.adapter is not None:
+            self.segmenter.set_adapter(None)
+            self.adapter = None
+
     def clear(self) -> None:
         """Forget the loaded segmenter (its model and embeddings are freed with it)."""
         self.segmenter, self.key, self.adapter = None, None, None

@@ -70,6 +70,23 @@ def test_the_adapter_is_swapped_in_place_and_training_reuses_only_a_bare_model(c
     assert cache.loaded_model("litemedsam", None, "cuda") is None
 
 
+def test_a_server_hands_the_next_client_the_warm_model_without_the_last_ones_adapter_or_embeddings(cache, tmp_path):
+    from SAMFineTuneLib.worker.core import WorkerCore
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    core = WorkerCore()
+    core.segmenters = cache
+    segmenter = cache.get("litemedsam", device="cpu", adapter=str(adapter))
+    segmenter.cache = type("Cache", (), {"cleared": 0, "clear": lambda self: setattr(self, "cleared", 1)})()
+    assert core.info()["adapter"] == str(adapter)
+    core.forget_client()  # the server does this when a client leaves
+    assert core.info()["adapter"] is None and segmenter.adapters == [str(adapter), None]
+    assert segmenter.cache.cleared and cache.segmenter is segmenter  # the model stays warm
+    core.forget_client()
+    assert segmenter.adapters == [str(adapter), None]  # nothing to swap back a second time
+
+
 def test_missing_files_are_named_before_anything_loads(cache, tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint file not found: .*nope.pth"):
         cache.get("sam_vit_b", checkpoint=str(tmp_path / "nope.pth"))

@@ -171,12 +171,14 @@ class WorkerCore:
             if next(module.children(), None) is not None:
                 module.register_forward_pre_hook(check)
 
-    def forget_embeddings(self) -> None:
-        """Drop the embedding cache (the model stays warm): what one client's volumes left in it
-        must not answer the next client's questions, not even by speed."""
+    def forget_client(self) -> None:
+        """Drop what one client left in the warm segmenter (the model stays warm): its volumes'
+        embeddings must not answer the next client's questions, not even by speed, nor ``info``
+        name the next client its adapter."""
         segmenter = self.segmenters.segmenter
         if segmenter is not None:
             segmenter.cache.clear()
+        self.segmenters.forget_adapter()
 
     def info(self) -> Dict[str, Any]:
         key = self.segmenters.key

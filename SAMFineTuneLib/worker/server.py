@@ -237,7 +237,7 @@ class Server:
         if session.stop_server:
             self.stop.set()
         session.wait_for_job()
-        self.core.forget_embeddings()
+        self.core.forget_client()
         self.busy.release()
 
 
