@@ -53,5 +53,6 @@ def segment_main(args: argparse.Namespace) -> int:
     )
     write_volume(volume.with_array(result.mask), args.output)
     print(json.dumps({"output": os.path.abspath(args.output), "voxels": int(result.mask.sum()),
-                      "slices": result.slices, **{k: round(v, 3) for k, v in result.stats.items()}}))
+                      "slices": result.slices,
+                      **{k: round(v, 3) if isinstance(v, float) else v for k, v in result.stats.items()}}))
     return 0

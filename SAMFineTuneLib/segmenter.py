@@ -210,7 +210,12 @@ class Segmenter:
         the slices it decoded and kept."""
         slices, box2d = imaging.box_to_slices(box, axis)
         job = self._job(self._source(volume, axis, window, box, zoom), *job_args)
-        tracked = partial(tracking.tracked_mode, job, list(slices), box2d, self.tracking_in_use)
+        job.counter["box_mode"] = box_mode  # the result's stats say what ran
+
+        def tracked() -> Dict[int, np.ndarray]:
+            job.counter["box_mode"] = "tracked"  # also where crossed boxes fall back to tracking
+            return tracking.tracked_mode(job, list(slices), box2d, self.tracking_in_use)
+
         if box_mode == "crossed":
             masks = crossing.crossed_mode(job, partial(self._decode_planes, volume, window, box, zoom, job_args),
                                           box, axis, tracked)
@@ -375,6 +380,7 @@ class Segmenter:
         stats = {"encoded": counter["encoded"], "cache_hits": counter["cache_hits"],
                  "slices": len(imaging.box_to_slices(box, axis)[0]), "segmented_slices": len(kept),
                  "seconds": time.perf_counter() - started}
-        if "fixed_fallback" in counter:
-            stats["fixed_fallback"] = bool(counter["fixed_fallback"])
+        for name in ("fixed_fallback", "box_mode"):
+            if name in counter:
+                stats[name] = counter[name]
         return SegmentationResult(out, kept, stats)

@@ -39,6 +39,7 @@ def test_segment_writes_a_mask_with_the_volume_geometry(small_ct, tmp_path):
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["voxels"] > 0 and "encoding slice" in done.stderr  # progress bar on stderr
+    assert summary["box_mode"] == "crossed"  # what the default ran for the base model
     mask, source = read_volume(out), read_volume(path)
     assert mask.array.shape == source.array.shape
     np.testing.assert_allclose(mask.spacing, source.spacing)

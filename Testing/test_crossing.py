@@ -77,6 +77,7 @@ def test_crossed_mode_tracks_a_structure_that_no_plane_crosses():
     crossed = Segmenter(OracleModel()).segment(ct, roi, window=WINDOW, box_mode="crossed", spacing=(1, 1, 1))
     tracked = Segmenter(OracleModel()).segment(ct, roi, window=WINDOW, box_mode="tracked", spacing=(1, 1, 1))
     assert crossed.mask.any() and np.array_equal(crossed.mask, tracked.mask)
+    assert crossed.stats["box_mode"] == "tracked"  # the result says what ran
 
 
 def test_the_auto_box_mode_crosses_for_the_base_model():
@@ -86,7 +87,8 @@ def test_the_auto_box_mode_crosses_for_the_base_model():
                for mode in ("crossed", "tracked")}
     assert not np.array_equal(results["crossed"], results["tracked"])
     segmenter = Segmenter(OracleModel())
-    assert np.array_equal(segmenter.segment(ct, roi, window=WINDOW).mask, results["crossed"])
+    auto = segmenter.segment(ct, roi, window=WINDOW)
+    assert np.array_equal(auto.mask, results["crossed"]) and auto.stats["box_mode"] == "crossed"
 
 
 def test_a_box_nudged_by_a_few_voxels_crosses_at_the_same_planes():

@@ -141,6 +141,8 @@ def test_the_message_says_when_tracking_fell_back_to_the_roi_on_every_slice(scen
     assert kept.message == plain.message
     lost = SAMFineTuneCoreLogic(inProcess=FakeEngine(stats={"fixed_fallback": True})).segment(volume, roi)
     assert lost.message.startswith(plain.message) and "tracking lost the structure" in lost.message
+    crossed = SAMFineTuneCoreLogic(inProcess=FakeEngine(stats={"box_mode": "crossed"})).segment(volume, roi)
+    assert crossed.message == plain.message + " (crossed boxes)"  # what "auto" ran
 
 
 def test_options_are_checked_before_anything_runs(scene):

@@ -296,11 +296,12 @@ def test_auto_runs_the_box_mode_the_adapters_card_names(litemedsam, volumes, ada
     segmenter = Segmenter(litemedsam)
     segmenter.set_adapter(folder)
     try:
-        segmenter.segment(image, (10, 10, 0, 50, 50, 5))
+        adapted = segmenter.segment(image, (10, 10, 0, 50, 50, 5))
     finally:
         segmenter.set_adapter(None)
-    segmenter.segment(image, (10, 10, 0, 50, 50, 5))
+    base = segmenter.segment(image, (10, 10, 0, 50, 50, 5))
     assert modes == [named or "tracked", "crossed"]
+    assert (adapted.stats["box_mode"], base.stats["box_mode"]) == (named or "tracked", "crossed")  # what ran
 
 
 @pytest.mark.parametrize("named", ["fixed", "auto", 3])

@@ -162,6 +162,8 @@ class SegmentTask(Task):
     def message(self):
         if self.state == "done" and not self._outcome:
             done = "done: %d voxels in '%s'" % (self.stats.get("voxels", 0), self.segmentName())
+            if self.stats.get("box_mode"):  # what ran: "auto" depends on the adapter, crossed may fall back
+                done += " (%s boxes)" % self.stats["box_mode"]
             if self.stats.get("fixed_fallback"):
                 # The user should check this one: tracking followed something else (TrackingOptions.fixed_fallback).
                 done += " (tracking lost the structure, so this is the adapter's answer to the ROI on every slice)"
