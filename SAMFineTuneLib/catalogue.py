@@ -66,9 +66,9 @@ AXES: Dict[str, int] = {"axial": 0, "coronal": 1, "sagittal": 2}
 
 #: How one ROI prompts each slice. "auto" is crossed boxes for the base model, which scored highest
 #: on the 3D accuracy benchmark at every ROI margin, and with an adapter the mode its training chose
-#: on its validation cases (``training.box_mode_choice``): tracked boxes scored higher with the
-#: hippocampus adapters of 10 cases, crossed boxes (their planes decoded by the base model) with one
-#: of 1 case (docs/accuracy.md).
+#: on its validation cases (``training.box_mode_choice``): crossed boxes (their planes decoded by the
+#: base model) scored higher with hippocampus adapters of 1 case, about as tracked boxes with those
+#: of 5 and 10 (docs/accuracy.md).
 BOX_MODES: Dict[str, str] = {
     "auto": "auto (crossed; with an adapter, the one its training chose)",
     "tracked": "tracked (box follows the structure)",

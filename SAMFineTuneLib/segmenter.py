@@ -218,7 +218,7 @@ class Segmenter:
 
         if box_mode == "crossed":
             masks = crossing.crossed_mode(job, partial(self._decode_planes, volume, window, box, zoom, job_args),
-                                          box, axis, tracked)
+                                          box, axis, tracked, self.tracking_in_use.own_box_px)
         else:
             masks = tracked() if box_mode == "tracked" else job.decode_boxes({i: box2d for i in slices}, box2d)
         return imaging.stacked_slices(volume.array.shape, axis, masks), sorted(masks)

@@ -2,10 +2,10 @@
 
 For the base model "auto" runs crossed boxes (``crossing``), which beat tracked boxes on the 3D
 accuracy benchmark. An adapter learns the slices of its own axis: with the planes decoded by the
-base model and the slices by the adapter, crossed boxes scored below the adapter's own tracking
-with the hippocampus adapters of 10 cases (0.79-0.81 against 0.81-0.82) and above it with one of
-1 case (0.627 against 0.594), and each adapter's validation cases ranked the two modes as its test
-cases did (docs/accuracy.md). So once the tracking options are chosen
+base model and the slices by the adapter, crossed boxes scored about as the adapter's own tracking
+with the hippocampus adapters of 5 and 10 cases (-0.011 to +0.006), above it with those of 1 case
+(+0.012 to +0.063), and the validation cases ranked the two modes as the test cases did wherever
+they differed by more than 0.006 (docs/accuracy.md). So once the tracking options are chosen
 (``tracking_choice.choose_tracking``), the validation cases are segmented once more with crossed
 boxes, as a user would get them (the chosen smoothing, the planes by the base model), and crossed
 boxes are kept only where they score higher; the card carries the choice (``inference.box_mode``),
