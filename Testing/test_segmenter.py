@@ -234,8 +234,6 @@ def test_each_kept_slice_is_decoded_again_with_its_own_box_when_asked():
     """``own_box_px``: after tracking, each non-empty slice is decoded once more with its own mask's
     box grown by that many pixels inside the ROI, so what tracking's box (the neighbour's) cut off
     comes back; 0 decodes nothing more."""
-    from dataclasses import replace
-
     from SAMFineTuneLib import tracking
 
     square = np.zeros((8, 8), bool)
@@ -246,18 +244,28 @@ def test_each_kept_slice_is_decoded_again_with_its_own_box_when_asked():
     roi = bounding_box(label.array, (2, 2, 0))
     # Seeded near an end with no margin, tracking never lets a mask grow past the seed's box.
     cut = tracking.TrackingOptions(margin=0.0, min_margin_px=0, seed_candidates=1, seed_span=(0.2, 0.2))
+    results = with_and_without_own_boxes(ct, roi, "tracked", cut)
+    assert dice(results[0].mask, label.array) < 0.98 and dice(results[2].mask, label.array) > 0.99
+
+
+def with_and_without_own_boxes(ct, roi, box_mode, options):
+    """{own_box_px: result} of the oracle model's runs with ``options`` and own_box_px 0 and 2,
+    checked to differ by one more decode per kept slice, the larger boxes' masks holding the
+    smaller's (the oracle's answer to a larger box holds its answer to a smaller one)."""
+    from dataclasses import replace
+
     results, decoded = {}, {}
     for px in (0, 2):
         model = OracleModel()
-        segmenter = Segmenter(model, tracking=replace(cut, own_box_px=px))
-        results[px] = segmenter.segment(ct, roi, window=WINDOW, box_mode="tracked", keep_largest=False,
+        segmenter = Segmenter(model, tracking=replace(options, own_box_px=px))
+        results[px] = segmenter.segment(ct, roi, window=WINDOW, box_mode=box_mode, keep_largest=False,
                                         fill_holes=False)
         decoded[px] = sum(entry[0] for entry in model.decode_log)
     kept = [k for k in results[0].slices if results[0].mask[k].any()]
     assert len(kept) >= 6 and results[2].slices == results[0].slices
     assert decoded[2] - decoded[0] == len(kept)  # one more decode per kept slice
-    assert dice(results[0].mask, label.array) < 0.98 and dice(results[2].mask, label.array) > 0.99
-    assert (results[2].mask >= results[0].mask).all()  # the oracle's answer to a larger box holds the smaller's
+    assert (results[2].mask >= results[0].mask).all()
+    return results
 
 
 @pytest.mark.parametrize("axis", ["axial", "coronal"])
