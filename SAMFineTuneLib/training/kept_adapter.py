@@ -12,11 +12,11 @@ import copy
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from . import epoch_choice, harm_check
+from .box_mode_choice import choice_text as box_mode_text, choose_box_mode
 from .card import per_case_scores
 from .optimisation import keeps_epoch
 from .samples import cache_dir_for
 from .state import load_weights, mean_state
-from .box_mode_choice import choice_text as box_mode_text, choose_box_mode
 from .tracking_choice import choice_text, choose_tracking
 
 
