@@ -232,7 +232,7 @@ def test_validation_and_roi_scores_segment_each_case_along_the_axis_it_was_segme
     assert asked == ["sagittal", "sagittal"]
 
 
-def test_crossed_boxes_are_weighed_as_a_user_of_the_adapter_gets_them(litemedsam, volumes, adapted, monkeypatch):
+def test_crossed_boxes_are_weighed_as_a_user_of_the_adapter_gets_them(litemedsam, volumes, adapted):
     """The box-mode choice scores crossed boxes as the Segmenter gives them with the adapter in
     place (planes decoded by the base model, slices by the adapter, smoothed as its card says),
     keeps them only where they beat the chosen tracking, and leaves the model as it was, also on a
