@@ -56,10 +56,14 @@ WINDOW_PRESETS: Dict[str, Tuple[float, float]] = {
 }
 #: Every window name the engine takes (besides "W/L" numbers such as "400/40"), with its label.
 WINDOWS: Dict[str, str] = {
-    "auto": "auto (abdomen on CT, percentiles otherwise)",
+    "auto": "auto (abdomen on CT; otherwise around the ROI, or as an adapter learned)",
     **{name: name for name in WINDOW_PRESETS},
-    "percentile": "percentile (0.5-99.5%, MRI)",
+    "percentile": "percentile (0.5-99.5% of the volume, MRI)",
+    "roi": "around the ROI (0.5-99.5% of its neighbourhood, MRI)",
 }
+#: How far the "roi" window's neighbourhood reaches past the ROI on each side, as a share of its
+#: extent (rounded to a power of two voxels, ``windows.roi_neighbourhood``).
+ROI_WINDOW_CONTEXT = 0.5
 
 #: Slicing axis -> the array axis of a KJI volume it steps along.
 AXES: Dict[str, int] = {"axial": 0, "coronal": 1, "sagittal": 2}

@@ -11,7 +11,8 @@ import re
 from .catalogue import (AXES, BACKENDS, BOX_MODES, DEFAULT_MODEL, DEVICES, ENGINE_DEFAULTS, MODEL_SPECS, PRECISIONS,
                         PROMPT_OPTIONS, SEGMENT_DEFAULTS, WINDOWS)
 
-WINDOW_HELP = ("intensity window: auto (abdomen on CT, 0.5-99.5 percentiles otherwise), "
+WINDOW_HELP = ("intensity window: auto (abdomen on CT; otherwise the 0.5-99.5 percentiles around the ROI for the base "
+               "model, of the volume for an adapter and in training), "
                f"{', '.join(w for w in WINDOWS if w != 'auto')}, or width/level such as 400/40")
 _CUDA_INDEX = re.compile(r"^cuda:\d+$")
 

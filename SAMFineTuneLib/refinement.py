@@ -20,8 +20,10 @@ from torch.nn import functional as F
 
 from . import imaging
 from .imaging import SliceGeometry
+from .input_checks import validate_box
 from .models import EMBED_SIZE, LOW_RES_PER_TOKEN
 from .tracking import next_box
+from .volume_io import as_volume
 
 #: A click: (x = column, y = row) in slice pixels, and whether it marks the structure (positive).
 Point = Tuple[float, float, bool]
@@ -217,11 +219,18 @@ def _prompts(segmenter, embedding, points, box, previous, start_mask, geometry):
 
 def refine_slice(segmenter, volume, axis: str, index: int, points: Sequence, box: Optional[Sequence] = None,
                  previous: Optional[Refined] = None, start_mask: Optional[np.ndarray] = None,
-                 window: str = "auto", spacing: Optional[Sequence[float]] = None) -> Refined:
+                 window: str = "auto", spacing: Optional[Sequence[float]] = None,
+                 roi: Optional[Sequence[int]] = None) -> Refined:
     """Refine slice ``index`` along ``axis`` from ``points`` (all of this slice's clicks so far) and
     an optional ``box``, starting from ``previous`` (the last result on this slice) or else from
-    ``start_mask`` (what the segment holds there)."""
-    embedding, geometry = segmenter.slice_embedding(volume, axis, index, window, spacing)
+    ``start_mask`` (what the segment holds there); ``roi``: the 3D box that segment came from, so
+    that the slice is windowed as it was segmented (``Segmenter.slice_embedding``)."""
+    if roi is not None:
+        try:
+            roi = validate_box(roi, as_volume(volume, spacing).array.shape)
+        except ValueError as exc:
+            raise ValueError(f"roi: {exc}") from None
+    embedding, geometry = segmenter.slice_embedding(volume, axis, index, window, spacing, roi)
     points = check_points(points, geometry.shape)
     box = check_box2d(box, geometry.shape)
     if not points and box is None:

@@ -24,6 +24,7 @@ from .models import SamModel, decoding_with, load_model
 from .progress import CancelFn, Cancelled, ProgressFn, check_cancel, report
 from .tracking import TrackingOptions
 from .volume_io import Volume, as_volume
+from .windows import roi_window
 from .zoom import SliceSource
 
 __all__ = ["Segmenter", "SegmentationResult", "TrackingOptions", "Cancelled", "BOX_MODES", "validate_volume",
@@ -183,17 +184,25 @@ class Segmenter:
     # ------------------------------------------------------------ box modes
 
     def slice_embedding(self, volume, axis: str, index: int, window: str = "auto",
-                        spacing: Optional[Sequence[float]] = None) -> Tuple[torch.Tensor, SliceGeometry]:
+                        spacing: Optional[Sequence[float]] = None,
+                        roi: Optional[Sequence[int]] = None) -> Tuple[torch.Tensor, SliceGeometry]:
         """One slice's embedding (cached, on the cache's device) and how the slice maps onto the
-        model's input, for decoding prompts of one's own (``refinement``)."""
+        model's input, for decoding prompts of one's own (``refinement``); windowed as ``segment``
+        windows the 3D ``roi`` the slice's segment came from, where one is given."""
         volume = as_volume(volume, spacing)
         validate_volume(volume)
         count = volume.array.shape[imaging.axis_index(axis)]
         if not 0 <= int(index) < count:
             raise ValueError(f"slice {index} is outside the volume's {count} {axis} slices")
-        source = SliceSource(volume, axis, window, self.model)
+        roi = None if roi is None else validate_box(roi, volume.array.shape)
+        source = SliceSource(volume, axis, self._window_around(volume, window, roi), self.model, roi=roi)
         counter = {"done": 0, "total": 1, "cache_hits": 0, "encoded": 0}
         return self._embed(source, [int(index)], None, None, counter)[int(index)], source.geometry
+
+    def _window_around(self, volume: Volume, window: str, roi: Optional[Sequence[int]]) -> str:
+        """The window a job inside the 3D ``roi`` runs for ``window`` (``windows.roi_window``)."""
+        base = self.model.mask_decoder is self._base_decoder
+        return window if roi is None else roi_window(volume.array, window, base_model=base)
 
     def _job(self, source: SliceSource, multimask: bool, progress, cancel, total: int,
              counter: Optional[Dict[str, float]] = None) -> SliceJob:
@@ -202,7 +211,8 @@ class Segmenter:
 
     def _source(self, volume: Volume, axis: str, window: str, box, zoom: bool) -> SliceSource:
         """The slices along ``axis``, cropped around the 3D ``box`` when ``zoom``."""
-        return SliceSource(volume, axis, window, self.model, imaging.box_to_slices(box, axis)[1] if zoom else None)
+        return SliceSource(volume, axis, window, self.model, imaging.box_to_slices(box, axis)[1] if zoom else None,
+                           roi=box)
 
     def _segment_along(self, volume: Volume, box, axis: str, window: str, box_mode: str, zoom: bool,
                        job_args: tuple) -> Tuple[np.ndarray, List[int]]:
@@ -267,7 +277,8 @@ class Segmenter:
     ) -> SegmentationResult:
         """Segment the structure inside a 3D voxel box, slice by slice along ``axis``, each slice prompted
         as ``box_mode`` says (``catalogue.BOX_MODES``; "auto": crossed, or with an adapter the mode
-        its card names, tracked where it names none).
+        its card names, tracked where it names none). ``window``: "auto" runs as ``windows.roi_window`` says
+        (so do ``segment_boxes``, ``propagate`` inside its box, and ``slice_embedding`` given a ROI).
 
         ``zoom``: encode a crop around the box on each slice instead of the whole slice (``zoom.py``),
         so a small structure on a large slice reaches the encoder larger. ``triplanar``: segment
@@ -278,6 +289,7 @@ class Segmenter:
         box = validate_box(box, volume.array.shape)
         check_box_mode(box_mode)
         mode = self._auto_box_mode if box_mode == "auto" else box_mode
+        window = self._window_around(volume, window, box)
         axes = list(AXES) if triplanar else [axis]
         counts = [len(imaging.box_to_slices(box, along)[0]) for along in axes]
         counter = {"done": 0, "total": sum(counts), "cache_hits": 0, "encoded": 0}
@@ -307,7 +319,7 @@ class Segmenter:
         """Segment with a 2D box (x0, y0, x1, y1, inclusive slice pixels) of one's own on each slice
         {index: box} along ``axis``: boxes from another tool, or a reference's own boxes, which
         bound what one ROI can reach (the benchmark's "oracle"). Masks are clipped to the 3D box
-        around all the boxes, as ``segment`` clips to its ROI."""
+        around all the boxes, and windowed around it, as ``segment`` clips to and windows its ROI."""
         started = time.perf_counter()
         volume, multimask = self._prepare(volume, spacing, axis, multimask)
         if not boxes:
@@ -316,7 +328,8 @@ class Segmenter:
         lo, hi = corners[:, :2].min(axis=0), corners[:, 2:].max(axis=0)
         box = imaging.slices_to_box(min(boxes), max(boxes), (lo[0], lo[1], hi[0], hi[1]), axis)
         box = validate_box(box, volume.array.shape)
-        job = self._job(SliceSource(volume, axis, window, self.model), multimask, progress, cancel, len(boxes))
+        source = SliceSource(volume, axis, self._window_around(volume, window, box), self.model, roi=box)
+        job = self._job(source, multimask, progress, cancel, len(boxes))
         clip = imaging.box_to_slices(box, axis)[1]
         masks = job.decode_boxes({int(i): tuple(int(v) for v in b) for i, b in sorted(boxes.items())}, clip)
         return self._result(volume, axis, box, imaging.stacked_slices(volume.array.shape, axis, masks),
@@ -348,8 +361,8 @@ class Segmenter:
         """
         started = time.perf_counter()
         volume, multimask = self._prepare(volume, spacing, axis, multimask)
-        source = SliceSource(volume, axis, window, self.model)
         box = None if box is None else validate_box(box, volume.array.shape)
+        source = SliceSource(volume, axis, self._window_around(volume, window, box), self.model, roi=box)
         first, last, roi = propagation.limits(box, axis, index, first, last,
                                               volume.array.shape[imaging.axis_index(axis)], source.geometry.shape)
         mask = propagation.start_mask(mask, source.geometry.shape, axis, roi)

@@ -61,12 +61,14 @@ class SliceSource:
     """The windowed model inputs of one volume along one axis, whole slices or one crop of each,
     keyed for the embedding cache by what the encoder sees."""
 
-    def __init__(self, volume, axis: str, window: str, model, zoom_roi: Optional[Sequence[int]] = None):
-        """``zoom_roi``: a 2D box (x0, y0, x1, y1) to encode a crop around (``crop_region``)."""
+    def __init__(self, volume, axis: str, window: str, model, zoom_roi: Optional[Sequence[int]] = None,
+                 roi: Optional[Sequence[int]] = None):
+        """``zoom_roi``: a 2D box (x0, y0, x1, y1) to encode a crop around (``crop_region``);
+        ``roi``: the 3D box whose neighbourhood the "roi" window reads."""
         self.volume = volume
         self.axis = axis
         self.model = model
-        self.low, self.high = windows.window_range(volume.array, window)
+        self.low, self.high = windows.window_range(volume.array, window, roi)
         rows, cols = [s for n, s in enumerate(volume.array.shape) if n != imaging.axis_index(axis)]
         spacing = imaging.slice_pixel_spacing(volume.spacing, axis)
         self.shape = (rows, cols)

@@ -340,6 +340,8 @@ def test_options_prompt_encoder_points_focal_and_iou_loss(litemedsam, phantom_da
               model=litemedsam)
     with pytest.raises(ValueError, match="unknown loss"):
         train(TrainConfig(dataset=phantom_dataset, output=str(tmp_path / "x"), loss="mse"), model=litemedsam)
+    with pytest.raises(ValueError, match="window 'roi' follows each ROI.*train with 'auto'"):
+        train(TrainConfig(dataset=phantom_dataset, output=str(tmp_path / "x"), window=" ROI"), model=litemedsam)
     for bad in ("wide", "full", -1, 2.5, True):
         with pytest.raises(ValueError, match=f"window_margin must be .*got {bad!r}"):
             train(TrainConfig(dataset=phantom_dataset, output=str(tmp_path / "x"), window_margin=bad),

@@ -48,6 +48,54 @@ def test_two_names_for_one_window_are_one_setting():
         windows.window_setting(mri, "soft")
 
 
+def mr_with_bright_fat():
+    """An MR-like volume (no air at -1000): a textured structure in the middle, and bright fat in
+    one corner far from it that the volume's percentiles take in and a window around it must not."""
+    rng = np.random.default_rng(1)
+    mri = rng.normal(300.0, 20.0, size=(30, 64, 64))
+    mri[12:18, 26:38, 26:38] += 150.0  # the structure
+    mri[:, :16, :16] = 3000.0  # fat
+    return mri
+
+
+def test_the_roi_window_reads_the_rois_neighbourhood_not_the_volume():
+    mri = mr_with_bright_fat()
+    box = (26, 26, 12, 37, 37, 17)  # (i0, j0, k0, i1, j1, k1) around the structure
+    block = windows.roi_neighbourhood(box, mri.shape)
+    # the box grown by half its extent on each side, onto a grid, inside the volume
+    for part, lo, hi, size in zip(block, (12, 26, 26), (17, 37, 37), mri.shape):
+        grown = int(np.ceil(0.5 * (hi - lo + 1)))
+        assert 0 <= part.start <= lo - grown or part.start == 0
+        assert min(size, hi + 1 + grown) <= part.stop <= size
+    low, high = windows.window_range(mri, "roi", box)
+    assert high < 600.0 < windows.window_range(mri, "percentile")[1]  # the fat is not in it
+    lo, hi = np.percentile(mri[block], [0.5, 99.5])  # the block's range, held within 1/16 of it per end
+    assert lo - (hi - lo) / 16 <= low <= lo and hi <= high <= hi + (hi - lo) / 16
+    # a neighbourhood that is the whole volume (a crop around the structure) keeps the volume's window
+    crop = mri[6:24, 16:48, 16:48]
+    assert windows.window_range(crop, "roi", (10, 10, 5, 21, 21, 12)) == windows.window_range(crop, "percentile")
+    # without a box (a volume's slices, training) "roi" is the volume's percentiles
+    assert windows.window_range(mri, "roi") == windows.window_range(mri, "percentile")
+    assert windows.window_setting(mri, "roi") == "roi" != windows.window_setting(mri, "auto")
+
+
+def test_a_box_nudged_by_a_voxel_keeps_the_roi_window_and_with_it_the_cached_embeddings():
+    mri = mr_with_bright_fat()
+    box = np.array((25, 24, 11, 38, 39, 18))
+    window = windows.window_range(mri, "roi", tuple(box))
+    nudges = [tuple(box + shift * np.eye(6, dtype=int)[n]) for n in range(6) for shift in (-1, 1)]
+    kept = sum(windows.window_range(mri, "roi", nudged) == window for nudged in nudges)
+    assert kept >= 10, f"only {kept} of 12 nudged boxes kept the window"
+
+
+def test_auto_follows_the_roi_for_the_base_model_on_mr_only():
+    mri, ct = mr_with_bright_fat(), np.full((2, 4, 4), -1000.0)
+    assert windows.roi_window(mri, " Auto", base_model=True) == "roi"
+    assert windows.roi_window(mri, "auto", base_model=False) == "auto"  # an adapter learned the volume's window
+    assert windows.roi_window(ct, "auto", base_model=True) == "auto"  # the abdomen window on CT
+    assert windows.roi_window(mri, "percentile", base_model=True) == "percentile"
+
+
 def test_percentile_of_a_constant_volume_does_not_divide_by_zero():
     lo, hi = windows.window_range(np.full((2, 4, 4), 7.0), "percentile")
     assert hi > lo

@@ -67,6 +67,40 @@ def test_second_box_on_the_same_slices_skips_the_encoder():
     assert model.encode_calls == 2 * calls + 1
 
 
+def test_auto_on_mr_windows_the_rois_neighbourhood_for_the_base_model_and_the_volume_for_an_adapter():
+    """Which window ran shows in the embedding cache: a window is part of each embedding's key."""
+    import torch
+
+    ct, label = oblique_phantom()
+    # no air (not CT), and bright fat far from the ROI, beyond tissue like the organ's surroundings
+    far = np.concatenate([np.full((14, 40, 68), 40.0), np.full((14, 40, 40), 7000.0)], axis=2)
+    mri = Volume(np.concatenate([ct.array, far], axis=2) + 2000.0, ct.spacing, ct.origin, ct.direction)
+    box = bounding_box(label.array, (2, 2, 0))
+    model = OracleModel()
+    segmenter = Segmenter(model)
+    first = segmenter.segment(mri, box, window="roi", box_mode="fixed")
+    assert first.stats["encoded"] > 0
+    assert segmenter.segment(mri, box, window="auto", box_mode="fixed").stats["encoded"] == 0
+    # a click given the segment's ROI, and a propagation inside it, see the slices as the segmentation did
+    calls, k = model.encode_calls, (box[2] + box[5]) // 2
+    segmenter.slice_embedding(mri, "axial", k, "auto", roi=box)
+    corrected = np.pad(label.array[k], ((0, 0), (0, far.shape[2])))
+    carried = segmenter.propagate(mri, "axial", k, corrected, box=box, window="auto")
+    boxed = segmenter.segment_boxes(mri, {i: box[:2] + box[3:5] for i in range(box[2], box[5] + 1)}, window="auto")
+    assert model.encode_calls == calls and carried.stats["cache_hits"] > 0 and boxed.stats["encoded"] == 0
+    segmenter.slice_embedding(mri, "axial", k, "auto")  # no ROI: the volume's window
+    assert model.encode_calls == calls + 1
+    volume_window = segmenter.segment(mri, box, window="percentile", box_mode="fixed")
+    assert volume_window.stats["encoded"] == first.stats["encoded"] - 1  # the slice clicked without a ROI had it
+    model.mask_decoder = torch.nn.Identity()  # what set_adapter swaps in: an adapter learned the volume's window
+    assert segmenter.segment(mri, box, window="auto", box_mode="fixed").stats["encoded"] == 0
+    assert segmenter.segment(mri, box, window="roi", box_mode="fixed").stats["encoded"] == 0  # asked for: as the base
+    # CT keeps the abdomen window
+    model.mask_decoder = segmenter._base_decoder
+    segmenter.segment(ct, box, window="abdomen", box_mode="fixed")
+    assert segmenter.segment(ct, box, window="auto", box_mode="fixed").stats["encoded"] == 0
+
+
 def test_cache_is_bounded():
     ct, label = oblique_phantom()
     model = OracleModel()

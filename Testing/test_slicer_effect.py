@@ -10,7 +10,7 @@ import pytest
 
 from slicer_scene import GEOMETRIES, MODULE_DIR, addVolume, scene, slicer  # noqa: F401
 from fake_worker import FakeWorkerClient
-from SAMFineTuneMRML import interactive, segments
+from SAMFineTuneMRML import geometry, interactive, segments
 from SAMFineTuneMRML.backends import WorkerBackend
 from SAMFineTuneMRML.logic import SAMFineTuneCoreLogic
 
@@ -131,6 +131,13 @@ def test_clicks_send_the_voxels_once_and_again_to_a_worker_that_lost_them(scene)
         pass
     assert client.jobs[-1].command == "propagate" and client.jobs[-1].params["box"] == [1, 2, 0, 20, 18, 5]
     assert client.jobs[-1].params["locked"] == [4]
+    # the ROI the segment came from goes with a click, so that the worker windows the slice as the
+    # segmentation did; without one the worker windows the volume
+    assert "roi" not in client.jobs[0].params
+    clicked = session.refine("axial", 2, [(4.0, 5.0, True)], options=options, roi=(1, 2, 0, 20, 18, 5))
+    while clicked.poll():
+        pass
+    assert client.jobs[-1].command == "refine" and client.jobs[-1].params["roi"] == [1, 2, 0, 20, 18, 5]
 
 
 # ----------------------------------------------------------------- the effect file, with stand-ins
@@ -229,6 +236,25 @@ class Selection:
 
     def GetSelectedSegmentID(self):
         return self.segmentID
+
+
+def test_clicks_and_propagation_name_the_roi_the_selected_segment_came_from(monkeypatch, scene):
+    module = load_effect(monkeypatch)
+    volume = addVolume(np.zeros(SHAPE, np.float32), GEOMETRIES["identity"])
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    segments.prepareSegmentation(node, volume)
+    segmentId = segments.ensureSegment(node, segmentName="liver")
+    selection = types.SimpleNamespace(GetSegmentationNode=lambda: node, GetSelectedSegmentID=lambda: segmentId)
+    effect = module.SegmentEditorEffect(types.SimpleNamespace(parameterSetNode=lambda: selection))
+    session = types.SimpleNamespace(volumeNode=volume)
+    assert effect.sourceRoiBox(session) is None  # segmented without a ROI
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+    roi.SetCenter(9.5, 7.5, 2.5)
+    roi.SetSize(8.0, 6.0, 2.0)
+    segments.rememberSourceRoi(node, segmentId, roi)
+    assert effect.sourceRoiBox(session) == geometry.roiToIJKBox(roi, volume).box == (6, 5, 2, 13, 10, 3)
+    roi.SetCenter(500.0, 500.0, 500.0)  # moved off the volume: the clicks still work, on the volume's window
+    assert effect.sourceRoiBox(session) is None
 
 
 def test_a_result_is_written_only_into_the_segment_it_was_asked_for(monkeypatch):

@@ -143,6 +143,8 @@ def test_refine_and_propagate_through_the_worker_equal_in_process(client, phanto
         client.run("refine", dict(base, points=[[99, 1, 1]]), timeout=120)
     with pytest.raises(JobError, match=r"^ValueError: 'window' must be text .*got \[400, 40\]$"):
         client.run("refine", dict(base, window=[400, 40], box=slice_box), timeout=120)
+    with pytest.raises(JobError, match=r"^ValueError: roi: box is outside the volume along k"):
+        client.run("refine", dict(base, box=slice_box, roi=[0, 0, 0, 5, 5, 99]), timeout=120)
 
 
 def test_cancel_long_segmentation_is_prompt_and_worker_stays_usable(client):

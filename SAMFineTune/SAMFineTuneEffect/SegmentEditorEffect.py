@@ -177,6 +177,18 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return slices.segmentSlice(parameters.GetSegmentationNode(), parameters.GetSelectedSegmentID(),
                                    self.session.volumeNode, axis, index)
 
+    def sourceRoiBox(self, session):
+        """The IJK box of the ROI the selected segment was made from, on the session's volume; None
+        without one, or where it was moved off the volume (then the clicks and propagation treat the
+        volume as a whole)."""
+        roiNode = segments.sourceRoi(self.selectedSegment(), slicer.mrmlScene)
+        if roiNode is None:
+            return None
+        try:
+            return geometry.roiToIJKBox(roiNode, session.volumeNode).box
+        except ValueError:
+            return None
+
     def refine(self, session, axis, index, fresh):
         start = None
         if fresh and self.startFromSegmentCheckBox.checked:
@@ -185,7 +197,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.setStatus("SAM: slice %d (%s)..." % (index, axis))
         target = self.selectedTarget()
         task = session.refine(axis, index, self.prompts.points, self.prompts.box, startMask=start, reset=fresh,
-                              options=self.options(),
+                              options=self.options(), roi=self.sourceRoiBox(session),
                               onMask=lambda mask, result: self.applySlices(target, axis, {index: mask}, corrected=True))
         self.follow(task)
         self.lastSlice = (axis, index)
@@ -199,11 +211,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             session = self.ensureSession()
             segment = self.selectedSegment()
             locked = interactive.correctedSlices(segment).get(axis, set()) - {index}
-            roiNode = segments.sourceRoi(segment, slicer.mrmlScene)
-            roiBox = None if roiNode is None else geometry.roiToIJKBox(roiNode, session.volumeNode).box
             target = self.selectedTarget()
             task = session.propagate(axis, index, self.currentSlice(axis, index), locked=locked,
-                                     box=interactive.propagationBox(roiBox, axis, index), options=self.options(),
+                                     box=interactive.propagationBox(self.sourceRoiBox(session), axis, index),
+                                     options=self.options(),
                                      onMask=lambda mask, result: self.applySlices(
                                          target, axis, {i: mask.take(i, axis=slices.arrayAxis(axis))
                                                 for i in result.get("slices", []) if i not in locked}))

@@ -78,15 +78,19 @@ class InteractiveSession:
         return params
 
     def refine(self, axis, index, points, box=None, startMask=None, reset=False, options=None, onMask=None,
-               onFinished=None):
+               onFinished=None, roi=None):
         """One decode on one slice from positive/negative points ``[(x, y, positive)]`` and an optional
         box (x0, y0, x1, y1), starting from the worker's previous result on this slice unless
-        ``reset`` (then from ``startMask``, e.g. the segment's current slice, when given)."""
+        ``reset`` (then from ``startMask``, e.g. the segment's current slice, when given). ``roi``:
+        the IJK box of the ROI the segment came from, so that the worker windows the slice as the
+        segmentation did."""
         if not points and box is None:
             raise ValueError("Give at least one point or a box.")
         params = self.baseParams(axis, index, options or {})
         params.update(points=[[float(x), float(y), 1 if positive else 0] for x, y, positive in points],
                       box=None if box is None else [float(v) for v in box], reset=bool(reset))
+        if roi is not None:
+            params.update(roi=[int(v) for v in roi])
         arrays = {"mask": startMask.astype("uint8")} if startMask is not None else None
         return ResultTask(self, "refine", params, arrays, onMask, onFinished)
 

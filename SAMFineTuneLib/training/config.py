@@ -109,6 +109,9 @@ def check_config(config: TrainConfig) -> None:
     """A ValueError naming the first bad setting, before anything loads."""
     if config.loss not in LOSSES:
         raise ValueError(f"unknown loss '{config.loss}'; choose one of: {', '.join(LOSSES)}")
+    if str(config.window).strip().lower() == "roi":
+        raise ValueError("window 'roi' follows each ROI, and training windows whole volumes: train with 'auto' or "
+                         "'percentile' (the adapter then segments with the volume's percentiles)")
     for name in ("epochs", "batch_size", "lora_rank", "average_last"):
         if getattr(config, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")

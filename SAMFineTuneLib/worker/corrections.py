@@ -17,7 +17,7 @@ from .jobs import SEGMENTER_KEYS, Result
 # refine/propagate parameters and their defaults (PROTOCOL.md).
 _SLICE_PARAMS: Dict[str, Any] = dict({key: catalogue.SEGMENT_DEFAULTS[key] for key in SEGMENTER_KEYS + ("window",)},
                                      axis="axial", index=None, spacing=None, volume_key=None)
-REFINE_PARAMS: Dict[str, Any] = dict(_SLICE_PARAMS, points=(), box=None, reset=False)
+REFINE_PARAMS: Dict[str, Any] = dict(_SLICE_PARAMS, points=(), box=None, reset=False, roi=None)
 PROPAGATE_PARAMS: Dict[str, Any] = dict(_SLICE_PARAMS, locked=(), first=None, last=None, box=None)
 
 
@@ -60,7 +60,8 @@ def refine(core, job) -> Result:
     previous = None if params["reset"] else stored.refined.get(slot)
     segmenter = core.get_segmenter(cancel=job.cancelled, **{name: params[name] for name in SEGMENTER_KEYS})
     refined = refine_slice(segmenter, volume, params["axis"], index, params["points"], params["box"],
-                           previous=previous, start_mask=arrays.get("mask"), window=params["window"])
+                           previous=previous, start_mask=arrays.get("mask"), window=params["window"],
+                           roi=params["roi"])
     stored.keep_refined(slot, refined)
     return ({"volume_key": key, "axis": params["axis"], "index": index, "iou": round(refined.iou, 4),
              "voxels": int(refined.mask.sum())}, {"mask": refined.mask.astype(np.uint8)})

@@ -54,13 +54,15 @@ def dice(a, b) -> float:
     return float(dice_score(np.asarray(a, bool), np.asarray(b, bool)))
 
 
-def oracle_box_mask(segmenter, volume, k, reference) -> np.ndarray:
-    """SAM's answer to the reference's own box on one slice (what the published recipes prompt with)."""
-    return refine_slice(segmenter, volume, "axial", k, [], box=imaging.mask_box(reference)).mask
+def oracle_box_mask(segmenter, volume, k, reference, roi) -> np.ndarray:
+    """SAM's answer to the reference's own box on one slice (what the published recipes prompt with),
+    the slice windowed as the SAM effect windows a segment made from ``roi``."""
+    return refine_slice(segmenter, volume, "axial", k, [], box=imaging.mask_box(reference), roi=roi).mask
 
 
-def click_curve(segmenter, volume, k, start, reference) -> List[float]:
-    """Dice after 0..max(CLICKS) simulated clicks on slice k, each click added to the slice's earlier ones."""
+def click_curve(segmenter, volume, k, start, reference, roi) -> List[float]:
+    """Dice after 0..max(CLICKS) simulated clicks on slice k, each click added to the slice's earlier
+    ones; the clicks name the ROI the segment came from, as the SAM effect does."""
     scores, points, previous, current = [dice(start, reference)], [], None, start
     for _ in range(max(CLICKS)):
         click = simulated_click(current, reference)
@@ -69,7 +71,7 @@ def click_curve(segmenter, volume, k, start, reference) -> List[float]:
             continue
         points.append(click)
         previous = refine_slice(segmenter, volume, "axial", k, points, previous=previous,
-                                start_mask=start if previous is None else None)
+                                start_mask=start if previous is None else None, roi=roi)
         current = previous.mask
         scores.append(dice(current, reference))
     return [scores[n] for n in CLICKS]
@@ -82,8 +84,8 @@ def structure_rows(args, segmenter, volume, label) -> Dict[str, object]:
     areas = label.sum(axis=(1, 2))
     clicked = [k for k in present if areas[k] >= args.min_area * areas.max()]
     picks = [clicked[int(i)] for i in np.linspace(0, len(clicked) - 1, min(args.slices, len(clicked)))]
-    curves = [click_curve(segmenter, volume, k, first[k], label[k]) for k in picks]
-    oracle = [dice(oracle_box_mask(segmenter, volume, k, label[k]), label[k]) for k in picks]
+    curves = [click_curve(segmenter, volume, k, first[k], label[k], roi) for k in picks]
+    oracle = [dice(oracle_box_mask(segmenter, volume, k, label[k], roi), label[k]) for k in picks]
     # The user corrects the slice the ROI's result got the most pixels wrong.
     worst = max(present, key=lambda k: int((first[k] != label[k]).sum()))
     propagated = segmenter.propagate(volume, "axial", worst, label[worst], box=roi)
