@@ -46,8 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--propagate", action="store_true",
                         help="then carry the last corrected slice on through the volume (the clicked slices stay)")
     parser.add_argument("--roi", nargs=6, type=int, metavar=("I0", "J0", "K0", "I1", "J1", "K1"),
-                        help="with --propagate: the ROI the structure was segmented from (segment's --box); the "
-                             "carried slices keep to it")
+                        help="the ROI the structure was segmented from (segment's --box): the clicked slices are "
+                             "windowed as that segmentation windowed them, and with --propagate the carried slices "
+                             "keep to it")
     add_model_arguments(parser)
     add_engine_arguments(parser)
     add_axis_argument(parser)
@@ -73,7 +74,8 @@ def main(args: argparse.Namespace) -> int:
     corrected = []
     for index, points in by_slice.items():
         current = imaging.extract_slice(mask, args.axis, index)
-        refined = refine_slice(segmenter, volume, args.axis, index, points, start_mask=current, window=args.window)
+        refined = refine_slice(segmenter, volume, args.axis, index, points, start_mask=current, window=args.window,
+                               roi=roi)
         imaging.place_slice(mask, args.axis, index, refined.mask.astype(np.uint8))
         corrected.append(index)
     carried = []
@@ -115,10 +117,8 @@ def _checked_inputs(args: argparse.Namespace):
         if not all(0 <= v < n for v, n in zip((k, j, i), volume.array.shape)):
             raise ValueError(f"the click ({i}, {j}, {k}) lies outside the volume's {volume.array.shape[::-1]} voxels")
     by_slice = clicks_by_slice(args.points, args.axis)
-    if args.roi and not args.propagate:
-        raise ValueError("--roi says where --propagate may carry the slice: add --propagate, or leave --roi out")
     roi = None if args.roi is None else validate_box(args.roi, volume.array.shape)
-    if roi is not None:
+    if roi is not None and args.propagate:
         last = list(by_slice)[-1]
         plane = imaging.extract_slice(mask, args.axis, last).shape
         limits(roi, args.axis, last, None, None, volume.array.shape[imaging.axis_index(args.axis)], plane)

@@ -119,8 +119,8 @@ def test_refine_checks_its_clicks_before_the_model_loads(small_ct, tmp_path):
     done = run_cli("refine", "--volume", path, "--points", "5,5,3", "--output", str(out))
     assert done.returncode == 2 and "a click is I,J,K,+1 or I,J,K,-1" in done.stderr
     roi = ["10", "10", "2", "40", "40", "5"]
-    done = run_cli("refine", "--volume", path, "--points", "20,20,3,+1", "--output", str(out), "--roi", *roi)
-    assert done.returncode == 2 and "--roi says where --propagate may carry the slice" in done.stderr
+    done = run_cli("refine", "--volume", path, "--points", "20,20,3,+1", "--output", str(out), "--roi", *roi[:5], "9")
+    assert done.returncode == 2 and "box is outside the volume along k: 2..9, valid 0..7" in done.stderr
     done = run_cli("refine", "--volume", path, "--points", "20,20,7,+1", "--output", str(out), "--propagate",
                    "--roi", *roi)
     assert done.returncode == 2 and "propagation from slice 7 between slices 2 and 5 inside the ROI" in done.stderr
