@@ -324,6 +324,14 @@ def validate_box(box: Sequence, shape_kji: Sequence[int]) -> Tuple[int, ...]:
     return (i0, j0, k0, i1, j1, k1)
 
 
+def validate_roi(roi: Sequence, shape_kji: Sequence[int]) -> Tuple[int, ...]:
+    """``validate_box`` for the ROI a segment came from, named so beside a click's 2D box."""
+    try:
+        return validate_box(roi, shape_kji)
+    except ValueError as exc:
+        raise ValueError(f"roi: {exc}") from None
+
+
 def check_volume_input(volume, what: str = "the volume") -> None:
     """What every command checks about the volume it segments, before a model loads: finite voxels
     within float32's range, and a 3D scalar volume with a valid spacing."""

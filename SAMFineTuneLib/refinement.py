@@ -20,10 +20,8 @@ from torch.nn import functional as F
 
 from . import imaging
 from .imaging import SliceGeometry
-from .input_checks import validate_box
 from .models import EMBED_SIZE, LOW_RES_PER_TOKEN
 from .tracking import next_box
-from .volume_io import as_volume
 
 #: A click: (x = column, y = row) in slice pixels, and whether it marks the structure (positive).
 Point = Tuple[float, float, bool]
@@ -225,11 +223,6 @@ def refine_slice(segmenter, volume, axis: str, index: int, points: Sequence, box
     an optional ``box``, starting from ``previous`` (the last result on this slice) or else from
     ``start_mask`` (what the segment holds there); ``roi``: the 3D box that segment came from, so
     that the slice is windowed as it was segmented (``Segmenter.slice_embedding``)."""
-    if roi is not None:
-        try:
-            roi = validate_box(roi, as_volume(volume, spacing).array.shape)
-        except ValueError as exc:
-            raise ValueError(f"roi: {exc}") from None
     embedding, geometry = segmenter.slice_embedding(volume, axis, index, window, spacing, roi)
     points = check_points(points, geometry.shape)
     box = check_box2d(box, geometry.shape)

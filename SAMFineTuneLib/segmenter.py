@@ -19,7 +19,7 @@ from .cache import EmbeddingCache
 from .catalogue import AXES, BOX_MODES, ENGINE_DEFAULTS, SEGMENT_DEFAULTS, card_box_mode, check_box_mode
 from .decoding import SliceJob, resolve_window_margin
 from .imaging import SliceGeometry
-from .input_checks import validate_box, validate_volume
+from .input_checks import validate_box, validate_roi, validate_volume
 from .models import SamModel, decoding_with, load_model
 from .progress import CancelFn, Cancelled, ProgressFn, check_cancel, report
 from .tracking import TrackingOptions
@@ -194,7 +194,7 @@ class Segmenter:
         count = volume.array.shape[imaging.axis_index(axis)]
         if not 0 <= int(index) < count:
             raise ValueError(f"slice {index} is outside the volume's {count} {axis} slices")
-        roi = None if roi is None else validate_box(roi, volume.array.shape)
+        roi = None if roi is None else validate_roi(roi, volume.array.shape)
         source = SliceSource(volume, axis, self._window_around(volume, window, roi), self.model, roi=roi)
         counter = {"done": 0, "total": 1, "cache_hits": 0, "encoded": 0}
         return self._embed(source, [int(index)], None, None, counter)[int(index)], source.geometry

@@ -6,8 +6,8 @@ torch is installed (an adapter learned one window; segmentation may be set to an
 The "roi" window takes the percentiles of the ROI's neighbourhood rather than of the volume: on
 MR, where the volume's range holds fat, fluid and air besides the structure, it stretched the
 structure's contrast and lifted the base model's crossed boxes from one ROI by 0.04-0.07 Dice
-(docs/accuracy.md, "The ROI's window"); on CT, whose organs the abdomen window already spreads, it lost, so "auto"
-stays the abdomen window there.
+(docs/accuracy.md, "The ROI's window"); on CT, whose organs the abdomen window already spreads,
+it lost, so "auto" stays the abdomen window there.
 """
 from __future__ import annotations
 
@@ -44,9 +44,13 @@ def window_setting(array: np.ndarray, window: str) -> Union[Tuple[float, float],
 
 
 def _sample(array: np.ndarray) -> np.ndarray:
-    flat = array.reshape(-1)
-    step = max(1, flat.size // _PERCENTILE_SAMPLES)
-    return flat[::step]
+    """About ``_PERCENTILE_SAMPLES`` voxels at most, evenly strided; a block of a larger volume (the
+    "roi" window's neighbourhood) is strided along each axis, so that it is never copied whole."""
+    if array.flags.c_contiguous:
+        flat = array.reshape(-1)
+        return flat[::max(1, flat.size // _PERCENTILE_SAMPLES)]
+    step = max(1, int(np.ceil((array.size / _PERCENTILE_SAMPLES) ** (1.0 / array.ndim))))
+    return array[(slice(None, None, step),) * array.ndim].reshape(-1)
 
 
 def window_range(array: np.ndarray, window: str = "auto", box: Optional[Sequence[int]] = None) -> Tuple[float, float]:

@@ -79,6 +79,16 @@ def test_the_roi_window_reads_the_rois_neighbourhood_not_the_volume():
     assert windows.window_setting(mri, "roi") == "roi" != windows.window_setting(mri, "auto")
 
 
+def test_a_large_neighbourhood_is_sampled_along_each_axis_and_its_percentiles_hold():
+    mri = np.random.default_rng(2).gamma(2.0, 100.0, size=(40, 400, 400)).astype(np.float32)
+    box = (150, 150, 10, 249, 249, 29)  # its neighbourhood, a block of the volume, holds about 2.6M voxels
+    block = mri[windows.roi_neighbourhood(box, mri.shape)]
+    assert not block.flags.c_contiguous and block.size > 1_000_000
+    sample = windows._sample(block)
+    assert sample.size <= 1_000_000 and np.shares_memory(sample, mri) is False
+    np.testing.assert_allclose(np.percentile(sample, [0.5, 99.5]), np.percentile(block, [0.5, 99.5]), rtol=0.02)
+
+
 def test_a_box_nudged_by_a_voxel_keeps_the_roi_window_and_with_it_the_cached_embeddings():
     mri = mr_with_bright_fat()
     box = np.array((25, 24, 11, 38, 39, 18))
