@@ -247,14 +247,17 @@ def test_clicks_and_propagation_name_the_roi_the_selected_segment_came_from(monk
     selection = types.SimpleNamespace(GetSegmentationNode=lambda: node, GetSelectedSegmentID=lambda: segmentId)
     effect = module.SegmentEditorEffect(types.SimpleNamespace(parameterSetNode=lambda: selection))
     session = types.SimpleNamespace(volumeNode=volume)
-    assert effect.sourceRoiBox(session) is None  # segmented without a ROI
+    assert effect.sourceRoiBox(session) is effect.clickRoiBox(session) is None  # segmented without a ROI
     roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
     roi.SetCenter(9.5, 7.5, 2.5)
     roi.SetSize(8.0, 6.0, 2.0)
     segments.rememberSourceRoi(node, segmentId, roi)
-    assert effect.sourceRoiBox(session) == geometry.roiToIJKBox(roi, volume).box == (6, 5, 2, 13, 10, 3)
-    roi.SetCenter(500.0, 500.0, 500.0)  # moved off the volume: the clicks still work, on the volume's window
-    assert effect.sourceRoiBox(session) is None
+    assert effect.sourceRoiBox(session) == effect.clickRoiBox(session) == (6, 5, 2, 13, 10, 3)
+    assert geometry.roiToIJKBox(roi, volume).box == (6, 5, 2, 13, 10, 3)
+    roi.SetCenter(500.0, 500.0, 500.0)  # moved off the volume: the clicks still work, on the volume's window,
+    assert effect.clickRoiBox(session) is None  # and a propagation says where the ROI went
+    with pytest.raises(ValueError, match="lies entirely outside volume"):
+        effect.sourceRoiBox(session)
 
 
 def test_a_result_is_written_only_into_the_segment_it_was_asked_for(monkeypatch):

@@ -179,13 +179,15 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def sourceRoiBox(self, session):
         """The IJK box of the ROI the selected segment was made from, on the session's volume; None
-        without one, or where it was moved off the volume (then the clicks and propagation treat the
-        volume as a whole)."""
+        without one; ``geometry.roiToIJKBox``'s ValueError where it was moved off the volume."""
         roiNode = segments.sourceRoi(self.selectedSegment(), slicer.mrmlScene)
-        if roiNode is None:
-            return None
+        return None if roiNode is None else geometry.roiToIJKBox(roiNode, session.volumeNode).box
+
+    def clickRoiBox(self, session):
+        """``sourceRoiBox`` for a click, which only takes its window from the ROI: one moved off the
+        volume leaves the click windowing the volume as a whole rather than refusing it."""
         try:
-            return geometry.roiToIJKBox(roiNode, session.volumeNode).box
+            return self.sourceRoiBox(session)
         except ValueError:
             return None
 
@@ -197,7 +199,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.setStatus("SAM: slice %d (%s)..." % (index, axis))
         target = self.selectedTarget()
         task = session.refine(axis, index, self.prompts.points, self.prompts.box, startMask=start, reset=fresh,
-                              options=self.options(), roi=self.sourceRoiBox(session),
+                              options=self.options(), roi=self.clickRoiBox(session),
                               onMask=lambda mask, result: self.applySlices(target, axis, {index: mask}, corrected=True))
         self.follow(task)
         self.lastSlice = (axis, index)
