@@ -27,7 +27,7 @@ from typing import Any, BinaryIO, Dict, Optional, Tuple
 import numpy as np
 
 
-PROTOCOL_VERSION = 7
+PROTOCOL_VERSION = 8
 
 # Longest message line accepted (arrays are never inline, so a message is small).
 MAX_LINE_BYTES = 16 << 20

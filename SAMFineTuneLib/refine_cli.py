@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mask", help="the mask being corrected (same geometry); default: empty")
     parser.add_argument("--output", required=True, help="mask file to write (same geometry as the volume)")
     parser.add_argument("--propagate", action="store_true",
-                        help="then carry the last corrected slice on through the volume (the clicked slices stay)")
+                        help="then fill the slices between clicked slices from the boxes between theirs and carry "
+                             "the outermost on through the volume (the clicked slices stay)")
     parser.add_argument("--roi", nargs=6, type=int, metavar=("I0", "J0", "K0", "I1", "J1", "K1"),
                         help="the ROI the structure was segmented from (segment's --box): the clicked slices are "
                              "windowed as that segmentation windowed them, and with --propagate the carried slices "
@@ -81,8 +82,9 @@ def main(args: argparse.Namespace) -> int:
     carried = []
     if args.propagate:
         last = corrected[-1]
+        others = {index: imaging.extract_slice(mask, args.axis, index) for index in corrected if index != last}
         result = segmenter.propagate(volume, args.axis, last, imaging.extract_slice(mask, args.axis, last),
-                                     locked=corrected, box=roi, window=args.window)
+                                     locked=corrected, corrections=others, box=roi, window=args.window)
         for index in result.slices:
             imaging.place_slice(mask, args.axis, index, imaging.extract_slice(result.mask, args.axis, index))
         carried = result.slices

@@ -342,6 +342,7 @@ class Segmenter:
         index: int,
         mask: np.ndarray,
         locked: Sequence[int] = (),
+        corrections: Optional[Mapping[int, np.ndarray]] = None,
         first: Optional[int] = None,
         last: Optional[int] = None,
         box: Optional[Sequence[int]] = None,
@@ -353,11 +354,11 @@ class Segmenter:
     ) -> SegmentationResult:
         """Carry a corrected 2D ``mask`` on slice ``index`` outwards in both directions, with
         tracking's rules, inside the 3D voxel ``box`` the structure was segmented from (default:
-        the whole volume), between slices ``first`` and ``last`` (``propagation``).
+        the whole volume), between slices ``first`` and ``last`` (``propagation.carry``).
 
-        A ``locked`` slice (one the user corrected) is never changed and ends propagation in its
-        direction: past it, that slice's own correction is the better start. The result holds the
-        slices written (``slices``), the corrected slice not among them.
+        A ``locked`` slice (one the user corrected) is never changed and ends tracking there; given
+        the other corrected slices' masks (``corrections``, {slice: mask}), the slices between two
+        are decoded with boxes interpolated between theirs. ``slices``: those written.
         """
         started = time.perf_counter()
         volume, multimask = self._prepare(volume, spacing, axis, multimask)
@@ -368,7 +369,7 @@ class Segmenter:
         mask = propagation.start_mask(mask, source.geometry.shape, axis, roi)
         options = self.tracking_in_use
         job = self._job(source, multimask, progress, cancel, last - first)
-        masks = propagation.carry(job, index, mask, first, last, locked, roi, options)
+        masks = propagation.carry(job, index, mask, first, last, locked, roi, options, corrections)
         if box is not None and options.fixed_fallback > 0:
             masks = tracking.both_keep(masks, job.decode_again({i: roi for i in masks}, roi))
         if options.own_box_px > 0:

@@ -86,7 +86,13 @@ class TrackingOptions:
 
 def next_box(previous: np.ndarray, roi: Box2D, options: TrackingOptions) -> Box2D:
     """The previous slice's mask box, grown by the tracking margin and kept inside the ROI."""
-    x0, y0, x1, y1 = imaging.mask_box(previous)
+    return tracking_box(imaging.mask_box(previous), roi, options)
+
+
+def tracking_box(box: Box2D, roi: Box2D, options: TrackingOptions) -> Box2D:
+    """A 2D ``box`` grown by the tracking margin (``margin`` of its size, at least
+    ``min_margin_px``), kept inside the ROI: the prompt the model in use tracks with."""
+    x0, y0, x1, y1 = box
     grow_x = max(options.min_margin_px, int(round(options.margin * (x1 - x0 + 1))))
     grow_y = max(options.min_margin_px, int(round(options.margin * (y1 - y0 + 1))))
     return imaging.grown_box((x0, y0, x1, y1), grow_x, grow_y, roi)

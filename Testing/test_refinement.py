@@ -230,6 +230,52 @@ def test_propagation_ends_with_each_carried_slice_in_its_own_box_when_asked_and_
     assert dice(own.mask, label.array) >= dice(plain.mask, label.array) > 0.5
 
 
+def box_inside(box, shape):
+    x0, y0, x1, y1 = box
+    inside = np.zeros(shape, bool)
+    inside[y0:y1 + 1, x0:x1 + 1] = True
+    return inside
+
+
+def test_propagation_fills_the_slices_between_two_corrections_with_boxes_interpolated_between_theirs(phantom):
+    """Given the other corrected slices' masks, each slice between two corrections is decoded with
+    the box on the straight line between theirs, grown as tracking grows its box; no corrected
+    slice is written."""
+    from SAMFineTuneLib.propagation import interpolated_boxes
+    from SAMFineTuneLib.tracking import TrackingOptions
+
+    ct, label = phantom
+    present = [i for i in range(label.array.shape[0]) if label.array[i].any()]
+    low, high = present[0], present[-1]
+    result = Segmenter(OracleModel()).propagate(ct, "axial", high, label.array[high], locked=[low],
+                                                corrections={low: label.array[low]})
+    shape = label.array.shape[1:]
+    boxes = interpolated_boxes(low, label.array[low] > 0, high, label.array[high] > 0,
+                               (0, 0, shape[1] - 1, shape[0] - 1), TrackingOptions())
+    assert sorted(boxes) == list(range(low + 1, high))
+    for i, box in boxes.items():
+        assert np.array_equal(result.mask[i] > 0, (label.array[i] > 0) & box_inside(box, shape)), i
+    middle = (low + high) // 2  # the ball's box is no straight line between its ends: not tracked there
+    assert 0 < result.mask[middle].sum() < 0.6 * label.array[middle].sum()
+    assert sorted(result.slices) == list(range(low + 1, high)) and not result.mask[[low, high]].any()
+
+
+def test_propagation_tracks_up_to_a_cleared_correction_and_never_past_it(phantom):
+    """A correction that holds nothing (the user cleared the slice: the structure ends there) gives
+    no box to interpolate to: the gap is tracked into from the other side, and nothing starts from it."""
+    ct, label = phantom
+    present = [i for i in range(label.array.shape[0]) if label.array[i].any()]
+    start, cleared = present[len(present) // 2], present[-3]
+    empty = np.zeros_like(label.array[cleared])
+    result = Segmenter(OracleModel()).propagate(ct, "axial", start, label.array[start], locked=[cleared],
+                                                corrections={cleared: empty, present[0] - 5: label.array[start]})
+    between = list(range(start + 1, cleared))
+    assert set(between) <= set(result.slices) and cleared not in result.slices
+    assert not result.mask[cleared:].any()
+    assert dice(result.mask[between], label.array[between]) > 0.95
+    assert set(range(present[0], start)) <= set(result.slices)  # a correction outside the slices is left out
+
+
 def test_bad_propagation_requests_are_named(phantom):
     ct, label = phantom
     segmenter = Segmenter(OracleModel())
@@ -239,6 +285,8 @@ def test_bad_propagation_requests_are_named(phantom):
         segmenter.propagate(ct, "axial", 7, np.ones((48, 48), np.uint8))
     with pytest.raises(ValueError, match="between slices 9 and 13 does not fit"):
         segmenter.propagate(ct, "axial", 7, label.array[7], first=9)
+    with pytest.raises(ValueError, match=r"the corrected slice is \(48, 48\), the volume's axial slices \(48, 56\)"):
+        segmenter.propagate(ct, "axial", 7, label.array[7], locked=[3], corrections={3: np.ones((48, 48), np.uint8)})
 
 
 def test_propagation_keeps_to_the_roi_it_is_given(phantom):

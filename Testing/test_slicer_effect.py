@@ -130,7 +130,14 @@ def test_clicks_send_the_voxels_once_and_again_to_a_worker_that_lost_them(scene)
     while carried.poll():
         pass
     assert client.jobs[-1].command == "propagate" and client.jobs[-1].params["box"] == [1, 2, 0, 20, 18, 5]
-    assert client.jobs[-1].params["locked"] == [4]
+    assert client.jobs[-1].params["locked"] == [4] and "locked_masks" not in client.jobs[-1].sent
+    other = np.zeros(SHAPE[1:], bool)
+    other[2:4, 2:4] = True
+    filled = session.propagate("axial", 2, plane, locked={4: other, 0: plane}, options=options)
+    while filled.poll():
+        pass
+    assert client.jobs[-1].params["locked"] == [0, 4]  # the masks in the order of the slices named
+    assert np.array_equal(client.jobs[-1].sent["locked_masks"], np.stack([plane, other]).astype(np.uint8))
     # the ROI the segment came from goes with a click, so that the worker windows the slice as the
     # segmentation did; without one the worker windows the volume
     assert "roi" not in client.jobs[0].params
@@ -258,6 +265,35 @@ def test_clicks_and_propagation_name_the_roi_the_selected_segment_came_from(monk
     assert effect.clickRoiBox(session) is None  # and a propagation says where the ROI went
     with pytest.raises(ValueError, match="lies entirely outside volume"):
         effect.sourceRoiBox(session)
+
+
+def test_propagate_sends_every_other_corrected_slice_with_its_mask_read_from_the_segment(monkeypatch, scene):
+    """The worker fills the slices between corrections from their masks, so Propagate reads each
+    corrected slice of the axis from the segment, as the editor shows it, beside the one it starts from."""
+    module = load_effect(monkeypatch)
+    volume = addVolume(np.zeros(SHAPE, np.float32), GEOMETRIES["identity"])
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    segments.prepareSegmentation(node, volume)
+    segmentId = segments.ensureSegment(node, segmentName="liver")
+    painted = np.zeros(SHAPE, np.uint8)
+    painted[1, 3:6, 4:9] = 1
+    painted[4, 5:12, 6:15] = 1
+    slicer.util.updateSegmentBinaryLabelmapFromArray(painted, node, segmentId, volume)
+    interactive.markCorrected(node.GetSegmentation().GetSegment(segmentId), "axial", [1, 4])
+    interactive.markCorrected(node.GetSegmentation().GetSegment(segmentId), "coronal", [7])
+    selection = types.SimpleNamespace(GetSegmentationNode=lambda: node, GetSelectedSegmentID=lambda: segmentId)
+    effect = module.SegmentEditorEffect(types.SimpleNamespace(parameterSetNode=lambda: selection))
+    asked = []
+    effect.session = types.SimpleNamespace(volumeNode=volume,
+                                           propagate=lambda *args, **kwargs: asked.append((args, kwargs)) or "task")
+    effect.ensureSession, effect.options, effect.follow = lambda: effect.session, lambda: {}, lambda task: None
+    effect.statusLabel = types.SimpleNamespace(text="")
+    effect.lastSlice = ("axial", 4)
+    effect.onPropagate()
+    (axis, index, start), given = asked[0][0], asked[0][1]
+    assert (axis, index) == ("axial", 4) and np.array_equal(start > 0, painted[4] > 0)
+    assert sorted(given["locked"]) == [1] and np.array_equal(given["locked"][1] > 0, painted[1] > 0)
+    assert "Propagating from slice 4" in effect.statusLabel.text
 
 
 def test_a_result_is_written_only_into_the_segment_it_was_asked_for(monkeypatch):

@@ -134,6 +134,14 @@ def test_refine_and_propagate_through_the_worker_equal_in_process(client, phanto
     result, inside = client.run("propagate", dict(base, box=roi), {"mask": again}, timeout=600)
     assert result["slices"] == [k - 1] and not inside["mask"][:k - 1].any() and not inside["mask"][k + 1:].any()
     assert np.array_equal(inside["mask"], segmenter.propagate(ct, "axial", k, again, box=roi).mask)
+    below = k - 2  # a second correction: the slice between is filled from the box between theirs
+    result, filled = client.run("propagate", dict(base, locked=[below]), {"mask": again, "locked_masks": again[None]},
+                                timeout=600)
+    assert k - 1 in result["slices"] and below not in result["slices"] and not filled["mask"][[below, k]].any()
+    assert np.array_equal(filled["mask"], segmenter.propagate(ct, "axial", k, again, locked=[below],
+                                                              corrections={below: again}).mask)
+    with pytest.raises(JobError, match=r"'locked_masks' must hold one rows x columns mask per entry of 'locked' \(1\)"):
+        client.run("propagate", dict(base, locked=[below]), {"mask": again, "locked_masks": again}, timeout=120)
 
     with pytest.raises(JobError, match="needs an array named 'mask'"):
         client.run("propagate", base, timeout=120)

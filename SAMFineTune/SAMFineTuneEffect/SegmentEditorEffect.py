@@ -27,9 +27,9 @@ HELP = """<html>Correct the selected segment with Segment Anything, one slice at
 <li><b>Left drag:</b> draw a box around the structure on this slice.</li>
 <li><b>x:</b> forget this slice's points and box (the segment stays as it is). <b>Escape</b> leaves the effect;
 a click or propagation still running then stops and writes nothing.</li>
-<li><b>Propagate:</b> track the structure from the slice you corrected last through the volume, in both
-directions, without touching the slices you corrected; inside the ROI the segment was made from, when that
-slice lies in it.</li>
+<li><b>Propagate:</b> fill the slices between the slices you corrected, each from the box between theirs,
+and track the structure on from the outermost ones through the volume, without touching the slices you
+corrected; inside the ROI the segment was made from, when the slice you corrected last lies in it.</li>
 <li><b>Ctrl+Z</b> (the editor's Undo) takes back one click or one propagation.</li>
 </ul><p>Every click refines the slice where you click, starting from the previous click's result on it.
 The editor's masking settings apply: the editable area, the intensity range and whether other segments may
@@ -75,8 +75,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.startFromSegmentCheckBox.toolTip = ("The first click on a slice refines what the segment already holds "
                                                  "there; unchecked, it starts from nothing.")
         self.scriptedEffect.addOptionsWidget(self.startFromSegmentCheckBox)
-        self.propagateButton = qt.QPushButton("Propagate from the last corrected slice")
-        self.propagateButton.toolTip = "Track the structure from that slice through the volume (corrected slices stay)."
+        self.propagateButton = qt.QPushButton("Propagate from the corrected slices")
+        self.propagateButton.toolTip = ("Fill the slices between corrected slices from the boxes between theirs, "
+                                        "and track the structure on from the outermost ones (corrected slices stay).")
         self.propagateButton.connect("clicked()", self.onPropagate)
         self.scriptedEffect.addOptionsWidget(self.propagateButton)
         self.statusLabel = qt.QLabel("Click on the structure in a slice view.")
@@ -212,7 +213,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         try:
             session = self.ensureSession()
             segment = self.selectedSegment()
-            locked = interactive.correctedSlices(segment).get(axis, set()) - {index}
+            corrected = interactive.correctedSlices(segment).get(axis, set()) - {index}
+            locked = {i: self.currentSlice(axis, i) for i in corrected}  # their masks: the gaps are filled between them
             target = self.selectedTarget()
             task = session.propagate(axis, index, self.currentSlice(axis, index), locked=locked,
                                      box=interactive.propagationBox(self.sourceRoiBox(session), axis, index),

@@ -7,6 +7,7 @@ once per worker process (``backends.WorkerBackend.submitWithVolume``). Each slic
 is remembered on the segment (a tag), so an exported case says which slices a person checked.
 """
 
+import numpy as np
 import vtk
 
 from . import geometry, slices
@@ -98,7 +99,9 @@ class InteractiveSession:
                   onFinished=None):
         """Track the structure from a corrected slice ``mask`` outwards in both directions, within
         ``limits`` (first, last slice; default the whole volume) and the IJK ``box`` of the ROI the
-        segment came from (``propagationBox``), never over ``locked`` slices."""
+        segment came from (``propagationBox``), never over ``locked`` slices: the other corrected
+        slices, as indices or as {index: mask}, whose masks let the worker fill the slices between
+        two corrections from boxes interpolated between theirs."""
         if not mask.any():
             raise ValueError("The slice to propagate from is empty: correct it first.")
         params = self.baseParams(axis, index, options or {})
@@ -107,7 +110,10 @@ class InteractiveSession:
             params.update(first=int(limits[0]), last=int(limits[1]))
         if box is not None:
             params.update(box=[int(v) for v in box])
-        return ResultTask(self, "propagate", params, {"mask": mask.astype("uint8")}, onMask, onFinished)
+        arrays = {"mask": mask.astype("uint8")}
+        if isinstance(locked, dict) and locked:
+            arrays["locked_masks"] = np.stack([np.asarray(locked[i], dtype="uint8") for i in params["locked"]])
+        return ResultTask(self, "propagate", params, arrays, onMask, onFinished)
 
 
 def propagationBox(roiBox, axis, index):

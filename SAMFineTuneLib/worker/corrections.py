@@ -7,7 +7,7 @@ starting ``UnknownVolume``, and the client sends the request again with the voxe
 """
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import numpy as np
 
@@ -72,12 +72,25 @@ def propagate(core, job) -> Result:
     arrays = job.arrays()
     if "mask" not in arrays:
         raise ValueError("propagate needs an array named 'mask': the corrected slice (rows x columns)")
+    corrections = _locked_masks(params["locked"], arrays.get("locked_masks"))
     key, stored, volume, index = _stored(job, params, arrays)
     segmenter = core.get_segmenter(cancel=job.cancelled, **{name: params[name] for name in SEGMENTER_KEYS})
     result = segmenter.propagate(volume, params["axis"], index, arrays["mask"], locked=params["locked"],
-                                 first=params["first"], last=params["last"], box=params["box"],
+                                 corrections=corrections, first=params["first"], last=params["last"], box=params["box"],
                                  window=params["window"], progress=job.progress, cancel=job.cancelled)
     for slot in [slot for slot in stored.refined if slot[0] == params["axis"] and slot[1] in result.slices]:
         del stored.refined[slot]  # those slices changed: a click there starts from the new mask
     return ({"volume_key": key, "axis": params["axis"], "index": index, "slices": result.slices,
              "stats": result.stats}, {"mask": result.mask})
+
+
+def _locked_masks(locked, masks: Optional[np.ndarray]) -> Optional[Dict[int, np.ndarray]]:
+    """{slice: mask} of the locked slices from the optional array ``locked_masks``, one mask per
+    entry of ``locked``, in its order."""
+    if masks is None:
+        return None
+    count = len(locked) if isinstance(locked, (list, tuple)) else None
+    if masks.ndim != 3 or len(masks) != count:
+        raise ValueError(f"'locked_masks' must hold one rows x columns mask per entry of 'locked' ({count}), in its "
+                         f"order; got an array of shape {masks.shape}")
+    return {int(i): mask for i, mask in zip(locked, masks)}

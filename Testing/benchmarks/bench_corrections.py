@@ -1,0 +1,128 @@
+r"""Propagating from several corrected slices (prints a markdown table).
+
+  python Testing/benchmarks/bench_corrections.py --dataset DIR [--dataset DIR ...] [--corrected N]
+      [--merge PREFIX ...] [--max-cases N] [--max-structures N] [--axes AXIS ...] [--cache-dir DIR]
+
+Each structure of each 3D case (images/, masks/, labels.json as in ../shared/data) is segmented
+from one ROI 3 voxels loose (one slice along the axis) in the default box mode. Then N slices are
+corrected, the middles of N equal parts of the slices where it is present (each replaced by the
+reference, as a user would draw it), and the SAM effect's Propagate runs inside the ROI:
+
+- tracked from the last: from the slice corrected last, the others locked but their masks not
+  given, so tracking carries it out to them (and no further);
+- tracked from each: Propagate pressed after every correction, tracking from each in turn;
+- filled between (what the effect sends): the other corrections' masks given
+  (``Segmenter.propagate``'s ``corrections``), each slice between two of them decoded with the box
+  interpolated between theirs, tracking carrying on from the outermost.
+
+The score is the 3D Dice of the segment the effect leaves: the corrected slices, what propagation
+wrote, and the ROI's result on the slices it did not reach.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+from typing import Dict, List, Optional
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from accuracy3d_cases import DiskEmbeddingCache, dataset_cases  # noqa: E402
+from bench_accuracy3d import roi_box  # noqa: E402
+from SAMFineTuneLib import imaging  # noqa: E402
+from SAMFineTuneLib.metrics import dice_score  # noqa: E402
+
+COLUMNS = ("ROI", "tracked from the last", "tracked from each", "filled between")
+
+
+def corrected_slices(present: np.ndarray, count: int) -> List[int]:
+    """The middles of ``count`` equal parts of the slices where the structure is present."""
+    return sorted({int(present[int(round((2 * n + 1) / (2 * count) * (len(present) - 1)))]) for n in range(count)})
+
+
+def score_run(segmenter, case, structure, axis: str, count: int) -> Optional[Dict[str, float]]:
+    reference = case.reference(structure)
+    present = imaging.slices_holding(reference, axis)
+    if len(present) < 2 * count + 1:
+        return None
+    box = roi_box(reference, 3, axis)
+    start = segmenter.segment(case.image, box, axis=axis, window=structure.window).mask
+    corrected = corrected_slices(present, count)
+    masks = {i: imaging.extract_slice(reference, axis, i) > 0 for i in corrected}
+
+    def propagated(index: int, **extra):
+        return segmenter.propagate(case.image, axis, index, masks[index], locked=[i for i in corrected if i != index],
+                                   box=box, window=structure.window, **extra)
+
+    def left(*results) -> float:
+        out = start.copy()
+        for result in results:
+            for i in result.slices:
+                imaging.place_slice(out, axis, i, imaging.extract_slice(result.mask, axis, i))
+        for i, mask in masks.items():
+            imaging.place_slice(out, axis, i, mask)
+        return float(dice_score(out, reference))
+
+    last = corrected[-1]
+    return {"ROI": float(dice_score(start, reference)),
+            "tracked from the last": left(propagated(last)),
+            "tracked from each": left(*[propagated(i) for i in corrected]),
+            "filled between": left(propagated(last, corrections={i: masks[i] for i in corrected[:-1]}))}
+
+
+def table(rows: List[dict]) -> str:
+    groups = collections.defaultdict(list)
+    for row in rows:
+        groups[f"{row['set']}, {row['klass']}"].append(row)
+    groups["**overall**"] = rows
+    lines = ["| set, class | runs | " + " | ".join(COLUMNS) + " |", "|---|---|" + "---|" * len(COLUMNS)]
+    for name, members in groups.items():
+        means = (f"{np.mean([m[c] for m in members]):.3f}" for c in COLUMNS)
+        lines.append(f"| {name} | {len(members)} | " + " | ".join(means) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", action="append", required=True, help="a 3D folder in the shared-data layout")
+    parser.add_argument("--corrected", type=int, default=3, help="slices corrected per structure")
+    parser.add_argument("--merge", nargs="*", default=[], help="score the labels starting with each as one structure")
+    parser.add_argument("--max-cases", type=int, default=None)
+    parser.add_argument("--max-structures", type=int, default=None)
+    parser.add_argument("--axes", nargs="+", default=["axial", "coronal"], choices=["axial", "coronal", "sagittal"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cache-dir", help="a folder of embeddings kept between runs")
+    args = parser.parse_args(argv)
+    if args.corrected < 2:
+        parser.error("--corrected must be at least 2: between one correction and nothing there is nothing to fill")
+
+    from SAMFineTuneLib.models import load_model
+    from SAMFineTuneLib.segmenter import Segmenter
+
+    model = load_model("litemedsam", device=args.device)
+    segmenter = Segmenter(model)
+    if args.cache_dir:
+        segmenter.cache = DiskEmbeddingCache(args.cache_dir, f"{model.backend}:{model.precision}")
+    rows = []
+    for dataset in args.dataset:
+        for case in dataset_cases(dataset, args.merge, False, 50, args.max_cases, args.max_structures):
+            for structure in case.structures:
+                for axis in args.axes:
+                    scores = score_run(segmenter, case, structure, axis, args.corrected)
+                    if scores is not None:
+                        rows.append(dict(scores, set=case.set_name, klass=structure.klass))
+                        print(f"{case.case_id} {structure.name} {axis}: "
+                              + ", ".join(f"{c} {scores[c]:.3f}" for c in COLUMNS), file=sys.stderr, flush=True)
+    print(f"# {args.corrected} corrected slices per structure, one ROI 3 voxels loose; LiteMedSAM on "
+          f"{model.device}, {model.backend} {model.precision}\n")
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
