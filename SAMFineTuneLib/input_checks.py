@@ -18,6 +18,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .volume_facts import remembered
+
 _CHUNK = 16 << 20
 # NIfTI datatype codes whose voxels can be NaN or infinite, and their numpy kind.
 _NIFTI_FLOATS = {16: "f4", 64: "f8"}
@@ -299,7 +301,7 @@ def validate_volume(volume) -> None:
     if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool) or np.iscomplexobj(array):
         raise ValueError(f"volume must hold real numbers, got dtype {array.dtype}")
     if np.issubdtype(array.dtype, np.floating):
-        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        bad = remembered(array, "non-finite voxels", lambda: int(array.size - np.count_nonzero(np.isfinite(array))))
         if bad:
             raise ValueError(f"volume contains {bad} NaN or infinite voxels; fill or mask them before segmenting")
     spacing = np.asarray(volume.spacing, dtype=float)

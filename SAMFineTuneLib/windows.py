@@ -16,6 +16,7 @@ from typing import Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .catalogue import ROI_WINDOW_CONTEXT, WINDOW_PRESETS, WINDOWS
+from .volume_facts import remembered
 
 PERCENTILES = (0.5, 99.5)
 _PERCENTILE_SAMPLES = 1 << 20
@@ -23,7 +24,7 @@ _PERCENTILE_SAMPLES = 1 << 20
 
 def looks_like_ct(array: np.ndarray) -> bool:
     """CT is stored in Hounsfield units: air near -1000 and nothing far below it."""
-    lo = float(np.min(array))
+    lo = remembered(array, "minimum", lambda: float(np.min(array)))
     return -1100.0 <= lo <= -500.0
 
 
@@ -59,10 +60,13 @@ def window_range(array: np.ndarray, window: str = "auto", box: Optional[Sequence
     whole volume without one; every other window ignores the box, so a second box on the same
     slices reuses the embedding cache."""
     setting = window_setting(array, window)
+    whole = remembered(array, "percentiles", lambda: _percentiles(array)) if setting in ("percentile", "roi") else None
     if setting == "roi" and box is not None:
-        return _narrowed(_percentiles(array), _percentiles(array[roi_neighbourhood(box, array.shape)]))
-    if setting in ("percentile", "roi"):
-        return _percentiles(array)
+        block = roi_neighbourhood(box, array.shape)
+        return _narrowed(whole, remembered(array, ("percentiles", tuple((s.start, s.stop) for s in block)),
+                                           lambda: _percentiles(array[block])))
+    if whole is not None:
+        return whole
     width, level = setting
     return (level - width / 2.0, level + width / 2.0)
 

@@ -21,6 +21,7 @@ import numpy as np
 from .. import protocol
 from ..progress import CancelFn, Cancelled
 from ..segmenter_cache import SegmenterCache
+from ..volume_facts import freeze
 
 
 # Jobs waiting per conversation; more are refused. The panel queues one job per ROI at once (a
@@ -100,8 +101,10 @@ class VolumeStore:
         self.last_key: Optional[str] = None
 
     def remember(self, key: str, array: np.ndarray, params: Dict[str, Any]) -> None:
+        """Keep ``array`` under ``key``, frozen: nothing changes it while it is held, so the facts a
+        click asks of the whole volume are worked out once (``volume_facts``)."""
         self.items.pop(key, None)
-        self.items[key] = StoredVolume(array, params)
+        self.items[key] = StoredVolume(freeze(array), params)
         while len(self.items) > self.max_volumes:
             self.items.popitem(last=False)
         self.last_key = key
