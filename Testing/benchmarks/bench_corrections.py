@@ -16,7 +16,10 @@ reference, as a user would draw it), and the SAM effect's Propagate runs inside 
   interpolated between theirs, tracking carrying on from the outermost.
 
 The score is the 3D Dice of the segment the effect leaves: the corrected slices, what propagation
-wrote, and the ROI's result on the slices it did not reach.
+wrote, and the ROI's result on the slices it did not reach. With ``--drawn-boxes`` there is no ROI
+(its result is still shown): the user draws a box around the structure on each of the N slices
+(the reference's box there) and the effect writes SAM's answer to it; propagation then runs through
+the whole volume, and the slices it does not reach stay empty.
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ from accuracy3d_cases import DiskEmbeddingCache, dataset_cases  # noqa: E402
 from bench_accuracy3d import roi_box  # noqa: E402
 from SAMFineTuneLib import imaging  # noqa: E402
 from SAMFineTuneLib.metrics import dice_score  # noqa: E402
+from SAMFineTuneLib.refinement import refine_slice  # noqa: E402
 
 COLUMNS = ("ROI", "tracked from the last", "tracked from each", "filled between")
 
@@ -45,22 +49,29 @@ def corrected_slices(present: np.ndarray, count: int) -> List[int]:
     return sorted({int(present[int(round((2 * n + 1) / (2 * count) * (len(present) - 1)))]) for n in range(count)})
 
 
-def score_run(segmenter, case, structure, axis: str, count: int) -> Optional[Dict[str, float]]:
+def score_run(segmenter, case, structure, axis: str, count: int, drawn: bool) -> Optional[Dict[str, float]]:
     reference = case.reference(structure)
     present = imaging.slices_holding(reference, axis)
     if len(present) < 2 * count + 1:
         return None
-    box = roi_box(reference, 3, axis)
-    start = segmenter.segment(case.image, box, axis=axis, window=structure.window).mask
+    roi = roi_box(reference, 3, axis)
+    start = segmenter.segment(case.image, roi, axis=axis, window=structure.window).mask
     corrected = corrected_slices(present, count)
     masks = {i: imaging.extract_slice(reference, axis, i) > 0 for i in corrected}
+    box, base = roi, start
+    if drawn:  # no ROI: a box drawn on each of those slices, SAM's answer to it, carried through the volume
+        masks = {i: refine_slice(segmenter, case.image, axis, i, [], box=imaging.mask_box(mask),
+                                 window=structure.window).mask for i, mask in masks.items()}
+        box, base = None, np.zeros_like(start)
+        if not masks[corrected[-1]].any():
+            return None
 
     def propagated(index: int, **extra):
         return segmenter.propagate(case.image, axis, index, masks[index], locked=[i for i in corrected if i != index],
                                    box=box, window=structure.window, **extra)
 
     def left(*results) -> float:
-        out = start.copy()
+        out = base.copy()
         for result in results:
             for i in result.slices:
                 imaging.place_slice(out, axis, i, imaging.extract_slice(result.mask, axis, i))
@@ -71,7 +82,7 @@ def score_run(segmenter, case, structure, axis: str, count: int) -> Optional[Dic
     last = corrected[-1]
     return {"ROI": float(dice_score(start, reference)),
             "tracked from the last": left(propagated(last)),
-            "tracked from each": left(*[propagated(i) for i in corrected]),
+            "tracked from each": left(*[propagated(i) for i in corrected if masks[i].any()]),
             "filled between": left(propagated(last, corrections={i: masks[i] for i in corrected[:-1]}))}
 
 
@@ -91,6 +102,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", action="append", required=True, help="a 3D folder in the shared-data layout")
     parser.add_argument("--corrected", type=int, default=3, help="slices corrected per structure")
+    parser.add_argument("--drawn-boxes", action="store_true",
+                        help="no ROI: on each of those slices a box drawn around the structure (the reference's "
+                             "box) and SAM's answer to it, propagated through the whole volume")
     parser.add_argument("--merge", nargs="*", default=[], help="score the labels starting with each as one structure")
     parser.add_argument("--max-cases", type=int, default=None)
     parser.add_argument("--max-structures", type=int, default=None)
@@ -113,12 +127,13 @@ def main(argv=None) -> int:
         for case in dataset_cases(dataset, args.merge, False, 50, args.max_cases, args.max_structures):
             for structure in case.structures:
                 for axis in args.axes:
-                    scores = score_run(segmenter, case, structure, axis, args.corrected)
+                    scores = score_run(segmenter, case, structure, axis, args.corrected, args.drawn_boxes)
                     if scores is not None:
                         rows.append(dict(scores, set=case.set_name, klass=structure.klass))
                         print(f"{case.case_id} {structure.name} {axis}: "
                               + ", ".join(f"{c} {scores[c]:.3f}" for c in COLUMNS), file=sys.stderr, flush=True)
-    print(f"# {args.corrected} corrected slices per structure, one ROI 3 voxels loose; LiteMedSAM on "
+    start = "a box drawn on each, no ROI" if args.drawn_boxes else "after one ROI 3 voxels loose"
+    print(f"# {args.corrected} corrected slices per structure, {start}; LiteMedSAM on "
           f"{model.device}, {model.backend} {model.precision}\n")
     print(table(rows))
     return 0
