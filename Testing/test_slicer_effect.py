@@ -288,12 +288,27 @@ def test_propagate_sends_every_other_corrected_slice_with_its_mask_read_from_the
                                            propagate=lambda *args, **kwargs: asked.append((args, kwargs)) or "task")
     effect.ensureSession, effect.options, effect.follow = lambda: effect.session, lambda: {}, lambda task: None
     effect.statusLabel = types.SimpleNamespace(text="")
-    effect.lastSlice = ("axial", 4)
+    effect.lastSlice = ("axial", 1)
     effect.onPropagate()
     (axis, index, start), given = asked[0][0], asked[0][1]
-    assert (axis, index) == ("axial", 4) and np.array_equal(start > 0, painted[4] > 0)
-    assert sorted(given["locked"]) == [1] and np.array_equal(given["locked"][1] > 0, painted[1] > 0)
-    assert "Propagating from slice 4" in effect.statusLabel.text
+    assert (axis, index) == ("axial", 1) and np.array_equal(start > 0, painted[1] > 0)
+    assert sorted(given["locked"]) == [4] and np.array_equal(given["locked"][4] > 0, painted[4] > 0)
+    assert "Propagating from slice 1" in effect.statusLabel.text
+    effect.lastSlice = None  # the effect opened anew: the segment remembers its corrections
+    effect.onPropagate()
+    (axis, index, start), given = asked[1][0], asked[1][1]
+    assert (axis, index) == ("axial", 4) and sorted(given["locked"]) == [1]
+
+
+def test_propagation_starts_from_the_slice_corrected_last_or_else_from_what_the_segment_remembers():
+    corrected = {"axial": {3, 9}, "coronal": {12}}
+    assert interactive.propagationStart(corrected, ("axial", 3)) == ("axial", 3)
+    assert interactive.propagationStart(corrected, ("coronal", 12)) == ("coronal", 12)
+    # a slice corrected on another segment, or none in this effect: the last of the axis with the most
+    assert interactive.propagationStart(corrected, ("axial", 5)) == ("axial", 9)
+    assert interactive.propagationStart(corrected) == ("axial", 9)
+    assert interactive.propagationStart({"sagittal": {2}, "coronal": {7}}) == ("coronal", 7)
+    assert interactive.propagationStart({}) is None and interactive.propagationStart({}, ("axial", 3)) is None
 
 
 def test_a_result_is_written_only_into_the_segment_it_was_asked_for(monkeypatch):

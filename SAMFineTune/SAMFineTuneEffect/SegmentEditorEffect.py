@@ -29,7 +29,8 @@ HELP = """<html>Correct the selected segment with Segment Anything, one slice at
 a click or propagation still running then stops and writes nothing.</li>
 <li><b>Propagate:</b> fill the slices between the slices you corrected, each from the box between theirs,
 and track the structure on from the outermost ones through the volume, without touching the slices you
-corrected; inside the ROI the segment was made from, when the slice you corrected last lies in it.</li>
+corrected; inside the ROI the segment was made from, when the slice you corrected last lies in it. The
+segment remembers its corrected slices, so Propagate also works on corrections made before.</li>
 <li><b>Ctrl+Z</b> (the editor's Undo) takes back one click or one propagation.</li>
 </ul><p>Every click refines the slice where you click, starting from the previous click's result on it.
 The editor's masking settings apply: the editable area, the intensity range and whether other segments may
@@ -206,14 +207,15 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.lastSlice = (axis, index)
 
     def onPropagate(self):
-        if self.lastSlice is None:
+        corrections = interactive.correctedSlices(self.selectedSegment())
+        start = interactive.propagationStart(corrections, self.lastSlice)
+        if start is None:
             self.setStatus("Correct a slice first (click on the structure), then propagate from it.")
             return
-        axis, index = self.lastSlice
+        axis, index = start
         try:
             session = self.ensureSession()
-            segment = self.selectedSegment()
-            corrected = interactive.correctedSlices(segment).get(axis, set()) - {index}
+            corrected = corrections.get(axis, set()) - {index}
             locked = {i: self.currentSlice(axis, i) for i in corrected}  # their masks: the gaps are filled between them
             target = self.selectedTarget()
             task = session.propagate(axis, index, self.currentSlice(axis, index), locked=locked,

@@ -116,6 +116,19 @@ class InteractiveSession:
         return ResultTask(self, "propagate", params, arrays, onMask, onFinished)
 
 
+def propagationStart(corrected, lastSlice=None):
+    """The (axis, slice) Propagate starts from, given the segment's corrected slices ({axis: set of
+    slices}, ``correctedSlices``): the slice corrected last when it is one of them, else the last
+    slice of the axis with the most (the segment remembers corrections made before the effect was
+    opened, or on another segment's turn); None when there are none."""
+    if lastSlice is not None and lastSlice[1] in corrected.get(lastSlice[0], ()):
+        return tuple(lastSlice)
+    if not any(corrected.values()):
+        return None
+    axis = max(sorted(corrected), key=lambda name: len(corrected[name]))
+    return axis, max(corrected[axis])
+
+
 def propagationBox(roiBox, axis, index):
     """The IJK box (i0, j0, k0, i1, j1, k1) a propagation from slice ``index`` keeps to: the ROI's,
     when the slice lies among the ROI's slices; None (the whole volume) when the user corrected a
