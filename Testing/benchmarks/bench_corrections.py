@@ -19,7 +19,9 @@ The score is the 3D Dice of the segment the effect leaves: the corrected slices,
 wrote, and the ROI's result on the slices it did not reach. With ``--drawn-boxes`` there is no ROI
 (its result is still shown): the user draws a box around the structure on each of the N slices
 (the reference's box there) and the effect writes SAM's answer to it; propagation then runs through
-the whole volume, and the slices it does not reach stay empty.
+the whole volume, and the slices it does not reach stay empty. With ``--clicks K`` each corrected
+slice is the ROI's result on it after K simulated clicks (as ``bench_clicks.py`` clicks), not the
+reference.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ from accuracy3d_cases import DiskEmbeddingCache, dataset_cases  # noqa: E402
 from bench_accuracy3d import roi_box  # noqa: E402
 from SAMFineTuneLib import imaging  # noqa: E402
 from SAMFineTuneLib.metrics import dice_score  # noqa: E402
-from SAMFineTuneLib.refinement import refine_slice  # noqa: E402
+from SAMFineTuneLib.refinement import refine_slice, simulated_click  # noqa: E402
 
 COLUMNS = ("ROI", "tracked from the last", "tracked from each", "filled between")
 
@@ -49,7 +51,24 @@ def corrected_slices(present: np.ndarray, count: int) -> List[int]:
     return sorted({int(present[int(round((2 * n + 1) / (2 * count) * (len(present) - 1)))]) for n in range(count)})
 
 
-def score_run(segmenter, case, structure, axis: str, count: int, drawn: bool) -> Optional[Dict[str, float]]:
+def clicked(segmenter, case, axis: str, index: int, start: np.ndarray, reference: np.ndarray, clicks: int,
+            roi, window: str) -> np.ndarray:
+    """The ROI's result on slice ``index`` after ``clicks`` simulated clicks (``simulated_click``: the
+    middle of the largest error), each refining it as the SAM effect does."""
+    points, previous, current = [], None, start
+    for _ in range(clicks):
+        click = simulated_click(current, reference)
+        if click is None:
+            break
+        points.append(click)
+        previous = refine_slice(segmenter, case.image, axis, index, points, previous=previous,
+                                start_mask=start if previous is None else None, window=window, roi=roi)
+        current = previous.mask
+    return current > 0
+
+
+def score_run(segmenter, case, structure, axis: str, count: int, drawn: bool,
+              clicks: int = 0) -> Optional[Dict[str, float]]:
     reference = case.reference(structure)
     present = imaging.slices_holding(reference, axis)
     if len(present) < 2 * count + 1:
@@ -58,13 +77,18 @@ def score_run(segmenter, case, structure, axis: str, count: int, drawn: bool) ->
     start = segmenter.segment(case.image, roi, axis=axis, window=structure.window).mask
     corrected = corrected_slices(present, count)
     masks = {i: imaging.extract_slice(reference, axis, i) > 0 for i in corrected}
+    if clicks:
+        masks = {i: clicked(segmenter, case, axis, i, imaging.extract_slice(start, axis, i) > 0, mask, clicks, roi,
+                            structure.window) for i, mask in masks.items()}
     box, base = roi, start
     if drawn:  # no ROI: a box drawn on each of those slices, SAM's answer to it, carried through the volume
         masks = {i: refine_slice(segmenter, case.image, axis, i, [], box=imaging.mask_box(mask),
                                  window=structure.window).mask for i, mask in masks.items()}
         box, base = None, np.zeros_like(start)
-        if not masks[corrected[-1]].any():
-            return None
+    x0, y0, x1, y1 = imaging.box_to_slices(box, axis)[1] if box is not None else (0, 0, 1 << 30, 1 << 30)
+    starts = [i for i in corrected if masks[i][y0:y1 + 1, x0:x1 + 1].any()]  # what propagation can start from
+    if corrected[-1] not in starts:
+        return None
 
     def propagated(index: int, **extra):
         return segmenter.propagate(case.image, axis, index, masks[index], locked=[i for i in corrected if i != index],
@@ -82,7 +106,7 @@ def score_run(segmenter, case, structure, axis: str, count: int, drawn: bool) ->
     last = corrected[-1]
     return {"ROI": float(dice_score(start, reference)),
             "tracked from the last": left(propagated(last)),
-            "tracked from each": left(*[propagated(i) for i in corrected if masks[i].any()]),
+            "tracked from each": left(*[propagated(i) for i in starts]),
             "filled between": left(propagated(last, corrections={i: masks[i] for i in corrected[:-1]}))}
 
 
@@ -102,6 +126,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", action="append", required=True, help="a 3D folder in the shared-data layout")
     parser.add_argument("--corrected", type=int, default=3, help="slices corrected per structure")
+    parser.add_argument("--clicks", type=int, default=0,
+                        help="each slice corrected by this many simulated clicks on the ROI's result, not replaced "
+                             "by the reference")
     parser.add_argument("--drawn-boxes", action="store_true",
                         help="no ROI: on each of those slices a box drawn around the structure (the reference's "
                              "box) and SAM's answer to it, propagated through the whole volume")
@@ -127,12 +154,14 @@ def main(argv=None) -> int:
         for case in dataset_cases(dataset, args.merge, False, 50, args.max_cases, args.max_structures):
             for structure in case.structures:
                 for axis in args.axes:
-                    scores = score_run(segmenter, case, structure, axis, args.corrected, args.drawn_boxes)
+                    scores = score_run(segmenter, case, structure, axis, args.corrected, args.drawn_boxes,
+                                       args.clicks)
                     if scores is not None:
                         rows.append(dict(scores, set=case.set_name, klass=structure.klass))
                         print(f"{case.case_id} {structure.name} {axis}: "
                               + ", ".join(f"{c} {scores[c]:.3f}" for c in COLUMNS), file=sys.stderr, flush=True)
     start = "a box drawn on each, no ROI" if args.drawn_boxes else "after one ROI 3 voxels loose"
+    start += f", {args.clicks} simulated clicks on each" if args.clicks else ""
     print(f"# {args.corrected} corrected slices per structure, {start}; LiteMedSAM on "
           f"{model.device}, {model.backend} {model.precision}\n")
     print(table(rows))
