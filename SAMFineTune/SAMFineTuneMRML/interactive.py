@@ -118,9 +118,9 @@ class InteractiveSession:
 
 def propagationStart(corrected, lastSlice=None):
     """The (axis, slice) Propagate starts from, given the segment's corrected slices ({axis: set of
-    slices}, ``correctedSlices``): the slice corrected last when it is one of them, else the last
-    slice of the axis with the most (the segment remembers corrections made before the effect was
-    opened, or on another segment's turn); None when there are none."""
+    slices}, ``correctedSlices``): the slice corrected last in the effect when it is one of them,
+    else the last slice of the axis with the most of them (the segment remembers corrections made
+    before the effect was opened); None when there are none."""
     if lastSlice is not None and lastSlice[1] in corrected.get(lastSlice[0], ()):
         return tuple(lastSlice)
     if not any(corrected.values()):
