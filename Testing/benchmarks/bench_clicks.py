@@ -32,7 +32,7 @@ import statistics
 import sys
 import os
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import numpy as np
 
@@ -60,20 +60,27 @@ def oracle_box_mask(segmenter, volume, k, reference, roi) -> np.ndarray:
     return refine_slice(segmenter, volume, "axial", k, [], box=imaging.mask_box(reference), roi=roi).mask
 
 
-def click_curve(segmenter, volume, k, start, reference, roi) -> List[float]:
-    """Dice after 0..max(CLICKS) simulated clicks on slice k, each click added to the slice's earlier
-    ones; the clicks name the ROI the segment came from, as the SAM effect does."""
-    scores, points, previous, current = [dice(start, reference)], [], None, start
-    for _ in range(max(CLICKS)):
+def simulated_user(segmenter, volume, k, start, reference, roi, clicks: int, axis: str = "axial",
+                   window: str = "auto") -> Iterator[np.ndarray]:
+    """Slice k's mask after each of ``clicks`` simulated clicks (``refinement.simulated_click``: the
+    middle of the largest error), each added to the slice's earlier ones, starting from ``start``;
+    the clicks name the ROI the segment came from, as the SAM effect does. Once the mask is exact
+    (no click left to make) it stays."""
+    points, previous, current = [], None, start
+    for _ in range(clicks):
         click = simulated_click(current, reference)
-        if click is None:
-            scores.append(1.0)
-            continue
-        points.append(click)
-        previous = refine_slice(segmenter, volume, "axial", k, points, previous=previous,
-                                start_mask=start if previous is None else None, roi=roi)
-        current = previous.mask
-        scores.append(dice(current, reference))
+        if click is not None:
+            points.append(click)
+            previous = refine_slice(segmenter, volume, axis, k, points, previous=previous,
+                                    start_mask=start if previous is None else None, window=window, roi=roi)
+            current = previous.mask
+        yield current
+
+
+def click_curve(segmenter, volume, k, start, reference, roi) -> List[float]:
+    """Dice after 0..max(CLICKS) simulated clicks on slice k (``simulated_user``)."""
+    scores = [dice(start, reference)] + [dice(mask, reference) for mask in
+                                         simulated_user(segmenter, volume, k, start, reference, roi, max(CLICKS))]
     return [scores[n] for n in CLICKS]
 
 

@@ -39,9 +39,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from accuracy3d_cases import DiskEmbeddingCache, dataset_cases  # noqa: E402
 from bench_accuracy3d import roi_box  # noqa: E402
+from bench_clicks import simulated_user  # noqa: E402
 from SAMFineTuneLib import imaging  # noqa: E402
 from SAMFineTuneLib.metrics import dice_score  # noqa: E402
-from SAMFineTuneLib.refinement import refine_slice, simulated_click  # noqa: E402
+from SAMFineTuneLib.refinement import refine_slice  # noqa: E402
 
 COLUMNS = ("ROI", "tracked from the last", "tracked from each", "filled between")
 
@@ -51,20 +52,13 @@ def corrected_slices(present: np.ndarray, count: int) -> List[int]:
     return sorted({int(present[int(round((2 * n + 1) / (2 * count) * (len(present) - 1)))]) for n in range(count)})
 
 
-def clicked(segmenter, case, axis: str, index: int, start: np.ndarray, reference: np.ndarray, clicks: int,
-            roi, window: str) -> np.ndarray:
-    """The ROI's result on slice ``index`` after ``clicks`` simulated clicks (``simulated_click``: the
-    middle of the largest error), each refining it as the SAM effect does."""
-    points, previous, current = [], None, start
-    for _ in range(clicks):
-        click = simulated_click(current, reference)
-        if click is None:
-            break
-        points.append(click)
-        previous = refine_slice(segmenter, case.image, axis, index, points, previous=previous,
-                                start_mask=start if previous is None else None, window=window, roi=roi)
-        current = previous.mask
-    return current > 0
+def _after_clicks(segmenter, case, axis: str, index: int, start: np.ndarray, reference: np.ndarray, clicks: int,
+                  roi, window: str) -> np.ndarray:
+    """The ROI's result on slice ``index`` after ``clicks`` clicks of ``bench_clicks.simulated_user``."""
+    mask = start
+    for mask in simulated_user(segmenter, case.image, index, start, reference, roi, clicks, axis, window):
+        pass
+    return np.asarray(mask) > 0
 
 
 def score_run(segmenter, case, structure, axis: str, count: int, drawn: bool,
@@ -78,8 +72,8 @@ def score_run(segmenter, case, structure, axis: str, count: int, drawn: bool,
     corrected = corrected_slices(present, count)
     masks = {i: imaging.extract_slice(reference, axis, i) > 0 for i in corrected}
     if clicks:
-        masks = {i: clicked(segmenter, case, axis, i, imaging.extract_slice(start, axis, i) > 0, mask, clicks, roi,
-                            structure.window) for i, mask in masks.items()}
+        masks = {i: _after_clicks(segmenter, case, axis, i, imaging.extract_slice(start, axis, i) > 0, mask, clicks,
+                                  roi, structure.window) for i, mask in masks.items()}
     box, base = roi, start
     if drawn:  # no ROI: a box drawn on each of those slices, SAM's answer to it, carried through the volume
         masks = {i: refine_slice(segmenter, case.image, axis, i, [], box=imaging.mask_box(mask),
