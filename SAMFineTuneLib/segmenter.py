@@ -15,12 +15,13 @@ import numpy as np
 import torch
 
 from . import crossing, imaging, postprocess, propagation, tracking
+from .adapter_slot import AdapterSlot
 from .cache import EmbeddingCache
-from .catalogue import AXES, BOX_MODES, ENGINE_DEFAULTS, SEGMENT_DEFAULTS, card_box_mode, check_box_mode
+from .catalogue import AXES, BOX_MODES, ENGINE_DEFAULTS, SEGMENT_DEFAULTS, check_box_mode
 from .decoding import SliceJob, resolve_window_margin
 from .imaging import SliceGeometry
 from .input_checks import validate_box, validate_roi, validate_volume
-from .models import SamModel, decoding_with, load_model
+from .models import SamModel, load_model
 from .progress import CancelFn, Cancelled, ProgressFn, check_cancel, report
 from .tracking import TrackingOptions
 from .volume_io import Volume, as_volume
@@ -88,58 +89,29 @@ class Segmenter:
         # slice; a GPU decodes the whole slice in under 1 ms, so there it decodes everything.
         self.window_margin = window_margin
         self.encoder_calls = 0
-        self.adapter: Optional[str] = None
-        self._base_decoder = self.model.mask_decoder
-        self._base_prompt_encoder = getattr(self.model, "prompt_encoder", None)
-        self._adapter_multimask: Optional[bool] = None
-        self._adapter_clicks = False
-        self._adapter_tracking: Dict[str, object] = {}
-        self._auto_box_mode = "crossed"
+        self.adapters = AdapterSlot(self.model)
 
     # ------------------------------------------------------------ adapters
 
     def set_adapter(self, adapter_dir: Optional[str]) -> None:
-        """Swap in a fine-tuned decoder (LoRA merged) and, if it was trained, prompt encoder.
+        """Swap in a fine-tuned decoder (LoRA merged) and, if it was trained, prompt encoder; None
+        restores the base model (``AdapterSlot.set``). Cached embeddings stay valid across adapters."""
+        self.adapters.set(adapter_dir)
 
-        None restores the base model. The image encoder is never touched, so cached embeddings
-        stay valid across adapters. A failing adapter leaves the current model as it was.
-        """
-        if adapter_dir is None:
-            decoder, prompt_encoder = self._base_decoder, self._base_prompt_encoder
-        else:
-            from .adapters import load_adapter
-
-            self.model.mask_decoder = self._base_decoder  # merge onto the base, never onto another adapter
-            current = self.adapter
-            try:
-                peft_decoder, prompt_encoder, card = load_adapter(self.model, adapter_dir)
-                adapter_tracking = tracking.card_overrides(card, adapter_dir)
-                adapter_box_mode = card_box_mode(card, adapter_dir)
-            except BaseException:
-                self.set_adapter(current)
-                raise
-            decoder = peft_decoder.merge_and_unload().to(self.model.device).eval().requires_grad_(False)
-            prompt_encoder = prompt_encoder or self._base_prompt_encoder
-        self.model.mask_decoder = decoder
-        self.model.prompt_encoder = prompt_encoder
-        self.adapter = adapter_dir
-        # An adapter is trained on one output token; decode with the one it learned.
-        self._adapter_multimask = None if adapter_dir is None else card.get("inference", {}).get("multimask")
-        self._adapter_clicks = adapter_dir is not None and bool(card.get("inference", {}).get("clicks"))
-        # The tracking margin chosen for the adapter on its validation cases (training.tracking_choice).
-        self._adapter_tracking = {} if adapter_dir is None else adapter_tracking
-        # What "auto" runs: crossed boxes for the base model, the adapter's own choice with one.
-        self._auto_box_mode = "crossed" if adapter_dir is None else adapter_box_mode
+    @property
+    def adapter(self) -> Optional[str]:
+        """The folder of the adapter in use; None for the base model."""
+        return self.adapters.path
 
     @property
     def tracking_in_use(self) -> TrackingOptions:
         """This segmenter's tracking options with the adapter's own choices (its card) applied."""
-        return replace(self.tracking, **self._adapter_tracking)
+        return replace(self.tracking, **self.adapters.tracking)
 
     @property
     def clicks_learned(self) -> bool:
         """Whether the adapter in use was trained to answer clicks (``training.clicks``)."""
-        return self._adapter_clicks
+        return self.adapters.clicks
 
     # ------------------------------------------------------------ embeddings
 
@@ -195,14 +167,13 @@ class Segmenter:
         if not 0 <= int(index) < count:
             raise ValueError(f"slice {index} is outside the volume's {count} {axis} slices")
         roi = None if roi is None else validate_roi(roi, volume.array.shape)
-        source = SliceSource(volume, axis, self._window_around(volume, window, roi), self.model, roi=roi)
+        source = self._windowed(volume, axis, window, roi)
         counter = {"done": 0, "total": 1, "cache_hits": 0, "encoded": 0}
         return self._embed(source, [int(index)], None, None, counter)[int(index)], source.geometry
 
     def _window_around(self, volume: Volume, window: str, roi: Optional[Sequence[int]]) -> str:
         """The window a job inside the 3D ``roi`` runs for ``window`` (``windows.roi_window``)."""
-        base = self.model.mask_decoder is self._base_decoder
-        return window if roi is None else roi_window(volume.array, window, base_model=base)
+        return window if roi is None else roi_window(volume.array, window, base_model=self.adapters.base_in_place)
 
     def _job(self, source: SliceSource, multimask: bool, progress, cancel, total: int,
              counter: Optional[Dict[str, float]] = None) -> SliceJob:
@@ -213,6 +184,10 @@ class Segmenter:
         """The slices along ``axis``, cropped around the 3D ``box`` when ``zoom``."""
         return SliceSource(volume, axis, window, self.model, imaging.box_to_slices(box, axis)[1] if zoom else None,
                            roi=box)
+
+    def _windowed(self, volume: Volume, axis: str, window: str, roi) -> SliceSource:
+        """The whole slices along ``axis``, windowed as a job inside ``roi`` is (``_window_around``)."""
+        return self._source(volume, axis, self._window_around(volume, window, roi), roi, zoom=False)
 
     def _segment_along(self, volume: Volume, box, axis: str, window: str, box_mode: str, zoom: bool,
                        job_args: tuple) -> Tuple[np.ndarray, List[int]]:
@@ -240,12 +215,12 @@ class Segmenter:
         across it poorly (with the base model's planes an adapter scores near its own tracking,
         with its own far below; docs/accuracy.md). So they are while training's box-mode choice puts
         the adapter it trains in place (``training.box_mode_choice``)."""
-        base = self.model.mask_decoder is self._base_decoder
+        base = self.adapters.base_in_place
         multimask = job_args[0] if base else self.model.spec.multimask_default
         plane_job = self._job(self._source(volume, axis, window, box, zoom), multimask, *job_args[1:])
         if base:
             return plane_job.decode_again(boxes, clip)
-        with decoding_with(self.model, self._base_decoder, self._base_prompt_encoder):
+        with self.adapters.base_decoding():
             return plane_job.decode_again(boxes, clip)
 
     # ------------------------------------------------------------ public entry
@@ -255,7 +230,7 @@ class Segmenter:
         validate_volume(volume)
         imaging.axis_index(axis)
         if multimask is None:
-            learned = self._adapter_multimask
+            learned = self.adapters.multimask
             multimask = self.model.spec.multimask_default if learned is None else learned
         return volume, bool(multimask)
 
@@ -288,7 +263,7 @@ class Segmenter:
         volume, multimask = self._prepare(volume, spacing, axis, multimask)
         box = validate_box(box, volume.array.shape)
         check_box_mode(box_mode)
-        mode = self._auto_box_mode if box_mode == "auto" else box_mode
+        mode = self.adapters.box_mode if box_mode == "auto" else box_mode
         window = self._window_around(volume, window, box)
         axes = list(AXES) if triplanar else [axis]
         counts = [len(imaging.box_to_slices(box, along)[0]) for along in axes]
@@ -328,7 +303,7 @@ class Segmenter:
         lo, hi = corners[:, :2].min(axis=0), corners[:, 2:].max(axis=0)
         box = imaging.slices_to_box(min(boxes), max(boxes), (lo[0], lo[1], hi[0], hi[1]), axis)
         box = validate_box(box, volume.array.shape)
-        source = SliceSource(volume, axis, self._window_around(volume, window, box), self.model, roi=box)
+        source = self._windowed(volume, axis, window, box)
         job = self._job(source, multimask, progress, cancel, len(boxes))
         clip = imaging.box_to_slices(box, axis)[1]
         masks = job.decode_boxes({int(i): tuple(int(v) for v in b) for i, b in sorted(boxes.items())}, clip)
@@ -363,7 +338,7 @@ class Segmenter:
         started = time.perf_counter()
         volume, multimask = self._prepare(volume, spacing, axis, multimask)
         box = None if box is None else validate_box(box, volume.array.shape)
-        source = SliceSource(volume, axis, self._window_around(volume, window, box), self.model, roi=box)
+        source = self._windowed(volume, axis, window, box)
         first, last, roi = propagation.limits(box, axis, index, first, last,
                                               volume.array.shape[imaging.axis_index(axis)], source.geometry.shape)
         mask = propagation.start_mask(mask, source.geometry.shape, axis, roi)

@@ -137,7 +137,7 @@ def test_with_an_adapter_the_planes_are_decoded_by_the_base_model():
     base = model.mask_decoder
     adapted = torch.nn.Identity()
     model.mask_decoder, model.prompt_encoder = adapted, torch.nn.Identity()  # what set_adapter swaps in
-    segmenter.adapter = "an adapter's folder"
+    segmenter.adapters.path = "an adapter's folder"
     decode, decoders = model.decode, []
 
     def recording(*args, **kwargs):

@@ -131,7 +131,7 @@ def test_a_box_trained_model_whose_adapter_learned_clicks_gets_them_with_the_edi
     as decoded (no local patching)."""
     ct, label = phantom
     segmenter = Segmenter(OracleModel())
-    segmenter._adapter_clicks = True  # what set_adapter reads from such an adapter's card
+    segmenter.adapters.clicks = True  # what set_adapter reads from such an adapter's card
     k = 7
     reference = label.array[k] > 0
     half = reference.copy()

@@ -96,7 +96,7 @@ def test_auto_on_mr_windows_the_rois_neighbourhood_for_the_base_model_and_the_vo
     assert segmenter.segment(mri, box, window="auto", box_mode="fixed").stats["encoded"] == 0
     assert segmenter.segment(mri, box, window="roi", box_mode="fixed").stats["encoded"] == 0  # asked for: as the base
     # CT keeps the abdomen window
-    model.mask_decoder = segmenter._base_decoder
+    model.mask_decoder = segmenter.adapters.base_decoder
     segmenter.segment(ct, box, window="abdomen", box_mode="fixed")
     assert segmenter.segment(ct, box, window="auto", box_mode="fixed").stats["encoded"] == 0
 
