@@ -144,13 +144,14 @@ SEGMENT_DEFAULTS: Dict[str, Any] = {
     "triplanar": False,
 }
 
-#: Prompt options a user may turn on, with their labels (the panel's tooltips); both off by
-#: default because neither won on the 3D accuracy benchmark (docs/accuracy.md).
+#: Prompt options a user may turn on, with their labels (the panel's tooltips), both off by default
+#: (docs/accuracy.md): zoom lost on the 3D accuracy benchmark; tri-planar won on it but for vessels,
+#: at about three times the encoding, more than the default mode may cost.
 PROMPT_OPTIONS: Dict[str, str] = {
     "zoom": "encode a crop around the ROI (twice its size) instead of the whole slice, "
             "so a small structure reaches the encoder larger",
-    "triplanar": "segment along all three axes and keep the voxels two of them agree on "
-                 "(three times the encoding)",
+    "triplanar": "segment along all three axes and keep the voxels two of them agree on: "
+                 "more accurate from the base model on most structures, at about three times the encoding",
 }
 
 #: How tracked boxes start and follow a structure (``tracking.TrackingOptions``, whose docstring

@@ -258,7 +258,12 @@ class Segmenter:
         ``zoom``: encode a crop around the box on each slice instead of the whole slice (``zoom.py``),
         so a small structure on a large slice reaches the encoder larger. ``triplanar``: segment
         along all three axes and keep the voxels two of them agree on (three times the encoding);
-        ``axis`` then only orders the hole filling."""
+        ``axis`` then only orders the hole filling; for the base model only."""
+        if triplanar and self.adapter is not None:
+            # An adapter learns the slices of one axis and answers the others poorly (docs/accuracy.md).
+            raise ValueError(f"tri-planar voting is for the base model: the adapter {self.adapter} learned the slices "
+                             "of one axis and answers the other two poorly; untick tri-planar or segment without "
+                             "the adapter")
         started = time.perf_counter()
         volume, multimask = self._prepare(volume, spacing, axis, multimask)
         box = validate_box(box, volume.array.shape)

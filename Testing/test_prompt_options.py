@@ -77,6 +77,19 @@ def test_triplanar_encodes_all_three_axes_and_votes():
     assert dice(result.mask, label.array * inside) > 0.95
 
 
+
+def test_triplanar_with_an_adapter_is_refused_before_any_encoding():
+    """An adapter learned one axis's slices: along the other two its answers would outvote its own."""
+    ct, _ = oblique_phantom()
+    model = OracleModel()
+    segmenter = Segmenter(model)
+    segmenter.adapters.path = "hippocampus_adapter"  # what set_adapter records
+    with pytest.raises(ValueError, match="tri-planar voting is for the base model: the adapter hippocampus_adapter"):
+        segmenter.segment(ct, (14, 8, 2, 38, 32, 11), window=WINDOW, triplanar=True)
+    assert model.encode_calls == 0
+    segmenter.adapters.path = None
+    assert segmenter.segment(ct, (14, 8, 2, 38, 32, 11), window=WINDOW, triplanar=True).mask.any()
+
 def test_prompt_options_reach_the_engine_from_the_command_line(monkeypatch, tmp_path):
     from SAMFineTuneLib import segment_cli, segmenter
     from SAMFineTuneLib.volume_io import write_volume
