@@ -140,10 +140,13 @@ PATH_BINDINGS = {"checkpoint": "checkpointPathLineEdit", "datasetDir": "datasetP
 
 
 def segmentOptions(p):
-    """The engine's options from the panel's parameter node (the panel and the SAM effect use them)."""
+    """The engine's options from the panel's parameter node (the panel and the SAM effect use them).
+    Tri-planar is for the base model (``Segmenter.segment`` refuses it with an adapter), so with an
+    adapter selected the panel greys its box out and leaves it out."""
     return dict(model=p.model, checkpoint=options.optionalPath(p.checkpoint), adapter=p.adapter or None,
                 device=p.device, backend=p.backend, precision=p.precision, axis=p.axis, box_mode=p.boxMode,
-                keep_largest=p.keepLargest, fill_holes=p.fillHoles, zoom=p.zoom, triplanar=p.triplanar,
+                keep_largest=p.keepLargest, fill_holes=p.fillHoles, zoom=p.zoom,
+                triplanar=p.triplanar and not p.adapter,
                 window=p.customWindow if p.window == options.CUSTOM_WINDOW else p.window)
 
 
@@ -286,6 +289,7 @@ class SAMFineTuneWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.showCheckedRois(p.rois)
             self.ui.checkpointPathLineEdit.enabled = options.MODEL_SPECS[p.model].needs_checkpoint
             self.ui.customWindowLineEdit.enabled = p.window == options.CUSTOM_WINDOW
+            self.ui.triplanarCheckBox.enabled = not p.adapter
         finally:
             self._updatingGUI = False
 
