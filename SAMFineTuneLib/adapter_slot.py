@@ -9,11 +9,8 @@ from __future__ import annotations
 from typing import ContextManager, Dict, Optional
 
 from . import tracking
-from .catalogue import card_box_mode
+from .catalogue import BASE_BOX_MODE, card_box_mode
 from .models import SamModel, decoding_with
-
-#: What "auto" box mode runs for the base model (docs/accuracy.md, "Crossed boxes").
-BASE_BOX_MODE = "crossed"
 
 
 class AdapterSlot:

@@ -87,6 +87,8 @@ def check_box_mode(box_mode: str) -> None:
         raise ValueError(f"unknown box mode '{box_mode}'; choose one of: {', '.join(BOX_MODES)}")
 
 
+#: What "auto" box mode runs for the base model (docs/accuracy.md, "Crossed boxes").
+BASE_BOX_MODE = "crossed"
 #: The box modes training chooses between for an adapter, the first where its card names none.
 ADAPTER_BOX_MODES = ("tracked", "crossed")
 
