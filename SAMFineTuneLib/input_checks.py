@@ -275,6 +275,15 @@ def check_adapter(path: str, model: Optional[str] = None) -> Dict[str, Any]:
     return card
 
 
+def check_triplanar(triplanar: bool, adapter: Optional[str]) -> None:
+    """Tri-planar voting is for the base model: an adapter learned the slices of the axis it was
+    trained along and answers the other two poorly (docs/accuracy.md), so their votes would
+    outweigh its own. Checked before the volume is read or the model loads."""
+    if triplanar and adapter:
+        raise ValueError(f"tri-planar voting is for the base model: the adapter {adapter} learned the slices of one "
+                         "axis and answers the other two poorly; segment without tri-planar, or without the adapter")
+
+
 def check_float32_range(array: np.ndarray, what: str) -> None:
     """A ValueError when voxels lie beyond float32's range: the slices are windowed in float32, where
     they would turn infinite and the whole slice undefined."""

@@ -27,9 +27,10 @@ def add_segment_arguments(parser: argparse.ArgumentParser) -> None:
 def segment_main(args: argparse.Namespace) -> int:
     """Every input is checked (the output's folder, the volume file, its voxels inside the box)
     before the model loads; the mask is read back before it replaces an earlier one."""
-    from .input_checks import check_adapter, check_segment_input
+    from .input_checks import check_adapter, check_segment_input, check_triplanar
     from .volume_io import check_volume_output, read_volume, write_volume
 
+    check_triplanar(args.triplanar, args.adapter)
     check_volume_output(args.output, "the output mask", inputs=[args.volume])
     volume = read_volume(args.volume)
     box, warnings = check_segment_input(volume, args.box, args.volume)

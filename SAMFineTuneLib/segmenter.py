@@ -20,7 +20,7 @@ from .cache import EmbeddingCache
 from .catalogue import AXES, BOX_MODES, ENGINE_DEFAULTS, SEGMENT_DEFAULTS, check_box_mode
 from .decoding import SliceJob, resolve_window_margin
 from .imaging import SliceGeometry
-from .input_checks import validate_box, validate_roi, validate_volume
+from .input_checks import check_triplanar, validate_box, validate_roi, validate_volume
 from .models import SamModel, load_model
 from .progress import CancelFn, Cancelled, ProgressFn, check_cancel, report
 from .tracking import TrackingOptions
@@ -259,11 +259,7 @@ class Segmenter:
         so a small structure on a large slice reaches the encoder larger. ``triplanar``: segment
         along all three axes and keep the voxels two of them agree on (three times the encoding);
         ``axis`` then only orders the hole filling; for the base model only."""
-        if triplanar and self.adapter is not None:
-            # An adapter learns the slices of one axis and answers the others poorly (docs/accuracy.md).
-            raise ValueError(f"tri-planar voting is for the base model: the adapter {self.adapter} learned the slices "
-                             "of one axis and answers the other two poorly; untick tri-planar or segment without "
-                             "the adapter")
+        check_triplanar(triplanar, self.adapter)
         started = time.perf_counter()
         volume, multimask = self._prepare(volume, spacing, axis, multimask)
         box = validate_box(box, volume.array.shape)

@@ -90,6 +90,23 @@ def test_triplanar_with_an_adapter_is_refused_before_any_encoding():
     segmenter.adapters.path = None
     assert segmenter.segment(ct, (14, 8, 2, 38, 32, 11), window=WINDOW, triplanar=True).mask.any()
 
+def test_the_command_line_refuses_triplanar_with_an_adapter_before_reading_or_loading(monkeypatch, tmp_path):
+    from SAMFineTuneLib import segment_cli, segmenter, volume_io
+
+    def never(*args, **kwargs):
+        raise AssertionError("slow work started")
+
+    monkeypatch.setattr(segmenter, "Segmenter", never)
+    monkeypatch.setattr(volume_io, "read_volume", never)
+    parser = argparse.ArgumentParser()
+    segment_cli.add_segment_arguments(parser)
+    args = parser.parse_args(["--volume", str(tmp_path / "ct.nii.gz"), "--box", *["1"] * 3, *["5"] * 3, "--output",
+                              str(tmp_path / "m.nii.gz"), "--adapter", str(tmp_path / "adapter"), "--triplanar"])
+    with pytest.raises(ValueError, match="tri-planar voting is for the base model: the adapter .*adapter learned"):
+        segment_cli.segment_main(args)
+    assert not (tmp_path / "m.nii.gz").exists()
+
+
 def test_prompt_options_reach_the_engine_from_the_command_line(monkeypatch, tmp_path):
     from SAMFineTuneLib import segment_cli, segmenter
     from SAMFineTuneLib.volume_io import write_volume
@@ -117,31 +134,50 @@ def test_prompt_options_reach_the_engine_from_the_command_line(monkeypatch, tmp_
     assert seen["zoom"] is True and seen["triplanar"] is True
 
 
-def test_prompt_options_reach_the_engine_from_the_worker():
-    from SAMFineTuneLib.worker import jobs
+class RecordingCore:
+    """A worker core whose segmenter records the options it is given."""
 
-    seen = {}
+    def __init__(self):
+        self.seen = {}
 
-    class Core:
-        def get_segmenter(self, **keys):
-            return self
+    def get_segmenter(self, **keys):
+        return self
 
-        def segment(self, volume, box, progress, cancel, **options):
-            seen.update(options)
-            return type("Result", (), {"mask": np.zeros(volume.array.shape, np.uint8), "slices": [], "stats": {}})
+    def segment(self, volume, box, progress, cancel, **options):
+        self.seen.update(options)
+        return type("Result", (), {"mask": np.zeros(volume.array.shape, np.uint8), "slices": [], "stats": {}})
+
+
+def segment_job(**params):
+    """A worker's segment job on a small random volume, with these parameters besides its box."""
 
     class Job:
         id, command = "j1", "segment"
-        params = {"box": [1, 1, 1, 5, 5, 5], "zoom": True}
         volumes = type("Volumes", (), {"remember": lambda self, *a: None})()
 
         def take_params(self, defaults, **stored):
-            return {**defaults, **stored, **self.params}
+            return {**defaults, **stored, "box": [1, 1, 1, 5, 5, 5], **params}
 
         def arrays(self):
             return {"volume": np.random.default_rng(0).random((8, 8, 8), dtype=np.float32)}
 
         progress = cancelled = log = staticmethod(lambda *a, **k: None)
 
-    jobs.segment(Core(), Job())
-    assert seen["zoom"] is True and seen["triplanar"] is False
+    return Job()
+
+
+def test_prompt_options_reach_the_engine_from_the_worker():
+    from SAMFineTuneLib.worker import jobs
+
+    core = RecordingCore()
+    jobs.segment(core, segment_job(zoom=True))
+    assert core.seen["zoom"] is True and core.seen["triplanar"] is False
+
+
+def test_the_worker_refuses_triplanar_with_an_adapter_before_loading_a_model():
+    from SAMFineTuneLib.worker import jobs
+
+    core = RecordingCore()
+    core.get_segmenter = lambda **keys: pytest.fail("a model was loaded")
+    with pytest.raises(ValueError, match="tri-planar voting is for the base model: the adapter spleen learned"):
+        jobs.segment(core, segment_job(triplanar=True, adapter="spleen"))

@@ -127,6 +127,15 @@ def test_batch_failures_give_a_non_zero_exit_and_a_message(case, tmp_path):
     assert usage.returncode == 2 and "--volumes" in usage.stderr
 
 
+def test_triplanar_with_an_adapter_is_refused_before_any_volume_loads(case, tmp_path, capsys):
+    paths, _ = case
+    status = batch.main(["--volumes", paths["volume"], "--rois", paths["organ"], "--output", str(tmp_path / "out"),
+                         "--adapter", str(tmp_path / "adapter"), "--triplanar"])
+    said = capsys.readouterr().out
+    assert status == 2 and "tri-planar voting is for the base model" in said and "segmented" not in said
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_unexpected_error_still_quits_slicer_with_a_failing_status(tmp_path):
     """Slicer quits after ``--python-script`` only when the script calls ``slicer.util.exit``: an
     error outside the per-volume handling (here the output folder is a file) must still reach it."""

@@ -119,8 +119,11 @@ def main(argv=None):
     def say(text):
         print(text, flush=True)
 
+    from SAMFineTuneLib.input_checks import check_triplanar
+
     try:
         groups = pairROIs(args.volumes, args.rois)
+        check_triplanar(args.triplanar, args.adapter)
     except ValueError as exc:
         say("error: %s" % exc)
         return 2

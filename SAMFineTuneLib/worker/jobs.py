@@ -125,7 +125,10 @@ def _checked_input(job, array: np.ndarray, params: Dict[str, Any]):
 
 
 def _segment(core, job, checked, params: Dict[str, Any], key: str) -> Result:
+    from ..input_checks import check_triplanar
+
     volume, box, warnings = checked
+    check_triplanar(params["triplanar"], params["adapter"])
     segmenter = core.get_segmenter(cancel=job.cancelled, **{name: params.pop(name) for name in SEGMENTER_KEYS})
     res = segmenter.segment(volume, box=box, progress=job.progress, cancel=job.cancelled, **params)
     mask = np.asarray(res.mask, dtype=np.uint8)
