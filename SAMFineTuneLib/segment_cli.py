@@ -25,8 +25,8 @@ def add_segment_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def segment_main(args: argparse.Namespace) -> int:
-    """Every input is checked (the output's folder, the volume file, its voxels inside the box)
-    before the model loads; the mask is read back before it replaces an earlier one."""
+    """Every input is checked (the options, the output's folder, the volume file, its voxels inside
+    the box) before the model loads; the mask is read back before it replaces an earlier one."""
     from .input_checks import check_adapter, check_segment_input, check_triplanar
     from .volume_io import check_volume_output, read_volume, write_volume
 
