@@ -164,11 +164,14 @@ def test_scoring_from_one_roi_segments_in_the_box_mode_asked(litemedsam, volumes
     box = roi_box(mask, VALIDATION_ROI_MARGIN)
     scores = {}
     chosen_mode = adapted["card"]["inference"]["box_mode"]
+    segmenter = Segmenter(litemedsam, window_margin=4)  # one embedding cache: each slice is encoded once
     for adapter, mode in ((None, "tracked"), (None, "fixed"), (None, "crossed"), (adapted["output"], chosen_mode)):
         chosen = {"base": None, "adapted": adapter}
-        run = score_from_roi(litemedsam, info, ["phantom100"], chosen, "axial", "auto", None, 2.0, 4, box_mode=mode)
-        default = score_from_roi(litemedsam, info, ["phantom100"], chosen, "axial", "auto", None, 2.0, 4)
-        segmenter = Segmenter(litemedsam, window_margin=4)
+        run = score_from_roi(litemedsam, info, ["phantom100"], chosen, "axial", "auto", None, 2.0, 4, box_mode=mode,
+                             segmenter=segmenter)
+        default = score_from_roi(litemedsam, info, ["phantom100"], chosen, "axial", "auto", None, 2.0, 4,
+                                 segmenter=segmenter)
+        assert segmenter.adapter is None  # score_from_roi puts back the adapter it found
         segmenter.set_adapter(adapter)
         try:
             segmented = segmenter.segment(image, box, axis="axial", window="auto", box_mode=mode)
@@ -271,7 +274,9 @@ def test_crossed_boxes_are_weighed_as_a_user_of_the_adapter_gets_them(litemedsam
     for tracked_dice, expected in ((1.0, "tracked"), (0.0, "crossed")):
         scripted = dict(tracked, dice={px: tracked_dice for px in tracked["dice"]},
                         dice_unsmoothed={px: tracked_dice for px in tracked["dice"]})
-        chosen = choose_box_mode(litemedsam, decoder, prompt_encoder, info, cases, config, scripted, None)
+        # the embeddings training kept (as training weighs them): only the rule is asked here
+        chosen = choose_box_mode(litemedsam, decoder, prompt_encoder, info, cases, config, scripted,
+                                 cache_dir_for(volumes))
         assert chosen["box_mode"] == expected
     with pytest.raises(Cancelled):
         choose_box_mode(litemedsam, decoder, prompt_encoder, info, cases, config, tracked, None, cancel=lambda: True)
