@@ -77,7 +77,6 @@ def test_triplanar_encodes_all_three_axes_and_votes():
     assert dice(result.mask, label.array * inside) > 0.95
 
 
-
 def test_triplanar_with_an_adapter_is_refused_before_any_encoding():
     """An adapter learned one axis's slices: along the other two its answers would outvote its own."""
     ct, _ = oblique_phantom()
@@ -89,6 +88,7 @@ def test_triplanar_with_an_adapter_is_refused_before_any_encoding():
     assert model.encode_calls == 0
     segmenter.adapters.path = None
     assert segmenter.segment(ct, (14, 8, 2, 38, 32, 11), window=WINDOW, triplanar=True).mask.any()
+
 
 def test_the_command_line_refuses_triplanar_with_an_adapter_before_reading_or_loading(monkeypatch, tmp_path):
     from SAMFineTuneLib import segment_cli, segmenter, volume_io

@@ -440,7 +440,6 @@ def test_the_panels_defaults_are_the_engines():
         assert value == SEGMENT_DEFAULTS[engine.get(name, name)], name
 
 
-
 def test_tri_planar_reaches_the_engine_only_for_the_base_model():
     """The engine refuses tri-planar with an adapter (it learned one axis), so the panel leaves a
     ticked box out while an adapter is selected instead of failing every Segment."""
@@ -457,6 +456,7 @@ def test_tri_planar_reaches_the_engine_only_for_the_base_model():
     ''')
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [True, False, "/adapters/hippocampus"]
+
 
 class Combo:
     """A QComboBox as far as ``SAMFineTuneGUI.combos`` uses one; counts how often it was cleared."""
