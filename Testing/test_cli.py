@@ -1,4 +1,5 @@
-"""The command line, end to end on a small phantom, in a real subprocess (option parsing in this one)."""
+"""The command line: end to end on a small phantom in a real subprocess; its refusals of bad input,
+which come before any model loads, through ``cli.main`` in this process."""
 import json
 import os
 import subprocess
@@ -109,28 +110,30 @@ def test_refine_clicks_a_slice_and_propagates_it(small_ct, tmp_path):
     assert overlap > 0.5 and mask[summary["propagated"]].any()
 
 
-def test_refine_checks_its_clicks_before_the_model_loads(small_ct, tmp_path):
+def test_refine_checks_its_clicks_before_the_model_loads(small_ct, tmp_path, capsys):
     path, _ = small_ct
     out = tmp_path / "never.nii.gz"
-    done = run_cli("refine", "--volume", path, "--points", "5,5,30,+1", "--output", str(out), "--model", "nope")
+    done = cli_in_process(capsys, "refine", "--volume", path, "--points", "5,5,30,+1", "--output", str(out),
+                          "--model", "nope")
     assert done.returncode == 2 and "invalid choice: 'nope'" in done.stderr
-    done = run_cli("refine", "--volume", path, "--points", "5,5,30,+1", "--output", str(out))
+    done = cli_in_process(capsys, "refine", "--volume", path, "--points", "5,5,30,+1", "--output", str(out))
     assert done.returncode == 2 and "the click (5, 5, 30) lies outside the volume's (64, 64, 8) voxels" in done.stderr
-    done = run_cli("refine", "--volume", path, "--points", "5,5,3", "--output", str(out))
+    done = cli_in_process(capsys, "refine", "--volume", path, "--points", "5,5,3", "--output", str(out))
     assert done.returncode == 2 and "a click is I,J,K,+1 or I,J,K,-1" in done.stderr
     roi = ["10", "10", "2", "40", "40", "5"]
-    done = run_cli("refine", "--volume", path, "--points", "20,20,3,+1", "--output", str(out), "--roi", *roi[:5], "9")
+    done = cli_in_process(capsys, "refine", "--volume", path, "--points", "20,20,3,+1", "--output", str(out),
+                          "--roi", *roi[:5], "9")
     assert done.returncode == 2 and "box is outside the volume along k: 2..9, valid 0..7" in done.stderr
-    done = run_cli("refine", "--volume", path, "--points", "20,20,7,+1", "--output", str(out), "--propagate",
-                   "--roi", *roi)
+    done = cli_in_process(capsys, "refine", "--volume", path, "--points", "20,20,7,+1", "--output", str(out),
+                          "--propagate", "--roi", *roi)
     assert done.returncode == 2 and "propagation from slice 7 between slices 2 and 5 inside the ROI" in done.stderr
     ct = read_volume(path)  # a mask of the same shape on another grid would be taken voxel for voxel
     moved = tuple(value + 3.0 for value in ct.origin)
     for shifted, what in ((Volume(np.zeros(ct.array.shape, np.uint8), ct.spacing, moved, ct.direction), "origin"),
                           (Volume(np.zeros((4, 64, 64), np.uint8), ct.spacing, ct.origin, ct.direction), "shape")):
         write_volume(shifted, str(tmp_path / "mask.nii.gz"))
-        done = run_cli("refine", "--volume", path, "--mask", str(tmp_path / "mask.nii.gz"), "--points", "20,20,3,+1",
-                       "--output", str(out), *UNLOADABLE)
+        done = cli_in_process(capsys, "refine", "--volume", path, "--mask", str(tmp_path / "mask.nii.gz"),
+                              "--points", "20,20,3,+1", "--output", str(out), *UNLOADABLE)
         one_line(done, f"the mask {tmp_path / 'mask.nii.gz'} {what}", "does not match the volume's")
     assert not out.exists()
 
@@ -146,24 +149,26 @@ def one_line(done, *words):
         assert word in lines[0], lines[0]
 
 
-def test_a_mistyped_option_is_one_line_pointing_at_help(small_ct, tmp_path):
+def test_a_mistyped_option_is_one_line_pointing_at_help(small_ct, tmp_path, capsys):
     path, _ = small_ct
-    done = run_cli("segment", "--volume", path, "--box", "0", "0", "0", "5", "5", "--output", str(tmp_path / "m.nrrd"))
+    done = cli_in_process(capsys, "segment", "--volume", path, "--box", "0", "0", "0", "5", "5", "--output",
+                          str(tmp_path / "m.nrrd"))
     one_line(done, "argument --box: expected 6 arguments", "segment --help")
-    done = run_cli("train", "--dataset", str(tmp_path), "--output", str(tmp_path / "a"), "--window", "soft")
+    done = cli_in_process(capsys, "train", "--dataset", str(tmp_path), "--output", str(tmp_path / "a"), "--window",
+                          "soft")
     one_line(done, "argument --window: unknown window 'soft'")
 
 
-def test_the_output_is_checked_before_the_model_loads(small_ct, tmp_path):
+def test_the_output_is_checked_before_the_model_loads(small_ct, tmp_path, capsys):
     path, _ = small_ct
     before = open(path, "rb").read()
     for command in (["segment", "--box", *["2"] * 3, *["6"] * 3, "--quiet"], ["refine", "--points", "5,5,2,+1"]):
-        done = run_cli(*command, "--volume", path, "--output", path, *UNLOADABLE)
+        done = cli_in_process(capsys, *command, "--volume", path, "--output", path, *UNLOADABLE)
         one_line(done, "is the input", "give another output name")
-        done = run_cli(*command, "--volume", path, "--output", str(tmp_path / "mask.png"), *UNLOADABLE)
+        done = cli_in_process(capsys, *command, "--volume", path, "--output", str(tmp_path / "mask.png"), *UNLOADABLE)
         one_line(done, "end its name with .nii.gz")
-        done = run_cli(*command, "--volume", path, "--output", str(tmp_path / "m.nii.gz"), "--adapter", path,
-                       *UNLOADABLE)
+        done = cli_in_process(capsys, *command, "--volume", path, "--output", str(tmp_path / "m.nii.gz"), "--adapter",
+                              path, *UNLOADABLE)
         one_line(done, "is a file; give the adapter folder")
     assert open(path, "rb").read() == before and os.listdir(tmp_path) == []
 

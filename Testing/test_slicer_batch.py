@@ -24,12 +24,14 @@ import batch  # noqa: E402  (importing runs nothing)
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 
 
-def engine_args(worker=False):
-    """In-process where this Python has torch (unless ``worker``), else the background worker,
-    which needs a Python with torch: this one or ``$SAMFINETUNE_WORKER_PYTHON``."""
-    if not HAVE_TORCH and not os.environ.get("SAMFINETUNE_WORKER_PYTHON"):
+def engine_args(worker):
+    """The engine in this process, which needs torch here, or in the background worker, which needs
+    a Python with torch: this one or ``$SAMFINETUNE_WORKER_PYTHON``."""
+    if worker and not HAVE_TORCH and not os.environ.get("SAMFINETUNE_WORKER_PYTHON"):
         pytest.skip("no torch here and no $SAMFINETUNE_WORKER_PYTHON for the worker")
-    return ["--worker"] if worker or not HAVE_TORCH else []
+    if not worker and not HAVE_TORCH:
+        pytest.skip("no torch here for the engine in this process (the worker runs are the other tests')")
+    return ["--worker"] if worker else []
 
 
 def run_batch(args, tmp_path, slicer_style=False):
@@ -93,7 +95,8 @@ def case(scene, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("slicer_style", [False, True], ids=["python", "python-script-worker"])
+@pytest.mark.parametrize("slicer_style", [pytest.param(False, id="python", marks=pytest.mark.in_process),
+                                          pytest.param(True, id="python-script-worker")])
 def test_batch_segments_and_writes_seg_nrrd(case, tmp_path, scene, slicer_style):
     paths, label = case
     out = tmp_path / "out"

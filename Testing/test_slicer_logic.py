@@ -324,6 +324,7 @@ def make_phantom(slices):
 
 
 @pytest.mark.slow
+@pytest.mark.in_process
 def test_litemedsam_in_process_matches_the_known_label(scene):
     pytest.importorskip("torch", reason="in-process runs need torch in this Python; the worker tests cover the rest")
     ct, label, box = make_phantom(5)  # the organ on 4 slices
