@@ -58,8 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Every input is checked before the model loads (``_checked_inputs``); the mask is read back
-    before it replaces an earlier one."""
+    """Every input is checked before torch is imported and the model loads (``_checked_inputs``);
+    the mask is read back before it replaces an earlier one."""
+    volume, mask, by_slice, roi = _checked_inputs(args)
     import numpy as np
 
     from . import imaging
@@ -67,7 +68,6 @@ def main(args: argparse.Namespace) -> int:
     from .segmenter import Segmenter
     from .volume_io import write_volume
 
-    volume, mask, by_slice, roi = _checked_inputs(args)
     segmenter = Segmenter(args.model, checkpoint=args.checkpoint, device=args.device,
                           window_margin=args.decode_window, precision=args.precision, backend=args.backend)
     if args.adapter:
@@ -98,13 +98,12 @@ def _checked_inputs(args: argparse.Namespace):
     """(volume, starting mask, clicks by slice, ROI or None) once all are known good: the output's
     folder, the files, the volume as ``segment`` checks it, the clicks inside it, and contrast on
     every clicked slice and inside the ROI (``input_checks.check_contrast``, as ``segment`` checks
-    its box). Warnings go to stderr."""
+    its box). Warnings go to stderr. Only a propagation inside a ROI is checked by the engine's own
+    rule, which imports torch."""
     import numpy as np
 
     from . import imaging
-    from .input_checks import check_adapter, check_contrast, check_same_grid, check_volume_input
-    from .propagation import limits
-    from .segmenter import validate_box
+    from .input_checks import check_adapter, check_contrast, check_same_grid, check_volume_input, validate_box
     from .volume_io import check_volume_output, read_volume
 
     check_volume_output(args.output, "the output mask", inputs=[args.volume])  # --mask may be corrected in place
@@ -121,6 +120,8 @@ def _checked_inputs(args: argparse.Namespace):
     by_slice = clicks_by_slice(args.points, args.axis)
     roi = None if args.roi is None else validate_box(args.roi, volume.array.shape)
     if roi is not None and args.propagate:
+        from .propagation import limits
+
         last = list(by_slice)[-1]
         plane = imaging.extract_slice(mask, args.axis, last).shape
         limits(roi, args.axis, last, None, None, volume.array.shape[imaging.axis_index(args.axis)], plane)

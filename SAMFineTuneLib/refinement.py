@@ -19,7 +19,7 @@ import torch
 from torch.nn import functional as F
 
 from . import imaging
-from .imaging import SliceGeometry
+from .model_input import SliceGeometry
 from .models import EMBED_SIZE, LOW_RES_PER_TOKEN
 from .tracking import next_box
 

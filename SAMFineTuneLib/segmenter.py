@@ -19,7 +19,7 @@ from .adapter_slot import AdapterSlot
 from .cache import EmbeddingCache
 from .catalogue import AXES, BOX_MODES, ENGINE_DEFAULTS, SEGMENT_DEFAULTS, check_box_mode
 from .decoding import SliceJob, resolve_window_margin
-from .imaging import SliceGeometry
+from .model_input import SliceGeometry
 from .input_checks import check_triplanar, validate_box, validate_roi, validate_volume
 from .models import SamModel, load_model
 from .progress import CancelFn, Cancelled, ProgressFn, check_cancel, report

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import imaging, windows
-from .imaging import SliceGeometry
+from .model_input import SliceGeometry, to_model_input
 
 Region = Tuple[int, int, int, int]  # rows r0:r1, columns c0:c1 of a slice (half-open)
 
@@ -96,4 +96,4 @@ class SliceSource:
 
     def model_input(self, index: int) -> torch.Tensor:
         crop = windows.apply_window(self._crop(index), self.low, self.high)
-        return imaging.to_model_input(crop, self.geometry, self.model.spec, self.model.device)
+        return to_model_input(crop, self.geometry, self.model.spec, self.model.device)

@@ -138,6 +138,21 @@ def test_refine_checks_its_clicks_before_the_model_loads(small_ct, tmp_path, cap
     assert not out.exists()
 
 
+def test_a_click_or_a_box_off_the_volume_is_refused_before_torch_is_imported(small_ct, tmp_path):
+    """Importing torch and the engine takes seconds: a mistyped click or box is told at once."""
+    path, _ = small_ct
+    code = ("import sys\nfrom SAMFineTuneLib.cli import main\ntry:\n    code = main(sys.argv[1:])\nfinally:\n"
+            "    print('torch imported:', 'torch' in sys.modules, file=sys.stderr)\nsys.exit(code)")
+    for command, error in ((["refine", "--points", "5,5,30,+1"], "the click (5, 5, 30) lies outside"),
+                           (["segment", "--box", "0", "0", "0", "10", "10", "40"], "box is outside the volume")):
+        done = subprocess.run([sys.executable, "-c", code, *command, "--volume", path, "--output",
+                               str(tmp_path / "m.nii.gz")], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                              env=dict(os.environ, PYTHONPATH=ROOT))
+        assert done.returncode == 2 and error in done.stderr, done.stderr
+        assert done.stderr.strip().splitlines()[-1] == "torch imported: False"
+    assert os.listdir(tmp_path) == []
+
+
 # A model that cannot load here: an error about the input proves it was checked before the model.
 UNLOADABLE = ["--model", "medsam", "--checkpoint", "/absent/medsam.pth"]
 

@@ -5,7 +5,7 @@ import torch
 
 from SAMFineTuneLib import imaging, windows
 from SAMFineTuneLib.catalogue import WINDOW_PRESETS
-from SAMFineTuneLib.imaging import SliceGeometry
+from SAMFineTuneLib.model_input import SliceGeometry, to_model_input
 from SAMFineTuneLib.models import MODEL_SPECS
 
 
@@ -117,7 +117,7 @@ def test_model_input_normalisation(name):
     spec = MODEL_SPECS[name]
     plane = np.linspace(0, 1, 20 * 30, dtype=np.float32).reshape(20, 30)
     geometry = SliceGeometry((20, 30), (1.0, 1.0), spec.input_size)
-    x = imaging.to_model_input(plane, geometry, spec)
+    x = to_model_input(plane, geometry, spec)
     assert x.shape == (3, spec.input_size, spec.input_size)
     if spec.normalisation == "unit":
         assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
@@ -197,7 +197,7 @@ def test_physical_box_on_an_oblique_flipped_volume():
 
 
 def test_a_batch_of_logits_maps_like_one_at_a_time():
-    geometry = imaging.SliceGeometry((40, 70), (1.0, 0.6), 256)
+    geometry = SliceGeometry((40, 70), (1.0, 0.6), 256)
     logits = torch.randn(3, 256, 256)
     batch = geometry.logits_to_slices(logits)
     assert batch.shape == (3, 40, 70)

@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from oracle_model import OracleModel  # noqa: E402
-from SAMFineTuneLib import imaging  # noqa: E402
+from SAMFineTuneLib import imaging, model_input  # noqa: E402
 from SAMFineTuneLib.phantom import make_ct_phantom  # noqa: E402
 from SAMFineTuneLib.refinement import mask_prompt, refine_slice, simulated_click  # noqa: E402
 from SAMFineTuneLib.segmenter import Segmenter  # noqa: E402
@@ -160,7 +160,7 @@ def test_bad_clicks_are_named_before_any_decoding(phantom):
 
 
 def test_the_users_mask_becomes_the_mask_prompt_laid_out_as_the_input():
-    geometry = imaging.SliceGeometry((40, 80), (1.0, 1.0), 256)  # resized to 128 x 256, padded below
+    geometry = model_input.SliceGeometry((40, 80), (1.0, 1.0), 256)  # resized to 128 x 256, padded below
     mask = np.zeros((40, 80), bool)
     mask[10:20, 40:60] = True
     logits = mask_prompt(mask, geometry)

@@ -136,7 +136,7 @@ def prepare(model, samples: Sequence, cache_dir: Optional[str], encode: bool = T
     """Geometry, boxes and targets of each sample, plus its embedding (from ``cache_dir``, or the
     dataset cache a per-user one stands in for (``cache_dirs``), when there, else from the encoder,
     then stored in ``cache_dir``) or, with ``encode=False``, its encoder input."""
-    from ..imaging import SliceGeometry, to_model_input
+    from ..model_input import SliceGeometry, to_model_input
 
     size = model.spec.input_size
     geometries, boxes, targets, embeddings, inputs = [], [], [], [], []

@@ -30,7 +30,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from SAMFineTuneLib import imaging, windows  # noqa: E402
+from SAMFineTuneLib import imaging, model_input, windows  # noqa: E402
 from SAMFineTuneLib.catalogue import ENGINE_DEFAULTS  # noqa: E402
 from SAMFineTuneLib.cli_args import (add_axis_argument, add_engine_arguments, add_model_arguments,  # noqa: E402
                                      add_window_argument)
@@ -110,13 +110,14 @@ def _per_slice_loop(model, volume, box, axis, window, warm_up: bool = False) -> 
     lo, hi = windows.window_range(volume.array, window)
     slices, box2d = imaging.box_to_slices(box, axis)
     rows_cols = [s for n, s in enumerate(volume.array.shape) if n != imaging.axis_index(axis)]
-    geometry = imaging.SliceGeometry(tuple(rows_cols), imaging.slice_pixel_spacing(volume.spacing, axis),
-                                     model.spec.input_size)
+    geometry = model_input.SliceGeometry(tuple(rows_cols), imaging.slice_pixel_spacing(volume.spacing, axis),
+                                         model.spec.input_size)
     started = time.perf_counter()
     with torch.inference_mode():
         for index in slices[:1] if warm_up else slices:
             plane = windows.apply_window(imaging.extract_slice(volume.array, axis, index), lo, hi)
-            embedding = model.image_encoder(imaging.to_model_input(plane, geometry, model.spec)[None].to(model.device))
+            image = model_input.to_model_input(plane, geometry, model.spec)[None].to(model.device)
+            embedding = model.image_encoder(image)
             low_res, _ = model.decode(embedding, torch.tensor([geometry.box_to_model(box2d)]))
             geometry.logits_to_slice(model.upscale_logits(low_res)[0, 0])
     return time.perf_counter() - started

@@ -107,7 +107,8 @@ def prefill(model, root, cases, axis="axial", window="auto", margin=3, progress=
     import torch
 
     from SAMFineTuneLib.dataset import load_case
-    from SAMFineTuneLib.imaging import SliceGeometry, extract_slice, slice_pixel_spacing, to_model_input
+    from SAMFineTuneLib.imaging import extract_slice, slice_pixel_spacing
+    from SAMFineTuneLib.model_input import SliceGeometry, to_model_input
     from SAMFineTuneLib.windows import apply_window, window_range
     from SAMFineTuneLib.training import cache_dir_for
 
