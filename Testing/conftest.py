@@ -35,8 +35,8 @@ def litemedsam():
 @pytest.hookimpl(tryfirst=True)  # before ``-m`` selects by marker
 def pytest_collection_modifyitems(items):
     """Mark the Slicer-side tests (``test_slicer_*.py``) ``slicer_side``: run_tests.sh runs them on
-    Slicer's Python, and on the engine's only those that need torch in Slicer's process
-    (``in_process``), which Slicer's Python has not got there."""
+    Slicer's Python, without torch, and on the engine's Python only those marked ``in_process``,
+    which need torch in Slicer's process."""
     for item in items:
         if item.path.name.startswith("test_slicer_"):
             item.add_marker(pytest.mark.slicer_side)
